@@ -1,0 +1,98 @@
+//! The daemon's one wiring point: opens the store, binds the local socket, serves until
+//! SIGTERM/SIGINT, then shuts down in order: stop accepting and reading requests, answer
+//! what was read (the store finishes every commit in progress), close the store, remove the
+//! socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::local_api::{self, Context, SocketError};
+use crate::status::{Identity, StatusBoard};
+use crate::store::{Outbox, StoreError, StoreOptions};
+
+/// How long connections get to answer what they read after a stop signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot install signal handlers: {0}")]
+    Signal(std::io::Error),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+/// Runs the agent until a stop signal.
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+
+    let opts = StoreOptions::from_config(&config.store);
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&opts))
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))??;
+    let listener = match local_api::bind(&config.local.socket) {
+        Ok(l) => l,
+        Err(e) => {
+            outbox.shutdown().await;
+            return Err(e.into());
+        }
+    };
+
+    let stats = outbox.stats();
+    tracing::info!(
+        "edgesync {} serving device {} on {}; store {} ({} queued, next seq {}); broker {}",
+        env!("CARGO_PKG_VERSION"),
+        config.device.id,
+        config.local.socket.display(),
+        config.store.path.display(),
+        stats.depth,
+        stats.next_seq,
+        config.mqtt.url,
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let ctx = Context {
+        outbox: outbox.clone(),
+        board: StatusBoard::default(),
+        identity: Arc::new(Identity {
+            device: config.device.id.to_string(),
+            broker: config.mqtt.url.to_string(),
+        }),
+    };
+    let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx));
+
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        r = &mut server => {
+            tracing::error!("local socket server stopped unexpectedly: {r:?}");
+            "server exit"
+        }
+    };
+    tracing::info!("{signal_name}: shutting down");
+    let _ = stop_tx.send(true);
+    if !server.is_finished()
+        && tokio::time::timeout(DRAIN_TIMEOUT, &mut server)
+            .await
+            .is_err()
+    {
+        tracing::warn!("connections did not finish in {DRAIN_TIMEOUT:?}; closing anyway");
+        server.abort();
+    }
+    outbox.shutdown().await;
+    drop(outbox);
+    if let Err(e) = std::fs::remove_file(&config.local.socket) {
+        tracing::debug!(error = %e, "socket file not removed");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

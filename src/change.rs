@@ -1,0 +1,177 @@
+//! A device-state change as local programs report it, and the rules every change obeys
+//! (SPEC §5): keys are 1-128 chars of `[A-Za-z0-9_.-]`, a value is any JSON-compatible
+//! value of at most 64 KiB encoded (CBOR, the outbox's on-disk encoding).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+/// Largest encoded value of one change.
+pub const MAX_VALUE_BYTES: usize = 64 * 1024;
+/// Longest key.
+pub const MAX_KEY_LEN: usize = 128;
+
+/// One change as submitted: validated and encoded, not yet sequenced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewChange {
+    pub key: String,
+    /// The value, CBOR-encoded.
+    pub value: Vec<u8>,
+    /// Unix ms; `None` = stamped by the store when it takes the change.
+    pub ts: Option<u64>,
+}
+
+/// A change as it arrives in a local request, before validation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawChange {
+    pub key: String,
+    #[serde(default)]
+    pub value: serde_json::Value,
+    #[serde(default)]
+    pub ts: Option<u64>,
+}
+
+/// Why a change is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    #[error("key {0:?} is invalid: keys are 1-128 characters of A-Z a-z 0-9 _ . -")]
+    BadKey(String),
+    #[error("value of key {key:?} is {len} bytes encoded; the limit is 65536")]
+    ValueTooLarge { key: String, len: usize },
+    #[error("value of key {key:?} cannot be encoded: {reason}")]
+    Encode { key: String, reason: String },
+}
+
+/// Checks a key against SPEC §5.
+pub fn validate_key(key: &str) -> Result<(), ChangeError> {
+    let ok = !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ChangeError::BadKey(truncate(key, 140)))
+    }
+}
+
+impl RawChange {
+    /// Validates the key and encodes the value.
+    pub fn validate(self) -> Result<NewChange, ChangeError> {
+        validate_key(&self.key)?;
+        let value = encode_value(&self.key, &self.value)?;
+        Ok(NewChange {
+            key: self.key,
+            value,
+            ts: self.ts,
+        })
+    }
+}
+
+/// CBOR-encodes a value, enforcing the size limit.
+pub fn encode_value(key: &str, value: &serde_json::Value) -> Result<Vec<u8>, ChangeError> {
+    let mut out = Vec::with_capacity(16);
+    ciborium::into_writer(value, &mut out).map_err(|e| ChangeError::Encode {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if out.len() > MAX_VALUE_BYTES {
+        return Err(ChangeError::ValueTooLarge {
+            key: key.to_owned(),
+            len: out.len(),
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a CBOR value written by [`encode_value`] back to JSON.
+pub fn decode_value(cbor: &[u8]) -> Result<serde_json::Value, String> {
+    ciborium::from_reader(cbor).map_err(|e| e.to_string())
+}
+
+/// Parses a CLI `KEY=VALUE` argument: VALUE as JSON, else as a string.
+pub fn parse_assignment(arg: &str) -> Result<RawChange, String> {
+    let (key, value) = arg
+        .split_once('=')
+        .ok_or_else(|| format!("{arg:?} is not KEY=VALUE"))?;
+    let value = serde_json::from_str(value)
+        .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    Ok(RawChange {
+        key: key.to_owned(),
+        value,
+        ts: None,
+    })
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_follow_spec_charset_and_length() {
+        for ok in ["a", "temp", "led.mode", "A_b-9.z", &"k".repeat(128)] {
+            assert!(validate_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a/b", "é", "a+b", "#", &"k".repeat(129)] {
+            assert!(validate_key(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn value_limit_is_64_kib_encoded() {
+        let fits = json!("x".repeat(MAX_VALUE_BYTES - 5));
+        assert!(encode_value("k", &fits).is_ok());
+        let too_big = json!("x".repeat(MAX_VALUE_BYTES));
+        let err = encode_value("k", &too_big).unwrap_err();
+        assert!(matches!(err, ChangeError::ValueTooLarge { .. }));
+    }
+
+    #[test]
+    fn values_round_trip_through_cbor() {
+        for v in [
+            json!(null),
+            json!(true),
+            json!(21.5),
+            json!(-3),
+            json!(u64::MAX),
+            json!("eco"),
+            json!({"a": [1, 2, {"b": null}]}),
+        ] {
+            let enc = encode_value("k", &v).unwrap();
+            assert_eq!(decode_value(&enc).unwrap(), v);
+        }
+    }
+
+    #[test]
+    fn assignment_value_is_json_else_string() {
+        assert_eq!(parse_assignment("temp=21.5").unwrap().value, json!(21.5));
+        assert_eq!(parse_assignment("mode=eco").unwrap().value, json!("eco"));
+        assert_eq!(parse_assignment("on=true").unwrap().value, json!(true));
+        assert_eq!(parse_assignment("s=\"1\"").unwrap().value, json!("1"));
+        assert_eq!(parse_assignment("e=").unwrap().value, json!(""));
+        assert_eq!(parse_assignment("x=a=b").unwrap().value, json!("a=b"));
+        assert!(parse_assignment("novalue").is_err());
+    }
+}

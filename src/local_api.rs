@@ -1,0 +1,425 @@
+//! The local socket (SPEC §6): a Unix stream socket where local programs report changes and
+//! ask for status and state, one JSON object per line each way.
+//!
+//! Each connection is read by one task and answered by another, so a client may pipeline:
+//! requests are handed to the outbox as they are read and answered strictly in request order
+//! once each is durable. A request is all or nothing: one invalid change refuses the whole
+//! request, and nothing of it is queued. Bad input gets an error line and the connection
+//! stays usable; a line over [`MAX_LINE`] is skipped up to its newline and answered
+//! `too-large`. A client that goes away loses nothing already answered (answers follow
+//! commits); a request it sent but saw no answer to may or may not have been queued.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::change::{ChangeError, RawChange};
+use crate::status::{Identity, StatusBoard};
+use crate::store::{Appended, Outbox, StoreError};
+
+/// Longest request line.
+pub const MAX_LINE: usize = 1 << 20;
+/// Most clients served at once; more wait in the listen backlog.
+const MAX_CLIENTS: usize = 512;
+/// Requests of one connection that may await their answers.
+const PIPELINE_DEPTH: usize = 256;
+
+/// A request line.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    pub op: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<Vec<RawChange>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub doc: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// The error object of a reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// Error codes of SPEC §6.
+pub mod code {
+    pub const BAD_REQUEST: &str = "bad-request";
+    pub const UNKNOWN_OP: &str = "unknown-op";
+    pub const INVALID_CHANGE: &str = "invalid-change";
+    pub const TOO_LARGE: &str = "too-large";
+    pub const STORE_FULL: &str = "store-full";
+    pub const IO_ERROR: &str = "io-error";
+}
+
+fn error_line(code: &str, message: impl Into<String>) -> String {
+    let body = serde_json::json!({"ok": false, "error": {"code": code, "message": message.into()}});
+    body.to_string()
+}
+
+fn appended_line(a: Appended) -> String {
+    format!(
+        "{{\"ok\":true,\"first_seq\":{},\"last_seq\":{}}}",
+        a.first_seq, a.last_seq
+    )
+}
+
+#[derive(Debug, Error)]
+pub enum SocketError {
+    #[error(
+        "another edgesync is already serving {0} (stop it first, or set local.socket to another path)"
+    )]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("cannot create socket directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot bind socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+}
+
+/// Binds the socket: creates its directory, replaces a stale socket file left by a crash,
+/// refuses when a live agent answers on it, and sets mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| SocketError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(SocketError::InUse(path.to_path_buf()));
+            }
+            tracing::info!(socket = %path.display(), "replacing stale socket");
+            std::fs::remove_file(path).map_err(|source| SocketError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| SocketError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        SocketError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// What every connection needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub outbox: Outbox,
+    pub board: StatusBoard,
+    pub identity: Arc<Identity>,
+}
+
+/// Serves connections until `stop` turns true, then stops reading requests, lets every
+/// connection answer what it has read, and returns.
+pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let stop_conn = stop.clone();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            // Shutdown: stop accepting.
+            () = stopped(&mut stop) => break,
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
+                    let ctx = ctx.clone();
+                    let stop = stop_conn.clone();
+                    conns.spawn(async move {
+                        if let Err(e) = connection(stream, ctx, stop).await {
+                            tracing::debug!(error = %e, "local connection ended");
+                        }
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+/// Resolves once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// An answer, ready or waiting for the store.
+enum Pending {
+    Ready(String),
+    Store(oneshot::Receiver<Result<Appended, StoreError>>),
+}
+
+async fn connection(
+    stream: UnixStream,
+    ctx: Context,
+    mut stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let (rd, wr) = stream.into_split();
+    let (tx, rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
+    let writer = tokio::spawn(answer(rx, wr));
+    let mut reader = BufReader::with_capacity(64 * 1024, rd);
+    let mut line = Vec::with_capacity(1024);
+    loop {
+        let read = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            r = read_line(&mut reader, &mut line) => r?,
+        };
+        let pending = match read {
+            Line::Eof => break,
+            Line::TooLong => Pending::Ready(error_line(
+                code::TOO_LARGE,
+                format!("request line longer than {MAX_LINE} bytes"),
+            )),
+            Line::Ok if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Ok => handle(&line, &ctx).await,
+        };
+        if tx.send(pending).await.is_err() {
+            break; // the client stopped reading
+        }
+    }
+    drop(tx);
+    writer.await.unwrap_or(Ok(()))
+}
+
+/// Writes answers in request order, flushing whenever no further answer is ready.
+async fn answer(
+    mut rx: mpsc::Receiver<Pending>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<()> {
+    let mut out = BufWriter::with_capacity(64 * 1024, wr);
+    while let Some(p) = rx.recv().await {
+        let line = match p {
+            Pending::Ready(s) => s,
+            Pending::Store(r) => match r.await {
+                Ok(Ok(a)) => appended_line(a),
+                Ok(Err(e)) => error_line(e.code(), e.to_string()),
+                Err(_) => error_line(code::IO_ERROR, StoreError::Closed.to_string()),
+            },
+        };
+        out.write_all(line.as_bytes()).await?;
+        out.write_all(b"\n").await?;
+        if rx.is_empty() {
+            out.flush().await?;
+        }
+    }
+    out.flush().await
+}
+
+enum Line {
+    Ok,
+    TooLong,
+    Eof,
+}
+
+/// Reads one line into `buf` (without the newline), never holding more than [`MAX_LINE`].
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            // EOF: a last line without newline still counts.
+            return Ok(match (too_long, buf.is_empty()) {
+                (true, _) => Line::TooLong,
+                (false, true) => Line::Eof,
+                (false, false) => Line::Ok,
+            });
+        }
+        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => (i, true),
+            None => (chunk.len(), false),
+        };
+        if !too_long {
+            if buf.len() + take > MAX_LINE {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(&chunk[..take]);
+            }
+        }
+        r.consume(if done { take + 1 } else { take });
+        if done {
+            return Ok(if too_long { Line::TooLong } else { Line::Ok });
+        }
+    }
+}
+
+/// Decodes and executes one request.
+async fn handle(line: &[u8], ctx: &Context) -> Pending {
+    let req: Request = match serde_json::from_slice(line) {
+        Ok(r) => r,
+        Err(e) => return Pending::Ready(error_line(code::BAD_REQUEST, bad_request_message(&e))),
+    };
+    match req.op.as_str() {
+        "report" => report(req, ctx).await,
+        "status" => {
+            let ctx = ctx.clone();
+            let status = tokio::task::spawn_blocking(move || {
+                crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
+            })
+            .await;
+            Pending::Ready(match status {
+                Ok(s) => ok_with(serde_json::to_value(s).unwrap_or_default()),
+                Err(e) => error_line(code::IO_ERROR, e.to_string()),
+            })
+        }
+        "get" => Pending::Ready(get(&req, ctx)),
+        other => Pending::Ready(error_line(
+            code::UNKNOWN_OP,
+            format!("unknown op {other:?}; expected report, status or get"),
+        )),
+    }
+}
+
+fn bad_request_message(e: &serde_json::Error) -> String {
+    match e.classify() {
+        serde_json::error::Category::Data => format!("malformed request: {e}"),
+        _ => format!("invalid JSON: {e}"),
+    }
+}
+
+/// `{"ok":true, ...fields of v}`.
+fn ok_with(v: serde_json::Value) -> String {
+    let mut obj = serde_json::Map::new();
+    obj.insert("ok".into(), true.into());
+    if let serde_json::Value::Object(m) = v {
+        obj.extend(m);
+    }
+    serde_json::Value::Object(obj).to_string()
+}
+
+async fn report(req: Request, ctx: &Context) -> Pending {
+    let Some(raw) = req.changes else {
+        return Pending::Ready(error_line(
+            code::BAD_REQUEST,
+            "report needs \"changes\": [{\"key\": ..., \"value\": ...}, ...]",
+        ));
+    };
+    if raw.is_empty() {
+        return Pending::Ready(error_line(code::BAD_REQUEST, "\"changes\" is empty"));
+    }
+    let mut changes = Vec::with_capacity(raw.len());
+    for (i, c) in raw.into_iter().enumerate() {
+        match c.validate() {
+            Ok(c) => changes.push(c),
+            Err(e) => return Pending::Ready(invalid_change(i, &e)),
+        }
+    }
+    match ctx.outbox.submit(changes).await {
+        Ok(rx) => Pending::Store(rx),
+        Err(e) => Pending::Ready(error_line(e.code(), e.to_string())),
+    }
+}
+
+fn invalid_change(index: usize, e: &ChangeError) -> String {
+    error_line(
+        code::INVALID_CHANGE,
+        format!("change {index}: {e}; nothing of this request was queued"),
+    )
+}
+
+fn get(req: &Request, ctx: &Context) -> String {
+    match req.doc.as_deref() {
+        Some("reported") => match ctx.outbox.reported(req.key.as_deref()) {
+            Ok(map) => {
+                let mut state = serde_json::Map::new();
+                let mut entries = serde_json::Map::new();
+                for (k, v) in map {
+                    entries.insert(k.clone(), serde_json::json!({"seq": v.seq, "ts": v.ts}));
+                    state.insert(k, v.value);
+                }
+                ok_with(serde_json::json!({"doc": "reported", "state": state, "entries": entries}))
+            }
+            Err(e) => error_line(e.code(), e.to_string()),
+        },
+        // Desired state arrives with the sync link; until then there is none.
+        Some("desired") => ok_with(serde_json::json!({"doc": "desired", "version": null, "state": {}})),
+        Some(other) => error_line(
+            code::BAD_REQUEST,
+            format!("unknown doc {other:?}; expected \"desired\" or \"reported\""),
+        ),
+        None => error_line(
+            code::BAD_REQUEST,
+            "get needs \"doc\": \"desired\" or \"reported\"",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn lines(input: &[u8]) -> Vec<Result<Vec<u8>, &'static str>> {
+        let mut r = BufReader::with_capacity(7, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        loop {
+            match read_line(&mut r, &mut buf).await.unwrap() {
+                Line::Eof => return out,
+                Line::TooLong => out.push(Err("too long")),
+                Line::Ok => out.push(Ok(buf.clone())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_and_overlong_ones_skipped() {
+        let mut input = b"a\nbb\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', MAX_LINE + 10));
+        input.extend(b"\nc");
+        let got = lines(&input).await;
+        assert_eq!(
+            got,
+            vec![
+                Ok(b"a".to_vec()),
+                Ok(b"bb".to_vec()),
+                Err("too long"),
+                Ok(b"c".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn error_lines_are_json_with_code() {
+        let v: serde_json::Value = serde_json::from_str(&error_line("bad-request", "x\"y")).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["code"], "bad-request");
+        assert_eq!(v["error"]["message"], "x\"y");
+        let v: serde_json::Value = serde_json::from_str(&appended_line(Appended {
+            first_seq: 4,
+            last_seq: 6,
+        }))
+        .unwrap();
+        assert_eq!(v, serde_json::json!({"ok": true, "first_seq": 4, "last_seq": 6}));
+    }
+}

@@ -1,0 +1,246 @@
+//! The `edgesync` command: argument parsing, logging setup and exit codes (SPEC §2).
+//! Exit codes: 0 success, 1 failure at run time, 2 bad usage or invalid config, 3 daemon not
+//! reachable, 4 request rejected.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use edgesync::client::{Client, ClientError, report_stream};
+use edgesync::config::{self, Config};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "edgesync", version, about = "IoT edge sync agent", long_about = None)]
+struct Cli {
+    /// Config file (default: $EDGESYNC_CONFIG, else /etc/edgesync/edgesync.toml).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (the daemon).
+    Run,
+    /// Report changes to the running agent: KEY=VALUE (VALUE is JSON, else a string).
+    Report {
+        /// Read NDJSON changes {"key":..,"value":..} from standard input, one a line.
+        #[arg(long, conflicts_with = "changes")]
+        stdin: bool,
+        #[arg(value_name = "KEY=VALUE", required_unless_present = "stdin")]
+        changes: Vec<String>,
+    },
+    /// Show connection, queue and counters.
+    Status {
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the desired or the last reported state, or one key of it.
+    Get {
+        #[arg(value_enum)]
+        doc: Doc,
+        key: Option<String>,
+    },
+    /// Validate the config file and the certificates it names.
+    CheckConfig,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Doc {
+    Desired,
+    Reported,
+}
+
+/// A failure with its exit code; printed as one line.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::new(e.exit_code(), e.to_string())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let config_path = config::resolve_path(cli.config.as_deref());
+    let result = match cli.command {
+        Command::Run => run(&config_path),
+        Command::CheckConfig => check_config(&config_path),
+        Command::Report { stdin, changes } => client_rt(report(&config_path, stdin, changes)),
+        Command::Status { json } => client_rt(status(&config_path, json)),
+        Command::Get { doc, key } => client_rt(get(&config_path, doc, key)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            if !f.message.is_empty() {
+                eprintln!("edgesync: {}", f.message);
+            }
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn load_config(path: &Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        Failure::new(
+            2,
+            format!(
+                "{} problem(s) in {}",
+                errors.problems.len(),
+                errors.file.display()
+            ),
+        )
+    })
+}
+
+fn check_config(path: &Path) -> Result<(), Failure> {
+    let c = load_config(path)?;
+    println!(
+        "{}: valid (device {}, broker {}, store {})",
+        path.display(),
+        c.device.id,
+        c.mqtt.url,
+        c.store.path.display()
+    );
+    Ok(())
+}
+
+fn run(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    init_logging(&config.log.level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("edgesync")
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?;
+    rt.block_on(edgesync::agent::run(config)).map_err(|e| {
+        tracing::error!("{e}");
+        Failure::new(1, String::new())
+    })
+}
+
+/// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
+/// the journal adds its own. `EDGESYNC_LOG` overrides the configured level.
+fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = std::env::var("EDGESYNC_LOG")
+        .ok()
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .or_else(|| EnvFilter::try_new(level).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if journal {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Result<(), Failure> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?
+        .block_on(fut)
+}
+
+async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
+    let socket = config::socket_path(path);
+    if stdin {
+        let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
+        return match report_stream(&socket, input).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Failure::new(
+                e.error.exit_code(),
+                format!("{e}; {} change(s) were queued before it", e.queued),
+            )),
+        };
+    }
+    let mut changes = Vec::with_capacity(args.len());
+    for a in &args {
+        let c = edgesync::change::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
+        changes.push(json!({"key": c.key, "value": c.value}));
+    }
+    let mut client = Client::connect(&socket).await?;
+    client
+        .call(&json!({"op": "report", "changes": changes}))
+        .await?;
+    Ok(())
+}
+
+async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
+    let socket = config::socket_path(path);
+    let mut client = Client::connect(&socket).await?;
+    let mut reply = client.call(&json!({"op": "status"})).await?;
+    if let Value::Object(m) = &mut reply {
+        m.remove("ok");
+    }
+    if as_json {
+        println!("{}", pretty(&reply));
+        return Ok(());
+    }
+    let status: edgesync::status::Status = serde_json::from_value(reply)
+        .map_err(|e| Failure::new(1, format!("unexpected status from the daemon: {e}")))?;
+    print!(
+        "{}",
+        edgesync::status::render(&status, edgesync::change::now_ms())
+    );
+    Ok(())
+}
+
+async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> {
+    let socket = config::socket_path(path);
+    let doc_name = match doc {
+        Doc::Desired => "desired",
+        Doc::Reported => "reported",
+    };
+    let mut req = json!({"op": "get", "doc": doc_name});
+    if let Some(k) = &key {
+        req["key"] = json!(k);
+    }
+    let mut client = Client::connect(&socket).await?;
+    let reply = client.call(&req).await?;
+    let state = reply.get("state").cloned().unwrap_or(Value::Null);
+    match key {
+        Some(k) => match state.get(&k) {
+            Some(v) => println!("{}", pretty(v)),
+            None => return Err(Failure::new(1, format!("no {doc_name} value for key {k}"))),
+        },
+        None => println!("{}", pretty(&state)),
+    }
+    Ok(())
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}

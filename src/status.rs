@@ -1,0 +1,298 @@
+//! The agent's status document (SPEC §2 `status --json`): what the link, the queue and the
+//! counters look like now. The link side lives in a [`StatusBoard`] that the sync engine
+//! updates; the queue side is read from the outbox when a status is asked for.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Outbox, QueueStats};
+
+/// Connection state as SPEC §2 names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    Online,
+    Connecting,
+    #[default]
+    Offline,
+}
+
+/// Link-side figures, updated by the sync engine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinkFigures {
+    pub state: LinkState,
+    /// Unix ms of the last change of `state`.
+    pub since: Option<u64>,
+    pub last_error: Option<String>,
+    /// Unix ms of the last acknowledged batch.
+    pub last_sync: Option<u64>,
+    pub sent: u64,
+    pub resent: u64,
+    pub reconnects: u64,
+    pub inflight_batches: u64,
+}
+
+/// Shared, cheap-to-clone holder of the link figures.
+#[derive(Debug, Clone, Default)]
+pub struct StatusBoard(Arc<Mutex<LinkFigures>>);
+
+impl StatusBoard {
+    pub fn snapshot(&self) -> LinkFigures {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut LinkFigures)) {
+        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub agent: AgentInfo,
+    pub connection: Connection,
+    pub queue: Queue,
+    pub counters: Counters,
+    pub desired: Desired,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub device: String,
+    pub store: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connection {
+    pub state: LinkState,
+    pub broker: String,
+    pub since: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_sync: Option<u64>,
+    pub inflight_batches: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Queue {
+    pub depth: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub oldest_ts: Option<u64>,
+    pub next_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub reported: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub resent: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub reconnects: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Desired {
+    pub version: Option<u64>,
+}
+
+/// Static facts the status repeats.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub device: String,
+    pub broker: String,
+}
+
+/// Builds the status from the outbox and the board (one short read transaction).
+pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Status {
+    let q: QueueStats = outbox.stats();
+    let oldest_ts = if q.depth == 0 {
+        None
+    } else {
+        outbox.oldest_ts().ok().flatten()
+    };
+    let link = board.snapshot();
+    Status {
+        agent: AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            device: identity.device.clone(),
+            store: outbox.path().display().to_string(),
+        },
+        connection: Connection {
+            state: link.state,
+            broker: identity.broker.clone(),
+            since: link.since,
+            last_error: link.last_error,
+            last_sync: link.last_sync,
+            inflight_batches: link.inflight_batches,
+        },
+        queue: Queue {
+            depth: q.depth,
+            bytes: q.bytes,
+            max_bytes: q.max_bytes,
+            oldest_ts,
+            next_seq: q.next_seq,
+        },
+        counters: Counters {
+            reported: q.reported,
+            sent: link.sent,
+            acked: q.acked,
+            resent: link.resent,
+            dropped: q.dropped,
+            rejected: q.rejected,
+            reconnects: link.reconnects,
+        },
+        desired: Desired { version: None },
+    }
+}
+
+/// A few lines for people (`edgesync status`).
+pub fn render(s: &Status, now_ms: u64) -> String {
+    let ago = |t: Option<u64>| match t {
+        Some(t) => format!("{} ago", human_duration(now_ms.saturating_sub(t))),
+        None => "-".to_owned(),
+    };
+    let state = match s.connection.state {
+        LinkState::Online => "online",
+        LinkState::Connecting => "connecting",
+        LinkState::Offline => "offline",
+    };
+    let mut out = format!(
+        "edgesync {} · device {}\n\
+         connection  {state} to {} (since {}, last sync {})\n",
+        s.agent.version,
+        s.agent.device,
+        s.connection.broker,
+        ago(s.connection.since),
+        ago(s.connection.last_sync),
+    );
+    if let Some(e) = &s.connection.last_error {
+        out.push_str(&format!("last error  {e}\n"));
+    }
+    out.push_str(&format!(
+        "queue       {} changes, {} of {} (oldest {}), next seq {}\n\
+         counters    reported {} · sent {} · acked {} · resent {} · dropped {} · rejected {} · reconnects {}\n\
+         desired     version {}\n",
+        s.queue.depth,
+        human_bytes(s.queue.bytes),
+        human_bytes(s.queue.max_bytes),
+        ago(s.queue.oldest_ts),
+        s.queue.next_seq,
+        s.counters.reported,
+        s.counters.sent,
+        s.counters.acked,
+        s.counters.resent,
+        s.counters.dropped,
+        s.counters.rejected,
+        s.counters.reconnects,
+        s.desired
+            .version
+            .map_or_else(|| "-".to_owned(), |v| v.to_string()),
+    ));
+    out
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
+}
+
+pub fn human_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms}ms"),
+        1..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_has_the_spec_fields() {
+        let s = Status {
+            agent: AgentInfo {
+                version: "0.1.0".into(),
+                device: "d".into(),
+                store: "/x".into(),
+            },
+            connection: Connection {
+                state: LinkState::Offline,
+                broker: "mqtts://b:8883".into(),
+                since: None,
+                last_error: None,
+                last_sync: None,
+                inflight_batches: 0,
+            },
+            queue: Queue {
+                depth: 1,
+                bytes: 2,
+                max_bytes: 3,
+                oldest_ts: Some(4),
+                next_seq: 5,
+            },
+            counters: Counters {
+                reported: 1,
+                sent: 0,
+                acked: 0,
+                resent: 0,
+                dropped: 0,
+                rejected: 0,
+                reconnects: 0,
+            },
+            desired: Desired { version: None },
+        };
+        let v = serde_json::to_value(&s).unwrap();
+        for path in [
+            "/connection/state",
+            "/connection/broker",
+            "/connection/since",
+            "/connection/last_error",
+            "/queue/depth",
+            "/queue/bytes",
+            "/queue/oldest_ts",
+            "/queue/next_seq",
+            "/counters/reported",
+            "/counters/sent",
+            "/counters/acked",
+            "/counters/resent",
+            "/counters/dropped",
+            "/counters/rejected",
+            "/counters/reconnects",
+            "/desired/version",
+        ] {
+            assert!(v.pointer(path).is_some(), "{path} missing");
+        }
+        assert_eq!(v["connection"]["state"], "offline");
+        let text = render(&s, 10_000);
+        assert!(text.contains("1 changes"), "{text}");
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(256 << 20), "256.0 MiB");
+        assert_eq!(human_duration(500), "500ms");
+        assert_eq!(human_duration(90_000), "90s");
+        assert_eq!(human_duration(600_000), "10m");
+    }
+}

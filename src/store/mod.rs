@@ -1,0 +1,783 @@
+//! The outbox: every reported change, queued durably in a redb file until the broker has
+//! acknowledged it.
+//!
+//! # Layout
+//! One redb file (`store.path`) with three tables:
+//! - `outbox`: `seq (u64) → record` (CBOR `[ts, key, value]`, see [`record`]), the queue;
+//! - `reported`: `key → (seq, record)`, the latest reported value of every key;
+//! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, and the persistent counters
+//!   (`reported`, `acked`, `dropped`, `rejected`).
+//!
+//! # Invariants
+//! - **Durable before acknowledged.** A caller of [`Outbox::append`] is answered only after the
+//!   write transaction holding its changes has committed with `Durability::Immediate` (fsync).
+//!   A crash after the answer loses nothing; a crash before it may lose the request, which the
+//!   caller then never saw acknowledged.
+//! - **Group commit.** One writer thread owns all writes. It takes every request waiting in
+//!   its channel (up to [`MAX_TXN_CHANGES`] changes) into one transaction and one fsync, so load
+//!   makes batches by itself and an idle store adds no delay to a lone request.
+//! - **Order and seq.** `seq` is assigned inside the transaction from `meta.next_seq`, strictly
+//!   increasing in the order requests reached the writer, and never reused: `next_seq` is
+//!   persisted in the same transaction, also when the queue is empty, and on open it is raised
+//!   past the last queued seq should the metadata ever lag.
+//! - **All or nothing.** The changes of one request get consecutive seqs and are committed
+//!   together or not at all.
+//! - **Bounds.** `bytes` counts every queued record as its encoded length plus
+//!   [`RECORD_OVERHEAD`] (its seq key and B-tree entry). An append that would push `bytes` past
+//!   `store.max_bytes` either evicts the oldest changes first (`drop-oldest`, counted in
+//!   `dropped`) or is refused whole with `store-full` (`reject`, counted in `rejected`). The
+//!   file itself is larger than `bytes` by redb's page slack: B-tree pages are at most
+//!   half-empty after splits, plus the `reported` table (one row per distinct key) and a few
+//!   pages of metadata, so the file stays below about `2 × max_bytes + 1 MiB`. redb reuses
+//!   freed pages; the file does not shrink after a drain.
+//! - **Ack.** Changes leave the outbox only through [`Outbox::ack`] (the sync engine calls it
+//!   after the broker's PUBACK) or by `drop-oldest` eviction. Acks are batched into the same
+//!   group-commit transactions as appends. Acking a seq that is no longer queued is a no-op.
+//! - **Counters** change in the same transaction as the data they count, so they are always
+//!   consistent with the queue.
+//! - **Open** reads only `meta` and the first/last keys: no scan, whatever the backlog.
+//!   A file that is not a redb database, or that redb cannot repair, is reported with its
+//!   path and is never replaced or truncated.
+
+pub mod record;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::change::{NewChange, now_ms};
+pub use crate::config::WhenFull;
+
+const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
+const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Accounted size of a queued record beyond its encoded bytes (seq key + B-tree entry).
+pub const RECORD_OVERHEAD: u64 = 24;
+/// Most changes the writer puts into one transaction.
+pub const MAX_TXN_CHANGES: usize = 16_384;
+/// Requests that may wait for the writer before submitters are made to wait.
+const CHANNEL_DEPTH: usize = 4096;
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    /// redb page cache in bytes; small on purpose to keep RSS low.
+    pub cache_size: u64,
+}
+
+impl StoreOptions {
+    pub fn from_config(c: &crate::config::StoreConfig) -> Self {
+        Self {
+            path: c.path.clone(),
+            max_bytes: c.max_bytes,
+            when_full: c.when_full,
+            cache_size: c.cache_size,
+        }
+    }
+}
+
+/// Errors of the store. Cloneable because one failed commit answers many callers.
+#[derive(Debug, Clone, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error(
+        "store {path} is not an edgesync store or is damaged beyond repair ({detail}); \
+         move the file aside (keep it for inspection) and restart to create a new, empty store"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("store {path} is in use by another process (is another edgesync running?)")]
+    Locked { path: PathBuf },
+    #[error("cannot open store {path}: {detail}")]
+    Open { path: PathBuf, detail: String },
+    #[error(
+        "store is full: {needed} bytes needed, {queued} of {max} queued (store.when_full = \"reject\")"
+    )]
+    Full { needed: u64, queued: u64, max: u64 },
+    #[error("store I/O error: {0}")]
+    Io(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+impl StoreError {
+    /// The error code of SPEC §6 for local callers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Full { .. } => "store-full",
+            _ => "io-error",
+        }
+    }
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::from(redb::Error::from(e)) }
+        }
+    )*};
+}
+from_redb!(
+    redb::StorageError,
+    redb::TableError,
+    redb::TransactionError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// The seqs a successful append got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Appended {
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+/// Which queued changes the broker acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ack {
+    /// Every queued change with `seq <= n`.
+    Through(u64),
+    /// Exactly these seqs.
+    Seqs(Vec<u64>),
+}
+
+/// What an ack removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acked {
+    pub changes: u64,
+    pub bytes: u64,
+}
+
+/// Queue figures and persistent counters, as of the last commit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    pub depth: u64,
+    pub bytes: u64,
+    pub next_seq: u64,
+    pub max_bytes: u64,
+    pub reported: u64,
+    pub acked: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+}
+
+/// One queued change read back from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    pub seq: u64,
+    /// The record bytes; decode with [`record::decode`].
+    pub record: Vec<u8>,
+}
+
+impl Queued {
+    pub fn decode(&self) -> Result<record::RecordRef<'_>, record::RecordError> {
+        record::decode(&self.record)
+    }
+}
+
+/// The latest reported value of a key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReportedValue {
+    pub seq: u64,
+    pub ts: u64,
+    pub value: serde_json::Value,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+enum Op {
+    Append {
+        changes: Vec<NewChange>,
+        reply: Reply<Appended>,
+    },
+    Ack {
+        ack: Ack,
+        reply: Reply<Acked>,
+    },
+    Shutdown,
+}
+
+struct Shared {
+    db: Database,
+    path: PathBuf,
+    stats: Mutex<QueueStats>,
+    /// Write transactions committed since open (group-commit efficiency).
+    commits: AtomicU64,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Handle to the outbox; cheap to clone. See the module docs for its guarantees.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Op>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Outbox {
+    /// Opens (or creates) the store and starts its writer thread.
+    pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
+        let path = opts.path.clone();
+        let db = open_db(opts)?;
+        let meta = Meta::load_or_init(&db).map_err(|e| classify_open_error(&path, e))?;
+        let stats = meta.stats(opts.max_bytes);
+        let shared = Arc::new(Shared {
+            db,
+            path,
+            stats: Mutex::new(stats),
+            commits: AtomicU64::new(0),
+            writer: Mutex::new(None),
+        });
+        let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            meta,
+            max_bytes: opts.max_bytes,
+            when_full: opts.when_full,
+            buf: Vec::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("edgesync-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?;
+        *lock(&shared.writer) = Some(handle);
+        Ok(Outbox { shared, tx })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Queues the changes of one request, all or nothing; returns once they are durable.
+    pub async fn append(&self, changes: Vec<NewChange>) -> Result<Appended, StoreError> {
+        self.submit(changes).await?.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Hands a request to the writer and returns the receiver of its answer at once, so a
+    /// connection can pipeline requests and answer them in order.
+    pub async fn submit(
+        &self,
+        changes: Vec<NewChange>,
+    ) -> Result<oneshot::Receiver<Result<Appended, StoreError>>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Append { changes, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Deletes acknowledged changes (batched with other writes); returns what was removed.
+    pub async fn ack(&self, ack: Ack) -> Result<Acked, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Ack { ack, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Figures as of the last commit (no I/O).
+    pub fn stats(&self) -> QueueStats {
+        *lock(&self.shared.stats)
+    }
+
+    /// Write transactions (fsyncs) committed since open.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Timestamp of the oldest queued change.
+    pub fn oldest_ts(&self) -> Result<Option<u64>, StoreError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let first = table.first()?;
+        Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
+    }
+
+    /// Reads queued changes in seq order starting at `from_seq`: at most `max_changes`, and
+    /// no more records than fit in `max_bytes` (but always at least one if any is queued).
+    pub fn read_from(
+        &self,
+        from_seq: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for item in table.range(from_seq..)? {
+            let (k, v) = item?;
+            let rec = v.value();
+            if out.len() >= max_changes || (!out.is_empty() && bytes + rec.len() > max_bytes) {
+                break;
+            }
+            bytes += rec.len();
+            out.push(Queued {
+                seq: k.value(),
+                record: rec.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The latest reported value of one key, or of all keys.
+    pub fn reported(
+        &self,
+        key: Option<&str>,
+    ) -> Result<std::collections::BTreeMap<String, ReportedValue>, StoreError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = txn.open_table(REPORTED)?;
+        let mut out = std::collections::BTreeMap::new();
+        let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
+            let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
+            let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
+            out.insert(k.to_owned(), ReportedValue { seq, ts: r.ts, value });
+            Ok(())
+        };
+        match key {
+            Some(k) => {
+                if let Some(v) = table.get(k)? {
+                    add(k, v.value())?;
+                }
+            }
+            None => {
+                for item in table.iter()? {
+                    let (k, v) = item?;
+                    add(k.value(), v.value())?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops the writer after the requests already submitted, and waits for it. Later
+    /// requests fail with [`StoreError::Closed`]. The file is closed when the last handle drops.
+    pub async fn shutdown(&self) {
+        let _ = self.tx.send(Op::Shutdown).await;
+        let handle = lock(&self.shared.writer).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    /// Blocking variant of [`Outbox::shutdown`] for non-async callers (tests, tools).
+    pub fn shutdown_blocking(&self) {
+        let _ = self.tx.blocking_send(Op::Shutdown);
+        let handle = lock(&self.shared.writer).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn open_db(opts: &StoreOptions) -> Result<Database, StoreError> {
+    let path = &opts.path;
+    if path.is_dir() {
+        return Err(StoreError::Open {
+            path: path.clone(),
+            detail: "it is a directory; store.path must name a file".into(),
+        });
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| StoreError::Open {
+            path: path.clone(),
+            detail: format!("cannot create directory {}: {e}", parent.display()),
+        })?;
+    }
+    let mut builder = Database::builder();
+    builder.set_cache_size(usize::try_from(opts.cache_size).unwrap_or(usize::MAX));
+    // redb may panic on a file corrupted outside of it; a damaged file must be an error.
+    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| builder.create(path)));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(classify_open_error(path, e.into())),
+        Err(_) => Err(StoreError::Corrupt {
+            path: path.clone(),
+            detail: "redb failed while reading it".into(),
+        }),
+    }
+}
+
+fn classify_open_error(path: &Path, e: redb::Error) -> StoreError {
+    let path = path.to_path_buf();
+    match e {
+        redb::Error::DatabaseAlreadyOpen => StoreError::Locked { path },
+        redb::Error::Corrupted(detail) => StoreError::Corrupt { path, detail },
+        redb::Error::RepairAborted => StoreError::Corrupt {
+            path,
+            detail: "repair aborted".into(),
+        },
+        redb::Error::UpgradeRequired(v) => StoreError::Open {
+            path,
+            detail: format!("file format {v} needs an upgrade this version cannot do"),
+        },
+        redb::Error::TableTypeMismatch { .. } | redb::Error::TableIsMultimap(_) => {
+            StoreError::Corrupt {
+                path,
+                detail: "it is a redb file of another program".into(),
+            }
+        }
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            StoreError::Locked { path }
+        }
+        redb::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            StoreError::Corrupt {
+                path,
+                detail: io.to_string(),
+            }
+        }
+        other => StoreError::Open {
+            path,
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// The `meta` table, mirrored in the writer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Meta {
+    next_seq: u64,
+    depth: u64,
+    bytes: u64,
+    reported: u64,
+    acked: u64,
+    dropped: u64,
+    rejected: u64,
+}
+
+impl Meta {
+    const FIELDS: [&'static str; 7] = [
+        "next_seq", "depth", "bytes", "reported", "acked", "dropped", "rejected",
+    ];
+
+    fn fields_mut(&mut self) -> [&mut u64; 7] {
+        [
+            &mut self.next_seq,
+            &mut self.depth,
+            &mut self.bytes,
+            &mut self.reported,
+            &mut self.acked,
+            &mut self.dropped,
+            &mut self.rejected,
+        ]
+    }
+
+    fn load_or_init(db: &Database) -> Result<Meta, redb::Error> {
+        let txn = db.begin_write()?;
+        let meta = {
+            let _ = txn.open_table(REPORTED)?;
+            let outbox = txn.open_table(OUTBOX)?;
+            let mut table = txn.open_table(META)?;
+            let mut meta = Meta {
+                next_seq: 1,
+                ..Meta::default()
+            };
+            for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
+                if let Some(v) = table.get(*name)? {
+                    *field = v.value();
+                }
+            }
+            // Defensive: seqs must never be reused, even if meta lagged the data.
+            if let Some((last, _)) = outbox.last()? {
+                let last = last.value();
+                if meta.next_seq <= last {
+                    tracing::warn!(
+                        next_seq = meta.next_seq,
+                        last,
+                        "store metadata behind the queue; raising next_seq"
+                    );
+                    meta.next_seq = last + 1;
+                }
+            } else if meta.depth != 0 || meta.bytes != 0 {
+                tracing::warn!(
+                    depth = meta.depth,
+                    "store metadata counts changes in an empty queue; resetting"
+                );
+                meta.depth = 0;
+                meta.bytes = 0;
+            }
+            meta.store(&mut table)?;
+            meta
+        };
+        txn.commit()?;
+        Ok(meta)
+    }
+
+    fn store(&self, table: &mut redb::Table<&str, u64>) -> Result<(), redb::Error> {
+        let mut copy = *self;
+        for (name, value) in Self::FIELDS.iter().zip(copy.fields_mut()) {
+            table.insert(*name, *value)?;
+        }
+        Ok(())
+    }
+
+    fn stats(&self, max_bytes: u64) -> QueueStats {
+        QueueStats {
+            depth: self.depth,
+            bytes: self.bytes,
+            next_seq: self.next_seq,
+            max_bytes,
+            reported: self.reported,
+            acked: self.acked,
+            dropped: self.dropped,
+            rejected: self.rejected,
+        }
+    }
+}
+
+fn cost(record_len: usize) -> u64 {
+    record_len as u64 + RECORD_OVERHEAD
+}
+
+/// The one thread that writes to the store.
+struct Writer {
+    shared: Arc<Shared>,
+    meta: Meta,
+    max_bytes: u64,
+    when_full: WhenFull,
+    buf: Vec<u8>,
+}
+
+enum Outcome {
+    Appended(Result<Appended, StoreError>),
+    Acked(Acked),
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut batch: Vec<Op> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut changes = op_changes(&first);
+            batch.push(first);
+            while changes < MAX_TXN_CHANGES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        changes += op_changes(&op);
+                        batch.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
+            self.commit_batch(&mut batch);
+            if stop {
+                break;
+            }
+        }
+        // Requests still queued are answered with `Closed` as their senders drop.
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        let before = self.meta;
+        let result = self.apply(batch);
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                self.meta = before;
+                let err = StoreError::from(e);
+                tracing::error!(error = %err, "store commit failed");
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Op::Ack { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
+                        Op::Shutdown => {}
+                    }
+                }
+                return;
+            }
+        };
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.shared.stats) = self.meta.stats(self.max_bytes);
+        let mut outcomes = outcomes.into_iter();
+        for op in batch.drain(..) {
+            match (op, outcomes.next()) {
+                (Op::Append { reply, .. }, Some(Outcome::Appended(r))) => {
+                    let _ = reply.send(r);
+                }
+                (Op::Ack { reply, .. }, Some(Outcome::Acked(a))) => {
+                    let _ = reply.send(Ok(a));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Applies a batch in one write transaction; one outcome per non-shutdown op, in order.
+    fn apply(&mut self, batch: &[Op]) -> Result<Vec<Outcome>, redb::Error> {
+        let mut txn = self.shared.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            // Latest value per key in this batch: one `reported` write per key.
+            let mut latest: HashMap<&str, (u64, u64, &[u8])> = HashMap::new();
+            for op in batch {
+                match op {
+                    Op::Append { changes, .. } => {
+                        let r = self.append(&mut outbox, changes, &mut latest)?;
+                        outcomes.push(Outcome::Appended(r));
+                    }
+                    Op::Ack { ack, .. } => {
+                        let a = self.ack(&mut outbox, ack)?;
+                        outcomes.push(Outcome::Acked(a));
+                    }
+                    Op::Shutdown => {}
+                }
+            }
+            if !latest.is_empty() {
+                let mut reported = txn.open_table(REPORTED)?;
+                for (key, (seq, ts, value)) in latest {
+                    record::encode_into(&mut self.buf, ts, key, value);
+                    reported.insert(key, (seq, self.buf.as_slice()))?;
+                }
+            }
+            let mut meta = txn.open_table(META)?;
+            self.meta.store(&mut meta)?;
+        }
+        txn.commit()?;
+        Ok(outcomes)
+    }
+
+    fn append<'b>(
+        &mut self,
+        outbox: &mut redb::Table<u64, &[u8]>,
+        changes: &'b [NewChange],
+        latest: &mut HashMap<&'b str, (u64, u64, &'b [u8])>,
+    ) -> Result<Result<Appended, StoreError>, redb::Error> {
+        let n = changes.len() as u64;
+        if n == 0 {
+            let seq = self.meta.next_seq;
+            return Ok(Ok(Appended {
+                first_seq: seq,
+                last_seq: seq.saturating_sub(1),
+            }));
+        }
+        let needed: u64 = changes
+            .iter()
+            .map(|c| cost(record::encoded_len(&c.key, &c.value)))
+            .sum();
+        let full = StoreError::Full {
+            needed,
+            queued: self.meta.bytes,
+            max: self.max_bytes,
+        };
+        if needed > self.max_bytes {
+            self.meta.rejected += n;
+            return Ok(Err(full));
+        }
+        if self.meta.bytes + needed > self.max_bytes {
+            match self.when_full {
+                WhenFull::Reject => {
+                    self.meta.rejected += n;
+                    return Ok(Err(full));
+                }
+                WhenFull::DropOldest => {
+                    while self.meta.bytes + needed > self.max_bytes {
+                        let Some((_, v)) = outbox.pop_first()? else {
+                            // Accounting drift: nothing left to evict.
+                            self.meta.bytes = 0;
+                            self.meta.depth = 0;
+                            break;
+                        };
+                        self.meta.bytes = self.meta.bytes.saturating_sub(cost(v.value().len()));
+                        self.meta.depth = self.meta.depth.saturating_sub(1);
+                        self.meta.dropped += 1;
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        let first_seq = self.meta.next_seq;
+        for c in changes {
+            let seq = self.meta.next_seq;
+            let ts = c.ts.unwrap_or(now);
+            record::encode_into(&mut self.buf, ts, &c.key, &c.value);
+            outbox.insert(seq, self.buf.as_slice())?;
+            self.meta.next_seq += 1;
+            self.meta.depth += 1;
+            self.meta.bytes += cost(self.buf.len());
+            latest.insert(&c.key, (seq, ts, &c.value));
+        }
+        self.meta.reported += n;
+        Ok(Ok(Appended {
+            first_seq,
+            last_seq: self.meta.next_seq - 1,
+        }))
+    }
+
+    fn ack(
+        &mut self,
+        outbox: &mut redb::Table<u64, &[u8]>,
+        ack: &Ack,
+    ) -> Result<Acked, redb::Error> {
+        let mut acked = Acked::default();
+        let mut count = |len: usize| {
+            acked.changes += 1;
+            acked.bytes += cost(len);
+        };
+        match ack {
+            Ack::Through(last) => {
+                for item in outbox.extract_from_if(..=*last, |_, _| true)? {
+                    let (_, v) = item?;
+                    count(v.value().len());
+                }
+            }
+            Ack::Seqs(seqs) => {
+                for seq in seqs {
+                    if let Some(v) = outbox.remove(*seq)? {
+                        count(v.value().len());
+                    }
+                }
+            }
+        }
+        self.meta.depth = self.meta.depth.saturating_sub(acked.changes);
+        self.meta.bytes = self.meta.bytes.saturating_sub(acked.bytes);
+        self.meta.acked += acked.changes;
+        Ok(acked)
+    }
+}
+
+fn op_changes(op: &Op) -> usize {
+    match op {
+        Op::Append { changes, .. } => changes.len().max(1),
+        Op::Ack { .. } | Op::Shutdown => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests;

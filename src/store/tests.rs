@@ -1,0 +1,312 @@
+use super::*;
+use crate::change::{NewChange, encode_value};
+use serde_json::json;
+
+fn opts(dir: &Path, max_bytes: u64, when_full: WhenFull) -> StoreOptions {
+    StoreOptions {
+        path: dir.join("store.redb"),
+        max_bytes,
+        when_full,
+        cache_size: 1 << 20,
+    }
+}
+
+fn change(key: &str, value: serde_json::Value) -> NewChange {
+    NewChange {
+        key: key.into(),
+        value: encode_value(key, &value).unwrap(),
+        ts: None,
+    }
+}
+
+fn sized(key: &str, n: usize) -> NewChange {
+    change(key, json!("v".repeat(n)))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn all_seqs(outbox: &Outbox) -> Vec<u64> {
+    outbox
+        .read_from(0, usize::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|q| q.seq)
+        .collect()
+}
+
+#[test]
+fn seqs_increase_and_survive_reopen_even_when_queue_emptied() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
+    let rt = rt();
+    let mut last = 0;
+    for round in 0..3 {
+        let outbox = Outbox::open(&o).unwrap();
+        rt.block_on(async {
+            for i in 0..5 {
+                let a = outbox
+                    .append(vec![change("k", json!(i)), change("j", json!(i))])
+                    .await
+                    .unwrap();
+                assert_eq!(a.last_seq, a.first_seq + 1);
+                assert!(a.first_seq > last, "round {round}: {a:?} after {last}");
+                last = a.last_seq;
+            }
+            if round == 1 {
+                // Empty the queue: seqs must still never be reused.
+                let acked = outbox.ack(Ack::Through(last)).await.unwrap();
+                assert!(acked.changes > 0);
+                assert_eq!(outbox.stats().depth, 0);
+                assert_eq!(outbox.stats().bytes, 0);
+            }
+            outbox.shutdown().await;
+        });
+    }
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.stats().next_seq, last + 1);
+    let seqs = all_seqs(&outbox);
+    assert_eq!(seqs.len(), 10, "only round 2 remains queued");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn records_keep_key_value_and_timestamp() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 1 << 30, WhenFull::Reject)).unwrap();
+    let rt = rt();
+    let mut c = change("led.mode", json!({"blink": [1, 2]}));
+    c.ts = Some(1_764_150_000_000);
+    let a = rt.block_on(outbox.append(vec![c.clone()])).unwrap();
+    let q = outbox.read_from(a.first_seq, 10, 1 << 20).unwrap();
+    assert_eq!(q.len(), 1);
+    let r = q[0].decode().unwrap();
+    assert_eq!((r.key, r.ts, r.value), ("led.mode", 1_764_150_000_000, &c.value[..]));
+    assert_eq!(outbox.oldest_ts().unwrap(), Some(1_764_150_000_000));
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn concurrent_appends_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 1 << 30, WhenFull::Reject)).unwrap();
+    let rt = rt();
+    let before = outbox.commits();
+    let results = rt.block_on(async {
+        // Submit many requests before awaiting any: the writer takes them in few batches.
+        let mut pending = Vec::new();
+        for i in 0..2000 {
+            pending.push(outbox.submit(vec![change("k", json!(i))]).await.unwrap());
+        }
+        let mut out = Vec::new();
+        for p in pending {
+            out.push(p.await.unwrap().unwrap());
+        }
+        out
+    });
+    let commits = outbox.commits() - before;
+    assert!(commits < 200, "2000 requests took {commits} commits");
+    // Seqs follow submission order.
+    assert!(results.windows(2).all(|w| w[1].first_seq == w[0].last_seq + 1));
+    assert_eq!(outbox.stats().depth, 2000);
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn drop_oldest_evicts_and_counts_and_keeps_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 64 * 1024;
+    let o = opts(dir.path(), max, WhenFull::DropOldest);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    let mut last = 0;
+    rt.block_on(async {
+        for i in 0..200 {
+            last = outbox
+                .append(vec![sized(&format!("k{i}"), 1000)])
+                .await
+                .unwrap()
+                .last_seq;
+            assert!(outbox.stats().bytes <= max);
+        }
+    });
+    let s = outbox.stats();
+    assert!(s.dropped > 0);
+    assert_eq!(s.depth + s.dropped, 200);
+    assert_eq!(s.rejected, 0);
+    let seqs = all_seqs(&outbox);
+    assert_eq!(seqs.len() as u64, s.depth);
+    assert_eq!(*seqs.last().unwrap(), last, "newest kept");
+    assert_eq!(seqs[0], s.dropped + 1, "oldest dropped first");
+    outbox.shutdown_blocking();
+    drop(outbox);
+    // Counters persist.
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.stats().dropped, s.dropped);
+    assert_eq!(outbox.stats().bytes, s.bytes);
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn reject_refuses_whole_request_with_store_full_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 32 * 1024;
+    let o = opts(dir.path(), max, WhenFull::Reject);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    let (accepted, err) = rt.block_on(async {
+        let mut accepted = 0;
+        loop {
+            match outbox
+                .append(vec![sized("a", 500), sized("b", 500)])
+                .await
+            {
+                Ok(_) => accepted += 2,
+                Err(e) => return (accepted, e),
+            }
+        }
+    });
+    assert_eq!(err.code(), "store-full");
+    let s = outbox.stats();
+    assert_eq!(s.depth, accepted);
+    assert_eq!(s.rejected, 2, "both changes of the refused request count");
+    assert!(s.bytes <= max);
+    // After an ack there is room again.
+    rt.block_on(outbox.ack(Ack::Through(4))).unwrap();
+    rt.block_on(outbox.append(vec![sized("c", 500)])).unwrap();
+    outbox.shutdown_blocking();
+    drop(outbox);
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.stats().rejected, 2);
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn a_request_larger_than_the_store_is_refused_even_with_drop_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 4096, WhenFull::DropOldest)).unwrap();
+    let rt = rt();
+    rt.block_on(outbox.append(vec![sized("a", 100)])).unwrap();
+    let err = rt
+        .block_on(outbox.append(vec![sized("b", 3000), sized("c", 3000)]))
+        .unwrap_err();
+    assert_eq!(err.code(), "store-full");
+    assert_eq!(outbox.stats().depth, 1, "nothing evicted for a hopeless request");
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn ack_through_and_ack_seqs_delete_exactly_those() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 1 << 30, WhenFull::Reject)).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let batch: Vec<_> = (0..10).map(|i| change("k", json!(i))).collect();
+        outbox.append(batch).await.unwrap();
+        let a = outbox.ack(Ack::Through(3)).await.unwrap();
+        assert_eq!(a.changes, 3);
+        assert_eq!(all_seqs(&outbox), vec![4, 5, 6, 7, 8, 9, 10]);
+        let a = outbox.ack(Ack::Seqs(vec![5, 7, 7, 42])).await.unwrap();
+        assert_eq!(a.changes, 2, "duplicates and unknown seqs are no-ops");
+        assert_eq!(all_seqs(&outbox), vec![4, 6, 8, 9, 10]);
+        let s = outbox.stats();
+        assert_eq!((s.depth, s.acked), (5, 5));
+        outbox.ack(Ack::Through(100)).await.unwrap();
+        let s = outbox.stats();
+        assert_eq!((s.depth, s.bytes, s.acked), (0, 0, 10));
+    });
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn read_from_respects_limits_but_returns_at_least_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 1 << 30, WhenFull::Reject)).unwrap();
+    let rt = rt();
+    let batch: Vec<_> = (0..10).map(|i| sized(&format!("k{i}"), 100)).collect();
+    rt.block_on(outbox.append(batch)).unwrap();
+    assert_eq!(outbox.read_from(1, 4, usize::MAX).unwrap().len(), 4);
+    assert_eq!(outbox.read_from(8, 100, usize::MAX).unwrap().len(), 3);
+    assert_eq!(outbox.read_from(1, 100, 250).unwrap().len(), 2);
+    assert_eq!(outbox.read_from(1, 100, 1).unwrap().len(), 1);
+    assert!(outbox.read_from(11, 100, 1).unwrap().is_empty());
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn reported_holds_the_latest_value_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        outbox
+            .append(vec![change("a", json!(1)), change("a", json!(2))])
+            .await
+            .unwrap();
+        outbox.append(vec![change("b", json!("x"))]).await.unwrap();
+        // Acked changes leave the queue, not the reported state.
+        outbox.ack(Ack::Through(100)).await.unwrap();
+    });
+    outbox.shutdown_blocking();
+    drop(outbox);
+    let outbox = Outbox::open(&o).unwrap();
+    let all = outbox.reported(None).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all["a"].value, json!(2));
+    assert_eq!(all["a"].seq, 2);
+    let one = outbox.reported(Some("b")).unwrap();
+    assert_eq!(one["b"].value, json!("x"));
+    assert!(outbox.reported(Some("zzz")).unwrap().is_empty());
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn a_file_that_is_not_a_store_is_an_error_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let junk: Vec<u8> = (0..10_000u32).map(|i| (i * 7 + 3) as u8).collect();
+    std::fs::write(&o.path, &junk).unwrap();
+    let err = Outbox::open(&o).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&o.path.display().to_string()), "{msg}");
+    assert!(msg.contains("move the file aside"), "{msg}");
+    assert_eq!(std::fs::read(&o.path).unwrap(), junk, "never replaced");
+}
+
+#[test]
+fn a_second_writer_is_told_the_store_is_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let first = Outbox::open(&o).unwrap();
+    let err = Outbox::open(&o).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    first.shutdown_blocking();
+}
+
+#[test]
+fn requests_after_shutdown_fail_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(&opts(dir.path(), 1 << 30, WhenFull::Reject)).unwrap();
+    outbox.shutdown_blocking();
+    let err = rt()
+        .block_on(outbox.append(vec![change("a", json!(1))]))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Closed));
+}
+
+#[test]
+fn store_directory_is_created() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    o.path = dir.path().join("a/b/store.redb");
+    let outbox = Outbox::open(&o).unwrap();
+    outbox.shutdown_blocking();
+    assert!(o.path.exists());
+}
