@@ -1,7 +1,7 @@
-//! The daemon's one wiring point: opens the store, binds the local socket, serves until
-//! SIGTERM/SIGINT, then shuts down in order: stop accepting and reading requests, answer
-//! what was read (the store finishes every commit in progress), close the store, remove the
-//! socket.
+//! The daemon's one wiring point: opens the store, binds the local socket, starts the MQTT
+//! link, serves until SIGTERM/SIGINT, then shuts down in order: stop accepting and reading
+//! requests, answer what was read, let the link say "offline" and disconnect (the store
+//! finishes every commit in progress), close the store, remove the socket.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::local_api::{self, Context, SocketError};
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
+use crate::sync::LinkSettings;
 
 /// How long connections get to answer what they read after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,11 +31,24 @@ pub enum AgentError {
     Task(String),
 }
 
-/// Runs the agent until a stop signal.
+/// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => "SIGTERM",
+            _ = sigint.recv() => "SIGINT",
+        }
+    };
+    run_until(config, stop).await
+}
 
+/// Runs the agent until `stop` resolves (to the reason it gives), e.g. in the demo.
+pub async fn run_until(
+    config: Config,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), AgentError> {
     let opts = StoreOptions::from_config(&config.store);
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&opts))
         .await
@@ -60,9 +74,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let board = StatusBoard::default();
+    let config = Arc::new(config);
+    let link = tokio::spawn(crate::sync::run(
+        LinkSettings::new(Arc::clone(&config)),
+        outbox.clone(),
+        board.clone(),
+        stop_rx.clone(),
+    ));
     let ctx = Context {
         outbox: outbox.clone(),
-        board: StatusBoard::default(),
+        board,
         identity: Arc::new(Identity {
             device: config.device.id.to_string(),
             broker: config.mqtt.url.to_string(),
@@ -71,8 +93,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx));
 
     let signal_name = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+        reason = stop => reason,
         r = &mut server => {
             tracing::error!("local socket server stopped unexpectedly: {r:?}");
             "server exit"
@@ -87,6 +108,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     {
         tracing::warn!("connections did not finish in {DRAIN_TIMEOUT:?}; closing anyway");
         server.abort();
+    }
+    // The link publishes "offline" and disconnects; acks it received still get deleted.
+    if tokio::time::timeout(DRAIN_TIMEOUT, link).await.is_err() {
+        tracing::warn!("the MQTT link did not stop in {DRAIN_TIMEOUT:?}");
     }
     outbox.shutdown().await;
     drop(outbox);

@@ -96,8 +96,8 @@ pub fn parse_assignment(arg: &str) -> Result<RawChange, String> {
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| format!("{arg:?} is not KEY=VALUE"))?;
-    let value = serde_json::from_str(value)
-        .unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    let value =
+        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
     Ok(RawChange {
         key: key.to_owned(),
         value,

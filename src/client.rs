@@ -237,7 +237,9 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
                 break Err(fail(0, Some(lineno), e));
             }
             if batch_lines > 0 && req.len() + text.len() > STREAM_BATCH_BYTES {
-                if let Err(e) = flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await {
+                if let Err(e) =
+                    flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await
+                {
                     break Err(e);
                 }
                 first_line = lineno;
@@ -254,7 +256,8 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
         // Send when the batch is full, at EOF, or when more input is not already buffered.
         let idle = input.fill_buf().await.map(|b| b.is_empty()).unwrap_or(true);
         if batch_lines > 0 && (eof || idle || batch_lines >= STREAM_BATCH as u64) {
-            if let Err(e) = flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await {
+            if let Err(e) = flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await
+            {
                 break Err(e);
             }
             first_line = lineno + 1;
@@ -267,6 +270,8 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
             break writer.flush().await.map_err(|e| fail(0, None, e.into()));
         }
     };
+    // Requests already handed to the answer reader must reach the daemon, else it waits forever.
+    let _ = writer.flush().await;
     drop(tx);
     let answered = answers
         .await
@@ -309,7 +314,11 @@ fn error_line_number(e: &ClientError, sent: &Sent) -> u64 {
     let index = match e {
         ClientError::Rejected { message, .. } => message
             .strip_prefix("change ")
-            .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect::<String>())
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+            })
             .and_then(|n| n.parse::<u64>().ok()),
         _ => None,
     };
@@ -323,8 +332,8 @@ mod tests {
     #[test]
     fn replies_map_to_errors_and_exit_codes() {
         assert!(parse_reply("{\"ok\":true,\"first_seq\":1}\n").is_ok());
-        let e = parse_reply(r#"{"ok":false,"error":{"code":"store-full","message":"m"}}"#)
-            .unwrap_err();
+        let e =
+            parse_reply(r#"{"ok":false,"error":{"code":"store-full","message":"m"}}"#).unwrap_err();
         assert_eq!(e.exit_code(), 4);
         let e =
             parse_reply(r#"{"ok":false,"error":{"code":"io-error","message":"m"}}"#).unwrap_err();

@@ -55,6 +55,8 @@ const GIB: u64 = 1024 * MIB;
 // Defaults.
 const DEFAULT_TOPIC_PREFIX: &str = "edgesync";
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(3600);
 const DEFAULT_STORE_PATH: &str = "/var/lib/edgesync/edgesync.redb";
 const DEFAULT_MAX_BYTES: u64 = 256 * MIB;
 const DEFAULT_CACHE_SIZE: u64 = 4 * MIB;
@@ -156,6 +158,12 @@ pub struct MqttConfig {
     pub key: Option<PathBuf>,
     /// Whole seconds, 5 s to 65535 s.
     pub keep_alive: Duration,
+    /// First reconnect delay ceiling (backoff: exponential, full jitter).
+    pub reconnect_initial: Duration,
+    /// Largest reconnect delay ceiling.
+    pub reconnect_max: Duration,
+    /// A connection that lasted this long resets the backoff.
+    pub reconnect_reset: Duration,
     pub client_id: String,
     pub username: Option<String>,
     /// Only set together with `username`.
@@ -326,6 +334,7 @@ impl Config {
                     // turn that into an empty error report.
                     problems.push("", "incomplete configuration (internal error)");
                 }
+                problems.sort();
                 Err(ConfigErrors {
                     file: path.to_path_buf(),
                     problems: problems.0,
@@ -689,6 +698,32 @@ impl Problems {
         });
     }
 
+    /// Put the problems in the order of the file format: file-level ones first, then the known
+    /// sections and their keys in documented order (unknown keys after the known ones), then
+    /// unknown sections. Stable: problems of one key keep their order.
+    fn sort(&mut self) {
+        self.0.sort_by_key(|problem| {
+            let (section, key) = problem.key.split_once('.').unwrap_or((&problem.key, ""));
+            if problem.key.is_empty() {
+                return (0, 0, 0);
+            }
+            match SECTIONS.iter().position(|(name, _)| *name == section) {
+                Some(s) => {
+                    let keys = SECTIONS[s].1;
+                    let k = match key {
+                        "" => 0,
+                        key => keys
+                            .iter()
+                            .position(|k| *k == key)
+                            .map_or(keys.len() + 1, |k| k + 1),
+                    };
+                    (1, s, k)
+                }
+                None => (2, 0, 0),
+            }
+        });
+    }
+
     /// Whether a problem was already reported for `key` or for one of its parent sections.
     fn mentions(&self, key: &str) -> bool {
         self.0.iter().any(|p| {
@@ -848,6 +883,9 @@ raw_section! {
         cert: String,
         key: String,
         keep_alive: RawDuration,
+        reconnect_initial: RawDuration,
+        reconnect_max: RawDuration,
+        reconnect_reset: RawDuration,
         client_id: String,
         username: String,
         password_file: String,
@@ -964,7 +1002,10 @@ fn report_unknown(root: &Table, p: &mut Problems) {
                 );
             }
             None => {
-                let hint = match SECTIONS.iter().find(|(_, keys)| keys.contains(&name.as_str())) {
+                let hint = match SECTIONS
+                    .iter()
+                    .find(|(_, keys)| keys.contains(&name.as_str()))
+                {
                     Some((section, _)) => format!(" (it belongs in [{section}])"),
                     None => String::new(),
                 };
@@ -1204,6 +1245,7 @@ fn validate_mqtt(
         );
     }
     match (&raw.cert, &raw.key) {
+        _ if tls == Some(false) => {}
         (Some(_), None) if !p.mentions("mqtt.key") => p.push(
             "mqtt.key",
             "missing; mqtt.cert is set and a client certificate needs its private key (set \
@@ -1223,8 +1265,7 @@ fn validate_mqtt(
         .and_then(|d| {
             if !(KEEP_ALIVE_MIN..=KEEP_ALIVE_MAX).contains(&d) {
                 Err(format!(
-                    "expected a duration from 5s to 65535s, found {:?}",
-                    d
+                    "expected a duration from 5s to 65535s, found {d:?}"
                 ))
             } else if d.subsec_nanos() != 0 {
                 Err(format!(
@@ -1235,6 +1276,41 @@ fn validate_mqtt(
             }
         });
     let keep_alive = check(p, "mqtt.keep_alive", keep_alive);
+    let mut backoff = |key: &str, raw: Option<RawDuration>, default: Duration| {
+        let d = raw
+            .map_or(Ok(default), |d| parse_duration(&d.0))
+            .and_then(|d| {
+                if (RECONNECT_MIN..=RECONNECT_MAX).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err(format!("expected a duration from 100ms to 1h, found {d:?}"))
+                }
+            });
+        check(p, key, d)
+    };
+    let reconnect_initial = backoff(
+        "mqtt.reconnect_initial",
+        raw.reconnect_initial,
+        Duration::from_secs(1),
+    );
+    let reconnect_max = backoff(
+        "mqtt.reconnect_max",
+        raw.reconnect_max,
+        Duration::from_secs(120),
+    );
+    let reconnect_reset = backoff(
+        "mqtt.reconnect_reset",
+        raw.reconnect_reset,
+        Duration::from_secs(60),
+    );
+    if let (Some(i), Some(m)) = (reconnect_initial, reconnect_max) {
+        if m < i {
+            p.push(
+                "mqtt.reconnect_max",
+                format!("must not be below mqtt.reconnect_initial ({i:?}), found {m:?}"),
+            );
+        }
+    }
 
     let client_id = match raw.client_id {
         Some(id) => check(p, "mqtt.client_id", check_client_id(&id).map(|()| id)),
@@ -1244,7 +1320,11 @@ fn validate_mqtt(
 
     let has_username = raw.username.is_some();
     let username = match raw.username {
-        Some(name) => check(p, "mqtt.username", check_username(&name).map(|()| Some(name))),
+        Some(name) => check(
+            p,
+            "mqtt.username",
+            check_username(&name).map(|()| Some(name)),
+        ),
         None => Some(None),
     };
     let password_file = readable_file(
@@ -1268,6 +1348,9 @@ fn validate_mqtt(
         cert: cert?,
         key: key?,
         keep_alive: keep_alive?,
+        reconnect_initial: reconnect_initial?,
+        reconnect_max: reconnect_max?,
+        reconnect_reset: reconnect_reset?,
         client_id: client_id?,
         username: username?,
         password_file: password_file?,
@@ -1383,7 +1466,7 @@ fn size_value(
     raw: Option<RawSize>,
     default: u64,
     (min, max): (u64, u64),
-    why: &str,
+    (why_min, why_max): (&str, &str),
 ) -> Result<u64, String> {
     let bytes = match raw {
         None => default,
@@ -1393,13 +1476,13 @@ fn size_value(
     };
     if bytes < min {
         Err(format!(
-            "expected at least {}{why}, found {}",
+            "expected at least {}, found {}{why_min}",
             fmt_size(min),
             fmt_size(bytes)
         ))
     } else if bytes > max {
         Err(format!(
-            "expected at most {}{why}, found {}",
+            "expected at most {}, found {}{why_max}",
             fmt_size(max),
             fmt_size(bytes)
         ))
@@ -1452,7 +1535,12 @@ fn validate_store(raw: RawStore, dir: &Path, p: &mut Problems) -> Option<StoreCo
     let max_bytes = check(
         p,
         "store.max_bytes",
-        size_value(raw.max_bytes, DEFAULT_MAX_BYTES, (STORE_MIN_BYTES, u64::MAX), ""),
+        size_value(
+            raw.max_bytes,
+            DEFAULT_MAX_BYTES,
+            (STORE_MIN_BYTES, u64::MAX),
+            ("", ""),
+        ),
     );
     let when_full = check(
         p,
@@ -1464,7 +1552,12 @@ fn validate_store(raw: RawStore, dir: &Path, p: &mut Problems) -> Option<StoreCo
     let cache_size = check(
         p,
         "store.cache_size",
-        size_value(raw.cache_size, DEFAULT_CACHE_SIZE, (CACHE_MIN, CACHE_MAX), ""),
+        size_value(
+            raw.cache_size,
+            DEFAULT_CACHE_SIZE,
+            (CACHE_MIN, CACHE_MAX),
+            ("", ""),
+        ),
     );
     Some(StoreConfig {
         path: path?,
@@ -1498,8 +1591,11 @@ fn validate_sync(raw: RawSync, p: &mut Problems) -> Option<SyncConfig> {
             raw.batch_max_bytes,
             DEFAULT_BATCH_MAX_BYTES,
             (BATCH_BYTES_MIN, BATCH_BYTES_MAX),
-            " (a batch must hold the largest change the agent accepts: a 64KiB value plus \
-             its key and the envelope; and at most 256MiB, the MQTT packet limit)",
+            (
+                "; a batch must hold the largest change the agent accepts, a 64KiB value \
+                 plus its key and the batch envelope",
+                "; that is the MQTT packet limit",
+            ),
         ),
     );
     let linger = raw
@@ -1609,3 +1705,1238 @@ fn check_log_level(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/test/edgesync.toml";
+    const EXAMPLE: &str = include_str!("../config/edgesync.example.toml");
+    const DEV: &str = include_str!("../config/dev.toml");
+
+    /// A valid config over plain TCP (no certificate files needed): `mqtt_extra` goes into
+    /// `[mqtt]`, `rest` after it (further sections).
+    fn plain(mqtt_extra: &str, rest: &str) -> String {
+        format!(
+            "[device]\nid = \"pump-0042\"\n\n[mqtt]\nurl = \"mqtt://localhost\"\n\
+             allow_plaintext = true\n{mqtt_extra}\n\n{rest}\n"
+        )
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml_str(Path::new(FILE), text)
+    }
+
+    fn valid(text: &str) -> Config {
+        parse(text).unwrap_or_else(|err| panic!("expected a valid config, got:\n{err}"))
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match parse(text) {
+            Ok(config) => panic!("expected problems, got {config:#?}"),
+            Err(err) => err.problems,
+        }
+    }
+
+    fn keys(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.key.as_str()).collect()
+    }
+
+    /// The only problem of `text`, which must be for `key`; returns its message.
+    fn only_problem(text: &str, key: &str) -> String {
+        let problems = problems(text);
+        assert_eq!(keys(&problems), [key], "{problems:#?}");
+        problems[0].message.clone()
+    }
+
+    /// A directory holding `edgesync.toml`, `ca.pem`, `device.pem` and `device.key`.
+    fn tls_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["ca.pem", "device.pem", "device.key"] {
+            std::fs::write(dir.path().join(name), "-----BEGIN TEST-----\n").unwrap();
+        }
+        dir
+    }
+
+    fn tls_config(extra_mqtt: &str) -> String {
+        format!(
+            "[device]\nid = \"pump-0042\"\n[mqtt]\nurl = \"mqtts://broker.example.com\"\n\
+             ca = \"ca.pem\"\n{extra_mqtt}\n"
+        )
+    }
+
+    // --- valid files -----------------------------------------------------------------------
+
+    #[test]
+    fn defaults_apply_when_optional_keys_are_omitted() {
+        let config = valid(&plain("", ""));
+        assert_eq!(config.source, Path::new(FILE));
+        assert_eq!(config.device.id.as_str(), "pump-0042");
+        let mqtt = &config.mqtt;
+        assert_eq!(mqtt.url.to_string(), "mqtt://localhost:1883");
+        assert_eq!(mqtt.topic_prefix, "edgesync");
+        assert_eq!((&mqtt.ca, &mqtt.cert, &mqtt.key), (&None, &None, &None));
+        assert_eq!(mqtt.keep_alive, Duration::from_secs(30));
+        assert_eq!(mqtt.client_id, "pump-0042");
+        assert_eq!((&mqtt.username, &mqtt.password_file), (&None, &None));
+        assert!(mqtt.allow_plaintext);
+        assert_eq!(
+            config.store.path,
+            Path::new("/var/lib/edgesync/edgesync.redb")
+        );
+        assert_eq!(config.store.max_bytes, 256 * MIB);
+        assert_eq!(config.store.when_full, WhenFull::DropOldest);
+        assert_eq!(config.store.cache_size, 4 * MIB);
+        assert_eq!(config.sync.encoding, Encoding::Cbor);
+        assert_eq!(config.sync.batch_max_changes, 1000);
+        assert_eq!(config.sync.batch_max_bytes, 256 * KIB);
+        assert!(config.sync.batch_max_bytes >= MAX_VALUE_BYTES + KIB);
+        assert_eq!(config.sync.linger, Duration::ZERO);
+        assert_eq!(config.sync.max_inflight, 8);
+        assert_eq!(config.local.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(config.log.level, "info");
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let config = valid(&plain(
+            "topic_prefix = \"acme/fleet\"\nkeep_alive = \"1m\"\nclient_id = \"pump-0042-a\"\n\
+             username = \"pump\"",
+            "[store]\npath = \"/data/q.redb\"\nmax_bytes = \"1GiB\"\nwhen_full = \"reject\"\n\
+             cache_size = 1048576\n\
+             [sync]\nencoding = \"json\"\nbatch_max_changes = 50\nbatch_max_bytes = \"1MB\"\n\
+             linger = \"250ms\"\nmax_inflight = 1\n\
+             [local]\nsocket = \"/run/es.sock\"\n\
+             [log]\nlevel = \"warn,edgesync::sync=trace\"",
+        ));
+        assert_eq!(config.mqtt.topic_prefix, "acme/fleet");
+        assert_eq!(config.mqtt.keep_alive, Duration::from_secs(60));
+        assert_eq!(config.mqtt.client_id, "pump-0042-a");
+        assert_eq!(config.mqtt.username.as_deref(), Some("pump"));
+        assert_eq!(config.store.path, Path::new("/data/q.redb"));
+        assert_eq!(config.store.max_bytes, GIB);
+        assert_eq!(config.store.when_full, WhenFull::Reject);
+        assert_eq!(config.store.cache_size, MIB);
+        assert_eq!(config.sync.encoding, Encoding::Json);
+        assert_eq!(config.sync.batch_max_changes, 50);
+        assert_eq!(config.sync.batch_max_bytes, 1_000_000);
+        assert_eq!(config.sync.linger, Duration::from_millis(250));
+        assert_eq!(config.sync.max_inflight, 1);
+        assert_eq!(config.local.socket, Path::new("/run/es.sock"));
+        assert_eq!(config.log.level, "warn,edgesync::sync=trace");
+    }
+
+    #[test]
+    fn tls_config_with_readable_certificate_files_loads_from_disk() {
+        let dir = tls_dir();
+        std::fs::write(dir.path().join("password"), "secret\n").unwrap();
+        let file = dir.path().join("edgesync.toml");
+        let text = tls_config(
+            "cert = \"device.pem\"\nkey = \"device.key\"\nusername = \"pump\"\n\
+             password_file = \"password\"",
+        );
+        std::fs::write(&file, text).unwrap();
+        let config = Config::load(&file).unwrap_or_else(|err| panic!("{err}"));
+        let mqtt = &config.mqtt;
+        assert_eq!(mqtt.url.to_string(), "mqtts://broker.example.com:8883");
+        assert!(mqtt.url.tls);
+        assert!(!mqtt.allow_plaintext);
+        assert_eq!(mqtt.ca.as_deref(), Some(&*dir.path().join("ca.pem")));
+        assert_eq!(mqtt.cert.as_deref(), Some(&*dir.path().join("device.pem")));
+        assert_eq!(mqtt.key.as_deref(), Some(&*dir.path().join("device.key")));
+        assert_eq!(
+            mqtt.password_file.as_deref(),
+            Some(&*dir.path().join("password"))
+        );
+        assert_eq!(config.source, file);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_file_directory() {
+        let dir = tls_dir();
+        let conf_dir = dir.path().join("conf");
+        std::fs::create_dir(&conf_dir).unwrap();
+        let text = format!(
+            "[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtts://h\"\nca = \"../ca.pem\"\n\
+             cert = \"{}\"\nkey = \"../device.key\"\n\
+             [store]\npath = \"../state/not-yet/edgesync.redb\"\n",
+            dir.path().join("device.pem").display()
+        );
+        let config = Config::from_toml_str(&conf_dir.join("edgesync.toml"), &text)
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.mqtt.ca, Some(conf_dir.join("../ca.pem")));
+        // Absolute paths stay as they are.
+        assert_eq!(config.mqtt.cert, Some(dir.path().join("device.pem")));
+        assert_eq!(config.mqtt.key, Some(conf_dir.join("../device.key")));
+        // The store's directory need not exist: the daemon creates it.
+        assert_eq!(
+            config.store.path,
+            conf_dir.join("../state/not-yet/edgesync.redb")
+        );
+    }
+
+    #[test]
+    fn relative_config_path_keeps_paths_relative_to_the_working_directory() {
+        let config = Config::from_toml_str(
+            Path::new("config/dev-plain.toml"),
+            &plain("", "[store]\npath = \"../target/dev/q.redb\""),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.store.path, Path::new("config/../target/dev/q.redb"));
+        let config = Config::from_toml_str(
+            Path::new("edgesync.toml"),
+            &plain("", "[store]\npath = \"q.redb\""),
+        )
+        .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.store.path, Path::new("q.redb"));
+    }
+
+    // --- required keys, unknown keys, types ------------------------------------------------
+
+    #[test]
+    fn missing_device_id_is_reported() {
+        let message = only_problem(
+            "[mqtt]\nurl = \"mqtt://h\"\nallow_plaintext = true\n",
+            "device.id",
+        );
+        assert!(message.contains("missing required key"), "{message}");
+        assert!(message.contains("[A-Za-z0-9_.-]"), "{message}");
+    }
+
+    #[test]
+    fn missing_mqtt_section_is_reported_once() {
+        let message = only_problem("[device]\nid = \"d\"\n", "mqtt");
+        assert!(
+            message.contains("missing required section [mqtt]"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_mqtt_url_is_reported() {
+        let message = only_problem("[device]\nid = \"d\"\n[mqtt]\n", "mqtt.url");
+        assert!(message.contains("missing required key"), "{message}");
+        assert!(message.contains("mqtts://"), "{message}");
+    }
+
+    #[test]
+    fn empty_file_reports_every_missing_required_key() {
+        assert_eq!(keys(&problems("")), ["device.id", "mqtt"]);
+    }
+
+    #[test]
+    fn unknown_key_is_reported_with_a_suggestion() {
+        let message = only_problem(&plain("keepalive = \"30s\"", ""), "mqtt.keepalive");
+        assert!(message.starts_with("unknown key"), "{message}");
+        assert!(
+            message.contains("did you mean \"keep_alive\"?"),
+            "{message}"
+        );
+        assert!(
+            message.contains("expected one of url, topic_prefix, ca, cert, key, keep_alive"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_without_a_close_match_lists_the_expected_keys() {
+        let message = only_problem(
+            &plain("", "[sync]\ncompression = \"zstd\""),
+            "sync.compression",
+        );
+        assert_eq!(
+            message,
+            "unknown key; expected one of encoding, batch_max_changes, batch_max_bytes, \
+             linger, max_inflight"
+        );
+    }
+
+    #[test]
+    fn key_in_the_wrong_section_names_its_section() {
+        let message = only_problem(&plain("when_full = \"reject\"", ""), "mqtt.when_full");
+        assert!(message.contains("it belongs in [store]"), "{message}");
+    }
+
+    #[test]
+    fn unknown_sections_are_reported_including_those_not_supported_yet() {
+        let problems = problems(&plain(
+            "",
+            "[desired]\n[[desired.rule]]\nkey = \"a\"\n[control]\n[telemetry]\ninterval = \"1m\"\n\
+             [mqt]\nurl = \"x\"",
+        ));
+        assert_eq!(
+            keys(&problems),
+            ["control", "desired", "mqt", "telemetry"],
+            "{problems:#?}"
+        );
+        for problem in &problems {
+            assert!(
+                problem.message.starts_with("unknown section"),
+                "{problem:?}"
+            );
+        }
+        assert!(problems[2].message.contains("did you mean [mqtt]?"));
+        assert!(problems[0].message.contains("[device], [mqtt], [store]"));
+    }
+
+    #[test]
+    fn key_outside_any_section_is_reported() {
+        let message = only_problem(
+            &format!("socket = \"/x.sock\"\n{}", plain("", "")),
+            "socket",
+        );
+        assert!(message.contains("outside any section"), "{message}");
+        assert!(message.contains("it belongs in [local]"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_what_was_expected_and_found() {
+        let message = only_problem(
+            &plain("", "[sync]\nbatch_max_changes = \"1000\""),
+            "sync.batch_max_changes",
+        );
+        assert_eq!(message, "expected an integer, found a string \"1000\"");
+
+        let message = only_problem(&plain("keep_alive = 30", ""), "mqtt.keep_alive");
+        assert_eq!(
+            message,
+            "expected a duration string such as \"30s\", found an integer 30"
+        );
+
+        let message = only_problem(&plain("", "[store]\nmax_bytes = 1.5"), "store.max_bytes");
+        assert!(message.ends_with("found a float 1.5"), "{message}");
+
+        let message = only_problem(&format!("log = \"debug\"\n{}", plain("", "")), "log");
+        assert_eq!(message, "expected a table [log], found a string \"debug\"");
+    }
+
+    #[test]
+    fn value_of_the_wrong_type_is_not_also_reported_as_missing() {
+        let message = only_problem(
+            "[device]\nid = 42\n[mqtt]\nurl = \"mqtt://h\"\nallow_plaintext = true\n",
+            "device.id",
+        );
+        assert_eq!(message, "expected a string, found an integer 42");
+        let found = problems("device = 1\n[mqtt]\nurl = \"mqtt://h\"\nallow_plaintext = true\n");
+        assert_eq!(keys(&found), ["device"], "{found:#?}");
+        let found = problems("mqtt = [1]\n[device]\nid = \"d\"\n");
+        assert_eq!(keys(&found), ["mqtt"], "{found:#?}");
+        // Below [device], `mqtt = ...` is a key of [device].
+        let found = problems("[device]\nid = \"d\"\nmqtt = [1]\n");
+        assert_eq!(keys(&found), ["device.mqtt", "mqtt"], "{found:#?}");
+    }
+
+    // --- device ----------------------------------------------------------------------------
+
+    #[test]
+    fn invalid_device_ids_are_rejected() {
+        let long = "a".repeat(65);
+        for id in ["", "pump 42", "pump/42", "pümp", "+", long.as_str()] {
+            let text = format!(
+                "[device]\nid = {id:?}\n[mqtt]\nurl = \"mqtt://h\"\nallow_plaintext = true\n"
+            );
+            let message = only_problem(&text, "device.id");
+            assert!(
+                message.starts_with("expected 1-64 characters of [A-Za-z0-9_.-], found"),
+                "{id:?}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn device_id_accepts_the_allowed_characters() {
+        let max = "Z".repeat(64);
+        for id in ["a", "pump-0042", "A.b_C-9", max.as_str()] {
+            let parsed: DeviceId = id.parse().unwrap();
+            assert_eq!(parsed.as_str(), id);
+            assert_eq!(parsed.to_string(), id);
+            assert_eq!(DeviceId::try_from(id.to_owned()).unwrap(), parsed);
+        }
+        assert!("a b".parse::<DeviceId>().is_err());
+        assert!(DeviceId::try_from(String::new()).is_err());
+    }
+
+    // --- mqtt ------------------------------------------------------------------------------
+
+    #[test]
+    fn unsupported_url_scheme_names_the_allowed_schemes() {
+        for url in ["ssl://h:8883", "tcp://h", "wss://h/mqtt", "https://h"] {
+            let message = only_problem(
+                &format!("[device]\nid = \"d\"\n[mqtt]\nurl = {url:?}\nallow_plaintext = true\n"),
+                "mqtt.url",
+            );
+            assert!(message.starts_with("unsupported scheme"), "{message}");
+            assert!(message.contains("mqtts://"), "{message}");
+            assert!(message.contains("mqtt://"), "{message}");
+        }
+    }
+
+    #[test]
+    fn broker_urls_parse_with_default_ports() {
+        let cases = [
+            (
+                "mqtts://broker.example.com:8883",
+                true,
+                "broker.example.com",
+                8883,
+            ),
+            (
+                "mqtts://broker.example.com",
+                true,
+                "broker.example.com",
+                8883,
+            ),
+            (
+                "mqtts://broker.example.com/",
+                true,
+                "broker.example.com",
+                8883,
+            ),
+            ("mqtt://10.0.0.1", false, "10.0.0.1", 1883),
+            ("mqtt://localhost:1884/", false, "localhost", 1884),
+            ("MQTTS://Host_1:1", true, "Host_1", 1),
+            ("mqtts://[::1]", true, "::1", 8883),
+            ("mqtts://[2001:db8::1]:9000", true, "2001:db8::1", 9000),
+        ];
+        for (text, tls, host, port) in cases {
+            let url: BrokerUrl = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(
+                url,
+                BrokerUrl {
+                    tls,
+                    host: host.to_owned(),
+                    port
+                },
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn broker_urls_with_anything_but_host_and_port_are_rejected() {
+        for text in [
+            "",
+            "broker.example.com:8883",
+            "mqtts://",
+            "mqtts://:8883",
+            "mqtts://h:",
+            "mqtts://h:0",
+            "mqtts://h:65536",
+            "mqtts://h:+80",
+            "mqtts://h:port",
+            "mqtts://h:8883/topic",
+            "mqtts://h:8883//",
+            "mqtts://h?x=1",
+            "mqtts://user:pw@h",
+            "mqtts://h h",
+            "mqtts://::1",
+            "mqtts://[::1",
+            "mqtts://[nothost]",
+            "mqtts://[::1]8883",
+        ] {
+            assert!(text.parse::<BrokerUrl>().is_err(), "{text:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn broker_url_displays_in_canonical_form() {
+        for (text, shown) in [
+            ("mqtts://h", "mqtts://h:8883"),
+            ("MQTT://h:1/", "mqtt://h:1"),
+            ("mqtts://[::1]", "mqtts://[::1]:8883"),
+        ] {
+            let url: BrokerUrl = text.parse().unwrap();
+            assert_eq!(url.to_string(), shown);
+            assert_eq!(url.to_string().parse::<BrokerUrl>().unwrap(), url);
+        }
+    }
+
+    #[test]
+    fn plaintext_url_without_allow_plaintext_is_rejected() {
+        let message = only_problem(
+            "[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtt://broker:1883\"\n",
+            "mqtt.url",
+        );
+        assert!(message.contains("plaintext"), "{message}");
+        assert!(message.contains("allow_plaintext = true"), "{message}");
+        let message = only_problem(
+            "[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtt://b\"\nallow_plaintext = false\n",
+            "mqtt.url",
+        );
+        assert!(message.contains("plaintext"), "{message}");
+    }
+
+    #[test]
+    fn plaintext_url_with_allow_plaintext_is_accepted_without_ca() {
+        let config =
+            valid("[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtt://b\"\nallow_plaintext = true\n");
+        assert!(!config.mqtt.url.tls);
+        assert!(config.mqtt.allow_plaintext);
+        assert_eq!(config.mqtt.ca, None);
+    }
+
+    #[test]
+    fn certificate_files_with_a_plaintext_url_are_rejected() {
+        let problems = problems(&plain(
+            "ca = \"/etc/ca.pem\"\ncert = \"/etc/d.pem\"\nkey = \"/etc/d.key\"",
+            "",
+        ));
+        assert_eq!(keys(&problems), ["mqtt.ca", "mqtt.cert", "mqtt.key"]);
+        assert!(problems[0].message.contains("plaintext"), "{problems:#?}");
+    }
+
+    #[test]
+    fn tls_url_without_ca_is_rejected() {
+        let message = only_problem(
+            "[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtts://b\"\n",
+            "mqtt.ca",
+        );
+        assert!(message.contains("missing"), "{message}");
+        assert!(message.contains("CA"), "{message}");
+    }
+
+    #[test]
+    fn missing_ca_file_names_the_path_and_the_os_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgesync.toml");
+        let errors = Config::from_toml_str(&file, &tls_config("")).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.ca"]);
+        let ca = dir.path().join("ca.pem");
+        assert_eq!(
+            errors.problems[0].message,
+            format!(
+                "cannot read \"{}\": No such file or directory (os error 2)",
+                ca.display()
+            )
+        );
+    }
+
+    #[test]
+    fn ca_that_is_a_directory_is_rejected() {
+        let dir = tls_dir();
+        std::fs::create_dir(dir.path().join("certs")).unwrap();
+        let text = tls_config("").replace("ca.pem", "certs");
+        let errors = Config::from_toml_str(&dir.path().join("e.toml"), &text).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.ca"]);
+        assert!(
+            errors.problems[0].message.contains("is a directory"),
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn client_certificate_without_its_key_is_rejected() {
+        let dir = tls_dir();
+        let file = dir.path().join("e.toml");
+        let errors =
+            Config::from_toml_str(&file, &tls_config("cert = \"device.pem\"")).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.key"]);
+        assert!(
+            errors.problems[0]
+                .message
+                .contains("set both cert and key, or neither")
+        );
+
+        let errors = Config::from_toml_str(&file, &tls_config("key = \"device.key\"")).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.cert"]);
+    }
+
+    #[test]
+    fn missing_client_certificate_files_are_reported_each() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "x").unwrap();
+        let errors = Config::from_toml_str(
+            &dir.path().join("e.toml"),
+            &tls_config("cert = \"device.pem\"\nkey = \"device.key\""),
+        )
+        .unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.cert", "mqtt.key"]);
+        assert!(errors.problems[1].message.contains("device.key"));
+    }
+
+    #[test]
+    fn password_file_needs_a_username_and_must_be_readable() {
+        let dir = tls_dir();
+        std::fs::write(dir.path().join("pw"), "secret").unwrap();
+        let file = dir.path().join("e.toml");
+        let errors =
+            Config::from_toml_str(&file, &tls_config("password_file = \"pw\"")).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.password_file"]);
+        assert!(errors.problems[0].message.contains("without mqtt.username"));
+
+        let errors = Config::from_toml_str(
+            &file,
+            &tls_config("username = \"u\"\npassword_file = \"missing\""),
+        )
+        .unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.password_file"]);
+        assert!(errors.problems[0].message.starts_with("cannot read"));
+    }
+
+    #[test]
+    fn username_must_not_be_empty() {
+        only_problem(&plain("username = \"\"", ""), "mqtt.username");
+    }
+
+    #[test]
+    fn topic_prefix_rules_are_enforced() {
+        for prefix in ["acme", "acme/fleet-1", "a b", &"p".repeat(128)] {
+            let config = valid(&plain(&format!("topic_prefix = {prefix:?}"), ""));
+            assert_eq!(config.mqtt.topic_prefix, prefix);
+        }
+        for prefix in [
+            "",
+            "a/+",
+            "#",
+            "a\u{0}b",
+            "/acme",
+            "acme/",
+            &"p".repeat(129),
+        ] {
+            only_problem(
+                &plain(&format!("topic_prefix = {prefix:?}"), ""),
+                "mqtt.topic_prefix",
+            );
+        }
+    }
+
+    #[test]
+    fn client_id_defaults_to_the_device_id_and_is_checked() {
+        assert_eq!(valid(&plain("", "")).mqtt.client_id, "pump-0042");
+        assert_eq!(
+            valid(&plain("client_id = \"any id/ü\"", "")).mqtt.client_id,
+            "any id/ü"
+        );
+        for id in ["", "a\nb", &"c".repeat(129)] {
+            only_problem(&plain(&format!("client_id = {id:?}"), ""), "mqtt.client_id");
+        }
+    }
+
+    #[test]
+    fn keep_alive_must_be_whole_seconds_from_5s_to_65535s() {
+        for (text, secs) in [("5s", 5), ("65535s", 65535), ("2m", 120), ("5000ms", 5)] {
+            let config = valid(&plain(&format!("keep_alive = {text:?}"), ""));
+            assert_eq!(config.mqtt.keep_alive, Duration::from_secs(secs));
+        }
+        for text in ["4s", "0", "65536s", "1d", "5500ms"] {
+            let message = only_problem(
+                &plain(&format!("keep_alive = {text:?}"), ""),
+                "mqtt.keep_alive",
+            );
+            assert!(message.starts_with("expected"), "{message}");
+        }
+    }
+
+    #[test]
+    fn bad_duration_is_reported() {
+        let message = only_problem(&plain("keep_alive = \"30 sec\"", ""), "mqtt.keep_alive");
+        assert!(message.contains("unknown unit \"sec\""), "{message}");
+        let message = only_problem(&plain("", "[sync]\nlinger = \"-1ms\""), "sync.linger");
+        assert!(message.contains("negative"), "{message}");
+    }
+
+    // --- store -----------------------------------------------------------------------------
+
+    #[test]
+    fn bad_size_is_reported() {
+        let message = only_problem(
+            &plain("", "[store]\nmax_bytes = \"lots\""),
+            "store.max_bytes",
+        );
+        assert!(message.starts_with("expected a size such as"), "{message}");
+        assert!(message.contains("\"lots\""), "{message}");
+        let message = only_problem(
+            &plain("", "[store]\nmax_bytes = \"512KiB\""),
+            "store.max_bytes",
+        );
+        assert_eq!(
+            message,
+            "expected at least 1MiB (1048576 bytes), found 512KiB (524288 bytes)"
+        );
+        let message = only_problem(&plain("", "[store]\nmax_bytes = -1"), "store.max_bytes");
+        assert!(message.contains("found -1"), "{message}");
+    }
+
+    #[test]
+    fn sizes_may_be_integer_numbers_of_bytes() {
+        let config = valid(&plain(
+            "",
+            "[store]\nmax_bytes = 2097152\ncache_size = 262144\n[sync]\nbatch_max_bytes = 66560",
+        ));
+        assert_eq!(config.store.max_bytes, 2 * MIB);
+        assert_eq!(config.store.cache_size, 256 * KIB);
+        assert_eq!(config.sync.batch_max_bytes, 66560);
+    }
+
+    #[test]
+    fn cache_size_must_be_from_256kib_to_1gib() {
+        only_problem(
+            &plain("", "[store]\ncache_size = \"255KiB\""),
+            "store.cache_size",
+        );
+        only_problem(
+            &plain("", "[store]\ncache_size = \"2GiB\""),
+            "store.cache_size",
+        );
+        valid(&plain("", "[store]\ncache_size = \"1GiB\""));
+    }
+
+    #[test]
+    fn when_full_accepts_drop_oldest_or_reject_and_suggests() {
+        let message = only_problem(
+            &plain("", "[store]\nwhen_full = \"drop_oldest\""),
+            "store.when_full",
+        );
+        assert_eq!(
+            message,
+            "expected \"drop-oldest\" or \"reject\", found \"drop_oldest\" (did you mean \
+             \"drop-oldest\"?)"
+        );
+    }
+
+    #[test]
+    fn store_path_that_is_a_directory_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = plain("", &format!("[store]\npath = \"{}\"", dir.path().display()));
+        let message = only_problem(&text, "store.path");
+        assert!(message.contains("found the directory"), "{message}");
+        only_problem(
+            &plain("", "[store]\npath = \"/var/lib/edgesync/\""),
+            "store.path",
+        );
+        only_problem(&plain("", "[store]\npath = \"\""), "store.path");
+    }
+
+    #[test]
+    fn store_path_below_a_file_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), "").unwrap();
+        let text = plain(
+            "",
+            &format!("[store]\npath = \"{}/file/q.redb\"", dir.path().display()),
+        );
+        let message = only_problem(&text, "store.path");
+        assert!(message.contains("is not a directory"), "{message}");
+    }
+
+    // --- sync ------------------------------------------------------------------------------
+
+    #[test]
+    fn batch_max_bytes_too_small_for_the_largest_change_is_rejected_with_the_reason() {
+        let message = only_problem(
+            &plain("", "[sync]\nbatch_max_bytes = \"64KiB\""),
+            "sync.batch_max_bytes",
+        );
+        assert!(
+            message.starts_with("expected at least 65KiB (66560 bytes), found 64KiB (65536 bytes)"),
+            "{message}"
+        );
+        assert!(
+            message.contains("largest change the agent accepts"),
+            "{message}"
+        );
+        valid(&plain("", "[sync]\nbatch_max_bytes = \"65KiB\""));
+    }
+
+    #[test]
+    fn batch_max_bytes_above_256mib_is_rejected() {
+        valid(&plain("", "[sync]\nbatch_max_bytes = \"256MiB\""));
+        let message = only_problem(
+            &plain("", "[sync]\nbatch_max_bytes = 268435457"),
+            "sync.batch_max_bytes",
+        );
+        assert!(message.starts_with("expected at most 256MiB"), "{message}");
+    }
+
+    #[test]
+    fn sync_limits_are_enforced() {
+        for (line, key) in [
+            ("batch_max_changes = 0", "sync.batch_max_changes"),
+            ("batch_max_changes = 100001", "sync.batch_max_changes"),
+            ("max_inflight = 0", "sync.max_inflight"),
+            ("max_inflight = 1025", "sync.max_inflight"),
+            ("linger = \"11s\"", "sync.linger"),
+            ("encoding = \"JSON\"", "sync.encoding"),
+        ] {
+            only_problem(&plain("", &format!("[sync]\n{line}")), key);
+        }
+        let config = valid(&plain(
+            "",
+            "[sync]\nbatch_max_changes = 100000\nmax_inflight = 1024\nlinger = \"10s\"",
+        ));
+        assert_eq!(config.sync.batch_max_changes, 100_000);
+        assert_eq!(config.sync.max_inflight, 1024);
+        assert_eq!(config.sync.linger, Duration::from_secs(10));
+    }
+
+    // --- local, log ------------------------------------------------------------------------
+
+    #[test]
+    fn socket_path_longer_than_sun_path_allows_is_rejected() {
+        let long = format!("/run/{}.sock", "s".repeat(95));
+        assert_eq!(long.len(), 105);
+        let message = only_problem(
+            &plain("", &format!("[local]\nsocket = {long:?}")),
+            "local.socket",
+        );
+        assert!(message.contains("at most 100 bytes"), "{message}");
+        assert!(message.contains("sun_path"), "{message}");
+        let just_fits = format!("/run/{}.sock", "s".repeat(90));
+        assert_eq!(just_fits.len(), 100);
+        valid(&plain("", &format!("[local]\nsocket = {just_fits:?}")));
+    }
+
+    #[test]
+    fn relative_socket_path_is_rejected() {
+        let message = only_problem(
+            &plain("", "[local]\nsocket = \"edgesync.sock\""),
+            "local.socket",
+        );
+        assert!(message.contains("absolute"), "{message}");
+        only_problem(&plain("", "[local]\nsocket = \"\""), "local.socket");
+    }
+
+    #[test]
+    fn log_level_accepts_levels_and_target_directives() {
+        for level in [
+            "trace",
+            "DEBUG",
+            "info",
+            "warn",
+            "error",
+            "off",
+            "info,edgesync=debug",
+            "edgesync::store=trace,rumqttc=warn",
+        ] {
+            assert_eq!(
+                valid(&plain("", &format!("[log]\nlevel = {level:?}")))
+                    .log
+                    .level,
+                level
+            );
+        }
+        for level in [
+            "",
+            "verbose",
+            "infoo",
+            "info,",
+            "=debug",
+            "a=b=c",
+            "edgesync[span]=debug",
+            "info warn",
+        ] {
+            only_problem(
+                &plain("", &format!("[log]\nlevel = {level:?}")),
+                "log.level",
+            );
+        }
+        let message = only_problem(&plain("", "[log]\nlevel = \"infoo\""), "log.level");
+        assert!(message.contains("did you mean \"info\"?"), "{message}");
+    }
+
+    // --- the report ------------------------------------------------------------------------
+
+    #[test]
+    fn every_problem_is_reported_together() {
+        let text = "[device]\nid = \"bad id\"\n\
+                    [mqtt]\nurl = \"mqtt://b\"\nkeepalive = \"30s\"\ncert = \"/nonexistent/d.pem\"\n\
+                    [store]\nmax_bytes = \"lots\"\nwhen_full = \"never\"\n\
+                    [sync]\nbatch_max_changes = \"10\"\nbatch_max_bytes = \"1KiB\"\nlinger = \"1 fortnight\"\n\
+                    [local]\nsocket = \"rel.sock\"\n\
+                    [log]\nlevel = \"\"\n\
+                    [desired]\n";
+        let problems = problems(text);
+        assert_eq!(
+            keys(&problems),
+            [
+                "device.id",
+                "mqtt.url",
+                "mqtt.cert",
+                "mqtt.keepalive",
+                "store.max_bytes",
+                "store.when_full",
+                "sync.batch_max_changes",
+                "sync.batch_max_bytes",
+                "sync.linger",
+                "local.socket",
+                "log.level",
+                "desired",
+            ],
+            "{problems:#?}"
+        );
+    }
+
+    #[test]
+    fn report_prints_one_line_per_problem_with_file_and_key() {
+        let errors = parse("[device]\nid = \"a b\"\n[mqtt]\nurl = \"mqtt://b\"\n").unwrap_err();
+        assert_eq!(errors.file, Path::new(FILE));
+        let shown = errors.to_string();
+        let lines: Vec<&str> = shown.lines().collect();
+        assert_eq!(lines.len(), 2, "{shown}");
+        assert!(lines[0].starts_with("/test/edgesync.toml: device.id: expected 1-64"));
+        assert_eq!(
+            lines[1],
+            "/test/edgesync.toml: mqtt.url: \"mqtt://\" is plaintext; set \
+             mqtt.allow_plaintext = true to allow it, or use mqtts://"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_is_a_file_level_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("missing.toml");
+        let errors = Config::load(&file).unwrap_err();
+        assert_eq!(keys(&errors.problems), [""]);
+        assert_eq!(
+            errors.to_string(),
+            format!(
+                "{}: cannot read: No such file or directory (os error 2)",
+                file.display()
+            )
+        );
+    }
+
+    #[test]
+    fn file_that_is_not_utf8_is_a_file_level_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("e.toml");
+        std::fs::write(&file, b"[device]\nid = \"\xff\"\n").unwrap();
+        let errors = Config::load(&file).unwrap_err();
+        assert_eq!(keys(&errors.problems), [""]);
+        assert!(errors.problems[0].message.contains("not UTF-8"), "{errors}");
+    }
+
+    #[test]
+    fn syntax_error_reports_line_column_and_key() {
+        let text = "[device]\nid = \"d\"\n\n[mqtt]\nurl = \"mqtts://b\"\nkeep_alive = 30s\n";
+        let found = problems(text);
+        assert_eq!(keys(&found), ["mqtt.keep_alive"], "{found:#?}");
+        assert!(
+            found[0]
+                .message
+                .starts_with("TOML syntax error at line 6, column "),
+            "{found:#?}"
+        );
+
+        let found = problems("[device\nid = 1\n");
+        assert_eq!(keys(&found), [""], "{found:#?}");
+        assert!(found[0].message.contains("line 1"), "{found:#?}");
+
+        let found = problems("[device]\nid = \"a\"\nid = \"b\"\n");
+        assert_eq!(keys(&found), ["device.id"], "{found:#?}");
+        assert!(found[0].message.contains("line 3"), "{found:#?}");
+    }
+
+    // --- durations and sizes ---------------------------------------------------------------
+
+    #[test]
+    fn parse_duration_accepts_whole_numbers_with_units() {
+        for (text, expected) in [
+            ("0", Duration::ZERO),
+            ("0s", Duration::ZERO),
+            ("0ms", Duration::ZERO),
+            ("250ms", Duration::from_millis(250)),
+            ("30s", Duration::from_secs(30)),
+            ("5m", Duration::from_secs(300)),
+            ("1h", Duration::from_secs(3600)),
+            ("2d", Duration::from_secs(2 * 86400)),
+            (" 30 s ", Duration::from_secs(30)),
+            ("007s", Duration::from_secs(7)),
+        ] {
+            assert_eq!(parse_duration(text), Ok(expected), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn parse_duration_rejects_junk_negative_fractions_and_overflow() {
+        for text in [
+            "",
+            " ",
+            "30",
+            "s",
+            "-5s",
+            "+5s",
+            "1.5s",
+            "30sec",
+            "30S",
+            "5 m 3s",
+            "1m30s",
+            "ms",
+            "99999999999999999999s",
+            "18446744073709551615d",
+            "213503982334602d",
+        ] {
+            assert!(parse_duration(text).is_err(), "{text:?} was accepted");
+        }
+        assert!(parse_duration("-5s").unwrap_err().contains("negative"));
+        assert!(parse_duration("1.5s").unwrap_err().contains("whole number"));
+        assert!(
+            parse_duration("213503982334602d")
+                .unwrap_err()
+                .contains("too large")
+        );
+    }
+
+    #[test]
+    fn parse_size_accepts_binary_and_decimal_units() {
+        for (text, expected) in [
+            ("0", 0),
+            ("512", 512),
+            ("100B", 100),
+            ("64KiB", 64 * 1024),
+            ("256MiB", 256 * 1024 * 1024),
+            ("1GiB", 1 << 30),
+            ("2TiB", 2 << 40),
+            ("64KB", 64_000),
+            ("256MB", 256_000_000),
+            ("1GB", 1_000_000_000),
+            ("3TB", 3_000_000_000_000),
+            ("64kib", 64 * 1024),
+            (" 1 MiB ", 1 << 20),
+            ("18446744073709551615", u64::MAX),
+        ] {
+            assert_eq!(parse_size(text), Ok(expected), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn parse_size_rejects_junk_negative_fractions_and_overflow() {
+        for text in [
+            "",
+            "KiB",
+            "-1",
+            "-1KiB",
+            "1.5MiB",
+            "64K",
+            "64Kb ps",
+            "lots",
+            "1 2 KiB",
+            "18446744073709551616",
+            "16777216TiB",
+            "0x10",
+        ] {
+            assert!(parse_size(text).is_err(), "{text:?} was accepted");
+        }
+        assert!(parse_size("16777216TiB").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn sizes_are_shown_with_their_unit_and_in_bytes() {
+        assert_eq!(fmt_size(65536), "64KiB (65536 bytes)");
+        assert_eq!(fmt_size(3 * GIB), "3GiB (3221225472 bytes)");
+        assert_eq!(fmt_size(1000), "1000 bytes");
+        assert_eq!(fmt_size(0), "0 bytes");
+    }
+
+    // --- the shipped example files ---------------------------------------------------------
+
+    #[test]
+    fn example_config_is_valid_apart_from_the_missing_certificate_files() {
+        let errors = Config::from_toml_str(Path::new(DEFAULT_CONFIG_PATH), EXAMPLE).unwrap_err();
+        assert_eq!(
+            keys(&errors.problems),
+            ["mqtt.ca", "mqtt.cert", "mqtt.key"],
+            "{errors}"
+        );
+        for problem in &errors.problems {
+            assert!(
+                problem.message.starts_with("cannot read \"/etc/edgesync/"),
+                "{problem:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn example_config_loads_when_its_certificate_files_exist_and_states_the_defaults() {
+        let dir = tls_dir();
+        let text = EXAMPLE.replace("/etc/edgesync/", &format!("{}/", dir.path().display()));
+        let example = valid(&text);
+        let defaults =
+            valid(&tls_config("").replace("ca.pem", &format!("{}/ca.pem", dir.path().display())));
+        assert_eq!(
+            example.mqtt.url.to_string(),
+            "mqtts://broker.example.com:8883"
+        );
+        assert_eq!(example.mqtt.topic_prefix, defaults.mqtt.topic_prefix);
+        assert_eq!(example.mqtt.keep_alive, defaults.mqtt.keep_alive);
+        assert_eq!(example.mqtt.allow_plaintext, defaults.mqtt.allow_plaintext);
+        assert_eq!(
+            format!("{:?}", example.store),
+            format!("{:?}", defaults.store)
+        );
+        assert_eq!(
+            format!("{:?}", example.sync),
+            format!("{:?}", defaults.sync)
+        );
+        assert_eq!(
+            format!("{:?}", example.local),
+            format!("{:?}", defaults.local)
+        );
+        assert_eq!(format!("{:?}", example.log), format!("{:?}", defaults.log));
+    }
+
+    #[test]
+    fn example_config_documents_every_key() {
+        for (section, keys) in SECTIONS {
+            assert!(
+                EXAMPLE.lines().any(|l| l == format!("[{section}]")),
+                "[{section}] is missing"
+            );
+            for key in *keys {
+                let set = format!("{key} = ");
+                let commented = format!("# {key} = ");
+                assert!(
+                    EXAMPLE
+                        .lines()
+                        .any(|l| l.starts_with(&set) || l.starts_with(&commented)),
+                    "{section}.{key} is missing from the example"
+                );
+            }
+        }
+        // The commented-out keys are valid too.
+        let uncommented = EXAMPLE
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|rest| {
+                        rest.split_once(" = ").is_some_and(|(key, _)| {
+                            key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        })
+                    })
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let errors =
+            Config::from_toml_str(Path::new(DEFAULT_CONFIG_PATH), &uncommented).unwrap_err();
+        assert_eq!(
+            keys(&errors.problems),
+            ["mqtt.ca", "mqtt.cert", "mqtt.key", "mqtt.password_file"],
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn dev_config_is_valid_when_its_certificate_files_exist() {
+        let repo = tempfile::tempdir().unwrap();
+        let config_dir = repo.path().join("config");
+        let certs = repo.path().join("target/dev-certs");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        std::fs::create_dir_all(&certs).unwrap();
+        for name in ["ca.pem", "device.pem", "device.key"] {
+            std::fs::write(certs.join(name), "x").unwrap();
+        }
+        let file = config_dir.join("dev.toml");
+        std::fs::write(&file, DEV).unwrap();
+        let config = Config::load(&file).unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(config.device.id.as_str(), "dev-0001");
+        assert_eq!(config.mqtt.url.to_string(), "mqtts://localhost:8883");
+        assert_eq!(
+            config.mqtt.ca,
+            Some(config_dir.join("../target/dev-certs/ca.pem"))
+        );
+        assert_eq!(
+            config.store.path,
+            config_dir.join("../target/dev/edgesync.redb")
+        );
+        assert_eq!(config.local.socket, Path::new("/tmp/edgesync-dev.sock"));
+    }
+
+    #[test]
+    fn dev_config_without_certificate_files_reports_only_those() {
+        let errors =
+            Config::from_toml_str(Path::new("/nonexistent-edgesync-repo/config/dev.toml"), DEV)
+                .unwrap_err();
+        assert_eq!(
+            keys(&errors.problems),
+            ["mqtt.ca", "mqtt.cert", "mqtt.key"],
+            "{errors}"
+        );
+        assert!(
+            errors.problems[0]
+                .message
+                .contains("/nonexistent-edgesync-repo/config/../target/dev-certs/ca.pem")
+        );
+    }
+
+    #[test]
+    fn raw_structs_mirror_the_file_format() {
+        // The serde derive and the field-by-field collector read the same file the same way.
+        let by_serde: RawConfig = toml::from_str(EXAMPLE).unwrap();
+        let root: Table = toml::from_str(EXAMPLE).unwrap();
+        let mut p = Problems::default();
+        let collected = RawConfig::collect(&root, &mut p);
+        assert!(p.0.is_empty(), "{p:?}");
+        assert_eq!(by_serde, collected);
+        assert_eq!(
+            by_serde.store.and_then(|s| s.max_bytes),
+            Some(RawSize::Text("256MiB".to_owned()))
+        );
+        let sized: RawStore = toml::from_str("max_bytes = 1048576").unwrap();
+        assert_eq!(sized.max_bytes, Some(RawSize::Bytes(1_048_576)));
+        // Both refuse unknown keys.
+        assert!(toml::from_str::<RawConfig>("[mqtt]\nkeepalive = \"1s\"").is_err());
+        assert!(toml::from_str::<RawConfig>("[desired]").is_err());
+    }
+
+    // --- socket_path, resolve_path ---------------------------------------------------------
+
+    #[test]
+    fn socket_path_reads_the_socket_and_ignores_every_other_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("e.toml");
+        std::fs::write(
+            &file,
+            "[device]\nid = \"bad id\"\nbogus = 1\n[local]\nsocket = \"/tmp/x.sock\"\nextra = 2\n\
+             [desired]\nwhatever = true\n",
+        )
+        .unwrap();
+        assert_eq!(socket_path(&file), Path::new("/tmp/x.sock"));
+        assert!(Config::load(&file).is_err());
+    }
+
+    #[test]
+    fn socket_path_falls_back_to_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let default = Path::new(DEFAULT_SOCKET);
+        assert_eq!(socket_path(&dir.path().join("missing.toml")), default);
+        assert_eq!(socket_path(dir.path()), default);
+        for text in [
+            "",
+            "[local\nsocket = \"/tmp/x.sock\"",
+            "[device]\nid = \"d\"\n",
+            "[local]\n",
+            "[local]\nsocket = 5\n",
+            "[local]\nsocket = \"\"\n",
+            "local = \"/tmp/x.sock\"\n",
+        ] {
+            let file = dir.path().join("e.toml");
+            std::fs::write(&file, text).unwrap();
+            assert_eq!(socket_path(&file), default, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn config_path_comes_from_the_flag_then_the_environment_then_the_default() {
+        let flag = Path::new("/flag.toml");
+        let env = || Some(OsString::from("/env.toml"));
+        assert_eq!(choose_path(Some(flag), env()), flag);
+        assert_eq!(choose_path(None, env()), Path::new("/env.toml"));
+        assert_eq!(
+            choose_path(None, Some(OsString::new())),
+            Path::new(DEFAULT_CONFIG_PATH)
+        );
+        assert_eq!(choose_path(None, None), Path::new(DEFAULT_CONFIG_PATH));
+    }
+
+    #[test]
+    fn suggestions_are_within_edit_distance_two() {
+        assert_eq!(edit_distance("keepalive", "keep_alive"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(
+            suggest("Encodng", &["encoding", "linger"]),
+            Some("encoding")
+        );
+        assert_eq!(suggest("zzz", &["encoding", "linger"]), None);
+    }
+}

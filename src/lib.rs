@@ -19,7 +19,11 @@
 pub mod agent;
 pub mod change;
 pub mod client;
+pub mod codec;
 pub mod config;
+pub mod link;
 pub mod local_api;
 pub mod status;
 pub mod store;
+pub mod sync;
+pub mod topics;

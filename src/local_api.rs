@@ -363,7 +363,9 @@ fn get(req: &Request, ctx: &Context) -> String {
             Err(e) => error_line(e.code(), e.to_string()),
         },
         // Desired state arrives with the sync link; until then there is none.
-        Some("desired") => ok_with(serde_json::json!({"doc": "desired", "version": null, "state": {}})),
+        Some("desired") => {
+            ok_with(serde_json::json!({"doc": "desired", "version": null, "state": {}}))
+        }
         Some(other) => error_line(
             code::BAD_REQUEST,
             format!("unknown doc {other:?}; expected \"desired\" or \"reported\""),
@@ -411,7 +413,8 @@ mod tests {
 
     #[test]
     fn error_lines_are_json_with_code() {
-        let v: serde_json::Value = serde_json::from_str(&error_line("bad-request", "x\"y")).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&error_line("bad-request", "x\"y")).unwrap();
         assert_eq!(v["ok"], false);
         assert_eq!(v["error"]["code"], "bad-request");
         assert_eq!(v["error"]["message"], "x\"y");
@@ -420,6 +423,9 @@ mod tests {
             last_seq: 6,
         }))
         .unwrap();
-        assert_eq!(v, serde_json::json!({"ok": true, "first_seq": 4, "last_seq": 6}));
+        assert_eq!(
+            v,
+            serde_json::json!({"ok": true, "first_seq": 4, "last_seq": 6})
+        );
     }
 }

@@ -39,7 +39,10 @@ pub struct StatusBoard(Arc<Mutex<LinkFigures>>);
 
 impl StatusBoard {
     pub fn snapshot(&self) -> LinkFigures {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn update(&self, f: impl FnOnce(&mut LinkFigures)) {

@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use thiserror::Error;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::change::{NewChange, now_ms};
 pub use crate::config::WhenFull;
@@ -154,6 +154,9 @@ pub struct Appended {
 pub enum Ack {
     /// Every queued change with `seq <= n`.
     Through(u64),
+    /// Every queued change with `first <= seq <= last` (one batch: its seqs are contiguous
+    /// among what was queued when it was read, and seqs are never reused).
+    Range { first: u64, last: u64 },
     /// Exactly these seqs.
     Seqs(Vec<u64>),
 }
@@ -220,6 +223,8 @@ struct Shared {
     stats: Mutex<QueueStats>,
     /// Write transactions committed since open (group-commit efficiency).
     commits: AtomicU64,
+    /// `next_seq` after the last commit: the sync engine wakes on changes.
+    appended: watch::Sender<u64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -250,6 +255,7 @@ impl Outbox {
             path,
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
+            appended: watch::Sender::new(stats.next_seq),
             writer: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
@@ -275,7 +281,10 @@ impl Outbox {
 
     /// Queues the changes of one request, all or nothing; returns once they are durable.
     pub async fn append(&self, changes: Vec<NewChange>) -> Result<Appended, StoreError> {
-        self.submit(changes).await?.await.unwrap_or(Err(StoreError::Closed))
+        self.submit(changes)
+            .await?
+            .await
+            .unwrap_or(Err(StoreError::Closed))
     }
 
     /// Hands a request to the writer and returns the receiver of its answer at once, so a
@@ -305,6 +314,11 @@ impl Outbox {
     /// Figures as of the last commit (no I/O).
     pub fn stats(&self) -> QueueStats {
         *lock(&self.shared.stats)
+    }
+
+    /// Watches `next_seq` as of the last commit; it changes whenever changes were appended.
+    pub fn watch_appended(&self) -> watch::Receiver<u64> {
+        self.shared.appended.subscribe()
     }
 
     /// Write transactions (fsyncs) committed since open.
@@ -358,7 +372,14 @@ impl Outbox {
         let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
             let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
             let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
-            out.insert(k.to_owned(), ReportedValue { seq, ts: r.ts, value });
+            out.insert(
+                k.to_owned(),
+                ReportedValue {
+                    seq,
+                    ts: r.ts,
+                    value,
+                },
+            );
             Ok(())
         };
         match key {
@@ -623,6 +644,11 @@ impl Writer {
         };
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
         *lock(&self.shared.stats) = self.meta.stats(self.max_bytes);
+        self.shared.appended.send_if_modified(|n| {
+            let changed = *n != self.meta.next_seq;
+            *n = self.meta.next_seq;
+            changed
+        });
         let mut outcomes = outcomes.into_iter();
         for op in batch.drain(..) {
             match (op, outcomes.next()) {
@@ -753,6 +779,12 @@ impl Writer {
         match ack {
             Ack::Through(last) => {
                 for item in outbox.extract_from_if(..=*last, |_, _| true)? {
+                    let (_, v) = item?;
+                    count(v.value().len());
+                }
+            }
+            Ack::Range { first, last } => {
+                for item in outbox.extract_from_if(*first..=*last, |_, _| true)? {
                     let (_, v) = item?;
                     count(v.value().len());
                 }

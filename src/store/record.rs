@@ -128,7 +128,9 @@ pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         let mut cursor = std::io::Cursor::new(value);
         let _: ciborium::Value =
             ciborium::from_reader(&mut cursor).map_err(|_| RecordError("bad value"))?;
-        let end = usize::try_from(cursor.position()).unwrap_or(total).min(total);
+        let end = usize::try_from(cursor.position())
+            .unwrap_or(total)
+            .min(total);
         &value[..end]
     };
     if value.is_empty() {
@@ -143,7 +145,17 @@ mod tests {
 
     #[test]
     fn record_round_trips_and_value_is_verbatim() {
-        for ts in [0, 23, 24, 255, 256, 65_535, 65_536, 1_764_150_000_000, u64::MAX] {
+        for ts in [
+            0,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            1_764_150_000_000,
+            u64::MAX,
+        ] {
             let value = crate::change::encode_value("k", &serde_json::json!({"a": [1, 2.5]}))
                 .unwrap_or_default();
             let rec = encode(ts, "led.mode", &value);

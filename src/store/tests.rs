@@ -87,7 +87,10 @@ fn records_keep_key_value_and_timestamp() {
     let q = outbox.read_from(a.first_seq, 10, 1 << 20).unwrap();
     assert_eq!(q.len(), 1);
     let r = q[0].decode().unwrap();
-    assert_eq!((r.key, r.ts, r.value), ("led.mode", 1_764_150_000_000, &c.value[..]));
+    assert_eq!(
+        (r.key, r.ts, r.value),
+        ("led.mode", 1_764_150_000_000, &c.value[..])
+    );
     assert_eq!(outbox.oldest_ts().unwrap(), Some(1_764_150_000_000));
     outbox.shutdown_blocking();
 }
@@ -113,7 +116,11 @@ fn concurrent_appends_share_commits() {
     let commits = outbox.commits() - before;
     assert!(commits < 200, "2000 requests took {commits} commits");
     // Seqs follow submission order.
-    assert!(results.windows(2).all(|w| w[1].first_seq == w[0].last_seq + 1));
+    assert!(
+        results
+            .windows(2)
+            .all(|w| w[1].first_seq == w[0].last_seq + 1)
+    );
     assert_eq!(outbox.stats().depth, 2000);
     outbox.shutdown_blocking();
 }
@@ -163,10 +170,7 @@ fn reject_refuses_whole_request_with_store_full_and_counts() {
     let (accepted, err) = rt.block_on(async {
         let mut accepted = 0;
         loop {
-            match outbox
-                .append(vec![sized("a", 500), sized("b", 500)])
-                .await
-            {
+            match outbox.append(vec![sized("a", 500), sized("b", 500)]).await {
                 Ok(_) => accepted += 2,
                 Err(e) => return (accepted, e),
             }
@@ -197,7 +201,11 @@ fn a_request_larger_than_the_store_is_refused_even_with_drop_oldest() {
         .block_on(outbox.append(vec![sized("b", 3000), sized("c", 3000)]))
         .unwrap_err();
     assert_eq!(err.code(), "store-full");
-    assert_eq!(outbox.stats().depth, 1, "nothing evicted for a hopeless request");
+    assert_eq!(
+        outbox.stats().depth,
+        1,
+        "nothing evicted for a hopeless request"
+    );
     outbox.shutdown_blocking();
 }
 
@@ -215,8 +223,11 @@ fn ack_through_and_ack_seqs_delete_exactly_those() {
         let a = outbox.ack(Ack::Seqs(vec![5, 7, 7, 42])).await.unwrap();
         assert_eq!(a.changes, 2, "duplicates and unknown seqs are no-ops");
         assert_eq!(all_seqs(&outbox), vec![4, 6, 8, 9, 10]);
+        let a = outbox.ack(Ack::Range { first: 8, last: 9 }).await.unwrap();
+        assert_eq!(a.changes, 2);
+        assert_eq!(all_seqs(&outbox), vec![4, 6, 10]);
         let s = outbox.stats();
-        assert_eq!((s.depth, s.acked), (5, 5));
+        assert_eq!((s.depth, s.acked), (3, 7));
         outbox.ack(Ack::Through(100)).await.unwrap();
         let s = outbox.stats();
         assert_eq!((s.depth, s.bytes, s.acked), (0, 0, 10));

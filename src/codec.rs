@@ -1,0 +1,281 @@
+//! Encoding of the documents the agent publishes (SPEC §5), starting with the change batch
+//! `{"device": D, "changes": [{"seq", "key", "value", "ts"}, ...]}` in CBOR or JSON.
+//!
+//! CBOR batches splice each record's stored value bytes in verbatim (no decode), so a drain
+//! costs little more than copying. Sizes are exact: a [`BatchBuilder`] never produces a
+//! payload over its byte limit, except for a single change, which config validation makes
+//! sure always fits.
+
+use thiserror::Error;
+
+use crate::config::Encoding;
+use crate::store::Queued;
+use crate::store::record::{self, write_text, write_uint};
+
+#[derive(Debug, Error)]
+pub enum CodecError {
+    #[error("queued change {seq} is unreadable: {reason}")]
+    BadRecord { seq: u64, reason: String },
+}
+
+/// A finished batch, ready to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub payload: Vec<u8>,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// Changes in the payload.
+    pub changes: u64,
+}
+
+/// Most bytes a CBOR array head takes for any batch length we build.
+const MAX_ARRAY_HEAD: usize = 5;
+
+/// Packs queued changes into one batch document.
+#[derive(Debug)]
+pub struct BatchBuilder {
+    encoding: Encoding,
+    device: String,
+    max_changes: usize,
+    max_bytes: usize,
+    envelope: usize,
+    body: Vec<u8>,
+    entry: Vec<u8>,
+    changes: usize,
+    first_seq: Option<u64>,
+    last_seq: u64,
+}
+
+impl BatchBuilder {
+    pub fn new(encoding: Encoding, device: &str, max_changes: usize, max_bytes: usize) -> Self {
+        let mut b = Self {
+            encoding,
+            device: device.to_owned(),
+            max_changes: max_changes.max(1),
+            max_bytes,
+            envelope: 0,
+            body: Vec::new(),
+            entry: Vec::new(),
+            changes: 0,
+            first_seq: None,
+            last_seq: 0,
+        };
+        let mut probe = Vec::new();
+        b.write_envelope(&mut probe, 0);
+        b.envelope = probe.len() + 2 + MAX_ARRAY_HEAD;
+        b
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.first_seq.is_none()
+    }
+
+    /// Changes added so far.
+    pub fn len(&self) -> usize {
+        self.changes
+    }
+
+    /// True when no further change can be added.
+    pub fn is_full(&self) -> bool {
+        self.changes >= self.max_changes
+    }
+
+    /// Adds a change if it fits. Returns `Ok(false)` (and adds nothing) when it would exceed
+    /// the limits of a non-empty batch. An unreadable record is an error; the caller skips it.
+    pub fn push(&mut self, q: &Queued) -> Result<bool, CodecError> {
+        if self.is_full() {
+            return Ok(false);
+        }
+        let rec = q.decode().map_err(|e| CodecError::BadRecord {
+            seq: q.seq,
+            reason: e.to_string(),
+        })?;
+        self.entry.clear();
+        match self.encoding {
+            Encoding::Cbor => {
+                // map(4) {"seq": u, "key": text, "value": <verbatim>, "ts": u}
+                self.entry.push(0xa4);
+                write_text(&mut self.entry, "seq");
+                write_uint(&mut self.entry, q.seq);
+                write_text(&mut self.entry, "key");
+                write_text(&mut self.entry, rec.key);
+                write_text(&mut self.entry, "value");
+                self.entry.extend_from_slice(rec.value);
+                write_text(&mut self.entry, "ts");
+                write_uint(&mut self.entry, rec.ts);
+            }
+            Encoding::Json => {
+                let value = crate::change::decode_value(rec.value)
+                    .map_err(|reason| CodecError::BadRecord { seq: q.seq, reason })?;
+                if !self.body.is_empty() {
+                    self.entry.push(b',');
+                }
+                self.entry.extend_from_slice(b"{\"seq\":");
+                self.entry.extend_from_slice(q.seq.to_string().as_bytes());
+                self.entry.extend_from_slice(b",\"key\":");
+                json_into(&mut self.entry, &rec.key);
+                self.entry.extend_from_slice(b",\"value\":");
+                json_into(&mut self.entry, &value);
+                self.entry.extend_from_slice(b",\"ts\":");
+                self.entry.extend_from_slice(rec.ts.to_string().as_bytes());
+                self.entry.push(b'}');
+            }
+        }
+        let total = self.envelope + self.body.len() + self.entry.len();
+        if !self.is_empty() && total > self.max_bytes {
+            return Ok(false);
+        }
+        self.body.extend_from_slice(&self.entry);
+        self.changes += 1;
+        self.first_seq.get_or_insert(q.seq);
+        self.last_seq = q.seq;
+        Ok(true)
+    }
+
+    /// Takes the batch out, leaving the builder empty for reuse. `None` if empty.
+    pub fn finish(&mut self) -> Option<Batch> {
+        let first_seq = self.first_seq.take()?;
+        let mut payload = Vec::with_capacity(self.envelope + self.body.len());
+        self.write_envelope(&mut payload, self.changes);
+        payload.extend_from_slice(&self.body);
+        if self.encoding == Encoding::Json {
+            payload.extend_from_slice(b"]}");
+        }
+        let batch = Batch {
+            payload,
+            first_seq,
+            last_seq: self.last_seq,
+            changes: self.changes as u64,
+        };
+        self.body.clear();
+        self.changes = 0;
+        Some(batch)
+    }
+
+    fn write_envelope(&self, out: &mut Vec<u8>, changes: usize) {
+        match self.encoding {
+            Encoding::Cbor => {
+                out.push(0xa2);
+                write_text(out, "device");
+                write_text(out, &self.device);
+                write_text(out, "changes");
+                record::write_head(out, 4, changes as u64);
+            }
+            Encoding::Json => {
+                out.extend_from_slice(b"{\"device\":");
+                json_into(out, &self.device);
+                out.extend_from_slice(b",\"changes\":[");
+            }
+        }
+    }
+}
+
+fn json_into<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
+    // Writing JSON into a Vec cannot fail for these types (strings and JSON values).
+    if serde_json::to_writer(&mut *out, v).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::change::encode_value;
+    use serde_json::{Value, json};
+
+    fn queued(seq: u64, key: &str, value: Value, ts: u64) -> Queued {
+        let v = encode_value(key, &value).unwrap();
+        Queued {
+            seq,
+            record: record::encode(ts, key, &v),
+        }
+    }
+
+    fn decode(enc: Encoding, payload: &[u8]) -> Value {
+        match enc {
+            Encoding::Json => serde_json::from_slice(payload).unwrap(),
+            Encoding::Cbor => ciborium::from_reader(payload).unwrap(),
+        }
+    }
+
+    #[test]
+    fn batch_is_the_spec_document_in_both_encodings() {
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            let mut b = BatchBuilder::new(enc, "pump-1", 10, 1 << 20);
+            assert!(b.push(&queued(41, "temp", json!(21.5), 1000)).unwrap());
+            assert!(
+                b.push(&queued(43, "led.mode", json!({"a": [1, null]}), 1001))
+                    .unwrap()
+            );
+            let batch = b.finish().unwrap();
+            assert_eq!(
+                (batch.first_seq, batch.last_seq, batch.changes),
+                (41, 43, 2)
+            );
+            assert_eq!(
+                decode(enc, &batch.payload),
+                json!({"device": "pump-1", "changes": [
+                    {"seq": 41, "key": "temp", "value": 21.5, "ts": 1000},
+                    {"seq": 43, "key": "led.mode", "value": {"a": [1, null]}, "ts": 1001},
+                ]}),
+                "{enc:?}"
+            );
+            assert!(b.finish().is_none(), "builder is empty after finish");
+        }
+    }
+
+    #[test]
+    fn batches_never_exceed_the_byte_limit() {
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            for limit in [200, 500, 1000, 4096] {
+                let mut b = BatchBuilder::new(enc, "d", 1000, limit);
+                let mut seq = 1;
+                let mut batches = Vec::new();
+                while seq < 200 {
+                    let q = queued(seq, "k", json!("x".repeat((seq % 37) as usize)), 5);
+                    if b.push(&q).unwrap() {
+                        seq += 1;
+                    } else {
+                        batches.push(b.finish().unwrap());
+                    }
+                }
+                batches.extend(b.finish());
+                let mut expect = 1;
+                for batch in &batches {
+                    assert!(batch.payload.len() <= limit, "{enc:?} {limit}");
+                    assert_eq!(batch.first_seq, expect);
+                    let v = decode(enc, &batch.payload);
+                    assert_eq!(v["changes"].as_array().unwrap().len() as u64, batch.changes);
+                    expect = batch.last_seq + 1;
+                }
+                assert_eq!(expect, 200);
+            }
+        }
+    }
+
+    #[test]
+    fn change_count_limit_holds_and_a_lone_large_change_is_accepted() {
+        let mut b = BatchBuilder::new(Encoding::Cbor, "d", 2, 1 << 20);
+        assert!(b.push(&queued(1, "a", json!(1), 0)).unwrap());
+        assert!(b.push(&queued(2, "a", json!(1), 0)).unwrap());
+        assert!(b.is_full());
+        assert!(!b.push(&queued(3, "a", json!(1), 0)).unwrap());
+        b.finish();
+        let mut small = BatchBuilder::new(Encoding::Json, "d", 10, 10);
+        assert!(small.push(&queued(9, "a", json!("long value"), 0)).unwrap());
+    }
+
+    #[test]
+    fn unreadable_record_is_an_error() {
+        let mut b = BatchBuilder::new(Encoding::Cbor, "d", 10, 1000);
+        let bad = Queued {
+            seq: 3,
+            record: vec![0x01],
+        };
+        assert!(matches!(
+            b.push(&bad),
+            Err(CodecError::BadRecord { seq: 3, .. })
+        ));
+        assert!(b.is_empty());
+    }
+}

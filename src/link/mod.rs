@@ -1,0 +1,3 @@
+//! The MQTT link: TLS setup, rumqttc session.
+
+pub mod tls;

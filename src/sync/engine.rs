@@ -1,0 +1,374 @@
+//! The sync engine, sans-IO: decides what to read from the outbox, how to pack it into
+//! batches, when to publish and what to delete, from events and the current time only.
+//! The driver ([`super::run`]) performs the [`Action`]s it asks for and reports back.
+//!
+//! # Rules
+//! - **Order.** Changes are read and published in seq order. Batches hold consecutive queued
+//!   changes, so a batch's `[first_seq, last_seq]` range covers exactly its changes among
+//!   what is queued (seqs are never reused).
+//! - **No idle delay.** With `linger = 0` a change is published as soon as the window has
+//!   room. Under load the window fills, changes queue, and the next read returns many:
+//!   batches grow by themselves.
+//! - **Window.** At most `max_inflight` batches await their PUBACK.
+//! - **Ack before delete.** A batch's changes are deleted (an [`Action::Ack`] of its range)
+//!   only after its PUBACK.
+//! - **The outbox is the only truth.** On every (re)connect all in-flight and buffered state
+//!   is forgotten and reading restarts at the oldest queued change, after the deletes still
+//!   in progress have finished (so acknowledged changes are not sent again).
+//! - **Epochs.** Reads answered after a disconnect belong to an old connection and are
+//!   ignored.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::codec::{Batch, BatchBuilder};
+use crate::config::Encoding;
+use crate::store::{Ack, Queued};
+
+/// Engine settings (from `[sync]`).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub device: String,
+    pub encoding: Encoding,
+    pub batch_max_changes: usize,
+    pub batch_max_bytes: usize,
+    pub max_inflight: usize,
+    pub linger: Duration,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Read up to `max_changes` queued changes with `seq >= from`; answer with
+    /// [`Engine::handle_read`] and the same `epoch`.
+    Read {
+        epoch: u64,
+        from: u64,
+        max_changes: usize,
+        max_bytes: usize,
+    },
+    /// Publish this batch at QoS 1; report its PUBACK with [`Engine::handle_puback`].
+    Publish { id: u64, batch: Batch },
+    /// Delete these changes; report completion with [`Engine::handle_ack_done`].
+    Ack { ack: Ack },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Inflight {
+    id: u64,
+    first_seq: u64,
+    last_seq: u64,
+    changes: u64,
+}
+
+/// Counters the engine keeps (for status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Changes published for the first time.
+    pub sent: u64,
+    /// Changes published again (after a reconnect).
+    pub resent: u64,
+    pub batches: u64,
+    pub acked_batches: u64,
+    /// Unreadable records skipped (and deleted).
+    pub skipped: u64,
+}
+
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    online: bool,
+    epoch: u64,
+    /// Next seq to read.
+    cursor: u64,
+    reading: bool,
+    /// `next_seq` of the store as last seen: seqs below it may be queued.
+    store_next: u64,
+    /// `store_next` when the outstanding read was issued.
+    read_upto: u64,
+    /// Read, not yet batched.
+    buffer: VecDeque<Queued>,
+    /// When the buffer last went from empty to non-empty (for `linger`).
+    buffer_since: Option<Instant>,
+    inflight: VecDeque<Inflight>,
+    next_id: u64,
+    /// Deletes issued and not yet committed.
+    acks_pending: usize,
+    highest_sent: u64,
+    builder: BatchBuilder,
+    actions: VecDeque<Action>,
+    stats: EngineStats,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, store_next: u64) -> Self {
+        let builder = BatchBuilder::new(
+            cfg.encoding,
+            &cfg.device,
+            cfg.batch_max_changes,
+            cfg.batch_max_bytes,
+        );
+        Self {
+            cfg,
+            online: false,
+            epoch: 0,
+            cursor: 0,
+            reading: false,
+            store_next,
+            read_upto: 0,
+            buffer: VecDeque::new(),
+            buffer_since: None,
+            inflight: VecDeque::new(),
+            next_id: 1,
+            acks_pending: 0,
+            highest_sent: 0,
+            builder,
+            actions: VecDeque::new(),
+            stats: EngineStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Batches awaiting their PUBACK.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Changes in those batches.
+    pub fn inflight_changes(&self) -> u64 {
+        self.inflight.iter().map(|b| b.changes).sum()
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+
+    /// True when nothing is queued beyond what the broker acknowledged and deletes finished.
+    pub fn is_drained(&self) -> bool {
+        self.inflight.is_empty()
+            && self.buffer.is_empty()
+            && !self.reading
+            && self.acks_pending == 0
+            && self.cursor >= self.store_next
+    }
+
+    /// The link is up (after CONNACK): start again from the oldest queued change.
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.reset();
+        self.online = true;
+        self.pump(now);
+    }
+
+    /// The link went down: forget everything in flight; it stays queued.
+    pub fn handle_disconnected(&mut self) {
+        self.reset();
+        self.online = false;
+    }
+
+    fn reset(&mut self) {
+        self.epoch += 1;
+        self.cursor = 0;
+        self.reading = false;
+        self.buffer.clear();
+        self.buffer_since = None;
+        self.inflight.clear();
+        self.builder.finish();
+        self.actions.retain(|a| matches!(a, Action::Ack { .. }));
+    }
+
+    /// The store committed appends; `next_seq` is its new next seq.
+    pub fn handle_appended(&mut self, next_seq: u64, now: Instant) {
+        self.store_next = self.store_next.max(next_seq);
+        self.pump(now);
+    }
+
+    /// A read finished. Records are in seq order starting at the requested `from`.
+    pub fn handle_read(&mut self, epoch: u64, records: Vec<Queued>, now: Instant) {
+        if epoch != self.epoch {
+            return;
+        }
+        self.reading = false;
+        match records.last() {
+            Some(last) => self.cursor = last.seq + 1,
+            // Nothing at or after the cursor when the read ran, and it ran after every seq
+            // below `read_upto` was committed: those are gone (acked or dropped).
+            None => self.cursor = self.cursor.max(self.read_upto),
+        }
+        if self.buffer.is_empty() && !records.is_empty() {
+            self.buffer_since = Some(now);
+        }
+        self.buffer.extend(records);
+        self.pump(now);
+    }
+
+    /// A read failed; it will be retried at the next event or timeout.
+    pub fn handle_read_failed(&mut self, epoch: u64) {
+        if epoch == self.epoch {
+            self.reading = false;
+        }
+    }
+
+    /// The broker acknowledged batch `id`. Returns false for an unknown id (e.g. a batch of
+    /// an earlier connection).
+    pub fn handle_puback(&mut self, id: u64, now: Instant) -> bool {
+        let Some(pos) = self.inflight.iter().position(|b| b.id == id) else {
+            return false;
+        };
+        let Some(b) = self.inflight.remove(pos) else {
+            return false;
+        };
+        self.stats.acked_batches += 1;
+        self.acks_pending += 1;
+        self.actions.push_back(Action::Ack {
+            ack: Ack::Range {
+                first: b.first_seq,
+                last: b.last_seq,
+            },
+        });
+        self.pump(now);
+        true
+    }
+
+    /// A delete issued by an [`Action::Ack`] finished (committed or failed: a failed delete
+    /// only means the changes are sent again later).
+    pub fn handle_ack_done(&mut self, now: Instant) {
+        self.acks_pending = self.acks_pending.saturating_sub(1);
+        self.pump(now);
+    }
+
+    /// Time passed (for `linger`).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.pump(now);
+    }
+
+    /// The next action to perform, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the engine wants [`Engine::handle_timeout`] called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.online || self.cfg.linger.is_zero() || self.buffer.is_empty() {
+            return None;
+        }
+        if self.inflight.len() >= self.cfg.max_inflight {
+            return None;
+        }
+        self.buffer_since.map(|t| t + self.cfg.linger)
+    }
+
+    /// Decides reads and publishes.
+    fn pump(&mut self, now: Instant) {
+        if !self.online {
+            return;
+        }
+        while self.inflight.len() < self.cfg.max_inflight && !self.buffer.is_empty() {
+            if !self.linger_over(now) {
+                break;
+            }
+            self.publish_next();
+        }
+        self.maybe_read();
+    }
+
+    /// With `linger`, a batch that is not full waits until the oldest buffered change has
+    /// waited `linger`, unless more is already queued behind the buffer.
+    fn linger_over(&self, now: Instant) -> bool {
+        if self.cfg.linger.is_zero() {
+            return true;
+        }
+        let full = self.buffer.len() >= self.cfg.batch_max_changes;
+        let more_queued = self.cursor < self.store_next;
+        let waited = self
+            .buffer_since
+            .is_none_or(|t| now.duration_since(t) >= self.cfg.linger);
+        full || more_queued || waited
+    }
+
+    fn publish_next(&mut self) {
+        let mut skipped_last = None;
+        while let Some(q) = self.buffer.front() {
+            match self.builder.push(q) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    // An unreadable record can never be sent; it must not block the queue.
+                    tracing::error!("{e}; deleting it");
+                    self.stats.skipped += 1;
+                    skipped_last = Some(q.seq);
+                }
+            }
+            self.buffer.pop_front();
+        }
+        self.buffer_since = if self.buffer.is_empty() {
+            None
+        } else {
+            self.buffer_since
+        };
+        let Some(batch) = self.builder.finish() else {
+            if let Some(seq) = skipped_last {
+                self.acks_pending += 1;
+                self.actions.push_back(Action::Ack {
+                    ack: Ack::Seqs(vec![seq]),
+                });
+            }
+            return;
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let (sent, resent) = self.count_sent(&batch);
+        self.stats.sent += sent;
+        self.stats.resent += resent;
+        self.stats.batches += 1;
+        self.highest_sent = self.highest_sent.max(batch.last_seq);
+        self.inflight.push_back(Inflight {
+            id,
+            first_seq: batch.first_seq,
+            last_seq: batch.last_seq,
+            changes: batch.changes,
+        });
+        self.actions.push_back(Action::Publish { id, batch });
+    }
+
+    /// Splits a batch's changes into first sends and resends. Exact when the batch is all one
+    /// or the other (the usual case); otherwise seqs are assumed dense.
+    fn count_sent(&self, batch: &Batch) -> (u64, u64) {
+        if batch.first_seq > self.highest_sent {
+            (batch.changes, 0)
+        } else if batch.last_seq <= self.highest_sent {
+            (0, batch.changes)
+        } else {
+            let resent = (self.highest_sent - batch.first_seq + 1).min(batch.changes);
+            (batch.changes - resent, resent)
+        }
+    }
+
+    fn maybe_read(&mut self) {
+        if self.reading || (self.acks_pending > 0 && self.cursor == 0) {
+            // After a reconnect, deletes in progress must land before reading from the start.
+            return;
+        }
+        if self.cursor >= self.store_next && self.cursor != 0 {
+            return;
+        }
+        // Keep about one batch buffered ahead of the window.
+        if self.buffer.len() >= self.cfg.batch_max_changes {
+            return;
+        }
+        let max_changes = self.cfg.batch_max_changes * 2 - self.buffer.len();
+        self.reading = true;
+        self.read_upto = self.store_next;
+        self.actions.push_back(Action::Read {
+            epoch: self.epoch,
+            from: self.cursor,
+            max_changes,
+            max_bytes: self.cfg.batch_max_bytes * 2,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

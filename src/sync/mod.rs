@@ -1,0 +1,538 @@
+//! Sync: ships the outbox to the broker. [`engine`] decides (sans-IO); this module is its
+//! driver: it owns the rumqttc session, runs reads and deletes off the network path, and
+//! feeds every event back to the engine.
+//!
+//! # One session per connection
+//! Each connection attempt builds a fresh rumqttc client and event loop. rumqttc would
+//! otherwise replay its in-memory pending list on a resumed session (or drop it on a clean
+//! one); the outbox is the only truth, so after every CONNACK the engine resends everything
+//! unacknowledged from the store. The event loop runs in its own task and hands events over
+//! a channel, so nothing here ever blocks `poll()`.
+//!
+//! # Liveness
+//! rumqttc pings every `keep_alive`; a link that delivers nothing for 1.5 × `keep_alive`
+//! (no PINGRESP, no PUBACK) is declared dead and dropped. Reconnects back off exponentially
+//! with full jitter. While offline the task sleeps: no timers tick.
+
+pub mod backoff;
+pub mod engine;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
+    TlsConfiguration, Transport,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::change::now_ms;
+use crate::config::Config;
+use crate::link::tls;
+use crate::status::{LinkState, StatusBoard};
+use crate::store::{Outbox, Queued};
+use crate::topics::Topics;
+use backoff::{Backoff, Jitter};
+use engine::{Action, Engine, EngineConfig};
+
+/// How long a clean shutdown waits for the broker to take the offline status.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a publish was, to route its PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tag {
+    Batch(u64),
+    Status,
+    Goodbye,
+}
+
+/// Everything the link needs from the config.
+#[derive(Debug, Clone)]
+pub struct LinkSettings {
+    pub config: Arc<Config>,
+    pub topics: Topics,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub backoff_reset: Duration,
+}
+
+impl LinkSettings {
+    pub fn new(config: Arc<Config>) -> Self {
+        let topics = Topics::new(&config.mqtt.topic_prefix, config.device.id.as_str());
+        Self {
+            topics,
+            backoff_initial: config.mqtt.reconnect_initial,
+            backoff_max: config.mqtt.reconnect_max,
+            backoff_reset: config.mqtt.reconnect_reset,
+            config,
+        }
+    }
+
+    fn engine_config(&self) -> EngineConfig {
+        let s = &self.config.sync;
+        EngineConfig {
+            device: self.config.device.id.to_string(),
+            encoding: s.encoding,
+            batch_max_changes: s.batch_max_changes,
+            batch_max_bytes: usize::try_from(s.batch_max_bytes).unwrap_or(usize::MAX),
+            max_inflight: s.max_inflight,
+            linger: s.linger,
+        }
+    }
+
+    /// rumqttc options for one connection attempt. Certificates are read anew each time, so
+    /// files replaced on disk are picked up at the next reconnect.
+    fn mqtt_options(&self) -> Result<MqttOptions, String> {
+        let m = &self.config.mqtt;
+        let mut o = MqttOptions::new(m.client_id.clone(), m.url.host.clone(), m.url.port);
+        o.set_keep_alive(m.keep_alive);
+        o.set_clean_session(false);
+        let batch = usize::try_from(self.config.sync.batch_max_bytes).unwrap_or(usize::MAX);
+        // Room for a full batch plus topic and headers; incoming is bounded too.
+        o.set_max_packet_size(1 << 20, batch.saturating_add(4096));
+        // Far more packet ids than we ever have outstanding, so ids never collide.
+        let window = self
+            .config
+            .sync
+            .max_inflight
+            .saturating_mul(4)
+            .saturating_add(64);
+        o.set_inflight(u16::try_from(window).unwrap_or(u16::MAX));
+        o.set_request_channel_capacity(window);
+        o.set_manual_acks(true);
+        o.set_last_will(LastWill::new(
+            self.topics.status(),
+            br#"{"state":"offline"}"#.to_vec(),
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let Some(user) = &m.username {
+            let password = match &m.password_file {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read mqtt.password_file {}: {e}", p.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+                None => String::new(),
+            };
+            o.set_credentials(user.clone(), password);
+        }
+        if m.url.tls {
+            let ca = m.ca.as_deref().ok_or("mqtt.ca is not set")?;
+            let client = m.cert.as_deref().zip(m.key.as_deref());
+            let cfg = tls::client_config(ca, client).map_err(|e| e.to_string())?;
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(cfg)));
+        } else {
+            o.set_transport(Transport::Tcp);
+        }
+        Ok(o)
+    }
+
+    fn describe_ctx(&self) -> tls::DescribeCtx {
+        let m = &self.config.mqtt;
+        tls::DescribeCtx {
+            host: m.url.host.clone(),
+            port: m.url.port,
+            ca: m.ca.clone(),
+            has_client_cert: m.cert.is_some(),
+        }
+    }
+}
+
+/// Runs the link until `stop` turns true; then publishes the offline status and disconnects.
+pub async fn run(
+    settings: LinkSettings,
+    outbox: Outbox,
+    board: StatusBoard,
+    mut stop: watch::Receiver<bool>,
+) {
+    if !settings.config.mqtt.url.tls {
+        tracing::warn!(
+            "mqtt.allow_plaintext is set: talking to {} WITHOUT TLS; anyone on the path can read and change the data",
+            settings.config.mqtt.url
+        );
+    }
+    let mut backoff = Backoff::new(
+        settings.backoff_initial,
+        settings.backoff_max,
+        settings.backoff_reset,
+    );
+    let mut jitter = Jitter::from_entropy();
+    let mut engine = Engine::new(settings.engine_config(), outbox.stats().next_seq);
+    let mut ever_connected = false;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        board.update(|b| {
+            b.state = LinkState::Connecting;
+            b.since = Some(now_ms());
+        });
+        let mut session = Session {
+            settings: &settings,
+            outbox: &outbox,
+            board: &board,
+            engine: &mut engine,
+            tags: VecDeque::new(),
+            pkids: HashMap::new(),
+            tasks: JoinSet::new(),
+            connected_at: None,
+            ever_connected,
+        };
+        let end = session.run(&mut stop).await;
+        let connected_for = session.connected_at.map(|t| t.elapsed());
+        ever_connected |= connected_for.is_some();
+        engine.handle_disconnected();
+        let stopping = matches!(end, SessionEnd::Stopped);
+        board.update(|b| {
+            b.state = LinkState::Offline;
+            b.since = Some(now_ms());
+            b.inflight_batches = 0;
+            if let SessionEnd::Failed(e) = &end {
+                b.last_error = Some(e.clone());
+            }
+        });
+        if stopping {
+            break;
+        }
+        if let Some(d) = connected_for {
+            backoff.connection_ended(d);
+        }
+        let delay = backoff.next_delay(jitter.unit());
+        if let SessionEnd::Failed(e) = &end {
+            tracing::warn!("link down: {e}; retrying in {delay:.1?}");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = stopped(&mut stop) => break,
+        }
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+enum SessionEnd {
+    Failed(String),
+    Stopped,
+}
+
+/// Results of work done off the event path.
+enum Done {
+    Read {
+        epoch: u64,
+        result: Result<Vec<Queued>, String>,
+    },
+    Ack,
+}
+
+struct Session<'a> {
+    settings: &'a LinkSettings,
+    outbox: &'a Outbox,
+    board: &'a StatusBoard,
+    engine: &'a mut Engine,
+    /// Publishes handed to rumqttc, in order, awaiting their packet id.
+    tags: VecDeque<Tag>,
+    /// Packet id → what it carries, until its PUBACK.
+    pkids: HashMap<u16, Tag>,
+    tasks: JoinSet<Done>,
+    connected_at: Option<Instant>,
+    ever_connected: bool,
+}
+
+impl Session<'_> {
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> SessionEnd {
+        let options = match self.settings.mqtt_options() {
+            Ok(o) => o,
+            Err(e) => return SessionEnd::Failed(e),
+        };
+        let (client, eventloop) = AsyncClient::new(options, 16);
+        let (tx, mut events) = mpsc::channel(256);
+        let poller = tokio::spawn(poll_loop(eventloop, tx));
+        let end = self.drive(&client, &mut events, stop).await;
+        if matches!(end, SessionEnd::Stopped) && self.connected_at.is_some() {
+            self.goodbye(&client, &mut events).await;
+        }
+        poller.abort();
+        self.engine.handle_disconnected();
+        // Deletes still asked for are carried out; reads are moot now.
+        while let Some(action) = self.engine.poll_action() {
+            if let Action::Ack { .. } = action {
+                self.spawn_action(action);
+            }
+        }
+        // Deletes in progress must land before the next connection reads from the start.
+        while let Some(done) = self.tasks.join_next().await {
+            if let Ok(Done::Ack) = done {
+                self.engine.handle_ack_done(Instant::now());
+            }
+        }
+        end
+    }
+
+    async fn drive(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> SessionEnd {
+        let mut appended = self.outbox.watch_appended();
+        let keep_alive = self.settings.config.mqtt.keep_alive;
+        let dead_after = keep_alive + keep_alive / 2;
+        let connect_timeout = Duration::from_secs(30).max(dead_after);
+        let mut last_heard = Instant::now();
+        loop {
+            let silence_limit = if self.connected_at.is_some() {
+                dead_after
+            } else {
+                connect_timeout
+            };
+            let linger = self.engine.poll_timeout();
+            tokio::select! {
+                biased;
+                // Shutdown requested.
+                () = stopped(stop) => return SessionEnd::Stopped,
+                // Network events, in the order rumqttc produced them.
+                ev = events.recv() => {
+                    let Some(ev) = ev else {
+                        return SessionEnd::Failed("MQTT event loop ended".into());
+                    };
+                    last_heard = Instant::now();
+                    match ev {
+                        Ok(ev) => {
+                            if let Err(e) = self.on_event(client, ev) {
+                                return SessionEnd::Failed(e);
+                            }
+                        }
+                        Err(e) => {
+                            return SessionEnd::Failed(tls::describe(&e, &self.settings.describe_ctx()));
+                        }
+                    }
+                }
+                // Reads and deletes done off the event path.
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                    let now = Instant::now();
+                    match done {
+                        Ok(Done::Read { epoch, result: Ok(records) }) => self.engine.handle_read(epoch, records, now),
+                        Ok(Done::Read { epoch, result: Err(e) }) => {
+                            tracing::error!("reading the outbox failed: {e}");
+                            self.engine.handle_read_failed(epoch);
+                        }
+                        Ok(Done::Ack) => self.engine.handle_ack_done(now),
+                        Err(e) => return SessionEnd::Failed(format!("internal task failed: {e}")),
+                    }
+                }
+                // New changes committed to the outbox.
+                Ok(()) = appended.changed() => {
+                    let next = *appended.borrow_and_update();
+                    self.engine.handle_appended(next, Instant::now());
+                }
+                // Linger expired.
+                () = sleep_until(linger), if linger.is_some() => {
+                    self.engine.handle_timeout(Instant::now());
+                }
+                // Dead link: nothing heard for too long.
+                () = tokio::time::sleep_until((last_heard + silence_limit).into()) => {
+                    let what = if self.connected_at.is_some() { "no traffic from the broker" } else { "no CONNACK" };
+                    return SessionEnd::Failed(format!(
+                        "{what} for {:.1?}: link considered dead", silence_limit
+                    ));
+                }
+            }
+            if let Err(e) = self.perform(client) {
+                return SessionEnd::Failed(e);
+            }
+        }
+    }
+
+    fn on_event(&mut self, client: &AsyncClient, ev: Event) -> Result<(), String> {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                let now = Instant::now();
+                self.connected_at = Some(now);
+                let since = now_ms();
+                let reconnect = self.ever_connected;
+                self.board.update(|b| {
+                    b.state = LinkState::Online;
+                    b.since = Some(since);
+                    b.last_error = None;
+                    if reconnect {
+                        b.reconnects += 1;
+                    }
+                });
+                tracing::info!(
+                    "connected to {} (session present: {})",
+                    self.settings.config.mqtt.url,
+                    ack.session_present
+                );
+                let online = serde_json::json!({
+                    "state": "online",
+                    "since": since,
+                    "agent": format!("edgesync {}", env!("CARGO_PKG_VERSION")),
+                });
+                self.publish(
+                    client,
+                    self.settings.topics.status(),
+                    online.to_string().into_bytes(),
+                    true,
+                    Tag::Status,
+                )?;
+                self.engine.handle_connected(now);
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(tag) = self.tags.pop_front() {
+                    self.pkids.insert(pkid, tag);
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => match self.pkids.remove(&ack.pkid) {
+                Some(Tag::Batch(id)) => {
+                    self.engine.handle_puback(id, Instant::now());
+                    let now = now_ms();
+                    self.board.update(|b| b.last_sync = Some(now));
+                }
+                Some(Tag::Status | Tag::Goodbye) | None => {}
+            },
+            Event::Incoming(Packet::Publish(p)) => {
+                // Nothing is subscribed yet; acknowledge so the broker does not redeliver.
+                let _ = client.try_ack(&p);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Carries out what the engine asked for.
+    fn perform(&mut self, client: &AsyncClient) -> Result<(), String> {
+        while let Some(action) = self.engine.poll_action() {
+            if let Action::Publish { id, batch } = action {
+                let topic = self.settings.topics.reported();
+                self.publish(client, topic, batch.payload, false, Tag::Batch(id))?;
+            } else {
+                self.spawn_action(action);
+            }
+        }
+        let stats = self.engine.stats();
+        let inflight = self.engine.inflight() as u64;
+        self.board.update(|b| {
+            b.sent = stats.sent;
+            b.resent = stats.resent;
+            b.inflight_batches = inflight;
+        });
+        Ok(())
+    }
+
+    /// Runs a read or a delete off the event path.
+    fn spawn_action(&mut self, action: Action) {
+        match action {
+            Action::Read {
+                epoch,
+                from,
+                max_changes,
+                max_bytes,
+            } => {
+                let outbox = self.outbox.clone();
+                self.tasks.spawn_blocking(move || Done::Read {
+                    epoch,
+                    result: outbox
+                        .read_from(from, max_changes, max_bytes)
+                        .map_err(|e| e.to_string()),
+                });
+            }
+            Action::Ack { ack } => {
+                let outbox = self.outbox.clone();
+                self.tasks.spawn(async move {
+                    if let Err(e) = outbox.ack(ack).await {
+                        tracing::error!("deleting acknowledged changes failed: {e}");
+                    }
+                    Done::Ack
+                });
+            }
+            Action::Publish { .. } => {}
+        }
+    }
+
+    fn publish(
+        &mut self,
+        client: &AsyncClient,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+        tag: Tag,
+    ) -> Result<(), String> {
+        client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .map_err(|e| format!("cannot hand a publish to the MQTT client: {e}"))?;
+        self.tags.push_back(tag);
+        Ok(())
+    }
+
+    /// Clean shutdown: replace the retained status with "offline" ourselves (the will is
+    /// only for unclean ends), wait briefly for its PUBACK, disconnect.
+    async fn goodbye(
+        &mut self,
+        client: &AsyncClient,
+        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+    ) {
+        let offline = br#"{"state":"offline"}"#.to_vec();
+        if self
+            .publish(
+                client,
+                self.settings.topics.status(),
+                offline,
+                true,
+                Tag::Goodbye,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + GOODBYE_TIMEOUT;
+        let mut goodbye_pkid = None;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, events.recv()).await;
+            let Ok(Some(Ok(ev))) = ev else { break };
+            match ev {
+                Event::Outgoing(Outgoing::Publish(pkid)) => {
+                    if self.tags.pop_front() == Some(Tag::Goodbye) {
+                        goodbye_pkid = Some(pkid);
+                    }
+                }
+                Event::Incoming(Packet::PubAck(a)) if Some(a.pkid) == goodbye_pkid => break,
+                Event::Incoming(Packet::PubAck(a)) => {
+                    // A batch acknowledged during shutdown: still delete it.
+                    if let Some(Tag::Batch(id)) = self.pkids.remove(&a.pkid) {
+                        self.engine.handle_puback(id, Instant::now());
+                        while let Some(action) = self.engine.poll_action() {
+                            if let Action::Ack { .. } = action {
+                                self.spawn_action(action);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = client.try_disconnect();
+        // Let the event loop write the DISCONNECT.
+        let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
+    loop {
+        let ev = eventloop.poll().await;
+        let failed = ev.is_err();
+        if tx.send(ev).await.is_err() || failed {
+            return;
+        }
+    }
+}

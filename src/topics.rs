@@ -1,0 +1,102 @@
+//! Building and recognising the topics of SPEC §4: `{prefix}/{device}/...`.
+
+/// The topic names of one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    base: String,
+}
+
+/// What an incoming topic is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming<'a> {
+    Desired,
+    Command(&'a str),
+}
+
+impl Topics {
+    pub fn new(prefix: &str, device: &str) -> Self {
+        Self {
+            base: format!("{prefix}/{device}"),
+        }
+    }
+
+    pub fn reported(&self) -> String {
+        format!("{}/reported", self.base)
+    }
+    pub fn status(&self) -> String {
+        format!("{}/status", self.base)
+    }
+    pub fn desired(&self) -> String {
+        format!("{}/desired", self.base)
+    }
+    pub fn desired_result(&self) -> String {
+        format!("{}/desired/result", self.base)
+    }
+    pub fn metrics(&self) -> String {
+        format!("{}/metrics", self.base)
+    }
+    pub fn command(&self, name: &str) -> String {
+        format!("{}/cmd/{name}", self.base)
+    }
+    pub fn command_filter(&self) -> String {
+        format!("{}/cmd/+", self.base)
+    }
+    pub fn command_result(&self, name: &str) -> String {
+        format!("{}/cmd/{name}/result", self.base)
+    }
+
+    /// Recognises a topic the agent acts on; anything else (other devices, wildcards,
+    /// results, malformed names) is `None`.
+    pub fn parse<'a>(&self, topic: &'a str) -> Option<Incoming<'a>> {
+        let rest = topic.strip_prefix(self.base.as_str())?.strip_prefix('/')?;
+        if rest == "desired" {
+            return Some(Incoming::Desired);
+        }
+        let name = rest.strip_prefix("cmd/")?;
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        valid.then_some(Incoming::Command(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_follow_the_spec() {
+        let t = Topics::new("edgesync", "pump-1");
+        assert_eq!(t.reported(), "edgesync/pump-1/reported");
+        assert_eq!(t.status(), "edgesync/pump-1/status");
+        assert_eq!(t.desired_result(), "edgesync/pump-1/desired/result");
+        assert_eq!(t.command_result("ping"), "edgesync/pump-1/cmd/ping/result");
+        assert_eq!(t.metrics(), "edgesync/pump-1/metrics");
+    }
+
+    #[test]
+    fn only_own_desired_and_command_topics_are_recognised() {
+        let t = Topics::new("p", "d");
+        assert_eq!(t.parse("p/d/desired"), Some(Incoming::Desired));
+        assert_eq!(t.parse("p/d/cmd/ping"), Some(Incoming::Command("ping")));
+        for other in [
+            "p/e/desired",
+            "p/dd/desired",
+            "p/d/desired/result",
+            "p/d/cmd/ping/result",
+            "p/d/cmd/",
+            "p/d/cmd/+",
+            "p/d/cmd/#",
+            "p/d/cmd/a/b",
+            "p/d",
+            "p/d/",
+            "p/d/reported",
+            "q/d/desired",
+            "",
+        ] {
+            assert_eq!(t.parse(other), None, "{other}");
+        }
+    }
+}
