@@ -37,7 +37,11 @@ fn cli_report_is_queued_and_visible_in_status_and_get() {
     assert_eq!(status["queue"]["depth"], 2, "{status}");
     assert_eq!(status["counters"]["reported"], 2, "{status}");
     assert_eq!(status["queue"]["next_seq"], 3, "{status}");
-    assert_eq!(status["connection"]["state"], "offline", "{status}");
+    // No broker listens: the link is down, whatever it is trying.
+    let state = status["connection"]["state"]
+        .as_str()
+        .expect("connection.state");
+    assert!(matches!(state, "offline" | "connecting"), "{status}");
     assert!(
         status.get("ok").is_none(),
         "status --json leaks the reply's ok"
@@ -279,18 +283,27 @@ struct Acked {
     value: Value,
 }
 
+/// What one reporting client did in a round.
+#[derive(Debug, Default)]
+struct Reported {
+    /// Every change whose request was answered ok.
+    acked: Vec<Acked>,
+    /// The change numbers (`i`) of every request written, answered or not.
+    requests: Vec<Vec<u64>>,
+}
+
 /// Reports pipelined windows of random requests until the connection breaks (the daemon is
-/// killed) or `stop` is set; returns every change whose request was answered ok.
+/// killed) or `stop` is set. Values are `{"r": round, "t": thread, "i": n, "pad": ...}`.
 fn chaos_reporter(
     socket: PathBuf,
     round: u64,
     thread_no: u64,
     answered: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-) -> Vec<Acked> {
+) -> Reported {
     let mut rng = Rng::new(round * 1_000 + thread_no + 7);
     let mut conn = Conn::connect(&socket).expect("connect");
-    let mut acked = Vec::new();
+    let mut out = Reported::default();
     let mut i = 0u64;
     'outer: while !stop.load(Ordering::SeqCst) {
         let window = rng.range(1, 4);
@@ -313,6 +326,13 @@ fn chaos_reporter(
             ));
             batches.push(changes);
         }
+        // Even a failed write may have reached the daemon in part.
+        out.requests.extend(batches.iter().map(|changes| {
+            changes
+                .iter()
+                .map(|(_, v)| v["i"].as_u64().expect("i"))
+                .collect()
+        }));
         if conn.send_all(&reqs).is_err() {
             break;
         }
@@ -326,7 +346,7 @@ fn chaos_reporter(
             let last = answer["last_seq"].as_u64().expect("last_seq");
             assert_eq!(last + 1 - first, changes.len() as u64, "{answer}");
             for (j, (key, value)) in changes.into_iter().enumerate() {
-                acked.push(Acked {
+                out.acked.push(Acked {
                     seq: first + j as u64,
                     key,
                     value,
@@ -335,7 +355,7 @@ fn chaos_reporter(
             answered.fetch_add(1, Ordering::SeqCst);
         }
     }
-    acked
+    out
 }
 
 /// After a restart, the daemon's view matches the store file read while it was down.
@@ -388,10 +408,11 @@ fn acknowledged_reports_survive_kill_9() {
         });
         agent.kill9();
         stop.store(true, Ordering::SeqCst);
-        let acked: Vec<Acked> = workers
+        let reported: Vec<Reported> = workers
             .into_iter()
-            .flat_map(|w| w.join().expect("reporter thread"))
+            .map(|w| w.join().expect("reporter thread"))
             .collect();
+        let acked: Vec<&Acked> = reported.iter().flat_map(|r| &r.acked).collect();
         assert!(acked.len() >= target, "round {round}");
 
         let stored: BTreeMap<u64, (String, Value)> = agent
@@ -401,10 +422,10 @@ fn acknowledged_reports_survive_kill_9() {
             .collect();
         // Nothing queued earlier was lost or changed.
         for (seq, old) in &seen {
-            assert_eq!(
-                stored.get(seq),
-                Some(old),
-                "round {round}: seq {seq} changed"
+            assert!(
+                stored.get(seq) == Some(old),
+                "round {round}: seq {seq} (key {}) lost or changed",
+                old.0
             );
         }
         // Every acknowledged change is there, at its seq; seqs are new and unique.
@@ -421,26 +442,56 @@ fn acknowledged_reports_survive_kill_9() {
                 "round {round}: seq {} reused (store held up to {prev_max})",
                 a.seq
             );
-            let got = stored.get(&a.seq);
-            assert_eq!(
-                got.map(|(k, v)| (k, v)),
-                Some((&a.key, &a.value)),
-                "round {round}: acknowledged seq {} missing or different",
-                a.seq
+            assert!(
+                stored
+                    .get(&a.seq)
+                    .is_some_and(|(k, v)| *k == a.key && *v == a.value),
+                "round {round}: acknowledged seq {} (key {}) missing or different",
+                a.seq,
+                a.key
             );
         }
-        // Each client's changes are queued in the order it sent them.
-        for t in 0..4u64 {
+        // This round's records: only changes the clients sent, each client's in the order
+        // it sent them, and every request whole or not at all.
+        let mut present: HashSet<(u64, u64)> = HashSet::new();
+        for (seq, (key, v)) in stored.range(prev_max + 1..) {
+            assert_eq!(
+                v["r"], round,
+                "round {round}: unexpected seq {seq} (key {key})"
+            );
+            let t = v["t"].as_u64().expect("t");
+            let i = v["i"].as_u64().expect("i");
+            assert!(
+                present.insert((t, i)),
+                "round {round}: change t{t} i{i} twice"
+            );
+        }
+        for (t, r) in (0u64..).zip(&reported) {
             let order: Vec<u64> = stored
-                .values()
-                .filter(|(_, v)| v["r"] == round && v["t"] == t)
-                .map(|(_, v)| v["i"].as_u64().expect("i"))
+                .range(prev_max + 1..)
+                .filter(|(_, (_, v))| v["t"] == t)
+                .map(|(_, (_, v))| v["i"].as_u64().expect("i"))
                 .collect();
             assert!(
                 order.windows(2).all(|w| w[0] < w[1]),
                 "round {round} thread {t}: out of order"
             );
+            for req in &r.requests {
+                let n = req.iter().filter(|&&i| present.contains(&(t, i))).count();
+                assert!(
+                    n == 0 || n == req.len(),
+                    "round {round} thread {t}: {n} of the {} changes of a request queued",
+                    req.len()
+                );
+            }
         }
+        eprintln!(
+            "round {round}: {} changes acknowledged, {} more written and queued unanswered, \
+             {} queued in all",
+            acked.len(),
+            present.len() - acked.len(),
+            stored.len()
+        );
         seen = stored;
     }
     agent.restart();
@@ -591,20 +642,33 @@ fn report_stdin_with_bad_line(bad_text: &str, code: &str) -> BadLineRun {
     }
 }
 
+/// Asserts that `values` are exactly input lines `1..=n`, with a short message when not.
+#[track_caller]
+fn assert_lines_queued(values: &[u64], n: u64, context: &str) {
+    let ok = values.len() as u64 == n && values.iter().zip(1..).all(|(&v, i)| v == i);
+    assert!(
+        ok,
+        "expected input lines 1..={n} queued, found {} changes (first {:?}, last {:?}, \
+         first beyond line {n}: {:?}); {context}",
+        values.len(),
+        values.first(),
+        values.last(),
+        values.iter().find(|&&v| v > n),
+    );
+}
+
 #[test]
 fn report_stdin_stops_at_invalid_json_and_says_what_was_queued() {
     let run = report_stdin_with_bad_line("not json", "bad-request");
-    let prefix: Vec<u64> = (1..=run.claimed).collect();
-    assert_eq!(run.queued, prefix, "{}", run.stderr);
+    assert_lines_queued(&run.queued, run.claimed, &run.stderr);
 }
 
 #[test]
 fn report_stdin_names_the_line_of_an_invalid_change() {
     let run = report_stdin_with_bad_line(r#"{"key":"bad key","value":0}"#, "invalid-change");
     let claimed = usize::try_from(run.claimed).expect("count");
-    let prefix: Vec<u64> = (1..=run.claimed).collect();
     assert!(run.queued.len() >= claimed, "{}", run.stderr);
-    assert_eq!(run.queued[..claimed], prefix[..], "{}", run.stderr);
+    assert_lines_queued(&run.queued[..claimed], run.claimed, &run.stderr);
 }
 
 /// Exit 4 must mean nothing after the bad line was queued, and the count in the message
@@ -613,22 +677,20 @@ fn report_stdin_names_the_line_of_an_invalid_change() {
 #[ignore = "bug: report --stdin keeps sending after a rejected request (see report)"]
 fn report_stdin_queues_nothing_after_an_invalid_change() {
     let run = report_stdin_with_bad_line(r#"{"key":"bad key","value":0}"#, "invalid-change");
-    let prefix: Vec<u64> = (1..=run.claimed).collect();
-    assert_eq!(run.queued, prefix, "{}", run.stderr);
+    assert_lines_queued(&run.queued, run.claimed, &run.stderr);
 }
 
 /// The brief's expectation: every line before the bad one is queued, whatever the batching.
 #[test]
 #[ignore = "bug: report --stdin drops the valid lines batched with a bad line (see report)"]
 fn report_stdin_queues_every_line_before_a_bad_one() {
-    let prefix: Vec<u64> = (1..BAD_LINE_AT).collect();
     for (text, code) in [
         (r#"{"key":"bad key","value":0}"#, "invalid-change"),
         ("not json", "bad-request"),
     ] {
         let run = report_stdin_with_bad_line(text, code);
+        assert_lines_queued(&run.queued, BAD_LINE_AT - 1, &run.stderr);
         assert_eq!(run.claimed, BAD_LINE_AT - 1, "{}", run.stderr);
-        assert_eq!(run.queued, prefix, "{}", run.stderr);
     }
 }
 
@@ -657,7 +719,7 @@ fn cli_exits_3_when_the_daemon_is_not_running() {
         );
     }
     // Also with a stale socket file left by a killed daemon.
-    agent.restart();
+    agent.launch();
     agent.kill9();
     assert!(agent.socket.exists(), "kill -9 leaves the socket file");
     let out = agent.cli(&["status"]);
@@ -785,10 +847,9 @@ fn run_with_an_invalid_config_exits_2() {
 #[test]
 fn socket_has_mode_0660_and_its_missing_parent_directory_is_created() {
     let opts = AgentOptions::default().socket("run/sub/s.sock");
-    let prepared = Agent::prepare(opts);
-    assert!(!prepared.socket.parent().expect("parent").exists());
-    let mut agent = prepared;
-    agent.restart();
+    let mut agent = Agent::prepare(opts);
+    assert!(!agent.socket.parent().expect("parent").exists());
+    agent.launch();
     let meta = std::fs::symlink_metadata(&agent.socket).expect("socket file");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o660);

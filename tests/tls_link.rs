@@ -12,6 +12,10 @@
 //! - rejected client certificate: signed by the wrong CA, or expired;
 //! - timeout: a fault proxy in front of the broker blackholes the link.
 
+// Test code: clippy.toml's allow-*-in-tests covers #[test] functions and #[cfg(test)]
+// modules only, not the helper functions of an integration-test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};

@@ -185,13 +185,9 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
     match PrivateKeyDer::from_pem_slice(&bytes) {
         Ok(key) => Ok(key),
         Err(pem::Error::NoItemsFound) => {
-            if bytes
-                .windows(b"ENCRYPTED PRIVATE KEY".len())
-                .any(|w| w == b"ENCRYPTED PRIVATE KEY")
-                || bytes
-                    .windows(b"Proc-Type: 4,ENCRYPTED".len())
-                    .any(|w| w == b"Proc-Type: 4,ENCRYPTED")
-            {
+            let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+            // PKCS#8 "ENCRYPTED PRIVATE KEY", or OpenSSL's legacy encrypted PKCS#1/SEC1.
+            if contains(b"ENCRYPTED PRIVATE KEY") || contains(b"Proc-Type: 4,ENCRYPTED") {
                 Err(TlsSetupError::EncryptedKey {
                     path: path.to_path_buf(),
                 })

@@ -2,6 +2,10 @@
 //! with the client certificate, Mosquitto stops and restarts, the proxy's faults do what they
 //! say.
 
+// Test code: clippy.toml's allow-*-in-tests covers #[test] functions and #[cfg(test)]
+// modules only, not the helper functions of an integration-test crate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -193,7 +193,7 @@ impl Agent {
     /// Writes the config, starts `edgesync run` and waits until it answers on its socket.
     pub fn start(opts: AgentOptions) -> Agent {
         let mut agent = Agent::prepare(opts);
-        agent.spawn_and_wait();
+        agent.launch();
         agent
     }
 
@@ -233,7 +233,8 @@ impl Agent {
         }
     }
 
-    fn spawn_and_wait(&mut self) {
+    /// Starts `edgesync run` for a prepared (or stopped) agent and waits until it serves.
+    pub fn launch(&mut self) {
         assert!(self.child.is_none(), "the daemon is already running");
         let log = OpenOptions::new()
             .create(true)
@@ -368,7 +369,7 @@ impl Agent {
             "restart() needs a stopped agent: call kill9() or stop() first"
         );
         self.child = None;
-        self.spawn_and_wait();
+        self.launch();
     }
 
     /// Every change in the store file, in seq order, read with the library. The daemon must
