@@ -1,24 +1,30 @@
 //! Ingest benchmark: drives the real daemon (`edgesync run`) over its Unix socket and
-//! measures what the local side of the agent promises (see docs/BENCHMARKS.md).
+//! measures the local side of the agent against its targets (docs/BENCHMARKS.md).
 //!
 //! ```text
-//! cargo bench --bench ingest                  # full run, 5 repeats (~5 min on 2 cores)
-//! cargo bench --bench ingest -- --quick       # smoke run with small counts (< 30 s)
-//! cargo bench --bench ingest -- --repeats 3 --dir /var/tmp
+//! cargo bench --bench ingest                      # full run, 5 repeats (~3-5 min on 2 cores)
+//! cargo bench --bench ingest -- --quick           # smoke run with small counts (< 30 s)
+//! cargo bench --bench ingest -- --repeats 3 --only 1,3 --dir /var/tmp
+//! EDGESYNC_BENCH_WRAPPER="valgrind --tool=massif" cargo bench --bench ingest -- --quick --only 1
 //! ```
 //!
-//! Every figure starts a fresh daemon on a fresh store in a temporary directory (`--dir`,
-//! default the system temp dir), so the disk under that directory is what is measured.
-//! Figures:
+//! Every group of figures starts a fresh daemon on a fresh store in a new temporary directory
+//! under `--dir` (default: the system temp dir), so the disk under that directory is what is
+//! measured. The daemon is spawned with `run --config`, and is ready when it answers
+//! `{"op":"status"}` on its socket (polled). Figures:
 //! 1. durable ingest, one client: N changes through `client::report_stream` (the code of
 //!    `edgesync report --stdin`), timed until the last one is acknowledged;
 //! 2. the same with 8 concurrent clients (one thread and runtime each, like 8 processes);
-//! 3. ack latency: one change per request at a fixed offered rate on one connection,
-//!    pipelined, send→answer per request;
-//! 4. peak RSS (VmHWM) of the daemon holding the N changes of figure 1;
-//! 5. start-up time with those N changes queued (SIGTERM, start again on the same store),
-//!    and the store file size per queued change.
+//! 3. ack latency: one change per request on one connection, sent on a fixed schedule
+//!    (pipelined, never waiting for answers), send→answer per request;
+//! 4. peak RSS (VmHWM) of the daemon after taking in and holding the N changes of figure 1;
+//! 5. start-up with those N changes queued (SIGTERM, start again on the same store), and the
+//!    store file size per queued change.
+//!
+//! Figure 1 also splits the CPU time per change between the client, the daemon's runtime
+//! threads (socket, JSON, validation) and its store writer thread (from `schedstat`).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -40,25 +46,40 @@ const VALUE_LEN: usize = 100;
 const CLIENTS: usize = 8;
 /// How long to wait for a daemon to answer before giving up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+const MIB: f64 = 1024.0 * 1024.0;
+
+const USAGE: &str = "usage: cargo bench --bench ingest -- [--quick] [--repeats N] [--dir PATH] \
+[--only 1,2,3] [--store-extra 'cache_size = \"1MiB\"']
+
+  --quick        small counts (100k changes, 8x25k, 1 s of latency), 3 repeats: a smoke run
+  --repeats N    repeats of every figure (default 5, or 3 with --quick)
+  --dir PATH     where the temporary stores go (default: the system temp dir)
+  --only LIST    figure groups to run: 1 (figures 1, 4 and 5), 2, 3
+  --store-extra  a TOML line added to the [store] section of the daemon's config
+env EDGESYNC_BENCH_WRAPPER=\"CMD ARGS\" runs the daemon under CMD (valgrind, perf record, ...)";
 
 #[derive(Debug, Clone)]
 struct Args {
     quick: bool,
     repeats: usize,
     dir: PathBuf,
-    /// Changes of figure 1 (and held for figures 4 and 5).
+    /// Changes of figure 1 (held for figures 4 and 5).
     single: usize,
     /// Changes per client of figure 2.
     per_client: usize,
     /// Offered rate (requests/s) and duration of figure 3.
     rate: u64,
     latency_secs: f64,
+    only: Vec<u8>,
+    store_extra: String,
 }
 
 fn parse_args() -> Res<Args> {
     let mut quick = false;
     let mut repeats = None;
     let mut dir = std::env::temp_dir();
+    let mut only = vec![1, 2, 3];
+    let mut store_extra = String::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -71,51 +92,52 @@ fn parse_args() -> Res<Args> {
                 repeats = Some(n.max(1));
             }
             "--dir" => dir = PathBuf::from(it.next().ok_or("--dir needs a path")?),
-            // Passed by `cargo bench` to every harness-less bench.
+            "--only" => {
+                let v = it.next().ok_or("--only needs a list like 1,3")?;
+                only = v
+                    .split(',')
+                    .map(|p| match p.trim() {
+                        "1" | "4" | "5" => Ok(1),
+                        "2" => Ok(2),
+                        "3" => Ok(3),
+                        _ => Err(format!("--only {v:?}: figures are 1 to 5")),
+                    })
+                    .collect::<Res<Vec<u8>>>()?;
+            }
+            "--store-extra" => {
+                store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
+            }
+            // `cargo bench` passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
-                println!(
-                    "usage: cargo bench --bench ingest -- [--quick] [--repeats N] [--dir PATH]"
-                );
+                println!("{USAGE}");
                 std::process::exit(0);
             }
-            other => return Err(format!("unknown argument {other:?} (try --help)")),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
     }
-    Ok(if quick {
-        Args {
-            quick,
-            repeats: repeats.unwrap_or(3),
-            dir,
-            single: 100_000,
-            per_client: 25_000,
-            rate: 10_000,
-            latency_secs: 1.0,
-        }
+    let (single, per_client, latency_secs, default_repeats) = if quick {
+        (100_000, 25_000, 1.0, 3)
     } else {
-        Args {
-            quick,
-            repeats: repeats.unwrap_or(5),
-            dir,
-            single: 1_000_000,
-            per_client: 250_000,
-            rate: 10_000,
-            latency_secs: 5.0,
-        }
+        (1_000_000, 250_000, 5.0, 5)
+    };
+    Ok(Args {
+        quick,
+        repeats: repeats.unwrap_or(default_repeats),
+        dir,
+        single,
+        per_client,
+        rate: 10_000,
+        latency_secs,
+        only,
+        store_extra,
     })
 }
 
 // ---------------------------------------------------------------------------------------------
 // The daemon under test.
 
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    store: PathBuf,
-    log: PathBuf,
-}
-
-/// A temporary directory with a config for one daemon.
+/// A temporary directory with the config of one daemon.
 struct Setup {
     _dir: tempfile::TempDir,
     config: PathBuf,
@@ -124,19 +146,20 @@ struct Setup {
     log: PathBuf,
 }
 
-fn setup(base: &Path, n: usize) -> Res<Setup> {
+fn setup(args: &Args, n: usize) -> Res<Setup> {
     let dir = tempfile::Builder::new()
         .prefix("edgesync-bench-")
-        .tempdir_in(base)
-        .map_err(|e| format!("cannot create a temp dir in {}: {e}", base.display()))?;
-    // sun_path is short: keep the socket under /tmp whatever --dir is.
+        .tempdir_in(&args.dir)
+        .map_err(|e| format!("cannot create a temp dir in {}: {e}", args.dir.display()))?;
+    // sun_path is short: the socket stays under /tmp whatever --dir is.
     let socket = PathBuf::from(format!("/tmp/esb-{}-{n}.sock", std::process::id()));
     let config = dir.path().join("edgesync.toml");
     let text = format!(
         "[device]\nid = \"bench-0001\"\n\n\
          [mqtt]\nurl = \"mqtts://localhost:8883\"\nca = \"ca.pem\"\n\n\
-         [store]\npath = \"edgesync.redb\"\nmax_bytes = \"4GiB\"\nwhen_full = \"reject\"\n\n\
+         [store]\npath = \"edgesync.redb\"\nmax_bytes = \"4GiB\"\nwhen_full = \"reject\"\n{}\n\n\
          [local]\nsocket = \"{}\"\n",
+        args.store_extra,
         socket.display()
     );
     std::fs::write(&config, text).map_err(|e| format!("writing the config: {e}"))?;
@@ -150,30 +173,45 @@ fn setup(base: &Path, n: usize) -> Res<Setup> {
     })
 }
 
+struct Daemon {
+    child: Option<Child>,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
 impl Daemon {
     /// Starts the daemon and waits until it answers `status`; returns it and the time from
-    /// spawn to the first answer.
+    /// spawn to that first answer.
     fn start(s: &Setup) -> Res<(Daemon, Duration)> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&s.log)
             .map_err(|e| format!("daemon log: {e}"))?;
-        let t0 = Instant::now();
-        let child = Command::new(DAEMON)
-            .arg("run")
+        let wrapper = std::env::var("EDGESYNC_BENCH_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(DAEMON);
+                c
+            }
+            None => Command::new(DAEMON),
+        };
+        cmd.arg("run")
             .arg("--config")
             .arg(&s.config)
             .env_remove("EDGESYNC_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log);
+        let t0 = Instant::now();
+        let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {DAEMON}: {e}"))?;
         let mut d = Daemon {
             child: Some(child),
             socket: s.socket.clone(),
-            store: s.store.clone(),
             log: s.log.clone(),
         };
         loop {
@@ -195,6 +233,7 @@ impl Daemon {
                     d.log_tail()
                 ));
             }
+            // Poll interval, not a settling delay: readiness is the answered status.
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -203,18 +242,28 @@ impl Daemon {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// `VmHWM` and `VmRSS` of the daemon in bytes.
-    fn memory(&self) -> Res<(u64, u64)> {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .map_err(|e| format!("/proc status: {e}"))?;
-        let field = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .map(|kb| kb * 1024)
-                .ok_or_else(|| format!("no {name} in /proc/{}/status", self.pid()))
+    /// `VmHWM` of the daemon in bytes.
+    fn peak_rss(&self) -> Res<u64> {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .ok_or_else(|| format!("no VmHWM in {path}"))
+    }
+
+    /// CPU seconds of the daemon's threads by thread name.
+    fn cpu_by_thread(&self) -> HashMap<String, f64> {
+        let mut out = HashMap::new();
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return out;
         };
-        Ok((field("VmHWM:")?, field("VmRSS:")?))
+        for t in tasks.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            *out.entry(comm.trim().to_owned()).or_default() += schedstat_secs(&t.path());
+        }
+        out
     }
 
     /// SIGTERM, then waits for the exit; returns how long the shutdown took.
@@ -256,6 +305,14 @@ impl Drop for Daemon {
     }
 }
 
+/// CPU time (s) of one thread, from `<task>/schedstat` (first field: ns on CPU).
+fn schedstat_secs(task: &Path) -> f64 {
+    std::fs::read_to_string(task.join("schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0.0, |ns| ns as f64 / 1e9)
+}
+
 /// One `status` request on a new connection; the parsed reply.
 fn status(socket: &Path) -> Res<serde_json::Value> {
     let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
@@ -283,8 +340,8 @@ fn queue_depth(socket: &Path) -> Res<u64> {
 // ---------------------------------------------------------------------------------------------
 // Workload.
 
+/// A 100-character value, different for every change.
 fn value(i: usize) -> String {
-    // 100 characters, different for every change.
     format!("reading-{i:0>width$}", width = VALUE_LEN - 8)
 }
 
@@ -302,39 +359,24 @@ fn ndjson(n: usize) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Splits NDJSON into `parts` pieces of whole lines, `per` lines each.
-fn split_lines(input: &[u8], parts: usize, per: usize) -> Vec<&[u8]> {
-    let mut out = Vec::with_capacity(parts);
-    let mut rest = input;
-    for _ in 0..parts {
-        let mut end = 0;
-        for _ in 0..per {
-            let nl = rest[end..]
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(rest.len(), |p| end + p + 1);
-            end = nl;
-        }
-        out.push(&rest[..end]);
-        rest = &rest[end..];
-        if rest.is_empty() {
-            rest = input;
-        }
-    }
-    out
+/// The first `lines` lines of NDJSON input.
+fn first_lines(input: &[u8], lines: usize) -> &[u8] {
+    let end = input
+        .iter()
+        .enumerate()
+        .filter(|&(_, &b)| b == b'\n')
+        .nth(lines.saturating_sub(1))
+        .map_or(input.len(), |(i, _)| i + 1);
+    &input[..end]
 }
 
-fn client_runtime() -> Res<tokio::runtime::Runtime> {
-    // The same runtime `edgesync report` uses.
-    tokio::runtime::Builder::new_current_thread()
+/// Streams `input` with `report_stream` on a runtime like the one of `edgesync report`;
+/// returns the changes acknowledged.
+fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("runtime: {e}"))
-}
-
-/// Streams `input` with `report_stream`; returns the changes acknowledged.
-fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
-    let rt = client_runtime()?;
+        .map_err(|e| format!("runtime: {e}"))?;
     let out = rt
         .block_on(report_stream(socket, input))
         .map_err(|e| format!("report_stream: {e}"))?;
@@ -347,64 +389,84 @@ fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
 #[derive(Debug, Default, Clone)]
 struct Sample {
     single_rate: f64,
+    /// CPU µs per change of figure 1: client thread, daemon runtime threads, store thread.
+    cpu_client: f64,
+    cpu_runtime: f64,
+    cpu_store: f64,
     multi_rate: f64,
+    multi_hwm: f64,
     lat_p50_ms: f64,
     lat_p99_ms: f64,
     lat_max_ms: f64,
     lat_offered: f64,
-    hwm_bytes: f64,
-    restart_hwm_bytes: f64,
+    hwm: f64,
     startup_ms: f64,
+    restart_hwm: f64,
     shutdown_ms: f64,
     file_per_change: f64,
 }
 
 /// Figures 1, 4 and 5 on one store.
-fn single_client(args: &Args, input: &[u8], n: usize, s: &mut Sample, run: usize) -> Res<()> {
-    let setup = setup(&args.dir, run)?;
+fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()> {
+    let n = args.single;
+    let setup = setup(args, run)?;
     let (mut d, _) = Daemon::start(&setup)?;
+    let daemon_cpu0 = d.cpu_by_thread();
+    let client_cpu0 = schedstat_secs(Path::new("/proc/thread-self"));
     let t0 = Instant::now();
     let queued = stream(&d.socket, input)?;
     let dt = t0.elapsed();
+    let client_cpu = schedstat_secs(Path::new("/proc/thread-self")) - client_cpu0;
+    let daemon_cpu = d.cpu_by_thread();
     if queued != n as u64 {
         return Err(format!("{queued} of {n} changes acknowledged"));
     }
     s.single_rate = n as f64 / dt.as_secs_f64();
+    let spent = |pred: &dyn Fn(&str) -> bool| -> f64 {
+        daemon_cpu
+            .iter()
+            .filter(|(k, _)| pred(k))
+            .map(|(k, v)| v - daemon_cpu0.get(k).copied().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    let per_change = |secs: f64| secs * 1e6 / n as f64;
+    s.cpu_client = per_change(client_cpu);
+    s.cpu_store = per_change(spent(&|k| k == "edgesync-store"));
+    s.cpu_runtime = per_change(spent(&|k| k != "edgesync-store"));
     let depth = queue_depth(&d.socket)?;
     if depth != n as u64 {
         return Err(format!(
             "queue depth {depth} after {n} acknowledged changes"
         ));
     }
-    s.hwm_bytes = d.memory()?.0 as f64;
+    s.hwm = d.peak_rss()? as f64;
 
     s.shutdown_ms = d.stop()?.as_secs_f64() * 1e3;
-    let size = std::fs::metadata(&d.store)
+    let size = std::fs::metadata(&setup.store)
         .map_err(|e| format!("store size: {e}"))?
         .len();
     s.file_per_change = size as f64 / n as f64;
     drop(d);
-    let (d, startup) = Daemon::start(&setup)?;
+    let (mut d, startup) = Daemon::start(&setup)?;
     s.startup_ms = startup.as_secs_f64() * 1e3;
+    s.restart_hwm = d.peak_rss()? as f64;
     let depth = queue_depth(&d.socket)?;
     if depth != n as u64 {
         return Err(format!("queue depth {depth} after restart, expected {n}"));
     }
-    s.restart_hwm_bytes = d.memory()?.0 as f64;
-    let mut d = d;
     d.stop()?;
     Ok(())
 }
 
-/// Figure 2.
-fn multi_client(args: &Args, parts: &[&[u8]], s: &mut Sample, run: usize) -> Res<()> {
-    let setup = setup(&args.dir, run)?;
+/// Figure 2: `CLIENTS` threads, each streaming its part with its own runtime and connection.
+fn multi_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()> {
+    let part = first_lines(input, args.per_client);
+    let setup = setup(args, run)?;
     let (mut d, _) = Daemon::start(&setup)?;
-    let start = Barrier::new(parts.len() + 1);
+    let start = Barrier::new(CLIENTS + 1);
     let (dt, results) = std::thread::scope(|scope| {
-        let handles: Vec<_> = parts
-            .iter()
-            .map(|part| {
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|_| {
                 let start = &start;
                 let socket = &d.socket;
                 scope.spawn(move || {
@@ -428,21 +490,24 @@ fn multi_client(args: &Args, parts: &[&[u8]], s: &mut Sample, run: usize) -> Res
     for r in results {
         total += r?;
     }
-    let expected = (parts.len() * args.per_client) as u64;
+    let expected = (CLIENTS * args.per_client) as u64;
     if total != expected {
         return Err(format!("{total} of {expected} changes acknowledged"));
     }
     s.multi_rate = total as f64 / dt.as_secs_f64();
+    s.multi_hwm = d.peak_rss()? as f64;
     d.stop()?;
     Ok(())
 }
 
-/// Figure 3: one change per request, sent on a fixed schedule without waiting for answers.
+/// Figure 3: one change per request, sent on a fixed schedule without waiting for answers;
+/// latency is from the write of a request to the read of its answer.
 fn latency(args: &Args, s: &mut Sample, run: usize) -> Res<()> {
-    let setup = setup(&args.dir, run)?;
+    let setup = setup(args, run)?;
     let (mut d, _) = Daemon::start(&setup)?;
     let n = (args.rate as f64 * args.latency_secs) as usize;
     let period = Duration::from_nanos(1_000_000_000 / args.rate);
+    let due = |i: usize| period * u32::try_from(i).unwrap_or(u32::MAX);
     let requests: Vec<Vec<u8>> = (0..n)
         .map(|i| {
             format!(
@@ -457,25 +522,25 @@ fn latency(args: &Args, s: &mut Sample, run: usize) -> Res<()> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
     let mut writer = conn.try_clone().map_err(|e| e.to_string())?;
+    // Send time of each request, ns after t0.
     let sent_at: Vec<AtomicU64> = (0..n).map(|_| AtomicU64::new(0)).collect();
     let t0 = Instant::now();
-    let (latencies, last_send) = std::thread::scope(|scope| {
+    let (latencies, sending) = std::thread::scope(|scope| {
         let sent_at = &sent_at;
         let requests = &requests;
         let sender = scope.spawn(move || -> Res<Duration> {
             let mut buf = Vec::with_capacity(64 * 1024);
             let mut i = 0;
             while i < n {
-                let due = period * i as u32;
                 let now = t0.elapsed();
-                if now < due {
-                    std::thread::sleep(due - now);
+                if now < due(i) {
+                    std::thread::sleep(due(i) - now);
                 }
-                // Everything due by now goes out in one write.
+                // Everything due by now goes out in one write (the sleep may overshoot).
                 let now = t0.elapsed();
                 buf.clear();
                 let first = i;
-                while i < n && period * i as u32 <= now {
+                while i < n && due(i) <= now {
                     buf.extend_from_slice(&requests[i]);
                     i += 1;
                 }
@@ -490,40 +555,37 @@ fn latency(args: &Args, s: &mut Sample, run: usize) -> Res<()> {
         let mut reader = BufReader::with_capacity(64 * 1024, &conn);
         let mut line = String::new();
         let mut lat = Vec::with_capacity(n);
+        let mut failure = None;
         for (i, at) in sent_at.iter().enumerate() {
             line.clear();
             match reader.read_line(&mut line) {
-                Ok(0) => {
-                    return (
-                        Err("the daemon closed the connection".to_owned()),
-                        Ok(Duration::ZERO),
-                    );
+                Ok(0) => failure = Some("the daemon closed the connection".to_owned()),
+                Ok(_) if !line.starts_with("{\"ok\":true") => {
+                    failure = Some(format!("answer {i}: {}", line.trim_end()));
                 }
                 Ok(_) => {}
-                Err(e) => return (Err(format!("answer {i}: {e}")), Ok(Duration::ZERO)),
+                Err(e) => failure = Some(format!("answer {i}: {e}")),
+            }
+            if failure.is_some() {
+                break;
             }
             let now = t0.elapsed().as_nanos() as u64;
-            if !line.starts_with("{\"ok\":true") {
-                return (
-                    Err(format!("answer {i}: {}", line.trim_end())),
-                    Ok(Duration::ZERO),
-                );
-            }
             lat.push(now.saturating_sub(at.load(Ordering::Acquire)));
         }
-        let last = sender
+        let sending = sender
             .join()
             .unwrap_or_else(|_| Err("sender panicked".into()));
-        (Ok(lat), last)
+        (failure.map_or(Ok(lat), Err), sending)
     });
     let mut lat = latencies?;
-    let last_send = last_send?;
+    let sending = sending?;
     lat.sort_unstable();
-    let pick = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)] as f64 / 1e6;
+    let ms = |ns: u64| ns as f64 / 1e6;
+    let pick = |q: f64| ms(lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)]);
     s.lat_p50_ms = pick(0.50);
     s.lat_p99_ms = pick(0.99);
-    s.lat_max_ms = lat.last().copied().unwrap_or(0) as f64 / 1e6;
-    s.lat_offered = n as f64 / last_send.as_secs_f64().max(1e-9);
+    s.lat_max_ms = ms(lat.last().copied().unwrap_or(0));
+    s.lat_offered = n as f64 / sending.as_secs_f64().max(1e-9);
     d.stop()?;
     Ok(())
 }
@@ -536,31 +598,25 @@ fn machine(dir: &Path) -> String {
     let model = cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("model name"))
-        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        .unwrap_or_else(|| "unknown".into());
+        .map_or_else(
+            || "unknown".to_owned(),
+            |v| v.trim_start_matches([' ', '\t', ':']).to_owned(),
+        );
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let kernel = std::fs::read_to_string("/proc/version").unwrap_or_default();
     let mem = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
         .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .nth(1)
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / 1048576.0));
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / MIB));
     let df = Command::new("df")
         .arg("-T")
         .arg(dir)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let df = df
-        .lines()
-        .nth(1)
-        .unwrap_or("?")
-        .split_whitespace()
-        .collect::<Vec<_>>();
+    let df: Vec<&str> = df.lines().nth(1).unwrap_or("").split_whitespace().collect();
     let disk = match df.as_slice() {
         [dev, fs, ..] => format!("{dev} ({fs})"),
         _ => "unknown".into(),
@@ -568,14 +624,31 @@ fn machine(dir: &Path) -> String {
     format!(
         "cpu     {model}\ncores   {cores}\nmemory  {mem}\nkernel  {}\ntemp    {} on {disk}\n",
         kernel.trim(),
-        dir.display()
+        dir.display(),
     )
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    None,
+    AtLeast(f64),
+    AtMost(f64),
+}
+
 struct Figure {
+    group: u8,
     name: String,
     unit: &'static str,
-    target: Option<(f64, bool)>, // (value, higher is better)
+    target: Target,
     values: Vec<f64>,
     scale: f64,
     decimals: usize,
@@ -584,13 +657,10 @@ struct Figure {
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let n = s.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
     }
 }
 
@@ -599,17 +669,21 @@ impl Figure {
         format!("{:.*}", self.decimals, v / self.scale)
     }
 
-    fn met(&self) -> &'static str {
+    fn target(&self) -> String {
         match self.target {
-            None => "-",
-            Some((t, higher)) => {
-                let m = median(&self.values);
-                if (higher && m >= t) || (!higher && m <= t) {
-                    "yes"
-                } else {
-                    "NO"
-                }
-            }
+            Target::None => "-".into(),
+            Target::AtLeast(t) => format!("≥ {}", self.fmt(t)),
+            Target::AtMost(t) => format!("≤ {}", self.fmt(t)),
+        }
+    }
+
+    fn met(&self) -> &'static str {
+        let m = median(&self.values);
+        match self.target {
+            Target::None => "-",
+            Target::AtLeast(t) if m >= t => "yes",
+            Target::AtMost(t) if m <= t => "yes",
+            _ => "NO",
         }
     }
 }
@@ -623,163 +697,248 @@ fn main() {
 
 fn run() -> Res<()> {
     let args = parse_args()?;
+    let started = Instant::now();
     println!(
         "edgesync ingest benchmark{}",
         if args.quick { " (--quick)" } else { "" }
     );
     print!("{}", machine(&args.dir));
+    println!("load    {} (1, 5, 15 min) at start", loadavg());
     println!("daemon  {DAEMON}");
     println!(
-        "load    fig.1 {} changes, fig.2 {CLIENTS}×{}, fig.3 {} req/s for {} s; {KEYS} keys, \
-         {VALUE_LEN}-char values; {} repeats\n",
-        args.single, args.per_client, args.rate, args.latency_secs, args.repeats
+        "work    fig.1 {} changes, fig.2 {CLIENTS}×{}, fig.3 {} req/s for {} s; {KEYS} keys, \
+         {VALUE_LEN}-char string values; {} repeats{}\n",
+        args.single,
+        args.per_client,
+        args.rate,
+        args.latency_secs,
+        args.repeats,
+        if args.store_extra.is_empty() {
+            String::new()
+        } else {
+            format!("; [store] {}", args.store_extra)
+        }
     );
 
     let input = ndjson(args.single.max(args.per_client));
-    let single_input = split_lines(&input, 1, args.single)[0];
-    let parts = split_lines(&input, CLIENTS, args.per_client);
+    let single_input = first_lines(&input, args.single);
 
     let mut samples = Vec::new();
     for r in 0..args.repeats {
         let mut s = Sample::default();
         let t = Instant::now();
-        single_client(&args, single_input, args.single, &mut s, 3 * r)?;
-        multi_client(&args, &parts, &mut s, 3 * r + 1)?;
-        latency(&args, &mut s, 3 * r + 2)?;
-        println!(
-            "repeat {}/{}: 1 client {:.0}/s · {CLIENTS} clients {:.0}/s · latency p50 {:.2} \
-             p99 {:.2} max {:.2} ms ({:.0} req/s) · HWM {:.1} MiB · start {:.1} ms \
-             (stop {:.0} ms) · {:.1} B/change · {:.1} s",
-            r + 1,
-            args.repeats,
-            s.single_rate,
-            s.multi_rate,
-            s.lat_p50_ms,
-            s.lat_p99_ms,
-            s.lat_max_ms,
-            s.lat_offered,
-            s.hwm_bytes / 1048576.0,
-            s.startup_ms,
-            s.shutdown_ms,
-            s.file_per_change,
-            t.elapsed().as_secs_f64()
-        );
+        let mut line = format!("repeat {}/{}:", r + 1, args.repeats);
+        if args.only.contains(&1) {
+            single_client(&args, single_input, &mut s, 3 * r)?;
+            let _ = write!(
+                line,
+                " 1 client {:.0}/s (CPU µs/change: client {:.2}, daemon runtime {:.2}, store {:.2}) · \
+                 HWM {:.1} MiB · start {:.1} ms (stop {:.0} ms) · {:.1} B/change ·",
+                s.single_rate,
+                s.cpu_client,
+                s.cpu_runtime,
+                s.cpu_store,
+                s.hwm / MIB,
+                s.startup_ms,
+                s.shutdown_ms,
+                s.file_per_change
+            );
+        }
+        if args.only.contains(&2) {
+            multi_client(&args, &input, &mut s, 3 * r + 1)?;
+            let _ = write!(
+                line,
+                " {CLIENTS} clients {:.0}/s (HWM {:.1} MiB) ·",
+                s.multi_rate,
+                s.multi_hwm / MIB
+            );
+        }
+        if args.only.contains(&3) {
+            latency(&args, &mut s, 3 * r + 2)?;
+            let _ = write!(
+                line,
+                " latency p50 {:.2} p99 {:.2} max {:.2} ms at {:.0} req/s ·",
+                s.lat_p50_ms, s.lat_p99_ms, s.lat_max_ms, s.lat_offered
+            );
+        }
+        println!("{line} {:.1} s", t.elapsed().as_secs_f64());
         samples.push(s);
     }
 
     let col = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
-    let single = format!("1. ingest, 1 client ({})", args.single);
-    let multi = format!("2. ingest, {CLIENTS} clients (×{})", args.per_client);
+    let figure = |group, name: &str, unit, target, values, scale, decimals| Figure {
+        group,
+        name: name.to_owned(),
+        unit,
+        target,
+        values,
+        scale,
+        decimals,
+    };
+    let single = format!("1. durable ingest, 1 client ({} changes)", args.single);
+    let multi = format!(
+        "2. durable ingest, {CLIENTS} clients (×{})",
+        args.per_client
+    );
     let figures = [
-        Figure {
-            name: single,
-            unit: "changes/s",
-            target: Some((300_000.0, true)),
-            values: col(|s| s.single_rate),
-            scale: 1.0,
-            decimals: 0,
-        },
-        Figure {
-            name: multi,
-            unit: "changes/s",
-            target: Some((200_000.0, true)),
-            values: col(|s| s.multi_rate),
-            scale: 1.0,
-            decimals: 0,
-        },
-        Figure {
-            name: "3. ack latency p50 @10k/s".into(),
-            unit: "ms",
-            target: None,
-            values: col(|s| s.lat_p50_ms),
-            scale: 1.0,
-            decimals: 2,
-        },
-        Figure {
-            name: "3. ack latency p99 @10k/s".into(),
-            unit: "ms",
-            target: Some((5.0, false)),
-            values: col(|s| s.lat_p99_ms),
-            scale: 1.0,
-            decimals: 2,
-        },
-        Figure {
-            name: "3. ack latency max @10k/s".into(),
-            unit: "ms",
-            target: None,
-            values: col(|s| s.lat_max_ms),
-            scale: 1.0,
-            decimals: 2,
-        },
-        Figure {
-            name: "3. offered rate achieved".into(),
-            unit: "req/s",
-            target: None,
-            values: col(|s| s.lat_offered),
-            scale: 1.0,
-            decimals: 0,
-        },
-        Figure {
-            name: "4. peak RSS holding fig.1 queue".into(),
-            unit: "MiB",
-            target: Some((12.0 * 1048576.0, false)),
-            values: col(|s| s.hwm_bytes),
-            scale: 1048576.0,
-            decimals: 1,
-        },
-        Figure {
-            name: "5. start-up, fig.1 queue held".into(),
-            unit: "ms",
-            target: Some((100.0, false)),
-            values: col(|s| s.startup_ms),
-            scale: 1.0,
-            decimals: 1,
-        },
-        Figure {
-            name: "5. peak RSS after start-up".into(),
-            unit: "MiB",
-            target: None,
-            values: col(|s| s.restart_hwm_bytes),
-            scale: 1048576.0,
-            decimals: 1,
-        },
-        Figure {
-            name: "5. shutdown (SIGTERM→exit)".into(),
-            unit: "ms",
-            target: None,
-            values: col(|s| s.shutdown_ms),
-            scale: 1.0,
-            decimals: 1,
-        },
-        Figure {
-            name: "5. store file per queued change".into(),
-            unit: "bytes",
-            target: None,
-            values: col(|s| s.file_per_change),
-            scale: 1.0,
-            decimals: 1,
-        },
+        figure(
+            1,
+            &single,
+            "changes/s",
+            Target::AtLeast(300_000.0),
+            col(|s| s.single_rate),
+            1.0,
+            0,
+        ),
+        figure(
+            1,
+            "   CPU per change: client (report_stream)",
+            "µs",
+            Target::None,
+            col(|s| s.cpu_client),
+            1.0,
+            2,
+        ),
+        figure(
+            1,
+            "   CPU per change: daemon runtime threads",
+            "µs",
+            Target::None,
+            col(|s| s.cpu_runtime),
+            1.0,
+            2,
+        ),
+        figure(
+            1,
+            "   CPU per change: daemon store writer",
+            "µs",
+            Target::None,
+            col(|s| s.cpu_store),
+            1.0,
+            2,
+        ),
+        figure(
+            2,
+            &multi,
+            "changes/s",
+            Target::AtLeast(200_000.0),
+            col(|s| s.multi_rate),
+            1.0,
+            0,
+        ),
+        figure(
+            2,
+            "   peak RSS after fig. 2",
+            "MiB",
+            Target::None,
+            col(|s| s.multi_hwm),
+            MIB,
+            1,
+        ),
+        figure(
+            3,
+            "3. ack latency p50 at 10k changes/s",
+            "ms",
+            Target::None,
+            col(|s| s.lat_p50_ms),
+            1.0,
+            2,
+        ),
+        figure(
+            3,
+            "3. ack latency p99 at 10k changes/s",
+            "ms",
+            Target::AtMost(5.0),
+            col(|s| s.lat_p99_ms),
+            1.0,
+            2,
+        ),
+        figure(
+            3,
+            "3. ack latency max at 10k changes/s",
+            "ms",
+            Target::None,
+            col(|s| s.lat_max_ms),
+            1.0,
+            2,
+        ),
+        figure(
+            3,
+            "   offered rate achieved",
+            "req/s",
+            Target::None,
+            col(|s| s.lat_offered),
+            1.0,
+            0,
+        ),
+        figure(
+            1,
+            "4. peak RSS holding fig. 1's changes",
+            "MiB",
+            Target::AtMost(12.0 * MIB),
+            col(|s| s.hwm),
+            MIB,
+            1,
+        ),
+        figure(
+            1,
+            "5. start-up with fig. 1's changes queued",
+            "ms",
+            Target::AtMost(100.0),
+            col(|s| s.startup_ms),
+            1.0,
+            1,
+        ),
+        figure(
+            1,
+            "   peak RSS right after that start-up",
+            "MiB",
+            Target::None,
+            col(|s| s.restart_hwm),
+            MIB,
+            1,
+        ),
+        figure(
+            1,
+            "   shutdown (SIGTERM to exit)",
+            "ms",
+            Target::None,
+            col(|s| s.shutdown_ms),
+            1.0,
+            1,
+        ),
+        figure(
+            1,
+            "5. store file per queued change",
+            "bytes",
+            Target::None,
+            col(|s| s.file_per_change),
+            1.0,
+            1,
+        ),
     ];
 
     println!("\n| figure | median | min | max | unit | target | met? |");
     println!("| --- | ---: | ---: | ---: | --- | --- | --- |");
-    for f in &figures {
+    for f in figures.iter().filter(|f| args.only.contains(&f.group)) {
         let mut v = f.values.clone();
         v.sort_by(f64::total_cmp);
-        let target = match f.target {
-            Some((t, true)) => format!("≥ {}", f.fmt(t)),
-            Some((t, false)) => format!("≤ {}", f.fmt(t)),
-            None => "-".into(),
-        };
         println!(
-            "| {} | {} | {} | {} | {} | {target} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             f.name,
             f.fmt(median(&v)),
             f.fmt(v.first().copied().unwrap_or(f64::NAN)),
             f.fmt(v.last().copied().unwrap_or(f64::NAN)),
             f.unit,
+            f.target(),
             f.met()
         );
     }
+    println!(
+        "\n{} repeats in {:.0} s; load {} at the end",
+        args.repeats,
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
     Ok(())
 }

@@ -130,9 +130,10 @@ async fn demo() -> Result<bool, Error> {
         let temp = 20.0 + ((i as f64) * 0.7).sin() * 2.0;
         let temp = (temp * 10.0).round() / 10.0;
         let mut changes = vec![json!({"key": "temp", "value": temp})];
-        if i % 8 == 0 {
-            changes
-                .push(json!({"key": "mode", "value": if i % 16 == 0 { "eco" } else { "boost" }}));
+        if i.is_multiple_of(8) {
+            changes.push(
+                json!({"key": "mode", "value": if i.is_multiple_of(16) { "eco" } else { "boost" }}),
+            );
         }
         let reply = client
             .call(&json!({"op": "report", "changes": changes}))

@@ -26,7 +26,7 @@ pub struct NewChange {
 #[serde(deny_unknown_fields)]
 pub struct RawChange {
     pub key: String,
-    #[serde(default)]
+    /// Required: `null` removes the key, so a forgotten field must not mean "remove".
     pub value: serde_json::Value,
     #[serde(default)]
     pub ts: Option<u64>,

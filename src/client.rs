@@ -12,6 +12,10 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::change::RawChange;
 use crate::local_api::MAX_LINE;
 
 /// Requests `report --stdin` keeps in flight.
@@ -141,12 +145,19 @@ pub struct StreamOutcome {
     pub last_seq: Option<u64>,
 }
 
-/// A streamed report that stopped early.
+/// A streamed report that stopped early. Every change of the input before `line` was
+/// queued, unless the daemon refused a request (then `queued` says how many were).
 #[derive(Debug, Error)]
-#[error("{error}{}", line.map(|l| format!(" (input line {l})")).unwrap_or_default())]
+#[error(
+    "{error}{}; {queued} change(s) were queued before it{}",
+    line.map(|l| format!(" (input line {l})")).unwrap_or_default(),
+    if *queued_after > 0 { format!(", and {queued_after} after it that were already under way") } else { String::new() }
+)]
 pub struct StreamError {
     /// Changes durably queued before the failure.
     pub queued: u64,
+    /// Changes after the failing line that were queued anyway (requests already in flight).
+    pub queued_after: u64,
     /// 1-based input line at fault, when known.
     pub line: Option<u64>,
     pub error: ClientError,
@@ -154,164 +165,206 @@ pub struct StreamError {
 
 /// One request in flight: the input lines it carries.
 struct Sent {
-    first_line: u64,
-    lines: u64,
+    /// Line number of each change in the request.
+    lines: Vec<u64>,
+}
+
+/// What the answers said.
+#[derive(Default)]
+struct Answers {
+    out: StreamOutcome,
+    /// The first refusal: the input line at fault and the error.
+    first_error: Option<(Option<u64>, ClientError)>,
+    queued_after: u64,
 }
 
 /// Streams NDJSON changes (`{"key":..,"value":..}` a line) from `input` to the daemon.
-/// Lines are checked to be JSON, grouped into requests of up to [`STREAM_BATCH`] changes
-/// (fewer when input is slow, so an interactive producer is not held back) and pipelined.
+///
+/// Each line is validated here first (JSON, key, value size), so a bad line stops the
+/// stream with every line before it queued and none after it. Lines are grouped into
+/// requests of up to [`STREAM_BATCH`] changes (fewer when input is slow, so an interactive
+/// producer is not held back) and up to [`STREAM_WINDOW`] requests are pipelined. When the
+/// daemon refuses a request (e.g. `store-full`), no further request is sent.
 pub async fn report_stream<R: AsyncBufRead + Unpin>(
     path: &Path,
     mut input: R,
 ) -> Result<StreamOutcome, StreamError> {
-    let fail = |queued, line, error| StreamError {
-        queued,
-        line,
-        error,
-    };
-    let client = Client::connect(path).await.map_err(|e| fail(0, None, e))?;
+    let client = Client::connect(path).await.map_err(|e| StreamError {
+        queued: 0,
+        queued_after: 0,
+        line: None,
+        error: e,
+    })?;
     let Client {
         mut reader,
         mut writer,
         ..
     } = client;
     let (tx, mut rx) = mpsc::channel::<Sent>(STREAM_WINDOW);
+    let refused = Arc::new(AtomicBool::new(false));
 
     // Reads answers in order while the sender keeps writing.
+    let refused_flag = Arc::clone(&refused);
     let answers = tokio::spawn(async move {
-        let mut out = StreamOutcome::default();
+        let mut a = Answers::default();
         let mut line = String::new();
         while let Some(sent) = rx.recv().await {
             line.clear();
-            let n = reader.read_line(&mut line).await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => return Err(fail(out.queued, None, e.into())),
+            let reply = match reader.read_line(&mut line).await {
+                Ok(0) => Err(ClientError::Protocol(
+                    "the daemon closed the connection".into(),
+                )),
+                Ok(_) => parse_reply(&line),
+                Err(e) => Err(e.into()),
             };
-            if n == 0 {
-                let e = ClientError::Protocol("the daemon closed the connection".into());
-                return Err(fail(out.queued, None, e));
-            }
-            match parse_reply(&line) {
-                Ok(v) => {
-                    out.queued += sent.lines;
-                    out.first_seq = out.first_seq.or(v.get("first_seq").and_then(Value::as_u64));
-                    out.last_seq = v.get("last_seq").and_then(Value::as_u64).or(out.last_seq);
+            let n = sent.lines.len() as u64;
+            match reply {
+                Ok(v) if a.first_error.is_none() => {
+                    a.out.queued += n;
+                    a.out.first_seq = a
+                        .out
+                        .first_seq
+                        .or(v.get("first_seq").and_then(Value::as_u64));
+                    a.out.last_seq = v.get("last_seq").and_then(Value::as_u64).or(a.out.last_seq);
                 }
+                Ok(_) => a.queued_after += n,
                 Err(e) => {
-                    let line = error_line_number(&e, &sent);
-                    return Err(fail(out.queued, Some(line), e));
+                    refused_flag.store(true, Ordering::SeqCst);
+                    let broken = matches!(e, ClientError::Io(_) | ClientError::Protocol(_));
+                    if a.first_error.is_none() {
+                        let at = error_index(&e)
+                            .and_then(|i| sent.lines.get(i).copied())
+                            .or(sent.lines.first().copied());
+                        a.first_error = Some((at, e));
+                    }
+                    if broken {
+                        break;
+                    }
                 }
             }
         }
-        Ok(out)
+        a
     });
 
     let mut req: Vec<u8> = Vec::with_capacity(STREAM_BATCH_BYTES + 1024);
-    let mut batch_lines = 0u64;
-    let mut first_line = 1u64;
+    let mut batch: Vec<u64> = Vec::with_capacity(STREAM_BATCH);
     let mut lineno = 0u64;
     let mut line = String::new();
-    let sent = loop {
+    let mut local_error: Option<(Option<u64>, ClientError)> = None;
+    loop {
+        if refused.load(Ordering::SeqCst) {
+            break;
+        }
         line.clear();
         let eof = match input.read_line(&mut line).await {
             Ok(0) => true,
             Ok(_) => false,
-            Err(e) => break Err(fail(0, Some(lineno + 1), e.into())),
+            Err(e) => {
+                local_error = Some((Some(lineno + 1), e.into()));
+                break;
+            }
         };
         if !eof {
             lineno += 1;
             let text = line.trim();
             if text.is_empty() {
-                if batch_lines == 0 {
-                    first_line = lineno + 1;
-                }
                 continue;
             }
-            if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                let e = ClientError::Rejected {
-                    code: "bad-request".into(),
-                    message: format!("invalid JSON: {e}"),
-                };
-                break Err(fail(0, Some(lineno), e));
+            if let Err(e) = check_line(text) {
+                local_error = Some((Some(lineno), e));
+                break;
             }
-            if batch_lines > 0 && req.len() + text.len() > STREAM_BATCH_BYTES {
-                if let Err(e) =
-                    flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await
-                {
-                    break Err(e);
-                }
-                first_line = lineno;
-                batch_lines = 0;
+            if !batch.is_empty()
+                && req.len() + text.len() > STREAM_BATCH_BYTES
+                && let Err(e) = send_request(&mut writer, &mut req, &tx, &mut batch).await
+            {
+                local_error = Some((None, e));
+                break;
             }
-            if batch_lines == 0 {
+            if batch.is_empty() {
                 req.extend_from_slice(b"{\"op\":\"report\",\"changes\":[");
             } else {
                 req.push(b',');
             }
             req.extend_from_slice(text.as_bytes());
-            batch_lines += 1;
+            batch.push(lineno);
         }
         // Send when the batch is full, at EOF, or when more input is not already buffered.
         let idle = input.fill_buf().await.map(|b| b.is_empty()).unwrap_or(true);
-        if batch_lines > 0 && (eof || idle || batch_lines >= STREAM_BATCH as u64) {
-            if let Err(e) = flush_request(&mut writer, &mut req, &tx, first_line, batch_lines).await
-            {
-                break Err(e);
+        if !batch.is_empty() && (eof || idle || batch.len() >= STREAM_BATCH) {
+            if let Err(e) = send_request(&mut writer, &mut req, &tx, &mut batch).await {
+                local_error = Some((None, e));
+                break;
             }
-            first_line = lineno + 1;
-            batch_lines = 0;
-            if idle && !eof {
+            if idle {
                 let _ = writer.flush().await;
             }
         }
         if eof {
-            break writer.flush().await.map_err(|e| fail(0, None, e.into()));
+            break;
         }
-    };
-    // Requests already handed to the answer reader must reach the daemon, else it waits forever.
-    let _ = writer.flush().await;
+    }
+    // The lines before a bad one still go; then everything sent must reach the daemon.
+    if !batch.is_empty()
+        && !refused.load(Ordering::SeqCst)
+        && let Err(e) = send_request(&mut writer, &mut req, &tx, &mut batch).await
+    {
+        local_error = local_error.or(Some((None, e)));
+    }
+    if let Err(e) = writer.flush().await {
+        local_error = local_error.or(Some((None, e.into())));
+    }
     drop(tx);
-    let answered = answers
-        .await
-        .map_err(|e| fail(0, None, ClientError::Protocol(e.to_string())))?;
-    match (sent, answered) {
-        // An answer's error is the more precise one.
-        (_, Err(e)) => Err(e),
-        (Err(mut e), Ok(out)) => {
-            e.queued = out.queued;
-            Err(e)
-        }
-        (Ok(()), Ok(out)) => Ok(out),
+    let a = answers.await.map_err(|e| StreamError {
+        queued: 0,
+        queued_after: 0,
+        line: None,
+        error: ClientError::Protocol(e.to_string()),
+    })?;
+    // The daemon's refusal came first in the input if there was one.
+    match a.first_error.or(local_error) {
+        None => Ok(a.out),
+        Some((line, error)) => Err(StreamError {
+            queued: a.out.queued,
+            queued_after: a.queued_after,
+            line,
+            error,
+        }),
     }
 }
 
-async fn flush_request(
-    writer: &mut BufWriter<OwnedWriteHalf>,
-    req: &mut Vec<u8>,
-    tx: &mpsc::Sender<Sent>,
-    first_line: u64,
-    lines: u64,
-) -> Result<(), StreamError> {
-    req.extend_from_slice(b"]}\n");
-    let r = writer.write_all(req).await;
-    req.clear();
-    if let Err(e) = r {
-        return Err(StreamError {
-            queued: 0,
-            line: None,
-            error: e.into(),
-        });
-    }
-    // The answer reader is gone only after it saw an error; that error is reported.
-    let _ = tx.send(Sent { first_line, lines }).await;
+/// Validates one input line as a change, as the daemon will.
+fn check_line(text: &str) -> Result<(), ClientError> {
+    let raw: RawChange = serde_json::from_str(text).map_err(|e| ClientError::Rejected {
+        code: "bad-request".into(),
+        message: format!("not a change {{\"key\": ..., \"value\": ...}}: {e}"),
+    })?;
+    raw.validate().map_err(|e| ClientError::Rejected {
+        code: "invalid-change".into(),
+        message: e.to_string(),
+    })?;
     Ok(())
 }
 
-/// Maps "change N: ..." in an error back to the input line.
-fn error_line_number(e: &ClientError, sent: &Sent) -> u64 {
-    let index = match e {
+async fn send_request(
+    writer: &mut BufWriter<OwnedWriteHalf>,
+    req: &mut Vec<u8>,
+    tx: &mpsc::Sender<Sent>,
+    batch: &mut Vec<u64>,
+) -> Result<(), ClientError> {
+    req.extend_from_slice(b"]}\n");
+    let r = writer.write_all(req).await;
+    req.clear();
+    let lines = std::mem::take(batch);
+    r?;
+    // The answer reader is gone only after the connection broke; that error is reported.
+    let _ = tx.send(Sent { lines }).await;
+    Ok(())
+}
+
+/// The change index N of an "change N: ..." error message.
+fn error_index(e: &ClientError) -> Option<usize> {
+    match e {
         ClientError::Rejected { message, .. } => message
             .strip_prefix("change ")
             .map(|rest| {
@@ -319,10 +372,9 @@ fn error_line_number(e: &ClientError, sent: &Sent) -> u64 {
                     .take_while(char::is_ascii_digit)
                     .collect::<String>()
             })
-            .and_then(|n| n.parse::<u64>().ok()),
+            .and_then(|n| n.parse().ok()),
         _ => None,
-    };
-    sent.first_line + index.unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -345,15 +397,31 @@ mod tests {
     }
 
     #[test]
-    fn change_index_maps_to_input_line() {
-        let sent = Sent {
-            first_line: 10,
-            lines: 5,
-        };
+    fn change_index_is_read_from_the_error() {
         let e = ClientError::Rejected {
             code: "invalid-change".into(),
             message: "change 3: key \"a b\" is invalid".into(),
         };
-        assert_eq!(error_line_number(&e, &sent), 13);
+        assert_eq!(error_index(&e), Some(3));
+        let e = ClientError::Rejected {
+            code: "store-full".into(),
+            message: "store is full".into(),
+        };
+        assert_eq!(error_index(&e), None);
+    }
+
+    #[test]
+    fn lines_are_checked_like_the_daemon_does() {
+        assert!(check_line(r#"{"key":"a","value":1}"#).is_ok());
+        assert!(check_line(r#"{"key":"a","value":null}"#).is_ok());
+        for bad in [
+            r#"{"key":"a b","value":1}"#,
+            r#"{"key":"a"}"#,
+            "[1]",
+            "nope",
+            r#"{"key":"a","value":1,"x":2}"#,
+        ] {
+            assert!(check_line(bad).is_err(), "{bad}");
+        }
     }
 }

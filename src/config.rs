@@ -1303,13 +1303,13 @@ fn validate_mqtt(
         raw.reconnect_reset,
         Duration::from_secs(60),
     );
-    if let (Some(i), Some(m)) = (reconnect_initial, reconnect_max) {
-        if m < i {
-            p.push(
-                "mqtt.reconnect_max",
-                format!("must not be below mqtt.reconnect_initial ({i:?}), found {m:?}"),
-            );
-        }
+    if let (Some(i), Some(m)) = (reconnect_initial, reconnect_max)
+        && m < i
+    {
+        p.push(
+            "mqtt.reconnect_max",
+            format!("must not be below mqtt.reconnect_initial ({i:?}), found {m:?}"),
+        );
     }
 
     let client_id = match raw.client_id {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::change::{ChangeError, RawChange};
@@ -31,6 +31,11 @@ pub const MAX_LINE: usize = 1 << 20;
 const MAX_CLIENTS: usize = 512;
 /// Requests of one connection that may await their answers.
 const PIPELINE_DEPTH: usize = 256;
+/// Bytes of request lines that all connections together may have read and not yet answered
+/// (their decoded changes wait in memory for the store). A reader waits for room before it
+/// decodes a line, so a fast client cannot pile up more than this in the daemon's memory.
+/// One line of [`MAX_LINE`] always fits.
+const INFLIGHT_BYTES: usize = MAX_LINE;
 
 /// A request line.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -136,6 +141,7 @@ pub struct Context {
 /// connection answer what it has read, and returns.
 pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES));
     let stop_conn = stop.clone();
     let mut conns = JoinSet::new();
     loop {
@@ -150,8 +156,9 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
                     let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
                     let ctx = ctx.clone();
                     let stop = stop_conn.clone();
+                    let budget = Arc::clone(&budget);
                     conns.spawn(async move {
-                        if let Err(e) = connection(stream, ctx, stop).await {
+                        if let Err(e) = connection(stream, ctx, stop, budget).await {
                             tracing::debug!(error = %e, "local connection ended");
                         }
                         drop(permit);
@@ -175,13 +182,14 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// An answer, ready or waiting for the store.
 enum Pending {
     Ready(String),
-    Store(oneshot::Receiver<Result<Appended, StoreError>>),
+    Store(StoreReply),
 }
 
 async fn connection(
     stream: UnixStream,
     ctx: Context,
     mut stop: watch::Receiver<bool>,
+    budget: Arc<Semaphore>,
 ) -> io::Result<()> {
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
@@ -201,7 +209,16 @@ async fn connection(
                 format!("request line longer than {MAX_LINE} bytes"),
             )),
             Line::Ok if line.iter().all(u8::is_ascii_whitespace) => continue,
-            Line::Ok => handle(&line, &ctx).await,
+            Line::Ok => {
+                let want = u32::try_from(line.len().min(INFLIGHT_BYTES)).unwrap_or(u32::MAX);
+                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(want).await else {
+                    break;
+                };
+                match handle(&line, &ctx).await {
+                    Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
+                    ready => ready,
+                }
+            }
         };
         if tx.send(pending).await.is_err() {
             break; // the client stopped reading
@@ -211,28 +228,63 @@ async fn connection(
     writer.await.unwrap_or(Ok(()))
 }
 
-/// Writes answers in request order, flushing whenever no further answer is ready.
+type StoreReply = oneshot::Receiver<Result<Appended, StoreError>>;
+
+/// Holds a request's share of [`INFLIGHT_BYTES`] until the store has answered it (its changes
+/// are then committed and freed), whether or not the client reads the answer yet.
+fn release_when_answered(rx: StoreReply, permit: OwnedSemaphorePermit) -> StoreReply {
+    let (tx, out) = oneshot::channel();
+    tokio::spawn(async move {
+        let result = rx.await;
+        drop(permit);
+        // A store that went away drops `tx` too, which the answer reports as closed.
+        if let Ok(r) = result {
+            let _ = tx.send(r);
+        }
+    });
+    out
+}
+
+/// Writes answers in request order. Answers are buffered only while the next one is ready
+/// at once: before waiting (for the next request or for the store to commit the next
+/// answer) everything written is flushed, so no answer waits in the buffer for a later one.
 async fn answer(
     mut rx: mpsc::Receiver<Pending>,
     wr: tokio::net::unix::OwnedWriteHalf,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(p) = rx.recv().await {
+    loop {
+        let p = match rx.try_recv() {
+            Ok(p) => p,
+            Err(_) => {
+                out.flush().await?;
+                match rx.recv().await {
+                    Some(p) => p,
+                    None => return Ok(()),
+                }
+            }
+        };
         let line = match p {
             Pending::Ready(s) => s,
-            Pending::Store(r) => match r.await {
-                Ok(Ok(a)) => appended_line(a),
-                Ok(Err(e)) => error_line(e.code(), e.to_string()),
-                Err(_) => error_line(code::IO_ERROR, StoreError::Closed.to_string()),
-            },
+            Pending::Store(mut r) => {
+                let result = match r.try_recv() {
+                    Ok(result) => Some(result),
+                    Err(oneshot::error::TryRecvError::Empty) => {
+                        out.flush().await?;
+                        r.await.ok()
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => None,
+                };
+                match result {
+                    Some(Ok(a)) => appended_line(a),
+                    Some(Err(e)) => error_line(e.code(), e.to_string()),
+                    None => error_line(code::IO_ERROR, StoreError::Closed.to_string()),
+                }
+            }
         };
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
-        if rx.is_empty() {
-            out.flush().await?;
-        }
     }
-    out.flush().await
 }
 
 enum Line {
@@ -409,6 +461,53 @@ mod tests {
                 Ok(b"c".to_vec())
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_not_held_back_by_a_later_one_still_waiting() {
+        let (client, server) = UnixStream::pair().unwrap();
+        let (_, wr) = server.into_split();
+        let (tx, rx) = mpsc::channel(8);
+        // The store has not answered the second request (and will not during the test).
+        let (_store, waiting) = oneshot::channel();
+        tx.send(Pending::Ready("first".into())).await.unwrap();
+        tx.send(Pending::Store(waiting)).await.unwrap();
+        let writer = tokio::spawn(answer(rx, wr));
+        let mut line = String::new();
+        let mut client = BufReader::new(client);
+        let read = client.read_line(&mut line);
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .expect("the first answer must be flushed while the second waits")
+            .unwrap();
+        assert_eq!(line, "first\n");
+        writer.abort();
+    }
+
+    #[tokio::test]
+    async fn budget_returns_when_the_store_answers_even_if_unread() {
+        let budget = Arc::new(Semaphore::new(10));
+        let permit = Arc::clone(&budget).acquire_many_owned(10).await.unwrap();
+        let (store, reply) = oneshot::channel();
+        let answer = release_when_answered(reply, permit);
+        assert_eq!(budget.available_permits(), 0);
+        let appended = Appended {
+            first_seq: 1,
+            last_seq: 3,
+        };
+        store.send(Ok(appended)).unwrap();
+        let all = budget.acquire_many(10);
+        let _all = tokio::time::timeout(std::time::Duration::from_secs(10), all)
+            .await
+            .expect("the budget must come back once the store answered")
+            .unwrap();
+        assert_eq!(answer.await.unwrap().unwrap(), appended);
+
+        // A store that closes without answering: the budget comes back, the answer is an error.
+        let permit = Arc::clone(&budget).acquire_many_owned(0).await.unwrap();
+        let (store, reply) = oneshot::channel::<Result<Appended, StoreError>>();
+        drop(store);
+        assert!(release_when_answered(reply, permit).await.is_err());
     }
 
     #[test]

@@ -180,10 +180,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
         return match report_stream(&socket, input).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(Failure::new(
-                e.error.exit_code(),
-                format!("{e}; {} change(s) were queued before it", e.queued),
-            )),
+            Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
         };
     }
     let mut changes = Vec::with_capacity(args.len());

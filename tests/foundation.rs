@@ -674,7 +674,6 @@ fn report_stdin_names_the_line_of_an_invalid_change() {
 /// Exit 4 must mean nothing after the bad line was queued, and the count in the message
 /// must be what is in the store.
 #[test]
-#[ignore = "bug: report --stdin keeps sending after a rejected request (see report)"]
 fn report_stdin_queues_nothing_after_an_invalid_change() {
     let run = report_stdin_with_bad_line(r#"{"key":"bad key","value":0}"#, "invalid-change");
     assert_lines_queued(&run.queued, run.claimed, &run.stderr);
@@ -682,7 +681,6 @@ fn report_stdin_queues_nothing_after_an_invalid_change() {
 
 /// The brief's expectation: every line before the bad one is queued, whatever the batching.
 #[test]
-#[ignore = "bug: report --stdin drops the valid lines batched with a bad line (see report)"]
 fn report_stdin_queues_every_line_before_a_bad_one() {
     for (text, code) in [
         (r#"{"key":"bad key","value":0}"#, "invalid-change"),

@@ -192,6 +192,33 @@ async fn every_client_key_format_connects() {
     }
 }
 
+#[tokio::test]
+async fn tls12_only_broker_is_accepted_and_still_asks_for_our_certificate() {
+    let Some(m) = Mosquitto::start(
+        pki(),
+        MosquittoOptions {
+            tls12_only: true,
+            ..MosquittoOptions::default()
+        },
+    )
+    .unwrap() else {
+        return;
+    };
+    assert_connects("localhost", m.tls_port, good_config()).await;
+    // With TLS 1.2 the broker refuses during the handshake (with 1.3 it is after it, while
+    // reading the CONNACK): the error comes from the TLS step, which proves 1.2 was used.
+    let no_cert = client_config(&pki().ca, None).unwrap();
+    let (result, mut ctx) = connect("localhost", m.tls_port, no_cert, 5).await;
+    let err = result.expect_err("no client certificate must be refused");
+    eprintln!("TLS 1.2, no client certificate: {err:?}");
+    assert!(matches!(err, ConnectionError::Tls(_)), "{err:?}");
+    ctx.has_client_cert = false;
+    assert_eq!(
+        describe(&err, &ctx),
+        "broker requires a client certificate (mqtt.cert/mqtt.key not set)"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The broker's certificate is wrong
 
@@ -311,6 +338,66 @@ async fn expired_client_cert_is_rejected_by_the_broker() {
             "{line}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The broker speaks, but not as expected
+
+#[tokio::test]
+async fn tls_to_a_plain_mqtt_port_is_named() {
+    let Some(m) = Mosquitto::start(
+        pki(),
+        MosquittoOptions {
+            plain_tcp: true,
+            ..MosquittoOptions::default()
+        },
+    )
+    .unwrap() else {
+        return;
+    };
+    let port = m.tcp_port.unwrap();
+    let line = failure("localhost", port, good_config(), None, true).await;
+    // Mosquitto closes on the bad "CONNECT" with the rest of the ClientHello unread: RST.
+    let reset = format!("connection reset by localhost:{port} during the TLS handshake");
+    let closed = format!("connection closed by localhost:{port} during the TLS handshake");
+    assert!(
+        (line.starts_with(&reset) || line.starts_with(&closed))
+            && line.ends_with("(not a TLS port, or the broker behind it is down?)"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn connack_refusal_is_named() {
+    let Some(m) = Mosquitto::start(
+        pki(),
+        MosquittoOptions {
+            plain_tcp: true,
+            allow_anonymous: false,
+            ..MosquittoOptions::default()
+        },
+    )
+    .unwrap() else {
+        return;
+    };
+    let port = m.tcp_port.unwrap();
+    let mut opts = MqttOptions::new("tls-link-anon", "127.0.0.1", port);
+    opts.set_clean_session(false);
+    let (_client, mut eventloop) = AsyncClient::new(opts, 10);
+    let err = tokio::time::timeout(Duration::from_secs(10), eventloop.poll())
+        .await
+        .unwrap()
+        .expect_err("anonymous client must be refused");
+    let ctx = DescribeCtx {
+        host: "127.0.0.1".into(),
+        port,
+        ca: None,
+        has_client_cert: false,
+    };
+    assert_eq!(
+        describe(&err, &ctx),
+        "connection refused by broker: not authorized"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

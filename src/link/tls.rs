@@ -446,11 +446,15 @@ fn describe_io(e: &io::Error, err: &ConnectionError, ctx: &DescribeCtx) -> Strin
             format!("connection refused (nothing listening on {addr})")
         }
         io::ErrorKind::ConnectionReset if during_connect => {
-            format!("connection reset by {addr} during the TLS handshake")
+            format!(
+                "connection reset by {addr} during the TLS handshake (not a TLS port, or the broker behind it is down?)"
+            )
         }
         io::ErrorKind::ConnectionReset => format!("connection reset by the broker ({addr})"),
         io::ErrorKind::UnexpectedEof if during_connect => {
-            format!("connection closed by {addr} during the TLS handshake (is it a TLS port?)")
+            format!(
+                "connection closed by {addr} during the TLS handshake (not a TLS port, or the broker behind it is down?)"
+            )
         }
         io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe => {
             "connection closed by the broker".to_owned()

@@ -279,6 +279,9 @@ impl Session<'_> {
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let mut appended = self.outbox.watch_appended();
+        // Appends before this session started are not signalled: take the current value.
+        let next = *appended.borrow_and_update();
+        self.engine.handle_appended(next, Instant::now());
         let keep_alive = self.settings.config.mqtt.keep_alive;
         let dead_after = keep_alive + keep_alive / 2;
         let connect_timeout = Duration::from_secs(30).max(dead_after);
@@ -299,7 +302,10 @@ impl Session<'_> {
                     let Some(ev) = ev else {
                         return SessionEnd::Failed("MQTT event loop ended".into());
                     };
-                    last_heard = Instant::now();
+                    // Only what the broker sends proves the link alive, not our own pings.
+                    if matches!(ev, Ok(Event::Incoming(_))) {
+                        last_heard = Instant::now();
+                    }
                     match ev {
                         Ok(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
@@ -494,11 +500,13 @@ impl Session<'_> {
             let ev = tokio::time::timeout_at(deadline, events.recv()).await;
             let Ok(Some(Ok(ev))) = ev else { break };
             match ev {
-                Event::Outgoing(Outgoing::Publish(pkid)) => {
-                    if self.tags.pop_front() == Some(Tag::Goodbye) {
-                        goodbye_pkid = Some(pkid);
+                Event::Outgoing(Outgoing::Publish(pkid)) => match self.tags.pop_front() {
+                    Some(Tag::Goodbye) => goodbye_pkid = Some(pkid),
+                    Some(tag) => {
+                        self.pkids.insert(pkid, tag);
                     }
-                }
+                    None => {}
+                },
                 Event::Incoming(Packet::PubAck(a)) if Some(a.pkid) == goodbye_pkid => break,
                 Event::Incoming(Packet::PubAck(a)) => {
                     // A batch acknowledged during shutdown: still delete it.

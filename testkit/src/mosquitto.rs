@@ -11,7 +11,7 @@
 //! - `set_tcp_nodelay true`, or every TLS connect costs ~45 ms.
 //! - TLS listener: `require_certificate true` (clients must present a cert signed by
 //!   `pki.ca`), `use_identity_as_username true` (the cert CN becomes the user name),
-//!   `allow_anonymous true`. Optional plain listener (anonymous).
+//!   `allow_anonymous true` unless turned off. Optional plain listener.
 //! - Persistence (option): saved on graceful stop (SIGTERM, [`Mosquitto::terminate`],
 //!   [`Mosquitto::restart`]) and every `autosave_interval`; a SIGKILL ([`Mosquitto::stop`])
 //!   loses what was not saved yet, like a crash.
@@ -39,12 +39,19 @@ pub struct MosquittoOptions {
     pub require_certificate: bool,
     /// Also open a plain TCP listener.
     pub plain_tcp: bool,
+    /// Accept clients without a user name (TLS clients get their certificate's CN as user
+    /// name, so with `false` only plain clients without a user name are refused: CONNACK
+    /// "not authorized").
+    pub allow_anonymous: bool,
     /// Keep sessions and retained messages on disk across restarts.
     pub persistence: bool,
     /// Seconds between persistence saves (Mosquitto's `autosave_interval`).
     pub autosave_interval: u32,
     /// Largest accepted message, bytes (`message_size_limit`; 0 = Mosquitto's default).
     pub max_payload: usize,
+    /// Cap the broker at TLS 1.2 (through an `OPENSSL_CONF` with `MaxProtocol = TLSv1.2`;
+    /// Mosquitto's own `tls_version` only sets the minimum).
+    pub tls12_only: bool,
     /// Lines appended to the generated config as they are (after the listener sections).
     pub extra_config: Vec<String>,
     /// How long to wait for the listeners to come up.
@@ -57,9 +64,11 @@ impl Default for MosquittoOptions {
             server_cert: ServerCert::Good,
             require_certificate: true,
             plain_tcp: false,
+            allow_anonymous: true,
             persistence: false,
             autosave_interval: 1800,
             max_payload: 16 * 1024 * 1024,
+            tls12_only: false,
             extra_config: Vec::new(),
             start_timeout: Duration::from_secs(10),
         }
@@ -77,6 +86,7 @@ pub struct Mosquitto {
     conf: PathBuf,
     log: PathBuf,
     start_timeout: Duration,
+    openssl_conf: Option<PathBuf>,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }
@@ -132,6 +142,16 @@ impl Mosquitto {
         fs::write(&conf, conf_text).context(|| format!("writing {}", conf.display()))?;
         chmod(&conf, 0o644)?;
 
+        let openssl_conf = if opts.tls12_only {
+            let path = dir.path().join("openssl.cnf");
+            fs::write(&path, OPENSSL_TLS12_ONLY)
+                .context(|| format!("writing {}", path.display()))?;
+            chmod(&path, 0o644)?;
+            Some(path)
+        } else {
+            None
+        };
+
         let mut m = Mosquitto {
             tls_port,
             tcp_port,
@@ -139,6 +159,7 @@ impl Mosquitto {
             conf,
             log,
             start_timeout: opts.start_timeout,
+            openssl_conf,
             child: None,
             dir,
         };
@@ -236,7 +257,11 @@ impl Mosquitto {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let child = Command::new(&self.binary)
+        let mut cmd = Command::new(&self.binary);
+        if let Some(conf) = &self.openssl_conf {
+            cmd.env("OPENSSL_CONF", conf);
+        }
+        let child = cmd
             .arg("-c")
             .arg(&self.conf)
             .stdin(Stdio::null())
@@ -276,6 +301,16 @@ impl Drop for Mosquitto {
     }
 }
 
+/// OpenSSL config that caps every TLS context of the process at TLS 1.2.
+const OPENSSL_TLS12_ONLY: &str = "openssl_conf = default_conf
+[default_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+MaxProtocol = TLSv1.2
+";
+
 fn chmod(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .context(|| format!("chmod {mode:o} {}", path.display()))
@@ -296,7 +331,7 @@ fn config_text(
     let _ = writeln!(c, "log_dest file {}", log.display());
     let _ = writeln!(c, "log_type error\nlog_type warning\nlog_type notice");
     let _ = writeln!(c, "log_type information\nconnection_messages true");
-    let _ = writeln!(c, "allow_anonymous true");
+    let _ = writeln!(c, "allow_anonymous {}", opts.allow_anonymous);
     let _ = writeln!(c, "set_tcp_nodelay true");
     let _ = writeln!(c, "max_inflight_messages 0\nmax_queued_messages 100000");
     if opts.max_payload > 0 {

@@ -19,7 +19,13 @@
 //! | [`clear`](FaultProxy::clear) | all of the above off |
 //!
 //! Normal end of a connection: an EOF on one side is passed on as a half-close (FIN) to the
-//! other; a read or write error closes both sides.
+//! other; a read or write error closes both sides. If the upstream refuses the connection,
+//! the client's connection is closed.
+//!
+//! In front of rumqttd, note that rumqttd runs TLS handshakes one at a time without a
+//! timeout: a connection blackholed in the middle of its handshake stalls rumqttd's TLS
+//! listener for every other client until `restore()` or until the connection closes. (New
+//! connections during a blackhole do not reach rumqttd, so they do not stall it.)
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -435,9 +441,10 @@ impl Pump<'_> {
             }
             let n = match self.watch.guard(self.src.read(&mut buf)).await {
                 Err(end) => return end,
-                Ok(Ok(0)) => return End::Eof,
+                // A close on one side does not cross a blackholed link either.
+                Ok(Ok(0)) => return self.watch.gate().await.err().unwrap_or(End::Eof),
                 Ok(Ok(n)) => n,
-                Ok(Err(_)) => return End::Close,
+                Ok(Err(_)) => return self.watch.gate().await.err().unwrap_or(End::Close),
             };
             let delay = self.watch.ctl.borrow().delay;
             if !delay.is_zero()

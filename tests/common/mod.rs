@@ -105,7 +105,7 @@ impl AgentOptions {
              id = {device}\n\
              [mqtt]\n\
              url = {url}\n\
-             ca = \"ca.pem\"\n\
+             {ca}\
              {mqtt_extra}\n\
              [store]\n\
              path = {store}\n\
@@ -116,6 +116,12 @@ impl AgentOptions {
              {extra}\n",
             device = toml_str(&self.device_id),
             url = toml_str(&self.mqtt_url),
+            // A CA is required with mqtts:// and refused with plain mqtt://.
+            ca = if self.mqtt_url.starts_with("mqtt://") {
+                ""
+            } else {
+                "ca = \"ca.pem\"\n"
+            },
             mqtt_extra = self.mqtt_extra,
             store = toml_str(&self.store_path),
             max = toml_str(&self.max_bytes),

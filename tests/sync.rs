@@ -1,0 +1,621 @@
+//! Sync over TLS MQTT against real brokers: the real binary, rumqttd in-process (default)
+//! and Mosquitto (interop, broker restarts). A "cloud" subscriber records every batch.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Agent, AgentOptions};
+use edgesync_testkit::{
+    FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, ServerCert, TestPki,
+};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use serde_json::{Value, json};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn pki(dir: &Path, device: &str) -> TestPki {
+    TestPki::generate_for(dir, device, "edgesync").expect("generate pki")
+}
+
+/// Agent options for a TLS broker at `port` (usually a proxy) with the pki's client cert.
+fn tls_agent(pki: &TestPki, port: u16, extra: &str) -> AgentOptions {
+    AgentOptions {
+        device_id: pki.device_id.clone(),
+        mqtt_url: format!("mqtts://localhost:{port}"),
+        ca_pem: std::fs::read(&pki.ca).expect("read ca"),
+        mqtt_extra: format!(
+            "cert = {:?}\nkey = {:?}\nkeep_alive = \"5s\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n{extra}",
+            pki.client_cert, pki.client_key
+        ),
+        max_bytes: "64MiB".into(),
+        when_full: "reject".into(),
+        ..AgentOptions::default()
+    }
+}
+
+/// One published message as the cloud saw it.
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+}
+
+/// A subscriber ("the cloud") on a broker, in a thread, recording every message.
+struct Cloud {
+    msgs: Arc<Mutex<Vec<Msg>>>,
+    /// Times the subscription became active (SUBACK, or a resumed session).
+    ready: Arc<std::sync::atomic::AtomicU64>,
+    client: Client,
+}
+
+impl Cloud {
+    /// Connects with its own client certificate and subscribes to `filter`; returns once
+    /// the SUBACK arrived. `persistent` keeps a session across broker restarts.
+    fn start(pki: &TestPki, port: u16, filter: &str, persistent: bool) -> Cloud {
+        let id = format!("cloud-{}", unique());
+        let (cert, key) = pki.issue_client(&id, &id).expect("cloud cert");
+        let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
+        let mut o = MqttOptions::new(id, "localhost", port);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        o.set_keep_alive(Duration::from_secs(5));
+        o.set_clean_session(!persistent);
+        o.set_max_packet_size(1 << 24, 1 << 20);
+        let (client, mut connection) = Client::new(o, 64);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .expect("subscribe");
+        let msgs = Arc::new(Mutex::new(Vec::new()));
+        let ready = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ready2 = Arc::clone(&ready);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&msgs);
+        let resub = client.clone();
+        let filter = filter.to_owned();
+        thread::spawn(move || {
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        ready2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let _ = ready_tx.send(());
+                    }
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        if ack.session_present {
+                            ready2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        } else {
+                            // A broker that lost our session: subscribe again.
+                            let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        sink.lock().unwrap().push(Msg {
+                            topic: p.topic.clone(),
+                            payload: p.payload.to_vec(),
+                            retain: p.retain,
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(_) => thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("cloud subscriber got no SUBACK");
+        Cloud {
+            msgs,
+            ready,
+            client,
+        }
+    }
+
+    fn ready_count(&self) -> u64 {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn messages(&self) -> Vec<Msg> {
+        self.msgs.lock().unwrap().clone()
+    }
+
+    /// Every change batch received (decoded), in arrival order.
+    fn batches(&self) -> Vec<Value> {
+        self.messages()
+            .iter()
+            .filter(|m| m.topic.ends_with("/reported"))
+            .map(|m| decode(&m.payload))
+            .collect()
+    }
+
+    /// The distinct seqs received.
+    fn seqs(&self) -> BTreeSet<u64> {
+        self.batches()
+            .iter()
+            .flat_map(|b| b["changes"].as_array().cloned().unwrap_or_default())
+            .map(|c| c["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    fn statuses(&self) -> Vec<(Value, bool)> {
+        self.messages()
+            .iter()
+            .filter(|m| m.topic.ends_with("/status"))
+            .map(|m| (serde_json::from_slice(&m.payload).unwrap(), m.retain))
+            .collect()
+    }
+
+    fn wait_for_seqs(&self, want: &BTreeSet<u64>, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.seqs();
+            if want.is_subset(&got) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cloud is missing {} of {} seqs, e.g. {:?}",
+                want.difference(&got).count(),
+                want.len(),
+                want.difference(&got).take(5).collect::<Vec<_>>()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.client.disconnect();
+    }
+}
+
+fn decode(payload: &[u8]) -> Value {
+    if payload.first() == Some(&b'{') {
+        serde_json::from_slice(payload).unwrap()
+    } else {
+        ciborium::from_reader(payload).unwrap()
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    u64::from(std::process::id()) * 1000 + N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Reports `n` changes in requests of `per` on one connection; returns their seqs.
+fn report_many(agent: &Agent, n: u64, per: u64) -> BTreeSet<u64> {
+    let mut seqs = BTreeSet::new();
+    let mut i = 0;
+    while i < n {
+        let k = per.min(n - i);
+        let changes: Vec<Value> = (i..i + k)
+            .map(|j| json!({"key": format!("k{}", j % 50), "value": {"n": j, "pad": "x".repeat(40)}}))
+            .collect();
+        let r = agent.request(&json!({"op": "report", "changes": changes}));
+        assert_eq!(r["ok"], true, "{r}");
+        seqs.extend(r["first_seq"].as_u64().unwrap()..=r["last_seq"].as_u64().unwrap());
+        i += k;
+    }
+    seqs
+}
+
+/// Waits until the agent's queue is empty; on timeout shows its status.
+fn wait_drained(agent: &Agent) {
+    let deadline = Instant::now() + DEADLINE;
+    while agent.depth() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "queue not drained: {:#}",
+            agent.status()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn online(agent: &Agent) -> bool {
+    agent.status()["connection"]["state"] == "online"
+}
+
+/// Every batch's changes ascend; the union is what was reported, each with its value.
+fn assert_batches_well_formed(batches: &[Value], device: &str) {
+    for b in batches {
+        assert_eq!(b["device"], device);
+        let seqs: Vec<u64> = b["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["seq"].as_u64().unwrap())
+            .collect();
+        assert!(!seqs.is_empty());
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "batch not ascending: {seqs:?}"
+        );
+    }
+}
+
+#[test]
+fn changes_arrive_in_order_with_seq_key_value_and_ts() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-order");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let cloud = Cloud::start(&pki, broker.tls_port, "edgesync/sync-order/#", false);
+    let agent = Agent::start(tls_agent(&pki, broker.tls_port, ""));
+    wait("online", DEADLINE, || online(&agent));
+
+    let out = agent.cli(&["report", "temp=21.5", "mode=eco"]);
+    assert!(out.status.success());
+    let seqs = report_many(&agent, 300, 7);
+    let mut want: BTreeSet<u64> = seqs.clone();
+    want.extend([1, 2]);
+    cloud.wait_for_seqs(&want, DEADLINE);
+
+    let batches = cloud.batches();
+    assert_batches_well_formed(&batches, "sync-order");
+    let all: Vec<Value> = batches
+        .iter()
+        .flat_map(|b| b["changes"].as_array().cloned().unwrap())
+        .collect();
+    let order: Vec<u64> = all.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "no resends, all in order"
+    );
+    assert_eq!(all[0]["key"], "temp");
+    assert_eq!(all[0]["value"], 21.5);
+    assert_eq!(all[1]["value"], "eco");
+    assert!(all[0]["ts"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(all[2]["value"]["n"], 0);
+
+    wait("queue drained", DEADLINE, || agent.depth() == 0);
+    let s = agent.status();
+    assert_eq!(s["counters"]["sent"], 302);
+    assert_eq!(s["counters"]["acked"], 302);
+    assert_eq!(s["counters"]["resent"], 0);
+    assert!(s["connection"]["last_sync"].as_u64().is_some());
+    assert_eq!(s["connection"]["last_error"], Value::Null);
+}
+
+#[test]
+fn offline_backlog_drains_completely_after_the_link_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-backlog");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let proxy = FaultProxy::start(broker.tls_addr()).unwrap();
+    let cloud = Cloud::start(
+        &pki,
+        broker.tls_port,
+        "edgesync/sync-backlog/reported",
+        false,
+    );
+    proxy.cut();
+    let agent = Agent::start(tls_agent(&pki, proxy.port(), ""));
+    let want = report_many(&agent, 20_000, 500);
+    let s = agent.status();
+    assert_ne!(s["connection"]["state"], "online");
+    assert_eq!(s["queue"]["depth"], 20_000);
+    assert!(s["queue"]["oldest_ts"].as_u64().is_some());
+    assert!(cloud.seqs().is_empty());
+
+    proxy.restore();
+    wait_drained(&agent);
+    cloud.wait_for_seqs(&want, DEADLINE);
+    let batches = cloud.batches();
+    assert_batches_well_formed(&batches, "sync-backlog");
+    assert!(
+        batches.len() < 200,
+        "a backlog goes in large batches, not {} small ones",
+        batches.len()
+    );
+}
+
+#[test]
+fn agent_killed_mid_drain_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-kill");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let proxy = FaultProxy::start(broker.tls_addr()).unwrap();
+    let cloud = Cloud::start(&pki, broker.tls_port, "edgesync/sync-kill/reported", false);
+    proxy.cut();
+    let mut agent = Agent::start(tls_agent(&pki, proxy.port(), ""));
+    let want = report_many(&agent, 50_000, 1000);
+    proxy.restore();
+    // Kill it while the drain is under way.
+    wait("drain started", DEADLINE, || !cloud.seqs().is_empty());
+    agent.kill9();
+    let before = cloud.seqs().len();
+    assert!(
+        before < want.len(),
+        "the drain was not finished when killed"
+    );
+    agent.restart();
+    cloud.wait_for_seqs(&want, DEADLINE);
+    wait("queue drained", DEADLINE, || agent.depth() == 0);
+    assert_batches_well_formed(&cloud.batches(), "sync-kill");
+}
+
+#[test]
+fn broker_restarts_mid_drain_lose_nothing_with_and_without_persistence() {
+    for persistence in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let device = format!("sync-restart-{persistence}");
+        let pki = pki(dir.path(), &device);
+        let Some(mut mosq) = Mosquitto::start(
+            &pki,
+            MosquittoOptions {
+                persistence,
+                ..MosquittoOptions::default()
+            },
+        )
+        .unwrap() else {
+            return;
+        };
+        let proxy = FaultProxy::start(mosq.tls_addr()).unwrap();
+        let cloud = Cloud::start(
+            &pki,
+            mosq.tls_port,
+            &format!("edgesync/{device}/reported"),
+            true,
+        );
+        proxy.cut();
+        let agent = Agent::start(tls_agent(&pki, proxy.port(), ""));
+        let want = report_many(&agent, 30_000, 1000);
+        // A slow link keeps the drain going while the broker restarts under it.
+        proxy.bandwidth(400_000);
+        proxy.restore();
+        for _ in 0..3 {
+            let seen = cloud.seqs().len();
+            wait("drain progress", DEADLINE, || {
+                cloud.seqs().len() > seen || agent.depth() == 0
+            });
+            // Hold the agent back while the broker restarts, until the cloud is subscribed
+            // again (without persistence its session is gone).
+            proxy.cut();
+            let ready = cloud.ready_count();
+            mosq.restart().unwrap();
+            wait("cloud subscribed again", DEADLINE, || {
+                cloud.ready_count() > ready
+            });
+            proxy.restore();
+        }
+        assert!(agent.depth() > 0, "the restarts happened mid-drain");
+        proxy.bandwidth(0);
+        cloud.wait_for_seqs(&want, Duration::from_secs(120));
+        wait_drained(&agent);
+        assert_batches_well_formed(&cloud.batches(), &device);
+        let s = agent.status();
+        assert!(s["counters"]["reconnects"].as_u64().unwrap() >= 3, "{s}");
+        assert!(s["counters"]["resent"].as_u64().unwrap() > 0, "{s}");
+    }
+}
+
+#[test]
+fn retained_status_is_online_then_offline_on_stop_and_by_last_will_after_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-status");
+    let Some(mosq) = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap() else {
+        return;
+    };
+    let mut agent = Agent::start(tls_agent(&pki, mosq.tls_port, ""));
+    wait("online", DEADLINE, || online(&agent));
+    // A subscriber arriving later sees the retained "online".
+    let cloud = Cloud::start(&pki, mosq.tls_port, "edgesync/sync-status/status", false);
+    wait("retained online", DEADLINE, || {
+        cloud
+            .statuses()
+            .iter()
+            .any(|(v, retained)| v["state"] == "online" && *retained)
+    });
+    let (online_doc, _) = cloud.statuses()[0].clone();
+    assert!(
+        online_doc["agent"]
+            .as_str()
+            .unwrap()
+            .starts_with("edgesync ")
+    );
+    assert!(online_doc["since"].as_u64().is_some());
+
+    agent.stop();
+    wait("offline on clean stop", DEADLINE, || {
+        cloud
+            .statuses()
+            .last()
+            .is_some_and(|(v, _)| v["state"] == "offline")
+    });
+    agent.restart();
+    wait("online again", DEADLINE, || {
+        cloud
+            .statuses()
+            .last()
+            .is_some_and(|(v, _)| v["state"] == "online")
+    });
+    agent.kill9();
+    // The broker publishes the last will once it sees the connection die.
+    wait("last will", DEADLINE, || {
+        cloud
+            .statuses()
+            .last()
+            .is_some_and(|(v, _)| v["state"] == "offline")
+    });
+    let late = Cloud::start(&pki, mosq.tls_port, "edgesync/sync-status/status", false);
+    wait("retained offline", DEADLINE, || {
+        late.statuses()
+            .iter()
+            .any(|(v, retained)| v["state"] == "offline" && *retained)
+    });
+}
+
+#[test]
+fn mosquitto_interop_mutual_tls_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-mosq");
+    let Some(mosq) = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap() else {
+        return;
+    };
+    let cloud = Cloud::start(&pki, mosq.tls_port, "edgesync/sync-mosq/reported", false);
+    let agent = Agent::start(tls_agent(&pki, mosq.tls_port, ""));
+    wait("online", DEADLINE, || online(&agent));
+    let want = report_many(&agent, 5000, 100);
+    cloud.wait_for_seqs(&want, DEADLINE);
+    assert_batches_well_formed(&cloud.batches(), "sync-mosq");
+    wait("queue drained", DEADLINE, || agent.depth() == 0);
+}
+
+#[test]
+fn json_encoding_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-json");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let cloud = Cloud::start(&pki, broker.tls_port, "edgesync/sync-json/reported", false);
+    let mut opts = tls_agent(&pki, broker.tls_port, "");
+    opts.extra_toml = "[sync]\nencoding = \"json\"\n".into();
+    let agent = Agent::start(opts);
+    wait("online", DEADLINE, || online(&agent));
+    let want = report_many(&agent, 10, 3);
+    cloud.wait_for_seqs(&want, DEADLINE);
+    let m = cloud.messages();
+    assert_eq!(m[0].payload.first(), Some(&b'{'), "JSON payload");
+}
+
+/// A TLS failure must leave the agent offline with a precise `last_error`.
+fn assert_tls_failure(pki: &TestPki, opts: AgentOptions, port_hint: &str, expect: &[&str]) {
+    let agent = Agent::start(opts);
+    wait(&format!("last_error for {port_hint}"), DEADLINE, || {
+        !agent.status()["connection"]["last_error"].is_null()
+    });
+    let s = agent.status();
+    let err = s["connection"]["last_error"].as_str().unwrap().to_owned();
+    assert!(
+        expect.iter().any(|e| err.contains(e)),
+        "{port_hint}: last_error {err:?} should say one of {expect:?}"
+    );
+    assert_ne!(s["connection"]["state"], "online");
+    let _ = pki;
+    // The CLI shows it too.
+    let out = agent.cli(&["status"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&err));
+}
+
+#[test]
+fn wrong_ca_is_refused_with_a_precise_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-wrongca");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let mut opts = tls_agent(&pki, broker.tls_port, "");
+    opts.ca_pem = std::fs::read(&pki.wrong_ca).unwrap();
+    assert_tls_failure(&pki, opts, "wrong CA", &["not signed by the configured CA"]);
+}
+
+#[test]
+fn wrong_server_name_is_refused_with_a_precise_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-wrongname");
+    let broker = RumqttdBroker::start(
+        &pki,
+        RumqttdOptions {
+            server_cert: ServerCert::WrongName,
+            ..RumqttdOptions::default()
+        },
+    )
+    .unwrap();
+    let opts = tls_agent(&pki, broker.tls_port, "");
+    assert_tls_failure(&pki, opts, "wrong name", &["not valid for host localhost"]);
+}
+
+#[test]
+fn missing_client_certificate_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-nocert");
+    let Some(mosq) = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap() else {
+        return;
+    };
+    let mut opts = tls_agent(&pki, mosq.tls_port, "");
+    opts.mqtt_extra = "keep_alive = \"5s\"\nreconnect_initial = \"200ms\"\n".into();
+    assert_tls_failure(
+        &pki,
+        opts,
+        "no client cert",
+        &[
+            "requires a client certificate",
+            "rejected our client certificate",
+        ],
+    );
+}
+
+#[test]
+fn plaintext_is_refused_without_the_flag() {
+    let opts = AgentOptions {
+        mqtt_url: "mqtt://localhost:1883".into(),
+        ..AgentOptions::default()
+    };
+    let agent = Agent::prepare(opts);
+    let out = agent.cli(&["run"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("plaintext"), "{err}");
+}
+
+#[test]
+fn plaintext_with_the_flag_works_and_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-plain");
+    let broker = RumqttdBroker::start(
+        &pki,
+        RumqttdOptions {
+            plain_tcp: true,
+            ..RumqttdOptions::default()
+        },
+    )
+    .unwrap();
+    let cloud = Cloud::start(&pki, broker.tls_port, "edgesync/sync-plain/reported", false);
+    let agent = Agent::start(AgentOptions {
+        device_id: "sync-plain".into(),
+        mqtt_url: format!("mqtt://127.0.0.1:{}", broker.tcp_port.unwrap()),
+        mqtt_extra: "allow_plaintext = true\n".into(),
+        ..AgentOptions::default()
+    });
+    // An empty ca.pem is written by the helper; with mqtt:// it must not be set.
+    wait("online", DEADLINE, || online(&agent));
+    let want = report_many(&agent, 5, 5);
+    cloud.wait_for_seqs(&want, DEADLINE);
+    assert!(agent.log().contains("WITHOUT TLS"), "{}", agent.log());
+}
+
+#[test]
+fn a_silent_dead_link_is_detected_within_one_and_a_half_keep_alives() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-dead");
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let proxy = FaultProxy::start(broker.tls_addr()).unwrap();
+    let agent = Agent::start(tls_agent(&pki, proxy.port(), ""));
+    wait("online", DEADLINE, || online(&agent));
+    let t0 = Instant::now();
+    proxy.blackhole();
+    wait("offline", Duration::from_secs(20), || !online(&agent));
+    let took = t0.elapsed();
+    // keep_alive = 5 s: at most 7.5 s after the last packet heard, plus polling slack.
+    assert!(took <= Duration::from_millis(8000), "took {took:?}");
+    let err = agent.status()["connection"]["last_error"].clone();
+    assert!(
+        err.as_str().unwrap().contains("link considered dead"),
+        "{err}"
+    );
+    proxy.restore();
+    wait("online again", DEADLINE, || online(&agent));
+}
