@@ -288,6 +288,15 @@ impl Daemon {
         Ok(took)
     }
 
+    /// SIGKILL, then waits for the exit.
+    fn kill(&mut self) -> Res<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().map_err(|e| format!("kill: {e}"))?;
+            child.wait().map_err(|e| format!("wait: {e}"))?;
+        }
+        Ok(())
+    }
+
     fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -401,7 +410,10 @@ struct Sample {
     lat_offered: f64,
     hwm: f64,
     startup_ms: f64,
+    startup_empty_ms: f64,
     restart_hwm: f64,
+    recovery_ms: f64,
+    recovery_hwm: f64,
     shutdown_ms: f64,
     file_per_change: f64,
 }
@@ -410,7 +422,8 @@ struct Sample {
 fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()> {
     let n = args.single;
     let setup = setup(args, run)?;
-    let (mut d, _) = Daemon::start(&setup)?;
+    let (mut d, first_start) = Daemon::start(&setup)?;
+    s.startup_empty_ms = first_start.as_secs_f64() * 1e3;
     let daemon_cpu0 = d.cpu_by_thread();
     let client_cpu0 = schedstat_secs(Path::new("/proc/thread-self"));
     let t0 = Instant::now();
@@ -453,6 +466,17 @@ fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<(
     let depth = queue_depth(&d.socket)?;
     if depth != n as u64 {
         return Err(format!("queue depth {depth} after restart, expected {n}"));
+    }
+
+    // A crash (power cut): SIGKILL, then start again; redb repairs the file first.
+    d.kill()?;
+    drop(d);
+    let (mut d, recovery) = Daemon::start(&setup)?;
+    s.recovery_ms = recovery.as_secs_f64() * 1e3;
+    s.recovery_hwm = d.peak_rss()? as f64;
+    let depth = queue_depth(&d.socket)?;
+    if depth != n as u64 {
+        return Err(format!("queue depth {depth} after a crash, expected {n}"));
     }
     d.stop()?;
     Ok(())
@@ -628,13 +652,22 @@ fn machine(dir: &Path) -> String {
     )
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
+/// Load average and CPU pressure: other work on the machine skews every figure.
+fn load() -> String {
+    let avg = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
         .take(3)
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    // "some avg10=1.23 avg60=..." : share of time runnable tasks waited for a CPU.
+    let pressure = std::fs::read_to_string("/proc/pressure/cpu")
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
+        .map_or_else(String::new, |p| format!(", CPU pressure {p}%"));
+    format!("load average {avg}{pressure}")
 }
 
 #[derive(Clone, Copy)]
@@ -703,7 +736,7 @@ fn run() -> Res<()> {
         if args.quick { " (--quick)" } else { "" }
     );
     print!("{}", machine(&args.dir));
-    println!("load    {} (1, 5, 15 min) at start", loadavg());
+    println!("load    {} at start", load());
     println!("daemon  {DAEMON}");
     println!(
         "work    fig.1 {} changes, fig.2 {CLIENTS}×{}, fig.3 {} req/s for {} s; {KEYS} keys, \
@@ -733,7 +766,8 @@ fn run() -> Res<()> {
             let _ = write!(
                 line,
                 " 1 client {:.0}/s (CPU µs/change: client {:.2}, daemon runtime {:.2}, store {:.2}) · \
-                 HWM {:.1} MiB · start {:.1} ms (stop {:.0} ms) · {:.1} B/change ·",
+                 HWM {:.1} MiB · start {:.1} ms (stop {:.0} ms, after SIGKILL {:.0} ms) · \
+                 {:.1} B/change ·",
                 s.single_rate,
                 s.cpu_client,
                 s.cpu_runtime,
@@ -741,6 +775,7 @@ fn run() -> Res<()> {
                 s.hwm / MIB,
                 s.startup_ms,
                 s.shutdown_ms,
+                s.recovery_ms,
                 s.file_per_change
             );
         }
@@ -891,10 +926,37 @@ fn run() -> Res<()> {
         ),
         figure(
             1,
+            "   start-up with an empty store",
+            "ms",
+            Target::None,
+            col(|s| s.startup_empty_ms),
+            1.0,
+            1,
+        ),
+        figure(
+            1,
             "   peak RSS right after that start-up",
             "MiB",
             Target::None,
             col(|s| s.restart_hwm),
+            MIB,
+            1,
+        ),
+        figure(
+            1,
+            "   start-up after SIGKILL (crash recovery)",
+            "ms",
+            Target::None,
+            col(|s| s.recovery_ms),
+            1.0,
+            1,
+        ),
+        figure(
+            1,
+            "   peak RSS right after crash recovery",
+            "MiB",
+            Target::None,
+            col(|s| s.recovery_hwm),
             MIB,
             1,
         ),
@@ -935,10 +997,10 @@ fn run() -> Res<()> {
         );
     }
     println!(
-        "\n{} repeats in {:.0} s; load {} at the end",
+        "\n{} repeats in {:.0} s; {} at the end",
         args.repeats,
         started.elapsed().as_secs_f64(),
-        loadavg()
+        load()
     );
     Ok(())
 }

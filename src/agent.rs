@@ -11,6 +11,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::desired::apply::Applier;
+use crate::desired::watch::Watchers;
 use crate::local_api::{self, Context, SocketError};
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
@@ -76,15 +78,23 @@ pub async fn run_until(
     let (stop_tx, stop_rx) = watch::channel(false);
     let board = StatusBoard::default();
     let config = Arc::new(config);
+    let applier = Applier::new(
+        outbox.clone(),
+        Arc::new(config.desired.clone()),
+        Watchers::default(),
+    );
+    let applying = tokio::spawn(applier.clone().run(stop_rx.clone()));
     let link = tokio::spawn(crate::sync::run(
         LinkSettings::new(Arc::clone(&config)),
         outbox.clone(),
+        applier.clone(),
         board.clone(),
         stop_rx.clone(),
     ));
     let ctx = Context {
         outbox: outbox.clone(),
         board,
+        applier,
         identity: Arc::new(Identity {
             device: config.device.id.to_string(),
             broker: config.mqtt.url.to_string(),
@@ -112,6 +122,10 @@ pub async fn run_until(
     // The link publishes "offline" and disconnects; acks it received still get deleted.
     if tokio::time::timeout(DRAIN_TIMEOUT, link).await.is_err() {
         tracing::warn!("the MQTT link did not stop in {DRAIN_TIMEOUT:?}");
+    }
+    // A document being applied finishes (its handlers run to their timeouts at most).
+    if tokio::time::timeout(DRAIN_TIMEOUT, applying).await.is_err() {
+        tracing::warn!("applying desired state did not finish in {DRAIN_TIMEOUT:?}");
     }
     outbox.shutdown().await;
     drop(outbox);

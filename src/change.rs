@@ -19,6 +19,38 @@ pub struct NewChange {
     pub value: Vec<u8>,
     /// Unix ms; `None` = stamped by the store when it takes the change.
     pub ts: Option<u64>,
+    /// Who made the change.
+    pub origin: Origin,
+}
+
+/// Who made a change: the device (reported over the socket), or the agent applying the
+/// cloud's desired state or a rollback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    #[default]
+    Device,
+    Cloud,
+    Rollback,
+}
+
+impl Origin {
+    /// The name written into records and batches; `None` for the device (the default).
+    pub fn tag(self) -> Option<&'static str> {
+        match self {
+            Origin::Device => None,
+            Origin::Cloud => Some("cloud"),
+            Origin::Rollback => Some("rollback"),
+        }
+    }
+
+    pub fn from_tag(tag: Option<&str>) -> Origin {
+        match tag {
+            Some("cloud") => Origin::Cloud,
+            Some("rollback") => Origin::Rollback,
+            _ => Origin::Device,
+        }
+    }
 }
 
 /// A change as it arrives in a local request, before validation.
@@ -66,6 +98,7 @@ impl RawChange {
             key: self.key,
             value,
             ts: self.ts,
+            origin: Origin::Device,
         })
     }
 }

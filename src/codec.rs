@@ -93,8 +93,9 @@ impl BatchBuilder {
         self.entry.clear();
         match self.encoding {
             Encoding::Cbor => {
-                // map(4) {"seq": u, "key": text, "value": <verbatim>, "ts": u}
-                self.entry.push(0xa4);
+                // map {"seq": u, "key": text, "value": <verbatim>, "ts": u[, "origin": text]}
+                self.entry
+                    .push(if rec.origin.is_some() { 0xa5 } else { 0xa4 });
                 write_text(&mut self.entry, "seq");
                 write_uint(&mut self.entry, q.seq);
                 write_text(&mut self.entry, "key");
@@ -103,6 +104,10 @@ impl BatchBuilder {
                 self.entry.extend_from_slice(rec.value);
                 write_text(&mut self.entry, "ts");
                 write_uint(&mut self.entry, rec.ts);
+                if let Some(origin) = rec.origin {
+                    write_text(&mut self.entry, "origin");
+                    write_text(&mut self.entry, origin);
+                }
             }
             Encoding::Json => {
                 let value = crate::change::decode_value(rec.value)
@@ -118,6 +123,10 @@ impl BatchBuilder {
                 json_into(&mut self.entry, &value);
                 self.entry.extend_from_slice(b",\"ts\":");
                 self.entry.extend_from_slice(rec.ts.to_string().as_bytes());
+                if let Some(origin) = rec.origin {
+                    self.entry.extend_from_slice(b",\"origin\":");
+                    json_into(&mut self.entry, origin);
+                }
                 self.entry.push(b'}');
             }
         }
@@ -263,6 +272,29 @@ mod tests {
         b.finish();
         let mut small = BatchBuilder::new(Encoding::Json, "d", 10, 10);
         assert!(small.push(&queued(9, "a", json!("long value"), 0)).unwrap());
+    }
+
+    #[test]
+    fn changes_made_by_the_agent_carry_their_origin() {
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            let mut b = BatchBuilder::new(enc, "d", 10, 1 << 20);
+            let mut rec = Vec::new();
+            record::encode_with_origin(&mut rec, 5, "k", &[0x01], Some("cloud"));
+            b.push(&Queued {
+                seq: 1,
+                record: rec,
+            })
+            .unwrap();
+            b.push(&queued(2, "j", json!(2), 6)).unwrap();
+            let v = decode(enc, &b.finish().unwrap().payload);
+            assert_eq!(
+                v["changes"],
+                json!([
+                    {"seq": 1, "key": "k", "value": 1, "ts": 5, "origin": "cloud"},
+                    {"seq": 2, "key": "j", "value": 2, "ts": 6},
+                ])
+            );
+        }
     }
 
     #[test]

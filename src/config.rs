@@ -26,8 +26,14 @@
 //!   directory. `local.socket` is the exception: it must be absolute.
 //! - Input never makes this module panic.
 //!
-//! The sections `[desired]`, `[control]` and `[telemetry]` are not part of the format yet:
-//! until they are added here, they are reported as unknown.
+//! # Arrays of tables
+//!
+//! `[desired]` holds three arrays of tables, `[[desired.rule]]`, `[[desired.conflict]]` and
+//! `[[desired.handler]]`. Their entries are named by their position in the file, counted from
+//! 1: `desired.rule[2].max` is the `max` key of the second `[[desired.rule]]`.
+//!
+//! The sections `[control]` and `[telemetry]` are not part of the format yet: until they are
+//! added here, they are reported as unknown.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -38,6 +44,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::{Table, Value};
+
+use crate::desired::rules;
+use crate::desired::types::{
+    ConflictRule, DesiredConfig, Handler, HandlerKind, KeyGlob, Policy, Rule, UnknownKeys,
+    ValueType,
+};
 
 /// Where the daemon and the CLI look for the config file by default (SPEC §2).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/edgesync.toml";
@@ -66,6 +78,11 @@ const DEFAULT_BATCH_MAX_BYTES: u64 = 256 * KIB;
 const DEFAULT_LINGER: Duration = Duration::ZERO;
 const DEFAULT_MAX_INFLIGHT: i64 = 8;
 const DEFAULT_LOG_LEVEL: &str = "info";
+const DEFAULT_DOCUMENT_BYTES: u64 = 256 * KIB;
+const DEFAULT_MAX_DEPTH: i64 = 16;
+const DEFAULT_HISTORY: i64 = 10;
+const DEFAULT_CONCURRENCY: i64 = 4;
+const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 
 // Limits.
 const DEVICE_ID_MAX: usize = 64;
@@ -85,7 +102,23 @@ const MAX_INFLIGHT_LIMIT: i64 = 1024;
 /// `sun_path` holds 108 bytes on Linux (104 on some other systems); keep a margin.
 const SOCKET_PATH_MAX: usize = 100;
 
+const DOCUMENT_BYTES_MIN: u64 = KIB;
+const DOCUMENT_BYTES_MAX: u64 = 16 * MIB;
+const MAX_DEPTH_LIMIT: i64 = 64;
+const HISTORY_LIMIT: i64 = 1000;
+const CONCURRENCY_LIMIT: i64 = 64;
+/// Timeouts of handlers, merge programs and watch acks.
+const HANDLER_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+const HANDLER_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+/// Most entries of each of `[[desired.rule]]`, `[[desired.conflict]]`, `[[desired.handler]]`:
+/// every key of every document is matched against them in order.
+const DESIRED_TABLES_MAX: usize = 1000;
+
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+const UNKNOWN_KEYS: &[&str] = &["accept", "reject"];
+const VALUE_TYPES: &[&str] = &["bool", "integer", "number", "string", "object", "array"];
+const POLICIES: &[&str] = &["cloud-wins", "device-wins", "last-write-wins", "merge"];
+const HANDLER_TYPES: &[&str] = &["exec", "file", "watch"];
 
 /// Resolve the config path: `--config` flag, else `$EDGESYNC_CONFIG`, else
 /// [`DEFAULT_CONFIG_PATH`]. An empty `$EDGESYNC_CONFIG` counts as unset.
@@ -134,6 +167,8 @@ pub struct Config {
     pub sync: SyncConfig,
     pub local: LocalConfig,
     pub log: LogConfig,
+    /// `[desired]` and its arrays of tables; `DesiredConfig::default()` without the section.
+    pub desired: DesiredConfig,
 }
 
 /// `[device]`
@@ -702,37 +737,61 @@ impl Problems {
     /// sections and their keys in documented order (unknown keys after the known ones), then
     /// unknown sections. Stable: problems of one key keep their order.
     fn sort(&mut self) {
-        self.0.sort_by_key(|problem| {
-            let (section, key) = problem.key.split_once('.').unwrap_or((&problem.key, ""));
-            if problem.key.is_empty() {
-                return (0, 0, 0);
-            }
-            match SECTIONS.iter().position(|(name, _)| *name == section) {
-                Some(s) => {
-                    let keys = SECTIONS[s].1;
-                    let k = match key {
-                        "" => 0,
-                        key => keys
-                            .iter()
-                            .position(|k| *k == key)
-                            .map_or(keys.len() + 1, |k| k + 1),
-                    };
-                    (1, s, k)
-                }
-                None => (2, 0, 0),
-            }
-        });
+        self.0.sort_by_key(|problem| sort_key(&problem.key));
     }
 
-    /// Whether a problem was already reported for `key` or for one of its parent sections.
+    /// Whether a problem was already reported for `key` or for one of its parents (a
+    /// section, an array of tables or one of its entries).
     fn mentions(&self, key: &str) -> bool {
         self.0.iter().any(|p| {
             p.key == key
                 || key
                     .strip_prefix(p.key.as_str())
-                    .is_some_and(|rest| rest.starts_with('.'))
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
         })
     }
+}
+
+/// Where a problem goes in the report: `(file-level / known section / unknown section,
+/// section, key, entry of an array of tables, key inside that entry)`, in documented order;
+/// unknown keys come after the known ones of their section or table.
+fn sort_key(key: &str) -> (u8, usize, usize, usize, usize) {
+    if key.is_empty() {
+        return (0, 0, 0, 0, 0);
+    }
+    let (section, rest) = key.split_once('.').unwrap_or((key, ""));
+    let Some(s) = SECTIONS.iter().position(|(name, _)| *name == section) else {
+        return (2, 0, 0, 0, 0);
+    };
+    if rest.is_empty() {
+        return (1, s, 0, 0, 0);
+    }
+    let position = |keys: &[&str], key: &str| {
+        keys.iter()
+            .position(|k| *k == key)
+            .map_or(keys.len() + 1, |k| k + 1)
+    };
+    let end = rest.find(['[', '.']).unwrap_or(rest.len());
+    let (base, after) = rest.split_at(end);
+    let k = position(SECTIONS[s].1, base);
+    // `rule[2].max`: the entry's number, then the key inside it.
+    let Some((index, inner)) = after
+        .strip_prefix('[')
+        .and_then(|after| after.split_once(']'))
+    else {
+        return (1, s, k, 0, 0);
+    };
+    let index = index.parse::<usize>().unwrap_or(usize::MAX);
+    let inner = inner.strip_prefix('.').unwrap_or("");
+    let inner = match (
+        inner,
+        SUBTABLES.iter().find(|t| t.0 == section && t.1 == base),
+    ) {
+        ("", _) => 0,
+        (inner, Some((_, _, keys))) => position(keys, inner),
+        (_, None) => usize::MAX,
+    };
+    (1, s, k, index, inner)
 }
 
 /// A size as written: a string with a unit, or an integer number of bytes.
@@ -803,6 +862,56 @@ impl FromValue for RawDuration {
     }
 }
 
+/// A number as written: TOML integers and floats are both numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(untagged)]
+enum RawNumber {
+    Integer(i64),
+    Float(f64),
+}
+
+impl FromValue for RawNumber {
+    fn from_value(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Integer(i) => Ok(RawNumber::Integer(*i)),
+            Value::Float(x) => Ok(RawNumber::Float(*x)),
+            other => Err(expected("a number", other)),
+        }
+    }
+}
+
+/// A program and its arguments, `["/usr/bin/prog", "--flag", "{key}"]`.
+impl FromValue for Vec<String> {
+    fn from_value(value: &Value) -> Result<Self, String> {
+        const WHAT: &str = "an array of strings such as [\"/usr/bin/prog\", \"--flag\"]";
+        let Value::Array(items) = value else {
+            return Err(expected(WHAT, value));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "expected {WHAT}, found an array whose item {} is {}",
+                    i + 1,
+                    describe(other)
+                )),
+            })
+            .collect()
+    }
+}
+
+/// The values of `enum`, any TOML values (converted to JSON during validation).
+impl FromValue for Vec<Value> {
+    fn from_value(value: &Value) -> Result<Self, String> {
+        match value {
+            Value::Array(items) => Ok(items.clone()),
+            other => Err(expected("an array of the allowed values", other)),
+        }
+    }
+}
+
 fn expected(what: &str, found: &Value) -> String {
     format!("expected {what}, found {}", describe(found))
 }
@@ -844,39 +953,129 @@ fn take<T: FromValue>(table: &Table, section: &str, key: &str, p: &mut Problems)
     }
 }
 
-/// Declares a raw section struct (every field optional, `deny_unknown_fields`), its key list
-/// and its field-by-field collector from a `toml::Table`.
+/// A table of the file as a raw struct: its keys, in documented order, and its
+/// field-by-field collector (`section` is the dotted name of the table, for messages).
+trait RawTable: Default {
+    const KEYS: &'static [&'static str];
+
+    fn collect(table: &Table, section: &str, p: &mut Problems) -> Self;
+}
+
+/// The TOML key of a raw field: its name, or the name given with `as "key"` (for keys that
+/// are Rust keywords, such as `type`).
+macro_rules! key_name {
+    ($field:ident) => {
+        stringify!($field)
+    };
+    ($field:ident $key:literal) => {
+        $key
+    };
+}
+
+/// Declares a raw table struct (every field optional, `deny_unknown_fields`), its key list
+/// and its field-by-field collector from a `toml::Table`. `field as "key": Type` reads the
+/// TOML key `key`; the fields after `tables` are arrays of tables (`[[section.field]]`).
 macro_rules! raw_section {
-    ($(#[$meta:meta])* struct $name:ident = $section:literal { $($field:ident: $ty:ty),* $(,)? }) => {
+    (
+        $(#[$meta:meta])*
+        struct $name:ident {
+            $($field:ident $(as $key:literal)?: $ty:ty),* $(,)?
+        }
+        $(tables { $($table:ident: $table_ty:ty),* $(,)? })?
+    ) => {
         $(#[$meta])*
-        #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+        #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
         #[serde(deny_unknown_fields)]
         struct $name {
-            $($field: Option<$ty>,)*
+            $($(#[serde(rename = $key)])? $field: Option<$ty>,)*
+            $($($table: Option<Vec<$table_ty>>,)*)?
         }
 
-        impl $name {
-            const KEYS: &[&str] = &[$(stringify!($field)),*];
+        impl RawTable for $name {
+            const KEYS: &'static [&'static str] =
+                &[$(key_name!($field $($key)?)),* $($(, stringify!($table))*)?];
 
-            fn collect(table: &Table, p: &mut Problems) -> Self {
+            fn collect(table: &Table, section: &str, p: &mut Problems) -> Self {
                 $name {
-                    $($field: take(table, $section, stringify!($field), p),)*
+                    $($field: take(table, section, key_name!($field $($key)?), p),)*
+                    $($($table: take_tables(table, section, stringify!($table), p),)*)?
                 }
             }
         }
     };
 }
 
+/// Convert the array of tables `table[key]` (`[[section.key]]`) if present. Every entry is
+/// checked for unknown keys and converted on its own, named `section.key[n]` (from 1); an
+/// entry that is not a table is reported and kept as an empty entry, so that the entries
+/// after it keep their numbers.
+fn take_tables<T: RawTable>(
+    table: &Table,
+    section: &str,
+    key: &str,
+    p: &mut Problems,
+) -> Option<Vec<T>> {
+    let value = table.get(key)?;
+    let name = format!("{section}.{key}");
+    let Value::Array(items) = value else {
+        let hint = if value.is_table() {
+            format!(" (write [[{name}]], with double brackets, once per entry)")
+        } else {
+            String::new()
+        };
+        p.push(
+            name.as_str(),
+            format!(
+                "expected an array of tables [[{name}]], found {}{hint}",
+                describe(value)
+            ),
+        );
+        return None;
+    };
+    if items.len() > DESIRED_TABLES_MAX {
+        p.push(
+            name.as_str(),
+            format!(
+                "expected at most {DESIRED_TABLES_MAX} [[{name}]] tables, found {}",
+                items.len()
+            ),
+        );
+    }
+    let entries = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let entry = format!("{name}[{}]", i + 1);
+            match item {
+                Value::Table(fields) => {
+                    for field in fields.keys().filter(|f| !T::KEYS.contains(&f.as_str())) {
+                        p.push(
+                            format!("{entry}.{field}"),
+                            unknown_table_key(&name, field, T::KEYS),
+                        );
+                    }
+                    T::collect(fields, &entry, p)
+                }
+                other => {
+                    p.push(entry, expected(&format!("a table [[{name}]]"), other));
+                    T::default()
+                }
+            }
+        })
+        .collect();
+    Some(entries)
+}
+
 raw_section! {
     /// `[device]`
-    struct RawDevice = "device" {
+    struct RawDevice {
         id: String,
     }
 }
 
 raw_section! {
     /// `[mqtt]`
-    struct RawMqtt = "mqtt" {
+    struct RawMqtt {
         url: String,
         topic_prefix: String,
         ca: String,
@@ -895,7 +1094,7 @@ raw_section! {
 
 raw_section! {
     /// `[store]`
-    struct RawStore = "store" {
+    struct RawStore {
         path: String,
         max_bytes: RawSize,
         when_full: String,
@@ -905,7 +1104,7 @@ raw_section! {
 
 raw_section! {
     /// `[sync]`
-    struct RawSync = "sync" {
+    struct RawSync {
         encoding: String,
         batch_max_changes: i64,
         batch_max_bytes: RawSize,
@@ -916,20 +1115,72 @@ raw_section! {
 
 raw_section! {
     /// `[local]`
-    struct RawLocal = "local" {
+    struct RawLocal {
         socket: String,
     }
 }
 
 raw_section! {
     /// `[log]`
-    struct RawLog = "log" {
+    struct RawLog {
         level: String,
     }
 }
 
+raw_section! {
+    /// `[desired]`
+    struct RawDesired {
+        max_document_bytes: RawSize,
+        max_depth: i64,
+        unknown_keys: String,
+        history: i64,
+        concurrency: i64,
+        handler_timeout: RawDuration,
+    }
+    tables {
+        rule: RawRule,
+        conflict: RawConflict,
+        handler: RawHandler,
+    }
+}
+
+raw_section! {
+    /// `[[desired.rule]]`
+    struct RawRule {
+        keys: String,
+        kind as "type": String,
+        min: RawNumber,
+        max: RawNumber,
+        one_of as "enum": Vec<Value>,
+        max_length: i64,
+        nullable: bool,
+    }
+}
+
+raw_section! {
+    /// `[[desired.conflict]]`
+    struct RawConflict {
+        keys: String,
+        policy: String,
+        command: Vec<String>,
+        timeout: RawDuration,
+    }
+}
+
+raw_section! {
+    /// `[[desired.handler]]`: every key of every handler type (each type takes some).
+    struct RawHandler {
+        keys: String,
+        kind as "type": String,
+        command: Vec<String>,
+        timeout: RawDuration,
+        path: String,
+        deadline: RawDuration,
+    }
+}
+
 /// The whole file, as written.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     device: Option<RawDevice>,
@@ -938,6 +1189,7 @@ struct RawConfig {
     sync: Option<RawSync>,
     local: Option<RawLocal>,
     log: Option<RawLog>,
+    desired: Option<RawDesired>,
 }
 
 /// The known sections and their keys, in file order.
@@ -948,19 +1200,31 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("sync", RawSync::KEYS),
     ("local", RawLocal::KEYS),
     ("log", RawLog::KEYS),
+    ("desired", RawDesired::KEYS),
+];
+
+/// The known arrays of tables: section, key, and the keys of one entry.
+const SUBTABLES: &[(&str, &str, &[&str])] = &[
+    ("desired", "rule", RawRule::KEYS),
+    ("desired", "conflict", RawConflict::KEYS),
+    ("desired", "handler", RawHandler::KEYS),
 ];
 
 impl RawConfig {
     /// Report every unknown section and key, then convert every known key on its own.
     fn collect(root: &Table, p: &mut Problems) -> RawConfig {
+        fn known<T: RawTable>(root: &Table, name: &str, p: &mut Problems) -> Option<T> {
+            section(root, name, p).map(|t| T::collect(t, name, p))
+        }
         report_unknown(root, p);
         RawConfig {
-            device: section(root, "device", p).map(|t| RawDevice::collect(t, p)),
-            mqtt: section(root, "mqtt", p).map(|t| RawMqtt::collect(t, p)),
-            store: section(root, "store", p).map(|t| RawStore::collect(t, p)),
-            sync: section(root, "sync", p).map(|t| RawSync::collect(t, p)),
-            local: section(root, "local", p).map(|t| RawLocal::collect(t, p)),
-            log: section(root, "log", p).map(|t| RawLog::collect(t, p)),
+            device: known(root, "device", p),
+            mqtt: known(root, "mqtt", p),
+            store: known(root, "store", p),
+            sync: known(root, "sync", p),
+            local: known(root, "local", p),
+            log: known(root, "log", p),
+            desired: known(root, "desired", p),
         }
     }
 }
@@ -1019,6 +1283,28 @@ fn report_unknown(root: &Table, p: &mut Problems) {
             }
         }
     }
+}
+
+/// An unknown key in an entry of the array of tables `name` (`"desired.rule"`).
+fn unknown_table_key(name: &str, key: &str, keys: &[&str]) -> String {
+    let hint = match suggest(key, keys) {
+        Some(near) => format!(" (did you mean {near:?}?)"),
+        None => {
+            let other_table = SUBTABLES
+                .iter()
+                .find(|(section, table, keys)| {
+                    format!("{section}.{table}") != name && keys.contains(&key)
+                })
+                .map(|(section, table, _)| format!(" (it belongs in [[{section}.{table}]])"));
+            let section = name.split('.').next().unwrap_or(name);
+            let own_section = SECTIONS
+                .iter()
+                .find(|(known, keys)| *known == section && keys.contains(&key))
+                .map(|(known, _)| format!(" (it belongs in [{known}])"));
+            other_table.or(own_section).unwrap_or_default()
+        }
+    };
+    format!("unknown key{hint}; expected one of {}", keys.join(", "))
 }
 
 fn unknown_key(section: &str, key: &str, keys: &[&str]) -> String {
@@ -1109,14 +1395,29 @@ fn key_of_line(text: &str, offset: usize) -> Option<String> {
         return None;
     }
     let key = key.replace(' ', "");
-    let header = text[..line_start]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .and_then(|l| l.trim_start_matches('[').split(']').next())
-        .map(str::trim)
-        .filter(|h| !h.is_empty());
+    let before: Vec<&str> = text[..line_start].lines().map(str::trim).collect();
+    let header_name = |line: &str| {
+        line.trim_start_matches('[')
+            .split(']')
+            .next()
+            .map(|name| name.replace(' ', ""))
+            .filter(|name| !name.is_empty())
+    };
+    let header = before
+        .iter()
+        .rposition(|l| l.starts_with('['))
+        .and_then(|at| {
+            let name = header_name(before[at])?;
+            if !before[at].starts_with("[[") {
+                return Some(name);
+            }
+            // `[[desired.rule]]`: its entries are numbered from 1.
+            let n = before[..=at]
+                .iter()
+                .filter(|l| l.starts_with("[[") && header_name(l).as_deref() == Some(&name))
+                .count();
+            Some(format!("{name}[{n}]"))
+        });
     Some(match header {
         Some(header) => format!("{header}.{key}"),
         None => key,
@@ -1134,6 +1435,7 @@ fn validate(source: &Path, raw: RawConfig, p: &mut Problems) -> Option<Config> {
     let sync = validate_sync(raw.sync.unwrap_or_default(), p);
     let local = validate_local(raw.local.unwrap_or_default(), p);
     let log = validate_log(raw.log.unwrap_or_default(), p);
+    let desired = validate_desired(raw.desired.unwrap_or_default(), dir, p);
     Some(Config {
         source: source.to_path_buf(),
         device: device?,
@@ -1142,6 +1444,7 @@ fn validate(source: &Path, raw: RawConfig, p: &mut Problems) -> Option<Config> {
         sync: sync?,
         local: local?,
         log: log?,
+        desired: desired?,
     })
 }
 
@@ -1705,6 +2008,599 @@ fn check_log_level(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// [desired] and its arrays of tables.
+
+fn validate_desired(raw: RawDesired, dir: &Path, p: &mut Problems) -> Option<DesiredConfig> {
+    let max_document_bytes = check(
+        p,
+        "desired.max_document_bytes",
+        size_value(
+            raw.max_document_bytes,
+            DEFAULT_DOCUMENT_BYTES,
+            (DOCUMENT_BYTES_MIN, DOCUMENT_BYTES_MAX),
+            ("", ""),
+        ),
+    );
+    let max_depth = check(
+        p,
+        "desired.max_depth",
+        count_value(raw.max_depth, DEFAULT_MAX_DEPTH, (1, MAX_DEPTH_LIMIT)),
+    );
+    let unknown_keys = check(
+        p,
+        "desired.unknown_keys",
+        raw.unknown_keys
+            .as_deref()
+            .map_or(Ok(UnknownKeys::Accept), parse_unknown_keys),
+    );
+    let history = check(
+        p,
+        "desired.history",
+        count_value(raw.history, DEFAULT_HISTORY, (0, HISTORY_LIMIT)),
+    );
+    let concurrency = check(
+        p,
+        "desired.concurrency",
+        count_value(raw.concurrency, DEFAULT_CONCURRENCY, (1, CONCURRENCY_LIMIT)),
+    );
+    let handler_timeout = check(
+        p,
+        "desired.handler_timeout",
+        timeout_value(raw.handler_timeout.as_ref(), DEFAULT_HANDLER_TIMEOUT),
+    );
+    // The default of the tables' timeouts; if handler_timeout itself is wrong (reported), the
+    // tables are still checked, against the built-in default.
+    let default_timeout = handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT);
+
+    let rules = entries(raw.rule, "desired.rule", p, |raw, at, p| {
+        validate_rule(raw, at, p)
+    });
+    let conflicts = entries(raw.conflict, "desired.conflict", p, |raw, at, p| {
+        validate_conflict(raw, at, default_timeout, p)
+    });
+    let handlers = entries(raw.handler, "desired.handler", p, |raw, at, p| {
+        validate_handler(raw, at, default_timeout, dir, p)
+    });
+    if let Some(rules) = &rules {
+        shadowed(p, "desired.rule", rules.iter().map(|r| &r.keys));
+    }
+    if let Some(conflicts) = &conflicts {
+        shadowed(p, "desired.conflict", conflicts.iter().map(|c| &c.keys));
+    }
+    if let Some(handlers) = &handlers {
+        shadowed(p, "desired.handler", handlers.iter().map(|h| &h.keys));
+    }
+
+    Some(DesiredConfig {
+        max_document_bytes: max_document_bytes?,
+        max_depth: max_depth?,
+        unknown_keys: unknown_keys?,
+        history: history?,
+        concurrency: concurrency?,
+        handler_timeout: handler_timeout?,
+        rules: rules?,
+        conflicts: conflicts?,
+        handlers: handlers?,
+    })
+}
+
+/// Validate every entry of an array of tables (each one, even after a bad one), named
+/// `name[n]` from 1. `None` if any entry had a problem.
+fn entries<R, T>(
+    raw: Option<Vec<R>>,
+    name: &str,
+    p: &mut Problems,
+    mut validate: impl FnMut(R, &str, &mut Problems) -> Option<T>,
+) -> Option<Vec<T>> {
+    let validated: Vec<Option<T>> = raw
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| validate(raw, &format!("{name}[{}]", i + 1), p))
+        .collect();
+    validated.into_iter().collect()
+}
+
+/// An entry whose glob is the same as an earlier one's, or comes after a `*`, is never used
+/// (the first match wins): certainly a mistake.
+fn shadowed<'a>(p: &mut Problems, name: &str, globs: impl Iterator<Item = &'a KeyGlob>) {
+    let globs: Vec<&KeyGlob> = globs.collect();
+    for (i, glob) in globs.iter().enumerate() {
+        let earlier = globs[..i]
+            .iter()
+            .position(|g| g.as_str() == glob.as_str() || g.as_str().chars().all(|c| c == '*'));
+        if let Some(j) = earlier {
+            let why = if globs[j].as_str() == glob.as_str() {
+                "has the same keys"
+            } else {
+                "matches every key"
+            };
+            p.push(
+                format!("{name}[{}].keys", i + 1),
+                format!(
+                    "this entry is never used: {name}[{}] (keys = {:?}) {why} and comes first \
+                     (the first match wins)",
+                    j + 1,
+                    globs[j].as_str()
+                ),
+            );
+        }
+    }
+}
+
+fn parse_unknown_keys(s: &str) -> Result<UnknownKeys, String> {
+    match s {
+        "accept" => Ok(UnknownKeys::Accept),
+        "reject" => Ok(UnknownKeys::Reject),
+        _ => Err(one_of(s, UNKNOWN_KEYS)),
+    }
+}
+
+fn parse_value_type(s: &str) -> Result<ValueType, String> {
+    match s {
+        "bool" => Ok(ValueType::Bool),
+        "integer" => Ok(ValueType::Integer),
+        "number" => Ok(ValueType::Number),
+        "string" => Ok(ValueType::String),
+        "object" => Ok(ValueType::Object),
+        "array" => Ok(ValueType::Array),
+        // Common spellings from other schema languages.
+        "boolean" => Err(format!(
+            "{} (did you mean \"bool\"?)",
+            one_of(s, VALUE_TYPES)
+        )),
+        "int" | "i64" | "u64" => Err(format!(
+            "{} (did you mean \"integer\"?)",
+            one_of(s, VALUE_TYPES)
+        )),
+        "float" | "f64" | "double" => Err(format!(
+            "{} (did you mean \"number\"?)",
+            one_of(s, VALUE_TYPES)
+        )),
+        _ => Err(one_of(s, VALUE_TYPES)),
+    }
+}
+
+/// A timeout (handlers, merge programs, watch acks): 100ms to 1h.
+fn timeout_value(raw: Option<&RawDuration>, default: Duration) -> Result<Duration, String> {
+    let d = raw.map_or(Ok(default), |d| parse_duration(&d.0))?;
+    if (HANDLER_TIMEOUT_MIN..=HANDLER_TIMEOUT_MAX).contains(&d) {
+        Ok(d)
+    } else {
+        Err(format!("expected a duration from 100ms to 1h, found {d:?}"))
+    }
+}
+
+/// The required `keys` glob of an entry.
+fn glob_value(p: &mut Problems, at: &str, raw: Option<String>) -> Option<KeyGlob> {
+    let key = format!("{at}.keys");
+    let pattern = require(
+        p,
+        &key,
+        raw,
+        "a key glob such as \"setpoint\" or \"led.*\" (* matches any run of characters, ? \
+         one character)",
+    )?;
+    check(p, &key, KeyGlob::new(&pattern))
+}
+
+/// A finite number, as `f64`.
+fn number_value(p: &mut Problems, key: &str, raw: Option<RawNumber>) -> Option<Option<f64>> {
+    match raw {
+        None => Some(None),
+        Some(RawNumber::Integer(i)) => Some(Some(i as f64)),
+        Some(RawNumber::Float(x)) if x.is_finite() => Some(Some(x)),
+        Some(RawNumber::Float(x)) => {
+            p.push(key, format!("expected a finite number, found {x}"));
+            None
+        }
+    }
+}
+
+/// A TOML value as JSON. Datetimes have no JSON form; NaN and infinities neither.
+fn toml_to_json(value: &Value) -> Result<serde_json::Value, String> {
+    Ok(match value {
+        Value::String(s) => serde_json::Value::String(s.clone()),
+        Value::Integer(i) => serde_json::Value::from(*i),
+        Value::Float(x) => serde_json::Number::from_f64(*x)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| format!("{x} has no JSON form (expected a finite number)"))?,
+        Value::Boolean(b) => serde_json::Value::Bool(*b),
+        Value::Datetime(d) => {
+            return Err(format!(
+                "the datetime {d} has no JSON form; write it as a string, \"{d}\""
+            ));
+        }
+        Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(toml_to_json).collect::<Result<_, _>>()?)
+        }
+        Value::Table(table) => serde_json::Value::Object(
+            table
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), toml_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
+fn validate_rule(raw: RawRule, at: &str, p: &mut Problems) -> Option<Rule> {
+    let before = p.0.len();
+    let keys = glob_value(p, at, raw.keys);
+    let value_type = match raw.kind.as_deref() {
+        None => None,
+        Some(kind) => check(p, &format!("{at}.type"), parse_value_type(kind)),
+    };
+    let type_name = raw.kind.as_deref().unwrap_or_default();
+    let min = number_value(p, &format!("{at}.min"), raw.min).flatten();
+    let max = number_value(p, &format!("{at}.max"), raw.max).flatten();
+    let numeric = matches!(
+        value_type,
+        None | Some(ValueType::Integer | ValueType::Number)
+    );
+    for (name, bound) in [("min", min), ("max", max)] {
+        if bound.is_some() && !numeric {
+            p.push(
+                format!("{at}.{name}"),
+                format!(
+                    "{name} applies to numbers only, but {at}.type = {type_name:?}; remove it \
+                     (max_length limits the length of strings, arrays and objects)"
+                ),
+            );
+        }
+    }
+    if let (Some(min), Some(max)) = (min, max)
+        && max < min
+    {
+        p.push(
+            format!("{at}.max"),
+            format!("must not be below {at}.min ({min}), found {max}"),
+        );
+    }
+    let max_length = raw.max_length.and_then(|n| {
+        let result =
+            usize::try_from(n).map_err(|_| format!("expected an integer of 0 or more, found {n}"));
+        check(p, &format!("{at}.max_length"), result)
+    });
+    if max_length.is_some()
+        && matches!(
+            value_type,
+            Some(ValueType::Bool | ValueType::Integer | ValueType::Number)
+        )
+    {
+        p.push(
+            format!("{at}.max_length"),
+            format!(
+                "max_length applies to strings, arrays and objects only, but {at}.type = \
+                 {type_name:?}; remove it (min and max limit numbers)"
+            ),
+        );
+    }
+    let nullable = raw.nullable.unwrap_or(true);
+    let enum_key = format!("{at}.enum");
+    let one_of = match raw.one_of {
+        None => None,
+        Some(values) if values.is_empty() => {
+            p.push(
+                enum_key.as_str(),
+                "expected at least one allowed value, found an empty array",
+            );
+            None
+        }
+        Some(values) => {
+            let converted: Vec<Option<serde_json::Value>> = values
+                .iter()
+                .enumerate()
+                .map(|(i, value)| {
+                    toml_to_json(value)
+                        .map_err(|message| {
+                            p.push(enum_key.as_str(), format!("item {}: {message}", i + 1))
+                        })
+                        .ok()
+                })
+                .collect();
+            converted.into_iter().collect::<Option<Vec<_>>>()
+        }
+    };
+    let rule = Rule {
+        keys: keys?,
+        value_type,
+        min,
+        max,
+        one_of: None,
+        max_length,
+        nullable,
+    };
+    // An allowed value that the rest of the rule refuses can never be set.
+    if p.0.len() == before
+        && let Some(values) = &one_of
+    {
+        for (i, value) in values.iter().enumerate() {
+            if let Err(reason) = rules::check_value(Some(&rule), UnknownKeys::Accept, value) {
+                p.push(
+                    enum_key.as_str(),
+                    format!(
+                        "item {} can never be set, the rest of this rule refuses it: {reason}",
+                        i + 1
+                    ),
+                );
+            }
+        }
+    }
+    (p.0.len() == before).then_some(Rule { one_of, ..rule })
+}
+
+/// A program and its arguments (exec handlers, merge programs), run without a shell.
+fn check_command(argv: Vec<String>) -> Result<Vec<String>, String> {
+    const FORM: &str = "expected a program and its arguments such as [\"/usr/local/bin/apply\", \
+                        \"{key}\"]";
+    let Some(program) = argv.first() else {
+        return Err(format!("{FORM}, found an empty array"));
+    };
+    if let Some(i) = argv.iter().position(|arg| arg.contains('\0')) {
+        return Err(format!("{FORM}, found NUL in item {}", i + 1));
+    }
+    if program.is_empty() {
+        return Err(format!("{FORM}, found an empty program name"));
+    }
+    if program.contains('/') && !Path::new(program).is_absolute() {
+        return Err(format!(
+            "expected the program as an absolute path or a bare name looked up in PATH, found \
+             the relative path {:?}",
+            shorten(program)
+        ));
+    }
+    Ok(argv)
+}
+
+fn validate_conflict(
+    raw: RawConflict,
+    at: &str,
+    default_timeout: Duration,
+    p: &mut Problems,
+) -> Option<ConflictRule> {
+    let before = p.0.len();
+    let keys = glob_value(p, at, raw.keys);
+    let policy_key = format!("{at}.policy");
+    let policy = require(
+        p,
+        &policy_key,
+        raw.policy,
+        "\"cloud-wins\", \"device-wins\", \"last-write-wins\" or \"merge\"",
+    )
+    .and_then(|policy| {
+        let result = if POLICIES.contains(&policy.as_str()) {
+            Ok(policy)
+        } else {
+            Err(one_of(&policy, POLICIES))
+        };
+        check(p, &policy_key, result)
+    });
+    let command_key = format!("{at}.command");
+    let timeout_key = format!("{at}.timeout");
+    let is_merge = policy.as_deref().map(|policy| policy == "merge");
+    let command = match (is_merge, raw.command) {
+        (Some(false), Some(_)) => {
+            p.push(
+                command_key.as_str(),
+                format!(
+                    "is only used with policy = \"merge\", but {policy_key} = {:?}; remove it",
+                    policy.as_deref().unwrap_or_default()
+                ),
+            );
+            None
+        }
+        (Some(true), None) => {
+            require::<()>(
+                p,
+                &command_key,
+                None,
+                "the merge program and its arguments, e.g. [\"/usr/local/bin/merge\"]; it gets \
+                 {\"key\",\"device\",\"cloud\"} as JSON on stdin and prints the merged value",
+            );
+            None
+        }
+        (_, Some(argv)) => check(p, &command_key, check_command(argv)),
+        (_, None) => None,
+    };
+    let timeout = match (is_merge, raw.timeout) {
+        (Some(false), Some(_)) => {
+            p.push(
+                timeout_key.as_str(),
+                format!(
+                    "is only used with policy = \"merge\" (the merge program's time limit), but \
+                     {policy_key} = {:?}; remove it",
+                    policy.as_deref().unwrap_or_default()
+                ),
+            );
+            None
+        }
+        (_, timeout) => check(
+            p,
+            &timeout_key,
+            timeout_value(timeout.as_ref(), default_timeout),
+        ),
+    };
+    if p.0.len() != before {
+        return None;
+    }
+    let policy = match policy?.as_str() {
+        "cloud-wins" => Policy::CloudWins,
+        "device-wins" => Policy::DeviceWins,
+        "last-write-wins" => Policy::LastWriteWins,
+        _ => Policy::Merge {
+            argv: command?,
+            timeout: timeout?,
+        },
+    };
+    Some(ConflictRule {
+        keys: keys?,
+        policy,
+    })
+}
+
+/// The keys each handler type takes (besides `keys` and `type`).
+fn handler_keys(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "exec" => &["command", "timeout"],
+        "file" => &["path"],
+        "watch" => &["deadline"],
+        _ => &[],
+    }
+}
+
+fn validate_handler(
+    raw: RawHandler,
+    at: &str,
+    default_timeout: Duration,
+    dir: &Path,
+    p: &mut Problems,
+) -> Option<Handler> {
+    let before = p.0.len();
+    let keys = glob_value(p, at, raw.keys);
+    let type_key = format!("{at}.type");
+    let kind = require(
+        p,
+        &type_key,
+        raw.kind,
+        "\"exec\" (run a program), \"file\" (write a file) or \"watch\" (tell local programs)",
+    )
+    .and_then(|kind| {
+        let result = if HANDLER_TYPES.contains(&kind.as_str()) {
+            Ok(kind)
+        } else {
+            Err(one_of(&kind, HANDLER_TYPES))
+        };
+        check(p, &type_key, result)
+    });
+
+    // Keys that the handler's type does not take.
+    if let Some(kind) = kind.as_deref() {
+        let takes = handler_keys(kind);
+        let set = [
+            ("command", raw.command.is_some()),
+            ("timeout", raw.timeout.is_some()),
+            ("path", raw.path.is_some()),
+            ("deadline", raw.deadline.is_some()),
+        ];
+        for (name, _) in set
+            .iter()
+            .filter(|(name, set)| *set && !takes.contains(name))
+        {
+            let users: Vec<&str> = HANDLER_TYPES
+                .iter()
+                .copied()
+                .filter(|t| handler_keys(t).contains(name))
+                .collect();
+            p.push(
+                format!("{at}.{name}"),
+                format!(
+                    "is not used by a handler of type = {kind:?} (it takes {}); {name} is for \
+                     type = {}",
+                    takes.join(" and "),
+                    users
+                        .iter()
+                        .map(|t| format!("{t:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            );
+        }
+    }
+
+    let handler_kind = match kind.as_deref() {
+        Some("exec") => {
+            let command_key = format!("{at}.command");
+            let argv = require(
+                p,
+                &command_key,
+                raw.command,
+                "the program and its arguments, e.g. [\"/usr/local/bin/apply\", \"{key}\"]",
+            )
+            .and_then(|argv| check(p, &command_key, check_command(argv)));
+            let timeout = check(
+                p,
+                &format!("{at}.timeout"),
+                timeout_value(raw.timeout.as_ref(), default_timeout),
+            );
+            argv.zip(timeout)
+                .map(|(argv, timeout)| HandlerKind::Exec { argv, timeout })
+        }
+        Some("file") => {
+            let path_key = format!("{at}.path");
+            let path = require(
+                p,
+                &path_key,
+                raw.path,
+                "the file to write, e.g. \"/var/lib/app/{key}.json\" ({key} is replaced by the \
+                 key)",
+            );
+            path.and_then(|path| {
+                let template = check(p, &path_key, check_path_template(&path, keys.as_ref()))?;
+                resolve(p, &path_key, &template, dir)
+            })
+            .map(|path| HandlerKind::File { path })
+        }
+        // "watch", the only other type.
+        Some(_) => check(
+            p,
+            &format!("{at}.deadline"),
+            timeout_value(raw.deadline.as_ref(), default_timeout),
+        )
+        .map(|deadline| HandlerKind::Watch { deadline }),
+        None => None,
+    };
+    if p.0.len() != before {
+        return None;
+    }
+    Some(Handler {
+        keys: keys?,
+        kind: handler_kind?,
+    })
+}
+
+/// The path of a file handler: a file (not a directory), `{key}` its only placeholder, and
+/// `{key}` present when the glob matches more than one key (else every key would overwrite
+/// the same file).
+fn check_path_template(path: &str, keys: Option<&KeyGlob>) -> Result<String, String> {
+    if path.ends_with('/') {
+        return Err(format!(
+            "expected the path of a file, found the directory {:?} (e.g. use \"{}{{key}}.json\")",
+            shorten(path),
+            shorten(path)
+        ));
+    }
+    let mut rest = path;
+    while let Some(open) = rest.find(['{', '}']) {
+        let after = &rest[open..];
+        if let Some(after_key) = after.strip_prefix("{key}") {
+            rest = after_key;
+        } else {
+            // `{value}`, or a stray brace alone.
+            let placeholder = match after.find('}') {
+                Some(close) if after.starts_with('{') => &after[..=close],
+                _ => &after[..1],
+            };
+            return Err(format!(
+                "only the placeholder {{key}} is replaced in a path, found {:?} in {:?}",
+                shorten(placeholder),
+                shorten(path)
+            ));
+        }
+    }
+    if let Some(keys) = keys
+        && keys.as_str().contains(['*', '?'])
+        && !path.contains("{key}")
+    {
+        return Err(format!(
+            "keys = {:?} can match several keys, but the path has no {{key}}: every key would \
+             overwrite the same file; put {{key}} in the path, e.g. \"/var/lib/app/{{key}}.json\"",
+            keys.as_str()
+        ));
+    }
+    Ok(path.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1960,12 +2856,11 @@ mod tests {
     fn unknown_sections_are_reported_including_those_not_supported_yet() {
         let problems = problems(&plain(
             "",
-            "[desired]\n[[desired.rule]]\nkey = \"a\"\n[control]\n[telemetry]\ninterval = \"1m\"\n\
-             [mqt]\nurl = \"x\"",
+            "[control]\n[telemetry]\ninterval = \"1m\"\n[mqt]\nurl = \"x\"\n[desierd]",
         ));
         assert_eq!(
             keys(&problems),
-            ["control", "desired", "mqt", "telemetry"],
+            ["control", "desierd", "mqt", "telemetry"],
             "{problems:#?}"
         );
         for problem in &problems {
@@ -1974,8 +2869,14 @@ mod tests {
                 "{problem:?}"
             );
         }
+        assert!(problems[1].message.contains("did you mean [desired]?"));
         assert!(problems[2].message.contains("did you mean [mqtt]?"));
-        assert!(problems[0].message.contains("[device], [mqtt], [store]"));
+        assert!(
+            problems[0]
+                .message
+                .contains("[device], [mqtt], [store], [sync], [local], [log], [desired]"),
+            "{problems:#?}"
+        );
     }
 
     #[test]
@@ -2543,7 +3444,9 @@ mod tests {
                     [sync]\nbatch_max_changes = \"10\"\nbatch_max_bytes = \"1KiB\"\nlinger = \"1 fortnight\"\n\
                     [local]\nsocket = \"rel.sock\"\n\
                     [log]\nlevel = \"\"\n\
-                    [desired]\n";
+                    [desired]\nmax_depth = 0\n\
+                    [[desired.rule]]\nkeys = \"a b\"\n\
+                    [[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\npath = \"/x\"\n";
         let problems = problems(text);
         assert_eq!(
             keys(&problems),
@@ -2559,7 +3462,10 @@ mod tests {
                 "sync.linger",
                 "local.socket",
                 "log.level",
-                "desired",
+                "desired.max_depth",
+                "desired.rule[1].keys",
+                "desired.handler[1].command",
+                "desired.handler[1].path",
             ],
             "{problems:#?}"
         );
@@ -2772,6 +3678,28 @@ mod tests {
             format!("{:?}", defaults.local)
         );
         assert_eq!(format!("{:?}", example.log), format!("{:?}", defaults.log));
+        assert_eq!(example.desired, defaults.desired);
+        assert_eq!(example.desired, DesiredConfig::default());
+    }
+
+    /// The example with its commented-out keys (`# key = value`) and arrays of tables
+    /// (`# [[desired.rule]]`) put into effect.
+    fn uncommented_example() -> String {
+        EXAMPLE
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|rest| {
+                        let table = rest.starts_with("[[") && rest.ends_with("]]");
+                        table
+                            || rest.split_once(" = ").is_some_and(|(key, _)| {
+                                key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                            })
+                    })
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     #[test]
@@ -2782,6 +3710,9 @@ mod tests {
                 "[{section}] is missing"
             );
             for key in *keys {
+                if SUBTABLES.iter().any(|t| t.0 == *section && t.1 == *key) {
+                    continue;
+                }
                 let set = format!("{key} = ");
                 let commented = format!("# {key} = ");
                 assert!(
@@ -2792,20 +3723,41 @@ mod tests {
                 );
             }
         }
-        // The commented-out keys are valid too.
-        let uncommented = EXAMPLE
-            .lines()
-            .map(|l| {
-                l.strip_prefix("# ")
-                    .filter(|rest| {
-                        rest.split_once(" = ").is_some_and(|(key, _)| {
-                            key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
-                        })
-                    })
-                    .unwrap_or(l)
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        // Every array of tables has commented examples that use every one of its keys.
+        for (section, table, keys) in SUBTABLES {
+            let header = format!("# [[{section}.{table}]]");
+            assert!(EXAMPLE.lines().any(|l| l == header), "{header} is missing");
+            let mut in_table = false;
+            let mut used = Vec::new();
+            for line in EXAMPLE.lines() {
+                if line.starts_with("# [[") || line.starts_with('[') {
+                    in_table = line == header;
+                } else if in_table
+                    && let Some((key, _)) =
+                        line.strip_prefix("# ").and_then(|l| l.split_once(" = "))
+                {
+                    used.push(key);
+                }
+            }
+            for key in *keys {
+                assert!(
+                    used.contains(key),
+                    "{key} of [[{section}.{table}]] is missing from the example"
+                );
+                // And it is described (in the list above the examples).
+                assert!(
+                    EXAMPLE
+                        .lines()
+                        .any(|l| l.strip_prefix("#   ").is_some_and(|l| {
+                            let names = l.split("  ").next().unwrap_or_default();
+                            names.split(", ").any(|name| name == *key)
+                        })),
+                    "{key} of [[{section}.{table}]] is not described in the example"
+                );
+            }
+        }
+        // The commented-out keys and tables are valid too.
+        let uncommented = uncommented_example();
         let errors =
             Config::from_toml_str(Path::new(DEFAULT_CONFIG_PATH), &uncommented).unwrap_err();
         assert_eq!(
@@ -2813,6 +3765,47 @@ mod tests {
             ["mqtt.ca", "mqtt.cert", "mqtt.key", "mqtt.password_file"],
             "{errors}"
         );
+        // And they mean what they say.
+        let dir = tls_dir();
+        std::fs::write(dir.path().join("mqtt-password"), "secret").unwrap();
+        let text = uncommented
+            .replace("/etc/edgesync/", &format!("{}/", dir.path().display()))
+            .replace("# username = ", "username = ");
+        let desired = valid(&text).desired;
+        let defaults = DesiredConfig::default();
+        assert_eq!(
+            (
+                desired.max_document_bytes,
+                desired.max_depth,
+                desired.unknown_keys,
+                desired.history,
+                desired.concurrency,
+                desired.handler_timeout
+            ),
+            (
+                defaults.max_document_bytes,
+                defaults.max_depth,
+                defaults.unknown_keys,
+                defaults.history,
+                defaults.concurrency,
+                defaults.handler_timeout
+            )
+        );
+        assert_eq!(desired.rules.len(), 3);
+        assert_eq!(desired.conflicts.len(), 3);
+        assert!(matches!(
+            desired.conflicts[1].policy,
+            Policy::Merge { ref argv, timeout } if argv.len() == 2 && timeout == Duration::from_secs(5)
+        ));
+        let kinds: Vec<&HandlerKind> = desired.handlers.iter().map(|h| &h.kind).collect();
+        assert!(matches!(
+            kinds[..],
+            [
+                HandlerKind::Exec { .. },
+                HandlerKind::File { .. },
+                HandlerKind::Watch { .. }
+            ]
+        ));
     }
 
     #[test]
@@ -2875,7 +3868,25 @@ mod tests {
         assert_eq!(sized.max_bytes, Some(RawSize::Bytes(1_048_576)));
         // Both refuse unknown keys.
         assert!(toml::from_str::<RawConfig>("[mqtt]\nkeepalive = \"1s\"").is_err());
-        assert!(toml::from_str::<RawConfig>("[desired]").is_err());
+        assert!(toml::from_str::<RawConfig>("[control]").is_err());
+        assert!(toml::from_str::<RawConfig>("[[desired.rule]]\nkey = \"a\"").is_err());
+        // Also with every array of tables and every key of [desired] in use.
+        let uncommented = uncommented_example();
+        let by_serde: RawConfig = toml::from_str(&uncommented).unwrap();
+        let root: Table = toml::from_str(&uncommented).unwrap();
+        let mut p = Problems::default();
+        let collected = RawConfig::collect(&root, &mut p);
+        assert!(p.0.is_empty(), "{p:?}");
+        assert_eq!(by_serde, collected);
+        let desired = collected.desired.unwrap();
+        assert_eq!(desired.max_depth, Some(16));
+        assert_eq!(desired.rule.as_ref().map(Vec::len), Some(3));
+        assert_eq!(desired.conflict.as_ref().map(Vec::len), Some(3));
+        assert_eq!(desired.handler.as_ref().map(Vec::len), Some(3));
+        let rule = &desired.rule.unwrap()[0];
+        assert_eq!(rule.kind.as_deref(), Some("number"));
+        assert_eq!(rule.min, Some(RawNumber::Integer(5)));
+        assert_eq!(rule.max, Some(RawNumber::Float(30.5)));
     }
 
     // --- socket_path, resolve_path ---------------------------------------------------------

@@ -21,6 +21,7 @@ pub mod change;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod desired;
 pub mod link;
 pub mod local_api;
 pub mod status;

@@ -48,6 +48,21 @@ pub struct Request {
     pub doc: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+    /// `watch`: key globs.
+    #[serde(default)]
+    pub keys: Option<Vec<String>>,
+    /// `ack`: the event id; `ok` and `error` say how it went.
+    #[serde(default)]
+    pub id: Option<u64>,
+    #[serde(default)]
+    pub ok: Option<bool>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// `history`: most entries to return; `rollback`: the version to go back to.
+    #[serde(default)]
+    pub limit: Option<usize>,
+    #[serde(default)]
+    pub version: Option<u64>,
 }
 
 /// The error object of a reply.
@@ -135,6 +150,7 @@ pub struct Context {
     pub outbox: Outbox,
     pub board: StatusBoard,
     pub identity: Arc<Identity>,
+    pub applier: crate::desired::apply::Applier,
 }
 
 /// Serves connections until `stop` turns true, then stops reading requests, lets every
@@ -183,6 +199,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 enum Pending {
     Ready(String),
     Store(StoreReply),
+    /// An answer computed by a task (e.g. a rollback running a handler).
+    Later(oneshot::Receiver<String>),
 }
 
 async fn connection(
@@ -194,6 +212,7 @@ async fn connection(
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
     let writer = tokio::spawn(answer(rx, wr));
+    let mut watching: Option<u64> = None;
     let mut reader = BufReader::with_capacity(64 * 1024, rd);
     let mut line = Vec::with_capacity(1024);
     loop {
@@ -214,7 +233,7 @@ async fn connection(
                 let Ok(permit) = Arc::clone(&budget).acquire_many_owned(want).await else {
                     break;
                 };
-                match handle(&line, &ctx).await {
+                match handle(&line, &ctx, &tx, &mut watching).await {
                     Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
                     ready => ready,
                 }
@@ -223,6 +242,9 @@ async fn connection(
         if tx.send(pending).await.is_err() {
             break; // the client stopped reading
         }
+    }
+    if let Some(conn) = watching {
+        ctx.applier.watchers().forget(conn);
     }
     drop(tx);
     writer.await.unwrap_or(Ok(()))
@@ -266,6 +288,11 @@ async fn answer(
         };
         let line = match p {
             Pending::Ready(s) => s,
+            Pending::Later(r) => {
+                out.flush().await?;
+                r.await
+                    .unwrap_or_else(|_| error_line(code::IO_ERROR, "the request was abandoned"))
+            }
             Pending::Store(mut r) => {
                 let result = match r.try_recv() {
                     Ok(result) => Some(result),
@@ -327,7 +354,12 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io:
 }
 
 /// Decodes and executes one request.
-async fn handle(line: &[u8], ctx: &Context) -> Pending {
+async fn handle(
+    line: &[u8],
+    ctx: &Context,
+    tx: &mpsc::Sender<Pending>,
+    watching: &mut Option<u64>,
+) -> Pending {
     let req: Request = match serde_json::from_slice(line) {
         Ok(r) => r,
         Err(e) => return Pending::Ready(error_line(code::BAD_REQUEST, bad_request_message(&e))),
@@ -337,7 +369,11 @@ async fn handle(line: &[u8], ctx: &Context) -> Pending {
         "status" => {
             let ctx = ctx.clone();
             let status = tokio::task::spawn_blocking(move || {
-                crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
+                let mut s = crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board);
+                s.desired.version = crate::desired::store::applied_version(&ctx.outbox)
+                    .ok()
+                    .flatten();
+                s
             })
             .await;
             Pending::Ready(match status {
@@ -346,9 +382,15 @@ async fn handle(line: &[u8], ctx: &Context) -> Pending {
             })
         }
         "get" => Pending::Ready(get(&req, ctx)),
+        "watch" => Pending::Ready(watch_keys(&req, ctx, tx, watching)),
+        "ack" => Pending::Ready(ack(&req, ctx)),
+        "history" => Pending::Ready(history(&req, ctx)),
+        "rollback" => rollback(&req, ctx),
         other => Pending::Ready(error_line(
             code::UNKNOWN_OP,
-            format!("unknown op {other:?}; expected report, status or get"),
+            format!(
+                "unknown op {other:?}; expected report, status, get, watch, ack, history or rollback"
+            ),
         )),
     }
 }
@@ -414,9 +456,26 @@ fn get(req: &Request, ctx: &Context) -> String {
             }
             Err(e) => error_line(e.code(), e.to_string()),
         },
-        // Desired state arrives with the sync link; until then there is none.
         Some("desired") => {
-            ok_with(serde_json::json!({"doc": "desired", "version": null, "state": {}}))
+            let state = crate::desired::store::state(&ctx.outbox, req.key.as_deref());
+            let version = crate::desired::store::applied_version(&ctx.outbox);
+            match (state, version) {
+                (Ok(map), Ok(version)) => {
+                    let mut state = serde_json::Map::new();
+                    let mut entries = serde_json::Map::new();
+                    for (k, v) in map {
+                        entries.insert(
+                            k.clone(),
+                            serde_json::json!({"version": v.version, "ts": v.ts}),
+                        );
+                        state.insert(k, v.value);
+                    }
+                    ok_with(
+                        serde_json::json!({"doc": "desired", "version": version, "state": state, "entries": entries}),
+                    )
+                }
+                (Err(e), _) | (_, Err(e)) => error_line(e.code(), e.to_string()),
+            }
         }
         Some(other) => error_line(
             code::BAD_REQUEST,
@@ -427,6 +486,88 @@ fn get(req: &Request, ctx: &Context) -> String {
             "get needs \"doc\": \"desired\" or \"reported\"",
         ),
     }
+}
+
+/// `{"op":"watch","keys":["led.*"]}`: this connection receives desired changes of those
+/// keys (for `watch` handlers) until it closes.
+fn watch_keys(
+    req: &Request,
+    ctx: &Context,
+    tx: &mpsc::Sender<Pending>,
+    watching: &mut Option<u64>,
+) -> String {
+    let Some(keys) = req.keys.as_ref().filter(|k| !k.is_empty()) else {
+        return error_line(code::BAD_REQUEST, "watch needs \"keys\": [\"glob\", ...]");
+    };
+    let mut globs = Vec::with_capacity(keys.len());
+    for k in keys {
+        match crate::desired::types::KeyGlob::new(k) {
+            Ok(g) => globs.push(g),
+            Err(e) => return error_line(code::BAD_REQUEST, format!("key glob {k:?}: {e}")),
+        }
+    }
+    let tx = tx.clone();
+    let sink: crate::desired::watch::Sink =
+        Box::new(move |line| tx.try_send(Pending::Ready(line)).is_ok());
+    *watching = Some(ctx.applier.watchers().watch(*watching, globs, sink));
+    ok_with(serde_json::json!({"watching": keys}))
+}
+
+/// `{"op":"ack","id":N,"ok":true}` or `"ok":false,"error":"..."`: answers a watch event.
+fn ack(req: &Request, ctx: &Context) -> String {
+    let Some(id) = req.id else {
+        return error_line(code::BAD_REQUEST, "ack needs \"id\" of the event");
+    };
+    let result = match req.ok {
+        Some(true) => Ok(()),
+        _ => Err(req
+            .error
+            .clone()
+            .unwrap_or_else(|| "the watching program reported a failure".into())),
+    };
+    if ctx.applier.watchers().ack(id, result) {
+        ok_with(serde_json::json!({}))
+    } else {
+        error_line(
+            code::BAD_REQUEST,
+            format!("no event {id} is waiting for an ack (late, or answered already)"),
+        )
+    }
+}
+
+/// `{"op":"history","key":K,"limit":N}`: the key's recent desired values, newest first.
+fn history(req: &Request, ctx: &Context) -> String {
+    let Some(key) = req.key.as_deref() else {
+        return error_line(code::BAD_REQUEST, "history needs \"key\"");
+    };
+    match crate::desired::store::history(&ctx.outbox, key) {
+        Ok(mut h) => {
+            h.reverse();
+            h.truncate(req.limit.unwrap_or(usize::MAX));
+            ok_with(serde_json::json!({"key": key, "history": h}))
+        }
+        Err(e) => error_line(e.code(), e.to_string()),
+    }
+}
+
+/// `{"op":"rollback","key":K,"version":V}`: applies the key's value of version V again.
+fn rollback(req: &Request, ctx: &Context) -> Pending {
+    let (Some(key), Some(version)) = (req.key.clone(), req.version) else {
+        return Pending::Ready(error_line(
+            code::BAD_REQUEST,
+            "rollback needs \"key\" and \"version\"",
+        ));
+    };
+    let applier = ctx.applier.clone();
+    let (done, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let line = match applier.rollback(&key, version).await {
+            Ok(v) => ok_with(v),
+            Err(e) => error_line("failed", e),
+        };
+        let _ = done.send(line);
+    });
+    Pending::Later(rx)
 }
 
 #[cfg(test)]

@@ -20,6 +20,11 @@ impl Topics {
         }
     }
 
+    /// `P/D/{suffix}`.
+    pub fn under(&self, suffix: &str) -> String {
+        format!("{}/{suffix}", self.base)
+    }
+
     pub fn reported(&self) -> String {
         format!("{}/reported", self.base)
     }

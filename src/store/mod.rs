@@ -214,7 +214,58 @@ enum Op {
         ack: Ack,
         reply: Reply<Acked>,
     },
+    Transact {
+        f: Mutex<Option<TxnFn>>,
+        reply: Reply<()>,
+    },
     Shutdown,
+}
+
+/// Work run inside a writer transaction (see [`Outbox::transact`]).
+type TxnFn = Box<dyn FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Send>;
+
+/// What a [`Outbox::transact`] closure gets: the write transaction (for the caller's own
+/// tables) and appends to the outbox that commit atomically with them.
+pub struct TxnCtx<'t, 'w> {
+    pub txn: &'t redb::WriteTransaction,
+    outbox: &'w mut redb::Table<'t, u64, &'static [u8]>,
+    writer: &'w mut Writer,
+    latest: &'w mut HashMap<String, Latest<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for TxnCtx<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxnCtx").finish_non_exhaustive()
+    }
+}
+
+impl TxnCtx<'_, '_> {
+    /// Queues changes in this transaction (bounds apply as for any append).
+    pub fn append(
+        &mut self,
+        changes: &[NewChange],
+    ) -> Result<Result<Appended, StoreError>, redb::Error> {
+        let latest = &mut *self.latest;
+        self.writer.append(self.outbox, changes, |c, seq, ts| {
+            latest.insert(
+                c.key.clone(),
+                Latest {
+                    seq,
+                    ts,
+                    value: c.value.clone(),
+                    origin: c.origin.tag(),
+                },
+            );
+        })
+    }
+}
+
+/// The newest change of a key within one transaction.
+struct Latest<V> {
+    seq: u64,
+    ts: u64,
+    value: V,
+    origin: Option<&'static str>,
 }
 
 struct Shared {
@@ -311,6 +362,40 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Runs `f` inside the writer's next transaction, with everything else of that group
+    /// commit, and returns its result once committed and fsync'ed. `f` writes its own tables
+    /// through `ctx.txn` and may append to the outbox through `ctx.append`: all of it commits
+    /// together or not at all. An `Err` from `f` fails the whole group: return domain
+    /// refusals inside `T`, errors only for storage failures.
+    pub async fn transact<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut TxnCtx<'_, '_>) -> Result<T, redb::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let slot = Arc::new(Mutex::new(None));
+        let out = Arc::clone(&slot);
+        let f: TxnFn = Box::new(move |ctx| {
+            let v = f(ctx)?;
+            *lock(&out) = Some(v);
+            Ok(())
+        });
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Transact {
+                f: Mutex::new(Some(f)),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))?;
+        let v = lock(&slot).take();
+        v.ok_or(StoreError::Closed)
+    }
+
+    /// A read transaction, for modules with their own tables.
+    pub fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        Ok(self.shared.db.begin_read()?)
+    }
+
     /// Figures as of the last commit (no I/O).
     pub fn stats(&self) -> QueueStats {
         *lock(&self.shared.stats)
@@ -359,6 +444,23 @@ impl Outbox {
             });
         }
         Ok(out)
+    }
+
+    /// The latest reported record of a key with its seq (the record may carry an origin).
+    pub fn reported_raw(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = txn.open_table(REPORTED)?;
+        Ok(table.get(key)?.map(|v| {
+            let (seq, rec) = v.value();
+            (seq, rec.to_vec())
+        }))
+    }
+
+    /// Whether the change `seq` is still queued (not yet acknowledged by the broker).
+    pub fn is_queued(&self, seq: u64) -> Result<bool, StoreError> {
+        let txn = self.shared.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        Ok(table.get(seq)?.is_some())
     }
 
     /// The latest reported value of one key, or of all keys.
@@ -593,6 +695,7 @@ struct Writer {
 enum Outcome {
     Appended(Result<Appended, StoreError>),
     Acked(Acked),
+    Done,
 }
 
 impl Writer {
@@ -636,6 +739,9 @@ impl Writer {
                         Op::Ack { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
                         }
+                        Op::Transact { reply, .. } => {
+                            let _ = reply.send(Err(err.clone()));
+                        }
                         Op::Shutdown => {}
                     }
                 }
@@ -658,6 +764,9 @@ impl Writer {
                 (Op::Ack { reply, .. }, Some(Outcome::Acked(a))) => {
                     let _ = reply.send(Ok(a));
                 }
+                (Op::Transact { reply, .. }, Some(Outcome::Done)) => {
+                    let _ = reply.send(Ok(()));
+                }
                 _ => {}
             }
         }
@@ -671,25 +780,61 @@ impl Writer {
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             // Latest value per key in this batch: one `reported` write per key.
-            let mut latest: HashMap<&str, (u64, u64, &[u8])> = HashMap::new();
+            let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
+            let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
             for op in batch {
                 match op {
                     Op::Append { changes, .. } => {
-                        let r = self.append(&mut outbox, changes, &mut latest)?;
+                        let r = self.append(&mut outbox, changes, |c, seq, ts| {
+                            latest.insert(
+                                &c.key,
+                                Latest {
+                                    seq,
+                                    ts,
+                                    value: &c.value,
+                                    origin: c.origin.tag(),
+                                },
+                            );
+                        })?;
                         outcomes.push(Outcome::Appended(r));
                     }
                     Op::Ack { ack, .. } => {
                         let a = self.ack(&mut outbox, ack)?;
                         outcomes.push(Outcome::Acked(a));
                     }
+                    Op::Transact { f, .. } => {
+                        let f = f.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        if let Some(f) = f {
+                            let mut ctx = TxnCtx {
+                                txn: &txn,
+                                outbox: &mut outbox,
+                                writer: self,
+                                latest: &mut owned,
+                            };
+                            f(&mut ctx)?;
+                        }
+                        outcomes.push(Outcome::Done);
+                    }
                     Op::Shutdown => {}
                 }
             }
-            if !latest.is_empty() {
+            if !latest.is_empty() || !owned.is_empty() {
                 let mut reported = txn.open_table(REPORTED)?;
-                for (key, (seq, ts, value)) in latest {
-                    record::encode_into(&mut self.buf, ts, key, value);
-                    reported.insert(key, (seq, self.buf.as_slice()))?;
+                // Where both kinds touched a key, the higher seq is the newer.
+                let newer_owned = |key: &str, seq: u64| owned.get(key).is_some_and(|o| o.seq > seq);
+                for (key, l) in &latest {
+                    if newer_owned(key, l.seq) {
+                        continue;
+                    }
+                    record::encode_with_origin(&mut self.buf, l.ts, key, l.value, l.origin);
+                    reported.insert(*key, (l.seq, self.buf.as_slice()))?;
+                }
+                for (key, l) in &owned {
+                    if latest.get(key.as_str()).is_some_and(|b| b.seq > l.seq) {
+                        continue;
+                    }
+                    record::encode_with_origin(&mut self.buf, l.ts, key, &l.value, l.origin);
+                    reported.insert(key.as_str(), (l.seq, self.buf.as_slice()))?;
                 }
             }
             let mut meta = txn.open_table(META)?;
@@ -703,7 +848,7 @@ impl Writer {
         &mut self,
         outbox: &mut redb::Table<u64, &[u8]>,
         changes: &'b [NewChange],
-        latest: &mut HashMap<&'b str, (u64, u64, &'b [u8])>,
+        mut inserted: impl FnMut(&'b NewChange, u64, u64),
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let n = changes.len() as u64;
         if n == 0 {
@@ -752,12 +897,12 @@ impl Writer {
         for c in changes {
             let seq = self.meta.next_seq;
             let ts = c.ts.unwrap_or(now);
-            record::encode_into(&mut self.buf, ts, &c.key, &c.value);
+            record::encode_with_origin(&mut self.buf, ts, &c.key, &c.value, c.origin.tag());
             outbox.insert(seq, self.buf.as_slice())?;
             self.meta.next_seq += 1;
             self.meta.depth += 1;
             self.meta.bytes += cost(self.buf.len());
-            latest.insert(&c.key, (seq, ts, &c.value));
+            inserted(c, seq, ts);
         }
         self.meta.reported += n;
         Ok(Ok(Appended {
@@ -807,7 +952,7 @@ impl Writer {
 fn op_changes(op: &Op) -> usize {
     match op {
         Op::Append { changes, .. } => changes.len().max(1),
-        Op::Ack { .. } | Op::Shutdown => 1,
+        Op::Ack { .. } | Op::Transact { .. } | Op::Shutdown => 1,
     }
 }
 

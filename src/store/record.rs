@@ -1,5 +1,6 @@
 //! The outbox's on-disk record: a CBOR array `[ts, key, value]` (ts: Unix ms, key: text,
-//! value: the change's CBOR value, stored verbatim). The seq is the table key, not part of
+//! value: the change's CBOR value, stored verbatim), or `[ts, key, value, origin]` for a
+//! change the agent made itself (origin `cloud` or `rollback`). The seq is the table key, not part of
 //! the record. Heads are written by hand so the value bytes can later be spliced into a
 //! CBOR batch without decoding them. Readers accept arrays of 3 or more items so that later
 //! versions may append fields.
@@ -17,6 +18,8 @@ pub struct RecordRef<'a> {
     pub key: &'a str,
     /// The value's CBOR encoding.
     pub value: &'a [u8],
+    /// `None` for a change reported by the device; else who made it.
+    pub origin: Option<&'a str>,
 }
 
 const MAJOR_UINT: u8 = 0;
@@ -86,11 +89,25 @@ pub fn encoded_len(key: &str, value: &[u8]) -> usize {
 
 /// Encodes a record into `out` (cleared first).
 pub fn encode_into(out: &mut Vec<u8>, ts: u64, key: &str, value: &[u8]) {
+    encode_with_origin(out, ts, key, value, None);
+}
+
+/// Encodes a record with an origin other than the device (`Some("cloud")`).
+pub fn encode_with_origin(
+    out: &mut Vec<u8>,
+    ts: u64,
+    key: &str,
+    value: &[u8],
+    origin: Option<&str>,
+) {
     out.clear();
-    write_array_head(out, 3);
+    write_array_head(out, if origin.is_some() { 4 } else { 3 });
     write_uint(out, ts);
     write_text(out, key);
     out.extend_from_slice(value);
+    if let Some(o) = origin {
+        write_text(out, o);
+    }
 }
 
 /// Encodes a record.
@@ -121,8 +138,8 @@ pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     }
     let (key, value) = rest.split_at(klen);
     let key = std::str::from_utf8(key).map_err(|_| RecordError("key is not UTF-8"))?;
-    let value = if len == 3 {
-        value
+    let (value, origin) = if len == 3 {
+        (value, None)
     } else {
         let total = value.len();
         let mut cursor = std::io::Cursor::new(value);
@@ -131,12 +148,26 @@ pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
         let end = usize::try_from(cursor.position())
             .unwrap_or(total)
             .min(total);
-        &value[..end]
+        let (value, rest) = value.split_at(end);
+        // The origin, if the 4th item is text; later items are ignored.
+        let origin = match read_head(rest) {
+            Ok((MAJOR_TEXT, n, tail)) => usize::try_from(n)
+                .ok()
+                .and_then(|n| tail.get(..n))
+                .and_then(|b| std::str::from_utf8(b).ok()),
+            _ => None,
+        };
+        (value, origin)
     };
     if value.is_empty() {
         return Err(RecordError("missing value"));
     }
-    Ok(RecordRef { ts, key, value })
+    Ok(RecordRef {
+        ts,
+        key,
+        value,
+        origin,
+    })
 }
 
 #[cfg(test)]
@@ -187,6 +218,12 @@ mod tests {
         write_text(&mut rec, "cloud");
         let got = decode(&rec).unwrap();
         assert_eq!((got.ts, got.key, got.value), (7, "k", &[0x01u8][..]));
+        assert_eq!(got.origin, Some("cloud"));
+        let mut out = Vec::new();
+        encode_with_origin(&mut out, 9, "k", &[0xf6], Some("rollback"));
+        let got = decode(&out).unwrap();
+        assert_eq!((got.value, got.origin), (&[0xf6u8][..], Some("rollback")));
+        assert_eq!(decode(&encode(1, "k", &[1])).unwrap().origin, None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn change(key: &str, value: serde_json::Value) -> NewChange {
         key: key.into(),
         value: encode_value(key, &value).unwrap(),
         ts: None,
+        origin: crate::change::Origin::Device,
     }
 }
 
@@ -320,4 +321,41 @@ fn store_directory_is_created() {
     let outbox = Outbox::open(&o).unwrap();
     outbox.shutdown_blocking();
     assert!(o.path.exists());
+}
+
+#[test]
+fn transact_commits_own_tables_and_appends_atomically() {
+    const T: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("test_t");
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    let mut c = change("led", json!("on"));
+    c.origin = crate::change::Origin::Cloud;
+    let appended = rt
+        .block_on(outbox.transact(move |ctx| {
+            ctx.txn.open_table(T)?.insert("x", 7)?;
+            ctx.append(&[c])
+        }))
+        .unwrap()
+        .unwrap();
+    assert_eq!(appended.first_seq, 1);
+    assert_eq!(outbox.stats().depth, 1);
+    let txn = outbox.read().unwrap();
+    assert_eq!(
+        txn.open_table(T)
+            .unwrap()
+            .get("x")
+            .unwrap()
+            .unwrap()
+            .value(),
+        7
+    );
+    let q = outbox.read_from(0, 10, 1 << 20).unwrap();
+    assert_eq!(q[0].decode().unwrap().origin, Some("cloud"));
+    assert_eq!(
+        outbox.reported(Some("led")).unwrap()["led"].value,
+        json!("on")
+    );
+    outbox.shutdown_blocking();
 }

@@ -17,7 +17,7 @@
 pub mod backoff;
 pub mod engine;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,8 @@ use tokio::task::JoinSet;
 
 use crate::change::now_ms;
 use crate::config::Config;
+use crate::desired::apply::Applier;
+use crate::desired::store::{self as dstore, PendingResult};
 use crate::link::tls;
 use crate::status::{LinkState, StatusBoard};
 use crate::store::{Outbox, Queued};
@@ -46,6 +48,8 @@ enum Tag {
     Batch(u64),
     Status,
     Goodbye,
+    /// A queued result (`result_outbox` number).
+    Result(u64),
 }
 
 /// Everything the link needs from the config.
@@ -144,6 +148,7 @@ impl LinkSettings {
 pub async fn run(
     settings: LinkSettings,
     outbox: Outbox,
+    applier: Applier,
     board: StatusBoard,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -172,6 +177,8 @@ pub async fn run(
         let mut session = Session {
             settings: &settings,
             outbox: &outbox,
+            applier: &applier,
+            results_inflight: HashSet::new(),
             board: &board,
             engine: &mut engine,
             tags: VecDeque::new(),
@@ -226,11 +233,18 @@ enum Done {
         result: Result<Vec<Queued>, String>,
     },
     Ack,
+    /// Results waiting to be published.
+    Results(Result<Vec<PendingResult>, String>),
+    /// A result's PUBACK was recorded.
+    ResultDeleted,
 }
 
 struct Session<'a> {
     settings: &'a LinkSettings,
     outbox: &'a Outbox,
+    applier: &'a Applier,
+    /// Results handed to rumqttc and not yet PUBACKed.
+    results_inflight: HashSet<u64>,
     board: &'a StatusBoard,
     engine: &'a mut Engine,
     /// Publishes handed to rumqttc, in order, awaiting their packet id.
@@ -251,7 +265,12 @@ impl Session<'_> {
         let (client, eventloop) = AsyncClient::new(options, 16);
         let (tx, mut events) = mpsc::channel(256);
         let poller = tokio::spawn(poll_loop(eventloop, tx));
-        let end = self.drive(&client, &mut events, stop).await;
+        let (intake_tx, intake_rx) = mpsc::channel(64);
+        let intake = tokio::spawn(intake_loop(intake_rx, client.clone(), self.applier.clone()));
+        let end = self.drive(&client, &mut events, &intake_tx, stop).await;
+        drop(intake_tx);
+        // Documents already read are taken in (and acked) before the link goes.
+        let _ = tokio::time::timeout(Duration::from_secs(5), intake).await;
         if matches!(end, SessionEnd::Stopped) && self.connected_at.is_some() {
             self.goodbye(&client, &mut events).await;
         }
@@ -276,8 +295,10 @@ impl Session<'_> {
         &mut self,
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+        intake: &mpsc::Sender<rumqttc::Publish>,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
+        let results = Arc::clone(&self.applier.results);
         let mut appended = self.outbox.watch_appended();
         // Appends before this session started are not signalled: take the current value.
         let next = *appended.borrow_and_update();
@@ -307,6 +328,9 @@ impl Session<'_> {
                         last_heard = Instant::now();
                     }
                     match ev {
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            self.on_publish(client, intake, p).await;
+                        }
                         Ok(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
                                 return SessionEnd::Failed(e);
@@ -327,9 +351,20 @@ impl Session<'_> {
                             self.engine.handle_read_failed(epoch);
                         }
                         Ok(Done::Ack) => self.engine.handle_ack_done(now),
+                        Ok(Done::Results(Ok(pending))) => {
+                            if self.connected_at.is_some()
+                                && let Err(e) = self.publish_results(client, pending)
+                            {
+                                return SessionEnd::Failed(e);
+                            }
+                        }
+                        Ok(Done::Results(Err(e))) => tracing::error!("reading results failed: {e}"),
+                        Ok(Done::ResultDeleted) => {}
                         Err(e) => return SessionEnd::Failed(format!("internal task failed: {e}")),
                     }
                 }
+                // New results to publish.
+                () = results.notified(), if self.connected_at.is_some() => self.load_results(),
                 // New changes committed to the outbox.
                 Ok(()) = appended.changed() => {
                     let next = *appended.borrow_and_update();
@@ -385,6 +420,11 @@ impl Session<'_> {
                     true,
                     Tag::Status,
                 )?;
+                client
+                    .try_subscribe(self.settings.topics.desired(), QoS::AtLeastOnce)
+                    .map_err(|e| format!("cannot subscribe: {e}"))?;
+                self.results_inflight.clear();
+                self.load_results();
                 self.engine.handle_connected(now);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
@@ -398,12 +438,18 @@ impl Session<'_> {
                     let now = now_ms();
                     self.board.update(|b| b.last_sync = Some(now));
                 }
+                Some(Tag::Result(n)) => {
+                    let outbox = self.outbox.clone();
+                    self.tasks.spawn(async move {
+                        if let Err(e) = dstore::published(&outbox, n).await {
+                            tracing::error!("recording a published result failed: {e}");
+                        }
+                        Done::ResultDeleted
+                    });
+                    // Stays in `results_inflight` until the next load, so it is not resent.
+                }
                 Some(Tag::Status | Tag::Goodbye) | None => {}
             },
-            Event::Incoming(Packet::Publish(p)) => {
-                // Nothing is subscribed yet; acknowledge so the broker does not redeliver.
-                let _ = client.try_ack(&p);
-            }
             _ => {}
         }
         Ok(())
@@ -426,6 +472,50 @@ impl Session<'_> {
             b.resent = stats.resent;
             b.inflight_batches = inflight;
         });
+        Ok(())
+    }
+
+    /// A message from the broker. Only this device's own topics are acted on; everything is
+    /// acknowledged (a message we cannot use must not come back forever).
+    async fn on_publish(
+        &mut self,
+        client: &AsyncClient,
+        intake: &mpsc::Sender<rumqttc::Publish>,
+        p: rumqttc::Publish,
+    ) {
+        match self.settings.topics.parse(&p.topic) {
+            Some(crate::topics::Incoming::Desired) => {
+                // Acked by the intake task once the document is durable.
+                if intake.send(p).await.is_err() {
+                    tracing::error!("desired intake stopped");
+                }
+            }
+            _ => {
+                tracing::warn!(topic = %p.topic, "ignoring a message on a topic this agent does not act on");
+                let _ = client.try_ack(&p);
+            }
+        }
+    }
+
+    /// Reads the results waiting to be published (off the event path).
+    fn load_results(&mut self) {
+        let outbox = self.outbox.clone();
+        self.tasks.spawn_blocking(move || {
+            Done::Results(dstore::pending_results(&outbox).map_err(|e| e.to_string()))
+        });
+    }
+
+    fn publish_results(
+        &mut self,
+        client: &AsyncClient,
+        pending: Vec<PendingResult>,
+    ) -> Result<(), String> {
+        for r in pending {
+            if self.results_inflight.insert(r.n) {
+                let topic = self.settings.topics.under(&r.topic);
+                self.publish(client, topic, r.payload, false, Tag::Result(r.n))?;
+            }
+        }
         Ok(())
     }
 
@@ -532,6 +622,26 @@ async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Takes in desired documents one at a time, in arrival order, and acknowledges each once
+/// it is durable (or answered, if unreadable).
+async fn intake_loop(
+    mut rx: mpsc::Receiver<rumqttc::Publish>,
+    client: AsyncClient,
+    applier: Applier,
+) {
+    while let Some(p) = rx.recv().await {
+        match applier.receive(&p.payload).await {
+            Ok(()) => {
+                if let Err(e) = client.ack(&p).await {
+                    tracing::debug!("PUBACK not sent: {e}");
+                }
+            }
+            // Not acked: the broker sends it again on the next connection.
+            Err(e) => tracing::error!("taking in a desired document failed: {e}"),
+        }
     }
 }
 

@@ -27,8 +27,26 @@ use edgesync::store::{Outbox, StoreOptions, WhenFull};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-/// The binary under test.
+/// The binary under test. Start it with [`bin_command`], not `Command::new(BIN)`.
 pub const BIN: &str = env!("CARGO_BIN_EXE_edgesync");
+
+/// A `Command` for [`BIN`]. When the tests run for another architecture under emulation
+/// (`cross/build TARGET --env` sets `EDGESYNC_TEST_RUNNER`, e.g. "qemu-aarch64-static -L
+/// /usr/aarch64-linux-gnu"; there is no binfmt), BIN is a binary of that target: it is run
+/// through the runner, given as space-separated words. qemu-user runs it in the same process,
+/// so the child's PID, signals and exit status are the binary's own.
+pub fn bin_command() -> Command {
+    let runner = std::env::var("EDGESYNC_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(BIN);
+            cmd
+        }
+        None => Command::new(BIN),
+    }
+}
 /// How long the daemon gets to come up or to stop.
 pub const DAEMON_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a CLI command gets by default.
@@ -248,7 +266,7 @@ impl Agent {
             .open(&self.log_path)
             .expect("open daemon log");
         let log2 = log.try_clone().expect("clone log handle");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = bin_command();
         cmd.arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -434,7 +452,7 @@ impl Drop for Agent {
 
 /// `edgesync ARGS --config CONFIG` with a clean environment.
 pub fn cli_command(config: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = bin_command();
     cmd.args(args)
         .arg("--config")
         .arg(config)

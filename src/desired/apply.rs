@@ -1,0 +1,327 @@
+//! Applying desired documents: one document at a time in version order, its keys' handlers
+//! concurrently (up to `desired.concurrency`), outside the MQTT event path.
+//!
+//! Life of a document: taken in durably before its PUBACK ([`Applier::receive`]) → marked
+//! applying → keys planned ([`super::plan`]) and handlers run → finished in one transaction
+//! (state, history, reported changes with origin `cloud`, applied version, result queued for
+//! `P/D/desired/result`). After a crash, a document that was applying is finished with its
+//! keys `failed` (at most once); one that was only received is applied normally.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use super::doc::{self, Limits};
+use super::handlers::{self, Outcome};
+use super::plan::{KeyPlan, plan_key};
+use super::store::{self as dstore, InboxEntry, KeyUpdate, Received};
+use super::types::{DesiredConfig, HandlerKind};
+use super::watch::Watchers;
+use crate::change::{Origin, now_ms};
+use crate::config::Encoding;
+use crate::store::{Outbox, StoreError};
+
+/// Runs desired documents; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Applier {
+    outbox: Outbox,
+    cfg: Arc<DesiredConfig>,
+    watchers: Watchers,
+    /// New documents in the inbox.
+    wake: Arc<Notify>,
+    /// New results to publish (the link listens).
+    pub results: Arc<Notify>,
+}
+
+/// One key's result in an apply result document.
+#[derive(Debug, Clone, PartialEq)]
+enum KeyStatus {
+    Applied,
+    Rejected(String),
+    Conflict,
+    Failed(String),
+}
+
+impl Applier {
+    pub fn new(outbox: Outbox, cfg: Arc<DesiredConfig>, watchers: Watchers) -> Self {
+        Self {
+            outbox,
+            cfg,
+            watchers,
+            wake: Arc::new(Notify::new()),
+            results: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn watchers(&self) -> &Watchers {
+        &self.watchers
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: usize::try_from(self.cfg.max_document_bytes).unwrap_or(usize::MAX),
+            max_depth: self.cfg.max_depth,
+        }
+    }
+
+    /// Takes in a payload from `P/D/desired`. Returns once what must be durable is: the
+    /// caller acknowledges the message (PUBACK) only after `Ok`. A document that cannot be
+    /// read is answered with a `rejected` result and is `Ok` too (it is consumed, never
+    /// redelivered forever).
+    pub async fn receive(&self, payload: &[u8]) -> Result<(), StoreError> {
+        match doc::decode(payload, self.limits()) {
+            Err(e) => {
+                tracing::warn!("desired document refused: {e}");
+                let result = json!({"version": e.version, "status": "rejected", "error": e.reason, "keys": {}});
+                dstore::queue(
+                    &self.outbox,
+                    "desired/result",
+                    doc::encode(&result, e.encoding),
+                )
+                .await?;
+                self.results.notify_one();
+            }
+            Ok(d) => {
+                let version = d.version;
+                let entry = InboxEntry {
+                    version,
+                    ts: d.ts,
+                    state: d.state,
+                    json: d.encoding == Encoding::Json,
+                    received: now_ms(),
+                    applying: false,
+                };
+                let stale = json!({"version": version, "status": "stale", "keys": {},
+                    "error": "a newer or equal version was already taken in"});
+                let stale = doc::encode(&stale, d.encoding);
+                match dstore::receive(&self.outbox, entry, stale).await? {
+                    Received::Accepted => {
+                        tracing::info!(version, "desired document taken in");
+                        self.wake.notify_one();
+                    }
+                    Received::Stale { current } => {
+                        tracing::info!(version, current, "stale desired document");
+                        self.results.notify_one();
+                    }
+                    Received::Duplicate => {
+                        tracing::info!(version, "duplicate desired document");
+                        self.results.notify_one();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies documents as they come, until `stop`.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let outbox = self.outbox.clone();
+            let pending = tokio::task::spawn_blocking(move || dstore::inbox(&outbox)).await;
+            match pending {
+                Ok(Ok(docs)) => {
+                    for d in docs {
+                        if *stop.borrow() {
+                            return;
+                        }
+                        if let Err(e) = self.apply(d).await {
+                            tracing::error!("applying desired state failed: {e}");
+                            // Try again later rather than spin.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("reading desired documents failed: {e}"),
+                Err(e) => tracing::error!("internal task failed: {e}"),
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                _ = stop.changed() => {}
+            }
+        }
+    }
+
+    async fn apply(&self, d: InboxEntry) -> Result<(), StoreError> {
+        let version = d.version;
+        let statuses: Vec<(String, KeyStatus, Option<KeyUpdate>)> = if d.applying {
+            tracing::warn!(
+                version,
+                "desired document was being applied when the agent stopped; its keys are reported failed, not run again"
+            );
+            d.state
+                .iter()
+                .map(|(k, _)| {
+                    let why = "interrupted: the agent restarted while applying; not retried (at most once)";
+                    (k.clone(), KeyStatus::Failed(why.into()), None)
+                })
+                .collect()
+        } else {
+            dstore::begin(&self.outbox, version).await?;
+            self.run_keys(&d).await?
+        };
+        let mut keys = Map::new();
+        let mut updates = Vec::new();
+        let (mut applied, mut other) = (0, 0);
+        for (key, status, update) in statuses {
+            let entry = match &status {
+                KeyStatus::Applied => {
+                    applied += 1;
+                    json!({"status": "applied"})
+                }
+                KeyStatus::Conflict => {
+                    other += 1;
+                    json!({"status": "conflict"})
+                }
+                KeyStatus::Rejected(e) => {
+                    other += 1;
+                    json!({"status": "rejected", "error": e})
+                }
+                KeyStatus::Failed(e) => {
+                    other += 1;
+                    json!({"status": "failed", "error": e})
+                }
+            };
+            keys.insert(key, entry);
+            updates.extend(update);
+        }
+        let status = match (applied, other) {
+            (_, 0) => "applied",
+            (0, _) => "rejected",
+            _ => "partial",
+        };
+        let result = json!({"version": version, "status": status, "keys": keys});
+        let payload = doc::encode(&result, d.encoding());
+        dstore::finish(&self.outbox, version, updates, payload, self.cfg.history).await?;
+        tracing::info!(version, status, "desired document applied");
+        self.results.notify_one();
+        Ok(())
+    }
+
+    /// Plans every key, runs handlers concurrently, returns statuses in document order.
+    async fn run_keys(
+        &self,
+        d: &InboxEntry,
+    ) -> Result<Vec<(String, KeyStatus, Option<KeyUpdate>)>, StoreError> {
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, (key, value)) in d.state.iter().enumerate() {
+            let outbox = self.outbox.clone();
+            let k = key.clone();
+            let local = tokio::task::spawn_blocking(move || dstore::local_change(&outbox, &k))
+                .await
+                .map_err(|e| StoreError::Io(e.to_string()))??;
+            let plan = plan_key(&self.cfg, key, value, local.as_ref(), d.ts, d.received);
+            let this = self.clone();
+            let key = key.clone();
+            let slots = Arc::clone(&slots);
+            let version = d.version;
+            tasks.spawn(async move {
+                let _slot = slots.acquire_owned().await;
+                let status = this.execute(&key, plan, version, Origin::Cloud).await;
+                (i, key, status)
+            });
+        }
+        let mut out: Vec<Option<(String, KeyStatus, Option<KeyUpdate>)>> =
+            vec![None; d.state.len()];
+        while let Some(done) = tasks.join_next().await {
+            let (i, key, (status, update)) = done.map_err(|e| StoreError::Io(e.to_string()))?;
+            if let Some(slot) = out.get_mut(i) {
+                *slot = Some((key, status, update));
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Carries out one key's plan.
+    async fn execute(
+        &self,
+        key: &str,
+        plan: KeyPlan,
+        version: u64,
+        origin: Origin,
+    ) -> (KeyStatus, Option<KeyUpdate>) {
+        let value = match plan {
+            KeyPlan::Reject(e) => return (KeyStatus::Rejected(e), None),
+            KeyPlan::KeepDevice => return (KeyStatus::Conflict, None),
+            KeyPlan::Apply(v) => v,
+            KeyPlan::Merge {
+                device,
+                cloud,
+                argv,
+                timeout,
+            } => match handlers::run_merge(&argv, timeout, key, &device, &cloud).await {
+                Ok(v) => v,
+                Err(e) => return (KeyStatus::Failed(format!("merge: {e}")), None),
+            },
+        };
+        match self.handle(key, &value, version).await {
+            Outcome::Applied(v) => (
+                KeyStatus::Applied,
+                Some(KeyUpdate {
+                    key: key.to_owned(),
+                    value: v,
+                    origin,
+                }),
+            ),
+            Outcome::Failed(e) => (KeyStatus::Failed(e), None),
+        }
+    }
+
+    /// Runs the key's handler (first match), or only records the value.
+    async fn handle(&self, key: &str, value: &Value, version: u64) -> Outcome {
+        let handler = self.cfg.handlers.iter().find(|h| h.keys.matches(key));
+        match handler.map(|h| &h.kind) {
+            None => Outcome::Applied(value.clone()),
+            Some(HandlerKind::Exec { argv, timeout }) => {
+                handlers::run_exec(argv, *timeout, key, value, version).await
+            }
+            Some(HandlerKind::File { path }) => handlers::run_file(path, key, value).await,
+            Some(HandlerKind::Watch { deadline }) => {
+                self.watchers.deliver(key, value, version, *deadline).await
+            }
+        }
+    }
+
+    /// Applies the value `key` had at `version` again, through the same handler path;
+    /// recorded in history with origin `rollback` and reported.
+    pub async fn rollback(&self, key: &str, version: u64) -> Result<Value, String> {
+        let outbox = self.outbox.clone();
+        let k = key.to_owned();
+        let history = tokio::task::spawn_blocking(move || dstore::history(&outbox, &k))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let Some(entry) = history.iter().rev().find(|h| h.version == version) else {
+            let known: Vec<u64> = history.iter().map(|h| h.version).collect();
+            return Err(format!(
+                "key {key} has no value of version {version} in its history (known: {known:?})"
+            ));
+        };
+        let (status, update) = self
+            .execute(
+                key,
+                KeyPlan::Apply(entry.value.clone()),
+                version,
+                Origin::Rollback,
+            )
+            .await;
+        match (status, update) {
+            (KeyStatus::Applied, Some(u)) => {
+                let applied = u.value.clone();
+                let history_len = self.cfg.history;
+                self.outbox
+                    .transact(move |ctx| dstore::apply_updates(ctx, version, &[u], history_len))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"key": key, "version": version, "value": applied, "status": "applied"}))
+            }
+            (KeyStatus::Failed(e), _) | (KeyStatus::Rejected(e), _) => Err(e),
+            _ => Err("rollback did not apply".into()),
+        }
+    }
+}

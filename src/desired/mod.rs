@@ -1,0 +1,12 @@
+//! Desired state: versioned documents from the cloud, validated, checked for conflicts with
+//! local changes, applied through handlers, recorded with per-key history.
+
+pub mod apply;
+pub mod doc;
+pub mod glob;
+pub mod handlers;
+pub mod plan;
+pub mod rules;
+pub mod store;
+pub mod types;
+pub mod watch;

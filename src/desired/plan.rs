@@ -1,0 +1,197 @@
+//! Deciding what to do with each key of a desired document, sans-IO: validation rules,
+//! conflict policies. Running the decision (handlers, merge programs) is [`super::apply`].
+
+use serde_json::Value;
+
+use super::rules::{check_value, find_rule};
+use super::store::LocalChange;
+use super::types::{DesiredConfig, Policy};
+
+/// The decision for one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeyPlan {
+    /// Refused by validation: `rejected`.
+    Reject(String),
+    /// The device's value stays: `conflict`.
+    KeepDevice,
+    /// Apply this value through the key's handler.
+    Apply(Value),
+    /// Run the merge program, then apply its output.
+    Merge {
+        device: Value,
+        cloud: Value,
+        argv: Vec<String>,
+        timeout: std::time::Duration,
+    },
+}
+
+/// Whether the device changed the key in a way the cloud had not seen when it issued the
+/// document: the change is still queued, or it is later than the document's `ts`.
+pub fn is_conflict(local: Option<&LocalChange>, doc_ts: Option<u64>) -> bool {
+    local.is_some_and(|l| l.queued || doc_ts.is_some_and(|t| l.ts > t))
+}
+
+/// Plans one key. `received` (Unix ms) stands in for a document without `ts`.
+pub fn plan_key(
+    cfg: &DesiredConfig,
+    key: &str,
+    value: &Result<Value, String>,
+    local: Option<&LocalChange>,
+    doc_ts: Option<u64>,
+    received: u64,
+) -> KeyPlan {
+    let value = match value {
+        Ok(v) => v,
+        Err(e) => return KeyPlan::Reject(e.clone()),
+    };
+    if let Err(e) = check_value(find_rule(&cfg.rules, key), cfg.unknown_keys, value) {
+        return KeyPlan::Reject(e);
+    }
+    let Some(local) = local.filter(|_| is_conflict(local, doc_ts)) else {
+        return KeyPlan::Apply(value.clone());
+    };
+    let policy = cfg
+        .conflicts
+        .iter()
+        .find(|c| c.keys.matches(key))
+        .map(|c| &c.policy);
+    match policy {
+        None | Some(Policy::CloudWins) => KeyPlan::Apply(value.clone()),
+        Some(Policy::DeviceWins) => KeyPlan::KeepDevice,
+        Some(Policy::LastWriteWins) => {
+            if local.ts > doc_ts.unwrap_or(received) {
+                KeyPlan::KeepDevice
+            } else {
+                KeyPlan::Apply(value.clone())
+            }
+        }
+        Some(Policy::Merge { argv, timeout }) => KeyPlan::Merge {
+            device: local.value.clone(),
+            cloud: value.clone(),
+            argv: argv.clone(),
+            timeout: *timeout,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::types::{ConflictRule, KeyGlob, Rule, UnknownKeys, ValueType};
+    use serde_json::json;
+    use std::time::Duration;
+
+    fn cfg(policy: Policy) -> DesiredConfig {
+        DesiredConfig {
+            conflicts: vec![ConflictRule {
+                keys: KeyGlob("led.*".into()),
+                policy,
+            }],
+            rules: vec![Rule {
+                keys: KeyGlob("setpoint".into()),
+                value_type: Some(ValueType::Number),
+                min: Some(5.0),
+                max: Some(30.0),
+                one_of: None,
+                max_length: None,
+                nullable: true,
+            }],
+            ..DesiredConfig::default()
+        }
+    }
+
+    fn local(ts: u64, queued: bool) -> LocalChange {
+        LocalChange {
+            value: json!("device"),
+            ts,
+            queued,
+        }
+    }
+
+    #[test]
+    fn no_local_change_applies() {
+        let c = cfg(Policy::DeviceWins);
+        assert_eq!(
+            plan_key(&c, "led.mode", &Ok(json!("cloud")), None, Some(100), 0),
+            KeyPlan::Apply(json!("cloud"))
+        );
+    }
+
+    #[test]
+    fn conflict_needs_a_queued_or_newer_local_change() {
+        assert!(!is_conflict(Some(&local(50, false)), Some(100)));
+        assert!(is_conflict(Some(&local(50, true)), Some(100)));
+        assert!(is_conflict(Some(&local(150, false)), Some(100)));
+        assert!(!is_conflict(Some(&local(150, false)), None));
+        assert!(!is_conflict(None, Some(1)));
+    }
+
+    #[test]
+    fn each_policy_decides() {
+        let l = local(150, false);
+        let v = Ok(json!("cloud"));
+        let p = |policy| plan_key(&cfg(policy), "led.mode", &v, Some(&l), Some(100), 0);
+        assert_eq!(p(Policy::CloudWins), KeyPlan::Apply(json!("cloud")));
+        assert_eq!(p(Policy::DeviceWins), KeyPlan::KeepDevice);
+        assert_eq!(p(Policy::LastWriteWins), KeyPlan::KeepDevice);
+        let older = local(50, true);
+        assert_eq!(
+            plan_key(
+                &cfg(Policy::LastWriteWins),
+                "led.mode",
+                &v,
+                Some(&older),
+                Some(100),
+                0
+            ),
+            KeyPlan::Apply(json!("cloud")),
+            "queued but older than the document: the cloud's write is later"
+        );
+        let argv = vec!["/bin/merge".to_owned()];
+        assert_eq!(
+            p(Policy::Merge {
+                argv: argv.clone(),
+                timeout: Duration::from_secs(1)
+            }),
+            KeyPlan::Merge {
+                device: json!("device"),
+                cloud: json!("cloud"),
+                argv,
+                timeout: Duration::from_secs(1)
+            }
+        );
+        // Keys no conflict rule matches: cloud wins.
+        assert_eq!(
+            plan_key(
+                &cfg(Policy::DeviceWins),
+                "other",
+                &v,
+                Some(&l),
+                Some(100),
+                0
+            ),
+            KeyPlan::Apply(json!("cloud"))
+        );
+    }
+
+    #[test]
+    fn validation_comes_first() {
+        let c = cfg(Policy::CloudWins);
+        assert!(matches!(
+            plan_key(&c, "setpoint", &Ok(json!(40)), None, None, 0),
+            KeyPlan::Reject(_)
+        ));
+        assert!(matches!(
+            plan_key(&c, "x", &Err("bad".into()), None, None, 0),
+            KeyPlan::Reject(e) if e == "bad"
+        ));
+        let strict = DesiredConfig {
+            unknown_keys: UnknownKeys::Reject,
+            ..cfg(Policy::CloudWins)
+        };
+        assert!(matches!(
+            plan_key(&strict, "x", &Ok(json!(1)), None, None, 0),
+            KeyPlan::Reject(_)
+        ));
+    }
+}

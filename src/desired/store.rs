@@ -1,0 +1,413 @@
+//! Desired state in the store file, beside the outbox. Every write goes through
+//! [`Outbox::transact`], so it commits (and fsyncs) together with the reported changes it
+//! queues.
+//!
+//! # Tables
+//! - `desired_meta`: `accepted` (highest version taken in), `applied` (last version applied),
+//!   `result_seq` (next result number);
+//! - `desired_inbox`: `version → entry` (JSON): documents taken in and not yet finished, with
+//!   `applying` set once their handlers may have started;
+//! - `desired_state`: `key → {value, version, ts}` (JSON), the desired state as applied;
+//! - `desired_history`: `key → [{version, value, ts, origin}]` (JSON), newest last, bounded;
+//! - `desired_results`: `version → result payload`, results of recent applied versions (to
+//!   answer a duplicate);
+//! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed.
+//!
+//! # Invariants
+//! - A document is in the inbox (durable) before its PUBACK; versions only move forward.
+//! - Finishing a document (new state, history, applied version, its result, and the reported
+//!   changes of applied keys) is one transaction.
+//! - A document found with `applying` set after a restart is finished with every key
+//!   `failed`: a handler that may have run is never run twice.
+
+use redb::{ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::change::{NewChange, Origin, now_ms};
+use crate::config::Encoding;
+use crate::store::{Outbox, StoreError};
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("desired_meta");
+const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_inbox");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_state");
+const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_history");
+const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_results");
+const RESULT_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("result_outbox");
+
+/// Results of applied versions kept to answer duplicates.
+const KEEP_RESULTS: u64 = 32;
+
+/// A document waiting in the inbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InboxEntry {
+    pub version: u64,
+    pub ts: Option<u64>,
+    /// Each key with its value, or why it is refused.
+    pub state: Vec<(String, Result<Value, String>)>,
+    pub json: bool,
+    pub received: u64,
+    pub applying: bool,
+}
+
+impl InboxEntry {
+    pub fn encoding(&self) -> Encoding {
+        if self.json {
+            Encoding::Json
+        } else {
+            Encoding::Cbor
+        }
+    }
+}
+
+/// A key of the desired state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateEntry {
+    pub value: Value,
+    pub version: u64,
+    pub ts: u64,
+}
+
+/// One value a key had.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub value: Value,
+    pub ts: u64,
+    pub origin: Origin,
+}
+
+/// A result waiting to be published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingResult {
+    pub n: u64,
+    /// Topic under `P/D/`, e.g. `desired/result`.
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What happened to an incoming document.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    Accepted,
+    /// Below the highest accepted version: not applied; a `stale` result was queued.
+    Stale {
+        current: u64,
+    },
+    /// The version already taken in: nothing re-applied; its result was queued again if it
+    /// is known (else it follows when the document finishes).
+    Duplicate,
+}
+
+/// A key's change from finishing a document or a rollback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyUpdate {
+    pub key: String,
+    /// `Null` removes the key from the desired state.
+    pub value: Value,
+    pub origin: Origin,
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| redb::Error::Corrupted(format!("desired record: {e}")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn meta_get(
+    t: &impl ReadableTable<&'static str, u64>,
+    k: &str,
+) -> Result<Option<u64>, redb::Error> {
+    Ok(t.get(k)?.map(|v| v.value()))
+}
+
+/// Takes in a document: durable before the caller sends the PUBACK.
+pub async fn receive(
+    outbox: &Outbox,
+    entry: InboxEntry,
+    stale_result: Vec<u8>,
+) -> Result<Received, StoreError> {
+    outbox
+        .transact(move |ctx| {
+            let mut meta = ctx.txn.open_table(META)?;
+            let accepted = meta_get(&meta, "accepted")?;
+            let version = entry.version;
+            match accepted {
+                Some(a) if version < a => {
+                    drop(meta);
+                    queue_result(ctx.txn, "desired/result", &stale_result)?;
+                    return Ok(Received::Stale { current: a });
+                }
+                Some(a) if version == a => {
+                    let results = ctx.txn.open_table(RESULTS)?;
+                    let stored = results.get(version)?.map(|v| v.value().to_vec());
+                    drop(results);
+                    drop(meta);
+                    if let Some(payload) = stored {
+                        queue_result(ctx.txn, "desired/result", &payload)?;
+                    }
+                    return Ok(Received::Duplicate);
+                }
+                _ => {}
+            }
+            meta.insert("accepted", version)?;
+            drop(meta);
+            ctx.txn
+                .open_table(INBOX)?
+                .insert(version, to_json(&entry).as_slice())?;
+            Ok(Received::Accepted)
+        })
+        .await
+}
+
+fn queue_result(
+    txn: &redb::WriteTransaction,
+    topic: &str,
+    payload: &[u8],
+) -> Result<u64, redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    let n = meta_get(&meta, "result_seq")?.unwrap_or(1);
+    meta.insert("result_seq", n + 1)?;
+    let item = PendingResult {
+        n,
+        topic: topic.to_owned(),
+        payload: payload.to_vec(),
+    };
+    txn.open_table(RESULT_OUTBOX)?
+        .insert(n, to_json(&item).as_slice())?;
+    Ok(n)
+}
+
+/// Queues a result (e.g. for a document that could not be read at all).
+pub async fn queue(outbox: &Outbox, topic: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
+    let topic = topic.to_owned();
+    outbox
+        .transact(move |ctx| queue_result(ctx.txn, &topic, &payload))
+        .await
+}
+
+/// Marks a document as applying: from now on a crash means its keys are reported failed.
+pub async fn begin(outbox: &Outbox, version: u64) -> Result<(), StoreError> {
+    outbox
+        .transact(move |ctx| {
+            let mut inbox = ctx.txn.open_table(INBOX)?;
+            let entry = inbox.get(version)?.map(|v| v.value().to_vec());
+            if let Some(bytes) = entry {
+                let mut e: InboxEntry = get_json(&bytes)?;
+                e.applying = true;
+                inbox.insert(version, to_json(&e).as_slice())?;
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// Finishes a document in one transaction: state, history, applied version, its result
+/// (stored and queued), and reported changes (origin cloud) for every updated key.
+pub async fn finish(
+    outbox: &Outbox,
+    version: u64,
+    updates: Vec<KeyUpdate>,
+    result: Vec<u8>,
+    history_len: usize,
+) -> Result<(), StoreError> {
+    outbox
+        .transact(move |ctx| {
+            apply_updates(ctx, version, &updates, history_len)?;
+            ctx.txn.open_table(INBOX)?.remove(version)?;
+            let mut meta = ctx.txn.open_table(META)?;
+            let applied = meta_get(&meta, "applied")?.unwrap_or(0);
+            meta.insert("applied", applied.max(version))?;
+            drop(meta);
+            let mut results = ctx.txn.open_table(RESULTS)?;
+            results.insert(version, result.as_slice())?;
+            // Keep only recent results.
+            if version > KEEP_RESULTS {
+                for item in results.extract_from_if(..version - KEEP_RESULTS, |_, _| true)? {
+                    item?;
+                }
+            }
+            drop(results);
+            queue_result(ctx.txn, "desired/result", &result)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Records updates of keys (also used by rollback): desired state, history, reported
+/// changes.
+pub fn apply_updates(
+    ctx: &mut crate::store::TxnCtx<'_, '_>,
+    version: u64,
+    updates: &[KeyUpdate],
+    history_len: usize,
+) -> Result<(), redb::Error> {
+    if updates.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let mut changes = Vec::with_capacity(updates.len());
+    {
+        let mut state = ctx.txn.open_table(STATE)?;
+        let mut history = ctx.txn.open_table(HISTORY)?;
+        for u in updates {
+            if u.value.is_null() {
+                state.remove(u.key.as_str())?;
+            } else {
+                let e = StateEntry {
+                    value: u.value.clone(),
+                    version,
+                    ts: now,
+                };
+                state.insert(u.key.as_str(), to_json(&e).as_slice())?;
+            }
+            if history_len > 0 {
+                let old = history.get(u.key.as_str())?.map(|v| v.value().to_vec());
+                let mut list: Vec<HistoryEntry> = match old {
+                    Some(b) => get_json(&b)?,
+                    None => Vec::new(),
+                };
+                list.push(HistoryEntry {
+                    version,
+                    value: u.value.clone(),
+                    ts: now,
+                    origin: u.origin,
+                });
+                let excess = list.len().saturating_sub(history_len);
+                list.drain(..excess);
+                history.insert(u.key.as_str(), to_json(&list).as_slice())?;
+            }
+            if let Ok(value) = crate::change::encode_value(&u.key, &u.value) {
+                changes.push(NewChange {
+                    key: u.key.clone(),
+                    value,
+                    ts: Some(now),
+                    origin: u.origin,
+                });
+            }
+        }
+    }
+    // Queued like any report; a full `reject` store refuses them (counted), never the result.
+    let _ = ctx.append(&changes)?;
+    Ok(())
+}
+
+/// Deletes a published result.
+pub async fn published(outbox: &Outbox, n: u64) -> Result<(), StoreError> {
+    outbox
+        .transact(move |ctx| {
+            ctx.txn.open_table(RESULT_OUTBOX)?.remove(n)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Documents taken in and not finished, oldest version first.
+pub fn inbox(outbox: &Outbox) -> Result<Vec<InboxEntry>, StoreError> {
+    read_all(outbox, INBOX)
+}
+
+/// Results not yet published, oldest first.
+pub fn pending_results(outbox: &Outbox) -> Result<Vec<PendingResult>, StoreError> {
+    read_all(outbox, RESULT_OUTBOX)
+}
+
+fn read_all<T: for<'de> Deserialize<'de>>(
+    outbox: &Outbox,
+    def: TableDefinition<u64, &[u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let txn = outbox.read()?;
+    let table = match txn.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::from(e)),
+    };
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (_, v) = item?;
+        out.push(get_json(v.value())?);
+    }
+    Ok(out)
+}
+
+/// The last applied version.
+pub fn applied_version(outbox: &Outbox) -> Result<Option<u64>, StoreError> {
+    let txn = outbox.read()?;
+    match txn.open_table(META) {
+        Ok(t) => Ok(meta_get(&t, "applied")?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The desired state (one key or all).
+pub fn state(
+    outbox: &Outbox,
+    key: Option<&str>,
+) -> Result<std::collections::BTreeMap<String, StateEntry>, StoreError> {
+    let txn = outbox.read()?;
+    let table = match txn.open_table(STATE) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Default::default()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = std::collections::BTreeMap::new();
+    match key {
+        Some(k) => {
+            if let Some(v) = table.get(k)? {
+                out.insert(k.to_owned(), get_json(v.value())?);
+            }
+        }
+        None => {
+            for item in table.iter()? {
+                let (k, v) = item?;
+                out.insert(k.value().to_owned(), get_json(v.value())?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A key's history, newest last.
+pub fn history(outbox: &Outbox, key: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    let txn = outbox.read()?;
+    let table = match txn.open_table(HISTORY) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(match table.get(key)? {
+        Some(v) => get_json(v.value())?,
+        None => Vec::new(),
+    })
+}
+
+/// The device's latest reported change of `key` (not one the agent made), and whether it
+/// is still queued (the cloud has not seen it yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalChange {
+    pub value: Value,
+    pub ts: u64,
+    pub queued: bool,
+}
+
+pub fn local_change(outbox: &Outbox, key: &str) -> Result<Option<LocalChange>, StoreError> {
+    let Some((seq, r)) = outbox.reported_raw(key)? else {
+        return Ok(None);
+    };
+    let Ok(rec) = crate::store::record::decode(&r) else {
+        return Ok(None);
+    };
+    if rec.origin.is_some() {
+        return Ok(None);
+    }
+    let value = crate::change::decode_value(rec.value).map_err(StoreError::Io)?;
+    Ok(Some(LocalChange {
+        value,
+        ts: rec.ts,
+        queued: outbox.is_queued(seq)?,
+    }))
+}

@@ -1,0 +1,126 @@
+//! Configuration types of desired state (`[desired]`, `[[desired.rule]]`,
+//! `[[desired.conflict]]`, `[[desired.handler]]`), produced by `config.rs` after validation.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// `[desired]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredConfig {
+    /// Largest desired document accepted (encoded), default 256 KiB.
+    pub max_document_bytes: u64,
+    /// Deepest nesting of arrays/objects inside one value, default 16.
+    pub max_depth: usize,
+    /// What to do with keys that no rule matches, default `Accept`.
+    pub unknown_keys: UnknownKeys,
+    /// Values kept per key in the history, default 10.
+    pub history: usize,
+    /// Handlers running at once, default 4.
+    pub concurrency: usize,
+    /// Default timeout of exec handlers, merge programs and watch acks, default 30 s.
+    pub handler_timeout: Duration,
+    /// Validation rules, in file order (first matching rule wins).
+    pub rules: Vec<Rule>,
+    /// Conflict policies, in file order (first match wins; default cloud-wins).
+    pub conflicts: Vec<ConflictRule>,
+    /// Handlers, in file order (first match wins; none = record only).
+    pub handlers: Vec<Handler>,
+}
+
+impl Default for DesiredConfig {
+    fn default() -> Self {
+        Self {
+            max_document_bytes: 256 * 1024,
+            max_depth: 16,
+            unknown_keys: UnknownKeys::Accept,
+            history: 10,
+            concurrency: 4,
+            handler_timeout: Duration::from_secs(30),
+            rules: Vec::new(),
+            conflicts: Vec::new(),
+            handlers: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKeys {
+    Accept,
+    Reject,
+}
+
+/// A key glob: `*` matches any run of characters (also none), `?` exactly one; every other
+/// character matches itself. Keys are `[A-Za-z0-9_.-]`, so there is nothing to escape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGlob(pub String);
+
+/// `[[desired.rule]]`: what values a key accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub keys: KeyGlob,
+    /// Required JSON type, if any.
+    pub value_type: Option<ValueType>,
+    /// Inclusive bounds for numbers.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Allowed values (compared as JSON).
+    pub one_of: Option<Vec<serde_json::Value>>,
+    /// Longest string (in characters), array (items) or object (members).
+    pub max_length: Option<usize>,
+    /// Whether `null` (remove the key) is allowed, default true.
+    pub nullable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    Bool,
+    Integer,
+    Number,
+    String,
+    Object,
+    Array,
+}
+
+/// `[[desired.conflict]]`: who wins when the device changed a key the cloud had not seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConflictRule {
+    pub keys: KeyGlob,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Policy {
+    CloudWins,
+    DeviceWins,
+    LastWriteWins,
+    /// Run `argv` (no shell) with `{"key","device","cloud"}` as JSON on stdin; its stdout JSON
+    /// is the value applied.
+    Merge {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+}
+
+/// `[[desired.handler]]`: how a key's new value reaches the device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handler {
+    pub keys: KeyGlob,
+    pub kind: HandlerKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum HandlerKind {
+    /// Run `argv` (no shell). `{key}` and `{value}` (compact JSON) in arguments are replaced;
+    /// env `EDGESYNC_KEY`, `EDGESYNC_VALUE`, `EDGESYNC_VERSION`; the JSON value on stdin.
+    /// Exit 0 → applied (stdout, if JSON, is the value actually applied), else failed with
+    /// stderr's last line.
+    Exec {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
+    /// Write the JSON value to `path` (`{key}` replaced) atomically: temp file, fsync, rename.
+    File { path: PathBuf },
+    /// Local programs that sent `{"op":"watch","keys":[...]}` get the change and must ack
+    /// within `deadline`.
+    Watch { deadline: Duration },
+}
