@@ -46,7 +46,8 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Unreachable { .. } => 3,
-            ClientError::Rejected { code, .. } if code != "io-error" => 4,
+            // `failed`: the request was valid but did not work out (e.g. a rollback's handler).
+            ClientError::Rejected { code, .. } if code != "io-error" && code != "failed" => 4,
             _ => 1,
         }
     }

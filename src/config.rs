@@ -3434,6 +3434,1043 @@ mod tests {
         assert!(message.contains("did you mean \"info\"?"), "{message}");
     }
 
+    // --- desired ---------------------------------------------------------------------------
+
+    /// The `[desired]` configuration of a valid file with `rest` after `[mqtt]`.
+    fn desired(rest: &str) -> DesiredConfig {
+        valid(&plain("", rest)).desired
+    }
+
+    /// The only problem of a file with `rest` after `[mqtt]`, which must be for `key`.
+    fn desired_problem(rest: &str, key: &str) -> String {
+        only_problem(&plain("", rest), key)
+    }
+
+    fn glob(pattern: &str) -> KeyGlob {
+        KeyGlob::new(pattern).unwrap()
+    }
+
+    #[test]
+    fn desired_defaults_apply_without_the_section_or_with_an_empty_one() {
+        assert_eq!(desired(""), DesiredConfig::default());
+        assert_eq!(desired("[desired]"), DesiredConfig::default());
+        let defaults = DesiredConfig::default();
+        assert_eq!(defaults.max_document_bytes, 256 * KIB);
+        assert_eq!(defaults.max_depth, 16);
+        assert_eq!(defaults.unknown_keys, UnknownKeys::Accept);
+        assert_eq!(defaults.history, 10);
+        assert_eq!(defaults.concurrency, 4);
+        assert_eq!(defaults.handler_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn desired_full_valid_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("edgesync.toml");
+        let text = plain(
+            "",
+            r#"
+[desired]
+max_document_bytes = "1MiB"
+max_depth = 8
+unknown_keys = "reject"
+history = 0
+concurrency = 2
+handler_timeout = "5s"
+
+[[desired.rule]]
+keys = "setpoint"
+type = "number"
+min = -10
+max = 30.5
+nullable = false
+
+[[desired.rule]]
+keys = "led.mode"
+type = "string"
+enum = ["off", "blink"]
+max_length = 8
+
+[[desired.rule]]
+keys = "level"
+type = "integer"
+enum = [1, 2.0, 3]
+
+[[desired.rule]]
+keys = "config.*"
+enum = [{ a = [1, true] }, "x"]
+
+[[desired.rule]]
+keys = "*"
+
+[[desired.conflict]]
+keys = "led.*"
+policy = "device-wins"
+
+[[desired.conflict]]
+keys = "schedule"
+policy = "merge"
+command = ["merge-schedule"]
+
+[[desired.conflict]]
+keys = "sched?"
+policy = "merge"
+command = ["/usr/bin/merge", "{key}"]
+timeout = "1h"
+
+[[desired.conflict]]
+keys = "setpoint"
+policy = "last-write-wins"
+
+[[desired.conflict]]
+keys = "x"
+policy = "cloud-wins"
+
+[[desired.handler]]
+keys = "setpoint"
+type = "exec"
+command = ["/usr/local/bin/set", "--value", "{value}"]
+
+[[desired.handler]]
+keys = "led.*"
+type = "exec"
+command = ["led-ctl"]
+timeout = "100ms"
+
+[[desired.handler]]
+keys = "display.*"
+type = "file"
+path = "out/{key}.json"
+
+[[desired.handler]]
+keys = "motd"
+type = "file"
+path = "/run/motd"
+
+[[desired.handler]]
+keys = "fan.*"
+type = "watch"
+
+[[desired.handler]]
+keys = "pump.*"
+type = "watch"
+deadline = "2s"
+"#,
+        );
+        let config = Config::from_toml_str(&file, &text).unwrap_or_else(|err| panic!("{err}"));
+        let d = config.desired;
+        assert_eq!(d.max_document_bytes, MIB);
+        assert_eq!(d.max_depth, 8);
+        assert_eq!(d.unknown_keys, UnknownKeys::Reject);
+        assert_eq!(d.history, 0);
+        assert_eq!(d.concurrency, 2);
+        assert_eq!(d.handler_timeout, Duration::from_secs(5));
+
+        let any = Rule {
+            keys: glob("*"),
+            value_type: None,
+            min: None,
+            max: None,
+            one_of: None,
+            max_length: None,
+            nullable: true,
+        };
+        assert_eq!(
+            d.rules,
+            [
+                Rule {
+                    keys: glob("setpoint"),
+                    value_type: Some(ValueType::Number),
+                    min: Some(-10.0),
+                    max: Some(30.5),
+                    nullable: false,
+                    ..any.clone()
+                },
+                Rule {
+                    keys: glob("led.mode"),
+                    value_type: Some(ValueType::String),
+                    one_of: Some(vec![serde_json::json!("off"), serde_json::json!("blink")]),
+                    max_length: Some(8),
+                    ..any.clone()
+                },
+                Rule {
+                    keys: glob("level"),
+                    value_type: Some(ValueType::Integer),
+                    one_of: Some(vec![
+                        serde_json::json!(1),
+                        serde_json::json!(2.0),
+                        serde_json::json!(3)
+                    ]),
+                    ..any.clone()
+                },
+                Rule {
+                    keys: glob("config.*"),
+                    one_of: Some(vec![
+                        serde_json::json!({"a": [1, true]}),
+                        serde_json::json!("x")
+                    ]),
+                    ..any.clone()
+                },
+                any,
+            ]
+        );
+
+        assert_eq!(
+            d.conflicts,
+            [
+                ConflictRule {
+                    keys: glob("led.*"),
+                    policy: Policy::DeviceWins
+                },
+                ConflictRule {
+                    keys: glob("schedule"),
+                    policy: Policy::Merge {
+                        argv: vec!["merge-schedule".to_owned()],
+                        timeout: Duration::from_secs(5)
+                    }
+                },
+                ConflictRule {
+                    keys: glob("sched?"),
+                    policy: Policy::Merge {
+                        argv: vec!["/usr/bin/merge".to_owned(), "{key}".to_owned()],
+                        timeout: Duration::from_secs(3600)
+                    }
+                },
+                ConflictRule {
+                    keys: glob("setpoint"),
+                    policy: Policy::LastWriteWins
+                },
+                ConflictRule {
+                    keys: glob("x"),
+                    policy: Policy::CloudWins
+                },
+            ]
+        );
+
+        let handler = |keys: &str, kind| Handler {
+            keys: glob(keys),
+            kind,
+        };
+        assert_eq!(
+            d.handlers,
+            [
+                handler(
+                    "setpoint",
+                    HandlerKind::Exec {
+                        argv: vec![
+                            "/usr/local/bin/set".to_owned(),
+                            "--value".to_owned(),
+                            "{value}".to_owned()
+                        ],
+                        timeout: Duration::from_secs(5)
+                    }
+                ),
+                handler(
+                    "led.*",
+                    HandlerKind::Exec {
+                        argv: vec!["led-ctl".to_owned()],
+                        timeout: Duration::from_millis(100)
+                    }
+                ),
+                // Relative paths are resolved against the config file's directory.
+                handler(
+                    "display.*",
+                    HandlerKind::File {
+                        path: dir.path().join("out/{key}.json")
+                    }
+                ),
+                handler(
+                    "motd",
+                    HandlerKind::File {
+                        path: PathBuf::from("/run/motd")
+                    }
+                ),
+                handler(
+                    "fan.*",
+                    HandlerKind::Watch {
+                        deadline: Duration::from_secs(5)
+                    }
+                ),
+                handler(
+                    "pump.*",
+                    HandlerKind::Watch {
+                        deadline: Duration::from_secs(2)
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn desired_limits_are_enforced() {
+        for (line, key, message) in [
+            (
+                "max_document_bytes = \"1023B\"",
+                "desired.max_document_bytes",
+                "expected at least 1KiB (1024 bytes), found 1023 bytes",
+            ),
+            (
+                "max_document_bytes = \"17MiB\"",
+                "desired.max_document_bytes",
+                "expected at most 16MiB (16777216 bytes), found 17MiB (17825792 bytes)",
+            ),
+            (
+                "max_document_bytes = \"big\"",
+                "desired.max_document_bytes",
+                "expected a size such as",
+            ),
+            (
+                "max_depth = 0",
+                "desired.max_depth",
+                "expected 1 to 64, found 0",
+            ),
+            (
+                "max_depth = 65",
+                "desired.max_depth",
+                "expected 1 to 64, found 65",
+            ),
+            (
+                "history = -1",
+                "desired.history",
+                "expected 0 to 1000, found -1",
+            ),
+            (
+                "history = 1001",
+                "desired.history",
+                "expected 0 to 1000, found 1001",
+            ),
+            (
+                "concurrency = 0",
+                "desired.concurrency",
+                "expected 1 to 64, found 0",
+            ),
+            (
+                "concurrency = 65",
+                "desired.concurrency",
+                "expected 1 to 64, found 65",
+            ),
+            (
+                "concurrency = \"4\"",
+                "desired.concurrency",
+                "expected an integer, found a string \"4\"",
+            ),
+            (
+                "handler_timeout = \"99ms\"",
+                "desired.handler_timeout",
+                "expected a duration from 100ms to 1h, found 99ms",
+            ),
+            (
+                "handler_timeout = \"2h\"",
+                "desired.handler_timeout",
+                "expected a duration from 100ms to 1h, found 7200s",
+            ),
+            (
+                "handler_timeout = 30",
+                "desired.handler_timeout",
+                "expected a duration string such as \"30s\", found an integer 30",
+            ),
+            (
+                "unknown_keys = \"rejct\"",
+                "desired.unknown_keys",
+                "expected \"accept\" or \"reject\", found \"rejct\" (did you mean \"reject\"?)",
+            ),
+        ] {
+            let found = desired_problem(&format!("[desired]\n{line}"), key);
+            assert!(found.starts_with(message), "{line}: {found}");
+        }
+        let d = desired(
+            "[desired]\nmax_document_bytes = 1024\nmax_depth = 64\nhistory = 1000\n\
+             concurrency = 64\nhandler_timeout = \"100ms\"\nunknown_keys = \"accept\"",
+        );
+        assert_eq!(
+            (d.max_document_bytes, d.max_depth, d.history, d.concurrency),
+            (1024, 64, 1000, 64)
+        );
+        assert_eq!(d.handler_timeout, Duration::from_millis(100));
+        let d = desired("[desired]\nmax_document_bytes = \"16MiB\"\nhandler_timeout = \"1h\"");
+        assert_eq!(d.max_document_bytes, 16 * MIB);
+        assert_eq!(d.handler_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn desired_unknown_keys_are_reported_with_suggestions() {
+        let message = desired_problem(
+            "[desired]\nhandler_timout = \"1s\"",
+            "desired.handler_timout",
+        );
+        assert!(
+            message.starts_with("unknown key (did you mean \"handler_timeout\"?)"),
+            "{message}"
+        );
+        assert!(
+            message.ends_with(
+                "expected one of max_document_bytes, max_depth, unknown_keys, history, \
+                 concurrency, handler_timeout, rule, conflict, handler"
+            ),
+            "{message}"
+        );
+        // In an entry of an array of tables: did-you-mean, or where the key belongs.
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmaxlength = 3",
+            "desired.rule[1].maxlength",
+        );
+        assert_eq!(
+            message,
+            "unknown key (did you mean \"max_length\"?); expected one of keys, type, min, max, \
+             enum, max_length, nullable"
+        );
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\npolicy = \"merge\"",
+            "desired.rule[1].policy",
+        );
+        assert!(
+            message.contains("(it belongs in [[desired.conflict]])"),
+            "{message}"
+        );
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"watch\"\nconcurrency = 2",
+            "desired.handler[1].concurrency",
+        );
+        assert!(message.contains("(it belongs in [desired])"), "{message}");
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"device-wins\"\nnullable = true",
+            "desired.conflict[1].nullable",
+        );
+        assert!(
+            message.contains("(it belongs in [[desired.rule]])"),
+            "{message}"
+        );
+        // An array of tables of an unknown name.
+        let message = desired_problem("[[desired.rules]]\nkeys = \"a\"", "desired.rules");
+        assert!(message.contains("did you mean \"rule\"?"), "{message}");
+    }
+
+    #[test]
+    fn desired_tables_must_be_arrays_of_tables() {
+        let message = desired_problem("[desired.rule]\nkeys = \"a\"", "desired.rule");
+        assert_eq!(
+            message,
+            "expected an array of tables [[desired.rule]], found a table (write \
+             [[desired.rule]], with double brackets, once per entry)"
+        );
+        let message = desired_problem("[desired]\nhandler = \"exec\"", "desired.handler");
+        assert_eq!(
+            message,
+            "expected an array of tables [[desired.handler]], found a string \"exec\""
+        );
+        // An entry that is not a table keeps the numbering of the others.
+        let found = problems(&plain(
+            "",
+            "[desired]\nrule = [1, { keys = \"a\", min = \"x\" }]",
+        ));
+        assert_eq!(
+            keys(&found),
+            ["desired.rule[1]", "desired.rule[2].min"],
+            "{found:#?}"
+        );
+        assert_eq!(
+            found[0].message,
+            "expected a table [[desired.rule]], found an integer 1"
+        );
+        let message = only_problem(&format!("desired = 1\n{}", plain("", "")), "desired");
+        assert_eq!(message, "expected a table [desired], found an integer 1");
+    }
+
+    #[test]
+    fn desired_tables_have_a_limit() {
+        let mut text = String::new();
+        for i in 0..1001 {
+            text.push_str(&format!("[[desired.rule]]\nkeys = \"k{i}\"\n"));
+        }
+        let message = desired_problem(&text, "desired.rule");
+        assert_eq!(
+            message,
+            "expected at most 1000 [[desired.rule]] tables, found 1001"
+        );
+        let mut text = String::new();
+        for i in 0..1000 {
+            text.push_str(&format!(
+                "[[desired.handler]]\nkeys = \"k{i}\"\ntype = \"watch\"\n"
+            ));
+        }
+        assert_eq!(desired(&text).handlers.len(), 1000);
+    }
+
+    #[test]
+    fn desired_rule_keys_is_a_required_glob() {
+        let message = desired_problem("[[desired.rule]]\ntype = \"bool\"", "desired.rule[1].keys");
+        assert!(message.starts_with("missing required key; expected a key glob"));
+        let message = desired_problem("[[desired.rule]]\nkeys = \"led/*\"", "desired.rule[1].keys");
+        assert_eq!(
+            message,
+            "expected a key glob of 1-128 characters of [A-Za-z0-9_.-] and the wildcards * and \
+             ?, found \"led/*\" ('/' at byte 3 is not allowed)"
+        );
+        desired_problem("[[desired.rule]]\nkeys = \"\"", "desired.rule[1].keys");
+        desired_problem(
+            &format!("[[desired.rule]]\nkeys = \"{}\"", "a".repeat(129)),
+            "desired.rule[1].keys",
+        );
+        let message = desired_problem("[[desired.rule]]\nkeys = [\"a\"]", "desired.rule[1].keys");
+        assert_eq!(message, "expected a string, found an array");
+    }
+
+    #[test]
+    fn desired_rule_type_names_the_allowed_types() {
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\ntype = \"boolean\"",
+            "desired.rule[1].type",
+        );
+        assert_eq!(
+            message,
+            "expected \"bool\" or \"integer\" or \"number\" or \"string\" or \"object\" or \
+             \"array\", found \"boolean\" (did you mean \"bool\"?)"
+        );
+        for (written, meant) in [("int", "integer"), ("float", "number"), ("strin", "string")] {
+            let message = desired_problem(
+                &format!("[[desired.rule]]\nkeys = \"a\"\ntype = {written:?}"),
+                "desired.rule[1].type",
+            );
+            assert!(
+                message.ends_with(&format!("(did you mean {meant:?}?)")),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn desired_rule_bounds_are_numbers_in_order_and_only_for_numbers() {
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmin = 10\nmax = 9.5",
+            "desired.rule[1].max",
+        );
+        assert_eq!(
+            message,
+            "must not be below desired.rule[1].min (10), found 9.5"
+        );
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmin = \"5\"",
+            "desired.rule[1].min",
+        );
+        assert_eq!(message, "expected a number, found a string \"5\"");
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmax = nan",
+            "desired.rule[1].max",
+        );
+        assert_eq!(message, "expected a finite number, found NaN");
+        desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmin = -inf",
+            "desired.rule[1].min",
+        );
+        for value_type in ["string", "bool", "object", "array"] {
+            let found = problems(&plain(
+                "",
+                &format!(
+                    "[[desired.rule]]\nkeys = \"a\"\ntype = \"{value_type}\"\nmin = 1\nmax = 2"
+                ),
+            ));
+            assert_eq!(
+                keys(&found),
+                ["desired.rule[1].min", "desired.rule[1].max"],
+                "{found:#?}"
+            );
+            assert_eq!(
+                found[0].message,
+                format!(
+                    "min applies to numbers only, but desired.rule[1].type = \"{value_type}\"; \
+                     remove it (max_length limits the length of strings, arrays and objects)"
+                )
+            );
+        }
+        // Equal bounds and bounds with no type are fine.
+        let d = desired("[[desired.rule]]\nkeys = \"a\"\nmin = 3\nmax = 3.0");
+        assert_eq!((d.rules[0].min, d.rules[0].max), (Some(3.0), Some(3.0)));
+        assert_eq!(d.rules[0].value_type, None);
+        let d = desired("[[desired.rule]]\nkeys = \"a\"\ntype = \"integer\"\nmin = 0");
+        assert_eq!(d.rules[0].min, Some(0.0));
+    }
+
+    #[test]
+    fn desired_rule_max_length_is_for_strings_arrays_and_objects() {
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmax_length = -1",
+            "desired.rule[1].max_length",
+        );
+        assert_eq!(message, "expected an integer of 0 or more, found -1");
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmax_length = 2.5",
+            "desired.rule[1].max_length",
+        );
+        assert_eq!(message, "expected an integer, found a float 2.5");
+        for value_type in ["bool", "integer", "number"] {
+            let message = desired_problem(
+                &format!("[[desired.rule]]\nkeys = \"a\"\ntype = \"{value_type}\"\nmax_length = 3"),
+                "desired.rule[1].max_length",
+            );
+            assert!(
+                message.starts_with("max_length applies to strings, arrays and objects only"),
+                "{message}"
+            );
+        }
+        for value_type in ["string", "array", "object"] {
+            let d = desired(&format!(
+                "[[desired.rule]]\nkeys = \"a\"\ntype = \"{value_type}\"\nmax_length = 0"
+            ));
+            assert_eq!(d.rules[0].max_length, Some(0));
+        }
+    }
+
+    #[test]
+    fn desired_rule_enum_is_a_non_empty_list_of_settable_values() {
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nenum = []",
+            "desired.rule[1].enum",
+        );
+        assert_eq!(
+            message,
+            "expected at least one allowed value, found an empty array"
+        );
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nenum = \"eco\"",
+            "desired.rule[1].enum",
+        );
+        assert_eq!(
+            message,
+            "expected an array of the allowed values, found a string \"eco\""
+        );
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nenum = [\"x\", 1979-05-27]",
+            "desired.rule[1].enum",
+        );
+        assert_eq!(
+            message,
+            "item 2: the datetime 1979-05-27 has no JSON form; write it as a string, \
+             \"1979-05-27\""
+        );
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nenum = [1, [nan]]",
+            "desired.rule[1].enum",
+        );
+        assert_eq!(
+            message,
+            "item 2: NaN has no JSON form (expected a finite number)"
+        );
+        // Values the rest of the rule refuses.
+        let found = problems(&plain(
+            "",
+            "[[desired.rule]]\nkeys = \"a\"\ntype = \"integer\"\nmax = 10\n\
+             enum = [1, \"2\", 2.5, 11]",
+        ));
+        assert_eq!(
+            found.iter().map(|p| p.message.as_str()).collect::<Vec<_>>(),
+            [
+                "item 2 can never be set, the rest of this rule refuses it: expected an \
+                 integer, found a string",
+                "item 3 can never be set, the rest of this rule refuses it: expected an \
+                 integer, found the number 2.5 (it has a fractional part)",
+                "item 4 can never be set, the rest of this rule refuses it: 11 is above the \
+                 maximum 10",
+            ]
+        );
+        assert_eq!(keys(&found), ["desired.rule[1].enum"; 3], "{found:#?}");
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nmax_length = 3\nenum = [\"abcd\"]",
+            "desired.rule[1].enum",
+        );
+        assert!(
+            message.ends_with("string of 4 characters is longer than 3"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn desired_rule_nullable_is_a_boolean() {
+        assert!(desired("[[desired.rule]]\nkeys = \"a\"").rules[0].nullable);
+        assert!(!desired("[[desired.rule]]\nkeys = \"a\"\nnullable = false").rules[0].nullable);
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"a\"\nnullable = \"no\"",
+            "desired.rule[1].nullable",
+        );
+        assert_eq!(message, "expected true or false, found a string \"no\"");
+    }
+
+    #[test]
+    fn desired_rules_are_validated_in_turn_and_named_by_their_number() {
+        let mut text = String::new();
+        for i in 1..=11 {
+            let extra = match i {
+                2 => "max = \"x\"\n",
+                5 => "type = \"str\"\n",
+                10 => "bogus = 1\nmin = 2\nmax = 1\n",
+                _ => "",
+            };
+            text.push_str(&format!("[[desired.rule]]\nkeys = \"k{i}\"\n{extra}"));
+        }
+        // Problems from both stages, in file order (rule 10 after rule 2, the unknown key
+        // after the known ones).
+        let found = problems(&plain(
+            "",
+            &format!("[[desired.conflict]]\nkeys = \"a\"\n{text}"),
+        ));
+        assert_eq!(
+            keys(&found),
+            [
+                "desired.rule[2].max",
+                "desired.rule[5].type",
+                "desired.rule[10].max",
+                "desired.rule[10].bogus",
+                "desired.conflict[1].policy",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn desired_entries_that_are_never_used_are_reported() {
+        let message = desired_problem(
+            "[[desired.rule]]\nkeys = \"led.*\"\n[[desired.rule]]\nkeys = \"a\"\n\
+             [[desired.rule]]\nkeys = \"led.*\"\ntype = \"string\"",
+            "desired.rule[3].keys",
+        );
+        assert_eq!(
+            message,
+            "this entry is never used: desired.rule[1] (keys = \"led.*\") has the same keys and \
+             comes first (the first match wins)"
+        );
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"**\"\ntype = \"watch\"\n\
+             [[desired.handler]]\nkeys = \"a\"\ntype = \"watch\"",
+            "desired.handler[2].keys",
+        );
+        assert!(message.contains("matches every key"), "{message}");
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"device-wins\"\n\
+             [[desired.conflict]]\nkeys = \"a\"\npolicy = \"cloud-wins\"",
+            "desired.conflict[2].keys",
+        );
+        assert!(message.contains("desired.conflict[1]"), "{message}");
+        // A catch-all last is the usual way to end a list.
+        desired("[[desired.rule]]\nkeys = \"a\"\n[[desired.rule]]\nkeys = \"*\"");
+    }
+
+    #[test]
+    fn desired_conflict_policy_is_required_and_checked() {
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"",
+            "desired.conflict[1].policy",
+        );
+        assert_eq!(
+            message,
+            "missing required key; expected \"cloud-wins\", \"device-wins\", \
+             \"last-write-wins\" or \"merge\""
+        );
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"cloud_wins\"",
+            "desired.conflict[1].policy",
+        );
+        assert!(
+            message.ends_with("(did you mean \"cloud-wins\"?)"),
+            "{message}"
+        );
+        desired_problem(
+            "[[desired.conflict]]\npolicy = \"merge\"\ncommand = [\"m\"]",
+            "desired.conflict[1].keys",
+        );
+    }
+
+    #[test]
+    fn desired_conflict_command_and_timeout_go_with_merge_only() {
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"merge\"",
+            "desired.conflict[1].command",
+        );
+        assert!(message.starts_with("missing required key; expected the merge program"));
+        let found = problems(&plain(
+            "",
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"device-wins\"\n\
+             command = [\"/bin/m\"]\ntimeout = \"1s\"",
+        ));
+        assert_eq!(
+            keys(&found),
+            ["desired.conflict[1].command", "desired.conflict[1].timeout"],
+            "{found:#?}"
+        );
+        assert_eq!(
+            found[0].message,
+            "is only used with policy = \"merge\", but desired.conflict[1].policy = \
+             \"device-wins\"; remove it"
+        );
+        let message = desired_problem(
+            "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"merge\"\ncommand = [\"m\"]\n\
+             timeout = \"50ms\"",
+            "desired.conflict[1].timeout",
+        );
+        assert_eq!(message, "expected a duration from 100ms to 1h, found 50ms");
+        // The merge timeout defaults to desired.handler_timeout.
+        let d = desired(
+            "[desired]\nhandler_timeout = \"7s\"\n\
+             [[desired.conflict]]\nkeys = \"a\"\npolicy = \"merge\"\ncommand = [\"m\"]",
+        );
+        assert_eq!(
+            d.conflicts[0].policy,
+            Policy::Merge {
+                argv: vec!["m".to_owned()],
+                timeout: Duration::from_secs(7)
+            }
+        );
+    }
+
+    #[test]
+    fn commands_are_a_program_and_its_arguments() {
+        for (command, message) in [
+            (
+                "[]",
+                "expected a program and its arguments such as [\"/usr/local/bin/apply\", \
+                 \"{key}\"], found an empty array",
+            ),
+            (
+                "[\"\"]",
+                "expected a program and its arguments such as [\"/usr/local/bin/apply\", \
+                 \"{key}\"], found an empty program name",
+            ),
+            (
+                "[\"bin/merge\"]",
+                "expected the program as an absolute path or a bare name looked up in PATH, \
+                 found the relative path \"bin/merge\"",
+            ),
+            (
+                "[\"./merge\"]",
+                "expected the program as an absolute path or a bare name looked up in PATH, \
+                 found the relative path \"./merge\"",
+            ),
+            (
+                "[\"/bin/m\", \"a\\u0000b\"]",
+                "expected a program and its arguments such as [\"/usr/local/bin/apply\", \
+                 \"{key}\"], found NUL in item 2",
+            ),
+            (
+                "[\"/bin/m\", 5]",
+                "expected an array of strings such as [\"/usr/bin/prog\", \"--flag\"], found \
+                 an array whose item 2 is an integer 5",
+            ),
+            (
+                "\"/bin/m --flag\"",
+                "expected an array of strings such as [\"/usr/bin/prog\", \"--flag\"], found a \
+                 string \"/bin/m --flag\"",
+            ),
+        ] {
+            let found = desired_problem(
+                &format!(
+                    "[[desired.conflict]]\nkeys = \"a\"\npolicy = \"merge\"\ncommand = {command}"
+                ),
+                "desired.conflict[1].command",
+            );
+            assert_eq!(found, message, "{command}");
+            let found = desired_problem(
+                &format!("[[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\ncommand = {command}"),
+                "desired.handler[1].command",
+            );
+            assert_eq!(found, message, "{command}");
+        }
+        // Empty arguments after the program are allowed.
+        let d =
+            desired("[[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\ncommand = [\"p\", \"\"]");
+        assert!(matches!(&d.handlers[0].kind, HandlerKind::Exec { argv, .. } if argv.len() == 2));
+    }
+
+    #[test]
+    fn desired_handler_type_is_required_and_checked() {
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"",
+            "desired.handler[1].type",
+        );
+        assert!(
+            message.starts_with("missing required key; expected \"exec\""),
+            "{message}"
+        );
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"exe\"",
+            "desired.handler[1].type",
+        );
+        assert_eq!(
+            message,
+            "expected \"exec\" or \"file\" or \"watch\", found \"exe\" (did you mean \"exec\"?)"
+        );
+    }
+
+    #[test]
+    fn desired_handler_keys_must_belong_to_its_type() {
+        let found = problems(&plain(
+            "",
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\ncommand = [\"p\"]\n\
+             path = \"/x\"\ndeadline = \"1s\"\n\
+             [[desired.handler]]\nkeys = \"b\"\ntype = \"file\"\npath = \"/x\"\ntimeout = \"1s\"\n\
+             [[desired.handler]]\nkeys = \"c\"\ntype = \"watch\"\ncommand = [\"p\"]",
+        ));
+        assert_eq!(
+            keys(&found),
+            [
+                "desired.handler[1].path",
+                "desired.handler[1].deadline",
+                "desired.handler[2].timeout",
+                "desired.handler[3].command",
+            ],
+            "{found:#?}"
+        );
+        assert_eq!(
+            found[0].message,
+            "is not used by a handler of type = \"exec\" (it takes command and timeout); path is \
+             for type = \"file\""
+        );
+        assert_eq!(
+            found[2].message,
+            "is not used by a handler of type = \"file\" (it takes path); timeout is for type = \
+             \"exec\""
+        );
+        assert_eq!(
+            found[3].message,
+            "is not used by a handler of type = \"watch\" (it takes deadline); command is for \
+             type = \"exec\""
+        );
+    }
+
+    #[test]
+    fn desired_exec_handler_needs_a_command_and_takes_a_timeout() {
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"",
+            "desired.handler[1].command",
+        );
+        assert!(message.starts_with("missing required key; expected the program"));
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\ncommand = [\"p\"]\ntimeout = \"2h\"",
+            "desired.handler[1].timeout",
+        );
+        assert_eq!(message, "expected a duration from 100ms to 1h, found 7200s");
+    }
+
+    #[test]
+    fn desired_file_handler_path_is_checked() {
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"file\"",
+            "desired.handler[1].path",
+        );
+        assert!(message.starts_with("missing required key; expected the file to write"));
+        for (path, message) in [
+            ("", "expected a path, found an empty string"),
+            (
+                "/var/lib/app/",
+                "expected the path of a file, found the directory \"/var/lib/app/\" (e.g. use \
+                 \"/var/lib/app/{key}.json\")",
+            ),
+            (
+                "/var/lib/{value}.json",
+                "only the placeholder {key} is replaced in a path, found \"{value}\" in \
+                 \"/var/lib/{value}.json\"",
+            ),
+            (
+                "/var/lib/{key.json",
+                "only the placeholder {key} is replaced in a path, found \"{\" in \
+                 \"/var/lib/{key.json\"",
+            ),
+            (
+                "/var/lib/a}.json",
+                "only the placeholder {key} is replaced in a path, found \"}\" in \
+                 \"/var/lib/a}.json\"",
+            ),
+        ] {
+            let found = desired_problem(
+                &format!("[[desired.handler]]\nkeys = \"a\"\ntype = \"file\"\npath = {path:?}"),
+                "desired.handler[1].path",
+            );
+            assert_eq!(found, message, "{path:?}");
+        }
+        // A glob that can match several keys needs {key} in the path.
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"led.*\"\ntype = \"file\"\npath = \"/run/led.json\"",
+            "desired.handler[1].path",
+        );
+        assert!(
+            message
+                .starts_with("keys = \"led.*\" can match several keys, but the path has no {key}"),
+            "{message}"
+        );
+        let d = desired(
+            "[[desired.handler]]\nkeys = \"led?\"\ntype = \"file\"\npath = \"/run/{key}/{key}.json\"",
+        );
+        assert_eq!(
+            d.handlers[0].kind,
+            HandlerKind::File {
+                path: PathBuf::from("/run/{key}/{key}.json")
+            }
+        );
+    }
+
+    #[test]
+    fn desired_watch_deadline_defaults_to_the_handler_timeout() {
+        let d = desired(
+            "[desired]\nhandler_timeout = \"250ms\"\n\
+             [[desired.handler]]\nkeys = \"a\"\ntype = \"watch\"\n\
+             [[desired.handler]]\nkeys = \"b\"\ntype = \"exec\"\ncommand = [\"p\"]",
+        );
+        assert_eq!(
+            d.handlers[0].kind,
+            HandlerKind::Watch {
+                deadline: Duration::from_millis(250)
+            }
+        );
+        assert_eq!(
+            d.handlers[1].kind,
+            HandlerKind::Exec {
+                argv: vec!["p".to_owned()],
+                timeout: Duration::from_millis(250)
+            }
+        );
+        let message = desired_problem(
+            "[[desired.handler]]\nkeys = \"a\"\ntype = \"watch\"\ndeadline = \"0\"",
+            "desired.handler[1].deadline",
+        );
+        assert_eq!(message, "expected a duration from 100ms to 1h, found 0ns");
+    }
+
+    #[test]
+    fn desired_problems_are_all_reported_even_with_a_bad_handler_timeout() {
+        let found = problems(&plain(
+            "",
+            "[desired]\nhandler_timeout = \"forever\"\nunknown_keys = 1\n\
+             [[desired.rule]]\nkeys = \"a\"\ntype = \"text\"\n\
+             [[desired.conflict]]\nkeys = \"a\"\npolicy = \"merge\"\n\
+             [[desired.handler]]\nkeys = \"a\"\ntype = \"exec\"\ncommand = [\"p\"]\n\
+             [[desired.handler]]\nkeys = \"b\"\ntype = \"watch\"\ndeadline = \"5h\"",
+        ));
+        assert_eq!(
+            keys(&found),
+            [
+                "desired.unknown_keys",
+                "desired.handler_timeout",
+                "desired.rule[1].type",
+                "desired.conflict[1].command",
+                "desired.handler[2].deadline",
+            ],
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn syntax_error_in_an_array_of_tables_names_the_entry() {
+        let text = plain(
+            "",
+            "[[desired.rule]]\nkeys = \"a\"\n\n[[desired.rule]]\nkeys = \"b\"\nmin = 5x\n",
+        );
+        let found = problems(&text);
+        assert_eq!(keys(&found), ["desired.rule[2].min"], "{found:#?}");
+        assert!(found[0].message.starts_with("TOML syntax error at line"));
+        let found = problems(&plain(
+            "",
+            "[[desired.rule]]\nkeys = \"a\"\n[[ desired.handler ]]\ntype = exec\n",
+        ));
+        assert_eq!(keys(&found), ["desired.handler[1].type"], "{found:#?}");
+    }
+
     // --- the report ------------------------------------------------------------------------
 
     #[test]

@@ -44,6 +44,18 @@ enum Command {
         doc: Doc,
         key: Option<String>,
     },
+    /// Show a key's recent desired values (version, time, origin), newest first.
+    History {
+        key: String,
+        /// Most entries to show.
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a key's value of an earlier desired version again (through its handler).
+    Rollback { key: String, version: u64 },
     /// Validate the config file and the certificates it names.
     CheckConfig,
 }
@@ -91,6 +103,10 @@ fn main() -> ExitCode {
         Command::Report { stdin, changes } => client_rt(report(&config_path, stdin, changes)),
         Command::Status { json } => client_rt(status(&config_path, json)),
         Command::Get { doc, key } => client_rt(get(&config_path, doc, key)),
+        Command::History { key, limit, json } => {
+            client_rt(history(&config_path, key, limit, json))
+        }
+        Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -235,6 +251,54 @@ async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> 
         },
         None => println!("{}", pretty(&state)),
     }
+    Ok(())
+}
+
+async fn history(
+    path: &Path,
+    key: String,
+    limit: Option<usize>,
+    as_json: bool,
+) -> Result<(), Failure> {
+    let socket = config::socket_path(path);
+    let mut client = Client::connect(&socket).await?;
+    let mut req = json!({"op": "history", "key": key});
+    if let Some(l) = limit {
+        req["limit"] = json!(l);
+    }
+    let reply = client.call(&req).await?;
+    let entries = reply["history"].as_array().cloned().unwrap_or_default();
+    if as_json {
+        println!("{}", pretty(&Value::Array(entries)));
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("{key}: no desired values recorded");
+    }
+    let now = edgesync::change::now_ms();
+    for e in entries {
+        let ago = e["ts"]
+            .as_u64()
+            .map(|t| edgesync::status::human_duration(now.saturating_sub(t)))
+            .unwrap_or_default();
+        println!(
+            "version {:<8} {:<9} {:>8} ago  {}",
+            e["version"],
+            e["origin"].as_str().unwrap_or("?"),
+            ago,
+            e["value"]
+        );
+    }
+    Ok(())
+}
+
+async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure> {
+    let socket = config::socket_path(path);
+    let mut client = Client::connect(&socket).await?;
+    let reply = client
+        .call(&json!({"op": "rollback", "key": key, "version": version}))
+        .await?;
+    println!("{key}: value of version {version} applied again: {}", reply["value"]);
     Ok(())
 }
 

@@ -195,8 +195,15 @@ impl Applier {
             _ => "partial",
         };
         let result = json!({"version": version, "status": status, "keys": keys});
-        let payload = doc::encode(&result, d.encoding());
-        dstore::finish(&self.outbox, version, updates, payload, self.cfg.history).await?;
+        dstore::finish(
+            &self.outbox,
+            version,
+            updates,
+            result,
+            d.encoding(),
+            self.cfg.history,
+        )
+        .await?;
         tracing::info!(version, status, "desired document applied");
         self.results.notify_one();
         Ok(())
@@ -297,7 +304,8 @@ impl Applier {
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let Some(entry) = history.iter().rev().find(|h| h.version == version) else {
-            let known: Vec<u64> = history.iter().map(|h| h.version).collect();
+            let mut known: Vec<u64> = history.iter().map(|h| h.version).collect();
+            known.dedup();
             return Err(format!(
                 "key {key} has no value of version {version} in its history (known: {known:?})"
             ));

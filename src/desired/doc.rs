@@ -56,7 +56,15 @@ pub fn parse_tree(payload: &[u8], encoding: Encoding) -> Result<Cbor, String> {
         Encoding::Cbor => {
             let mut rest = payload;
             let v = ciborium::de::from_reader_with_recursion_limit::<Cbor, _>(&mut rest, 256)
-                .map_err(|e| format!("invalid CBOR: {e}"))?;
+                .map_err(|e| {
+                    use ciborium::de::Error as E;
+                    match e {
+                        E::Io(_) => "invalid CBOR: truncated".to_owned(),
+                        E::Syntax(at) => format!("invalid CBOR: syntax error at byte {at}"),
+                        E::Semantic(_, m) => format!("invalid CBOR: {m}"),
+                        E::RecursionLimitExceeded => "invalid CBOR: nested too deep".to_owned(),
+                    }
+                })?;
             if !rest.is_empty() {
                 return Err("invalid CBOR: trailing bytes after the document".into());
             }

@@ -9,7 +9,7 @@
 //!   `applying` set once their handlers may have started;
 //! - `desired_state`: `key → {value, version, ts}` (JSON), the desired state as applied;
 //! - `desired_history`: `key → [{version, value, ts, origin}]` (JSON), newest last, bounded;
-//! - `desired_results`: `version → result payload`, results of recent applied versions (to
+//! - `desired_results`: `version → result` (JSON), results of recent applied versions (to
 //!   answer a duplicate);
 //! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed.
 //!
@@ -130,6 +130,7 @@ pub async fn receive(
     entry: InboxEntry,
     stale_result: Vec<u8>,
 ) -> Result<Received, StoreError> {
+    let encoding = entry.encoding();
     outbox
         .transact(move |ctx| {
             let mut meta = ctx.txn.open_table(META)?;
@@ -146,7 +147,11 @@ pub async fn receive(
                     let stored = results.get(version)?.map(|v| v.value().to_vec());
                     drop(results);
                     drop(meta);
-                    if let Some(payload) = stored {
+                    // The stored result again, marked as the answer to a duplicate.
+                    if let Some(bytes) = stored {
+                        let mut result: Value = get_json(&bytes)?;
+                        result["status"] = Value::from("duplicate");
+                        let payload = super::doc::encode(&result, encoding);
                         queue_result(ctx.txn, "desired/result", &payload)?;
                     }
                     return Ok(Received::Duplicate);
@@ -211,7 +216,8 @@ pub async fn finish(
     outbox: &Outbox,
     version: u64,
     updates: Vec<KeyUpdate>,
-    result: Vec<u8>,
+    result: Value,
+    encoding: Encoding,
     history_len: usize,
 ) -> Result<(), StoreError> {
     outbox
@@ -223,7 +229,7 @@ pub async fn finish(
             meta.insert("applied", applied.max(version))?;
             drop(meta);
             let mut results = ctx.txn.open_table(RESULTS)?;
-            results.insert(version, result.as_slice())?;
+            results.insert(version, to_json(&result).as_slice())?;
             // Keep only recent results.
             if version > KEEP_RESULTS {
                 for item in results.extract_from_if(..version - KEEP_RESULTS, |_, _| true)? {
@@ -231,7 +237,8 @@ pub async fn finish(
                 }
             }
             drop(results);
-            queue_result(ctx.txn, "desired/result", &result)?;
+            let payload = super::doc::encode(&result, encoding);
+            queue_result(ctx.txn, "desired/result", &payload)?;
             Ok(())
         })
         .await
