@@ -72,7 +72,7 @@ async fn demo() -> Result<bool, Error> {
     // The cloud: a subscriber on the broker itself (not through the cut link).
     let received = Arc::new(Mutex::new(Received::default()));
     let (cloud_cert, cloud_key) = pki.issue_client("cloud", "cloud")?;
-    let cloud = cloud_subscriber(
+    let (cloud, cloud_client) = cloud_subscriber(
         &pki,
         &cloud_cert,
         &cloud_key,
@@ -92,7 +92,8 @@ async fn demo() -> Result<bool, Error> {
              [mqtt]\nurl = \"mqtts://localhost:{port}\"\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
              keep_alive = \"5s\"\nreconnect_initial = \"250ms\"\nreconnect_max = \"1s\"\n\
              [store]\npath = \"store/edgesync.redb\"\n\
-             [local]\nsocket = {socket:?}\n",
+             [local]\nsocket = {socket:?}\n\
+             [[desired.rule]]\nkeys = \"setpoint\"\ntype = \"number\"\nmin = 5\nmax = 30\n",
             port = proxy.port(),
             ca = pki.ca,
             cert = pki.client_cert,
@@ -200,6 +201,34 @@ async fn demo() -> Result<bool, Error> {
     })
     .await
     .is_ok();
+
+    // The cloud sets desired state: v1 applies, v2 has a setpoint out of range (that key
+    // is rejected, the other applies), and v1 again arrives late (stale).
+    println!();
+    let desired = format!("edgesync/{DEVICE}/desired");
+    let docs = [
+        json!({"version": 1, "state": {"setpoint": 21.5, "mode": "eco"}}),
+        json!({"version": 2, "state": {"setpoint": 99, "fan": "on"}}),
+        json!({"version": 1, "state": {"setpoint": 18}}),
+    ];
+    for d in &docs {
+        trace.say("cloud", format!("→ desired {d}"));
+        cloud_client
+            .publish(&desired, QoS::AtLeastOnce, false, d.to_string())
+            .await?;
+    }
+    let results_in = wait_for(Duration::from_secs(10), || async {
+        received.lock().map(|r| r.results >= 3).unwrap_or(false)
+    })
+    .await
+    .is_ok();
+    if let Some(state) = get_desired(&socket).await {
+        trace.say(
+            "agent",
+            format!("desired state now {state} (edgesync get desired)"),
+        );
+    }
+
     let final_status = status(&socket).await.unwrap_or(Value::Null);
     let _ = stop_tx.send(());
     let _ = agent.await;
@@ -233,7 +262,11 @@ async fn demo() -> Result<bool, Error> {
         final_status["counters"]["reconnects"],
         final_status["counters"]["resent"]
     );
-    if drained && missing.is_empty() && r.out_of_order == 0 {
+    println!(
+        "  desired: version {} applied; {} results received",
+        final_status["desired"]["version"], r.results
+    );
+    if drained && missing.is_empty() && r.out_of_order == 0 && results_in {
         println!("  result: OK — nothing lost, nothing out of order");
         Ok(true)
     } else {
@@ -245,6 +278,7 @@ async fn demo() -> Result<bool, Error> {
 #[derive(Debug, Default, Clone)]
 struct Received {
     seqs: BTreeSet<u64>,
+    results: u64,
     batches: u64,
     duplicates: u64,
     out_of_order: u64,
@@ -257,7 +291,7 @@ async fn cloud_subscriber(
     port: u16,
     received: &Arc<Mutex<Received>>,
     trace: &Trace,
-) -> Result<tokio::task::JoinHandle<()>, Error> {
+) -> Result<(tokio::task::JoinHandle<()>, AsyncClient), Error> {
     let tls = edgesync::link::tls::client_config(&pki.ca, Some((cert, key)))?;
     let mut o = MqttOptions::new("demo-cloud", "localhost", port);
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
@@ -271,6 +305,7 @@ async fn cloud_subscriber(
     let trace = trace.clone();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);
+    let publisher = client.clone();
     let task = tokio::spawn(async move {
         let _keep = client;
         loop {
@@ -283,6 +318,12 @@ async fn cloud_subscriber(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if p.topic.ends_with("/reported") {
                         on_batch(&p.payload, &received, &trace);
+                    } else if p.topic.ends_with("/desired/result") {
+                        let s = String::from_utf8_lossy(&p.payload).into_owned();
+                        trace.say("cloud", format!("← result {s}"));
+                        if let Ok(mut r) = received.lock() {
+                            r.results += 1;
+                        }
                     } else if p.topic.ends_with("/status") {
                         let s = String::from_utf8_lossy(&p.payload).into_owned();
                         trace.say("cloud", format!("← status {s}"));
@@ -300,7 +341,13 @@ async fn cloud_subscriber(
         .await
         .map_err(|_| "the cloud subscriber did not get its SUBACK")?
         .map_err(|_| "the cloud subscriber stopped")?;
-    Ok(task)
+    Ok((task, publisher))
+}
+
+async fn get_desired(socket: &std::path::Path) -> Option<Value> {
+    let mut c = Client::connect(socket).await.ok()?;
+    let v = c.call(&json!({"op": "get", "doc": "desired"})).await.ok()?;
+    Some(v["state"].clone())
 }
 
 fn on_batch(payload: &[u8], received: &Arc<Mutex<Received>>, trace: &Trace) {

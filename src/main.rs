@@ -103,9 +103,7 @@ fn main() -> ExitCode {
         Command::Report { stdin, changes } => client_rt(report(&config_path, stdin, changes)),
         Command::Status { json } => client_rt(status(&config_path, json)),
         Command::Get { doc, key } => client_rt(get(&config_path, doc, key)),
-        Command::History { key, limit, json } => {
-            client_rt(history(&config_path, key, limit, json))
-        }
+        Command::History { key, limit, json } => client_rt(history(&config_path, key, limit, json)),
         Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
     };
     match result {
@@ -298,7 +296,10 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
     let reply = client
         .call(&json!({"op": "rollback", "key": key, "version": version}))
         .await?;
-    println!("{key}: value of version {version} applied again: {}", reply["value"]);
+    println!(
+        "{key}: value of version {version} applied again: {}",
+        reply["value"]
+    );
     Ok(())
 }
 
