@@ -52,6 +52,7 @@ const USAGE: &str = "usage: cargo bench --bench ingest -- [--quick] [--repeats N
 [--only 1,2,3] [--store-extra 'cache_size = \"1MiB\"']
 
   --quick        small counts (100k changes, 8x25k, 1 s of latency), 3 repeats: a smoke run
+                 (also what `cargo test --benches` runs, with 1 repeat: it passes no --bench)
   --repeats N    repeats of every figure (default 5, or 3 with --quick)
   --dir PATH     where the temporary stores go (default: the system temp dir)
   --only LIST    figure groups to run: 1 (figures 1, 4 and 5), 2, 3
@@ -80,6 +81,8 @@ fn parse_args() -> Res<Args> {
     let mut dir = std::env::temp_dir();
     let mut only = vec![1, 2, 3];
     let mut store_extra = String::new();
+    // `cargo bench` passes --bench; `cargo test --benches` does not: a smoke run then.
+    let mut bench_mode = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -108,13 +111,17 @@ fn parse_args() -> Res<Args> {
                 store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
             }
             // `cargo bench` passes --bench to every bench target.
-            "--bench" => {}
+            "--bench" => bench_mode = true,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
+    }
+    if !bench_mode && !quick {
+        quick = true;
+        repeats = repeats.or(Some(1));
     }
     let (single, per_client, latency_secs, default_repeats) = if quick {
         (100_000, 25_000, 1.0, 3)

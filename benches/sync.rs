@@ -69,7 +69,7 @@ const USAGE: &str =
   --repeats N    repeats of every figure (default 3)
   --only LIST    figure groups: 1 (figures 1 and 2: drain and its RSS), 3 (latency), 4 (offline CPU)
   --changes N    backlog of figure 1 (default 1000000, 200000 with --quick)
-env EDGESYNC_BENCH_WRAPPER=\"CMD ARGS\" runs the daemon of figure 1 under CMD (perf record, ...)";
+env EDGESYNC_BENCH_WRAPPER=\"CMD ARGS\" runs the daemon of figures 1-3 under CMD (perf record, ...)";
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -476,6 +476,8 @@ impl Cloud {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         let _ = ready_tx.send(Ok(()));
                     }
+                    // Closed by `close()`: do not reconnect.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(e) => {
@@ -856,7 +858,7 @@ fn latency(args: &Args) -> Res<(Lat, Lat)> {
     let topic = format!("edgesync/{DEVICE}/reported");
     let cloud = Cloud::start(&world.pki, world.mosq.tls_port, &topic, "cloud-lat")?;
     let setup = world.agent_config("latency", world.mosq.tls_port, "")?;
-    let mut d = Daemon::start(&setup, false)?;
+    let mut d = Daemon::start(&setup, true)?;
     let mut status = StatusConn::connect(&d.socket)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while status.get()?["connection"]["state"] != "online" {
@@ -945,8 +947,11 @@ fn latency(args: &Args) -> Res<(Lat, Lat)> {
     nodelay(&mut connection);
     let publisher = std::thread::spawn(move || {
         for ev in connection.iter() {
-            if let Err(rumqttc::ConnectionError::RequestsDone) = ev {
-                return;
+            match ev {
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+                | Err(rumqttc::ConnectionError::RequestsDone) => return,
+                Ok(_) => {}
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         }
     });

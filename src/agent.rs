@@ -11,6 +11,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::control::{Controller, LogControl, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
 use crate::local_api::{self, Context, SocketError};
@@ -33,8 +34,15 @@ pub enum AgentError {
     Task(String),
 }
 
+/// What the process hands the agent besides its config.
+#[derive(Debug, Clone, Default)]
+pub struct Handles {
+    /// The running log filter, for the `log-level` command (none: it answers `failed`).
+    pub log: Option<Arc<LogControl>>,
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> Result<(), AgentError> {
+pub async fn run(config: Config, handles: Handles) -> Result<(), AgentError> {
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let stop = async move {
@@ -43,12 +51,21 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             _ = sigint.recv() => "SIGINT",
         }
     };
-    run_until(config, stop).await
+    run_until_with(config, handles, stop).await
 }
 
 /// Runs the agent until `stop` resolves (to the reason it gives), e.g. in the demo.
 pub async fn run_until(
     config: Config,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), AgentError> {
+    run_until_with(config, Handles::default(), stop).await
+}
+
+/// [`run_until`] with [`Handles`].
+pub async fn run_until_with(
+    config: Config,
+    handles: Handles,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let opts = StoreOptions::from_config(&config.store);
@@ -84,10 +101,39 @@ pub async fn run_until(
         Watchers::default(),
     );
     let applying = tokio::spawn(applier.clone().run(stop_rx.clone()));
+    let identity = Arc::new(Identity {
+        device: config.device.id.to_string(),
+        broker: config.mqtt.url.to_string(),
+    });
+    let controller = Controller::new(
+        Services {
+            outbox: outbox.clone(),
+            applier: applier.clone(),
+            board: board.clone(),
+            identity: Arc::clone(&identity),
+            config: Arc::clone(&config),
+            log: handles.log,
+        },
+        Arc::clone(&applier.results),
+    );
+    let controlling = tokio::spawn(controller.clone().run(stop_rx.clone()));
+    // Health figures: sampled here, published by the link, also in every status.
+    let (metrics_tx, metrics_feed) = crate::metrics::feed();
+    let measuring = tokio::spawn(crate::metrics::run(
+        config.telemetry.clone(),
+        Arc::clone(&identity),
+        outbox.clone(),
+        board.clone(),
+        metrics_tx,
+        stop_rx.clone(),
+    ));
+    let mut link_settings = LinkSettings::new(Arc::clone(&config));
+    link_settings.metrics = Some(metrics_feed);
     let link = tokio::spawn(crate::sync::run(
-        LinkSettings::new(Arc::clone(&config)),
+        link_settings,
         outbox.clone(),
         applier.clone(),
+        controller,
         board.clone(),
         stop_rx.clone(),
     ));
@@ -95,10 +141,7 @@ pub async fn run_until(
         outbox: outbox.clone(),
         board,
         applier,
-        identity: Arc::new(Identity {
-            device: config.device.id.to_string(),
-            broker: config.mqtt.url.to_string(),
-        }),
+        identity,
     };
     let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx));
 
@@ -127,6 +170,16 @@ pub async fn run_until(
     if tokio::time::timeout(DRAIN_TIMEOUT, applying).await.is_err() {
         tracing::warn!("applying desired state did not finish in {DRAIN_TIMEOUT:?}");
     }
+    // Commands running finish (a `sync` answers at once); one cut off here is answered
+    // "interrupted" at the next start.
+    if tokio::time::timeout(DRAIN_TIMEOUT, controlling)
+        .await
+        .is_err()
+    {
+        tracing::warn!("commands did not finish in {DRAIN_TIMEOUT:?}");
+    }
+    // A text file being written finishes.
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, measuring).await;
     outbox.shutdown().await;
     drop(outbox);
     if let Err(e) = std::fs::remove_file(&config.local.socket) {

@@ -32,8 +32,8 @@
 //! `[[desired.handler]]`. Their entries are named by their position in the file, counted from
 //! 1: `desired.rule[2].max` is the `max` key of the second `[[desired.rule]]`.
 //!
-//! The sections `[control]` and `[telemetry]` are not part of the format yet: until they are
-//! added here, they are reported as unknown.
+//! `[control]` (commands over MQTT) is validated here into [`ControlConfig`], which the
+//! `control` module defines beside the commands it names.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -45,6 +45,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Table, Value};
 
+use crate::control::{CommandName, ControlConfig};
 use crate::desired::rules;
 use crate::desired::types::{
     ConflictRule, DesiredConfig, Handler, HandlerKind, KeyGlob, Policy, Rule, UnknownKeys,
@@ -83,6 +84,8 @@ const DEFAULT_MAX_DEPTH: i64 = 16;
 const DEFAULT_HISTORY: i64 = 10;
 const DEFAULT_CONCURRENCY: i64 = 4;
 const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(60);
+const DEFAULT_REPLAY_WINDOW: &str = "24h";
 
 // Limits.
 const DEVICE_ID_MAX: usize = 64;
@@ -113,6 +116,14 @@ const HANDLER_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 /// Most entries of each of `[[desired.rule]]`, `[[desired.conflict]]`, `[[desired.handler]]`:
 /// every key of every document is matched against them in order.
 const DESIRED_TABLES_MAX: usize = 1000;
+/// `telemetry.interval`, when not "0" (off).
+const TELEMETRY_INTERVAL_MIN: Duration = Duration::from_secs(1);
+const TELEMETRY_INTERVAL_MAX: Duration = Duration::from_secs(86_400);
+/// `control.replay_window`: ids are kept from a minute to 30 days.
+const REPLAY_WINDOW_MIN: Duration = Duration::from_secs(60);
+const REPLAY_WINDOW_MAX: Duration = Duration::from_secs(30 * 86_400);
+/// `control.replay_max`: each kept id holds its response (at most 64 KiB, usually < 1 KiB).
+const REPLAY_MAX_LIMIT: i64 = 1_000_000;
 
 const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 const UNKNOWN_KEYS: &[&str] = &["accept", "reject"];
@@ -153,6 +164,35 @@ pub fn socket_path(path: &Path) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
+/// Only the store file and `store.max_bytes`, for `edgesync queue` reading the store while
+/// the daemon is down.
+///
+/// Lenient like [`socket_path`], so that an operator can see a backlog even when another
+/// part of the config (say, a key file only the agent's user may read) is a problem: every
+/// other key is ignored; a missing or unusable value gives the default. A relative path is
+/// resolved against the config file's directory, as the daemon does.
+pub fn store_location(path: &Path) -> (PathBuf, u64) {
+    let root = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<Table>(&text).ok());
+    let store = root.as_ref().and_then(|r| r.get("store"));
+    let file = store
+        .and_then(|s| s.get("path"))
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty() && !p.contains('\0'))
+        .unwrap_or(DEFAULT_STORE_PATH);
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let max_bytes = store
+        .and_then(|s| s.get("max_bytes"))
+        .and_then(|v| match v {
+            Value::String(s) => parse_size(s).ok(),
+            Value::Integer(n) => u64::try_from(*n).ok(),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_MAX_BYTES);
+    (dir.join(file), max_bytes)
+}
+
 // ---------------------------------------------------------------------------------------------
 // The validated configuration.
 
@@ -169,6 +209,10 @@ pub struct Config {
     pub log: LogConfig,
     /// `[desired]` and its arrays of tables; `DesiredConfig::default()` without the section.
     pub desired: DesiredConfig,
+    /// `[telemetry]`: metrics on MQTT and in a Prometheus text file.
+    pub telemetry: TelemetryConfig,
+    /// `[control]`: commands over MQTT; `ControlConfig::default()` without the section.
+    pub control: ControlConfig,
 }
 
 /// `[device]`
@@ -270,6 +314,26 @@ pub struct LocalConfig {
 pub struct LogConfig {
     /// A `tracing_subscriber::EnvFilter` directive, default `"info"`.
     pub level: String,
+}
+
+/// `[telemetry]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryConfig {
+    /// How often metrics are published on `P/D/metrics` and the text file is written;
+    /// `None` when `interval = "0"` (off). Otherwise 1 s to 1 d.
+    pub interval: Option<Duration>,
+    /// Prometheus text exposition file for node_exporter's textfile collector (a `.prom`
+    /// file, resolved against the config file's directory), written atomically.
+    pub textfile: Option<PathBuf>,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            interval: Some(DEFAULT_TELEMETRY_INTERVAL),
+            textfile: None,
+        }
+    }
 }
 
 /// Every problem found in one config file.
@@ -862,6 +926,33 @@ impl FromValue for RawDuration {
     }
 }
 
+/// Names as written: an array of strings (`control.allow`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+struct RawNames(Vec<String>);
+
+impl FromValue for RawNames {
+    fn from_value(value: &Value) -> Result<Self, String> {
+        const WHAT: &str = "an array of names such as [\"ping\", \"status\"]";
+        let Value::Array(items) = value else {
+            return Err(expected(WHAT, value));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| match item {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "expected {WHAT}, found an array whose item {} is {}",
+                    i + 1,
+                    describe(other)
+                )),
+            })
+            .collect::<Result<_, _>>()
+            .map(RawNames)
+    }
+}
+
 /// A number as written: TOML integers and floats are both numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(untagged)]
@@ -1128,6 +1219,23 @@ raw_section! {
 }
 
 raw_section! {
+    /// `[control]`
+    struct RawControl {
+        allow: RawNames,
+        replay_window: RawDuration,
+        replay_max: i64,
+    }
+}
+
+raw_section! {
+    /// `[telemetry]`
+    struct RawTelemetry {
+        interval: RawDuration,
+        textfile: String,
+    }
+}
+
+raw_section! {
     /// `[desired]`
     struct RawDesired {
         max_document_bytes: RawSize,
@@ -1189,7 +1297,9 @@ struct RawConfig {
     sync: Option<RawSync>,
     local: Option<RawLocal>,
     log: Option<RawLog>,
+    telemetry: Option<RawTelemetry>,
     desired: Option<RawDesired>,
+    control: Option<RawControl>,
 }
 
 /// The known sections and their keys, in file order.
@@ -1200,7 +1310,9 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("sync", RawSync::KEYS),
     ("local", RawLocal::KEYS),
     ("log", RawLog::KEYS),
+    ("telemetry", RawTelemetry::KEYS),
     ("desired", RawDesired::KEYS),
+    ("control", RawControl::KEYS),
 ];
 
 /// The known arrays of tables: section, key, and the keys of one entry.
@@ -1224,7 +1336,9 @@ impl RawConfig {
             sync: known(root, "sync", p),
             local: known(root, "local", p),
             log: known(root, "log", p),
+            telemetry: known(root, "telemetry", p),
             desired: known(root, "desired", p),
+            control: known(root, "control", p),
         }
     }
 }
@@ -1436,6 +1550,8 @@ fn validate(source: &Path, raw: RawConfig, p: &mut Problems) -> Option<Config> {
     let local = validate_local(raw.local.unwrap_or_default(), p);
     let log = validate_log(raw.log.unwrap_or_default(), p);
     let desired = validate_desired(raw.desired.unwrap_or_default(), dir, p);
+    let telemetry = validate_telemetry(raw.telemetry.unwrap_or_default(), dir, p);
+    let control = validate_control(raw.control.unwrap_or_default(), p);
     Some(Config {
         source: source.to_path_buf(),
         device: device?,
@@ -1445,6 +1561,8 @@ fn validate(source: &Path, raw: RawConfig, p: &mut Problems) -> Option<Config> {
         local: local?,
         log: log?,
         desired: desired?,
+        telemetry: telemetry?,
+        control: control?,
     })
 }
 
@@ -1968,7 +2086,7 @@ fn validate_log(raw: RawLog, p: &mut Problems) -> Option<LogConfig> {
 }
 
 /// A level, or comma-separated `target=level` directives (a subset of `EnvFilter` syntax).
-fn check_log_level(filter: &str) -> Result<(), String> {
+pub(crate) fn check_log_level(filter: &str) -> Result<(), String> {
     const FORM: &str = "expected a level (trace, debug, info, warn, error, off) or \
                         directives such as \"info,edgesync=debug\"";
     if filter.is_empty() {
@@ -2006,6 +2124,138 @@ fn check_log_level(filter: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// [telemetry]
+
+fn validate_telemetry(raw: RawTelemetry, dir: &Path, p: &mut Problems) -> Option<TelemetryConfig> {
+    let interval = match raw.interval {
+        None => Some(Some(DEFAULT_TELEMETRY_INTERVAL)),
+        Some(RawDuration(text)) => check(
+            p,
+            "telemetry.interval",
+            parse_duration(&text).and_then(|d| {
+                if d.is_zero() {
+                    Ok(None)
+                } else if d < TELEMETRY_INTERVAL_MIN || d > TELEMETRY_INTERVAL_MAX {
+                    Err(format!(
+                        "expected \"0\" (off) or a duration from \"1s\" to \"1d\", found {:?}",
+                        shorten(&text)
+                    ))
+                } else {
+                    Ok(Some(d))
+                }
+            }),
+        ),
+    };
+    let textfile = match raw.textfile {
+        None => Some(None),
+        Some(text) => resolve(p, "telemetry.textfile", &text, dir)
+            .and_then(|path| {
+                let problem = if path.is_dir() || text.ends_with('/') {
+                    Some(format!(
+                        "expected the path of a file, found the directory \"{}\" (e.g. use \"{}\")",
+                        path.display(),
+                        path.join("edgesync.prom").display()
+                    ))
+                } else if path.extension().is_none_or(|e| e != "prom") {
+                    Some(format!(
+                        "expected a file name ending in \".prom\" (node_exporter's textfile \
+                         collector reads only those), found {:?}",
+                        shorten(&text)
+                    ))
+                } else {
+                    None
+                };
+                match problem {
+                    Some(problem) => {
+                        p.push("telemetry.textfile", problem);
+                        None
+                    }
+                    None => Some(path),
+                }
+            })
+            .map(Some),
+    };
+    Some(TelemetryConfig {
+        interval: interval?,
+        textfile: textfile?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// [control]
+
+fn validate_control(raw: RawControl, p: &mut Problems) -> Option<ControlConfig> {
+    let defaults = ControlConfig::default();
+    let allow = match raw.allow {
+        None => Some(defaults.allow),
+        Some(RawNames(names)) => {
+            let known = CommandName::names();
+            let mut allow = std::collections::BTreeSet::new();
+            let mut ok = true;
+            for (i, name) in names.iter().enumerate() {
+                match CommandName::parse(name) {
+                    Some(c) if !allow.insert(c) => {
+                        ok = false;
+                        p.push(
+                            "control.allow",
+                            format!("{name:?} is listed twice (item {})", i + 1),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        ok = false;
+                        let hint = match suggest(name, &known) {
+                            Some(near) => format!(" (did you mean {near:?}?)"),
+                            None => String::new(),
+                        };
+                        p.push(
+                            "control.allow",
+                            format!(
+                                "unknown command {:?} (item {}){hint}; expected some of {}",
+                                shorten(name),
+                                i + 1,
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+            ok.then_some(allow)
+        }
+    };
+    let window = raw
+        .replay_window
+        .map_or_else(
+            || parse_duration(DEFAULT_REPLAY_WINDOW),
+            |d| parse_duration(&d.0),
+        )
+        .and_then(|d| {
+            if (REPLAY_WINDOW_MIN..=REPLAY_WINDOW_MAX).contains(&d) {
+                Ok(d)
+            } else {
+                Err(format!(
+                    "expected a duration from \"1m\" to \"30d\", found {d:?}"
+                ))
+            }
+        });
+    let replay_window = check(p, "control.replay_window", window);
+    let replay_max = check(
+        p,
+        "control.replay_max",
+        count_value(
+            raw.replay_max,
+            i64::try_from(crate::control::DEFAULT_REPLAY_MAX).unwrap_or(i64::MAX),
+            (1, REPLAY_MAX_LIMIT),
+        ),
+    );
+    Some(ControlConfig {
+        allow: allow?,
+        replay_window: replay_window?,
+        replay_max: replay_max?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2856,11 +3106,11 @@ mod tests {
     fn unknown_sections_are_reported_including_those_not_supported_yet() {
         let problems = problems(&plain(
             "",
-            "[control]\n[telemetry]\ninterval = \"1m\"\n[mqt]\nurl = \"x\"\n[desierd]",
+            "[contrl]\n[mqt]\nurl = \"x\"\n[desierd]\n[telemetri]",
         ));
         assert_eq!(
             keys(&problems),
-            ["control", "desierd", "mqt", "telemetry"],
+            ["contrl", "desierd", "mqt", "telemetri"],
             "{problems:#?}"
         );
         for problem in &problems {
@@ -2874,7 +3124,7 @@ mod tests {
         assert!(
             problems[0]
                 .message
-                .contains("[device], [mqtt], [store], [sync], [local], [log], [desired]"),
+                .contains("[device], [mqtt], [store], [sync], [local], [log], [telemetry], [desired]"),
             "{problems:#?}"
         );
     }
@@ -4670,6 +4920,147 @@ deadline = "2s"
         assert_eq!(fmt_size(0), "0 bytes");
     }
 
+    #[test]
+    fn store_location_is_read_leniently() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "[mqtt]\nca = 5\n[store]\npath = \"s/q.redb\"\nmax_bytes = \"2MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(store_location(&file), (dir.path().join("s/q.redb"), 2 * MIB));
+        std::fs::write(&file, "[store]\npath = \"/abs/q.redb\"\nmax_bytes = 1048576\n").unwrap();
+        assert_eq!(store_location(&file), (PathBuf::from("/abs/q.redb"), MIB));
+        std::fs::write(&file, "not toml [").unwrap();
+        assert_eq!(
+            store_location(&file),
+            (PathBuf::from(DEFAULT_STORE_PATH), DEFAULT_MAX_BYTES)
+        );
+    }
+
+    // --- [telemetry] --------------------------------------------------------------------------
+
+    #[test]
+    fn telemetry_defaults_to_every_minute_without_a_text_file() {
+        let c = valid(&plain("", ""));
+        assert_eq!(c.telemetry, TelemetryConfig::default());
+        assert_eq!(c.telemetry.interval, Some(Duration::from_secs(60)));
+        assert_eq!(c.telemetry.textfile, None);
+    }
+
+    #[test]
+    fn telemetry_interval_zero_is_off_and_others_are_bounded() {
+        let c = valid(&plain("", "[telemetry]\ninterval = \"0\""));
+        assert_eq!(c.telemetry.interval, None);
+        let c = valid(&plain("", "[telemetry]\ninterval = \"1s\""));
+        assert_eq!(c.telemetry.interval, Some(Duration::from_secs(1)));
+        for bad in ["\"500ms\"", "\"2d\"", "\"soon\"", "5"] {
+            let text = plain("", &format!("[telemetry]\ninterval = {bad}"));
+            let message = only_problem(&text, "telemetry.interval");
+            assert!(!message.is_empty(), "{bad}");
+        }
+        let message = only_problem(
+            &plain("", "[telemetry]\ninterval = \"999ms\""),
+            "telemetry.interval",
+        );
+        assert!(message.contains("\"0\" (off)"), "{message}");
+    }
+
+    #[test]
+    fn telemetry_textfile_is_a_prom_file_resolved_against_the_config_dir() {
+        let c = valid(&plain("", "[telemetry]\ntextfile = \"metrics/edgesync.prom\""));
+        assert_eq!(
+            c.telemetry.textfile,
+            Some(PathBuf::from("/test/metrics/edgesync.prom"))
+        );
+        let c = valid(&plain(
+            "",
+            "[telemetry]\ntextfile = \"/var/lib/node_exporter/edgesync.prom\"",
+        ));
+        assert_eq!(
+            c.telemetry.textfile,
+            Some(PathBuf::from("/var/lib/node_exporter/edgesync.prom"))
+        );
+        let message = only_problem(
+            &plain("", "[telemetry]\ntextfile = \"/tmp/edgesync.txt\""),
+            "telemetry.textfile",
+        );
+        assert!(message.contains(".prom"), "{message}");
+        let message = only_problem(
+            &plain("", "[telemetry]\ntextfile = \"/tmp/\""),
+            "telemetry.textfile",
+        );
+        assert!(message.contains("directory"), "{message}");
+        only_problem(&plain("", "[telemetry]\ntextfile = \"\""), "telemetry.textfile");
+        let message = only_problem(
+            &plain("", "[telemetry]\ninterval = \"1s\"\ntext_file = \"x.prom\""),
+            "telemetry.text_file",
+        );
+        assert!(message.contains("did you mean \"textfile\""), "{message}");
+    }
+
+    // --- [control] ----------------------------------------------------------------------------
+
+    #[test]
+    fn control_defaults_allow_every_non_destructive_command() {
+        let c = valid(&plain("", ""));
+        assert_eq!(c.control, ControlConfig::default());
+        let allowed: Vec<&str> = c.control.allow.iter().map(|n| n.as_str()).collect();
+        assert_eq!(
+            allowed,
+            ["ping", "status", "sync", "history", "rollback", "log-level", "config"]
+        );
+        assert_eq!(c.control.replay_window, Duration::from_secs(86_400));
+        assert_eq!(c.control.replay_max, 10_000);
+        assert_eq!(valid(&plain("", "[control]")).control, ControlConfig::default());
+    }
+
+    #[test]
+    fn control_allow_lists_exactly_what_runs_and_purge_only_when_listed() {
+        let c = valid(&plain(
+            "",
+            "[control]\nallow = [\"ping\", \"purge\"]\nreplay_window = \"1h\"\nreplay_max = 5",
+        ));
+        assert_eq!(
+            c.control.allow.iter().copied().collect::<Vec<_>>(),
+            [CommandName::Ping, CommandName::Purge]
+        );
+        assert_eq!(c.control.replay_window, Duration::from_secs(3600));
+        assert_eq!(c.control.replay_max, 5);
+        let c = valid(&plain("", "[control]\nallow = []"));
+        assert!(c.control.allow.is_empty());
+    }
+
+    #[test]
+    fn control_problems_are_reported() {
+        let message = only_problem(
+            &plain("", "[control]\nallow = [\"ping\", \"pruge\"]"),
+            "control.allow",
+        );
+        assert!(message.contains("unknown command \"pruge\""), "{message}");
+        assert!(message.contains("did you mean \"purge\""), "{message}");
+        let message = only_problem(
+            &plain("", "[control]\nallow = [\"ping\", \"ping\"]"),
+            "control.allow",
+        );
+        assert!(message.contains("twice"), "{message}");
+        let message = only_problem(&plain("", "[control]\nallow = \"ping\""), "control.allow");
+        assert!(message.contains("an array of names"), "{message}");
+        let message = only_problem(&plain("", "[control]\nallow = [1]"), "control.allow");
+        assert!(message.contains("item 1 is an integer"), "{message}");
+        for bad in ["\"30s\"", "\"31d\"", "\"soon\"", "5"] {
+            let text = plain("", &format!("[control]\nreplay_window = {bad}"));
+            only_problem(&text, "control.replay_window");
+        }
+        for bad in ["0", "-1", "1000001", "\"10\""] {
+            let text = plain("", &format!("[control]\nreplay_max = {bad}"));
+            only_problem(&text, "control.replay_max");
+        }
+        let message = only_problem(&plain("", "[control]\nallows = []"), "control.allows");
+        assert!(message.contains("did you mean \"allow\""), "{message}");
+    }
+
     // --- the shipped example files ---------------------------------------------------------
 
     #[test]
@@ -4715,6 +5106,9 @@ deadline = "2s"
             format!("{:?}", defaults.local)
         );
         assert_eq!(format!("{:?}", example.log), format!("{:?}", defaults.log));
+        assert_eq!(example.telemetry, defaults.telemetry);
+        assert_eq!(example.control, defaults.control);
+        assert_eq!(example.control, ControlConfig::default());
         assert_eq!(example.desired, defaults.desired);
         assert_eq!(example.desired, DesiredConfig::default());
     }
@@ -4905,7 +5299,7 @@ deadline = "2s"
         assert_eq!(sized.max_bytes, Some(RawSize::Bytes(1_048_576)));
         // Both refuse unknown keys.
         assert!(toml::from_str::<RawConfig>("[mqtt]\nkeepalive = \"1s\"").is_err());
-        assert!(toml::from_str::<RawConfig>("[control]").is_err());
+        assert!(toml::from_str::<RawConfig>("[contrl]").is_err());
         assert!(toml::from_str::<RawConfig>("[[desired.rule]]\nkey = \"a\"").is_err());
         // Also with every array of tables and every key of [desired] in use.
         let uncommented = uncommented_example();

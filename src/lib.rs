@@ -13,17 +13,23 @@
 //! - [`change`]: key and value rules of a reported change.
 //! - [`store`]: the durable, bounded outbox and the latest reported state.
 //! - [`local_api`]: the socket server; [`client`]: its client, used by the CLI.
-//! - [`status`]: the status document.
+//! - [`status`]: the status document; [`metrics`]: the health figures (`P/D/metrics`,
+//!   Prometheus text file); [`inspect`]: read-only queue inspection (`edgesync queue`).
+//! - [`control`]: commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects.
 //! - [`agent`]: wiring and shutdown of the daemon.
 
 pub mod agent;
+pub mod atomic_file;
 pub mod change;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod control;
 pub mod desired;
+pub mod inspect;
 pub mod link;
 pub mod local_api;
+pub mod metrics;
 pub mod status;
 pub mod store;
 pub mod sync;

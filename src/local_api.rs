@@ -63,6 +63,11 @@ pub struct Request {
     pub limit: Option<usize>,
     #[serde(default)]
     pub version: Option<u64>,
+    /// `queue`: `"stats"` or `"peek"`; `from`: the first seq of a peek.
+    #[serde(default)]
+    pub what: Option<String>,
+    #[serde(default)]
+    pub from: Option<u64>,
 }
 
 /// The error object of a reply.
@@ -368,12 +373,9 @@ async fn handle(
         "report" => report(req, ctx).await,
         "status" => {
             let ctx = ctx.clone();
+            // With the desired version and the health figures (`metrics`).
             let status = tokio::task::spawn_blocking(move || {
-                let mut s = crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board);
-                s.desired.version = crate::desired::store::applied_version(&ctx.outbox)
-                    .ok()
-                    .flatten();
-                s
+                crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
             })
             .await;
             Pending::Ready(match status {
@@ -386,10 +388,12 @@ async fn handle(
         "ack" => Pending::Ready(ack(&req, ctx)),
         "history" => Pending::Ready(history(&req, ctx)),
         "rollback" => rollback(&req, ctx),
+        "queue" => Pending::Ready(queue(req, ctx).await),
         other => Pending::Ready(error_line(
             code::UNKNOWN_OP,
             format!(
-                "unknown op {other:?}; expected report, status, get, watch, ack, history or rollback"
+                "unknown op {other:?}; expected report, status, get, watch, ack, history, \
+                 rollback or queue"
             ),
         )),
     }
@@ -422,11 +426,16 @@ async fn report(req: Request, ctx: &Context) -> Pending {
     if raw.is_empty() {
         return Pending::Ready(error_line(code::BAD_REQUEST, "\"changes\" is empty"));
     }
+    let n = raw.len() as u64;
     let mut changes = Vec::with_capacity(raw.len());
     for (i, c) in raw.into_iter().enumerate() {
         match c.validate() {
             Ok(c) => changes.push(c),
-            Err(e) => return Pending::Ready(invalid_change(i, &e)),
+            Err(e) => {
+                // Counted in the metrics (rejected, reason invalid-change).
+                ctx.board.count_invalid(n);
+                return Pending::Ready(invalid_change(i, &e));
+            }
         }
     }
     match ctx.outbox.submit(changes).await {
@@ -547,6 +556,21 @@ fn history(req: &Request, ctx: &Context) -> String {
             ok_with(serde_json::json!({"key": key, "history": h}))
         }
         Err(e) => error_line(e.code(), e.to_string()),
+    }
+}
+
+/// `{"op":"queue","what":"stats"}` or `{"op":"queue","what":"peek","from":S,"limit":N}`:
+/// reads the queue (see [`crate::inspect::answer`]), off the async threads.
+async fn queue(req: Request, ctx: &Context) -> String {
+    let outbox = ctx.outbox.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        crate::inspect::answer(&outbox, req.what.as_deref(), req.from, req.limit)
+    })
+    .await;
+    match answer {
+        Ok(Ok(v)) => ok_with(v),
+        Ok(Err((code, message))) => error_line(code, message),
+        Err(e) => error_line(code::IO_ERROR, e.to_string()),
     }
 }
 

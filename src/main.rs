@@ -58,6 +58,40 @@ enum Command {
     Rollback { key: String, version: u64 },
     /// Validate the config file and the certificates it names.
     CheckConfig,
+    /// Inspect the queue of changes not yet acknowledged by the broker (read only; through
+    /// the daemon while it runs, else from the store file).
+    Queue {
+        #[command(subcommand)]
+        what: QueueCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCommand {
+    /// Depth, bytes, oldest and newest change, counters.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show queued changes, oldest first: seq, time, key, value, origin.
+    Peek {
+        /// First seq to show (default: the oldest queued).
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        from: u64,
+        /// Most changes to show.
+        #[arg(long, value_name = "N", default_value_t = edgesync::inspect::DEFAULT_PEEK)]
+        limit: usize,
+        /// Print NDJSON, as export does.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Save every queued change as NDJSON {"seq","key","value","ts","origin"?}, in order,
+    /// to FILE (written atomically) or to standard output ("-").
+    Export {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -105,6 +139,7 @@ fn main() -> ExitCode {
         Command::Get { doc, key } => client_rt(get(&config_path, doc, key)),
         Command::History { key, limit, json } => client_rt(history(&config_path, key, limit, json)),
         Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
+        Command::Queue { what } => client_rt(queue(&config_path, what)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,39 +180,50 @@ fn check_config(path: &Path) -> Result<(), Failure> {
 
 fn run(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
-    init_logging(&config.log.level);
+    let log = init_logging(&config.log.level);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("edgesync")
         .enable_all()
         .build()
         .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?;
-    rt.block_on(edgesync::agent::run(config)).map_err(|e| {
-        tracing::error!("{e}");
-        Failure::new(1, String::new())
-    })
+    let handles = edgesync::agent::Handles { log: Some(log) };
+    rt.block_on(edgesync::agent::run(config, handles))
+        .map_err(|e| {
+            tracing::error!("{e}");
+            Failure::new(1, String::new())
+        })
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
-/// the journal adds its own. `EDGESYNC_LOG` overrides the configured level.
-fn init_logging(level: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = std::env::var("EDGESYNC_LOG")
+/// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
+/// be changed while running (the `log-level` command) through the returned handle.
+fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let (filter, text) = std::env::var("EDGESYNC_LOG")
         .ok()
-        .and_then(|s| EnvFilter::try_new(s).ok())
-        .or_else(|| EnvFilter::try_new(level).ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+        .and_then(|s| EnvFilter::try_new(&s).ok().map(|f| (f, s)))
+        .or_else(|| {
+            EnvFilter::try_new(level)
+                .ok()
+                .map(|f| (f, level.to_owned()))
+        })
+        .unwrap_or_else(|| (EnvFilter::new("info"), "info".to_owned()));
+    let (filter, handle) = reload::Layer::new(filter);
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let registry = tracing_subscriber::registry().with(filter);
     if journal {
-        builder.without_time().init();
+        registry.with(layer.without_time()).init();
     } else {
-        builder.init();
+        registry.with(layer).init();
     }
+    std::sync::Arc::new(edgesync::control::LogControl::new(handle, text))
 }
 
 fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Result<(), Failure> {
@@ -301,6 +347,18 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
         reply["value"]
     );
     Ok(())
+}
+
+async fn queue(path: &Path, what: QueueCommand) -> Result<(), Failure> {
+    use edgesync::inspect;
+    let r = match what {
+        QueueCommand::Stats { json } => inspect::stats_command(path, json).await,
+        QueueCommand::Peek { from, limit, json } => {
+            inspect::peek_command(path, from, limit, json).await
+        }
+        QueueCommand::Export { file } => inspect::export_command(path, &file).await,
+    };
+    r.map_err(|e| Failure::new(e.exit_code(), e.to_string()))
 }
 
 fn pretty(v: &Value) -> String {

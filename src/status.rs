@@ -1,12 +1,17 @@
 //! The agent's status document (SPEC §2 `status --json`): what the link, the queue and the
 //! counters look like now. The link side lives in a [`StatusBoard`] that the sync engine
-//! updates; the queue side is read from the outbox when a status is asked for.
+//! updates; the queue side is read from the outbox when a status is asked for. The board
+//! also keeps what the health figures ([`crate::metrics`]) need beyond that: the start time,
+//! the rate meter and the count of changes refused as invalid.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Outbox, QueueStats};
+use crate::metrics::{self, Metrics, RateMeter, Rates, Sample};
+use crate::store::Outbox;
 
 /// Connection state as SPEC §2 names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,20 +38,67 @@ pub struct LinkFigures {
     pub inflight_batches: u64,
 }
 
-/// Shared, cheap-to-clone holder of the link figures.
+/// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
 #[derive(Debug, Clone, Default)]
-pub struct StatusBoard(Arc<Mutex<LinkFigures>>);
+pub struct StatusBoard(Arc<Mutex<Board>>);
+
+#[derive(Debug)]
+struct Board {
+    link: LinkFigures,
+    /// When the agent started (the board is made at start).
+    started: Instant,
+    rates: RateMeter,
+    /// Changes of requests refused at the socket as `invalid-change`.
+    invalid_changes: u64,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board {
+            link: LinkFigures::default(),
+            started: Instant::now(),
+            rates: RateMeter::default(),
+            invalid_changes: 0,
+        }
+    }
+}
 
 impl StatusBoard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Board> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     pub fn snapshot(&self) -> LinkFigures {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.lock().link.clone()
     }
 
     pub fn update(&self, f: impl FnOnce(&mut LinkFigures)) {
-        f(&mut self.0.lock().unwrap_or_else(PoisonError::into_inner));
+        f(&mut self.lock().link);
+    }
+
+    /// When the board (the agent) started.
+    pub fn started(&self) -> Instant {
+        self.lock().started
+    }
+
+    /// Feeds the rate meter; returns the rates of the window this sample closes.
+    pub fn observe(&self, s: Sample) -> Option<Rates> {
+        self.lock().rates.observe(s)
+    }
+
+    /// Rates of the last completed window.
+    pub fn rates(&self) -> Option<Rates> {
+        self.lock().rates.rates()
+    }
+
+    /// Counts `n` changes refused as `invalid-change`.
+    pub fn count_invalid(&self, n: u64) {
+        let mut b = self.lock();
+        b.invalid_changes = b.invalid_changes.saturating_add(n);
+    }
+
+    pub fn invalid_changes(&self) -> u64 {
+        self.lock().invalid_changes
     }
 }
 
@@ -57,6 +109,9 @@ pub struct Status {
     pub queue: Queue,
     pub counters: Counters,
     pub desired: Desired,
+    /// The health figures, as published on `P/D/metrics`.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,20 +163,22 @@ pub struct Identity {
     pub broker: String,
 }
 
-/// Builds the status from the outbox and the board (one short read transaction).
+/// Builds the status, with its health figures and the desired version, from the outbox and
+/// the board (two short read transactions).
 pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Status {
-    let q: QueueStats = outbox.stats();
-    let oldest_ts = if q.depth == 0 {
-        None
-    } else {
-        outbox.oldest_ts().ok().flatten()
-    };
-    let link = board.snapshot();
+    from_inputs(identity, outbox.path(), &metrics::gather(identity, outbox, board))
+}
+
+/// The status of figures read already.
+pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) -> Status {
+    let q = inputs.queue;
+    let oldest_ts = inputs.oldest_ts;
+    let link = inputs.link.clone();
     Status {
         agent: AgentInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             device: identity.device.clone(),
-            store: outbox.path().display().to_string(),
+            store: store.display().to_string(),
         },
         connection: Connection {
             state: link.state,
@@ -147,7 +204,10 @@ pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Sta
             rejected: q.rejected,
             reconnects: link.reconnects,
         },
-        desired: Desired { version: None },
+        desired: Desired {
+            version: inputs.desired_version,
+        },
+        metrics: Some(metrics::build(inputs)),
     }
 }
 
@@ -194,6 +254,17 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             .version
             .map_or_else(|| "-".to_owned(), |v| v.to_string()),
     ));
+    if let Some(m) = &s.metrics {
+        let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r}/s"));
+        out.push_str(&format!(
+            "health      in {} · out {} · invalid {} · memory {} · up {}\n",
+            rate(m.changes.in_per_s),
+            rate(m.changes.out_per_s),
+            m.changes.rejected.invalid_change,
+            m.rss_bytes.map_or_else(|| "-".to_owned(), human_bytes),
+            human_duration(m.uptime_s.saturating_mul(1000)),
+        ));
+    }
     out
 }
 
@@ -262,6 +333,7 @@ mod tests {
                 reconnects: 0,
             },
             desired: Desired { version: None },
+            metrics: None,
         };
         let v = serde_json::to_value(&s).unwrap();
         for path in [
@@ -287,6 +359,50 @@ mod tests {
         assert_eq!(v["connection"]["state"], "offline");
         let text = render(&s, 10_000);
         assert!(text.contains("1 changes"), "{text}");
+    }
+
+    #[test]
+    fn status_carries_the_metrics_and_reads_without_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&crate::store::StoreOptions {
+            path: dir.path().join("s.redb"),
+            max_bytes: 1 << 20,
+            when_full: crate::store::WhenFull::Reject,
+            cache_size: 1 << 20,
+        })
+        .unwrap();
+        let board = StatusBoard::default();
+        board.count_invalid(3);
+        board.observe(Sample {
+            at_ms: 0,
+            reported: 0,
+            acked: 0,
+        });
+        board.observe(Sample {
+            at_ms: 2_000,
+            reported: 4,
+            acked: 2,
+        });
+        let identity = Identity {
+            device: "d".into(),
+            broker: "mqtts://b:8883".into(),
+        };
+        let s = collect(&identity, &outbox, &board);
+        outbox.shutdown_blocking();
+        let m = s.metrics.as_ref().unwrap();
+        assert_eq!(m.device, "d");
+        assert_eq!(m.changes.rejected.invalid_change, 3);
+        assert_eq!(m.changes.in_per_s, Some(2.0));
+        assert_eq!(m.changes.out_per_s, Some(1.0));
+        assert_eq!(m.queue.oldest_age_ms, None);
+        let text = render(&s, 10_000);
+        assert!(text.contains("health      in 2/s · out 1/s · invalid 3"), "{text}");
+        // A status from a daemon without metrics still reads.
+        let mut v = serde_json::to_value(&s).unwrap();
+        v.as_object_mut().unwrap().remove("metrics");
+        let old: Status = serde_json::from_value(v).unwrap();
+        assert_eq!(old.metrics, None);
+        assert!(!render(&old, 10_000).contains("health"));
     }
 
     #[test]

@@ -168,7 +168,8 @@ pub async fn receive(
         .await
 }
 
-fn queue_result(
+/// Queues a result inside the caller's transaction (also command responses).
+pub fn queue_result(
     txn: &redb::WriteTransaction,
     topic: &str,
     payload: &[u8],

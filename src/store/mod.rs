@@ -258,6 +258,13 @@ impl TxnCtx<'_, '_> {
             );
         })
     }
+
+    /// Drops every change queued (as of this point of the transaction), counted in
+    /// `dropped`; returns what went. Changes read and in flight to the broker may still
+    /// arrive there; their acknowledgement is then a no-op.
+    pub fn purge(&mut self) -> Result<Acked, redb::Error> {
+        self.writer.purge(self.outbox)
+    }
 }
 
 /// The newest change of a key within one transaction.
@@ -389,6 +396,12 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))?;
         let v = lock(&slot).take();
         v.ok_or(StoreError::Closed)
+    }
+
+    /// Drops every queued change (the `purge` command), counted in `dropped`; returns what
+    /// went once durable. See [`TxnCtx::purge`].
+    pub async fn purge(&self) -> Result<Acked, StoreError> {
+        self.transact(|ctx| ctx.purge()).await
     }
 
     /// A read transaction, for modules with their own tables.
@@ -909,6 +922,20 @@ impl Writer {
             first_seq,
             last_seq: self.meta.next_seq - 1,
         }))
+    }
+
+    /// Every queued change removed, counted as dropped (see [`TxnCtx::purge`]).
+    fn purge(&mut self, outbox: &mut redb::Table<u64, &[u8]>) -> Result<Acked, redb::Error> {
+        let mut gone = Acked::default();
+        for item in outbox.extract_from_if(..=u64::MAX, |_, _| true)? {
+            let (_, v) = item?;
+            gone.changes += 1;
+            gone.bytes += cost(v.value().len());
+        }
+        self.meta.depth = self.meta.depth.saturating_sub(gone.changes);
+        self.meta.bytes = self.meta.bytes.saturating_sub(gone.bytes);
+        self.meta.dropped += gone.changes;
+        Ok(gone)
     }
 
     fn ack(

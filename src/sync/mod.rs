@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 
 use crate::change::now_ms;
 use crate::config::Config;
+use crate::control::Controller;
 use crate::desired::apply::Applier;
 use crate::desired::store::{self as dstore, PendingResult};
 use crate::link::tls;
@@ -50,6 +51,8 @@ enum Tag {
     Goodbye,
     /// A queued result (`result_outbox` number).
     Result(u64),
+    /// A metrics document (QoS 0: rumqttc reports it as `Outgoing::Publish(0)`, no PUBACK).
+    Metrics,
 }
 
 /// Everything the link needs from the config.
@@ -60,6 +63,8 @@ pub struct LinkSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub backoff_reset: Duration,
+    /// Metrics documents to publish on `P/D/metrics` while online (none: no metrics).
+    pub metrics: Option<crate::metrics::Feed>,
 }
 
 impl LinkSettings {
@@ -70,6 +75,7 @@ impl LinkSettings {
             backoff_initial: config.mqtt.reconnect_initial,
             backoff_max: config.mqtt.reconnect_max,
             backoff_reset: config.mqtt.reconnect_reset,
+            metrics: None,
             config,
         }
     }
@@ -149,6 +155,7 @@ pub async fn run(
     settings: LinkSettings,
     outbox: Outbox,
     applier: Applier,
+    controller: Controller,
     board: StatusBoard,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -178,6 +185,7 @@ pub async fn run(
             settings: &settings,
             outbox: &outbox,
             applier: &applier,
+            controller: &controller,
             results_inflight: HashSet::new(),
             board: &board,
             engine: &mut engine,
@@ -243,6 +251,7 @@ struct Session<'a> {
     settings: &'a LinkSettings,
     outbox: &'a Outbox,
     applier: &'a Applier,
+    controller: &'a Controller,
     /// Results handed to rumqttc and not yet PUBACKed.
     results_inflight: HashSet<u64>,
     board: &'a StatusBoard,
@@ -266,7 +275,13 @@ impl Session<'_> {
         let (tx, mut events) = mpsc::channel(256);
         let poller = tokio::spawn(poll_loop(eventloop, tx));
         let (intake_tx, intake_rx) = mpsc::channel(64);
-        let intake = tokio::spawn(intake_loop(intake_rx, client.clone(), self.applier.clone()));
+        let intake = tokio::spawn(intake_loop(
+            intake_rx,
+            client.clone(),
+            self.applier.clone(),
+            self.controller.clone(),
+            self.settings.topics.clone(),
+        ));
         let end = self.drive(&client, &mut events, &intake_tx, stop).await;
         drop(intake_tx);
         // Documents already read are taken in (and acked) before the link goes.
@@ -303,6 +318,11 @@ impl Session<'_> {
         // Appends before this session started are not signalled: take the current value.
         let next = *appended.borrow_and_update();
         self.engine.handle_appended(next, Instant::now());
+        // Documents taken before this session are stale: only later ones are published.
+        let mut metrics = self.settings.metrics.clone();
+        if let Some(m) = &mut metrics {
+            m.borrow_and_update();
+        }
         let keep_alive = self.settings.config.mqtt.keep_alive;
         let dead_after = keep_alive + keep_alive / 2;
         let connect_timeout = Duration::from_secs(30).max(dead_after);
@@ -370,6 +390,15 @@ impl Session<'_> {
                     let next = *appended.borrow_and_update();
                     self.engine.handle_appended(next, Instant::now());
                 }
+                // A metrics document: QoS 0, only while online, dropped otherwise.
+                doc = next_metrics(&mut metrics) => {
+                    if self.connected_at.is_some() {
+                        let topic = self.settings.topics.metrics();
+                        if let Err(e) = self.publish(client, topic, doc, false, Tag::Metrics) {
+                            tracing::debug!("metrics not published: {e}");
+                        }
+                    }
+                }
                 // Linger expired.
                 () = sleep_until(linger), if linger.is_some() => {
                     self.engine.handle_timeout(Instant::now());
@@ -423,12 +452,15 @@ impl Session<'_> {
                 client
                     .try_subscribe(self.settings.topics.desired(), QoS::AtLeastOnce)
                     .map_err(|e| format!("cannot subscribe: {e}"))?;
+                client
+                    .try_subscribe(self.settings.topics.command_filter(), QoS::AtLeastOnce)
+                    .map_err(|e| format!("cannot subscribe: {e}"))?;
                 self.results_inflight.clear();
                 self.load_results();
                 self.engine.handle_connected(now);
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(tag) = self.tags.pop_front() {
+                if let Some(tag) = self.tags.pop_front().filter(|t| *t != Tag::Metrics) {
                     self.pkids.insert(pkid, tag);
                 }
             }
@@ -448,7 +480,7 @@ impl Session<'_> {
                     });
                     // Stays in `results_inflight` until the next load, so it is not resent.
                 }
-                Some(Tag::Status | Tag::Goodbye) | None => {}
+                Some(Tag::Status | Tag::Goodbye | Tag::Metrics) | None => {}
             },
             _ => {}
         }
@@ -484,8 +516,8 @@ impl Session<'_> {
         p: rumqttc::Publish,
     ) {
         match self.settings.topics.parse(&p.topic) {
-            Some(crate::topics::Incoming::Desired) => {
-                // Acked by the intake task once the document is durable.
+            Some(crate::topics::Incoming::Desired | crate::topics::Incoming::Command(_)) => {
+                // Acked by the intake task once the document (or request) is durable.
                 if intake.send(p).await.is_err() {
                     tracing::error!("desired intake stopped");
                 }
@@ -557,8 +589,12 @@ impl Session<'_> {
         retain: bool,
         tag: Tag,
     ) -> Result<(), String> {
+        let qos = match tag {
+            Tag::Metrics => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
         client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+            .try_publish(topic, qos, retain, payload)
             .map_err(|e| format!("cannot hand a publish to the MQTT client: {e}"))?;
         self.tags.push_back(tag);
         Ok(())
@@ -618,6 +654,19 @@ impl Session<'_> {
     }
 }
 
+/// The next metrics document of the feed; never resolves without one.
+async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
+    while let Some(f) = feed {
+        if f.changed().await.is_err() {
+            // The sender is gone (shutting down): nothing more will come.
+            *feed = None;
+        } else if let Some(doc) = f.borrow_and_update().clone() {
+            return doc;
+        }
+    }
+    std::future::pending().await
+}
+
 async fn sleep_until(t: Option<Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t.into()).await,
@@ -625,22 +674,30 @@ async fn sleep_until(t: Option<Instant>) {
     }
 }
 
-/// Takes in desired documents one at a time, in arrival order, and acknowledges each once
-/// it is durable (or answered, if unreadable).
+/// Takes in desired documents and command requests one at a time, in arrival order, and
+/// acknowledges each once it is durable (or answered, if unreadable).
 async fn intake_loop(
     mut rx: mpsc::Receiver<rumqttc::Publish>,
     client: AsyncClient,
     applier: Applier,
+    controller: Controller,
+    topics: Topics,
 ) {
     while let Some(p) = rx.recv().await {
-        match applier.receive(&p.payload).await {
+        let taken = match topics.parse(&p.topic) {
+            Some(crate::topics::Incoming::Command(name)) => {
+                controller.receive(name, &p.payload).await
+            }
+            _ => applier.receive(&p.payload).await,
+        };
+        match taken {
             Ok(()) => {
                 if let Err(e) = client.ack(&p).await {
                     tracing::debug!("PUBACK not sent: {e}");
                 }
             }
             // Not acked: the broker sends it again on the next connection.
-            Err(e) => tracing::error!("taking in a desired document failed: {e}"),
+            Err(e) => tracing::error!(topic = %p.topic, "taking in a message failed: {e}"),
         }
     }
 }

@@ -1,0 +1,452 @@
+//! Commands over MQTT (SPEC §4, §5): `P/D/cmd/NAME` in, `P/D/cmd/NAME/result` out, with
+//! exactly-once effects.
+//!
+//! # Life of a request
+//! 1. **Intake** ([`Controller::receive`], called by the link before it sends the PUBACK).
+//!    The payload is read ([`request`]); a malformed one, or one without a readable `id`, is
+//!    answered `bad-request` at once (`"id": null` when no id could be read). Otherwise, in
+//!    one store transaction ([`store::receive`]): an `id` already recorded is answered again
+//!    from its stored first response (re-encoded in the new request's encoding) and not run;
+//!    a request refused before running (`unknown-command`, `forbidden`, `expired`,
+//!    `bad-request` for its arguments) is answered and not recorded; any other is recorded
+//!    as *received*. Only then is the message acknowledged.
+//! 2. **Run** ([`Controller::run`]): every received request runs in its own task (a slow
+//!    `sync` never holds up a `ping`; answers go out in any order). Before a command starts
+//!    it is marked *started* ([`store::begin`]); when it ends, its response is stored and
+//!    queued for publishing in one transaction ([`store::finish`]).
+//! 3. **Publish**: responses wait in the store's result outbox (shared with desired-state
+//!    results) until the broker acknowledged them.
+//!
+//! # At most once across crashes
+//! A request found *started* after a restart may have had its effect: it is answered
+//! `failed` ("interrupted by a restart; not run again") and never run. One found only
+//! *received* had not started: it runs (unless it expired meanwhile).
+//!
+//! # Replay window
+//! Recorded ids are kept at least `[control] replay_window` after their receipt and at most
+//! `replay_max` of them; the oldest answered ones are pruned when a new one is recorded.
+
+pub mod config;
+pub mod history;
+pub mod log_level;
+pub mod ping;
+pub mod purge;
+pub mod request;
+pub mod rollback;
+pub mod status;
+pub mod store;
+pub mod sync;
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::change::now_ms;
+use crate::config::{Config, Encoding};
+use crate::desired::apply::Applier;
+use crate::desired::doc;
+use crate::desired::store as dstore;
+use crate::status::{Identity, StatusBoard};
+use crate::store::{Outbox, StoreError};
+
+pub use log_level::LogControl;
+pub use request::ErrorCode;
+
+/// Default `[control] replay_window`.
+pub const DEFAULT_REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Default `[control] replay_max`.
+pub const DEFAULT_REPLAY_MAX: usize = 10_000;
+
+/// The commands this agent knows, by their topic name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CommandName {
+    Ping,
+    Status,
+    Sync,
+    History,
+    Rollback,
+    LogLevel,
+    Config,
+    Purge,
+}
+
+impl CommandName {
+    /// Every command, in documented order.
+    pub const ALL: [CommandName; 8] = [
+        CommandName::Ping,
+        CommandName::Status,
+        CommandName::Sync,
+        CommandName::History,
+        CommandName::Rollback,
+        CommandName::LogLevel,
+        CommandName::Config,
+        CommandName::Purge,
+    ];
+
+    /// The name in topics and in `[control] allow`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandName::Ping => "ping",
+            CommandName::Status => "status",
+            CommandName::Sync => "sync",
+            CommandName::History => "history",
+            CommandName::Rollback => "rollback",
+            CommandName::LogLevel => "log-level",
+            CommandName::Config => "config",
+            CommandName::Purge => "purge",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<CommandName> {
+        Self::ALL.into_iter().find(|c| c.as_str() == name)
+    }
+
+    /// Destroys data: enabled only when `[control] allow` lists it.
+    pub fn destructive(self) -> bool {
+        matches!(self, CommandName::Purge)
+    }
+
+    /// Every name, for messages.
+    pub fn names() -> Vec<&'static str> {
+        Self::ALL.iter().map(|c| c.as_str()).collect()
+    }
+}
+
+impl std::fmt::Display for CommandName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[control]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Commands that may run; others are answered `forbidden`. Default: every
+    /// non-destructive command.
+    pub allow: BTreeSet<CommandName>,
+    /// Recorded ids are kept at least this long after their receipt. Default 24 h.
+    pub replay_window: Duration,
+    /// At most this many ids are kept (the oldest answered ones go first). Default 10000.
+    pub replay_max: usize,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            allow: CommandName::ALL
+                .into_iter()
+                .filter(|c| !c.destructive())
+                .collect(),
+            replay_window: DEFAULT_REPLAY_WINDOW,
+            replay_max: DEFAULT_REPLAY_MAX,
+        }
+    }
+}
+
+/// A parsed command with its arguments.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Ping,
+    Status,
+    Sync(sync::SyncQueue),
+    History(history::History),
+    Rollback(rollback::Rollback),
+    LogLevel(log_level::LogLevel),
+    Config,
+    Purge(purge::Purge),
+}
+
+impl Command {
+    /// Checks the arguments of `name`; `Err` is the message of a `bad-request`.
+    pub fn parse(name: CommandName, args: Map<String, Value>) -> Result<Command, String> {
+        let mut args = request::Args::new(name, args);
+        let command = match name {
+            CommandName::Ping => Command::Ping,
+            CommandName::Status => Command::Status,
+            CommandName::Sync => Command::Sync(sync::SyncQueue::parse(&mut args)?),
+            CommandName::History => Command::History(history::History::parse(&mut args)?),
+            CommandName::Rollback => Command::Rollback(rollback::Rollback::parse(&mut args)?),
+            CommandName::LogLevel => Command::LogLevel(log_level::LogLevel::parse(&mut args)?),
+            CommandName::Config => Command::Config,
+            CommandName::Purge => Command::Purge(purge::Purge::parse(&mut args)?),
+        };
+        args.finish()?;
+        Ok(command)
+    }
+
+    /// Runs the command: `Ok(result)` or `Err(why it failed)`.
+    pub async fn run(&self, svc: &Services, stop: watch::Receiver<bool>) -> Result<Value, String> {
+        match self {
+            Command::Ping => Ok(ping::run()),
+            Command::Status => status::run(svc).await,
+            Command::Sync(c) => Ok(c.run(svc, stop).await),
+            Command::History(c) => c.run(svc).await,
+            Command::Rollback(c) => c.run(svc).await,
+            Command::LogLevel(c) => c.run(svc),
+            Command::Config => Ok(config::run(svc)),
+            Command::Purge(c) => c.run(svc).await,
+        }
+    }
+}
+
+/// What commands act on; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Services {
+    pub outbox: Outbox,
+    pub applier: Applier,
+    pub board: StatusBoard,
+    pub identity: Arc<Identity>,
+    pub config: Arc<Config>,
+    /// The running log filter, when the process has one to change (`log-level`).
+    pub log: Option<Arc<LogControl>>,
+}
+
+/// Takes in and runs commands; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    svc: Services,
+    /// New requests recorded.
+    wake: Arc<Notify>,
+    /// New responses to publish (the link listens; shared with desired-state results).
+    results: Arc<Notify>,
+}
+
+impl Controller {
+    /// `results` is the link's signal for new entries in the result outbox
+    /// ([`Applier::results`]).
+    pub fn new(svc: Services, results: Arc<Notify>) -> Self {
+        Self {
+            svc,
+            wake: Arc::new(Notify::new()),
+            results,
+        }
+    }
+
+    fn cfg(&self) -> &ControlConfig {
+        &self.svc.config.control
+    }
+
+    /// Takes in a request from `P/D/cmd/NAME`. Returns once what must be durable is: the
+    /// caller acknowledges the message (PUBACK) only after `Ok`. Every request is consumed:
+    /// those refused are answered, never left to be redelivered forever.
+    pub async fn receive(&self, name: &str, payload: &[u8]) -> Result<(), StoreError> {
+        let now = now_ms();
+        let encoding = doc::sniff(payload);
+        let topic = result_topic(name);
+        let req = match request::parse(payload, encoding) {
+            Ok(r) => r,
+            Err(bad) => {
+                tracing::warn!(command = name, id = ?bad.id, "command refused: {}", bad.message);
+                let response =
+                    request::error(bad.id.as_deref(), ErrorCode::BadRequest, &bad.message);
+                dstore::queue(&self.svc.outbox, &topic, doc::encode(&response, encoding)).await?;
+                self.results.notify_one();
+                return Ok(());
+            }
+        };
+        tracing::debug!(command = name, id = %req.id, "command received");
+        let refusal = self
+            .check(name, &req, now)
+            .err()
+            .map(|(code, message)| (code, request::error(Some(&req.id), code, &message)));
+        let incoming = store::Incoming {
+            id: req.id.clone(),
+            name: name.to_owned(),
+            json: encoding == Encoding::Json,
+            args: req.args,
+            expires: req.expires,
+            refusal,
+        };
+        let limits = store::Limits::new(self.cfg());
+        let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
+        let id = req.id;
+        match outcome {
+            store::Intake::Accepted => self.wake.notify_one(),
+            store::Intake::Refused(code) => {
+                tracing::warn!(command = name, %id, code = code.as_str(), "command refused");
+                self.results.notify_one();
+            }
+            store::Intake::Replayed => {
+                tracing::info!(command = name, %id, "command id seen before: answered from the record, not run again");
+                self.results.notify_one();
+            }
+            store::Intake::Conflict { first } => {
+                tracing::warn!(command = name, %id, first, "command id already used by another command");
+                self.results.notify_one();
+            }
+            store::Intake::InProgress => {
+                tracing::info!(command = name, %id, "command id already taken in and not finished: its answer follows once");
+            }
+        }
+        Ok(())
+    }
+
+    /// Why a readable request is not run, as its error code and message.
+    fn check(
+        &self,
+        name: &str,
+        req: &request::Request,
+        now: u64,
+    ) -> Result<Command, (ErrorCode, String)> {
+        let Some(command) = CommandName::parse(name) else {
+            return Err((
+                ErrorCode::UnknownCommand,
+                format!(
+                    "unknown command {name:?}; this agent knows {}",
+                    CommandName::names().join(", ")
+                ),
+            ));
+        };
+        if !self.cfg().allow.contains(&command) {
+            let why = if command.destructive() {
+                "it is destructive and [control] allow does not list it"
+            } else {
+                "[control] allow does not list it"
+            };
+            return Err((
+                ErrorCode::Forbidden,
+                format!("command {name} is not enabled on this device: {why}"),
+            ));
+        }
+        if let Some(message) = expired(req.expires, now) {
+            return Err((ErrorCode::Expired, message));
+        }
+        Command::parse(command, req.args.clone()).map_err(|e| (ErrorCode::BadRequest, e))
+    }
+
+    /// Runs recorded requests as they come, each in its own task, until `stop`; then waits
+    /// for those running (they see `stop` too: `sync` answers at once).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut running: HashSet<String> = HashSet::new();
+        let mut tasks: JoinSet<(String, Result<(), StoreError>)> = JoinSet::new();
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let outbox = self.svc.outbox.clone();
+            match tokio::task::spawn_blocking(move || store::pending(&outbox)).await {
+                Ok(Ok(pending)) => {
+                    for entry in pending {
+                        if running.insert(entry.id.clone()) {
+                            let this = self.clone();
+                            let stop = stop.clone();
+                            tasks.spawn(async move {
+                                let id = entry.id.clone();
+                                (id, this.execute(entry, stop).await)
+                            });
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::error!("reading pending commands failed: {e}"),
+                Err(e) => tracing::error!("internal task failed: {e}"),
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                    if self.reap(done, &mut running) {
+                        // Try again later rather than spin on a failing store.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            self.reap(done, &mut running);
+        }
+    }
+
+    /// Forgets a finished task; `true` if it failed on the store.
+    fn reap(
+        &self,
+        done: Result<(String, Result<(), StoreError>), tokio::task::JoinError>,
+        running: &mut HashSet<String>,
+    ) -> bool {
+        match done {
+            Ok((id, Ok(()))) => {
+                running.remove(&id);
+                false
+            }
+            Ok((id, Err(e))) => {
+                tracing::error!(%id, "recording a command failed: {e}");
+                running.remove(&id);
+                true
+            }
+            Err(e) => {
+                // A panicking command: its entry stays "started" and is answered
+                // "interrupted" at the next start; never run twice.
+                tracing::error!("command task failed: {e}");
+                true
+            }
+        }
+    }
+
+    /// Carries out one recorded request (see the module docs).
+    async fn execute(
+        &self,
+        entry: store::Entry,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), StoreError> {
+        let id = entry.id.clone();
+        let name = entry.name.clone();
+        let response = if entry.state == store::State::Started {
+            tracing::warn!(command = %name, %id, "command was running when the agent stopped; answered failed, not run again");
+            request::error(
+                Some(&id),
+                ErrorCode::Failed,
+                "interrupted by a restart; not run again",
+            )
+        } else if let Some(message) = expired(entry.expires, now_ms()) {
+            request::error(Some(&id), ErrorCode::Expired, &message)
+        } else {
+            let parsed = CommandName::parse(&name)
+                .ok_or_else(|| format!("unknown command {name:?}"))
+                .and_then(|c| Command::parse(c, entry.args.clone()));
+            match parsed {
+                Err(e) => request::error(Some(&id), ErrorCode::Failed, &e),
+                Ok(command) => {
+                    if !store::begin(&self.svc.outbox, &id).await? {
+                        // Not "received" any more: nothing to do.
+                        return Ok(());
+                    }
+                    tracing::info!(command = %name, %id, "running command");
+                    match command.run(&self.svc, stop).await {
+                        Ok(result) => request::ok(&id, result),
+                        Err(e) => {
+                            tracing::warn!(command = %name, %id, "command failed: {e}");
+                            request::error(Some(&id), ErrorCode::Failed, &e)
+                        }
+                    }
+                }
+            }
+        };
+        let response = request::bounded(response, &id);
+        store::finish(&self.svc.outbox, &id, response, now_ms()).await?;
+        tracing::debug!(command = %name, %id, "command answered");
+        self.results.notify_one();
+        Ok(())
+    }
+}
+
+/// `cmd/NAME/result`, under `P/D/`.
+pub fn result_topic(name: &str) -> String {
+    format!("cmd/{name}/result")
+}
+
+/// The message of an `expired` answer when `expires` has passed.
+fn expired(expires: Option<u64>, now: u64) -> Option<String> {
+    expires.filter(|&e| now > e).map(|e| {
+        format!(
+            "the request expired {} ago (expires {e}, now {now}); not run",
+            crate::status::human_duration(now - e)
+        )
+    })
+}

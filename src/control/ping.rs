@@ -1,0 +1,7 @@
+//! `ping`: `{"pong": true, "ts": now}` (Unix ms). Takes no arguments.
+
+use serde_json::{Value, json};
+
+pub fn run() -> Value {
+    json!({"pong": true, "ts": crate::change::now_ms()})
+}

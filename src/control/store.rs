@@ -1,0 +1,516 @@
+//! The replay record of commands, in the store file beside the outbox. Every write goes
+//! through [`Outbox::transact`] (one fsync'ed transaction, group-committed with the rest).
+//!
+//! # Tables
+//! - `control_requests`: `id → entry` (JSON): the request's command, encoding, arguments and
+//!   `expires` while it waits or runs; its `state` (`received`, `started`, `done`); and once
+//!   done its response;
+//! - `control_order`: `n → id`, in order of receipt (pruning takes the oldest first);
+//! - `control_pending`: `n → id` of the entries not done yet (what the runner reads);
+//! - `control_meta`: `next` (the next `n`).
+//!
+//! # Invariants
+//! - A request to run is in `control_requests` and `control_pending` (durable) before its
+//!   PUBACK.
+//! - `received → started → done`, each step its own transaction; `started` is committed
+//!   before the command can have any effect, so `started` after a restart means "maybe
+//!   ran". Finishing (state `done`, the response, removal from pending, the response queued
+//!   for publishing) is one transaction.
+//! - Only `done` entries are pruned: past the window (counted from receipt) or beyond the
+//!   count, oldest first.
+
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use super::request::{self, ErrorCode};
+use super::{ControlConfig, result_topic};
+use crate::config::Encoding;
+use crate::desired::doc;
+use crate::desired::store as dstore;
+use crate::store::{Outbox, StoreError};
+
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("control_requests");
+const ORDER: TableDefinition<u64, &str> = TableDefinition::new("control_order");
+const PENDING: TableDefinition<u64, &str> = TableDefinition::new("control_pending");
+const META: TableDefinition<&str, u64> = TableDefinition::new("control_meta");
+
+/// Most entries a pruning pass looks at (beyond those it removes), so that one insert stays
+/// cheap even when many old entries are still running.
+const PRUNE_SCAN: usize = 256;
+
+/// Where a recorded request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    /// Durable, not started: runs (again) after a restart.
+    Received,
+    /// May have had its effect: never run again.
+    Started,
+    /// Answered; `response` is the answer to every later request with this id.
+    Done,
+}
+
+/// A recorded request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    pub n: u64,
+    pub id: String,
+    /// The command name, as in its topic.
+    pub name: String,
+    pub state: State,
+    /// Encoding of the request (its response goes out in the same).
+    pub json: bool,
+    /// Arguments, until done.
+    #[serde(default)]
+    pub args: Map<String, Value>,
+    pub expires: Option<u64>,
+    /// Unix ms of receipt.
+    pub received: u64,
+    /// The response (JSON form), once done.
+    pub response: Option<Value>,
+    /// Unix ms of the answer, once done.
+    pub answered: Option<u64>,
+}
+
+impl Entry {
+    pub fn encoding(&self) -> Encoding {
+        if self.json {
+            Encoding::Json
+        } else {
+            Encoding::Cbor
+        }
+    }
+}
+
+/// A readable request arriving.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incoming {
+    pub id: String,
+    pub name: String,
+    pub json: bool,
+    pub args: Map<String, Value>,
+    pub expires: Option<u64>,
+    /// Set when the request is refused before running: its error response. Still only
+    /// after the replay check (an id answered before gets that answer again).
+    pub refusal: Option<(ErrorCode, Value)>,
+}
+
+impl Incoming {
+    fn encoding(&self) -> Encoding {
+        if self.json {
+            Encoding::Json
+        } else {
+            Encoding::Cbor
+        }
+    }
+}
+
+/// What [`receive`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Intake {
+    /// Recorded as received: the runner takes it.
+    Accepted,
+    /// Refused before running: its error response was queued; not recorded.
+    Refused(ErrorCode),
+    /// The id was answered before: that answer was queued again.
+    Replayed,
+    /// The id is recorded and not answered yet: its one answer follows when it is.
+    InProgress,
+    /// The id belongs to a request for another command: answered `bad-request`.
+    Conflict { first: String },
+}
+
+/// How long and how many ids are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub window_ms: u64,
+    pub max: u64,
+}
+
+impl Limits {
+    pub fn new(cfg: &ControlConfig) -> Self {
+        Self {
+            window_ms: u64::try_from(cfg.replay_window.as_millis()).unwrap_or(u64::MAX),
+            max: u64::try_from(cfg.replay_max).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Error> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| redb::Error::Corrupted(format!("control record: {e}")))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn load(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    id: &str,
+) -> Result<Option<Entry>, redb::Error> {
+    match table.get(id)? {
+        Some(v) => Ok(Some(get_json(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Takes in a request (see [`Intake`]); durable when it returns.
+pub async fn receive(
+    outbox: &Outbox,
+    req: Incoming,
+    limits: Limits,
+    now: u64,
+) -> Result<Intake, StoreError> {
+    outbox
+        .transact(move |ctx| {
+            let txn = ctx.txn;
+            let encoding = req.encoding();
+            let topic = result_topic(&req.name);
+            let mut requests = txn.open_table(REQUESTS)?;
+            if let Some(first) = load(&requests, &req.id)? {
+                drop(requests);
+                if first.name != req.name {
+                    let message = format!(
+                        "id {:?} was already used by a {} request; use a new id for every request",
+                        req.id, first.name
+                    );
+                    let response = request::error(Some(&req.id), ErrorCode::BadRequest, &message);
+                    dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
+                    return Ok(Intake::Conflict { first: first.name });
+                }
+                return Ok(match first.response {
+                    Some(response) if first.state == State::Done => {
+                        dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
+                        Intake::Replayed
+                    }
+                    _ => Intake::InProgress,
+                });
+            }
+            if let Some((code, response)) = req.refusal {
+                drop(requests);
+                dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
+                return Ok(Intake::Refused(code));
+            }
+            let mut meta = txn.open_table(META)?;
+            let n = meta.get("next")?.map_or(1, |v| v.value());
+            meta.insert("next", n + 1)?;
+            drop(meta);
+            let entry = Entry {
+                n,
+                id: req.id.clone(),
+                name: req.name,
+                state: State::Received,
+                json: req.json,
+                args: req.args,
+                expires: req.expires,
+                received: now,
+                response: None,
+                answered: None,
+            };
+            requests.insert(req.id.as_str(), to_json(&entry).as_slice())?;
+            let mut order = txn.open_table(ORDER)?;
+            order.insert(n, req.id.as_str())?;
+            txn.open_table(PENDING)?.insert(n, req.id.as_str())?;
+            prune(&mut requests, &mut order, limits, now)?;
+            Ok(Intake::Accepted)
+        })
+        .await
+}
+
+/// Removes answered entries past the window or beyond the count, oldest first.
+fn prune(
+    requests: &mut redb::Table<&str, &[u8]>,
+    order: &mut redb::Table<u64, &str>,
+    limits: Limits,
+    now: u64,
+) -> Result<(), redb::Error> {
+    let cutoff = now.saturating_sub(limits.window_ms);
+    let mut count = requests.len()?;
+    let mut remove = Vec::new();
+    let mut skipped = 0;
+    for item in order.iter()? {
+        let (n, id) = item?;
+        let (n, id) = (n.value(), id.value().to_owned());
+        let Some(entry) = load(requests, &id)? else {
+            // An order row without its entry: drop it.
+            remove.push((n, None));
+            continue;
+        };
+        if count <= limits.max && entry.received >= cutoff {
+            break;
+        }
+        if entry.state == State::Done {
+            remove.push((n, Some(id)));
+            count = count.saturating_sub(1);
+        } else {
+            skipped += 1;
+            if skipped >= PRUNE_SCAN {
+                break;
+            }
+        }
+    }
+    for (n, id) in remove {
+        order.remove(n)?;
+        if let Some(id) = id {
+            requests.remove(id.as_str())?;
+        }
+    }
+    Ok(())
+}
+
+/// Marks a received request started; `false` if it is not (or no longer) `received`.
+pub async fn begin(outbox: &Outbox, id: &str) -> Result<bool, StoreError> {
+    let id = id.to_owned();
+    outbox
+        .transact(move |ctx| {
+            let mut requests = ctx.txn.open_table(REQUESTS)?;
+            let Some(mut entry) = load(&requests, &id)? else {
+                return Ok(false);
+            };
+            if entry.state != State::Received {
+                return Ok(false);
+            }
+            entry.state = State::Started;
+            requests.insert(id.as_str(), to_json(&entry).as_slice())?;
+            Ok(true)
+        })
+        .await
+}
+
+/// Records the answer of a request and queues it for publishing, in one transaction.
+pub async fn finish(
+    outbox: &Outbox,
+    id: &str,
+    response: Value,
+    now: u64,
+) -> Result<(), StoreError> {
+    let id = id.to_owned();
+    outbox
+        .transact(move |ctx| {
+            let txn = ctx.txn;
+            let mut requests = txn.open_table(REQUESTS)?;
+            let Some(mut entry) = load(&requests, &id)? else {
+                return Ok(());
+            };
+            if entry.state == State::Done {
+                return Ok(());
+            }
+            let payload = doc::encode(&response, entry.encoding());
+            entry.state = State::Done;
+            entry.response = Some(response);
+            entry.answered = Some(now);
+            entry.args = Map::new();
+            requests.insert(id.as_str(), to_json(&entry).as_slice())?;
+            drop(requests);
+            txn.open_table(PENDING)?.remove(entry.n)?;
+            dstore::queue_result(txn, &result_topic(&entry.name), &payload)?;
+            Ok(())
+        })
+        .await
+}
+
+/// Requests not answered yet, in order of receipt.
+pub fn pending(outbox: &Outbox) -> Result<Vec<Entry>, StoreError> {
+    let txn = outbox.read()?;
+    let pending = match txn.open_table(PENDING) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let requests = txn.open_table(REQUESTS)?;
+    let mut out = Vec::new();
+    for item in pending.iter()? {
+        let (_, id) = item?;
+        if let Some(e) = load(&requests, id.value())? {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// The record of one id.
+pub fn lookup(outbox: &Outbox, id: &str) -> Result<Option<Entry>, StoreError> {
+    let txn = outbox.read()?;
+    match txn.open_table(REQUESTS) {
+        Ok(t) => Ok(load(&t, id)?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How many ids are recorded.
+pub fn count(outbox: &Outbox) -> Result<u64, StoreError> {
+    let txn = outbox.read()?;
+    match txn.open_table(REQUESTS) {
+        Ok(t) => Ok(t.len()?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StoreOptions, WhenFull};
+    use serde_json::json;
+
+    fn open(dir: &std::path::Path) -> Outbox {
+        Outbox::open(&StoreOptions {
+            path: dir.join("s.redb"),
+            max_bytes: 1 << 20,
+            when_full: WhenFull::Reject,
+            cache_size: 1 << 20,
+        })
+        .unwrap()
+    }
+
+    fn incoming(id: &str, name: &str) -> Incoming {
+        Incoming {
+            id: id.into(),
+            name: name.into(),
+            json: true,
+            args: Map::new(),
+            expires: None,
+            refusal: None,
+        }
+    }
+
+    const L: Limits = Limits {
+        window_ms: 1000,
+        max: 100,
+    };
+
+    /// Published results as `(topic, JSON)`.
+    fn results(outbox: &Outbox) -> Vec<(String, Value)> {
+        dstore::pending_results(outbox)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let v = if r.payload.first() == Some(&b'{') {
+                    serde_json::from_slice(&r.payload).unwrap()
+                } else {
+                    ciborium::from_reader(r.payload.as_slice()).unwrap()
+                };
+                (r.topic, v)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_received_started_done_and_is_replayed_in_the_new_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let r = receive(&o, incoming("a", "ping"), L, 10).await.unwrap();
+        assert_eq!(r, Intake::Accepted);
+        let p = pending(&o).unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].state, State::Received);
+        // A second delivery before the answer: nothing queued, nothing recorded twice.
+        assert_eq!(
+            receive(&o, incoming("a", "ping"), L, 11).await.unwrap(),
+            Intake::InProgress
+        );
+        assert!(begin(&o, "a").await.unwrap());
+        assert!(!begin(&o, "a").await.unwrap(), "begins only once");
+        assert_eq!(pending(&o).unwrap()[0].state, State::Started);
+        let resp = request::ok("a", json!({"pong": true}));
+        finish(&o, "a", resp.clone(), 12).await.unwrap();
+        assert!(pending(&o).unwrap().is_empty());
+        assert_eq!(results(&o), vec![("cmd/ping/result".into(), resp.clone())]);
+        // Replayed in CBOR.
+        let mut again = incoming("a", "ping");
+        again.json = false;
+        assert_eq!(receive(&o, again, L, 13).await.unwrap(), Intake::Replayed);
+        let all = dstore::pending_results(&o).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_ne!(all[1].payload.first(), Some(&b'{'));
+        assert_eq!(results(&o)[1].1, resp);
+        // Same id, other command: bad-request, the record unchanged.
+        let r = receive(&o, incoming("a", "status"), L, 14).await.unwrap();
+        assert_eq!(
+            r,
+            Intake::Conflict {
+                first: "ping".into()
+            }
+        );
+        let (topic, v) = results(&o).pop().unwrap();
+        assert_eq!(topic, "cmd/status/result");
+        assert_eq!(v["error"]["code"], "bad-request");
+        assert_eq!(lookup(&o, "a").unwrap().unwrap().response, Some(resp));
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refusals_are_answered_and_not_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let mut req = incoming("x", "nope");
+        req.refusal = Some((
+            ErrorCode::UnknownCommand,
+            request::error(Some("x"), ErrorCode::UnknownCommand, "m"),
+        ));
+        assert_eq!(
+            receive(&o, req, L, 1).await.unwrap(),
+            Intake::Refused(ErrorCode::UnknownCommand)
+        );
+        assert_eq!(lookup(&o, "x").unwrap(), None);
+        assert_eq!(results(&o)[0].0, "cmd/nope/result");
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn states_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        receive(&o, incoming("r", "sync"), L, 1).await.unwrap();
+        receive(&o, incoming("s", "sync"), L, 2).await.unwrap();
+        assert!(begin(&o, "s").await.unwrap());
+        o.shutdown().await;
+        drop(o);
+        let o = open(dir.path());
+        let p = pending(&o).unwrap();
+        let states: Vec<(&str, State)> = p.iter().map(|e| (e.id.as_str(), e.state)).collect();
+        assert_eq!(states, [("r", State::Received), ("s", State::Started)]);
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pruning_keeps_the_window_and_the_count_and_never_drops_unanswered_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let limits = Limits {
+            window_ms: 1000,
+            max: 3,
+        };
+        // "busy" stays running; the others are answered.
+        receive(&o, incoming("busy", "sync"), limits, 0)
+            .await
+            .unwrap();
+        assert!(begin(&o, "busy").await.unwrap());
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let t = i as u64 + 1;
+            receive(&o, incoming(id, "ping"), limits, t).await.unwrap();
+            finish(&o, id, request::ok(id, json!({})), t).await.unwrap();
+        }
+        // Four recorded, max 3: "a" (the oldest answered) goes, "busy" stays.
+        assert!(lookup(&o, "a").unwrap().is_none());
+        assert!(lookup(&o, "busy").unwrap().is_some());
+        assert_eq!(count(&o).unwrap(), 3);
+        // Past the window of "b" and "c": both go on the next insert.
+        receive(&o, incoming("d", "ping"), limits, 2000)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "b").unwrap().is_none());
+        assert!(lookup(&o, "c").unwrap().is_none());
+        assert!(lookup(&o, "busy").unwrap().is_some());
+        assert!(lookup(&o, "d").unwrap().is_some());
+        // Within the window and the count: kept.
+        receive(&o, incoming("e", "ping"), limits, 2001)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "d").unwrap().is_some());
+        o.shutdown().await;
+    }
+}

@@ -1,0 +1,951 @@
+//! Health figures (issue 5, SPEC §4 `P/D/metrics`): what an operator of many devices watches
+//! without logging in. One [`Metrics`] document holds them all; it is
+//!
+//! - part of every status (`edgesync status --json`, the socket's `status`), as `metrics`;
+//! - published as JSON on `P/D/metrics` every `[telemetry] interval` by the link (QoS 0, not
+//!   retained, only while online: a document taken while offline is dropped, never queued);
+//! - written as a Prometheus text exposition file for node_exporter's textfile collector
+//!   when `[telemetry] textfile` is set, atomically, every interval.
+//!
+//! # Rates
+//! Changes in and out per second come from the persistent counters `reported` (in) and
+//! `acked` (out), as the difference between two samples divided by the time between them
+//! ([`RateMeter`], sans-IO). The metrics task takes a sample every interval (every
+//! [`SAMPLE_WHEN_OFF`] when telemetry is off, so that `status` still shows rates); a status
+//! shows the rates of the last completed window, as the published document does.
+//!
+//! # Counters by reason
+//! `dropped` counts `drop-oldest` evictions and `rejected` counts `store-full` refusals
+//! (both persistent, from the store); `rejected.invalid-change` counts the changes of
+//! requests the socket refused as invalid (since the daemon started).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::TelemetryConfig;
+use crate::status::{Identity, LinkFigures, LinkState, StatusBoard};
+use crate::store::{Outbox, QueueStats};
+
+/// How often rates are sampled while `[telemetry] interval = "0"`.
+pub const SAMPLE_WHEN_OFF: Duration = Duration::from_secs(10);
+
+/// The JSON documents the link publishes on `P/D/metrics` (latest only).
+pub type Feed = watch::Receiver<Option<Vec<u8>>>;
+
+/// A new feed: the sender goes to the metrics task, the receiver to the link.
+pub fn feed() -> (watch::Sender<Option<Vec<u8>>>, Feed) {
+    watch::channel(None)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rates (sans-IO).
+
+/// Counter values at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sample {
+    /// Monotonic milliseconds (any fixed origin).
+    pub at_ms: u64,
+    /// Changes queued so far (persistent counter).
+    pub reported: u64,
+    /// Changes acknowledged by the broker so far (persistent counter).
+    pub acked: u64,
+}
+
+/// Changes per second over one window between two samples.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    pub in_per_s: f64,
+    pub out_per_s: f64,
+    pub window_ms: u64,
+}
+
+/// Turns successive samples into rates.
+#[derive(Debug, Clone, Default)]
+pub struct RateMeter {
+    last: Option<Sample>,
+    rates: Option<Rates>,
+}
+
+impl RateMeter {
+    /// Takes a sample; returns the rates of the window it closes (`None` for the first
+    /// sample, or after the counters went backwards, e.g. a store replaced). A sample no
+    /// later than the previous one is ignored and the last rates stand.
+    pub fn observe(&mut self, s: Sample) -> Option<Rates> {
+        match self.last {
+            Some(prev) if s.at_ms <= prev.at_ms => return self.rates,
+            Some(prev) => {
+                let window_ms = s.at_ms - prev.at_ms;
+                let secs = window_ms as f64 / 1000.0;
+                self.rates = match (
+                    s.reported.checked_sub(prev.reported),
+                    s.acked.checked_sub(prev.acked),
+                ) {
+                    (Some(i), Some(o)) => Some(Rates {
+                        in_per_s: round3(i as f64 / secs),
+                        out_per_s: round3(o as f64 / secs),
+                        window_ms,
+                    }),
+                    _ => None,
+                };
+            }
+            None => self.rates = None,
+        }
+        self.last = Some(s);
+        self.rates
+    }
+
+    /// The rates of the last completed window.
+    pub fn rates(&self) -> Option<Rates> {
+        self.rates
+    }
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The document.
+
+/// Every health figure at one moment. Field names are part of the `P/D/metrics` payload.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Unix ms when the figures were taken.
+    pub ts: u64,
+    pub device: String,
+    /// The agent's version.
+    pub version: String,
+    pub connection: LinkState,
+    pub uptime_s: u64,
+    /// Resident memory (VmRSS); `null` where `/proc` cannot tell.
+    pub rss_bytes: Option<u64>,
+    pub queue: QueueMetrics,
+    pub changes: ChangeMetrics,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    pub desired_version: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueMetrics {
+    pub depth: u64,
+    pub bytes: u64,
+    pub max_bytes: u64,
+    /// Age of the oldest queued change; `null` when the queue is empty.
+    pub oldest_age_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangeMetrics {
+    /// Queued so far (persistent).
+    pub reported: u64,
+    /// Sent in batches since start (resends included).
+    pub sent: u64,
+    /// Acknowledged by the broker and deleted (persistent).
+    pub acked: u64,
+    /// Sent again after a reconnect, since start.
+    pub resent: u64,
+    /// Changes in (queued) per second over the last window; `null` before the second sample.
+    pub in_per_s: Option<f64>,
+    /// Changes out (acknowledged) per second over the last window.
+    pub out_per_s: Option<f64>,
+    /// The window the rates cover.
+    pub rate_window_ms: Option<u64>,
+    pub dropped: Dropped,
+    pub rejected: Rejected,
+}
+
+/// Changes dropped, by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// Evicted to make room (`store.when_full = "drop-oldest"`), persistent.
+    #[serde(rename = "drop-oldest")]
+    pub drop_oldest: u64,
+}
+
+/// Changes refused, by reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    /// Refused because the store was full (`store.when_full = "reject"`), persistent.
+    #[serde(rename = "store-full")]
+    pub store_full: u64,
+    /// Changes of requests refused at the socket as `invalid-change`, since start.
+    #[serde(rename = "invalid-change")]
+    pub invalid_change: u64,
+}
+
+/// Everything a [`Metrics`] (and a status) is made of, read once.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub now_ms: u64,
+    pub device: String,
+    pub queue: QueueStats,
+    pub oldest_ts: Option<u64>,
+    pub link: LinkFigures,
+    pub rates: Option<Rates>,
+    pub invalid_changes: u64,
+    pub desired_version: Option<u64>,
+    pub rss_bytes: Option<u64>,
+    pub uptime: Duration,
+}
+
+/// Reads the inputs: queue figures (no I/O), the oldest change's time and the desired
+/// version (one short read transaction each), the board, and `/proc/self/status`.
+pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inputs {
+    let queue = outbox.stats();
+    let oldest_ts = if queue.depth == 0 {
+        None
+    } else {
+        outbox.oldest_ts().ok().flatten()
+    };
+    Inputs {
+        now_ms: crate::change::now_ms(),
+        device: identity.device.clone(),
+        queue,
+        oldest_ts,
+        link: board.snapshot(),
+        rates: board.rates(),
+        invalid_changes: board.invalid_changes(),
+        desired_version: crate::desired::store::applied_version(outbox)
+            .ok()
+            .flatten(),
+        rss_bytes: rss_bytes(),
+        uptime: board.started().elapsed(),
+    }
+}
+
+/// The document of `inputs`.
+pub fn build(i: &Inputs) -> Metrics {
+    Metrics {
+        ts: i.now_ms,
+        device: i.device.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        connection: i.link.state,
+        uptime_s: i.uptime.as_secs(),
+        rss_bytes: i.rss_bytes,
+        queue: QueueMetrics {
+            depth: i.queue.depth,
+            bytes: i.queue.bytes,
+            max_bytes: i.queue.max_bytes,
+            oldest_age_ms: i.oldest_ts.map(|t| i.now_ms.saturating_sub(t)),
+        },
+        changes: ChangeMetrics {
+            reported: i.queue.reported,
+            sent: i.link.sent,
+            acked: i.queue.acked,
+            resent: i.link.resent,
+            in_per_s: i.rates.map(|r| r.in_per_s),
+            out_per_s: i.rates.map(|r| r.out_per_s),
+            rate_window_ms: i.rates.map(|r| r.window_ms),
+            dropped: Dropped {
+                drop_oldest: i.queue.dropped,
+            },
+            rejected: Rejected {
+                store_full: i.queue.rejected,
+                invalid_change: i.invalid_changes,
+            },
+        },
+        reconnects: i.link.reconnects,
+        last_error: i.link.last_error.clone(),
+        desired_version: i.desired_version,
+    }
+}
+
+/// The document now.
+pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Metrics {
+    build(&gather(identity, outbox, board))
+}
+
+/// `VmRSS` of this process, in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    parse_vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// `VmRSS:   1234 kB` of a `/proc/PID/status` text, in bytes.
+pub fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    let mut words = line.split_whitespace();
+    let n: u64 = words.next()?.parse().ok()?;
+    let mul = match words.next() {
+        Some("kB") => 1024,
+        Some("mB") => 1024 * 1024,
+        Some("B") | None => 1,
+        Some(_) => return None,
+    };
+    n.checked_mul(mul)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text exposition (format 0.0.4).
+
+/// The document as a Prometheus text exposition: `# HELP` and `# TYPE` for every family,
+/// every sample labelled with the device. Figures that are unknown (no desired version yet,
+/// no `/proc`) have no sample.
+pub fn prometheus(m: &Metrics) -> String {
+    let mut e = Expo {
+        out: String::with_capacity(4096),
+        device: escape_label(&m.device),
+    };
+    e.family("edgesync_info", "gauge", "Agent version (always 1).");
+    e.sample(
+        "edgesync_info",
+        &[("version", &escape_label(&m.version))],
+        1,
+    );
+    e.gauge(
+        "edgesync_connected",
+        "Whether the MQTT link to the broker is up (1) or not (0).",
+        u8::from(m.connection == LinkState::Online),
+    );
+    e.gauge(
+        "edgesync_queue_depth",
+        "Changes queued and not yet acknowledged by the broker.",
+        m.queue.depth,
+    );
+    e.gauge(
+        "edgesync_queue_bytes",
+        "Bytes of the queued changes, as the store bound counts them.",
+        m.queue.bytes,
+    );
+    e.gauge(
+        "edgesync_queue_max_bytes",
+        "The store bound (store.max_bytes).",
+        m.queue.max_bytes,
+    );
+    e.gauge(
+        "edgesync_oldest_queued_age_seconds",
+        "Age of the oldest queued change (0 when the queue is empty).",
+        Secs(m.queue.oldest_age_ms.unwrap_or(0)),
+    );
+    e.counter(
+        "edgesync_changes_reported_total",
+        "Changes queued (reported by local programs or made by the agent).",
+        m.changes.reported,
+    );
+    e.counter(
+        "edgesync_changes_sent_total",
+        "Changes sent to the broker, resends included, since the agent started.",
+        m.changes.sent,
+    );
+    e.counter(
+        "edgesync_changes_acked_total",
+        "Changes acknowledged by the broker and removed from the queue.",
+        m.changes.acked,
+    );
+    e.counter(
+        "edgesync_changes_resent_total",
+        "Changes sent again after a reconnect, since the agent started.",
+        m.changes.resent,
+    );
+    e.family(
+        "edgesync_changes_dropped_total",
+        "counter",
+        "Queued changes dropped, by reason.",
+    );
+    e.sample(
+        "edgesync_changes_dropped_total",
+        &[("reason", "drop-oldest")],
+        m.changes.dropped.drop_oldest,
+    );
+    e.family(
+        "edgesync_changes_rejected_total",
+        "counter",
+        "Changes refused, by reason.",
+    );
+    e.sample(
+        "edgesync_changes_rejected_total",
+        &[("reason", "store-full")],
+        m.changes.rejected.store_full,
+    );
+    e.sample(
+        "edgesync_changes_rejected_total",
+        &[("reason", "invalid-change")],
+        m.changes.rejected.invalid_change,
+    );
+    e.family(
+        "edgesync_changes_in_per_second",
+        "gauge",
+        "Changes queued per second over the last interval.",
+    );
+    if let Some(v) = m.changes.in_per_s {
+        e.sample("edgesync_changes_in_per_second", &[], v);
+    }
+    e.family(
+        "edgesync_changes_out_per_second",
+        "gauge",
+        "Changes acknowledged per second over the last interval.",
+    );
+    if let Some(v) = m.changes.out_per_s {
+        e.sample("edgesync_changes_out_per_second", &[], v);
+    }
+    e.counter(
+        "edgesync_reconnects_total",
+        "Reconnections to the broker since the agent started.",
+        m.reconnects,
+    );
+    e.family(
+        "edgesync_desired_version",
+        "gauge",
+        "The last applied desired-state version.",
+    );
+    if let Some(v) = m.desired_version {
+        e.sample("edgesync_desired_version", &[], v);
+    }
+    e.family(
+        "edgesync_resident_memory_bytes",
+        "gauge",
+        "Resident memory of the agent (VmRSS).",
+    );
+    if let Some(v) = m.rss_bytes {
+        e.sample("edgesync_resident_memory_bytes", &[], v);
+    }
+    e.gauge(
+        "edgesync_uptime_seconds",
+        "Seconds since the agent started.",
+        m.uptime_s,
+    );
+    e.gauge(
+        "edgesync_metrics_timestamp_seconds",
+        "When these figures were taken (Unix time).",
+        Secs(m.ts),
+    );
+    e.out
+}
+
+/// Milliseconds shown as seconds with three decimals.
+struct Secs(u64);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:03}", self.0 / 1000, self.0 % 1000)
+    }
+}
+
+struct Expo {
+    out: String,
+    /// The escaped device label value.
+    device: String,
+}
+
+impl Expo {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    /// `labels` values must be escaped already.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "{name}{{device=\"{}\"", self.device);
+        for (k, v) in labels {
+            let _ = write!(self.out, ",{k}=\"{v}\"");
+        }
+        let _ = writeln!(self.out, "}} {value}");
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, "gauge", help);
+        self.sample(name, &[], value);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, "counter", help);
+        self.sample(name, &[], value);
+    }
+}
+
+/// A label value as the text format writes it: `\`, `"` and newline escaped.
+pub fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A strict reader of the Prometheus text format (0.0.4), to check what [`prometheus`]
+/// writes (tests, and operators' checks of the file).
+pub mod exposition {
+    use std::collections::{BTreeMap, HashSet};
+
+    /// One sample line.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Sample {
+        pub name: String,
+        pub labels: BTreeMap<String, String>,
+        pub value: f64,
+    }
+
+    impl Sample {
+        /// The value of label `k`.
+        pub fn label(&self, k: &str) -> Option<&str> {
+            self.labels.get(k).map(String::as_str)
+        }
+    }
+
+    /// The samples of `text`, or the first violation (with its line number). Enforced:
+    /// every line ends with a newline; valid metric and label names; `# TYPE` once per
+    /// family, before its samples, with a known type; `# HELP` at most once; a family's
+    /// samples are together; label values properly quoted and escaped; no duplicate
+    /// label names or series; values are floats.
+    pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
+        if !text.is_empty() && !text.ends_with('\n') {
+            return Err("the text does not end with a newline".into());
+        }
+        let mut types: BTreeMap<String, String> = BTreeMap::new();
+        let mut helps: HashSet<String> = HashSet::new();
+        let mut finished: HashSet<String> = HashSet::new();
+        let mut current: Option<String> = None;
+        let mut series: HashSet<String> = HashSet::new();
+        let mut samples = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let at = |e: String| format!("line {}: {e}: {line:?}", n + 1);
+            if let Some(rest) = line.strip_prefix('#') {
+                let mut words = rest.trim_start().splitn(3, ' ');
+                let (kw, name, tail) = (words.next(), words.next(), words.next());
+                match (kw, name) {
+                    (Some("HELP"), Some(name)) => {
+                        check_name(name).map_err(at)?;
+                        if !helps.insert(name.to_owned()) {
+                            return Err(at("a second HELP".into()));
+                        }
+                    }
+                    (Some("TYPE"), Some(name)) => {
+                        check_name(name).map_err(at)?;
+                        let kind = tail.unwrap_or_default();
+                        if !["counter", "gauge", "untyped", "histogram", "summary"].contains(&kind)
+                        {
+                            return Err(at(format!("unknown type {kind:?}")));
+                        }
+                        if types.insert(name.to_owned(), kind.to_owned()).is_some() {
+                            return Err(at("a second TYPE".into()));
+                        }
+                        if finished.contains(name) || current.as_deref() == Some(name) {
+                            return Err(at("TYPE after samples of the family".into()));
+                        }
+                    }
+                    _ => {} // a comment
+                }
+                continue;
+            }
+            if line.trim().is_empty() {
+                continue;
+            }
+            let s = sample(line).map_err(at)?;
+            if !types.contains_key(&s.name) {
+                return Err(at("a sample without a TYPE".into()));
+            }
+            if current.as_deref() != Some(s.name.as_str()) {
+                if finished.contains(&s.name) {
+                    return Err(at("the family's samples are not together".into()));
+                }
+                if let Some(c) = current.replace(s.name.clone()) {
+                    finished.insert(c);
+                }
+            }
+            let key = format!("{}{:?}", s.name, s.labels);
+            if !series.insert(key) {
+                return Err(at("a duplicate series".into()));
+            }
+            samples.push(s);
+        }
+        Ok(samples)
+    }
+
+    fn check_name(name: &str) -> Result<(), String> {
+        let mut chars = name.chars();
+        let ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid metric name {name:?}"))
+        }
+    }
+
+    fn check_label_name(name: &str) -> Result<(), String> {
+        let mut chars = name.chars();
+        let ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid label name {name:?}"))
+        }
+    }
+
+    fn sample(line: &str) -> Result<Sample, String> {
+        let end = line.find(['{', ' ']).ok_or("no value")?;
+        let name = &line[..end];
+        check_name(name)?;
+        let mut rest = &line[end..];
+        let mut labels = BTreeMap::new();
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut r = r;
+            loop {
+                if let Some(after) = r.strip_prefix('}') {
+                    r = after;
+                    break;
+                }
+                let eq = r.find('=').ok_or("a label without '='")?;
+                let label = &r[..eq];
+                check_label_name(label)?;
+                r = r[eq + 1..]
+                    .strip_prefix('"')
+                    .ok_or("an unquoted label value")?;
+                let mut value = String::new();
+                let mut chars = r.char_indices();
+                let close = loop {
+                    match chars.next() {
+                        None => return Err("an unterminated label value".into()),
+                        Some((i, '"')) => break i,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, '\\')) => value.push('\\'),
+                            Some((_, '"')) => value.push('"'),
+                            Some((_, 'n')) => value.push('\n'),
+                            _ => return Err("a bad escape in a label value".into()),
+                        },
+                        Some((_, c)) => value.push(c),
+                    }
+                };
+                if labels.insert(label.to_owned(), value).is_some() {
+                    return Err(format!("label {label:?} twice"));
+                }
+                r = &r[close + 1..];
+                if let Some(after) = r.strip_prefix(',') {
+                    r = after;
+                } else if !r.starts_with('}') {
+                    return Err("labels not separated by ','".into());
+                }
+            }
+            rest = r;
+        }
+        let rest = rest.strip_prefix(' ').ok_or("no space before the value")?;
+        let mut parts = rest.split(' ');
+        let value = parts.next().unwrap_or_default();
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v
+                .parse()
+                .map_err(|_| format!("value {v:?} is not a number"))?,
+        };
+        if let Some(ts) = parts.next() {
+            ts.parse::<i64>()
+                .map_err(|_| format!("timestamp {ts:?} is not an integer"))?;
+        }
+        if parts.next().is_some() {
+            return Err("trailing text".into());
+        }
+        Ok(Sample {
+            name: name.to_owned(),
+            labels,
+            value,
+        })
+    }
+}
+
+/// The samples of an exposition as `name{labels}` → value, for quick lookups.
+pub fn samples_by_series(samples: &[exposition::Sample]) -> BTreeMap<String, f64> {
+    samples
+        .iter()
+        .map(|s| {
+            let labels: Vec<String> = s
+                .labels
+                .iter()
+                .filter(|(k, _)| k.as_str() != "device")
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            let key = if labels.is_empty() {
+                s.name.clone()
+            } else {
+                format!("{}{{{}}}", s.name, labels.join(","))
+            };
+            (key, s.value)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The task.
+
+/// Samples rates every interval and, when telemetry is on, hands the document to the link
+/// (`feed`) and rewrites the text file; until `stop` turns true.
+pub async fn run(
+    telemetry: TelemetryConfig,
+    identity: Arc<Identity>,
+    outbox: Outbox,
+    board: StatusBoard,
+    feed: watch::Sender<Option<Vec<u8>>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let period = telemetry.interval.unwrap_or(SAMPLE_WHEN_OFF);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut textfile_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => {}
+        }
+        let stats = outbox.stats();
+        let at_ms = u64::try_from(board.started().elapsed().as_millis()).unwrap_or(u64::MAX);
+        board.observe(Sample {
+            at_ms,
+            reported: stats.reported,
+            acked: stats.acked,
+        });
+        if telemetry.interval.is_none() {
+            continue;
+        }
+        let (id, ob, bd) = (Arc::clone(&identity), outbox.clone(), board.clone());
+        let textfile = telemetry.textfile.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let m = collect(&id, &ob, &bd);
+            let written = textfile.map(|path| {
+                crate::atomic_file::write(&path, prometheus(&m).as_bytes())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            });
+            (m, written)
+        })
+        .await;
+        let Ok((m, written)) = done else {
+            tracing::error!("collecting metrics failed");
+            continue;
+        };
+        match serde_json::to_vec(&m) {
+            Ok(json) => {
+                feed.send_replace(Some(json));
+            }
+            Err(e) => tracing::error!("encoding metrics failed: {e}"),
+        }
+        match written {
+            // Once per distinct problem, not every interval.
+            Some(Err(e)) if textfile_error.as_deref() != Some(e.as_str()) => {
+                tracing::warn!("telemetry.textfile: {e}");
+                textfile_error = Some(e);
+            }
+            Some(Ok(())) if textfile_error.take().is_some() => {
+                tracing::info!("telemetry.textfile: written again");
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(at_ms: u64, reported: u64, acked: u64) -> Sample {
+        Sample {
+            at_ms,
+            reported,
+            acked,
+        }
+    }
+
+    #[test]
+    fn rates_come_from_counter_deltas_between_two_samples() {
+        let mut m = RateMeter::default();
+        assert_eq!(m.observe(sample(1_000, 100, 50)), None);
+        let r = m.observe(sample(3_000, 120, 90)).unwrap();
+        assert_eq!(r.in_per_s, 10.0);
+        assert_eq!(r.out_per_s, 20.0);
+        assert_eq!(r.window_ms, 2_000);
+        // The next window stands on its own.
+        let r = m.observe(sample(3_500, 121, 90)).unwrap();
+        assert_eq!((r.in_per_s, r.out_per_s, r.window_ms), (2.0, 0.0, 500));
+        assert_eq!(m.rates(), Some(r));
+        // Thirds are rounded to milliunits.
+        let r = m.observe(sample(6_500, 122, 90)).unwrap();
+        assert_eq!(r.in_per_s, 0.333);
+    }
+
+    #[test]
+    fn a_sample_at_the_same_time_keeps_the_last_rates_and_a_reset_clears_them() {
+        let mut m = RateMeter::default();
+        m.observe(sample(0, 0, 0));
+        let r = m.observe(sample(1_000, 5, 5));
+        assert!(r.is_some());
+        assert_eq!(m.observe(sample(1_000, 50, 50)), r);
+        assert_eq!(m.observe(sample(900, 50, 50)), r);
+        // Counters going backwards (another store): no rate for that window.
+        assert_eq!(m.observe(sample(2_000, 1, 1)), None);
+        // The next window is measured from the reset.
+        let r = m.observe(sample(3_000, 4, 2)).unwrap();
+        assert_eq!((r.in_per_s, r.out_per_s), (3.0, 1.0));
+    }
+
+    #[test]
+    fn vm_rss_is_read_in_bytes() {
+        let text = "Name:\tedgesync\nVmPeak:\t  9000 kB\nVmRSS:\t    5120 kB\nThreads:\t4\n";
+        assert_eq!(parse_vm_rss(text), Some(5120 * 1024));
+        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS: lots kB\n"), None);
+        assert_eq!(parse_vm_rss("VmRSS: 1 GB\n"), None);
+        // This process has one on Linux.
+        if cfg!(target_os = "linux") {
+            assert!(rss_bytes().is_some_and(|b| b > 0));
+        }
+    }
+
+    fn inputs() -> Inputs {
+        Inputs {
+            now_ms: 1_764_150_010_500,
+            device: "pump-0042".into(),
+            queue: QueueStats {
+                depth: 3,
+                bytes: 300,
+                next_seq: 11,
+                max_bytes: 1 << 20,
+                reported: 10,
+                acked: 7,
+                dropped: 1,
+                rejected: 2,
+            },
+            oldest_ts: Some(1_764_150_000_000),
+            link: LinkFigures {
+                state: LinkState::Online,
+                since: Some(1),
+                last_error: Some("broker said \"no\"".into()),
+                last_sync: None,
+                sent: 8,
+                resent: 1,
+                reconnects: 4,
+                inflight_batches: 0,
+            },
+            rates: Some(Rates {
+                in_per_s: 1.5,
+                out_per_s: 0.25,
+                window_ms: 60_000,
+            }),
+            invalid_changes: 5,
+            desired_version: Some(7),
+            rss_bytes: Some(4 << 20),
+            uptime: Duration::from_secs(61),
+        }
+    }
+
+    #[test]
+    fn the_document_holds_every_figure() {
+        let m = build(&inputs());
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["device"], "pump-0042");
+        assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["connection"], "online");
+        assert_eq!(v["uptime_s"], 61);
+        assert_eq!(v["rss_bytes"], 4 << 20);
+        assert_eq!(v["queue"]["depth"], 3);
+        assert_eq!(v["queue"]["bytes"], 300);
+        assert_eq!(v["queue"]["oldest_age_ms"], 10_500);
+        assert_eq!(v["changes"]["in_per_s"], 1.5);
+        assert_eq!(v["changes"]["out_per_s"], 0.25);
+        assert_eq!(v["changes"]["dropped"]["drop-oldest"], 1);
+        assert_eq!(v["changes"]["rejected"]["store-full"], 2);
+        assert_eq!(v["changes"]["rejected"]["invalid-change"], 5);
+        assert_eq!(v["reconnects"], 4);
+        assert_eq!(v["last_error"], "broker said \"no\"");
+        assert_eq!(v["desired_version"], 7);
+        let back: Metrics = serde_json::from_value(v).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn the_exposition_is_valid_and_labels_every_sample_with_the_device() {
+        let text = prometheus(&build(&inputs()));
+        let samples = exposition::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.label("device") == Some("pump-0042"))
+        );
+        let by = samples_by_series(&samples);
+        for (series, want) in [
+            ("edgesync_connected", 1.0),
+            ("edgesync_queue_depth", 3.0),
+            ("edgesync_queue_bytes", 300.0),
+            ("edgesync_oldest_queued_age_seconds", 10.5),
+            ("edgesync_changes_reported_total", 10.0),
+            ("edgesync_changes_acked_total", 7.0),
+            ("edgesync_changes_dropped_total{reason=drop-oldest}", 1.0),
+            ("edgesync_changes_rejected_total{reason=store-full}", 2.0),
+            (
+                "edgesync_changes_rejected_total{reason=invalid-change}",
+                5.0,
+            ),
+            ("edgesync_changes_in_per_second", 1.5),
+            ("edgesync_reconnects_total", 4.0),
+            ("edgesync_desired_version", 7.0),
+            ("edgesync_resident_memory_bytes", f64::from(4u32 << 20)),
+            ("edgesync_uptime_seconds", 61.0),
+        ] {
+            assert_eq!(by.get(series), Some(&want), "{series}\n{text}");
+        }
+        assert!(text.contains("# TYPE edgesync_changes_acked_total counter\n"));
+        assert!(text.contains("# HELP edgesync_queue_depth "));
+        // Unknown figures have a family but no sample.
+        let mut i = inputs();
+        i.desired_version = None;
+        i.rss_bytes = None;
+        i.rates = None;
+        i.oldest_ts = None;
+        i.link.state = LinkState::Offline;
+        let text = prometheus(&build(&i));
+        let by = samples_by_series(&exposition::parse(&text).unwrap());
+        assert!(!by.contains_key("edgesync_desired_version"));
+        assert!(!by.contains_key("edgesync_resident_memory_bytes"));
+        assert_eq!(by["edgesync_connected"], 0.0);
+        assert_eq!(by["edgesync_oldest_queued_age_seconds"], 0.0);
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut i = inputs();
+        i.device = "a\"b\\c\nd".into();
+        let samples = exposition::parse(&prometheus(&build(&i))).unwrap();
+        assert!(
+            samples
+                .iter()
+                .all(|s| s.label("device") == Some("a\"b\\c\nd"))
+        );
+    }
+
+    #[test]
+    fn the_checker_refuses_what_prometheus_would() {
+        for bad in [
+            "x 1\n",                                                    // no TYPE
+            "# TYPE x gauge\nx 1",                                      // no final newline
+            "# TYPE x gauge\n# TYPE x gauge\nx 1\n",                    // TYPE twice
+            "# TYPE x gauge\nx{a=\"1} 1\n",                             // unterminated
+            "# TYPE x gauge\nx{a=1} 1\n",                               // unquoted
+            "# TYPE x gauge\nx one\n",                                  // not a number
+            "# TYPE 1x gauge\n",                                        // bad name
+            "# TYPE x gauge\n# TYPE y gauge\nx 1\ny 1\nx{a=\"b\"} 2\n", // split family
+            "# TYPE x gauge\nx 1\nx 2\n",                               // duplicate series
+            "# TYPE x gauges\n",                                        // unknown type
+            "# TYPE x gauge\nx{a=\"\\t\"} 1\n",                         // bad escape
+        ] {
+            assert!(exposition::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        let ok = "# HELP x Help.\n# TYPE x counter\nx{a=\"1\",b=\"\\\"\"} 1.5 1700000000000\n";
+        let s = exposition::parse(ok).unwrap();
+        assert_eq!(s[0].label("b"), Some("\""));
+        assert_eq!(s[0].value, 1.5);
+    }
+}
