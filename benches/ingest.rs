@@ -2,8 +2,8 @@
 //! measures the local side of the agent against its targets (docs/BENCHMARKS.md).
 //!
 //! ```text
-//! cargo bench --bench ingest                      # full run, 5 repeats (~3-5 min on 2 cores)
-//! cargo bench --bench ingest -- --quick           # smoke run with small counts (< 30 s)
+//! cargo bench --bench ingest                      # full run, 5 repeats (~1 min on 2 cores)
+//! cargo bench --bench ingest -- --quick           # smoke run with small counts (~5 s)
 //! cargo bench --bench ingest -- --repeats 3 --only 1,3 --dir /var/tmp
 //! EDGESYNC_BENCH_WRAPPER="valgrind --tool=massif" cargo bench --bench ingest -- --quick --only 1
 //! ```
@@ -19,8 +19,10 @@
 //!    (pipelined, never waiting for answers), send→answer per request;
 //! 4. peak RSS (VmHWM) of the daemon after taking in and holding the N changes of figure 1;
 //! 5. start-up with those N changes queued (SIGTERM, start again on the same store), and the
-//!    store file size per queued change.
+//!    store file size per queued change; also start-up on an empty store and after a SIGKILL
+//!    (redb repairs the file first).
 //!
+//! Under `cargo test --benches` (no `--bench` argument) it is a smoke test: one quick repeat.
 //! Figure 1 also splits the CPU time per change between the client, the daemon's runtime
 //! threads (socket, JSON, validation) and its store writer thread (from `schedstat`).
 

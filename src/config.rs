@@ -2135,53 +2135,52 @@ fn validate_telemetry(raw: RawTelemetry, dir: &Path, p: &mut Problems) -> Option
         Some(RawDuration(text)) => check(
             p,
             "telemetry.interval",
-            parse_duration(&text).and_then(|d| {
-                if d.is_zero() {
-                    Ok(None)
-                } else if d < TELEMETRY_INTERVAL_MIN || d > TELEMETRY_INTERVAL_MAX {
-                    Err(format!(
-                        "expected \"0\" (off) or a duration from \"1s\" to \"1d\", found {:?}",
-                        shorten(&text)
-                    ))
-                } else {
-                    Ok(Some(d))
-                }
-            }),
+            parse_duration(&text).and_then(|d| telemetry_interval(d, &text)),
         ),
     };
     let textfile = match raw.textfile {
         None => Some(None),
         Some(text) => resolve(p, "telemetry.textfile", &text, dir)
-            .and_then(|path| {
-                let problem = if path.is_dir() || text.ends_with('/') {
-                    Some(format!(
-                        "expected the path of a file, found the directory \"{}\" (e.g. use \"{}\")",
-                        path.display(),
-                        path.join("edgesync.prom").display()
-                    ))
-                } else if path.extension().is_none_or(|e| e != "prom") {
-                    Some(format!(
-                        "expected a file name ending in \".prom\" (node_exporter's textfile \
-                         collector reads only those), found {:?}",
-                        shorten(&text)
-                    ))
-                } else {
-                    None
-                };
-                match problem {
-                    Some(problem) => {
-                        p.push("telemetry.textfile", problem);
-                        None
-                    }
-                    None => Some(path),
-                }
-            })
+            .and_then(|path| check(p, "telemetry.textfile", prom_file(path, &text)))
             .map(Some),
     };
     Some(TelemetryConfig {
         interval: interval?,
         textfile: textfile?,
     })
+}
+
+/// `telemetry.interval`: "0" is off; otherwise within the limits.
+fn telemetry_interval(d: Duration, text: &str) -> Result<Option<Duration>, String> {
+    if d.is_zero() {
+        Ok(None)
+    } else if d < TELEMETRY_INTERVAL_MIN || d > TELEMETRY_INTERVAL_MAX {
+        Err(format!(
+            "expected \"0\" (off) or a duration from \"1s\" to \"1d\", found {:?}",
+            shorten(text)
+        ))
+    } else {
+        Ok(Some(d))
+    }
+}
+
+/// `telemetry.textfile`: a file whose name ends in `.prom`.
+fn prom_file(path: PathBuf, text: &str) -> Result<PathBuf, String> {
+    if path.is_dir() || text.ends_with('/') {
+        Err(format!(
+            "expected the path of a file, found the directory \"{}\" (e.g. use \"{}\")",
+            path.display(),
+            path.join("edgesync.prom").display()
+        ))
+    } else if path.extension().is_none_or(|e| e != "prom") {
+        Err(format!(
+            "expected a file name ending in \".prom\" (node_exporter's textfile collector \
+             reads only those), found {:?}",
+            shorten(text)
+        ))
+    } else {
+        Ok(path)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3122,9 +3121,9 @@ mod tests {
         assert!(problems[1].message.contains("did you mean [desired]?"));
         assert!(problems[2].message.contains("did you mean [mqtt]?"));
         assert!(
-            problems[0]
-                .message
-                .contains("[device], [mqtt], [store], [sync], [local], [log], [telemetry], [desired]"),
+            problems[0].message.contains(
+                "[device], [mqtt], [store], [sync], [local], [log], [telemetry], [desired]"
+            ),
             "{problems:#?}"
         );
     }
@@ -4929,8 +4928,15 @@ deadline = "2s"
             "[mqtt]\nca = 5\n[store]\npath = \"s/q.redb\"\nmax_bytes = \"2MiB\"\n",
         )
         .unwrap();
-        assert_eq!(store_location(&file), (dir.path().join("s/q.redb"), 2 * MIB));
-        std::fs::write(&file, "[store]\npath = \"/abs/q.redb\"\nmax_bytes = 1048576\n").unwrap();
+        assert_eq!(
+            store_location(&file),
+            (dir.path().join("s/q.redb"), 2 * MIB)
+        );
+        std::fs::write(
+            &file,
+            "[store]\npath = \"/abs/q.redb\"\nmax_bytes = 1048576\n",
+        )
+        .unwrap();
         assert_eq!(store_location(&file), (PathBuf::from("/abs/q.redb"), MIB));
         std::fs::write(&file, "not toml [").unwrap();
         assert_eq!(
@@ -4969,7 +4975,10 @@ deadline = "2s"
 
     #[test]
     fn telemetry_textfile_is_a_prom_file_resolved_against_the_config_dir() {
-        let c = valid(&plain("", "[telemetry]\ntextfile = \"metrics/edgesync.prom\""));
+        let c = valid(&plain(
+            "",
+            "[telemetry]\ntextfile = \"metrics/edgesync.prom\"",
+        ));
         assert_eq!(
             c.telemetry.textfile,
             Some(PathBuf::from("/test/metrics/edgesync.prom"))
@@ -4992,7 +5001,10 @@ deadline = "2s"
             "telemetry.textfile",
         );
         assert!(message.contains("directory"), "{message}");
-        only_problem(&plain("", "[telemetry]\ntextfile = \"\""), "telemetry.textfile");
+        only_problem(
+            &plain("", "[telemetry]\ntextfile = \"\""),
+            "telemetry.textfile",
+        );
         let message = only_problem(
             &plain("", "[telemetry]\ninterval = \"1s\"\ntext_file = \"x.prom\""),
             "telemetry.text_file",

@@ -166,7 +166,11 @@ pub struct Identity {
 /// Builds the status, with its health figures and the desired version, from the outbox and
 /// the board (two short read transactions).
 pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Status {
-    from_inputs(identity, outbox.path(), &metrics::gather(identity, outbox, board))
+    from_inputs(
+        identity,
+        outbox.path(),
+        &metrics::gather(identity, outbox, board),
+    )
 }
 
 /// The status of figures read already.
@@ -396,7 +400,10 @@ mod tests {
         assert_eq!(m.changes.out_per_s, Some(1.0));
         assert_eq!(m.queue.oldest_age_ms, None);
         let text = render(&s, 10_000);
-        assert!(text.contains("health      in 2/s · out 1/s · invalid 3"), "{text}");
+        assert!(
+            text.contains("health      in 2/s · out 1/s · invalid 3"),
+            "{text}"
+        );
         // A status from a daemon without metrics still reads.
         let mut v = serde_json::to_value(&s).unwrap();
         v.as_object_mut().unwrap().remove("metrics");

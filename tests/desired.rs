@@ -19,7 +19,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::cloud::{Cloud, DEADLINE, Msg, decode, pki, tls_agent, wait};
 use common::{Agent, assert_exit, report_req, stderr, stdout};
-use edgesync_testkit::{Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, TestPki};
+use edgesync_testkit::{
+    FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, TestPki,
+};
 use serde_json::{Value, json};
 
 /// One device, its agent, a broker and the cloud on it.
@@ -28,6 +30,7 @@ struct Env {
     cloud: Cloud,
     device: String,
     probes: AtomicU64,
+    proxy: Option<FaultProxy>,
     _mosquitto: Option<Mosquitto>,
     _pki: TestPki,
     // Last: the broker re-reads the certificates from here on every connection.
@@ -37,6 +40,8 @@ struct Env {
 /// Which broker a test runs against.
 enum BrokerKind {
     Rumqttd,
+    /// rumqttd with a [`FaultProxy`] between the agent and it (the cloud connects directly).
+    RumqttdBehindProxy,
     Mosquitto,
 }
 
@@ -57,7 +62,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), device);
         let (port, mosquitto) = match broker {
-            BrokerKind::Rumqttd => {
+            BrokerKind::Rumqttd | BrokerKind::RumqttdBehindProxy => {
                 let b = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
                 (b.tls_port, None)
             }
@@ -66,10 +71,14 @@ impl Env {
                 (m.tls_port, Some(m))
             }
         };
+        let proxy = matches!(broker, BrokerKind::RumqttdBehindProxy).then(|| {
+            FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], port))).unwrap()
+        });
         let cloud = Cloud::start(&pki, port, &format!("edgesync/{device}/#"), false);
         let work = dir.path().join("work");
         std::fs::create_dir_all(&work).unwrap();
-        let mut opts = tls_agent(&pki, port, "");
+        let agent_port = proxy.as_ref().map_or(port, FaultProxy::port);
+        let mut opts = tls_agent(&pki, agent_port, "");
         opts.extra_toml = extra(&work);
         let agent = Agent::start(opts);
         let env = Env {
@@ -77,6 +86,7 @@ impl Env {
             cloud,
             device: device.to_owned(),
             probes: AtomicU64::new(0),
+            proxy,
             _mosquitto: mosquitto,
             _pki: pki,
             _dir: dir,
@@ -975,6 +985,104 @@ fn a_document_interrupted_by_kill_9_is_finished_failed_after_restart_never_run_t
     );
 }
 
+/// Waits until the daemon logged that it took in `version` (durable, about to be PUBACKed).
+fn wait_taken_in(agent: &Agent, version: u64) {
+    wait(&format!("version {version} taken in"), DEADLINE, || {
+        agent.log().lines().any(|l| {
+            l.contains("desired document taken in") && l.contains(&format!("version={version}"))
+        })
+    });
+}
+
+/// A handler blocked until the test creates `gate`; it notes its start in `started`.
+fn gated(gate: &Path, started: &Path) -> String {
+    sh(&format!(
+        "echo \"$EDGESYNC_KEY\" >> {started}; while [ ! -e {gate} ]; do sleep 0.02; done",
+        started = started.display(),
+        gate = gate.display()
+    ))
+}
+
+#[test]
+fn an_apply_result_survives_a_crash_before_it_was_published() {
+    let (mut gate, mut started) = (PathBuf::new(), PathBuf::new());
+    let mut env = Env::start_on(BrokerKind::RumqttdBehindProxy, "ds-result", |work| {
+        gate = work.join("gate");
+        started = work.join("started");
+        format!(
+            "[[desired.handler]]\nkeys = \"gated\"\ntype = \"exec\"\ncommand = {}\n",
+            gated(&gate, &started)
+        )
+    })
+    .unwrap();
+    env.send(&json!({"version": 1, "state": {"gated": 1}}));
+    wait("the handler started", DEADLINE, || {
+        runs(&started).len() == 1
+    });
+    // Offline before the document finishes: its result can only wait in the store.
+    let proxy = env.proxy.as_ref().unwrap();
+    proxy.cut();
+    wait("offline", DEADLINE, || {
+        env.agent.status()["connection"]["state"] != "online"
+    });
+    std::fs::write(&gate, b"").unwrap();
+    wait("v1 finished", DEADLINE, || env.version() == 1);
+    assert_eq!(env.desired(), json!({"gated": 1}));
+    assert!(
+        !env.results().iter().any(|r| r["version"] == 1),
+        "the link was cut before the result existed"
+    );
+    env.agent.kill9();
+    env.proxy.as_ref().unwrap().restore();
+    env.agent.restart();
+    let r = env.result(1, "applied");
+    key_result(&r, "gated", "applied");
+    assert_eq!(runs(&started), ["gated"], "the handler ran once");
+    env.cloud.wait_change("gated", &json!(1), Some("cloud"));
+}
+
+#[test]
+fn handlers_do_not_block_the_link_or_other_keys_and_documents_apply_in_order() {
+    let (mut gate, mut started, mut fast) = (PathBuf::new(), PathBuf::new(), PathBuf::new());
+    let env = Env::start("ds-order", |work| {
+        gate = work.join("gate");
+        started = work.join("started");
+        fast = work.join("fast");
+        format!(
+            "[[desired.handler]]\nkeys = \"gate.*\"\ntype = \"exec\"\ncommand = {}\n\
+             [[desired.handler]]\nkeys = \"fast.*\"\ntype = \"exec\"\ncommand = {}\n",
+            gated(&gate, &started),
+            sh(&format!("echo \"$EDGESYNC_KEY\" >> {}", fast.display()))
+        )
+    });
+    env.send(&json!({"version": 1, "state": {"gate.a": 1, "fast.a": 1}}));
+    // The other key of the document runs while the gated one is blocked.
+    wait("fast.a ran", DEADLINE, || runs(&fast) == ["fast.a"]);
+    assert_eq!(runs(&started), ["gate.a"]);
+    // The link is not held up: reports still flow, documents are still taken in.
+    env.sync_point();
+    env.send(&json!({"version": 2, "state": {"fast.b": 2}}));
+    wait_taken_in(&env.agent, 2);
+    // ... but applied strictly after v1.
+    assert_eq!(runs(&fast), ["fast.a"], "v2 must wait for v1");
+    assert!(env.results().is_empty(), "{:?}", env.results());
+    assert_eq!(env.version(), Value::Null);
+
+    std::fs::write(&gate, b"").unwrap();
+    env.result(2, "applied");
+    let order: Vec<Value> = env
+        .results()
+        .iter()
+        .map(|r| json!([r["version"], r["status"]]))
+        .collect();
+    assert_eq!(order, [json!([1, "applied"]), json!([2, "applied"])]);
+    assert_eq!(runs(&fast), ["fast.a", "fast.b"]);
+    assert_eq!(
+        env.desired(),
+        json!({"gate.a": 1, "fast.a": 1, "fast.b": 2})
+    );
+}
+
 // -------------------------------------------------------------------------------------------
 // 8. history and rollback
 // -------------------------------------------------------------------------------------------
@@ -982,7 +1090,9 @@ fn a_document_interrupted_by_kill_9_is_finished_failed_after_restart_never_run_t
 #[test]
 fn history_lists_values_with_origins_and_rollback_applies_an_earlier_one_again() {
     let env = Env::start("ds-history", |_| {
-        "[[desired.handler]]\nkeys = \"x\"\ntype = \"file\"\npath = \"out/x.json\"\n".into()
+        "[desired]\nhistory = 3\n\
+         [[desired.handler]]\nkeys = \"x\"\ntype = \"file\"\npath = \"out/x.json\"\n"
+            .into()
     });
     let file = env.agent.dir().join("out/x.json");
     let file_value =
@@ -1060,6 +1170,29 @@ fn history_lists_values_with_origins_and_rollback_applies_an_earlier_one_again()
         "{}",
         stdout(&out)
     );
+
+    // desired.history = 3: older values are forgotten, and cannot be rolled back to.
+    for v in [3, 4, 5] {
+        env.send(&json!({"version": v, "state": {"x": v}}));
+        env.result(v, "applied");
+    }
+    assert_eq!(
+        brief(&history(None)),
+        [
+            json!([5, 5, "cloud"]),
+            json!([4, 4, "cloud"]),
+            json!([3, 3, "cloud"])
+        ]
+    );
+    let out = env.agent.cli(&["rollback", "x", "2"]);
+    assert_exit(&out, 1);
+    assert!(
+        stderr(&out).contains("no value of version 2"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.desired_key("x"), Some(json!(5)));
+    assert_eq!(file_value(), 5);
 }
 
 // -------------------------------------------------------------------------------------------
