@@ -15,6 +15,7 @@ use crate::control::{Controller, LogControl, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
 use crate::local_api::{self, Context, SocketError};
+use crate::reload::Live;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
 use crate::sync::LinkSettings;
@@ -95,11 +96,8 @@ pub async fn run_until_with(
     let (stop_tx, stop_rx) = watch::channel(false);
     let board = StatusBoard::default();
     let config = Arc::new(config);
-    let applier = Applier::new(
-        outbox.clone(),
-        Arc::new(config.desired.clone()),
-        Watchers::default(),
-    );
+    let live = Live::new(Arc::clone(&config), handles.log.clone()).with_board(board.clone());
+    let applier = Applier::new(outbox.clone(), live.clone(), Watchers::default());
     let applying = tokio::spawn(applier.clone().run(stop_rx.clone()));
     let identity = Arc::new(Identity {
         device: config.device.id.to_string(),
@@ -111,7 +109,7 @@ pub async fn run_until_with(
             applier: applier.clone(),
             board: board.clone(),
             identity: Arc::clone(&identity),
-            config: Arc::clone(&config),
+            live: live.clone(),
             log: handles.log,
         },
         Arc::clone(&applier.results),
@@ -120,7 +118,7 @@ pub async fn run_until_with(
     // Health figures: sampled here, published by the link, also in every status.
     let (metrics_tx, metrics_feed) = crate::metrics::feed();
     let measuring = tokio::spawn(crate::metrics::run(
-        config.telemetry.clone(),
+        live.subscribe(),
         Arc::clone(&identity),
         outbox.clone(),
         board.clone(),
@@ -129,6 +127,9 @@ pub async fn run_until_with(
     ));
     let mut link_settings = LinkSettings::new(Arc::clone(&config));
     link_settings.metrics = Some(metrics_feed);
+    link_settings.live = Some(live.subscribe());
+    // SIGHUP: read the config again.
+    let reloading = tokio::spawn(reload_on_sighup(live.clone(), stop_rx.clone()));
     let link = tokio::spawn(crate::sync::run(
         link_settings,
         outbox.clone(),
@@ -154,6 +155,7 @@ pub async fn run_until_with(
     };
     tracing::info!("{signal_name}: shutting down");
     let _ = stop_tx.send(true);
+    reloading.abort();
     if !server.is_finished()
         && tokio::time::timeout(DRAIN_TIMEOUT, &mut server)
             .await
@@ -187,4 +189,22 @@ pub async fn run_until_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the config on every SIGHUP until `stop`.
+async fn reload_on_sighup(live: Live, mut stop: watch::Receiver<bool>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; use the reload command instead");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the configuration");
+                let live = live.clone();
+                let _ = tokio::task::spawn_blocking(move || live.reload()).await;
+            }
+            _ = stop.changed() => return,
+        }
+    }
 }

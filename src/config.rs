@@ -5021,11 +5021,23 @@ deadline = "2s"
         let allowed: Vec<&str> = c.control.allow.iter().map(|n| n.as_str()).collect();
         assert_eq!(
             allowed,
-            ["ping", "status", "sync", "history", "rollback", "log-level", "config"]
+            [
+                "ping",
+                "status",
+                "sync",
+                "history",
+                "rollback",
+                "log-level",
+                "config",
+                "reload"
+            ]
         );
         assert_eq!(c.control.replay_window, Duration::from_secs(86_400));
         assert_eq!(c.control.replay_max, 10_000);
-        assert_eq!(valid(&plain("", "[control]")).control, ControlConfig::default());
+        assert_eq!(
+            valid(&plain("", "[control]")).control,
+            ControlConfig::default()
+        );
     }
 
     #[test]

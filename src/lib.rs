@@ -30,6 +30,7 @@ pub mod inspect;
 pub mod link;
 pub mod local_api;
 pub mod metrics;
+pub mod reload;
 pub mod status;
 pub mod store;
 pub mod sync;

@@ -686,21 +686,34 @@ pub fn samples_by_series(samples: &[exposition::Sample]) -> BTreeMap<String, f64
 /// Samples rates every interval and, when telemetry is on, hands the document to the link
 /// (`feed`) and rewrites the text file; until `stop` turns true.
 pub async fn run(
-    telemetry: TelemetryConfig,
+    mut config: watch::Receiver<Arc<crate::config::Config>>,
     identity: Arc<Identity>,
     outbox: Outbox,
     board: StatusBoard,
     feed: watch::Sender<Option<Vec<u8>>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let period = telemetry.interval.unwrap_or(SAMPLE_WHEN_OFF);
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ticker = |t: &TelemetryConfig| {
+        let mut tick = tokio::time::interval(t.interval.unwrap_or(SAMPLE_WHEN_OFF));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick
+    };
+    let mut telemetry = config.borrow_and_update().telemetry.clone();
+    let mut tick = ticker(&telemetry);
     let mut textfile_error: Option<String> = None;
     loop {
         tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            // A reload may change the interval or the text file.
+            Ok(()) = config.changed() => {
+                let new = config.borrow_and_update().telemetry.clone();
+                if new != telemetry {
+                    telemetry = new;
+                    tick = ticker(&telemetry);
+                }
+                continue;
+            }
             _ = tick.tick() => {}
         }
         let stats = outbox.stats();
@@ -829,6 +842,7 @@ mod tests {
                 resent: 1,
                 reconnects: 4,
                 inflight_batches: 0,
+                reload: Default::default(),
             },
             rates: Some(Rates {
                 in_per_s: 1.5,

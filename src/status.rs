@@ -36,6 +36,9 @@ pub struct LinkFigures {
     pub resent: u64,
     pub reconnects: u64,
     pub inflight_batches: u64,
+    /// The last config reload.
+    #[serde(default)]
+    pub reload: crate::reload::ReloadStatus,
 }
 
 /// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
@@ -112,6 +115,9 @@ pub struct Status {
     /// The health figures, as published on `P/D/metrics`.
     #[serde(default)]
     pub metrics: Option<Metrics>,
+    /// The last config reload (SIGHUP or the `reload` command).
+    #[serde(default)]
+    pub reload: crate::reload::ReloadStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +218,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             version: inputs.desired_version,
         },
         metrics: Some(metrics::build(inputs)),
+        reload: link.reload.clone(),
     }
 }
 
@@ -235,6 +242,19 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         ago(s.connection.since),
         ago(s.connection.last_sync),
     );
+    if !s.reload.problems.is_empty() {
+        out.push_str(&format!(
+            "config      reload refused ({} problem(s)), running the previous config: {}\n",
+            s.reload.problems.len(),
+            s.reload.problems.join("; ")
+        ));
+    }
+    if !s.reload.needs_restart.is_empty() {
+        out.push_str(&format!(
+            "config      changed, applied at the next restart: {}\n",
+            s.reload.needs_restart.join(", ")
+        ));
+    }
     if let Some(e) = &s.connection.last_error {
         out.push_str(&format!("last error  {e}\n"));
     }
@@ -337,6 +357,7 @@ mod tests {
                 reconnects: 0,
             },
             desired: Desired { version: None },
+            reload: Default::default(),
             metrics: None,
         };
         let v = serde_json::to_value(&s).unwrap();

@@ -168,18 +168,11 @@ impl Env {
         self.cloud.results().into_iter().map(|(_, v)| v).collect()
     }
 
-    /// Waits for the first result of `version` with `status`; returns it decoded.
+    /// Waits for the result of `version` and asserts its status; returns it decoded. See
+    /// [`result_of`].
+    #[track_caller]
     fn result(&self, version: u64, status: &str) -> Value {
-        self.cloud.wait_result(version, status).1
-    }
-
-    /// Waits for the first result of `version`, whatever its status.
-    fn any_result(&self, version: u64) -> Value {
-        self.cloud
-            .wait_for(&format!("a result of version {version}"), |m| {
-                let v = is_result(m).then(|| decode(&m.payload))?;
-                (v["version"] == version).then_some(v)
-            })
+        result_of(&self.cloud, version, status).1
     }
 
     /// Waits until the agent's queue is empty (every reported change PUBACKed).
@@ -190,6 +183,21 @@ impl Env {
 
 fn is_result(m: &Msg) -> bool {
     m.topic.ends_with("/desired/result")
+}
+
+/// The result of `version` with its message, asserting its status: for `"duplicate"` the
+/// first duplicate answer, else the first answer that is not one (so a wrong status fails at
+/// once instead of at the deadline).
+#[track_caller]
+fn result_of(cloud: &Cloud, version: u64, status: &str) -> (Msg, Value) {
+    let want_duplicate = status == "duplicate";
+    let (m, v) = cloud.wait_for(&format!("the result of version {version}"), |m| {
+        let v = is_result(m).then(|| decode(&m.payload))?;
+        (v["version"] == version && (v["status"] == "duplicate") == want_duplicate)
+            .then(|| (m.clone(), v))
+    });
+    assert_eq!(v["status"], status, "result of version {version}: {v}");
+    (m, v)
 }
 
 fn cbor(v: &impl serde::Serialize) -> Vec<u8> {
@@ -254,7 +262,7 @@ fn json_and_cbor_documents_are_applied_reported_and_answered_in_their_encoding()
     env.send(&json!({"version": 1, "ts": now_ms(), "state": {
         "setpoint": 20, "led.mode": "blink", "cfg": cfg,
     }}));
-    let (msg, result) = env.cloud.wait_result(1, "applied");
+    let (msg, result) = result_of(&env.cloud, 1, "applied");
     assert_eq!(msg.topic, "edgesync/ds-apply/desired/result");
     assert_eq!(
         msg.payload.first(),
@@ -292,7 +300,7 @@ fn json_and_cbor_documents_are_applied_reported_and_answered_in_their_encoding()
     env.send_cbor(&json!({"version": 2, "state": {
         "setpoint": 21.5, "led.mode": null, "extra": "x",
     }}));
-    let (msg, result) = env.cloud.wait_result(2, "applied");
+    let (msg, result) = result_of(&env.cloud, 2, "applied");
     assert_ne!(
         msg.payload.first(),
         Some(&b'{'),
@@ -827,7 +835,7 @@ fn conflict_policies_for_local_changes_still_queued() {
         doc.to_string().into_bytes(),
         true,
     );
-    let (_, r) = cloud.wait_result(1, "partial");
+    let (_, r) = result_of(&cloud, 1, "partial");
     assert_eq!(
         r["keys"]["dw.a"]["status"], "conflict",
         "premise: the local change must still be queued when the document is planned: {r}"
@@ -961,7 +969,7 @@ fn a_document_interrupted_by_kill_9_is_finished_failed_after_restart_never_run_t
     );
 
     env.agent.restart();
-    let r = env.any_result(1);
+    let r = env.result(1, "rejected");
     let err = key_error(&r, "slow", "failed", "restart");
     assert!(err.contains("interrupted"), "{err}");
     assert_eq!(runs(&counter), ["run"], "the handler is not run again");
@@ -997,7 +1005,9 @@ fn wait_taken_in(agent: &Agent, version: u64) {
 /// A handler blocked until the test creates `gate`; it notes its start in `started`.
 fn gated(gate: &Path, started: &Path) -> String {
     sh(&format!(
-        "echo \"$EDGESYNC_KEY\" >> {started}; while [ ! -e {gate} ]; do sleep 0.02; done",
+        // Bounded (about a minute), so that a failed test leaves no process behind for long.
+        "echo \"$EDGESYNC_KEY\" >> {started}; i=0; \
+         while [ ! -e {gate} ] && [ $i -lt 3000 ]; do sleep 0.02; i=$((i+1)); done",
         started = started.display(),
         gate = gate.display()
     ))
@@ -1238,24 +1248,24 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
             Value::Null,
         ),
         (
-            br#"{"version": 7, "state": [1, 2]}"#.to_vec(),
+            br#"{"version": 70, "state": [1, 2]}"#.to_vec(),
             "state must be a map",
-            json!(7),
+            json!(70),
         ),
         (
-            br#"{"version": 7}"#.to_vec(),
+            br#"{"version": 70}"#.to_vec(),
             "state must be a map",
-            json!(7),
+            json!(70),
         ),
         (
-            br#"{"version": 7, "state": {"a": 1, "a": 2}}"#.to_vec(),
+            br#"{"version": 70, "state": {"a": 1, "a": 2}}"#.to_vec(),
             "appears twice",
-            json!(7),
+            json!(70),
         ),
         (
-            br#"{"version": 7, "ts": "yesterday", "state": {}}"#.to_vec(),
+            br#"{"version": 70, "ts": "yesterday", "state": {}}"#.to_vec(),
             "ts must be",
-            json!(7),
+            json!(70),
         ),
         (br#"[1, 2]"#.to_vec(), "invalid CBOR", Value::Null),
         (

@@ -14,7 +14,7 @@ use crate::config::{Config, Encoding, WhenFull};
 use crate::desired::types::{HandlerKind, Policy, UnknownKeys, ValueType};
 
 pub fn run(svc: &Services) -> Value {
-    let mut v = effective(&svc.config);
+    let mut v = effective(&svc.live.current());
     if let Some(log) = &svc.log {
         v["log"]["running"] = Value::from(log.current());
     }

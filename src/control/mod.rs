@@ -31,6 +31,7 @@ pub mod history;
 pub mod log_level;
 pub mod ping;
 pub mod purge;
+pub mod reload;
 pub mod request;
 pub mod rollback;
 pub mod status;
@@ -46,7 +47,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 use crate::change::now_ms;
-use crate::config::{Config, Encoding};
+use crate::config::Encoding;
 use crate::desired::apply::Applier;
 use crate::desired::doc;
 use crate::desired::store as dstore;
@@ -71,12 +72,13 @@ pub enum CommandName {
     Rollback,
     LogLevel,
     Config,
+    Reload,
     Purge,
 }
 
 impl CommandName {
     /// Every command, in documented order.
-    pub const ALL: [CommandName; 8] = [
+    pub const ALL: [CommandName; 9] = [
         CommandName::Ping,
         CommandName::Status,
         CommandName::Sync,
@@ -84,6 +86,7 @@ impl CommandName {
         CommandName::Rollback,
         CommandName::LogLevel,
         CommandName::Config,
+        CommandName::Reload,
         CommandName::Purge,
     ];
 
@@ -97,6 +100,7 @@ impl CommandName {
             CommandName::Rollback => "rollback",
             CommandName::LogLevel => "log-level",
             CommandName::Config => "config",
+            CommandName::Reload => "reload",
             CommandName::Purge => "purge",
         }
     }
@@ -157,6 +161,7 @@ pub enum Command {
     Rollback(rollback::Rollback),
     LogLevel(log_level::LogLevel),
     Config,
+    Reload,
     Purge(purge::Purge),
 }
 
@@ -172,6 +177,7 @@ impl Command {
             CommandName::Rollback => Command::Rollback(rollback::Rollback::parse(&mut args)?),
             CommandName::LogLevel => Command::LogLevel(log_level::LogLevel::parse(&mut args)?),
             CommandName::Config => Command::Config,
+            CommandName::Reload => Command::Reload,
             CommandName::Purge => Command::Purge(purge::Purge::parse(&mut args)?),
         };
         args.finish()?;
@@ -188,6 +194,7 @@ impl Command {
             Command::Rollback(c) => c.run(svc).await,
             Command::LogLevel(c) => c.run(svc),
             Command::Config => Ok(config::run(svc)),
+            Command::Reload => reload::run(svc),
             Command::Purge(c) => c.run(svc).await,
         }
     }
@@ -200,7 +207,8 @@ pub struct Services {
     pub applier: Applier,
     pub board: StatusBoard,
     pub identity: Arc<Identity>,
-    pub config: Arc<Config>,
+    /// The running config (changes on reload).
+    pub live: crate::reload::Live,
     /// The running log filter, when the process has one to change (`log-level`).
     pub log: Option<Arc<LogControl>>,
 }
@@ -226,8 +234,8 @@ impl Controller {
         }
     }
 
-    fn cfg(&self) -> &ControlConfig {
-        &self.svc.config.control
+    fn cfg(&self) -> ControlConfig {
+        self.svc.live.current().control.clone()
     }
 
     /// Takes in a request from `P/D/cmd/NAME`. Returns once what must be durable is: the
@@ -261,7 +269,7 @@ impl Controller {
             expires: req.expires,
             refusal,
         };
-        let limits = store::Limits::new(self.cfg());
+        let limits = store::Limits::new(&self.cfg());
         let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
         let id = req.id;
         match outcome {

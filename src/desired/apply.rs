@@ -27,7 +27,7 @@ use crate::store::{Outbox, StoreError};
 #[derive(Clone, Debug)]
 pub struct Applier {
     outbox: Outbox,
-    cfg: Arc<DesiredConfig>,
+    live: crate::reload::Live,
     watchers: Watchers,
     /// New documents in the inbox.
     wake: Arc<Notify>,
@@ -45,10 +45,10 @@ enum KeyStatus {
 }
 
 impl Applier {
-    pub fn new(outbox: Outbox, cfg: Arc<DesiredConfig>, watchers: Watchers) -> Self {
+    pub fn new(outbox: Outbox, live: crate::reload::Live, watchers: Watchers) -> Self {
         Self {
             outbox,
-            cfg,
+            live,
             watchers,
             wake: Arc::new(Notify::new()),
             results: Arc::new(Notify::new()),
@@ -59,10 +59,16 @@ impl Applier {
         &self.watchers
     }
 
+    /// `[desired]` as it is now (it changes on reload).
+    fn cfg(&self) -> Arc<DesiredConfig> {
+        Arc::new(self.live.current().desired.clone())
+    }
+
     fn limits(&self) -> Limits {
+        let cfg = self.cfg();
         Limits {
-            max_bytes: usize::try_from(self.cfg.max_document_bytes).unwrap_or(usize::MAX),
-            max_depth: self.cfg.max_depth,
+            max_bytes: usize::try_from(cfg.max_document_bytes).unwrap_or(usize::MAX),
+            max_depth: cfg.max_depth,
         }
     }
 
@@ -201,7 +207,7 @@ impl Applier {
             updates,
             result,
             d.encoding(),
-            self.cfg.history,
+            self.cfg().history,
         )
         .await?;
         tracing::info!(version, status, "desired document applied");
@@ -214,7 +220,8 @@ impl Applier {
         &self,
         d: &InboxEntry,
     ) -> Result<Vec<(String, KeyStatus, Option<KeyUpdate>)>, StoreError> {
-        let slots = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
+        let cfg = self.cfg();
+        let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
         for (i, (key, value)) in d.state.iter().enumerate() {
             let outbox = self.outbox.clone();
@@ -222,7 +229,7 @@ impl Applier {
             let local = tokio::task::spawn_blocking(move || dstore::local_change(&outbox, &k))
                 .await
                 .map_err(|e| StoreError::Io(e.to_string()))??;
-            let plan = plan_key(&self.cfg, key, value, local.as_ref(), d.ts, d.received);
+            let plan = plan_key(&cfg, key, value, local.as_ref(), d.ts, d.received);
             let this = self.clone();
             let key = key.clone();
             let slots = Arc::clone(&slots);
@@ -281,7 +288,8 @@ impl Applier {
 
     /// Runs the key's handler (first match), or only records the value.
     async fn handle(&self, key: &str, value: &Value, version: u64) -> Outcome {
-        let handler = self.cfg.handlers.iter().find(|h| h.keys.matches(key));
+        let cfg = self.cfg();
+        let handler = cfg.handlers.iter().find(|h| h.keys.matches(key));
         match handler.map(|h| &h.kind) {
             None => Outcome::Applied(value.clone()),
             Some(HandlerKind::Exec { argv, timeout }) => {
@@ -321,7 +329,7 @@ impl Applier {
         match (status, update) {
             (KeyStatus::Applied, Some(u)) => {
                 let applied = u.value.clone();
-                let history_len = self.cfg.history;
+                let history_len = self.cfg().history;
                 self.outbox
                     .transact(move |ctx| dstore::apply_updates(ctx, version, &[u], history_len))
                     .await

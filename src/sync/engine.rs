@@ -98,6 +98,8 @@ pub struct Engine {
     builder: BatchBuilder,
     actions: VecDeque<Action>,
     stats: EngineStats,
+    /// No new batches (a reload waits for the window to empty).
+    paused: bool,
 }
 
 impl Engine {
@@ -125,7 +127,24 @@ impl Engine {
             builder,
             actions: VecDeque::new(),
             stats: EngineStats::default(),
+            paused: false,
         }
+    }
+
+    /// New settings (a reload); they apply to the next batch.
+    pub fn reconfigure(&mut self, cfg: EngineConfig) {
+        self.builder = BatchBuilder::new(
+            cfg.encoding,
+            &cfg.device,
+            cfg.batch_max_changes,
+            cfg.batch_max_bytes,
+        );
+        self.cfg = cfg;
+    }
+
+    /// Publishes nothing new until the next connection; PUBACKs are still handled.
+    pub fn pause(&mut self) {
+        self.paused = true;
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -169,6 +188,7 @@ impl Engine {
     }
 
     fn reset(&mut self) {
+        self.paused = false;
         self.epoch += 1;
         self.cursor = 0;
         self.reading = false;
@@ -262,7 +282,7 @@ impl Engine {
 
     /// Decides reads and publishes.
     fn pump(&mut self, now: Instant) {
-        if !self.online {
+        if !self.online || self.paused {
             return;
         }
         while self.inflight.len() < self.cfg.max_inflight && !self.buffer.is_empty() {

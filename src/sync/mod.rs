@@ -65,6 +65,8 @@ pub struct LinkSettings {
     pub backoff_reset: Duration,
     /// Metrics documents to publish on `P/D/metrics` while online (none: no metrics).
     pub metrics: Option<crate::metrics::Feed>,
+    /// Reloaded configs (none: the config never changes).
+    pub live: Option<watch::Receiver<Arc<Config>>>,
 }
 
 impl LinkSettings {
@@ -76,8 +78,19 @@ impl LinkSettings {
             backoff_max: config.mqtt.reconnect_max,
             backoff_reset: config.mqtt.reconnect_reset,
             metrics: None,
+            live: None,
             config,
         }
+    }
+
+    /// Takes the latest reloaded config for the next connection.
+    fn refresh(&mut self) {
+        let Some(live) = &mut self.live else { return };
+        let c = Arc::clone(&live.borrow_and_update());
+        self.backoff_initial = c.mqtt.reconnect_initial;
+        self.backoff_max = c.mqtt.reconnect_max;
+        self.backoff_reset = c.mqtt.reconnect_reset;
+        self.config = c;
     }
 
     fn engine_config(&self) -> EngineConfig {
@@ -152,7 +165,7 @@ impl LinkSettings {
 
 /// Runs the link until `stop` turns true; then publishes the offline status and disconnects.
 pub async fn run(
-    settings: LinkSettings,
+    mut settings: LinkSettings,
     outbox: Outbox,
     applier: Applier,
     controller: Controller,
@@ -177,6 +190,8 @@ pub async fn run(
         if *stop.borrow() {
             break;
         }
+        settings.refresh();
+        engine.reconfigure(settings.engine_config());
         board.update(|b| {
             b.state = LinkState::Connecting;
             b.since = Some(now_ms());
@@ -211,6 +226,10 @@ pub async fn run(
         if stopping {
             break;
         }
+        if matches!(end, SessionEnd::Reload) {
+            // New settings or certificates: reconnect at once.
+            continue;
+        }
         if let Some(d) = connected_for {
             backoff.connection_ended(d);
         }
@@ -232,6 +251,9 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 enum SessionEnd {
     Failed(String),
     Stopped,
+    /// The link's settings or certificate files changed: in-flight batches were finished,
+    /// now reconnect with the new ones.
+    Reload,
 }
 
 /// Results of work done off the event path.
@@ -327,7 +349,20 @@ impl Session<'_> {
         let dead_after = keep_alive + keep_alive / 2;
         let connect_timeout = Duration::from_secs(30).max(dead_after);
         let mut last_heard = Instant::now();
+        let mut live = self.settings.live.clone();
+        if let Some(l) = &mut live {
+            l.borrow_and_update();
+        }
+        let fingerprint = crate::reload::link_fingerprint(&self.settings.config);
+        // Set when a reload changed the link: finish what is in flight, then reconnect.
+        let mut draining_since: Option<Instant> = None;
         loop {
+            if let Some(t) = draining_since
+                && (self.engine.inflight() == 0 || t.elapsed() > RELOAD_DRAIN)
+            {
+                tracing::info!("reconnecting with the reloaded link settings");
+                return SessionEnd::Reload;
+            }
             let silence_limit = if self.connected_at.is_some() {
                 dead_after
             } else {
@@ -403,6 +438,22 @@ impl Session<'_> {
                 () = sleep_until(linger), if linger.is_some() => {
                     self.engine.handle_timeout(Instant::now());
                 }
+                // The config was reloaded.
+                Some(new) = next_config(&mut live) => {
+                    let mut s = self.settings.clone();
+                    s.config = Arc::clone(&new);
+                    self.engine.reconfigure(s.engine_config());
+                    if crate::reload::link_fingerprint(&new) != fingerprint {
+                        if self.connected_at.is_none() {
+                            return SessionEnd::Reload;
+                        }
+                        tracing::info!("link settings or certificates changed: finishing the batches in flight");
+                        self.engine.pause();
+                        draining_since = Some(Instant::now());
+                    }
+                }
+                // Draining for a reload: check again soon.
+                () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() => {}
                 // Dead link: nothing heard for too long.
                 () = tokio::time::sleep_until((last_heard + silence_limit).into()) => {
                     let what = if self.connected_at.is_some() { "no traffic from the broker" } else { "no CONNACK" };
@@ -665,6 +716,20 @@ async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
         }
     }
     std::future::pending().await
+}
+
+/// How long a reload waits for in-flight batches before reconnecting anyway.
+const RELOAD_DRAIN: Duration = Duration::from_secs(10);
+
+/// The next reloaded config, if the link follows reloads.
+async fn next_config(live: &mut Option<watch::Receiver<Arc<Config>>>) -> Option<Arc<Config>> {
+    match live {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(Arc::clone(&rx.borrow_and_update())),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {

@@ -262,7 +262,7 @@ impl Cloud {
         }
     }
 
-    /// The first apply result of `version` whose status `status` accepts, with its message.
+    /// The first apply result of `version` with `status`, with its message.
     pub fn wait_result(&self, version: u64, status: &str) -> (Msg, Value) {
         self.wait_for(&format!("a {status:?} result of version {version}"), |m| {
             if !m.topic.ends_with("/desired/result") {
