@@ -153,6 +153,9 @@ fn agent_killed_mid_drain_loses_nothing_acknowledged() {
     proxy.cut();
     let mut agent = Agent::start(tls_agent(&pki, proxy.port(), ""));
     let want = report_many(&agent, 50_000, 1000);
+    // A slow link keeps the drain going for seconds (about 3.5 MB at 500 kB/s), so the kill
+    // lands mid-drain even when a loaded machine polls the cloud late.
+    proxy.bandwidth(500_000);
     proxy.restore();
     // Kill it while the drain is under way.
     wait("drain started", DEADLINE, || !cloud.seqs().is_empty());
@@ -162,6 +165,7 @@ fn agent_killed_mid_drain_loses_nothing_acknowledged() {
         before < want.len(),
         "the drain was not finished when killed"
     );
+    proxy.bandwidth(0);
     agent.restart();
     cloud.wait_for_seqs(&want, DEADLINE);
     wait("queue drained", DEADLINE, || agent.depth() == 0);

@@ -353,3 +353,30 @@ fn drained_only_when_everything_is_acked_and_deleted() {
     h.puback(h.published[0].0);
     assert!(h.engine.is_drained());
 }
+
+#[test]
+fn paused_engine_finishes_the_window_but_sends_nothing_new() {
+    let mut h = Harness::new(cfg(2, 5, 0));
+    h.append(30);
+    h.connect();
+    assert_eq!(h.published.len(), 2);
+    h.engine.pause();
+    let (a, b) = (h.published[0].0, h.published[1].0);
+    h.puback(a);
+    h.puback(b);
+    assert_eq!(h.published.len(), 2, "nothing new while paused");
+    assert_eq!(h.engine.inflight(), 0, "the window drained");
+    // The next connection resumes from the oldest unacked change.
+    h.engine.handle_disconnected();
+    h.connect();
+    assert_eq!(Harness::seqs(&h.published[2].1)[0], 11);
+}
+
+#[test]
+fn reconfigure_changes_the_next_batches() {
+    let mut h = Harness::new(cfg(1, 100, 0));
+    h.connect();
+    h.engine.reconfigure(cfg(1, 3, 0));
+    h.append(10);
+    assert_eq!(h.published[0].1.changes, 3);
+}
