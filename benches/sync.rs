@@ -64,11 +64,14 @@ const WARMUP: usize = 20;
 
 const USAGE: &str =
     "usage: cargo bench --bench sync -- [--quick] [--repeats N] [--only 1,3,4] [--changes N]
+       [--store-extra 'cache_size = \"1MiB\"'] [--sync-extra 'max_inflight = 4']
 
   --quick        200k-change backlog, 500 latency samples, 10 s offline window
   --repeats N    repeats of every figure (default 3)
   --only LIST    figure groups: 1 (figures 1 and 2: drain and its RSS), 3 (latency), 4 (offline CPU)
   --changes N    backlog of figure 1 (default 1000000, 200000 with --quick)
+  --store-extra  a TOML line added to the daemons' [store] section
+  --sync-extra   a TOML line added to the daemons' [sync] section
 env EDGESYNC_BENCH_WRAPPER=\"CMD ARGS\" runs the daemon of figures 1-3 under CMD (perf record, ...)";
 
 #[derive(Debug, Clone)]
@@ -80,6 +83,8 @@ struct Args {
     spacing: Duration,
     offline: Duration,
     only: Vec<u8>,
+    store_extra: String,
+    sync_extra: String,
 }
 
 fn parse_args() -> Res<Args> {
@@ -87,6 +92,8 @@ fn parse_args() -> Res<Args> {
     let mut repeats = 3;
     let mut changes = None;
     let mut only = vec![1, 3, 4];
+    let mut store_extra = String::new();
+    let mut sync_extra = String::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -118,6 +125,12 @@ fn parse_args() -> Res<Args> {
                     })
                     .collect::<Res<Vec<u8>>>()?;
             }
+            "--store-extra" => {
+                store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
+            }
+            "--sync-extra" => {
+                sync_extra = it.next().ok_or("--sync-extra needs a TOML line")?;
+            }
             // `cargo bench` passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
@@ -135,6 +148,8 @@ fn parse_args() -> Res<Args> {
         spacing: Duration::from_millis(2),
         offline: Duration::from_secs(if quick { 10 } else { 60 }),
         only,
+        store_extra,
+        sync_extra,
     })
 }
 
@@ -145,11 +160,13 @@ struct World {
     dir: tempfile::TempDir,
     pki: TestPki,
     mosq: Mosquitto,
+    store_extra: String,
+    sync_extra: String,
 }
 
 impl World {
-    fn new() -> Res<World> {
-        let dir = tempfile::Builder::new()
+    fn new(args: &Args) -> Res<World> {
+        let mut dir = tempfile::Builder::new()
             .prefix("edgesync-syncbench-")
             .tempdir()
             .map_err(|e| format!("temp dir: {e}"))?;
@@ -166,7 +183,18 @@ impl World {
         )
         .map_err(|e| format!("mosquitto: {e}"))?
         .ok_or("mosquitto is not installed (/usr/sbin/mosquitto)")?;
-        Ok(World { dir, pki, mosq })
+        if std::env::var_os("EDGESYNC_BENCH_KEEP").is_some() {
+            // For digging into the daemon logs afterwards.
+            eprintln!("keeping {}", dir.path().display());
+            dir.disable_cleanup(true);
+        }
+        Ok(World {
+            dir,
+            pki,
+            mosq,
+            store_extra: args.store_extra.clone(),
+            sync_extra: args.sync_extra.clone(),
+        })
     }
 
     /// Writes a daemon config talking to `port`; returns (config path, socket path, log path).
@@ -179,8 +207,11 @@ impl World {
         let text = format!(
             "[device]\nid = \"{DEVICE}\"\n\n\
              [mqtt]\nurl = \"mqtts://localhost:{port}\"\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{extra_mqtt}\n\n\
-             [store]\npath = \"edgesync.redb\"\nmax_bytes = \"2GiB\"\nwhen_full = \"reject\"\n\n\
+             [store]\npath = \"edgesync.redb\"\nmax_bytes = \"2GiB\"\nwhen_full = \"reject\"\n{store_extra}\n\n\
+             [sync]\n{sync_extra}\n\n\
              [local]\nsocket = {socket:?}\n",
+            store_extra = self.store_extra,
+            sync_extra = self.sync_extra,
             ca = self.pki.ca,
             cert = self.pki.client_cert,
             key = self.pki.client_key,
@@ -664,7 +695,7 @@ struct Drain {
 fn drain(args: &Args, input: &[u8]) -> Res<Drain> {
     let n = args.changes;
     let mut r = Drain::default();
-    let world = World::new()?;
+    let world = World::new(args)?;
     let proxy = FaultProxy::start(world.mosq.tls_addr()).map_err(|e| format!("proxy: {e}"))?;
     proxy.cut();
     let cloud = Cloud::start(
@@ -854,7 +885,7 @@ fn wait_count(n: usize, count: impl Fn() -> usize) {
 
 fn latency(args: &Args) -> Res<(Lat, Lat)> {
     let n = args.samples + WARMUP;
-    let world = World::new()?;
+    let world = World::new(args)?;
     let topic = format!("edgesync/{DEVICE}/reported");
     let cloud = Cloud::start(&world.pki, world.mosq.tls_port, &topic, "cloud-lat")?;
     let setup = world.agent_config("latency", world.mosq.tls_port, "")?;
@@ -1007,7 +1038,7 @@ struct Offline {
 }
 
 fn offline(args: &Args) -> Res<Vec<Offline>> {
-    let world = World::new()?;
+    let world = World::new(args)?;
     let mut agents = Vec::new();
     for i in 0..args.repeats {
         // Nothing listens behind a cut proxy: every connection is accepted and closed.
@@ -1103,6 +1134,15 @@ fn machine() -> String {
         kernel.trim(),
         dir.display(),
     )
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[derive(Clone, Copy)]
@@ -1204,9 +1244,15 @@ fn run() -> Res<()> {
     println!("daemon  {DAEMON}");
     println!(
         "work    fig.1 {} changes ({KEYS} keys, {VALUE_LEN}-char values) drained to Mosquitto \
-         over mTLS; fig.3 {} samples every {:?}; fig.4 {:?} offline; {} repeats\n",
+         over mTLS; fig.3 {} samples every {:?}; fig.4 {:?} offline; {} repeats",
         args.changes, args.samples, args.spacing, args.offline, args.repeats
     );
+    for (section, extra) in [("store", &args.store_extra), ("sync", &args.sync_extra)] {
+        if !extra.is_empty() {
+            println!("config  [{section}] {extra}");
+        }
+    }
+    println!("load    {} (1, 5, 15 min) at start\n", loadavg());
     let mut figures = Vec::new();
 
     if args.only.contains(&1) {
@@ -1425,9 +1471,10 @@ fn run() -> Res<()> {
         println!("{}", f.row());
     }
     println!(
-        "\n{} repeats in {:.0} s",
+        "\n{} repeats in {:.0} s; load {} at the end",
         args.repeats,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        loadavg()
     );
     Ok(())
 }

@@ -229,6 +229,35 @@ async fn demo() -> Result<bool, Error> {
         );
     }
 
+    // The operator asks the device over MQTT: a ping, one key's history, the same request
+    // id again (answered from the record, not run twice), and a destructive command that
+    // this agent does not allow.
+    println!();
+    let cmd = |name: &str| format!("edgesync/{DEVICE}/cmd/{name}");
+    let requests = [
+        ("ping", json!({"id": "op-1"})),
+        (
+            "history",
+            json!({"id": "op-2", "args": {"key": "setpoint", "limit": 3}}),
+        ),
+        ("ping", json!({"id": "op-1"})),
+        ("purge", json!({"id": "op-3", "args": {"confirm": true}})),
+    ];
+    for (name, req) in &requests {
+        trace.say("cloud", format!("→ cmd/{name} {req}"));
+        cloud_client
+            .publish(cmd(name), QoS::AtLeastOnce, false, req.to_string())
+            .await?;
+    }
+    let answers_in = wait_for(Duration::from_secs(10), || async {
+        received
+            .lock()
+            .map(|r| r.answers >= requests.len() as u64)
+            .unwrap_or(false)
+    })
+    .await
+    .is_ok();
+
     let final_status = status(&socket).await.unwrap_or(Value::Null);
     let _ = stop_tx.send(());
     let _ = agent.await;
@@ -266,7 +295,8 @@ async fn demo() -> Result<bool, Error> {
         "  desired: version {} applied; {} results received",
         final_status["desired"]["version"], r.results
     );
-    if drained && missing.is_empty() && r.out_of_order == 0 && results_in {
+    println!("  commands: {} answers received", r.answers);
+    if drained && missing.is_empty() && r.out_of_order == 0 && results_in && answers_in {
         println!("  result: OK — nothing lost, nothing out of order");
         Ok(true)
     } else {
@@ -279,6 +309,7 @@ async fn demo() -> Result<bool, Error> {
 struct Received {
     seqs: BTreeSet<u64>,
     results: u64,
+    answers: u64,
     batches: u64,
     duplicates: u64,
     out_of_order: u64,
@@ -318,6 +349,13 @@ async fn cloud_subscriber(
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     if p.topic.ends_with("/reported") {
                         on_batch(&p.payload, &received, &trace);
+                    } else if p.topic.contains("/cmd/") && p.topic.ends_with("/result") {
+                        let s = String::from_utf8_lossy(&p.payload).into_owned();
+                        let name = p.topic.split('/').nth(3).unwrap_or("?");
+                        trace.say("cloud", format!("← cmd/{name} answer {s}"));
+                        if let Ok(mut r) = received.lock() {
+                            r.answers += 1;
+                        }
                     } else if p.topic.ends_with("/desired/result") {
                         let s = String::from_utf8_lossy(&p.payload).into_owned();
                         trace.say("cloud", format!("← result {s}"));

@@ -15,6 +15,7 @@ use crate::control::{Controller, LogControl, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
 use crate::local_api::{self, Context, SocketError};
+use crate::notify::{Health, Notifier};
 use crate::reload::Live;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
@@ -69,8 +70,15 @@ pub async fn run_until_with(
     handles: Handles,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
+    // systemd: READY/STATUS/STOPPING and the watchdog, when run by it (crate::notify).
+    let notifier = Notifier::from_env();
+    let health = Health::from_env();
     let opts = StoreOptions::from_config(&config.store);
-    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&opts))
+    let outbox = notifier
+        .extend_while(
+            "opening the store",
+            tokio::task::spawn_blocking(move || Outbox::open(&opts)),
+        )
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
     let listener = match local_api::bind(&config.local.socket) {
@@ -128,6 +136,7 @@ pub async fn run_until_with(
     let mut link_settings = LinkSettings::new(Arc::clone(&config));
     link_settings.metrics = Some(metrics_feed);
     link_settings.live = Some(live.subscribe());
+    link_settings.heartbeat = health.link.clone();
     // SIGHUP: read the config again.
     let reloading = tokio::spawn(reload_on_sighup(live.clone(), stop_rx.clone()));
     let link = tokio::spawn(crate::sync::run(
@@ -140,11 +149,20 @@ pub async fn run_until_with(
     ));
     let ctx = Context {
         outbox: outbox.clone(),
-        board,
+        board: board.clone(),
         applier,
         identity,
     };
-    let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx));
+    let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx.clone()));
+    // Store open, socket bound and served: READY=1, then status lines and watchdog pings.
+    crate::notify::ready(&notifier, &outbox, &board, &health).await;
+    let supervising = tokio::spawn(crate::notify::supervise(
+        notifier.clone(),
+        health,
+        outbox.clone(),
+        board,
+        stop_rx,
+    ));
 
     let signal_name = tokio::select! {
         reason = stop => reason,
@@ -154,7 +172,11 @@ pub async fn run_until_with(
         }
     };
     tracing::info!("{signal_name}: shutting down");
+    notifier.stopping(&format!(
+        "stopping ({signal_name}): finishing requests and commits"
+    ));
     let _ = stop_tx.send(true);
+    supervising.abort();
     reloading.abort();
     if !server.is_finished()
         && tokio::time::timeout(DRAIN_TIMEOUT, &mut server)

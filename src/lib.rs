@@ -17,6 +17,8 @@
 //!   Prometheus text file); [`inspect`]: read-only queue inspection (`edgesync queue`).
 //! - [`control`]: commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects.
 //! - [`agent`]: wiring and shutdown of the daemon.
+//! - [`notify`]: systemd `Type=notify` (READY, STATUS, STOPPING) and the watchdog that pings
+//!   only while the store writer and the link make progress.
 
 pub mod agent;
 pub mod atomic_file;
@@ -30,6 +32,7 @@ pub mod inspect;
 pub mod link;
 pub mod local_api;
 pub mod metrics;
+pub mod notify;
 pub mod reload;
 pub mod status;
 pub mod store;

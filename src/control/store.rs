@@ -71,6 +71,10 @@ pub struct Entry {
     pub response: Option<Value>,
     /// Unix ms of the answer, once done.
     pub answered: Option<u64>,
+    /// Repeats of this id that arrived before it was answered (their encodings, JSON =
+    /// true): each gets the answer too when it is done.
+    #[serde(default)]
+    pub waiting: Vec<bool>,
 }
 
 impl Entry {
@@ -180,12 +184,19 @@ pub async fn receive(
                     dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
                     return Ok(Intake::Conflict { first: first.name });
                 }
-                return Ok(match first.response {
+                return Ok(match &first.response {
                     Some(response) if first.state == State::Done => {
-                        dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
+                        dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
                         Intake::Replayed
                     }
-                    _ => Intake::InProgress,
+                    _ => {
+                        // Answered (once more) when the first one is done.
+                        let mut first = first;
+                        first.waiting.push(encoding == Encoding::Json);
+                        txn.open_table(REQUESTS)?
+                            .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        Intake::InProgress
+                    }
                 });
             }
             if let Some((code, response)) = req.refusal {
@@ -208,6 +219,7 @@ pub async fn receive(
                 received: now,
                 response: None,
                 answered: None,
+                waiting: Vec::new(),
             };
             requests.insert(req.id.as_str(), to_json(&entry).as_slice())?;
             let mut order = txn.open_table(ORDER)?;
@@ -305,7 +317,18 @@ pub async fn finish(
             requests.insert(id.as_str(), to_json(&entry).as_slice())?;
             drop(requests);
             txn.open_table(PENDING)?.remove(entry.n)?;
-            dstore::queue_result(txn, &result_topic(&entry.name), &payload)?;
+            let topic = result_topic(&entry.name);
+            dstore::queue_result(txn, &topic, &payload)?;
+            if let Some(response) = &entry.response {
+                for json in &entry.waiting {
+                    let encoding = if *json {
+                        Encoding::Json
+                    } else {
+                        Encoding::Cbor
+                    };
+                    dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
+                }
+            }
             Ok(())
         })
         .await

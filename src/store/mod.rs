@@ -218,6 +218,10 @@ enum Op {
         f: Mutex<Option<TxnFn>>,
         reply: Reply<()>,
     },
+    /// Answered by the writer thread without a transaction (see [`Outbox::heartbeat`]).
+    Heartbeat {
+        reply: oneshot::Sender<()>,
+    },
     Shutdown,
 }
 
@@ -396,6 +400,19 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))?;
         let v = lock(&slot).take();
         v.ok_or(StoreError::Closed)
+    }
+
+    /// Round-trips the writer thread without a transaction or fsync: answers once the writer
+    /// took it, i.e. after the commits of everything submitted before it. A writer stuck
+    /// (e.g. in an fsync that never returns) never answers: the systemd watchdog's probe
+    /// ([`crate::notify`]).
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Op::Heartbeat { reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)
     }
 
     /// Drops every queued change (the `purge` command), counted in `dropped`; returns what
@@ -714,7 +731,10 @@ enum Outcome {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
+        // Test hook of debug builds only (see crate::notify): a writer that hangs.
+        let stall = crate::notify::DebugStall::from_env(crate::notify::STALL_WRITER_VAR);
         while let Some(first) = rx.blocking_recv() {
+            stall.block_if_due();
             let mut changes = op_changes(&first);
             batch.push(first);
             while changes < MAX_TXN_CHANGES {
@@ -727,7 +747,18 @@ impl Writer {
                 }
             }
             let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
-            self.commit_batch(&mut batch);
+            // Heartbeats need no transaction; answered once the rest is committed.
+            let probes: Vec<Op> = batch
+                .extract_if(.., |op| matches!(op, Op::Heartbeat { .. }))
+                .collect();
+            if !batch.is_empty() {
+                self.commit_batch(&mut batch);
+            }
+            for op in probes {
+                if let Op::Heartbeat { reply } = op {
+                    let _ = reply.send(());
+                }
+            }
             if stop {
                 break;
             }
@@ -755,7 +786,7 @@ impl Writer {
                         Op::Transact { reply, .. } => {
                             let _ = reply.send(Err(err.clone()));
                         }
-                        Op::Shutdown => {}
+                        Op::Heartbeat { .. } | Op::Shutdown => {}
                     }
                 }
                 return;
@@ -828,7 +859,7 @@ impl Writer {
                         }
                         outcomes.push(Outcome::Done);
                     }
-                    Op::Shutdown => {}
+                    Op::Heartbeat { .. } | Op::Shutdown => {}
                 }
             }
             if !latest.is_empty() || !owned.is_empty() {
@@ -979,7 +1010,7 @@ impl Writer {
 fn op_changes(op: &Op) -> usize {
     match op {
         Op::Append { changes, .. } => changes.len().max(1),
-        Op::Ack { .. } | Op::Transact { .. } | Op::Shutdown => 1,
+        Op::Ack { .. } | Op::Transact { .. } | Op::Heartbeat { .. } | Op::Shutdown => 1,
     }
 }
 

@@ -12,7 +12,8 @@
 //! # Liveness
 //! rumqttc pings every `keep_alive`; a link that delivers nothing for 1.5 × `keep_alive`
 //! (no PINGRESP, no PUBACK) is declared dead and dropped. Reconnects back off exponentially
-//! with full jitter. While offline the task sleeps: no timers tick.
+//! with full jitter. While offline the task sleeps: no timers tick (but the systemd
+//! watchdog's heartbeat, when there is one: [`crate::notify`]).
 
 pub mod backoff;
 pub mod engine;
@@ -67,6 +68,9 @@ pub struct LinkSettings {
     pub metrics: Option<crate::metrics::Feed>,
     /// Reloaded configs (none: the config never changes).
     pub live: Option<watch::Receiver<Arc<Config>>>,
+    /// Beaten while the link's loop comes round, for the systemd watchdog
+    /// ([`crate::notify`]); none: no watchdog.
+    pub heartbeat: Option<crate::notify::Heartbeat>,
 }
 
 impl LinkSettings {
@@ -79,6 +83,7 @@ impl LinkSettings {
             backoff_reset: config.mqtt.reconnect_reset,
             metrics: None,
             live: None,
+            heartbeat: None,
             config,
         }
     }
@@ -107,14 +112,18 @@ impl LinkSettings {
 
     /// rumqttc options for one connection attempt. Certificates are read anew each time, so
     /// files replaced on disk are picked up at the next reconnect.
-    fn mqtt_options(&self) -> Result<MqttOptions, String> {
+    fn mqtt_options(&self, clean_session: bool) -> Result<MqttOptions, String> {
         let m = &self.config.mqtt;
         let mut o = MqttOptions::new(m.client_id.clone(), m.url.host.clone(), m.url.port);
         o.set_keep_alive(m.keep_alive);
-        o.set_clean_session(false);
+        o.set_clean_session(clean_session);
         let batch = usize::try_from(self.config.sync.batch_max_bytes).unwrap_or(usize::MAX);
         // Room for a full batch plus topic and headers; incoming is bounded too.
-        o.set_max_packet_size(1 << 20, batch.saturating_add(4096));
+        // Incoming: 4 × the largest desired document (at least 4 MiB), so a document over
+        // the limit is still read, refused and acknowledged; memory stays bounded.
+        let doc = usize::try_from(self.config.desired.max_document_bytes).unwrap_or(usize::MAX);
+        let incoming = doc.saturating_mul(4).max(4 << 20);
+        o.set_max_packet_size(incoming, batch.saturating_add(4096));
         // Far more packet ids than we ever have outstanding, so ids never collide.
         let window = self
             .config
@@ -186,9 +195,14 @@ pub async fn run(
     let mut jitter = Jitter::from_entropy();
     let mut engine = Engine::new(settings.engine_config(), outbox.stats().next_seq);
     let mut ever_connected = false;
+    // Set after a message too large to read: the next connection drops the session.
+    let mut clean_next = false;
     loop {
         if *stop.borrow() {
             break;
+        }
+        if let Some(h) = &settings.heartbeat {
+            h.beat();
         }
         settings.refresh();
         engine.reconfigure(settings.engine_config());
@@ -209,8 +223,12 @@ pub async fn run(
             tasks: JoinSet::new(),
             connected_at: None,
             ever_connected,
+            clean_session: clean_next,
         };
         let end = session.run(&mut stop).await;
+        if session.connected_at.is_some() {
+            clean_next = false;
+        }
         let connected_for = session.connected_at.map(|t| t.elapsed());
         ever_connected |= connected_for.is_some();
         engine.handle_disconnected();
@@ -219,10 +237,25 @@ pub async fn run(
             b.state = LinkState::Offline;
             b.since = Some(now_ms());
             b.inflight_batches = 0;
-            if let SessionEnd::Failed(e) = &end {
-                b.last_error = Some(e.clone());
+            match &end {
+                SessionEnd::Failed(e) => b.last_error = Some(e.clone()),
+                SessionEnd::Oversize(e) => {
+                    b.last_error = Some(format!(
+                        "{e}: the broker sent a message larger than this agent reads \
+                         (4 × desired.max_document_bytes, at least 4 MiB); the next connection starts a clean \
+                         session to drop it (messages queued for this device at the broker are lost; \
+                         a retained desired document is delivered again)"
+                    ));
+                }
+                _ => {}
             }
         });
+        if let SessionEnd::Oversize(e) = &end {
+            tracing::error!(
+                "{e}: dropping the broker session on the next connection so this message is not delivered again"
+            );
+            clean_next = true;
+        }
         if stopping {
             break;
         }
@@ -238,7 +271,7 @@ pub async fn run(
             tracing::warn!("link down: {e}; retrying in {delay:.1?}");
         }
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = crate::notify::sleep_beating(settings.heartbeat.as_ref(), delay) => {}
             () = stopped(&mut stop) => break,
         }
     }
@@ -250,6 +283,9 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 enum SessionEnd {
     Failed(String),
+    /// The broker sent a message too large to read: with a persistent session it would send
+    /// it again after every reconnect, so the next connection starts a clean session.
+    Oversize(String),
     Stopped,
     /// The link's settings or certificate files changed: in-flight batches were finished,
     /// now reconnect with the new ones.
@@ -285,11 +321,13 @@ struct Session<'a> {
     tasks: JoinSet<Done>,
     connected_at: Option<Instant>,
     ever_connected: bool,
+    /// Connect with a clean session (once, after an unreadable oversize message).
+    clean_session: bool,
 }
 
 impl Session<'_> {
     async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> SessionEnd {
-        let options = match self.settings.mqtt_options() {
+        let options = match self.settings.mqtt_options(self.clean_session) {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
         };
@@ -356,7 +394,10 @@ impl Session<'_> {
         let fingerprint = crate::reload::link_fingerprint(&self.settings.config);
         // Set when a reload changed the link: finish what is in flight, then reconnect.
         let mut draining_since: Option<Instant> = None;
+        // The watchdog's proof that this loop comes round (also when idle).
+        let mut pulse = crate::notify::Pulse::new(self.settings.heartbeat.as_ref());
         loop {
+            pulse.beat();
             if let Some(t) = draining_since
                 && (self.engine.inflight() == 0 || t.elapsed() > RELOAD_DRAIN)
             {
@@ -392,6 +433,9 @@ impl Session<'_> {
                             }
                         }
                         Err(e) => {
+                            if is_oversize(&e) {
+                                return SessionEnd::Oversize(tls::describe(&e, &self.settings.describe_ctx()));
+                            }
                             return SessionEnd::Failed(tls::describe(&e, &self.settings.describe_ctx()));
                         }
                     }
@@ -454,6 +498,8 @@ impl Session<'_> {
                 }
                 // Draining for a reload: check again soon.
                 () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() => {}
+                // Idle: come round anyway, for the watchdog.
+                () = pulse.tick() => {}
                 // Dead link: nothing heard for too long.
                 () = tokio::time::sleep_until((last_heard + silence_limit).into()) => {
                     let what = if self.connected_at.is_some() { "no traffic from the broker" } else { "no CONNACK" };
@@ -730,6 +776,16 @@ async fn next_config(live: &mut Option<watch::Receiver<Arc<Config>>>) -> Option<
         },
         None => std::future::pending().await,
     }
+}
+
+/// A message over the incoming packet limit.
+fn is_oversize(e: &ConnectionError) -> bool {
+    matches!(
+        e,
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
+        ))
+    )
 }
 
 async fn sleep_until(t: Option<Instant>) {

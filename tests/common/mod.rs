@@ -275,6 +275,10 @@ impl Agent {
             .env_remove("EDGESYNC_CONFIG")
             .env_remove("EDGESYNC_LOG")
             .env_remove("JOURNAL_STREAM")
+            // Not notifying a systemd that may run the tests (tests/systemd.rs sets them).
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log)
