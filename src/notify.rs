@@ -712,9 +712,14 @@ mod tests {
 
     #[test]
     fn silent_loops_are_named() {
-        let health = Health::new(Some(Duration::from_millis(40)));
-        assert!(health.silent().is_empty());
-        std::thread::sleep(Duration::from_millis(30));
+        assert!(
+            Health::new(Some(Duration::from_secs(60)))
+                .silent()
+                .is_empty()
+        );
+        // Pings every 200 ms: a loop silent for longer is named.
+        let health = Health::new(Some(Duration::from_millis(400)));
+        std::thread::sleep(Duration::from_millis(250));
         let silent: Vec<_> = health.silent().into_iter().map(|(n, _)| n).collect();
         assert_eq!(silent, ["store writer", "MQTT link"]);
         health.link.as_ref().unwrap().beat();

@@ -250,7 +250,8 @@ fn ping_status_config_history_answer_in_the_encoding_of_the_request() {
             "history",
             "rollback",
             "log-level",
-            "config"
+            "config",
+            "reload"
         ])
     );
     assert_eq!(c["log"]["running"], "info");
