@@ -6,6 +6,7 @@
 //! cargo bench --bench sync -- --quick             # smaller counts, 10 s offline window
 //! cargo bench --bench sync -- --repeats 5 --only 1,3
 //! EDGESYNC_BENCH_WRAPPER="perf record -g -o /tmp/p.data" cargo bench --bench sync -- --only 1
+//! EDGESYNC_BENCH_PERF_DRAIN=/tmp/drain.data cargo bench --bench sync -- --only 1   # drain only
 //! ```
 //!
 //! Every repeat of every figure starts a fresh Mosquitto (`require_certificate true`), a
@@ -445,6 +446,28 @@ fn cpu_ns_live(pid: u32) -> u64 {
         .sum()
 }
 
+/// Voluntary + involuntary context switches of the live threads of a process.
+fn ctx_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
 fn clock_ticks_per_sec() -> u64 {
     Command::new("getconf")
         .arg("CLK_TCK")
@@ -737,6 +760,30 @@ fn drain(args: &Args, input: &[u8]) -> Res<Drain> {
         world.mosq.pid().map_or(Ok(0), cpu_ticks)?,
         cpu_ticks(std::process::id())?,
     );
+    // EDGESYNC_BENCH_PERF_DRAIN=FILE: profile the daemon during the drain only.
+    let perf = std::env::var("EDGESYNC_BENCH_PERF_DRAIN")
+        .ok()
+        .and_then(|out| {
+            let child = Command::new("perf")
+                .args([
+                    "record",
+                    "-e",
+                    "cpu-clock",
+                    "-F",
+                    "4000",
+                    "-g",
+                    "-o",
+                    &out,
+                    "-p",
+                ])
+                .arg(pid.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .ok()?;
+            std::thread::sleep(Duration::from_millis(300));
+            Some(child)
+        });
     let t_restore = Instant::now();
     proxy.restore();
     let mut online_at = None;
@@ -755,6 +802,13 @@ fn drain(args: &Args, input: &[u8]) -> Res<Drain> {
         std::thread::sleep(Duration::from_millis(2));
     }
     let t_drained = Instant::now();
+    if let Some(mut p) = perf {
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(p.id().to_string())
+            .status();
+        let _ = p.wait();
+    }
     let ticks1 = (
         cpu_ticks(pid)?,
         world.mosq.pid().map_or(Ok(0), cpu_ticks)?,
@@ -833,6 +887,9 @@ struct Lat {
     p95: f64,
     p99: f64,
     max: f64,
+    /// Agent CPU (live threads) and context switches per sample, for the agent's run.
+    cpu_us: f64,
+    switches: f64,
 }
 
 fn percentiles(mut ns: Vec<u64>) -> Lat {
@@ -843,6 +900,8 @@ fn percentiles(mut ns: Vec<u64>) -> Lat {
             p95: f64::NAN,
             p99: f64::NAN,
             max: f64::NAN,
+            cpu_us: f64::NAN,
+            switches: f64::NAN,
         };
     }
     let ms = |v: u64| v as f64 / 1e6;
@@ -852,6 +911,8 @@ fn percentiles(mut ns: Vec<u64>) -> Lat {
         p95: pick(0.95),
         p99: pick(0.99),
         max: ms(ns[ns.len() - 1]),
+        cpu_us: f64::NAN,
+        switches: f64::NAN,
     }
 }
 
@@ -921,6 +982,8 @@ fn latency(args: &Args) -> Res<(Lat, Lat)> {
         Ok(())
     });
     let mut writer = &conn;
+    let pid = d.pid();
+    let (cpu0, sw0) = (cpu_ns_live(pid), ctx_switches(pid));
     let sent = scheduled(n, args.spacing, |i| {
         if failed.load(Ordering::SeqCst) {
             return Err("a report failed".into());
@@ -965,7 +1028,9 @@ fn latency(args: &Args) -> Res<(Lat, Lat)> {
             .ok_or_else(|| format!("sample {i} never reached the cloud"))?;
         ns.push(at.saturating_duration_since(*s).as_nanos() as u64);
     }
-    let agent = percentiles(ns);
+    let mut agent = percentiles(ns);
+    agent.cpu_us = cpu_ns_live(pid).saturating_sub(cpu0) as f64 / 1e3 / n as f64;
+    agent.switches = ctx_switches(pid).saturating_sub(sw0) as f64 / n as f64;
     d.stop()?;
     drop(cloud);
 
@@ -1374,14 +1439,16 @@ fn run() -> Res<()> {
             let t = Instant::now();
             let (a, f) = latency(&args)?;
             println!(
-                "latency {}/{}: agent p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms · floor p50 {:.3} \
-                 p95 {:.3} p99 {:.3} max {:.2} ms · {:.1} s",
+                "latency {}/{}: agent p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms ({:.0} µs CPU, \
+                 {:.1} context switches per change) · floor p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms · {:.1} s",
                 r + 1,
                 args.repeats,
                 a.p50,
                 a.p95,
                 a.p99,
                 a.max,
+                a.cpu_us,
+                a.switches,
                 f.p50,
                 f.p95,
                 f.p99,
@@ -1421,6 +1488,19 @@ fn run() -> Res<()> {
                 col(&floor, |l| l.p50),
             ),
             ms("   floor p99", Target::None, col(&floor, |l| l.p99)),
+            Figure::new(
+                "   agent CPU per change (online)",
+                "µs",
+                Target::None,
+                col(&agent, |l| l.cpu_us),
+            ),
+            Figure::new(
+                "   agent context switches per change",
+                "",
+                Target::None,
+                col(&agent, |l| l.switches),
+            )
+            .scaled(1.0, 1),
         ]);
     }
 

@@ -77,8 +77,14 @@ impl Notifications {
                 while !done.load(Ordering::SeqCst) {
                     let n = match socket.recv(&mut buf) {
                         Ok(n) => n,
+                        // Signals to the test process (children exiting) interrupt it.
                         Err(e)
-                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                            if matches!(
+                                e.kind(),
+                                ErrorKind::WouldBlock
+                                    | ErrorKind::TimedOut
+                                    | ErrorKind::Interrupted
+                            ) =>
                         {
                             continue;
                         }

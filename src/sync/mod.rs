@@ -216,6 +216,7 @@ pub async fn run(
             applier: &applier,
             controller: &controller,
             results_inflight: HashSet::new(),
+            results_unacked: 0,
             board: &board,
             engine: &mut engine,
             tags: VecDeque::new(),
@@ -312,6 +313,8 @@ struct Session<'a> {
     controller: &'a Controller,
     /// Results handed to rumqttc and not yet PUBACKed.
     results_inflight: HashSet<u64>,
+    /// Of those, how many await their PUBACK (at most [`RESULT_WINDOW`]).
+    results_unacked: usize,
     board: &'a StatusBoard,
     engine: &'a mut Engine,
     /// Publishes handed to rumqttc, in order, awaiting their packet id.
@@ -331,10 +334,23 @@ impl Session<'_> {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
         };
-        let (client, eventloop) = AsyncClient::new(options, 16);
+        // Room for the whole window of batches, the results window, status and metrics.
+        let capacity = self
+            .settings
+            .config
+            .sync
+            .max_inflight
+            .saturating_add(RESULT_WINDOW)
+            .saturating_add(16);
+        let (client, mut eventloop) = AsyncClient::new(options, capacity);
+        // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
+        eventloop.network_options.set_tcp_nodelay(true);
         let (tx, mut events) = mpsc::channel(256);
         let poller = tokio::spawn(poll_loop(eventloop, tx));
-        let (intake_tx, intake_rx) = mpsc::channel(64);
+        // Unbounded on purpose: the broker sends at most its in-flight window of unacked
+        // messages, and a bounded channel here could block the event path while the intake
+        // waits for rumqttc to take its PUBACK (a cycle).
+        let (intake_tx, intake_rx) = mpsc::unbounded_channel();
         let intake = tokio::spawn(intake_loop(
             intake_rx,
             client.clone(),
@@ -370,7 +386,7 @@ impl Session<'_> {
         &mut self,
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-        intake: &mpsc::Sender<rumqttc::Publish>,
+        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
@@ -553,6 +569,7 @@ impl Session<'_> {
                     .try_subscribe(self.settings.topics.command_filter(), QoS::AtLeastOnce)
                     .map_err(|e| format!("cannot subscribe: {e}"))?;
                 self.results_inflight.clear();
+                self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
             }
@@ -576,6 +593,8 @@ impl Session<'_> {
                         Done::ResultDeleted
                     });
                     // Stays in `results_inflight` until the next load, so it is not resent.
+                    self.results_unacked = self.results_unacked.saturating_sub(1);
+                    self.load_results();
                 }
                 Some(Tag::Status | Tag::Goodbye | Tag::Metrics) | None => {}
             },
@@ -609,13 +628,13 @@ impl Session<'_> {
     async fn on_publish(
         &mut self,
         client: &AsyncClient,
-        intake: &mpsc::Sender<rumqttc::Publish>,
+        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
         p: rumqttc::Publish,
     ) {
         match self.settings.topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Desired | crate::topics::Incoming::Command(_)) => {
                 // Acked by the intake task once the document (or request) is durable.
-                if intake.send(p).await.is_err() {
+                if intake.send(p).is_err() {
                     tracing::error!("desired intake stopped");
                 }
             }
@@ -640,9 +659,13 @@ impl Session<'_> {
         pending: Vec<PendingResult>,
     ) -> Result<(), String> {
         for r in pending {
+            if self.results_unacked >= RESULT_WINDOW {
+                break; // more follow as PUBACKs come back
+            }
             if self.results_inflight.insert(r.n) {
                 let topic = self.settings.topics.under(&r.topic);
                 self.publish(client, topic, r.payload, false, Tag::Result(r.n))?;
+                self.results_unacked += 1;
             }
         }
         Ok(())
@@ -764,6 +787,9 @@ async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
     std::future::pending().await
 }
 
+/// Results and command answers awaiting their PUBACK at once.
+const RESULT_WINDOW: usize = 32;
+
 /// How long a reload waits for in-flight batches before reconnecting anyway.
 const RELOAD_DRAIN: Duration = Duration::from_secs(10);
 
@@ -798,7 +824,7 @@ async fn sleep_until(t: Option<Instant>) {
 /// Takes in desired documents and command requests one at a time, in arrival order, and
 /// acknowledges each once it is durable (or answered, if unreadable).
 async fn intake_loop(
-    mut rx: mpsc::Receiver<rumqttc::Publish>,
+    mut rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
     client: AsyncClient,
     applier: Applier,
     controller: Controller,
