@@ -409,6 +409,36 @@ fn proc_status_kb(pid: u32, field: &str) -> Res<u64> {
         .ok_or_else(|| format!("no {field} in {path}"))
 }
 
+/// Where the RSS of a process is: anon/file totals and the largest mappings (debugging aid).
+fn rss_breakdown(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mut out: String = status
+        .lines()
+        .filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM") || l.starts_with("Threads"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, String)> = Vec::new();
+    let mut name = String::new();
+    for l in smaps.lines() {
+        if l.split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            name = format!("{} {}", f[0], f.get(5).copied().unwrap_or("[anon]"));
+        } else if let Some(v) = l.strip_prefix("Rss:") {
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            maps.push((kb, name.clone()));
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.0));
+    for (kb, n) in maps.iter().take(12) {
+        let _ = writeln!(out, "{kb:>8} kB {n}");
+    }
+    out
+}
+
 /// Resets the peak RSS (`VmHWM`) of a process to its current RSS. False if not allowed.
 fn reset_hwm(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
@@ -753,6 +783,9 @@ fn drain(args: &Args, input: &[u8]) -> Res<Drain> {
         return Err("the cloud got messages before the restore".into());
     }
     r.hwm_ingest = proc_status_kb(pid, "VmHWM")? as f64;
+    if std::env::var_os("EDGESYNC_BENCH_SMAPS").is_some() {
+        eprintln!("after the ingest:\n{}", rss_breakdown(pid));
+    }
     r.hwm_reset = reset_hwm(pid);
 
     let ticks0 = (
@@ -815,6 +848,9 @@ fn drain(args: &Args, input: &[u8]) -> Res<Drain> {
         cpu_ticks(std::process::id())?,
     );
     r.hwm_drain = proc_status_kb(pid, "VmHWM")? as f64;
+    if std::env::var_os("EDGESYNC_BENCH_SMAPS").is_some() {
+        eprintln!("after the drain:\n{}", rss_breakdown(pid));
+    }
     let drain_secs = (t_drained - t_restore).as_secs_f64();
     r.rate = n as f64 / drain_secs;
     r.to_online_ms = online_at.map_or(f64::NAN, |t| (t - t_restore).as_secs_f64() * 1e3);
@@ -1201,13 +1237,26 @@ fn machine() -> String {
     )
 }
 
+/// Load average (1, 5, 15 min) and CPU pressure (share of the last 60 s in which some
+/// runnable task waited for a CPU): how much else wanted this machine.
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
+    let load = std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
         .split_whitespace()
         .take(3)
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    let psi = std::fs::read_to_string("/proc/pressure/cpu")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("some"))?
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("avg60="))
+                .map(str::to_owned)
+        })
+        .map_or_else(String::new, |p| format!(", CPU pressure {p} % (60 s)"));
+    format!("{load} (1/5/15 min){psi}")
 }
 
 #[derive(Clone, Copy)]
@@ -1317,7 +1366,7 @@ fn run() -> Res<()> {
             println!("config  [{section}] {extra}");
         }
     }
-    println!("load    {} (1, 5, 15 min) at start\n", loadavg());
+    println!("load    {} at start\n", loadavg());
     let mut figures = Vec::new();
 
     if args.only.contains(&1) {
@@ -1329,7 +1378,8 @@ fn run() -> Res<()> {
             println!(
                 "drain {}/{}: ingest {:.0}/s (HWM {:.1} MiB) · restore→online {:.0} ms · first msg \
                  {:.0} ms · drained {:.0}/s ({:.0}/s from first msg) in {} msgs · cloud complete \
-                 {:.0} ms · HWM {:.1} MiB{} · CPU µs/change agent {:.2} broker {:.2} bench {:.2} · {:.1} s",
+                 {:.0} ms · HWM {:.1} MiB{} · CPU µs/change agent {:.2} broker {:.2} bench {:.2} · {:.1} s \
+                 · load {}",
                 r + 1,
                 args.repeats,
                 d.ingest_rate,
@@ -1349,7 +1399,8 @@ fn run() -> Res<()> {
                 d.agent_cpu_us,
                 d.broker_cpu_us,
                 d.bench_cpu_us,
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                loadavg()
             );
             runs.push(d);
         }
@@ -1440,7 +1491,8 @@ fn run() -> Res<()> {
             let (a, f) = latency(&args)?;
             println!(
                 "latency {}/{}: agent p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms ({:.0} µs CPU, \
-                 {:.1} context switches per change) · floor p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms · {:.1} s",
+                 {:.1} context switches per change) · floor p50 {:.3} p95 {:.3} p99 {:.3} max {:.2} ms · {:.1} s \
+                 · load {}",
                 r + 1,
                 args.repeats,
                 a.p50,
@@ -1453,7 +1505,8 @@ fn run() -> Res<()> {
                 f.p95,
                 f.p99,
                 f.max,
-                t.elapsed().as_secs_f64()
+                t.elapsed().as_secs_f64(),
+                loadavg()
             );
             agent.push(a);
             floor.push(f);

@@ -979,19 +979,19 @@ impl Writer {
             acked.changes += 1;
             acked.bytes += cost(len);
         };
+        // Ranges go through `retain_in`, which rewrites each leaf once for all its removed
+        // entries; `extract_from_if` removes (and re-seeks) entry by entry, which cost a
+        // memmove of the rest of the leaf per change and about a third of the agent's CPU
+        // in a backlog drain (benches/sync.rs).
         match ack {
-            Ack::Through(last) => {
-                for item in outbox.extract_from_if(..=*last, |_, _| true)? {
-                    let (_, v) = item?;
-                    count(v.value().len());
-                }
-            }
-            Ack::Range { first, last } => {
-                for item in outbox.extract_from_if(*first..=*last, |_, _| true)? {
-                    let (_, v) = item?;
-                    count(v.value().len());
-                }
-            }
+            Ack::Through(last) => outbox.retain_in(..=*last, |_, v| {
+                count(v.len());
+                false
+            })?,
+            Ack::Range { first, last } => outbox.retain_in(*first..=*last, |_, v| {
+                count(v.len());
+                false
+            })?,
             Ack::Seqs(seqs) => {
                 for seq in seqs {
                     if let Some(v) = outbox.remove(*seq)? {

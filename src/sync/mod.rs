@@ -1,6 +1,7 @@
 //! Sync: ships the outbox to the broker. [`engine`] decides (sans-IO); this module is its
-//! driver: it owns the rumqttc session, runs reads and deletes off the network path, and
-//! feeds every event back to the engine.
+//! driver: it owns the rumqttc session, runs reads and deletes off the network path (a read
+//! of a few changes at the tail, the online case, is done in place), and feeds every event
+//! back to the engine.
 //!
 //! # One session per connection
 //! Each connection attempt builds a fresh rumqttc client and event loop. rumqttc would
@@ -26,7 +27,7 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::change::now_ms;
@@ -43,6 +44,9 @@ use engine::{Action, Engine, EngineConfig};
 
 /// How long a clean shutdown waits for the broker to take the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reads of at most this many queued changes run on the event path instead of the blocking
+/// pool (see `Session::spawn_action`).
+const INLINE_READ_MAX: u64 = 16;
 
 /// What a publish was, to route its PUBACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,6 +229,7 @@ pub async fn run(
             connected_at: None,
             ever_connected,
             clean_session: clean_next,
+            reader: None,
         };
         let end = session.run(&mut stop).await;
         if session.connected_at.is_some() {
@@ -326,6 +331,8 @@ struct Session<'a> {
     ever_connected: bool,
     /// Connect with a clean session (once, after an unreadable oversize message).
     clean_session: bool,
+    /// The session's reader thread, started at its first large read.
+    reader: Option<ReadThread>,
 }
 
 impl Session<'_> {
@@ -680,13 +687,44 @@ impl Session<'_> {
                 max_changes,
                 max_bytes,
             } => {
-                let outbox = self.outbox.clone();
-                self.tasks.spawn_blocking(move || Done::Read {
-                    epoch,
-                    result: outbox
-                        .read_from(from, max_changes, max_bytes)
-                        .map_err(|e| e.to_string()),
-                });
+                // A few changes at the tail (the online case: one report, one read) are
+                // pages just written and cached: reading them here costs microseconds,
+                // while a trip through the blocking pool and back costs two thread
+                // wake-ups per change. Larger reads (a backlog) may hit the disk.
+                let queued = self.outbox.stats().next_seq.saturating_sub(from);
+                if queued <= INLINE_READ_MAX {
+                    match self.outbox.read_from(from, max_changes, max_bytes) {
+                        Ok(records) => self.engine.handle_read(epoch, records, Instant::now()),
+                        Err(e) => {
+                            tracing::error!("reading the outbox failed: {e}");
+                            self.engine.handle_read_failed(epoch);
+                        }
+                    }
+                    return;
+                }
+                let job = ReadJob {
+                    outbox: self.outbox.clone(),
+                    from,
+                    max_changes,
+                    max_bytes,
+                };
+                match ReadThread::submit(&mut self.reader, job) {
+                    Ok(answer) => {
+                        self.tasks.spawn(async move {
+                            let result = answer
+                                .await
+                                .unwrap_or_else(|_| Err("the outbox reader stopped".into()));
+                            Done::Read { epoch, result }
+                        });
+                    }
+                    // No thread: the blocking pool does it.
+                    Err(job) => {
+                        self.tasks.spawn_blocking(move || Done::Read {
+                            epoch,
+                            result: job.run(),
+                        });
+                    }
+                }
             }
             Action::Ack { ack } => {
                 let outbox = self.outbox.clone();
@@ -771,6 +809,68 @@ impl Session<'_> {
         let _ = client.try_disconnect();
         // Let the event loop write the DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+    }
+}
+
+/// A large outbox read, done off the event path.
+struct ReadJob {
+    outbox: Outbox,
+    from: u64,
+    max_changes: usize,
+    max_bytes: usize,
+}
+
+impl ReadJob {
+    fn run(self) -> ReadResult {
+        self.outbox
+            .read_from(self.from, self.max_changes, self.max_bytes)
+            .map_err(|e| e.to_string())
+    }
+}
+
+type ReadResult = Result<Vec<Queued>, String>;
+type ReadAnswer = oneshot::Receiver<ReadResult>;
+
+/// One thread per session for the large reads (a backlog), instead of whichever thread of
+/// the blocking pool is free. glibc gives every thread that allocates its own malloc arena,
+/// and the records and redb cache pages that reads allocate then spread over several of
+/// them: draining a 1M-change backlog peaked about 2 MiB higher that way
+/// (benches/sync.rs). The thread ends with the session (its sender dropped); a job holds
+/// its own `Outbox` handle, so an idle thread keeps nothing open.
+struct ReadThread {
+    jobs: std::sync::mpsc::Sender<(ReadJob, oneshot::Sender<ReadResult>)>,
+}
+
+impl ReadThread {
+    /// Hands `job` to the session's reader, starting it if needed; gives the job back if
+    /// no thread can be had.
+    fn submit(reader: &mut Option<ReadThread>, job: ReadJob) -> Result<ReadAnswer, ReadJob> {
+        if reader.is_none() {
+            let (jobs, rx) = std::sync::mpsc::channel::<(ReadJob, oneshot::Sender<ReadResult>)>();
+            let started = std::thread::Builder::new()
+                .name("edgesync-read".into())
+                .spawn(move || {
+                    while let Ok((job, answer)) = rx.recv() {
+                        let _ = answer.send(job.run());
+                    }
+                });
+            match started {
+                Ok(_) => *reader = Some(ReadThread { jobs }),
+                Err(e) => {
+                    tracing::warn!("cannot start the outbox reader thread: {e}");
+                    return Err(job);
+                }
+            }
+        }
+        let Some(r) = reader else { return Err(job) };
+        let (answer, rx) = oneshot::channel();
+        match r.jobs.send((job, answer)) {
+            Ok(()) => Ok(rx),
+            Err(std::sync::mpsc::SendError((job, _))) => {
+                *reader = None;
+                Err(job)
+            }
+        }
     }
 }
 
