@@ -238,6 +238,8 @@ struct Setup {
 
 struct Daemon {
     child: Option<Child>,
+    /// Started under `EDGESYNC_BENCH_WRAPPER`.
+    wrapped: bool,
     socket: PathBuf,
     log: PathBuf,
 }
@@ -276,6 +278,7 @@ impl Daemon {
             .map_err(|e| format!("cannot start {DAEMON}: {e}"))?;
         let mut d = Daemon {
             child: Some(child),
+            wrapped: !wrapper.is_empty(),
             socket: s.socket.clone(),
             log: s.log.clone(),
         };
@@ -305,14 +308,12 @@ impl Daemon {
         }
     }
 
-    /// The daemon's PID (under a wrapper: the wrapper's child, found by the socket's owner
-    /// is not worth it; the wrapper execs or forks, so look for the daemon among children).
+    /// The daemon's PID. Under a wrapper (perf, strace: they fork it) its first child.
     fn pid(&self) -> u32 {
         let pid = self.child.as_ref().map_or(0, Child::id);
-        if std::env::var_os("EDGESYNC_BENCH_WRAPPER").is_none() {
+        if !self.wrapped {
             return pid;
         }
-        // perf record forks the daemon: take its child if it has one.
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .ok()
             .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -327,12 +328,14 @@ impl Daemon {
 
     /// SIGTERM and wait (so a wrapper like `perf record` can write its output).
     fn stop(&mut self) -> Res<()> {
+        // Under a wrapper, the daemon itself gets the signal; the wrapper ends with it.
+        let daemon = self.pid();
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
         let _ = Command::new("kill")
             .arg("-TERM")
-            .arg(child.id().to_string())
+            .arg(daemon.to_string())
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -351,7 +354,15 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let daemon = self.pid();
         if let Some(mut c) = self.child.take() {
+            if daemon != c.id() && daemon != 0 {
+                // Wrapped: the daemon is the wrapper's child; do not leave it behind.
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .arg(daemon.to_string())
+                    .status();
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
