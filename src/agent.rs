@@ -77,7 +77,14 @@ pub async fn run_until_with(
     let outbox = notifier
         .extend_while(
             "opening the store",
-            tokio::task::spawn_blocking(move || Outbox::open(&opts)),
+            tokio::task::spawn_blocking(move || {
+                let what = format!(
+                    "opening the store file {} (if this repeats, the file may be damaged: \
+                     move it aside to start with an empty queue)",
+                    opts.path.display()
+                );
+                crate::fatal::during(what, || Outbox::open(&opts))
+            }),
         )
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;

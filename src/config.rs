@@ -312,7 +312,7 @@ pub struct LocalConfig {
 /// `[log]` (extension section).
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    /// A `tracing_subscriber::EnvFilter` directive, default `"info"`.
+    /// A level or `target=level` directives (`tracing_subscriber` `Targets`), default `"info"`.
     pub level: String,
 }
 
@@ -2085,8 +2085,8 @@ fn validate_log(raw: RawLog, p: &mut Problems) -> Option<LogConfig> {
     Some(LogConfig { level })
 }
 
-/// A level, or comma-separated `target=level` directives (a subset of `EnvFilter` syntax).
-pub(crate) fn check_log_level(filter: &str) -> Result<(), String> {
+/// A level, or comma-separated `target=level` directives (`tracing_subscriber` `Targets` syntax).
+pub fn check_log_level(filter: &str) -> Result<(), String> {
     const FORM: &str = "expected a level (trace, debug, info, warn, error, off) or \
                         directives such as \"info,edgesync=debug\"";
     if filter.is_empty() {

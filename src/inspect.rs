@@ -481,7 +481,13 @@ fn open_read_only(path: &Path, daemon: String) -> Result<ReadOnlyDatabase, Inspe
     }
     let builder = redb::Builder::new();
     // redb may panic on a file damaged outside of it; that must be an error here too.
-    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| builder.open_read_only(path)));
+    let what = format!(
+        "reading the store file {} (it may be damaged)",
+        path.display()
+    );
+    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        crate::fatal::during(what, || builder.open_read_only(path))
+    }));
     let path = path.to_path_buf();
     match opened {
         Ok(Ok(db)) => Ok(db),

@@ -28,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod desired;
+pub mod fatal;
 pub mod inspect;
 pub mod link;
 pub mod local_api;

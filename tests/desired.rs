@@ -551,12 +551,15 @@ fn state_and_version_survive_restarts_and_a_retained_document_is_applied_once() 
     env.result(2, "duplicate");
     env.sync_point();
     assert_eq!(runs(&counter), ["1", "2"], "v2 ran exactly once");
-    let applied_v2 = env
+    // Results are sent at least once (a stop before the PUBACK sends one again), so
+    // identical repeats are allowed; a second, different "applied" for v2 is not.
+    let mut applied_v2: Vec<Value> = env
         .results()
-        .iter()
+        .into_iter()
         .filter(|r| r["version"] == 2 && r["status"] == "applied")
-        .count();
-    assert_eq!(applied_v2, 1, "{:?}", env.results());
+        .collect();
+    applied_v2.dedup();
+    assert_eq!(applied_v2.len(), 1, "{:?}", env.results());
     assert_eq!(env.desired(), json!({"counted": "b", "kept": kept}));
     assert_eq!(env.version(), 2);
 }
@@ -1370,7 +1373,16 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
     env.sync_point();
     env.send(&json!({"version": 8, "state": {"good": false}}));
     env.result(8, "applied");
-    assert_eq!(env.results().len(), answered + 1, "{:?}", env.results());
+    // Results are sent at least once: the last one (version 7) may come again if the stop
+    // came before the broker's PUBACK reached the agent. Nothing older may.
+    let all = env.results();
+    let last = all[answered - 1].clone();
+    let after: Vec<&Value> = all[answered..].iter().collect();
+    assert!(
+        after.iter().all(|r| r["version"] == 8 || **r == last),
+        "{all:?}"
+    );
+    assert_eq!(after.iter().filter(|r| r["version"] == 8).count(), 1, "{all:?}");
 }
 
 /// A document larger than the agent's MQTT incoming packet limit must not take the link

@@ -5,7 +5,8 @@
 use std::sync::{Mutex, PoisonError};
 
 use serde_json::{Value, json};
-use tracing_subscriber::{EnvFilter, Registry, reload};
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::{Registry, reload};
 
 use super::Services;
 use super::request::Args;
@@ -14,13 +15,13 @@ use super::request::Args;
 /// filter layer must sit directly on the [`Registry`]).
 #[derive(Debug)]
 pub struct LogControl {
-    handle: reload::Handle<EnvFilter, Registry>,
+    handle: reload::Handle<Targets, Registry>,
     current: Mutex<String>,
 }
 
 impl LogControl {
     /// `current` is the filter the handle holds now, as text.
-    pub fn new(handle: reload::Handle<EnvFilter, Registry>, current: impl Into<String>) -> Self {
+    pub fn new(handle: reload::Handle<Targets, Registry>, current: impl Into<String>) -> Self {
         Self {
             handle,
             current: Mutex::new(current.into()),
@@ -38,8 +39,8 @@ impl LogControl {
     /// Replaces the filter; returns the previous one. The same syntax as `[log] level`.
     pub fn set(&self, filter: &str) -> Result<String, String> {
         crate::config::check_log_level(filter)?;
-        let new = EnvFilter::builder()
-            .parse(filter)
+        let new: Targets = filter
+            .parse()
             .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         self.handle

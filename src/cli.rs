@@ -1,0 +1,513 @@
+//! Command-line parsing (SPEC §2), by hand: a parser library cost ~200 KB of the ARM
+//! binary's 3 MB budget for nine subcommands and three valued options.
+//!
+//! `--config PATH` (or `--config=PATH`), `-h`/`--help` and `-V`/`--version` are accepted
+//! anywhere; `--` ends the options. Bad usage is a [`UsageError`] (exit code 2).
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cli {
+    pub config: Option<PathBuf>,
+    pub command: Command,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    Run,
+    Report { stdin: bool, changes: Vec<String> },
+    Status { json: bool },
+    Get { doc: Doc, key: Option<String> },
+    History { key: String, limit: Option<usize>, json: bool },
+    Rollback { key: String, version: u64 },
+    CheckConfig,
+    Queue(QueueCommand),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum QueueCommand {
+    Stats { json: bool },
+    Peek { from: u64, limit: usize, json: bool },
+    Export { file: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doc {
+    Desired,
+    Reported,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Run(Cli),
+    /// Print this on standard output and exit 0.
+    Help(String),
+    Version,
+}
+
+/// Bad usage: the message and the usage line of the command concerned.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError {
+    pub message: String,
+    pub usage: &'static str,
+}
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "error: {}\n\nUsage: {}\n\nFor more information, try '--help'.",
+            self.message, self.usage
+        )
+    }
+}
+
+const MAIN_USAGE: &str = "edgesync [--config PATH] COMMAND";
+
+const MAIN_HELP: &str = "\
+IoT edge sync agent
+
+Usage: edgesync [--config PATH] COMMAND
+
+Commands:
+  run           Run the agent (the daemon)
+  report        Report changes to the running agent: KEY=VALUE (VALUE is JSON, else a string)
+  status        Show connection, queue and counters
+  get           Show the desired or the last reported state, or one key of it
+  history       Show a key's recent desired values (version, time, origin), newest first
+  rollback      Apply a key's value of an earlier desired version again (through its handler)
+  check-config  Validate the config file and the certificates it names
+  queue         Inspect the queue of changes not yet acknowledged by the broker
+
+Options:
+      --config PATH  Config file (default: $EDGESYNC_CONFIG, else /etc/edgesync/edgesync.toml)
+  -h, --help         Print help (COMMAND --help for a command's)
+  -V, --version      Print version
+
+Exit codes: 0 success, 1 failure at run time, 2 bad usage or invalid config,
+3 daemon not reachable, 4 request rejected.
+";
+
+/// One subcommand: its name, usage line and help text.
+struct Spec {
+    name: &'static str,
+    usage: &'static str,
+    help: &'static str,
+}
+
+const SPECS: &[Spec] = &[
+    Spec {
+        name: "run",
+        usage: "edgesync run [--config PATH]",
+        help: "Run the agent (the daemon).",
+    },
+    Spec {
+        name: "report",
+        usage: "edgesync report [--config PATH] <KEY=VALUE...|--stdin>",
+        help: "Report changes to the running agent: KEY=VALUE (VALUE is JSON, else a string).\n\
+               Exits 0 only when every change is durably queued.\n\n\
+               Options:\n      --stdin  Read NDJSON changes {\"key\":..,\"value\":..} from \
+               standard input, one a line",
+    },
+    Spec {
+        name: "status",
+        usage: "edgesync status [--config PATH] [--json]",
+        help: "Show connection, queue and counters.\n\nOptions:\n      --json  Print the \
+               status document as JSON",
+    },
+    Spec {
+        name: "get",
+        usage: "edgesync get [--config PATH] <desired|reported> [KEY]",
+        help: "Show the desired or the last reported state, or one key of it.",
+    },
+    Spec {
+        name: "history",
+        usage: "edgesync history [--config PATH] KEY [--limit N] [--json]",
+        help: "Show a key's recent desired values (version, time, origin), newest first.\n\n\
+               Options:\n      --limit N  Most entries to show\n      --json     Print JSON",
+    },
+    Spec {
+        name: "rollback",
+        usage: "edgesync rollback [--config PATH] KEY VERSION",
+        help: "Apply a key's value of an earlier desired version again (through its handler).",
+    },
+    Spec {
+        name: "check-config",
+        usage: "edgesync check-config [--config PATH]",
+        help: "Validate the config file and the certificates it names; print every problem.",
+    },
+    Spec {
+        name: "queue",
+        usage: "edgesync queue [--config PATH] <stats|peek|export>",
+        help: "Inspect the queue of changes not yet acknowledged by the broker (read only;\n\
+               through the daemon while it runs, else from the store file).\n\n\
+               Commands:\n  stats [--json]                        Depth, bytes, oldest and \
+               newest change, counters\n  peek [--from SEQ] [--limit N] [--json] Queued \
+               changes, oldest first (--json: NDJSON)\n  export FILE                           \
+               Every queued change as NDJSON, in order, to FILE (atomically) or \"-\"",
+    },
+];
+
+/// Options that take a value (besides `--config`).
+const VALUED: &[&str] = &["--limit", "--from"];
+
+/// Parses the arguments after the program name.
+pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageError> {
+    let mut config = None;
+    let mut help = false;
+    let mut version = false;
+    let mut words: Vec<String> = Vec::new();
+    let mut options: Vec<(String, Option<String>)> = Vec::new();
+    let mut args = args.into_iter();
+    let mut only_positional = false;
+    let top = |message: String| UsageError {
+        message,
+        usage: MAIN_USAGE,
+    };
+    while let Some(arg) = args.next() {
+        if !only_positional && (arg == "--config" || arg.to_string_lossy().starts_with("--config="))
+        {
+            // Paths may be any bytes: taken as an OsString.
+            let value = if arg == "--config" {
+                args.next()
+                    .ok_or_else(|| top("--config needs a value: --config PATH".into()))?
+            } else {
+                let s = arg.to_string_lossy();
+                OsString::from(&s["--config=".len()..])
+            };
+            if value.is_empty() {
+                return Err(top("--config needs a non-empty PATH".into()));
+            }
+            config = Some(PathBuf::from(value));
+            continue;
+        }
+        let arg = arg
+            .into_string()
+            .map_err(|a| top(format!("argument {a:?} is not valid UTF-8")))?;
+        if only_positional {
+            words.push(arg);
+            continue;
+        }
+        match arg.as_str() {
+            "--" => only_positional = true,
+            "-h" | "--help" => help = true,
+            "-V" | "--version" => version = true,
+            a if a.starts_with("--") => {
+                let (name, inline) = match a.split_once('=') {
+                    Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
+                    None => (a.to_owned(), None),
+                };
+                let value = match inline {
+                    Some(v) => Some(v),
+                    None if VALUED.contains(&name.as_str()) => args
+                        .next()
+                        .map(|v| v.to_string_lossy().into_owned())
+                        .or(Some(String::new())),
+                    None => None,
+                };
+                options.push((name, value));
+            }
+            a if a.starts_with('-') && a.len() > 1 => {
+                return Err(top(format!("unexpected option '{a}'")));
+            }
+            _ => words.push(arg),
+        }
+    }
+    let mut words = words.into_iter();
+    let Some(name) = words.next() else {
+        if help {
+            return Ok(Parsed::Help(MAIN_HELP.to_owned()));
+        }
+        if version {
+            return Ok(Parsed::Version);
+        }
+        return Err(top("a command is required (run, report, status, ...)".into()));
+    };
+    let Some(spec) = SPECS.iter().find(|s| s.name == name) else {
+        return Err(top(format!("unknown command '{name}'")));
+    };
+    if help {
+        return Ok(Parsed::Help(format!(
+            "{}\n\nUsage: {}\n",
+            spec.help, spec.usage
+        )));
+    }
+    if version {
+        return Ok(Parsed::Version);
+    }
+    let mut p = Parts {
+        spec,
+        words: words.collect(),
+        options,
+    };
+    let command = match name.as_str() {
+        "run" => Command::Run,
+        "check-config" => Command::CheckConfig,
+        "report" => {
+            let stdin = p.flag("--stdin")?;
+            let changes = std::mem::take(&mut p.words);
+            match (stdin, changes.is_empty()) {
+                (true, false) => {
+                    return Err(p.error("--stdin cannot be used with KEY=VALUE arguments"));
+                }
+                (false, true) => return Err(p.error("give KEY=VALUE changes or --stdin")),
+                _ => Command::Report { stdin, changes },
+            }
+        }
+        "status" => Command::Status {
+            json: p.flag("--json")?,
+        },
+        "get" => {
+            let doc = match p.word("desired|reported")?.as_str() {
+                "desired" => Doc::Desired,
+                "reported" => Doc::Reported,
+                other => {
+                    return Err(p.error(&format!(
+                        "'{other}' is not a document: expected desired or reported"
+                    )));
+                }
+            };
+            Command::Get {
+                doc,
+                key: p.optional_word(),
+            }
+        }
+        "history" => Command::History {
+            key: p.word("KEY")?,
+            limit: p.number("--limit")?,
+            json: p.flag("--json")?,
+        },
+        "rollback" => {
+            let key = p.word("KEY")?;
+            let version = p.word("VERSION")?;
+            let version = version.parse().map_err(|_| {
+                p.error(&format!(
+                    "VERSION must be an unsigned integer, found '{version}'"
+                ))
+            })?;
+            Command::Rollback { key, version }
+        }
+        "queue" => {
+            let what = p.word("stats|peek|export")?;
+            Command::Queue(match what.as_str() {
+                "stats" => QueueCommand::Stats {
+                    json: p.flag("--json")?,
+                },
+                "peek" => QueueCommand::Peek {
+                    from: p.number("--from")?.unwrap_or(0),
+                    limit: p
+                        .number("--limit")?
+                        .unwrap_or(crate_default_peek_limit()),
+                    json: p.flag("--json")?,
+                },
+                "export" => QueueCommand::Export {
+                    file: PathBuf::from(p.word("FILE")?),
+                },
+                other => {
+                    return Err(p.error(&format!(
+                        "unknown queue command '{other}': expected stats, peek or export"
+                    )));
+                }
+            })
+        }
+        _ => return Err(top(format!("unknown command '{name}'"))),
+    };
+    p.finish()?;
+    Ok(Parsed::Run(Cli { config, command }))
+}
+
+fn crate_default_peek_limit() -> usize {
+    edgesync::inspect::DEFAULT_PEEK
+}
+
+/// What is left to take for one subcommand.
+struct Parts {
+    spec: &'static Spec,
+    words: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl Parts {
+    fn error(&self, message: &str) -> UsageError {
+        UsageError {
+            message: message.to_owned(),
+            usage: self.spec.usage,
+        }
+    }
+
+    /// Takes a flag without a value.
+    fn flag(&mut self, name: &str) -> Result<bool, UsageError> {
+        let Some(i) = self.options.iter().position(|(n, _)| n == name) else {
+            return Ok(false);
+        };
+        let (_, value) = self.options.remove(i);
+        if value.is_some() {
+            return Err(self.error(&format!("{name} takes no value")));
+        }
+        if self.options.iter().any(|(n, _)| n == name) {
+            return Err(self.error(&format!("{name} given more than once")));
+        }
+        Ok(true)
+    }
+
+    /// Takes an option with an unsigned number.
+    fn number<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>, UsageError> {
+        let Some(i) = self.options.iter().position(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let (_, value) = self.options.remove(i);
+        if self.options.iter().any(|(n, _)| n == name) {
+            return Err(self.error(&format!("{name} given more than once")));
+        }
+        let value = value.unwrap_or_default();
+        value.parse().map(Some).map_err(|_| {
+            self.error(&format!(
+                "{name} needs an unsigned integer, found '{value}'"
+            ))
+        })
+    }
+
+    /// Takes the next positional argument, which must be there.
+    fn word(&mut self, what: &str) -> Result<String, UsageError> {
+        self.optional_word()
+            .ok_or_else(|| self.error(&format!("missing {what}")))
+    }
+
+    fn optional_word(&mut self) -> Option<String> {
+        (!self.words.is_empty()).then(|| self.words.remove(0))
+    }
+
+    /// Fails on anything not taken.
+    fn finish(self) -> Result<(), UsageError> {
+        if let Some((name, _)) = self.options.first() {
+            return Err(self.error(&format!("unexpected option '{name}'")));
+        }
+        if let Some(w) = self.words.first() {
+            return Err(self.error(&format!("unexpected argument '{w}'")));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Parsed, UsageError> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    fn cmd(args: &[&str]) -> Cli {
+        match p(args) {
+            Ok(Parsed::Run(c)) => c,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_and_the_global_config_anywhere() {
+        let c = cmd(&["run", "--config", "/x.toml"]);
+        assert_eq!(c.config, Some(PathBuf::from("/x.toml")));
+        assert_eq!(c.command, Command::Run);
+        let c = cmd(&["--config=/y.toml", "status", "--json"]);
+        assert_eq!(c.config, Some(PathBuf::from("/y.toml")));
+        assert_eq!(c.command, Command::Status { json: true });
+        assert_eq!(
+            cmd(&["report", "temp=21.5", "mode=eco", "--config", "c"]).command,
+            Command::Report {
+                stdin: false,
+                changes: vec!["temp=21.5".into(), "mode=eco".into()]
+            }
+        );
+        assert_eq!(
+            cmd(&["get", "reported", "temp"]).command,
+            Command::Get {
+                doc: Doc::Reported,
+                key: Some("temp".into())
+            }
+        );
+        assert_eq!(
+            cmd(&["history", "k", "--limit=3"]).command,
+            Command::History {
+                key: "k".into(),
+                limit: Some(3),
+                json: false
+            }
+        );
+        assert_eq!(
+            cmd(&["rollback", "k", "7"]).command,
+            Command::Rollback {
+                key: "k".into(),
+                version: 7
+            }
+        );
+        assert_eq!(
+            cmd(&["queue", "peek", "--from", "100", "--limit", "2", "--json"]).command,
+            Command::Queue(QueueCommand::Peek {
+                from: 100,
+                limit: 2,
+                json: true
+            })
+        );
+        assert_eq!(
+            cmd(&["queue", "export", "-"]).command,
+            Command::Queue(QueueCommand::Export { file: "-".into() })
+        );
+        assert_eq!(cmd(&["check-config"]).command, Command::CheckConfig);
+    }
+
+    #[test]
+    fn values_after_double_dash_are_positional() {
+        assert_eq!(
+            cmd(&["report", "--", "--odd=1"]).command,
+            Command::Report {
+                stdin: false,
+                changes: vec!["--odd=1".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_usage_names_the_problem_and_the_usage() {
+        for (args, want) in [
+            (&[][..], "a command is required"),
+            (&["frobnicate"][..], "unknown command 'frobnicate'"),
+            (&["report"][..], "give KEY=VALUE changes or --stdin"),
+            (&["report", "--stdin", "a=1"][..], "--stdin cannot be used"),
+            (&["status", "--jsn"][..], "unexpected option '--jsn'"),
+            (&["get", "both"][..], "'both' is not a document"),
+            (&["get"][..], "missing desired|reported"),
+            (&["queue", "peek", "--limit", "many"][..], "--limit needs an unsigned"),
+            (&["rollback", "k", "x"][..], "VERSION must be an unsigned integer"),
+            (&["run", "extra"][..], "unexpected argument 'extra'"),
+            (&["run", "--config"][..], "--config needs a value"),
+            (&["status", "--json", "--json"][..], "given more than once"),
+            (&["status", "-x"][..], "unexpected option '-x'"),
+        ] {
+            let e = p(args).unwrap_err();
+            assert!(e.message.contains(want), "{args:?}: {e}");
+            assert!(e.to_string().contains("Usage: edgesync"), "{e}");
+        }
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(matches!(p(&["--help"]), Ok(Parsed::Help(h)) if h.contains("check-config")));
+        assert!(matches!(p(&["report", "-h"]), Ok(Parsed::Help(h)) if h.contains("--stdin")));
+        assert_eq!(p(&["-V"]), Ok(Parsed::Version));
+        assert_eq!(p(&["status", "--version"]), Ok(Parsed::Version));
+        // Every command has help naming its own usage.
+        for s in SPECS {
+            let Ok(Parsed::Help(h)) = p(&[s.name, "--help"]) else {
+                panic!("{}", s.name)
+            };
+            assert!(h.contains(s.usage), "{h}");
+        }
+    }
+}
