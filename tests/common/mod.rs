@@ -15,6 +15,7 @@
 // Each test crate uses its own subset of these helpers.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod cloud;
 
 use std::fs::OpenOptions;
