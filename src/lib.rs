@@ -27,6 +27,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod crash;
 pub mod desired;
 pub mod fatal;
 pub mod inspect;

@@ -271,6 +271,8 @@ impl Controller {
         };
         let limits = store::Limits::new(&self.cfg());
         let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
+        // Recorded, not yet run, no PUBACK yet.
+        crate::crash::point("command-taken");
         let id = req.id;
         match outcome {
             store::Intake::Accepted => self.wake.notify_one(),

@@ -102,7 +102,10 @@ impl Applier {
                 let stale = json!({"version": version, "status": "stale", "keys": {},
                     "error": "a newer or equal version was already taken in"});
                 let stale = doc::encode(&stale, d.encoding);
-                match dstore::receive(&self.outbox, entry, stale).await? {
+                let received = dstore::receive(&self.outbox, entry, stale).await?;
+                // Durable, the applier not yet woken, no PUBACK yet.
+                crate::crash::point("desired-taken");
+                match received {
                     Received::Accepted => {
                         tracing::info!(version, "desired document taken in");
                         self.wake.notify_one();

@@ -931,14 +931,21 @@ async fn intake_loop(
     topics: Topics,
 ) {
     while let Some(p) = rx.recv().await {
-        let taken = match topics.parse(&p.topic) {
+        let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Command(name)) => {
-                controller.receive(name, &p.payload).await
+                crate::crash::point("command-received");
+                (controller.receive(name, &p.payload).await, "command")
             }
-            _ => applier.receive(&p.payload).await,
+            _ => {
+                crate::crash::point("desired-received");
+                (applier.receive(&p.payload).await, "desired")
+            }
         };
         match taken {
             Ok(()) => {
+                if cfg!(debug_assertions) {
+                    crate::crash::point(&format!("{kind}-before-puback"));
+                }
                 if let Err(e) = client.ack(&p).await {
                     tracing::debug!("PUBACK not sent: {e}");
                 }
