@@ -38,6 +38,7 @@
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -408,7 +409,21 @@ impl Config {
                 format!("is not UTF-8 text (invalid byte at offset {offset})"),
             )
         })?;
-        Self::from_toml_str(path, &text)
+        let world_writable = config_file_mode(path);
+        match (Self::from_toml_str(path, &text), world_writable) {
+            (result, None) => result,
+            (Ok(_), Some(problem)) => Err(ConfigErrors::single(path, problem)),
+            (Err(mut errors), Some(problem)) => {
+                errors.problems.insert(
+                    0,
+                    Problem {
+                        key: String::new(),
+                        message: problem,
+                    },
+                );
+                Err(errors)
+            }
+        }
     }
 
     /// Parse and validate `text` as if read from `path`: `path` names the file in messages
@@ -1658,6 +1673,9 @@ fn validate_mqtt(
     let ca = readable_file(p, "mqtt.ca", raw.ca.as_deref(), dir, check_tls_files);
     let cert = readable_file(p, "mqtt.cert", raw.cert.as_deref(), dir, check_tls_files);
     let key = readable_file(p, "mqtt.key", raw.key.as_deref(), dir, check_tls_files);
+    if check_tls_files && let Some(Some(path)) = &key {
+        private_file(p, "mqtt.key", path, "a private key");
+    }
     if tls == Some(true) && raw.ca.is_none() && !p.mentions("mqtt.ca") {
         p.push(
             "mqtt.ca",
@@ -1755,6 +1773,9 @@ fn validate_mqtt(
         dir,
         true,
     );
+    if let Some(Some(path)) = &password_file {
+        private_file(p, "mqtt.password_file", path, "a password file");
+    }
     if raw.password_file.is_some() && !has_username {
         p.push(
             "mqtt.password_file",
@@ -1880,6 +1901,40 @@ fn readable_file(
         }
     }
     Some(Some(path))
+}
+
+/// A secret (`what`) that users other than its owner and group can access is refused: the
+/// device identity or broker password would leak to any local account. Group access stays
+/// allowed (packages install keys `root:edgesync` 0640).
+fn private_file(p: &mut Problems, key: &str, path: &Path, what: &str) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return; // readable_file already reported why it cannot be read
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        p.push(
+            key,
+            format!(
+                "\"{}\" has mode {mode:04o}: {what} must not be accessible to other users; \
+                 run: chmod 600 \"{}\" (or chmod 640 with the agent's group as the file's group)",
+                path.display(),
+                path.display()
+            ),
+        );
+    }
+}
+
+/// The config file itself must not be writable by other users: whoever can write it
+/// chooses the broker, the CA and the handler programs the agent runs.
+fn config_file_mode(path: &Path) -> Option<String> {
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o002 != 0).then(|| {
+        format!(
+            "has mode {mode:04o}: a config file writable by every user lets anyone choose the \
+             broker, the CA and the programs this agent runs; run: chmod 640 \"{}\" (or 600)",
+            path.display()
+        )
+    })
 }
 
 /// A size from the file (string with unit, or integer bytes) within `min..=max`.
@@ -2899,7 +2954,13 @@ mod tests {
         for name in ["ca.pem", "device.pem", "device.key"] {
             std::fs::write(dir.path().join(name), "-----BEGIN TEST-----\n").unwrap();
         }
+        private(&dir.path().join("device.key"));
         dir
+    }
+
+    /// Mode 0600: the agent refuses secrets that other users can read.
+    fn private(path: &Path) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
     fn tls_config(extra_mqtt: &str) -> String {
@@ -2974,6 +3035,7 @@ mod tests {
     fn tls_config_with_readable_certificate_files_loads_from_disk() {
         let dir = tls_dir();
         std::fs::write(dir.path().join("password"), "secret\n").unwrap();
+        private(&dir.path().join("password"));
         let file = dir.path().join("edgesync.toml");
         let text = tls_config(
             "cert = \"device.pem\"\nkey = \"device.key\"\nusername = \"pump\"\n\
@@ -3407,6 +3469,7 @@ mod tests {
     fn password_file_needs_a_username_and_must_be_readable() {
         let dir = tls_dir();
         std::fs::write(dir.path().join("pw"), "secret").unwrap();
+        private(&dir.path().join("pw"));
         let file = dir.path().join("e.toml");
         let errors =
             Config::from_toml_str(&file, &tls_config("password_file = \"pw\"")).unwrap_err();
@@ -5223,6 +5286,7 @@ deadline = "2s"
         // And they mean what they say.
         let dir = tls_dir();
         std::fs::write(dir.path().join("mqtt-password"), "secret").unwrap();
+        private(&dir.path().join("mqtt-password"));
         let text = uncommented
             .replace("/etc/edgesync/", &format!("{}/", dir.path().display()))
             .replace("# username = ", "username = ");
@@ -5273,6 +5337,7 @@ deadline = "2s"
         for name in ["ca.pem", "device.pem", "device.key"] {
             std::fs::write(certs.join(name), "x").unwrap();
         }
+        private(&certs.join("device.key"));
         let file = config_dir.join("dev.toml");
         std::fs::write(&file, DEV).unwrap();
         let config = Config::load(&file).unwrap_or_else(|err| panic!("{err}"));

@@ -502,7 +502,12 @@ impl UserManager {
         for (name, data) in files {
             let p = src.path().join(name);
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, data).unwrap();
+            std::fs::write(&p, data).unwrap();
+            if name.ends_with(".key") {
+                // The agent refuses a private key readable by other users.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
         }
         // Its own cgroup first: a manager started in the machine's root cgroup would take
         // over that cgroup and move every process of it into its init.scope.

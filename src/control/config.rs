@@ -193,6 +193,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let secret = "s3cr3t-pa55word";
         std::fs::write(dir.path().join("pw"), secret).unwrap();
+        // The agent refuses a password file that other users can read.
+        std::fs::set_permissions(
+            dir.path().join("pw"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("ca.pem"), "").unwrap();
         let text = "[device]\nid = \"d1\"\n[mqtt]\nurl = \"mqtts://b:8883\"\nca = \"ca.pem\"\n\
              username = \"u\"\npassword_file = \"pw\"\n[store]\npath = \"s.redb\"\n\

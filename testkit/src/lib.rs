@@ -23,7 +23,7 @@ pub mod rumqttd_broker;
 pub mod wait;
 
 pub use mosquitto::{Mosquitto, MosquittoOptions};
-pub use pki::{ServerCert, TestPki};
+pub use pki::{CHAIN_INTERMEDIATES, ServerCert, TestPki};
 pub use port::free_port;
 pub use proxy::FaultProxy;
 pub use rumqttd_broker::{RumqttdBroker, RumqttdOptions};

@@ -3,7 +3,8 @@
 //!
 //! All files are PEM, written under one directory with mode 0644, and the directory gets
 //! 0755: Mosquitto started as root drops to the `mosquitto` user and must still read them.
-//! (These are test keys; world-readable is the point.)
+//! (These are test keys; world-readable is the point.) Client keys (every `*.key` but the
+//! servers') get 0600: the agent refuses a private key that other users can read.
 //!
 //! | field | what |
 //! | --- | --- |
@@ -18,6 +19,8 @@
 //! | `wrong_name_server_cert` / `_key` | server cert by `ca` for `wrong.example` only |
 //! | `expired_server_cert` / `_key` | server cert by `ca`, SANs as above, expired (2020-2021) |
 //! | `expired_client_cert` / `_key` | client cert by `ca`, expired (2020-2021) |
+//! | `chain_server_cert` / `_key` | server cert (names as `server_cert`) issued through [`CHAIN_INTERMEDIATES`] intermediate CAs under `ca`; the file holds the leaf, then the intermediates, nearest first |
+//! | `chain_client_cert` / `_key` | client cert (as `client_cert`) through the same intermediates, same file layout |
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -38,6 +41,8 @@ pub const DEFAULT_DEVICE_ID: &str = "pump-0042";
 pub const DEFAULT_ORG: &str = "edgesync";
 /// The CN of the CA the agent trusts.
 pub const CA_NAME: &str = "edgesync test CA";
+/// Intermediate CAs between `ca` and the `chain_*` certificates.
+pub const CHAIN_INTERMEDIATES: usize = 5;
 /// The only name in the wrong-name server certificate.
 pub const WRONG_NAME: &str = "wrong.example";
 
@@ -53,6 +58,8 @@ pub enum ServerCert {
     WrongName,
     /// Signed by `ca`, expired.
     Expired,
+    /// Issued through [`CHAIN_INTERMEDIATES`] intermediates under `ca`, sent with them.
+    Chain,
 }
 
 /// The PEM files of a test PKI; see the module doc for what each one is.
@@ -88,6 +95,10 @@ pub struct TestPki {
     pub expired_server_key: PathBuf,
     pub expired_client_cert: PathBuf,
     pub expired_client_key: PathBuf,
+    pub chain_server_cert: PathBuf,
+    pub chain_server_key: PathBuf,
+    pub chain_client_cert: PathBuf,
+    pub chain_client_key: PathBuf,
     ca_issuer: Issuer<'static, KeyPair>,
 }
 
@@ -187,6 +198,30 @@ impl TestPki {
             &ca_issuer,
         )?;
 
+        // ca -> intermediate 1 -> ... -> intermediate N -> leaf.
+        let mut intermediates = Vec::new();
+        let mut last: Option<Issuer<'static, KeyPair>> = None;
+        for i in 1..=CHAIN_INTERMEDIATES {
+            let cn = format!("edgesync test intermediate {i}");
+            let (pem, next) = make_intermediate(&cn, last.as_ref().unwrap_or(&ca_issuer))?;
+            intermediates.push(pem);
+            last = Some(next);
+        }
+        let last = last.as_ref().unwrap_or(&ca_issuer);
+        let bundle: String = intermediates.iter().rev().map(String::as_str).collect();
+        let (chain_server_cert, chain_server_key) = w.pair_with(
+            "chain-server",
+            &server_params(&good_names, false)?,
+            last,
+            &bundle,
+        )?;
+        let (chain_client_cert, chain_client_key) = w.pair_with(
+            "chain-client",
+            &client_params(device_id, org, false, false),
+            last,
+            &bundle,
+        )?;
+
         Ok(TestPki {
             dir: dir.to_path_buf(),
             device_id: device_id.to_owned(),
@@ -211,6 +246,10 @@ impl TestPki {
             expired_server_key,
             expired_client_cert,
             expired_client_key,
+            chain_server_cert,
+            chain_server_key,
+            chain_client_cert,
+            chain_client_key,
             ca_issuer,
         })
     }
@@ -222,6 +261,7 @@ impl TestPki {
             ServerCert::WrongCa => (&self.wrong_ca_server_cert, &self.wrong_ca_server_key),
             ServerCert::WrongName => (&self.wrong_name_server_cert, &self.wrong_name_server_key),
             ServerCert::Expired => (&self.expired_server_cert, &self.expired_server_key),
+            ServerCert::Chain => (&self.chain_server_cert, &self.chain_server_key),
         }
     }
 
@@ -241,12 +281,17 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
-    /// Writes `name` with mode 0644 and returns its path.
+    /// Writes `name` with mode 0644 (0600 for a client key) and returns its path.
     fn file(&self, name: &str, contents: &str) -> Result<PathBuf> {
         let path = self.dir.join(name);
+        let mode = if name.ends_with(".key") && !name.contains("server") {
+            0o600
+        } else {
+            0o644
+        };
         fs::write(&path, contents).context(|| format!("writing {}", path.display()))?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
-            .context(|| format!("chmod 0644 {}", path.display()))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+            .context(|| format!("chmod {mode:04o} {}", path.display()))?;
         Ok(path)
     }
 
@@ -257,11 +302,22 @@ impl Writer<'_> {
         params: &CertificateParams,
         issuer: &Issuer<'_, KeyPair>,
     ) -> Result<(PathBuf, PathBuf)> {
+        self.pair_with(stem, params, issuer, "")
+    }
+
+    /// As [`pair`](Self::pair), with `chain` (PEM certificates) after the leaf in `stem.pem`.
+    fn pair_with(
+        &self,
+        stem: &str,
+        params: &CertificateParams,
+        issuer: &Issuer<'_, KeyPair>,
+        chain: &str,
+    ) -> Result<(PathBuf, PathBuf)> {
         let key = KeyPair::generate().context(|| format!("generating key for {stem}"))?;
         let cert = params
             .signed_by(&key, issuer)
             .context(|| format!("signing {stem}"))?;
-        let cert = self.file(&format!("{stem}.pem"), &cert.pem())?;
+        let cert = self.file(&format!("{stem}.pem"), &(cert.pem() + chain))?;
         let key = self.file(&format!("{stem}.key"), &key.serialize_pem())?;
         Ok((cert, key))
     }
@@ -287,6 +343,33 @@ fn make_ca(cn: &str) -> Result<(String, Issuer<'static, KeyPair>)> {
     let cert = params
         .self_signed(&key)
         .context(|| format!("self-signing {cn}"))?;
+    Ok((cert.pem(), Issuer::new(params, key)))
+}
+
+/// An intermediate CA `cn` issued by `issuer`.
+fn make_intermediate(
+    cn: &str,
+    issuer: &Issuer<'_, KeyPair>,
+) -> Result<(String, Issuer<'static, KeyPair>)> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "edgesync tests");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, false);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .context(|| format!("generating key for {cn}"))?;
+    let cert = params
+        .signed_by(&key, issuer)
+        .context(|| format!("signing {cn}"))?;
     Ok((cert.pem(), Issuer::new(params, key)))
 }
 

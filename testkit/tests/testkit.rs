@@ -83,6 +83,8 @@ async fn mqtt_roundtrip(port: u16, config: ClientConfig, client_id: &str) {
 // ---------------------------------------------------------------------------------------------
 // PKI
 
+/// Certificates and server keys 0644 (Mosquitto drops to its own user); client keys 0600,
+/// as the agent requires of its key.
 #[test]
 fn pki_files_exist_with_modes_mosquitto_can_read() {
     let (_dir, pki) = pki();
@@ -108,13 +110,33 @@ fn pki_files_exist_with_modes_mosquitto_can_read() {
         &pki.expired_server_key,
         &pki.expired_client_cert,
         &pki.expired_client_key,
+        &pki.chain_server_cert,
+        &pki.chain_server_key,
+        &pki.chain_client_cert,
+        &pki.chain_client_key,
     ];
     files.extend(pki.client_rsa_cert.iter());
     files.extend(pki.client_rsa_key_pkcs8.iter());
     files.extend(pki.client_rsa_key_pkcs1.iter());
     for f in files {
         let mode = fs::metadata(f).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o644, "{}", f.display());
+        let name = f.file_name().unwrap().to_string_lossy();
+        let want = if name.ends_with(".key") && !name.contains("server") {
+            0o600
+        } else {
+            0o644
+        };
+        assert_eq!(mode, want, "{}", f.display());
+    }
+    // The chain files hold the leaf and every intermediate.
+    for f in [&pki.chain_server_cert, &pki.chain_client_cert] {
+        let pem = fs::read_to_string(f).unwrap();
+        assert_eq!(
+            pem.matches("BEGIN CERTIFICATE").count(),
+            1 + edgesync_testkit::CHAIN_INTERMEDIATES,
+            "{}",
+            f.display()
+        );
     }
 }
 
