@@ -37,7 +37,15 @@
 //!   consistent with the queue.
 //! - **Open** reads only `meta` and the first/last keys: no scan, whatever the backlog.
 //!   A file that is not a redb database, or that redb cannot repair, is reported with its
-//!   path and is never replaced or truncated.
+//!   path and is never replaced or truncated. One exception: a file whose creation never
+//!   completed (a power cut before redb wrote its magic number, which it does last) never
+//!   held a commit; it is renamed to `PATH.incomplete` and a new store is created.
+//! - **I/O errors.** A commit that fails answers every request of its group with the error
+//!   (`store-full` for ENOSPC/EDQUOT, else `io-error`) and nothing of it is acknowledged.
+//!   redb refuses all work after an I/O error until reopened, so the writer then reopens the
+//!   store (backoff 50 ms doubling to 2 s; requests meanwhile get the last error at once)
+//!   and reloads `meta` from what is on disk: the store recovers by itself when space
+//!   returns or the fault clears.
 
 pub mod record;
 
@@ -45,10 +53,14 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageBackend,
+    TableDefinition,
+};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -66,6 +78,9 @@ pub const RECORD_OVERHEAD: u64 = 24;
 pub const MAX_TXN_CHANGES: usize = 16_384;
 /// Requests that may wait for the writer before submitters are made to wait.
 const CHANNEL_DEPTH: usize = 4096;
+/// First and longest wait before the writer reopens the store after an I/O error.
+const REOPEN_MIN: Duration = Duration::from_millis(50);
+const REOPEN_MAX: Duration = Duration::from_secs(2);
 
 /// How to open the store.
 #[derive(Debug, Clone)]
@@ -107,6 +122,9 @@ pub enum StoreError {
     Full { needed: u64, queued: u64, max: u64 },
     #[error("store I/O error: {0}")]
     Io(String),
+    /// The file system is full (ENOSPC) or over quota (EDQUOT): retrying later may succeed.
+    #[error("no space left for the store: {0}")]
+    NoSpace(String),
     #[error("store is closed")]
     Closed,
 }
@@ -115,7 +133,7 @@ impl StoreError {
     /// The error code of SPEC §6 for local callers.
     pub fn code(&self) -> &'static str {
         match self {
-            StoreError::Full { .. } => "store-full",
+            StoreError::Full { .. } | StoreError::NoSpace(_) => "store-full",
             _ => "io-error",
         }
     }
@@ -123,8 +141,30 @@ impl StoreError {
 
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
-        StoreError::Io(e.to_string())
+        match &e {
+            redb::Error::Io(io) if is_no_space(io) => StoreError::NoSpace(e.to_string()),
+            _ => StoreError::Io(e.to_string()),
+        }
     }
+}
+
+fn is_no_space(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
+}
+
+/// Errors after which redb refuses further work until the database is reopened.
+fn needs_reopen(e: &redb::Error) -> bool {
+    matches!(
+        e,
+        redb::Error::Io(_)
+            | redb::Error::PreviousIo
+            | redb::Error::Backend(_)
+            | redb::Error::DatabaseClosed
+            | redb::Error::Corrupted(_)
+    )
 }
 
 macro_rules! from_redb {
@@ -279,8 +319,12 @@ struct Latest<V> {
     origin: Option<&'static str>,
 }
 
+/// Opens the database (again): the file at `StoreOptions::path`, or a test backend.
+type Opener = Arc<dyn Fn(&redb::Builder) -> Result<Database, DatabaseError> + Send + Sync>;
+
 struct Shared {
-    db: Database,
+    /// `None` while the writer reopens the store after an I/O error.
+    db: RwLock<Option<Database>>,
     path: PathBuf,
     stats: Mutex<QueueStats>,
     /// Write transactions committed since open (group-commit efficiency).
@@ -308,12 +352,38 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (or creates) the store and starts its writer thread.
     pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
+        prepare_path(opts)?;
         let path = opts.path.clone();
-        let db = open_db(opts)?;
+        let opener: Opener = Arc::new(move |b: &redb::Builder| b.create(&path));
+        match Self::open_with(opts, Arc::clone(&opener)) {
+            Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
+                Self::open_with(opts, opener)
+            }
+            r => r,
+        }
+    }
+
+    /// Opens (or creates) a store on `backend` instead of a file: the fault-injection tests
+    /// run the real writer on a backend that cuts power or fails I/O. `opts.path` only names
+    /// it in messages. Reopening after an I/O error uses a clone of `backend`, which must
+    /// share its contents (like reopening the same file).
+    pub fn open_with_backend<B: StorageBackend + Clone>(
+        backend: B,
+        opts: &StoreOptions,
+    ) -> Result<Outbox, StoreError> {
+        Self::open_with(
+            opts,
+            Arc::new(move |b: &redb::Builder| b.create_with_backend(backend.clone())),
+        )
+    }
+
+    fn open_with(opts: &StoreOptions, opener: Opener) -> Result<Outbox, StoreError> {
+        let path = opts.path.clone();
+        let db = open_db(opts, &opener)?;
         let meta = Meta::load_or_init(&db).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
         let shared = Arc::new(Shared {
-            db,
+            db: RwLock::new(Some(db)),
             path,
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
@@ -327,6 +397,9 @@ impl Outbox {
             max_bytes: opts.max_bytes,
             when_full: opts.when_full,
             buf: Vec::new(),
+            opts: opts.clone(),
+            opener,
+            broken: None,
         };
         let handle = std::thread::Builder::new()
             .name("edgesync-store".into())
@@ -423,7 +496,7 @@ impl Outbox {
 
     /// A read transaction, for modules with their own tables.
     pub fn read(&self) -> Result<redb::ReadTransaction, StoreError> {
-        Ok(self.shared.db.begin_read()?)
+        self.shared.begin_read()
     }
 
     /// Figures as of the last commit (no I/O).
@@ -443,7 +516,7 @@ impl Outbox {
 
     /// Timestamp of the oldest queued change.
     pub fn oldest_ts(&self) -> Result<Option<u64>, StoreError> {
-        let txn = self.shared.db.begin_read()?;
+        let txn = self.shared.begin_read()?;
         let table = txn.open_table(OUTBOX)?;
         let first = table.first()?;
         Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
@@ -457,7 +530,7 @@ impl Outbox {
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        let txn = self.shared.db.begin_read()?;
+        let txn = self.shared.begin_read()?;
         let table = txn.open_table(OUTBOX)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -478,7 +551,7 @@ impl Outbox {
 
     /// The latest reported record of a key with its seq (the record may carry an origin).
     pub fn reported_raw(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.shared.db.begin_read()?;
+        let txn = self.shared.begin_read()?;
         let table = txn.open_table(REPORTED)?;
         Ok(table.get(key)?.map(|v| {
             let (seq, rec) = v.value();
@@ -488,7 +561,7 @@ impl Outbox {
 
     /// Whether the change `seq` is still queued (not yet acknowledged by the broker).
     pub fn is_queued(&self, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.shared.db.begin_read()?;
+        let txn = self.shared.begin_read()?;
         let table = txn.open_table(OUTBOX)?;
         Ok(table.get(seq)?.is_some())
     }
@@ -498,7 +571,7 @@ impl Outbox {
         &self,
         key: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, ReportedValue>, StoreError> {
-        let txn = self.shared.db.begin_read()?;
+        let txn = self.shared.begin_read()?;
         let table = txn.open_table(REPORTED)?;
         let mut out = std::collections::BTreeMap::new();
         let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
@@ -550,11 +623,23 @@ impl Outbox {
     }
 }
 
+impl Shared {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StoreError> {
+        let db = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => Ok(db.begin_read()?),
+            None => Err(StoreError::Io(
+                "the store is being reopened after an I/O error".into(),
+            )),
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn open_db(opts: &StoreOptions) -> Result<Database, StoreError> {
+fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
     let path = &opts.path;
     if path.is_dir() {
         return Err(StoreError::Open {
@@ -568,10 +653,56 @@ fn open_db(opts: &StoreOptions) -> Result<Database, StoreError> {
             detail: format!("cannot create directory {}: {e}", parent.display()),
         })?;
     }
+    Ok(())
+}
+
+/// Longest file redb's creation leaves before it writes the magic number (its initial
+/// layout is 72 KiB); larger files are never set aside.
+const INCOMPLETE_MAX_LEN: u64 = 1 << 20;
+
+/// redb creates a file in steps: set its length, write the header without the magic
+/// number, sync, write the magic number, sync. A power cut before the last step leaves a
+/// small file whose first 9 bytes are zero, which redb refuses ("magic number mismatch")
+/// at every start. It never held a commit, so it is set aside (kept for inspection) and
+/// a new store is created. Any other file that fails to open stays refused and untouched.
+/// Returns whether the file was set aside.
+fn set_aside_incomplete(path: &Path) -> Result<bool, StoreError> {
+    use std::io::Read;
+    let open_err = |e: std::io::Error| StoreError::Open {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    };
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(false);
+    };
+    let len = file.metadata().map_err(open_err)?.len();
+    if len == 0 || len > INCOMPLETE_MAX_LEN {
+        return Ok(false);
+    }
+    let mut magic = Vec::with_capacity(9);
+    file.take(9).read_to_end(&mut magic).map_err(open_err)?;
+    if magic.iter().any(|b| *b != 0) {
+        return Ok(false);
+    }
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".incomplete");
+    let aside = PathBuf::from(aside);
+    std::fs::rename(path, &aside).map_err(open_err)?;
+    tracing::warn!(
+        path = %path.display(),
+        aside = %aside.display(),
+        "the store file's creation never completed (e.g. a power cut while it was created); \
+         set it aside and creating a new store"
+    );
+    Ok(true)
+}
+
+fn open_db(opts: &StoreOptions, opener: &Opener) -> Result<Database, StoreError> {
+    let path = &opts.path;
     let mut builder = Database::builder();
     builder.set_cache_size(usize::try_from(opts.cache_size).unwrap_or(usize::MAX));
     // redb may panic on a file corrupted outside of it; a damaged file must be an error.
-    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| builder.create(path)));
+    let opened = std::panic::catch_unwind(AssertUnwindSafe(|| opener(&builder)));
     match opened {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(classify_open_error(path, e.into())),
@@ -585,6 +716,9 @@ fn open_db(opts: &StoreOptions) -> Result<Database, StoreError> {
 fn classify_open_error(path: &Path, e: redb::Error) -> StoreError {
     let path = path.to_path_buf();
     match e {
+        redb::Error::Io(io) if is_no_space(&io) => {
+            StoreError::NoSpace(format!("{}: {io}", path.display()))
+        }
         redb::Error::DatabaseAlreadyOpen => StoreError::Locked { path },
         redb::Error::Corrupted(detail) => StoreError::Corrupt { path, detail },
         redb::Error::RepairAborted => StoreError::Corrupt {
@@ -720,6 +854,17 @@ struct Writer {
     max_bytes: u64,
     when_full: WhenFull,
     buf: Vec<u8>,
+    opts: StoreOptions,
+    opener: Opener,
+    /// Set after a commit failed with an I/O error: redb must be reopened first.
+    broken: Option<Broken>,
+}
+
+struct Broken {
+    /// What requests are answered with until the store is reopened.
+    error: StoreError,
+    retry_at: Instant,
+    delay: Duration,
 }
 
 enum Outcome {
@@ -766,39 +911,110 @@ impl Writer {
         // Requests still queued are answered with `Closed` as their senders drop.
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
-        let before = self.meta;
-        let result = self.apply(batch);
-        let outcomes = match result {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                self.meta = before;
-                let err = StoreError::from(e);
-                tracing::error!(error = %err, "store commit failed");
-                for op in batch.drain(..) {
-                    match op {
-                        Op::Append { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Op::Ack { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Op::Transact { reply, .. } => {
-                            let _ = reply.send(Err(err.clone()));
-                        }
-                        Op::Heartbeat { .. } | Op::Shutdown => {}
-                    }
-                }
-                return;
-            }
+    /// Reopens the store if a failed commit left redb refusing work and the backoff has
+    /// passed; returns the error to answer with while it stays unusable.
+    fn ensure_open(&mut self) -> Result<(), StoreError> {
+        let Some(broken) = &self.broken else {
+            return Ok(());
         };
-        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        if Instant::now() < broken.retry_at {
+            return Err(broken.error.clone());
+        }
+        let delay = broken.delay;
+        let mut db = self
+            .shared
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The old handle must be closed first: it holds the file lock.
+        drop(db.take());
+        let reopened = open_db(&self.opts, &self.opener).and_then(|new| {
+            let meta =
+                Meta::load_or_init(&new).map_err(|e| classify_open_error(&self.opts.path, e))?;
+            Ok((new, meta))
+        });
+        match reopened {
+            Ok((new, meta)) => {
+                *db = Some(new);
+                drop(db);
+                tracing::info!("store reopened after an I/O error");
+                self.broken = None;
+                // What is on disk is the truth now (a failed commit may or may not be there).
+                self.meta = meta;
+                self.publish_stats();
+                Ok(())
+            }
+            Err(e) => {
+                drop(db);
+                let error = match e {
+                    e @ (StoreError::NoSpace(_) | StoreError::Io(_)) => e,
+                    other => StoreError::Io(other.to_string()),
+                };
+                tracing::warn!(error = %error, "reopening the store failed; retrying later");
+                let delay = (delay * 2).min(REOPEN_MAX);
+                self.broken = Some(Broken {
+                    error: error.clone(),
+                    retry_at: Instant::now() + delay,
+                    delay,
+                });
+                Err(error)
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
         *lock(&self.shared.stats) = self.meta.stats(self.max_bytes);
         self.shared.appended.send_if_modified(|n| {
             let changed = *n != self.meta.next_seq;
             *n = self.meta.next_seq;
             changed
         });
+    }
+
+    fn fail_batch(batch: &mut Vec<Op>, err: &StoreError) {
+        for op in batch.drain(..) {
+            match op {
+                Op::Append { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Op::Ack { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Op::Transact { reply, .. } => {
+                    let _ = reply.send(Err(err.clone()));
+                }
+                Op::Heartbeat { .. } | Op::Shutdown => {}
+            }
+        }
+    }
+
+    fn commit_batch(&mut self, batch: &mut Vec<Op>) {
+        if let Err(err) = self.ensure_open() {
+            Self::fail_batch(batch, &err);
+            return;
+        }
+        let before = self.meta;
+        let result = self.apply(batch);
+        let outcomes = match result {
+            Ok(outcomes) => outcomes,
+            Err(e) => {
+                self.meta = before;
+                let reopen = needs_reopen(&e);
+                let err = StoreError::from(e);
+                tracing::error!(error = %err, "store commit failed");
+                if reopen {
+                    self.broken = Some(Broken {
+                        error: err.clone(),
+                        retry_at: Instant::now() + REOPEN_MIN,
+                        delay: REOPEN_MIN,
+                    });
+                }
+                Self::fail_batch(batch, &err);
+                return;
+            }
+        };
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.publish_stats();
         let mut outcomes = outcomes.into_iter();
         for op in batch.drain(..) {
             match (op, outcomes.next()) {
@@ -818,7 +1034,17 @@ impl Writer {
 
     /// Applies a batch in one write transaction; one outcome per non-shutdown op, in order.
     fn apply(&mut self, batch: &[Op]) -> Result<Vec<Outcome>, redb::Error> {
-        let mut txn = self.shared.db.begin_write()?;
+        let mut txn = {
+            let db = self
+                .shared
+                .db
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            match db.as_ref() {
+                Some(db) => db.begin_write()?,
+                None => return Err(redb::Error::DatabaseClosed),
+            }
+        };
         txn.set_durability(Durability::Immediate)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
