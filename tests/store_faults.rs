@@ -978,6 +978,13 @@ fn full_disk_under_the_real_agent_answers_store_full_and_recovers() {
     let depth = status["queue"]["depth"].as_u64().unwrap();
     assert!(depth >= acked.len() as u64, "{status}");
 
+    // A crash and a restart while the disk is still full: the store opens (nothing to
+    // write on open) and keeps answering store-full.
+    agent.kill9();
+    agent.restart();
+    let ans = agent.request(&req(&batch(full_at)));
+    assert_eq!(error_code(&ans), "store-full", "{ans}");
+
     // Space returns: the agent takes reports again by itself.
     std::fs::remove_file(&ballast).unwrap();
     let mut n = full_at + 1;

@@ -780,8 +780,12 @@ impl Meta {
         ]
     }
 
+    /// Reads `meta`, creating the tables on a new store and repairing the figures if they
+    /// lag the queue. Commits only then: a store that needs no change opens without a
+    /// write (none that could fail on a full disk).
     fn load_or_init(db: &Database) -> Result<Meta, redb::Error> {
         let txn = db.begin_write()?;
+        let mut changed = false;
         let meta = {
             let _ = txn.open_table(REPORTED)?;
             let outbox = txn.open_table(OUTBOX)?;
@@ -791,8 +795,9 @@ impl Meta {
                 ..Meta::default()
             };
             for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
-                if let Some(v) = table.get(*name)? {
-                    *field = v.value();
+                match table.get(*name)? {
+                    Some(v) => *field = v.value(),
+                    None => changed = true,
                 }
             }
             // Defensive: seqs must never be reused, even if meta lagged the data.
@@ -805,6 +810,7 @@ impl Meta {
                         "store metadata behind the queue; raising next_seq"
                     );
                     meta.next_seq = last + 1;
+                    changed = true;
                 }
             } else if meta.depth != 0 || meta.bytes != 0 {
                 tracing::warn!(
@@ -813,11 +819,18 @@ impl Meta {
                 );
                 meta.depth = 0;
                 meta.bytes = 0;
+                changed = true;
             }
-            meta.store(&mut table)?;
+            if changed {
+                meta.store(&mut table)?;
+            }
             meta
         };
-        txn.commit()?;
+        if changed {
+            txn.commit()?;
+        } else {
+            txn.abort()?;
+        }
         Ok(meta)
     }
 

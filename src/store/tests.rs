@@ -390,3 +390,42 @@ fn transact_commits_own_tables_and_appends_atomically() {
     );
     outbox.shutdown_blocking();
 }
+
+#[test]
+fn a_file_left_by_an_interrupted_creation_is_set_aside_and_replaced() {
+    // What a power cut before redb wrote its magic number leaves: length set, zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let mut image = vec![0u8; 73_728];
+    image[40] = 3; // part of the header, without the magic number
+    std::fs::write(&o.path, &image).unwrap();
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.stats().next_seq, 1);
+    outbox.shutdown_blocking();
+    let aside = dir.path().join("store.redb.incomplete");
+    assert_eq!(std::fs::read(aside).unwrap(), image, "kept for inspection");
+}
+
+#[test]
+fn a_large_file_without_magic_is_refused_not_set_aside() {
+    // Larger than anything redb's creation leaves: someone else's file, left alone.
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::Reject);
+    let image = vec![0u8; (INCOMPLETE_MAX_LEN + 1) as usize];
+    std::fs::write(&o.path, &image).unwrap();
+    let err = Outbox::open(&o).unwrap_err();
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(!dir.path().join("store.redb.incomplete").exists());
+    assert_eq!(std::fs::read(&o.path).unwrap().len(), image.len());
+}
+
+#[test]
+fn no_space_is_store_full_for_callers() {
+    let e = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(28)));
+    assert!(matches!(e, StoreError::NoSpace(_)), "{e}");
+    assert_eq!(e.code(), "store-full");
+    let e = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(122)));
+    assert_eq!(e.code(), "store-full");
+    let e = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(5)));
+    assert_eq!(e.code(), "io-error");
+}
