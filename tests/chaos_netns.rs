@@ -26,7 +26,7 @@ use common::chaos::{
     Driver, Ledger, Recorder, agent_options, check, clk_tck, cpu_ticks, env_u64, seed,
 };
 use common::cloud::{pki, wait};
-use common::{Agent, BIN, Rng, try_request};
+use common::{Agent, Rng, bin_command, try_request};
 use edgesync_testkit::{Mosquitto, MosquittoOptions, ServerCert, free_port};
 use serde_json::json;
 
@@ -238,9 +238,14 @@ fn iptables_drop_in_a_namespace_silent_link_outages_and_offline_cpu() {
         .append(true)
         .open(&agent.log_path)
         .unwrap();
+    // The binary under test (through EDGESYNC_TEST_RUNNER if set), inside the namespace.
+    let bin = bin_command();
     let daemon = NsDaemon(
         Command::new("ip")
-            .args(["netns", "exec", &ns.name, BIN, "run", "--config"])
+            .args(["netns", "exec", &ns.name])
+            .arg(bin.get_program())
+            .args(bin.get_args())
+            .args(["run", "--config"])
             .arg(&agent.config_path)
             .env_remove("EDGESYNC_CONFIG")
             .env_remove("EDGESYNC_LOG")
