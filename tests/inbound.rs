@@ -16,7 +16,9 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Instant;
 
 use common::Agent;
@@ -124,23 +126,52 @@ impl Rig {
         by_id
     }
 
-    /// Starts the agent (stopped) with `point` armed, runs `send`, waits until it died there.
+    /// Starts the agent (stopped) with `point` armed, runs `send`, waits until it died there,
+    /// then starts it again without. The armed one is spawned here rather than by
+    /// [`Agent::restart`], which waits until it serves: a message the broker delivers again
+    /// may kill it before that.
     fn crash_at(&mut self, point: &str, send: impl FnOnce(&Rig)) {
-        self.agent.opts.env = vec![(edgesync::crash::ENV.into(), point.into())];
-        self.agent.restart();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.agent.log_path)
+            .unwrap();
+        let child = common::bin_command()
+            .arg("run")
+            .arg("--config")
+            .arg(&self.agent.config_path)
+            .env_remove("EDGESYNC_CONFIG")
+            .env_remove("EDGESYNC_LOG")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
+            .env(edgesync::crash::ENV, point)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut armed = Armed(child);
         send(self);
-        let what = format!("the agent to die at {point}");
-        let deadline = Instant::now() + DEADLINE;
-        while self.agent.is_running() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; log:\n{}",
+        let status = common::wait_timeout(&mut armed.0, DEADLINE).unwrap_or_else(|| {
+            panic!(
+                "the agent did not die at {point}; log:\n{}",
                 self.agent.log()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        self.agent.opts.env.clear();
+            )
+        });
+        assert_eq!(status.signal(), Some(9), "killed at {point}: {status}");
         self.agent.restart();
+    }
+}
+
+/// The armed agent; killed if the test fails before it died.
+struct Armed(std::process::Child);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
