@@ -3032,6 +3032,47 @@ mod tests {
     }
 
     #[test]
+    fn secrets_accessible_to_others_and_a_world_writable_config_are_refused() {
+        let dir = tls_dir();
+        let (key, pw) = (dir.path().join("device.key"), dir.path().join("pw"));
+        std::fs::write(&pw, "secret").unwrap();
+        let file = dir.path().join("edgesync.toml");
+        let text = tls_config(
+            "cert = \"device.pem\"\nkey = \"device.key\"\nusername = \"u\"\n\
+             password_file = \"pw\"",
+        );
+        std::fs::write(&file, text).unwrap();
+        let chmod = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // Owner only, or owner and group (root:edgesync 0640): accepted.
+        for mode in [0o600, 0o640, 0o400] {
+            chmod(&key, mode);
+            chmod(&pw, mode);
+            Config::load(&file).unwrap_or_else(|err| panic!("{mode:o}: {err}"));
+        }
+        chmod(&key, 0o604);
+        chmod(&pw, 0o601);
+        let errors = Config::load(&file).unwrap_err();
+        assert_eq!(keys(&errors.problems), ["mqtt.key", "mqtt.password_file"]);
+        let key_msg = &errors.problems[0].message;
+        assert!(key_msg.contains(&*key.to_string_lossy()), "{key_msg}");
+        assert!(key_msg.contains("mode 0604"), "{key_msg}");
+        assert!(key_msg.contains("chmod 600"), "{key_msg}");
+        assert!(errors.problems[1].message.contains("mode 0601"));
+        chmod(&key, 0o600);
+        chmod(&pw, 0o600);
+        // The config file: readable by all is fine, writable by all is not.
+        chmod(&file, 0o644);
+        Config::load(&file).unwrap_or_else(|err| panic!("{err}"));
+        chmod(&file, 0o666);
+        let errors = Config::load(&file).unwrap_err();
+        assert_eq!(keys(&errors.problems), [""]);
+        assert!(errors.problems[0].message.contains("mode 0666"));
+        assert!(errors.problems[0].message.contains("chmod 640"));
+    }
+
+    #[test]
     fn tls_config_with_readable_certificate_files_loads_from_disk() {
         let dir = tls_dir();
         std::fs::write(dir.path().join("password"), "secret\n").unwrap();
