@@ -110,7 +110,10 @@ pub fn parse(payload: &[u8], encoding: Encoding) -> Result<Request, BadRequest> 
             return Err(bad(Some(id), "a field name is not text".into()));
         };
         if !seen.insert(k.clone()) {
-            return Err(bad(Some(id), format!("field {k:?} appears twice")));
+            return Err(bad(
+                Some(id),
+                format!("field {} appears twice", doc::quote_short(&k)),
+            ));
         }
         match k.as_str() {
             "args" => {
@@ -373,5 +376,29 @@ mod tests {
         assert!(e.contains("\"limt\"") && e.contains("takes key"), "{e}");
         let a = Args::new(CommandName::Ping, map(json!({"x": 1})));
         assert!(a.finish().unwrap_err().contains("takes no arguments"));
+    }
+
+    // Regression (fuzzing, issue 7): the refusal quoted a repeated field name whole, so a
+    // request within MAX_REQUEST_BYTES got a response of 100 KB, over MAX_RESPONSE_BYTES.
+    #[test]
+    fn refusals_of_long_repeated_names_fit_in_a_response() {
+        let long = "\u{1}".repeat(20_000);
+        let t = |s: &str| Cbor::Text(s.to_owned());
+        let twice = Cbor::Map(vec![(t(&long), Cbor::Null), (t(&long), Cbor::Null)]);
+        let mut field = vec![(t("id"), t("a"))];
+        field.extend([(t(&long), Cbor::Null), (t(&long), Cbor::Null)]);
+        let args = vec![(t("id"), t("a")), (t("args"), twice)];
+        for fields in [field, args] {
+            let mut payload = Vec::new();
+            ciborium::into_writer(&Cbor::Map(fields), &mut payload).unwrap();
+            assert!(payload.len() <= MAX_REQUEST_BYTES);
+            let bad = parse(&payload, Encoding::Cbor).unwrap_err();
+            assert!(bad.message.contains("twice"), "{}", bad.message);
+            let response = error(bad.id.as_deref(), ErrorCode::BadRequest, &bad.message);
+            for encoding in [Encoding::Json, Encoding::Cbor] {
+                let n = doc::encode(&response, encoding).len();
+                assert!(n <= MAX_RESPONSE_BYTES, "{n} bytes in {encoding:?}");
+            }
+        }
     }
 }

@@ -103,7 +103,10 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
             return Err(fail(None, "a field name is not text".into()));
         };
         if !seen.insert(k.clone()) {
-            return Err(fail(None, format!("field {k:?} appears twice")));
+            return Err(fail(
+                None,
+                format!("field {} appears twice", quote_short(&k)),
+            ));
         }
         match k.as_str() {
             "version" => version = Some(as_u64(&v).ok_or("version")),
@@ -139,7 +142,7 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
         if !keys.insert(key.clone()) {
             return Err(fail(
                 Some(version),
-                format!("key {key:?} appears twice in state"),
+                format!("key {} appears twice in state", quote_short(&key)),
             ));
         }
         let value = crate::change::validate_key(&key)
@@ -213,7 +216,7 @@ pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, String>
                 };
                 let v = to_json(v, depth + 1, max_depth)?;
                 if m.insert(k.clone(), v).is_some() {
-                    return Err(format!("key {k:?} appears twice in a map"));
+                    return Err(format!("key {} appears twice in a map", quote_short(&k)));
                 }
             }
             Value::Object(m)
@@ -222,6 +225,18 @@ pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, String>
         Cbor::Tag(t, _) => return Err(format!("CBOR tag {t} is not supported")),
         _ => return Err("unsupported CBOR value".into()),
     })
+}
+
+/// `s` quoted for a message, cut to 80 characters: names in messages come from the payload,
+/// and a long one must not make the answer (desired result, command response) unbounded.
+pub fn quote_short(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.chars().count() <= MAX {
+        format!("{s:?}")
+    } else {
+        let short: String = s.chars().take(MAX).collect();
+        format!("{short:?}…")
+    }
 }
 
 /// Encodes a document to send (results, command responses) in `encoding`.
@@ -373,5 +388,43 @@ mod tests {
         assert_eq!(sniff(b"  \n{"), Encoding::Json);
         assert_eq!(sniff(&[0xa2]), Encoding::Cbor);
         assert_eq!(sniff(b""), Encoding::Cbor);
+    }
+
+    // Regression (fuzzing, issue 7): messages quoted whole names from the payload, so a
+    // repeated 20,000-character name of control characters gave a 100 KB result.
+    #[test]
+    fn messages_quote_at_most_80_characters_of_a_name() {
+        let long = "\u{1}".repeat(20_000);
+        let t = |s: &str| Cbor::Text(s.to_owned());
+        let twice = |k: &str| Cbor::Map(vec![(t(k), Cbor::Null), (t(k), Cbor::Null)]);
+        let field = cbor(&Cbor::Map(vec![
+            (t("version"), Cbor::Integer(1.into())),
+            (t(&long), Cbor::Null),
+            (t(&long), Cbor::Null),
+        ]));
+        let state = cbor(&Cbor::Map(vec![
+            (t("version"), Cbor::Integer(1.into())),
+            (t("state"), twice(&long)),
+        ]));
+        let nested = cbor(&Cbor::Map(vec![
+            (t("version"), Cbor::Integer(1.into())),
+            (t("state"), Cbor::Map(vec![(t("k"), twice(&long))])),
+        ]));
+        for doc in [field, state] {
+            let e = decode(&doc, L).unwrap_err();
+            assert!(
+                e.reason.contains("twice") && e.reason.len() < 1024,
+                "{}",
+                e.reason.len()
+            );
+        }
+        let d = decode(&nested, L).unwrap();
+        let e = d.state[0].1.as_ref().unwrap_err();
+        assert!(e.contains("twice") && e.len() < 1024, "{}", e.len());
+        assert_eq!(quote_short("ab"), "\"ab\"");
+        assert_eq!(
+            quote_short(&"é".repeat(81)),
+            format!("{:?}…", "é".repeat(80))
+        );
     }
 }
