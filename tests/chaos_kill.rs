@@ -2,8 +2,9 @@
 //! driver reports changes and the queue drains to Mosquitto; an independent ledger of what
 //! was acknowledged is checked against what a persistent QoS 1 subscriber received.
 //!
-//! `EDGESYNC_CHAOS_KILLS` (default 50) sets the number of kills, `EDGESYNC_CHAOS_SEED` the
-//! schedule. `.ci/soak` runs 1,000.
+//! `EDGESYNC_CHAOS_KILLS` (default 50) sets the number of kills, `EDGESYNC_CHAOS_SLOW_KILLS`
+//! (default 20) those of the slow-link variant, `EDGESYNC_CHAOS_SEED` the schedule.
+//! `.ci/soak` runs 1,000 and 200.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,23 +15,28 @@ use std::time::{Duration, Instant};
 use common::chaos::{Driver, Ledger, Recorder, agent_options, check, env_u64, seed};
 use common::cloud::pki;
 use common::{Agent, Rng};
-use edgesync_testkit::{Mosquitto, MosquittoOptions};
+use edgesync_testkit::{FaultProxy, Mosquitto, MosquittoOptions};
 
-#[test]
-fn kill_loop_loses_no_acknowledged_change() {
-    let kills = env_u64("EDGESYNC_CHAOS_KILLS", 50);
-    let seed = seed("kill_loop");
+/// Kills the agent `kills` times at random moments while two drivers report; `slow_link`
+/// puts a proxy capped at 30 kB/s in front of the broker, so a backlog builds up and every
+/// kill lands in a drain with a full window of batches in flight.
+fn kill_loop(name: &str, kills: u64, slow_link: bool) {
+    let seed = seed(name);
     let dir = tempfile::tempdir().unwrap();
-    let device = "chaos-kill";
-    let pki = pki(dir.path(), device);
+    let device = format!("chaos-kill-{slow_link}");
+    let pki = pki(dir.path(), &device);
     // Mosquitto: rumqttd 0.20 stops serving after a few hundred killed clients.
     let Some(mosq) = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap() else {
         return;
     };
-    let rec = Recorder::start(&pki, mosq.tls_port, device);
+    let proxy = FaultProxy::start(mosq.tls_addr()).unwrap();
+    if slow_link {
+        proxy.bandwidth(30_000);
+    }
+    let rec = Recorder::start(&pki, mosq.tls_port, &device);
     let mut agent = Agent::start(agent_options(
         &pki,
-        mosq.tls_port,
+        proxy.port(),
         "keep_alive = \"5s\"\nreconnect_initial = \"100ms\"\nreconnect_max = \"1s\"\n",
     ));
     let ledger = Ledger::create(&dir.path().join("ledger.ndjson"));
@@ -38,9 +44,13 @@ fn kill_loop_loses_no_acknowledged_change() {
     let mut rng = Rng::new(seed);
     let started = Instant::now();
     let mut restart_total = Duration::ZERO;
+    let mut backlog_at_kill = 0u64;
     for i in 0..kills {
         // The fault schedule, not a wait for an event: kill at a random moment.
         std::thread::sleep(Duration::from_millis(rng.range(0, 2000)));
+        if slow_link && agent.depth() > 0 {
+            backlog_at_kill += 1;
+        }
         agent.kill9();
         // The store must open every time: restart() fails if the daemon does not serve.
         let t = Instant::now();
@@ -48,7 +58,7 @@ fn kill_loop_loses_no_acknowledged_change() {
         restart_total += t.elapsed();
         if (i + 1) % 100 == 0 {
             eprintln!(
-                "kill_loop: {} kills, {} acknowledged, {} delivered, {:.0?}",
+                "{name}: {} kills, {} acknowledged, {} delivered, {:.0?}",
                 i + 1,
                 ledger.acked_len(),
                 rec.distinct(),
@@ -58,16 +68,42 @@ fn kill_loop_loses_no_acknowledged_change() {
     }
     driver.stop();
     let loop_took = started.elapsed();
+    proxy.bandwidth(0);
     rec.wait_for_ledger(&ledger, Duration::from_secs(180));
     common::cloud::wait("queue drained", Duration::from_secs(180), || {
         agent.depth() == 0
     });
     let v = check(&ledger, &rec);
     eprintln!(
-        "kill_loop: {kills} kills in {loop_took:.1?} (restart to serving: mean {:.0?}); {}",
+        "{name}: {kills} kills in {loop_took:.1?} (restart to serving: mean {:.0?}{}); {}",
         restart_total / u32::try_from(kills.max(1)).unwrap(),
+        if slow_link {
+            format!("; {backlog_at_kill} kills with a backlog")
+        } else {
+            String::new()
+        },
         v.summary()
     );
     v.assert_ok();
     assert!(v.acked > 0, "the driver got nothing acknowledged");
+    if slow_link {
+        assert!(
+            backlog_at_kill * 2 >= kills,
+            "most kills hit a backlog: {backlog_at_kill}/{kills}"
+        );
+    }
+}
+
+#[test]
+fn kill_loop_loses_no_acknowledged_change() {
+    kill_loop("kill_loop", env_u64("EDGESYNC_CHAOS_KILLS", 50), false);
+}
+
+#[test]
+fn kill_loop_during_a_backlog_drain_on_a_slow_link() {
+    kill_loop(
+        "kill_loop_slow_link",
+        env_u64("EDGESYNC_CHAOS_SLOW_KILLS", 20),
+        true,
+    );
 }
