@@ -40,10 +40,18 @@ fn sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid() {
 
     // No rule yet: 99 is accepted.
     let topic = "edgesync/reload-rules/desired";
-    cloud.publish(
+    // Repeated until answered: "online" comes before the agent's subscription; a repeat
+    // of version 1 is answered "duplicate".
+    cloud.publish_until(
         topic,
-        json!({"version": 1, "state": {"setpoint": 99}}).to_string(),
-        false,
+        json!({"version": 1, "state": {"setpoint": 99}})
+            .to_string()
+            .as_bytes(),
+        "result of version 1",
+        |m| {
+            let v = common::cloud::decode(&m.payload);
+            (m.topic.ends_with("/desired/result") && v["version"] == 1).then_some(v)
+        },
     );
     cloud.wait_result(1, "applied");
 
@@ -209,16 +217,17 @@ fn the_reload_command_reloads_too() {
         format!("{base}\n[log]\nlevel = \"debug\"\n"),
     )
     .unwrap();
-    cloud.publish(
+    // Repeated until answered: "online" comes before the agent's subscription.
+    let answer = cloud.publish_until(
         "edgesync/reload-cmd/cmd/reload",
-        json!({"id": "r1"}).to_string(),
-        false,
+        json!({"id": "r1"}).to_string().as_bytes(),
+        "reload answer",
+        |m| {
+            m.topic
+                .ends_with("/cmd/reload/result")
+                .then(|| common::cloud::decode(&m.payload))
+        },
     );
-    let answer = cloud.wait_for("reload answer", |m| {
-        m.topic
-            .ends_with("/cmd/reload/result")
-            .then(|| common::cloud::decode(&m.payload))
-    });
     assert_eq!(answer["ok"], true, "{answer}");
     assert_eq!(answer["result"]["reloaded"], true);
     std::fs::write(&agent.config_path, format!("{base}\n[log]\nlevel = 7\n")).unwrap();

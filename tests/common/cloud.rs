@@ -262,6 +262,33 @@ impl Cloud {
         }
     }
 
+    /// Publishes `payload` to `topic` until a message that `pick` accepts arrives (again
+    /// every 500 ms): right after the agent reports "online" its subscription may not be in
+    /// place yet (it follows the CONNACK), and a message published before it is not
+    /// delivered. Only for messages the agent answers the same when repeated (a command
+    /// with its id, a desired version).
+    #[allow(dead_code)]
+    pub fn publish_until<T>(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        what: &str,
+        mut pick: impl FnMut(&Msg) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.publish(topic, payload.to_vec(), false);
+            let again = Instant::now() + Duration::from_millis(500);
+            while Instant::now() < again {
+                if let Some(t) = self.messages().iter().find_map(&mut pick) {
+                    return t;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        }
+    }
+
     /// The first apply result of `version` with `status`, with its message.
     pub fn wait_result(&self, version: u64, status: &str) -> (Msg, Value) {
         self.wait_for(&format!("a {status:?} result of version {version}"), |m| {
