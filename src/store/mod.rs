@@ -959,9 +959,14 @@ impl Writer {
             }
             Err(e) => {
                 drop(db);
+                // A reopen refused for another reason (e.g. the old handle not closed yet)
+                // keeps answering with the fault that broke the store.
                 let error = match e {
                     e @ (StoreError::NoSpace(_) | StoreError::Io(_)) => e,
-                    other => StoreError::Io(other.to_string()),
+                    other => {
+                        tracing::debug!(error = %other, "reopen refused");
+                        broken.error.clone()
+                    }
                 };
                 tracing::warn!(error = %error, "reopening the store failed; retrying later");
                 let delay = (delay * 2).min(REOPEN_MAX);
