@@ -558,7 +558,7 @@ fn scratch() -> tempfile::TempDir {
 }
 
 /// Opens a crash image as the next boot would (the real file path) and checks it.
-fn boot_image(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str) -> Ledger {
+fn boot_image(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str) {
     let path: PathBuf = dir.join("store.redb");
     let _ = std::fs::remove_file(&path);
     let mut aside = path.clone().into_os_string();
@@ -579,7 +579,6 @@ fn boot_image(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str
     let mut ledger = ledger.clone();
     check_invariants(&outbox, plan, &mut ledger, what);
     outbox.shutdown_blocking();
-    ledger
 }
 
 /// Whether redb's creation of the image completed (its magic number is written).
@@ -630,10 +629,10 @@ fn sweep(plan: Plan, second_every: u64) -> (u64, u64, u64) {
         for (variant, image) in &imgs {
             images += 1;
             let what = format!("{plan:?} cut at sync {cut}/{total} ({variant})");
-            let after = boot_image(dir.path(), image, &plan, &ledger, &what);
+            boot_image(dir.path(), image, &plan, &ledger, &what);
             // A second cut while the first recovery runs.
             if second_every > 0 && cut % second_every == 0 && bootable(image) {
-                second += second_cuts(dir.path(), image, &plan, &after, &ledger, &what);
+                second += second_cuts(dir.path(), image, &plan, &ledger, &what);
             }
         }
     }
@@ -641,14 +640,7 @@ fn sweep(plan: Plan, second_every: u64) -> (u64, u64, u64) {
 }
 
 /// Replays the recovery of `image` (open + one append), cutting at each of its syncs.
-fn second_cuts(
-    dir: &Path,
-    image: &[u8],
-    plan: &Plan,
-    _first: &Ledger,
-    ledger: &Ledger,
-    what: &str,
-) -> u64 {
+fn second_cuts(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str) -> u64 {
     let o = store_opts(Path::new("sim.redb"), plan);
     let recover = |disk: &SimDisk, ledger: &mut Ledger| {
         if let Ok(outbox) = Outbox::open_with_backend(disk.clone(), &o) {
