@@ -319,14 +319,18 @@ async fn answer(
     }
 }
 
-enum Line {
+/// What [`read_line`] found. Public for the fuzz targets only.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Line {
     Ok,
     TooLong,
     Eof,
 }
 
 /// Reads one line into `buf` (without the newline), never holding more than [`MAX_LINE`].
-async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
+#[doc(hidden)]
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
     buf.clear();
     let mut too_long = false;
     loop {
@@ -365,9 +369,9 @@ async fn handle(
     tx: &mpsc::Sender<Pending>,
     watching: &mut Option<u64>,
 ) -> Pending {
-    let req: Request = match serde_json::from_slice(line) {
+    let req = match decode_line(line) {
         Ok(r) => r,
-        Err(e) => return Pending::Ready(error_line(code::BAD_REQUEST, bad_request_message(&e))),
+        Err(answer) => return Pending::Ready(answer),
     };
     match req.op.as_str() {
         "report" => report(req, ctx).await,
@@ -397,6 +401,12 @@ async fn handle(
             ),
         )),
     }
+}
+
+/// Decodes one request line; `Err` is the error line to answer. Public for the fuzz targets.
+#[doc(hidden)]
+pub fn decode_line(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| error_line(code::BAD_REQUEST, bad_request_message(&e)))
 }
 
 fn bad_request_message(e: &serde_json::Error) -> String {

@@ -1,0 +1,15 @@
+//! The desired-document decoder on CBOR input (anything not starting with `{`).
+#![no_main]
+
+use edgesync::config::Encoding;
+use edgesync::desired::doc;
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| {
+    if doc::sniff(data) != Encoding::Cbor {
+        return;
+    }
+    common::check_decode(data);
+});
