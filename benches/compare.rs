@@ -1,0 +1,1561 @@
+//! Side by side: edgesync against a bridged Mosquitto, the same workload, one machine, one run.
+//!
+//! ```text
+//! cargo bench --bench compare                 # full run: 3 repeats, backlogs 10^4..10^6, writes docs/compare.svg
+//! cargo bench --bench compare -- --quick      # smoke run: 1 repeat, backlogs 10^4 and 10^5
+//! cargo bench --bench compare -- --only 1,3 --repeats 5 --sizes 1000000
+//! ```
+//!
+//! Both systems take changes from a local publisher while the "cloud" is unreachable, keep
+//! them, and deliver them to the same cloud Mosquitto over mutual TLS once it is reachable:
+//! - **edgesync**: `client::report_stream` (the code of `edgesync report --stdin`, one
+//!   connection to the daemon's Unix socket) → redb outbox → MQTT batches → cloud.
+//! - **peer**: a rumqttc publisher (one plain-TCP connection to 127.0.0.1, QoS 1, a PUBACK is
+//!   the acknowledgement) → a local Mosquitto (`persistence true`, default `autosave_interval`
+//!   1800 s) → its bridge (`cleansession false`, QoS 1, mutual TLS) → cloud.
+//!
+//! The cloud is a [`FaultProxy`] in front of the cloud Mosquitto: cut while the backlog is
+//! built, restored for the drain. Each change is `sensor.<i % 100>` with a 100-byte value
+//! `reading-000…<i>`; the cloud subscriber reads the index back out of every delivered
+//! change (CBOR batches for edgesync, the message payload for the peer), so duplicates
+//! (at-least-once) are counted once and a missing change is seen.
+//!
+//! Groups: 1 = backlog runs per size (ingest while offline, drain, time to first message,
+//! peak RSS, bytes on disk, CPU); 2 = kill -9 with a backlog, lost acknowledged changes;
+//! 3 = online latency; 4 = slow link (bandwidth cap and delay through the proxy).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{
+    Daemon, KEYS, MIB, Res, Setup, StatusConn, VALUE_LEN, batch_changes, clock_ticks_per_sec,
+    cpu_ticks, loadavg, machine, median, mqtt_options, ndjson, nodelay, proc_status_kb, stream,
+    value,
+};
+use edgesync_testkit::{FaultProxy, Mosquitto, MosquittoOptions, TestPki};
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+const DEVICE: &str = "bench-compare";
+const BRIDGE_ID: &str = "peer-bridge";
+/// No new change at the cloud for this long (once connected) ends a wait for deliveries
+/// that may never come (the peer after a kill -9).
+const SETTLE: Duration = Duration::from_secs(5);
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
+/// Latency samples discarded at the start (first publish after connect, cold caches).
+const WARMUP: usize = 20;
+
+const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4]
+       [--sizes 10000,100000,1000000] [--kill N] [--samples N] [--inflight N] [--svg PATH]
+
+  --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG
+  --repeats N   repeats of every figure (default 3)
+  --only LIST   groups: 1 backlog (ingest, drain, RSS, disk, CPU), 2 kill -9, 3 latency, 4 slow link
+  --sizes LIST  backlog sizes of group 1 (default 10000,100000,1000000); the largest is the headline
+  --kill N      backlog at the kill -9 (default 100000)
+  --samples N   latency samples (default 1000, every 2 ms)
+  --inflight N  the peer publisher's QoS 1 window (default 1000: the best of 100/1000/10000 here)
+  --svg PATH    chart output (default docs/compare.svg on a full run of groups 1 and 3)";
+
+#[derive(Debug, Clone)]
+struct Args {
+    quick: bool,
+    repeats: usize,
+    only: Vec<u8>,
+    sizes: Vec<usize>,
+    kill: usize,
+    samples: usize,
+    spacing: Duration,
+    inflight: u16,
+    svg: Option<PathBuf>,
+}
+
+fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Res<T> {
+    let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
+    v.parse::<T>()
+        .map_err(|_| format!("{flag} {v:?}: not a number"))
+}
+
+fn list(flag: &str, v: Option<String>) -> Res<Vec<usize>> {
+    let v = v.ok_or_else(|| format!("{flag} needs a list"))?;
+    v.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<usize>()
+                .map_err(|_| format!("{flag} {v:?}: not a list of numbers"))
+        })
+        .collect()
+}
+
+fn parse_args() -> Res<Args> {
+    let mut quick = false;
+    let mut repeats = None;
+    let mut only = vec![1, 2, 3, 4];
+    let mut sizes = None;
+    let mut kill = None;
+    let mut samples = None;
+    let mut inflight = 1000u16;
+    let mut svg = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--repeats" => repeats = Some(num::<usize>("--repeats", it.next())?.max(1)),
+            "--only" => {
+                only = list("--only", it.next())?
+                    .into_iter()
+                    .map(|g| u8::try_from(g).unwrap_or(0))
+                    .collect();
+                if only.iter().any(|g| !(1..=4).contains(g)) {
+                    return Err("--only: groups are 1 to 4".into());
+                }
+            }
+            "--sizes" => sizes = Some(list("--sizes", it.next())?),
+            "--kill" => kill = Some(num::<usize>("--kill", it.next())?.max(1)),
+            "--samples" => samples = Some(num::<usize>("--samples", it.next())?.max(10)),
+            "--inflight" => inflight = num::<u16>("--inflight", it.next())?.max(1),
+            "--svg" => svg = Some(PathBuf::from(it.next().ok_or("--svg needs a path")?)),
+            // `cargo bench` passes --bench to every bench target.
+            "--bench" => {}
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    // `cargo test --benches` runs this without --bench: a smoke run.
+    if !std::env::args().any(|a| a == "--bench") {
+        quick = true;
+    }
+    let mut sizes = sizes.unwrap_or_else(|| {
+        if quick {
+            vec![10_000, 100_000]
+        } else {
+            vec![10_000, 100_000, 1_000_000]
+        }
+    });
+    sizes.retain(|&s| s > 0);
+    sizes.sort_unstable();
+    sizes.dedup();
+    if sizes.is_empty() {
+        return Err("--sizes: no size".into());
+    }
+    let full = !quick && only.contains(&1) && only.contains(&3);
+    Ok(Args {
+        quick,
+        repeats: repeats.unwrap_or(if quick { 1 } else { 3 }),
+        only,
+        sizes,
+        kill: kill.unwrap_or(if quick { 10_000 } else { 100_000 }),
+        samples: samples.unwrap_or(if quick { 300 } else { 1000 }),
+        spacing: Duration::from_millis(2),
+        inflight,
+        svg: svg.or_else(|| {
+            full.then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare.svg"))
+        }),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The cloud: a Mosquitto behind a proxy, and a subscriber that records the first arrival of
+// every change index.
+
+/// How the cloud reads change indices out of a message.
+#[derive(Debug, Clone, Copy)]
+enum Format {
+    /// edgesync's CBOR change batches.
+    Batch,
+    /// One change per message, the value as the payload.
+    Plain,
+}
+
+fn index_of(v: &str) -> Option<usize> {
+    v.strip_prefix("reading-")?.parse().ok()
+}
+
+#[derive(Default)]
+struct Arrivals {
+    first: Vec<Option<Instant>>,
+    distinct: usize,
+    messages: usize,
+    first_msg: Option<Instant>,
+    last_new: Option<Instant>,
+    /// Messages that were not a change of this run (undecodable or out of range).
+    stray: usize,
+}
+
+struct Cloud {
+    state: Arc<Mutex<Arrivals>>,
+    client: Client,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Cloud {
+    fn start(world: &World, filter: &str, name: &str, format: Format, n: usize) -> Res<Cloud> {
+        trace(&format!("cloud subscriber {name}"));
+        let mut opts = mqtt_options(&world.pki, world.cloud.tls_port, name)?;
+        opts.set_clean_session(true);
+        let (client, mut connection) = Client::new(opts, 64);
+        nodelay(&mut connection);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .map_err(|e| format!("subscribe: {e}"))?;
+        let state = Arc::new(Mutex::new(Arrivals {
+            first: vec![None; n],
+            ..Arrivals::default()
+        }));
+        let sink = Arc::clone(&state);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let at = Instant::now();
+                        let ids: Vec<Option<usize>> = match format {
+                            Format::Batch => batch_changes(&p.payload).map_or_else(
+                                || vec![None],
+                                |c| c.iter().map(|(_, v)| v.and_then(index_of)).collect(),
+                            ),
+                            Format::Plain => {
+                                vec![std::str::from_utf8(&p.payload).ok().and_then(index_of)]
+                            }
+                        };
+                        let Ok(mut s) = sink.lock() else { return };
+                        s.messages += 1;
+                        s.first_msg.get_or_insert(at);
+                        for id in ids {
+                            match id.and_then(|i| s.first.get(i).map(|f| (i, f.is_none()))) {
+                                Some((i, true)) => {
+                                    s.first[i] = Some(at);
+                                    s.distinct += 1;
+                                    s.last_new = Some(at);
+                                }
+                                Some((_, false)) => {}
+                                None => s.stray += 1,
+                            }
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(Ok(()));
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        });
+        let mut cloud = Cloud {
+            state,
+            client,
+            thread: Some(thread),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(())) => Ok(cloud),
+            Ok(Err(e)) => {
+                cloud.close();
+                Err(format!("cloud subscriber: {e}"))
+            }
+            Err(_) => {
+                cloud.close();
+                Err("cloud subscriber got no SUBACK in 20 s".into())
+            }
+        }
+    }
+
+    fn distinct(&self) -> usize {
+        self.state.lock().map(|s| s.distinct).unwrap_or(0)
+    }
+
+    /// Waits until all `n` changes arrived, or (once `connected()`) none arrived for
+    /// [`SETTLE`]. Returns the distinct count.
+    fn wait_delivery(&self, n: usize, mut connected: impl FnMut() -> bool) -> usize {
+        let t0 = Instant::now();
+        let mut since: Option<(usize, Instant)> = None;
+        loop {
+            let d = self.distinct();
+            if d >= n || t0.elapsed() > DELIVERY_TIMEOUT {
+                return d;
+            }
+            if connected() {
+                match since {
+                    Some((seen, at)) if seen == d => {
+                        if at.elapsed() > SETTLE {
+                            return d;
+                        }
+                    }
+                    _ => since = Some((d, Instant::now())),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn close(&mut self) {
+        let _ = self.client.disconnect();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// A temporary directory, a PKI, the cloud Mosquitto and the proxy in front of it.
+struct World {
+    dir: tempfile::TempDir,
+    pki: TestPki,
+    cloud: Mosquitto,
+    proxy: FaultProxy,
+}
+
+impl World {
+    fn new() -> Res<World> {
+        trace("world");
+        let dir = tempfile::Builder::new()
+            .prefix("edgesync-compare-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?;
+        let pki = TestPki::generate_for(&dir.path().join("pki"), DEVICE, "edgesync")
+            .map_err(|e| format!("pki: {e}"))?;
+        let cloud = Mosquitto::start(
+            &pki,
+            MosquittoOptions {
+                require_certificate: true,
+                max_payload: 16 * 1024 * 1024,
+                // The cloud subscriber may trail a 10^6 burst: never drop for it.
+                extra_config: vec!["max_queued_messages 0".into()],
+                ..MosquittoOptions::default()
+            },
+        )
+        .map_err(|e| format!("cloud mosquitto: {e}"))?
+        .ok_or("mosquitto is not installed (/usr/sbin/mosquitto)")?;
+        let proxy = FaultProxy::start(cloud.tls_addr()).map_err(|e| format!("proxy: {e}"))?;
+        Ok(World {
+            dir,
+            pki,
+            cloud,
+            proxy,
+        })
+    }
+
+    /// Times the bridge has connected to the cloud so far (from the cloud's log).
+    fn bridge_connects(&self) -> usize {
+        self.cloud
+            .log()
+            .matches(&format!(" as {BRIDGE_ID} "))
+            .count()
+    }
+
+    // --- edgesync -----------------------------------------------------------------------
+
+    /// A daemon config pointing at the proxy. `mqtt`/`sync`: extra lines of those sections.
+    fn agent(&self, name: &str, mqtt: &str, sync: &str) -> Res<Setup> {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // sun_path is short: the socket stays directly under /tmp.
+        let socket = PathBuf::from(format!("/tmp/esc-{}-{name}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&socket);
+        let text = format!(
+            "[device]\nid = \"{DEVICE}\"\n\n\
+             [mqtt]\nurl = \"mqtts://localhost:{port}\"\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n{mqtt}\n\n\
+             [store]\npath = \"edgesync.redb\"\nmax_bytes = \"4GiB\"\nwhen_full = \"reject\"\n\n\
+             [sync]\n{sync}\n\n\
+             [local]\nsocket = {socket:?}\n",
+            port = self.proxy.port(),
+            ca = self.pki.ca,
+            cert = self.pki.client_cert,
+            key = self.pki.client_key,
+        );
+        let config = dir.join("edgesync.toml");
+        std::fs::write(&config, text).map_err(|e| format!("writing the config: {e}"))?;
+        Ok(Setup {
+            config,
+            socket,
+            log: dir.join("daemon.log"),
+        })
+    }
+
+    // --- the peer -----------------------------------------------------------------------
+
+    /// The local Mosquitto: persistence on (default autosave), a plain listener for the
+    /// local publisher, and a bridge to the cloud through the proxy. `restart`: the bridge's
+    /// `restart_timeout` (None: Mosquitto's default).
+    fn peer(&self, restart: Option<&str>) -> Res<Mosquitto> {
+        let (cert, key) = self
+            .pki
+            .issue_client(BRIDGE_ID, BRIDGE_ID)
+            .map_err(|e| format!("bridge cert: {e}"))?;
+        // Mosquitto reads the bridge's files after dropping root for its own user.
+        for (path, mode) in [(self.dir.path(), 0o755), (key.as_path(), 0o644)] {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+        }
+        let mut extra = vec![
+            // A 10^6 backlog for the bridge must not be cut at Mosquitto's default of 1000.
+            "max_queued_messages 0".to_owned(),
+            "max_queued_bytes 0".to_owned(),
+            format!("\nconnection {BRIDGE_ID}"),
+            format!("address 127.0.0.1:{}", self.proxy.port()),
+            format!("clientid {BRIDGE_ID}"),
+            "cleansession false".into(),
+            "bridge_protocol_version mqttv311".into(),
+            "topic peer/# out 1".into(),
+            format!("bridge_cafile {}", self.pki.ca.display()),
+            format!("bridge_certfile {}", cert.display()),
+            format!("bridge_keyfile {}", key.display()),
+        ];
+        if let Some(r) = restart {
+            extra.push(format!("restart_timeout {r}"));
+        }
+        Mosquitto::start(
+            &self.pki,
+            MosquittoOptions {
+                plain_tcp: true,
+                persistence: true,
+                // Mosquitto's default.
+                autosave_interval: 1800,
+                max_payload: 16 * 1024 * 1024,
+                extra_config: extra,
+                ..MosquittoOptions::default()
+            },
+        )
+        .map_err(|e| format!("peer mosquitto: {e}"))?
+        .ok_or_else(|| "mosquitto is not installed".to_owned())
+    }
+}
+
+/// Progress on stderr with `EDGESYNC_BENCH_TRACE=1` (where a hung run stands).
+fn trace(what: &str) {
+    if std::env::var_os("EDGESYNC_BENCH_TRACE").is_some() {
+        eprintln!("[{:?}] {what}", std::time::SystemTime::now());
+    }
+}
+
+fn peer_topic(i: usize) -> String {
+    format!("peer/sensor.{}", i % KEYS)
+}
+
+/// The peer's local publisher: one connection, QoS 1, up to `inflight` unacknowledged.
+struct Publisher {
+    client: Client,
+    acks: Arc<AtomicU64>,
+    failed: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Publisher {
+    fn connect(port: u16, inflight: u16) -> Res<Publisher> {
+        let mut o = MqttOptions::new("peer-publisher", "127.0.0.1", port);
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_session(true);
+        o.set_inflight(inflight);
+        o.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut conn) = Client::new(o, 1024);
+        nodelay(&mut conn);
+        let acks = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(Mutex::new(None));
+        let (a, f) = (Arc::clone(&acks), Arc::clone(&failed));
+        let thread = std::thread::spawn(move || {
+            for ev in conn.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect))
+                    | Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Ok(_) => {}
+                    Err(e) => {
+                        // No reconnect: a PUBACK must belong to this connection.
+                        if let Ok(mut f) = f.lock() {
+                            f.get_or_insert(e.to_string());
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Publisher {
+            client,
+            acks,
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    fn publish(&self, i: usize) -> Res<()> {
+        self.client
+            .publish(
+                peer_topic(i),
+                QoS::AtLeastOnce,
+                false,
+                value(i).into_bytes(),
+            )
+            .map_err(|e| format!("publish: {e}"))
+    }
+
+    /// Waits for `n` PUBACKs in all; returns how many came.
+    fn wait_acks(&self, n: u64) -> Res<u64> {
+        let deadline = Instant::now() + DELIVERY_TIMEOUT;
+        loop {
+            let a = self.acks.load(Ordering::SeqCst);
+            if a >= n {
+                return Ok(a);
+            }
+            if let Ok(f) = self.failed.lock()
+                && let Some(e) = f.as_ref()
+            {
+                return Err(format!("publisher: {e} after {a} PUBACKs"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{a} of {n} PUBACKs in {DELIVERY_TIMEOUT:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn close(&mut self) {
+        let _ = self.client.disconnect();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group 1: backlog runs.
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Run {
+    /// Changes acknowledged to the local publisher per second, cloud down.
+    ingest: f64,
+    /// Restore → the first change at the cloud.
+    first_ms: f64,
+    /// Changes per second from the first change at the cloud to the last.
+    drain: f64,
+    /// Restore → the cloud holds every change.
+    total_ms: f64,
+    peak_rss: f64,
+    disk_per_change: f64,
+    /// CPU seconds of the local component (agent or local Mosquitto) per 10^6 changes:
+    /// taking them in, and delivering them.
+    cpu_ingest: f64,
+    cpu_drain: f64,
+    /// Messages at the cloud (batches for edgesync).
+    messages: usize,
+}
+
+/// The runs of edgesync and of the peer at one backlog size.
+type Pair = (Vec<Run>, Vec<Run>);
+
+fn ticks_to_s(t: u64) -> f64 {
+    t as f64 / clock_ticks_per_sec() as f64
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map_or(0, |m| m.len())
+}
+
+fn finish_drain(r: &mut Run, cloud: &Cloud, n: usize, restore: Instant) -> Res<()> {
+    let got = cloud.wait_delivery(n, || cloud.distinct() > 0);
+    if got < n {
+        return Err(format!("the cloud has {got} of {n} changes"));
+    }
+    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
+    let first = s.first_msg.ok_or("no message at the cloud")?;
+    let last = s.last_new.ok_or("no change at the cloud")?;
+    r.first_ms = (first - restore).as_secs_f64() * 1e3;
+    r.total_ms = (last - restore).as_secs_f64() * 1e3;
+    r.drain = n as f64 / (last - first).as_secs_f64().max(1e-6);
+    r.messages = s.messages;
+    Ok(())
+}
+
+fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
+    let mut r = Run::default();
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(
+        &w,
+        &format!("edgesync/{DEVICE}/reported"),
+        "cloud-e",
+        Format::Batch,
+        n,
+    )?;
+    let setup = w.agent(
+        "backlog",
+        "reconnect_initial = \"100ms\"\nreconnect_max = \"100ms\"",
+        "",
+    )?;
+    trace("daemon");
+    let mut d = Daemon::start(&setup, true)?;
+    let pid = d.pid();
+    trace("ingest");
+    let c0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    let queued = stream(&d.socket, input)?;
+    r.ingest = n as f64 / t0.elapsed().as_secs_f64();
+    let c1 = cpu_ticks(pid)?;
+    if queued != n as u64 {
+        return Err(format!("{queued} of {n} changes acknowledged"));
+    }
+    let mut status = StatusConn::connect(&d.socket)?;
+    if status.get()?["queue"]["depth"] != n as u64 {
+        return Err("queue depth differs after the ingest".into());
+    }
+    r.disk_per_change = file_size(&w.dir.path().join("backlog/edgesync.redb")) as f64 / n as f64;
+    trace("drain");
+    let restore = Instant::now();
+    w.proxy.restore();
+    finish_drain(&mut r, &cloud, n, restore)?;
+    let c2 = cpu_ticks(pid)?;
+    r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
+    r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
+    r.cpu_drain = ticks_to_s(c2 - c1) * 1e6 / n as f64;
+    d.stop()?;
+    Ok(r)
+}
+
+fn peer_backlog(n: usize, inflight: u16) -> Res<Run> {
+    let mut r = Run::default();
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(&w, "peer/#", "cloud-p", Format::Plain, n)?;
+    // Reconnect after 1 s (its smallest) so the drain is not hidden behind the default backoff.
+    trace("peer broker");
+    let mut m = w.peer(Some("1"))?;
+    trace("peer ingest");
+    let pid = m.pid().ok_or("peer mosquitto not running")?;
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let mut publisher = Publisher::connect(port, inflight)?;
+    let c0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    for i in 0..n {
+        publisher.publish(i)?;
+    }
+    publisher.wait_acks(n as u64)?;
+    r.ingest = n as f64 / t0.elapsed().as_secs_f64();
+    let c1 = cpu_ticks(pid)?;
+    publisher.close();
+    // What the backlog takes on disk once saved: SIGUSR1 makes Mosquitto save now (by
+    // default it would only at the 1800 s autosave or at a clean shutdown).
+    let db = m.dir().join("data/mosquitto.db");
+    let _ = Command::new("kill")
+        .arg("-USR1")
+        .arg(pid.to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while file_size(&db) == 0 {
+        if Instant::now() > deadline {
+            return Err("mosquitto did not save its database after SIGUSR1".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.disk_per_change = file_size(&db) as f64 / n as f64;
+    let c1b = cpu_ticks(pid)?;
+    trace("drain");
+    let restore = Instant::now();
+    w.proxy.restore();
+    finish_drain(&mut r, &cloud, n, restore)?;
+    let c2 = cpu_ticks(pid)?;
+    r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
+    r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
+    r.cpu_drain = ticks_to_s(c2 - c1b) * 1e6 / n as f64;
+    let _ = m.stop();
+    Ok(r)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group 2: kill -9 of the local component with a backlog, default settings of each.
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Kill {
+    acked: u64,
+    delivered: usize,
+}
+
+fn edgesync_kill(n: usize, input: &[u8]) -> Res<Kill> {
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(
+        &w,
+        &format!("edgesync/{DEVICE}/reported"),
+        "cloud-ek",
+        Format::Batch,
+        n,
+    )?;
+    let setup = w.agent("kill", "", "")?;
+    let mut d = Daemon::start(&setup, false)?;
+    let acked = stream(&d.socket, input)?;
+    d.kill9();
+    let d = Daemon::start(&setup, false)?;
+    w.proxy.restore();
+    let mut status = StatusConn::connect(&d.socket)?;
+    let delivered = cloud.wait_delivery(n, || {
+        status
+            .get()
+            .is_ok_and(|s| s["connection"]["state"] == "online")
+    });
+    Ok(Kill { acked, delivered })
+}
+
+fn peer_kill(n: usize, inflight: u16) -> Res<Kill> {
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(&w, "peer/#", "cloud-pk", Format::Plain, n)?;
+    let mut m = w.peer(None)?;
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let mut publisher = Publisher::connect(port, inflight)?;
+    for i in 0..n {
+        publisher.publish(i)?;
+    }
+    let acked = publisher.wait_acks(n as u64)?;
+    publisher.close();
+    m.stop().map_err(|e| format!("kill -9: {e}"))?;
+    m.start_again().map_err(|e| format!("peer restart: {e}"))?;
+    w.proxy.restore();
+    let before = w.bridge_connects();
+    let delivered = cloud.wait_delivery(n, || w.bridge_connects() > before);
+    let _ = m.stop();
+    Ok(Kill { acked, delivered })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group 3: online latency, report → cloud, on a fixed schedule.
+
+/// Sends `n` things on a fixed schedule (`send(i)` does one); returns each send instant.
+fn scheduled(
+    n: usize,
+    spacing: Duration,
+    mut send: impl FnMut(usize) -> Res<()>,
+) -> Res<Vec<Instant>> {
+    let mut sent = Vec::with_capacity(n);
+    let t0 = Instant::now() + Duration::from_millis(10);
+    for i in 0..n {
+        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        sent.push(Instant::now());
+        send(i)?;
+    }
+    Ok(sent)
+}
+
+/// Latency in ms of every sample after the warm-up, sorted.
+fn latencies(cloud: &Cloud, sent: &[Instant]) -> Res<Vec<f64>> {
+    let got = cloud.wait_delivery(sent.len(), || cloud.distinct() > 0);
+    if got < sent.len() {
+        return Err(format!("{got} of {} samples reached the cloud", sent.len()));
+    }
+    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .zip(&s.first)
+        .skip(WARMUP)
+        .filter_map(|(t, at)| Some(at.as_ref()?.saturating_duration_since(*t).as_secs_f64() * 1e3))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    Ok(ms)
+}
+
+fn edgesync_latency(args: &Args) -> Res<Vec<f64>> {
+    let n = args.samples + WARMUP;
+    let w = World::new()?;
+    let cloud = Cloud::start(
+        &w,
+        &format!("edgesync/{DEVICE}/reported"),
+        "cloud-el",
+        Format::Batch,
+        n,
+    )?;
+    let setup = w.agent("latency", "", "")?;
+    let mut d = Daemon::start(&setup, true)?;
+    let mut status = StatusConn::connect(&d.socket)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.get()?["connection"]["state"] != "online" {
+        if Instant::now() > deadline {
+            return Err(format!("daemon not online: {}", d.log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let reader_conn = conn.try_clone().map_err(|e| e.to_string())?;
+    let failed = Arc::new(AtomicBool::new(false));
+    let failed2 = Arc::clone(&failed);
+    let replies = std::thread::spawn(move || {
+        let mut reader = BufReader::new(reader_conn);
+        let mut line = String::new();
+        for _ in 0..n {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(1..) if line.starts_with("{\"ok\":true") => {}
+                _ => {
+                    failed2.store(true, Ordering::SeqCst);
+                    return Err(format!("report failed: {}", line.trim_end()));
+                }
+            }
+        }
+        Ok(())
+    });
+    let mut writer = &conn;
+    let sent = scheduled(n, args.spacing, |i| {
+        if failed.load(Ordering::SeqCst) {
+            return Err("a report failed".into());
+        }
+        let req = format!(
+            "{{\"op\":\"report\",\"changes\":[{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}]}}\n",
+            i % KEYS,
+            value(i)
+        );
+        writer
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("send: {e}"))
+    })?;
+    replies
+        .join()
+        .map_err(|_| "reply reader panicked".to_owned())??;
+    let ms = latencies(&cloud, &sent)?;
+    d.stop()?;
+    Ok(ms)
+}
+
+fn peer_latency(args: &Args) -> Res<Vec<f64>> {
+    let n = args.samples + WARMUP;
+    let w = World::new()?;
+    let cloud = Cloud::start(&w, "peer/#", "cloud-pl", Format::Plain, n)?;
+    let mut m = w.peer(None)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.bridge_connects() == 0 {
+        if Instant::now() > deadline {
+            return Err("the bridge did not connect in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let publisher = Publisher::connect(port, args.inflight)?;
+    let sent = scheduled(n, args.spacing, |i| publisher.publish(i))?;
+    let ms = latencies(&cloud, &sent)?;
+    drop(publisher);
+    let _ = m.stop();
+    Ok(ms)
+}
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Group 4: a slow link. The proxy caps each direction and delays each chunk both ways.
+
+#[derive(Debug, Clone)]
+struct Slow {
+    label: String,
+    rate: f64,
+    /// Bytes the local side sent through the proxy per change.
+    wire_per_change: f64,
+    /// Upstream bytes/s over the capacity.
+    utilisation: f64,
+}
+
+const SLOW_BW: u64 = 250_000;
+const SLOW_DELAY: Duration = Duration::from_millis(100);
+
+fn slow_edgesync(label: &str, sync: &str, delay: Duration, n: usize, input: &[u8]) -> Res<Slow> {
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(
+        &w,
+        &format!("edgesync/{DEVICE}/reported"),
+        "cloud-es",
+        Format::Batch,
+        n,
+    )?;
+    let setup = w.agent(
+        "slow",
+        "keep_alive = \"30s\"\nreconnect_initial = \"100ms\"\nreconnect_max = \"100ms\"",
+        sync,
+    )?;
+    let mut d = Daemon::start(&setup, false)?;
+    stream(&d.socket, input)?;
+    w.proxy.bandwidth(SLOW_BW);
+    w.proxy.delay(delay);
+    w.proxy.restore();
+    slow_finish(label, &w, &cloud, n).inspect(|_| {
+        let _ = d.stop();
+    })
+}
+
+fn slow_peer(delay: Duration, n: usize, inflight: u16) -> Res<Slow> {
+    let w = World::new()?;
+    w.proxy.cut();
+    let cloud = Cloud::start(&w, "peer/#", "cloud-ps", Format::Plain, n)?;
+    let mut m = w.peer(Some("1"))?;
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let publisher = Publisher::connect(port, inflight)?;
+    for i in 0..n {
+        publisher.publish(i)?;
+    }
+    publisher.wait_acks(n as u64)?;
+    drop(publisher);
+    w.proxy.bandwidth(SLOW_BW);
+    w.proxy.delay(delay);
+    w.proxy.restore();
+    let out = slow_finish(
+        &format!("peer: Mosquitto bridge, QoS 1 (delay {delay:?})"),
+        &w,
+        &cloud,
+        n,
+    );
+    let _ = m.stop();
+    out
+}
+
+fn slow_finish(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Slow> {
+    let up0 = w.proxy.bytes_up();
+    let got = cloud.wait_delivery(n, || cloud.distinct() > 0);
+    if got < n {
+        return Err(format!("{label}: the cloud has {got} of {n}"));
+    }
+    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
+    let (first, last) = (
+        s.first_msg.ok_or("no message")?,
+        s.last_new.ok_or("no change")?,
+    );
+    let secs = (last - first).as_secs_f64().max(1e-6);
+    // Bytes up to the last change (TLS handshake and CONNECT included; the final PUBACK
+    // exchange after the last change is not).
+    let up = w.proxy.bytes_up() - up0;
+    Ok(Slow {
+        label: label.to_owned(),
+        rate: n as f64 / secs,
+        wire_per_change: up as f64 / n as f64,
+        utilisation: up as f64 / secs / SLOW_BW as f64,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chart: hand-written SVG.
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Throughput against backlog size (log-log) on the left, latency CDF on the right.
+fn svg(
+    machine_line: &str,
+    sizes: &[usize],
+    series: &[(&str, &str, bool, Vec<f64>)],
+    lat: &[(&str, &str, Vec<f64>)],
+) -> String {
+    let (w, h) = (960.0, 420.0);
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(o, "<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>");
+    let _ = writeln!(
+        o,
+        "<text x=\"480\" y=\"20\" text-anchor=\"middle\" font-size=\"15\">edgesync vs Mosquitto + bridge (medians, same run)</text>"
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"480\" y=\"410\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+        esc(machine_line)
+    );
+    // Left panel.
+    let (x0, y0, pw, ph) = (70.0, 50.0, 360.0, 300.0);
+    let all: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.3.iter().copied())
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .collect();
+    let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
+    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
+    let (dlo, dhi) = (lo.log10().floor(), hi.log10().ceil());
+    let (slo, shi) = (
+        (*sizes.first().unwrap_or(&1) as f64).log10(),
+        (*sizes.last().unwrap_or(&10) as f64).log10(),
+    );
+    let sx = |s: f64| x0 + (s.log10() - slo) / (shi - slo).max(1e-9) * pw;
+    let sy = |v: f64| y0 + ph - (v.log10() - dlo) / (dhi - dlo).max(1e-9) * ph;
+    let _ = writeln!(
+        o,
+        "<rect x=\"{x0}\" y=\"{y0}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>"
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"{}\" y=\"42\" text-anchor=\"middle\">throughput vs backlog size (changes/s, log-log)</text>",
+        x0 + pw / 2.0
+    );
+    let mut d = dlo;
+    while d <= dhi {
+        let y = sy(10f64.powf(d));
+        let _ = writeln!(
+            o,
+            "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">1e{d}</text>",
+            x0 + pw,
+            x0 - 5.0,
+            y + 4.0
+        );
+        d += 1.0;
+    }
+    for &s in sizes {
+        let x = sx(s as f64);
+        let _ = writeln!(
+            o,
+            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{s}</text>",
+            y0 + ph + 16.0
+        );
+    }
+    let _ = writeln!(
+        o,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">queued changes</text>",
+        x0 + pw / 2.0,
+        y0 + ph + 34.0
+    );
+    for (i, (name, colour, dashed, v)) in series.iter().enumerate() {
+        let pts: Vec<String> = sizes
+            .iter()
+            .zip(v)
+            .filter(|(_, v)| v.is_finite() && **v > 0.0)
+            .map(|(s, v)| format!("{:.1},{:.1}", sx(*s as f64), sy(*v)))
+            .collect();
+        let dash = if *dashed {
+            " stroke-dasharray=\"6 4\""
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            o,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/>",
+            pts.join(" ")
+        );
+        for p in &pts {
+            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+            let _ = writeln!(
+                o,
+                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{colour}\"/>"
+            );
+        }
+        let ly = y0 + 12.0 + i as f64 * 16.0;
+        let _ = writeln!(
+            o,
+            "<line x1=\"{}\" y1=\"{ly}\" x2=\"{}\" y2=\"{ly}\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/><text x=\"{}\" y=\"{}\">{}</text>",
+            x0 + 8.0,
+            x0 + 30.0,
+            x0 + 34.0,
+            ly + 4.0,
+            esc(name)
+        );
+    }
+    // Right panel: latency CDF, linear ms up to the largest p99.
+    let (x1, pw2) = (540.0, 380.0);
+    let xmax = lat
+        .iter()
+        .map(|l| pct(&l.2, 0.99))
+        .filter(|v| v.is_finite())
+        .fold(0.1, f64::max)
+        * 1.1;
+    let lx = |ms: f64| x1 + (ms / xmax).min(1.0) * pw2;
+    let ly = |q: f64| y0 + ph - q * ph;
+    let _ = writeln!(
+        o,
+        "<rect x=\"{x1}\" y=\"{y0}\" width=\"{pw2}\" height=\"{ph}\" fill=\"none\" stroke=\"#999\"/>"
+    );
+    let _ = writeln!(
+        o,
+        "<text x=\"{}\" y=\"42\" text-anchor=\"middle\">online latency, report → cloud (CDF, to p99)</text>",
+        x1 + pw2 / 2.0
+    );
+    for q in [0.0, 0.25, 0.5, 0.75, 0.95, 1.0] {
+        let y = ly(q);
+        let _ = writeln!(
+            o,
+            "<line x1=\"{x1}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#eee\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{q}</text>",
+            x1 + pw2,
+            x1 - 5.0,
+            y + 4.0
+        );
+    }
+    for k in 0..=5 {
+        let ms = xmax * f64::from(k) / 5.0;
+        let _ = writeln!(
+            o,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{ms:.2}</text>",
+            lx(ms),
+            y0 + ph + 16.0
+        );
+    }
+    let _ = writeln!(
+        o,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">ms</text>",
+        x1 + pw2 / 2.0,
+        y0 + ph + 34.0
+    );
+    for (i, (name, colour, v)) in lat.iter().enumerate() {
+        let step = (v.len() / 400).max(1);
+        let pts: Vec<String> = v
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .filter(|(_, ms)| **ms <= xmax)
+            .map(|(k, ms)| format!("{:.1},{:.1}", lx(*ms), ly(k as f64 / v.len() as f64)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>",
+            pts.join(" ")
+        );
+        let ty = y0 + ph - 40.0 + i as f64 * 16.0;
+        let _ = writeln!(
+            o,
+            "<line x1=\"{}\" y1=\"{ty}\" x2=\"{}\" y2=\"{ty}\" stroke=\"{colour}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{} (p50 {:.2}, p95 {:.2} ms)</text>",
+            x1 + pw2 - 230.0,
+            x1 + pw2 - 208.0,
+            x1 + pw2 - 204.0,
+            ty + 4.0,
+            esc(name),
+            pct(v, 0.5),
+            pct(v, 0.95)
+        );
+    }
+    o.push_str("</svg>\n");
+    o
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+/// One comparison row: medians of both, the ratio edgesync/peer, the target.
+fn row(name: &str, unit: &str, e: &[f64], p: &[f64], target: &str, met: Option<bool>) -> String {
+    let (me, mp) = (median(e), median(p));
+    let f = |v: f64| {
+        if !v.is_finite() {
+            "-".to_owned()
+        } else if v.abs() >= 1000.0 {
+            let s = format!("{v:.0}");
+            // Thousands separators for readability.
+            let mut out = String::new();
+            for (i, c) in s.chars().enumerate() {
+                if i > 0 && (s.len() - i) % 3 == 0 && c != '-' {
+                    out.push(',');
+                }
+                out.push(c);
+            }
+            out
+        } else if v.abs() >= 10.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.3}")
+        }
+    };
+    let ratio = if mp.is_finite() && mp != 0.0 {
+        format!("{:.2}×", me / mp)
+    } else {
+        "-".into()
+    };
+    let met = match met {
+        Some(true) => "yes",
+        Some(false) => "**NO**",
+        None => "-",
+    };
+    format!(
+        "| {name} | {} | {} | {ratio} | {unit} | {target} | {met} |",
+        f(me),
+        f(mp)
+    )
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("compare bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Res<()> {
+    let args = parse_args()?;
+    let started = Instant::now();
+    println!(
+        "edgesync vs Mosquitto-with-bridge{}",
+        if args.quick { " (--quick)" } else { "" }
+    );
+    let mach = machine();
+    print!("{mach}");
+    println!(
+        "work    {KEYS} keys, {VALUE_LEN}-byte values; backlogs {:?}; kill -9 with {}; {} latency \
+         samples every {:?}; {} repeats; peer publisher QoS 1 window {}",
+        args.sizes, args.kill, args.samples, args.spacing, args.repeats, args.inflight
+    );
+    println!("load    {} at start\n", loadavg());
+    let mut table = Vec::new();
+    let mut per_size: BTreeMap<usize, Pair> = BTreeMap::new();
+    let mut lat_e = Vec::new();
+    let mut lat_p = Vec::new();
+    let mut lat_pool = (Vec::new(), Vec::new());
+
+    if args.only.contains(&1) {
+        for &n in &args.sizes {
+            let input = ndjson(n);
+            for r in 0..args.repeats {
+                let e = edgesync_backlog(n, &input).map_err(|e| format!("edgesync: {e}"))?;
+                let p = peer_backlog(n, args.inflight).map_err(|e| format!("peer: {e}"))?;
+                for (who, x) in [("edgesync", &e), ("peer    ", &p)] {
+                    println!(
+                        "backlog {n} {}/{} {who}: ingest {:.0}/s · first msg {:.0} ms · drain {:.0}/s \
+                         ({} msgs) · all at cloud {:.0} ms · peak RSS {:.1} MiB · disk {:.1} B/change \
+                         · CPU s/10^6: ingest {:.2} drain {:.2} · load {}",
+                        r + 1,
+                        args.repeats,
+                        x.ingest,
+                        x.first_ms,
+                        x.drain,
+                        x.messages,
+                        x.total_ms,
+                        x.peak_rss / MIB,
+                        x.disk_per_change,
+                        x.cpu_ingest,
+                        x.cpu_drain,
+                        loadavg()
+                    );
+                }
+                let slot = per_size.entry(n).or_default();
+                slot.0.push(e);
+                slot.1.push(p);
+            }
+        }
+        if let Some((&n, (e, p))) = per_size.iter().next_back() {
+            let col = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+            let ratio = |f: fn(&Run) -> f64| median(&col(e, f)) / median(&col(p, f));
+            table.push(row(
+                &format!("durable ingest, cloud down ({n} changes)"),
+                "changes/s",
+                &col(e, |r| r.ingest),
+                &col(p, |r| r.ingest),
+                "≥ 3× peer",
+                Some(ratio(|r| r.ingest) >= 3.0),
+            ));
+            table.push(row(
+                &format!("drain of the {n} backlog (first → last change at the cloud)"),
+                "changes/s",
+                &col(e, |r| r.drain),
+                &col(p, |r| r.drain),
+                "≥ 5× peer and ≥ 500,000",
+                Some(ratio(|r| r.drain) >= 5.0 && median(&col(e, |r| r.drain)) >= 500_000.0),
+            ));
+            table.push(row(
+                "  time to first message after the cloud comes back",
+                "ms",
+                &col(e, |r| r.first_ms),
+                &col(p, |r| r.first_ms),
+                "-",
+                None,
+            ));
+            table.push(row(
+                "  cloud back → cloud holds every change",
+                "ms",
+                &col(e, |r| r.total_ms),
+                &col(p, |r| r.total_ms),
+                "-",
+                None,
+            ));
+            table.push(row(
+                "peak RSS of the local component",
+                "MiB",
+                &col(e, |r| r.peak_rss / MIB),
+                &col(p, |r| r.peak_rss / MIB),
+                "≤ 0.5× peer",
+                Some(ratio(|r| r.peak_rss) <= 0.5),
+            ));
+            table.push(row(
+                "on disk per queued change",
+                "bytes",
+                &col(e, |r| r.disk_per_change),
+                &col(p, |r| r.disk_per_change),
+                "≤ 160",
+                Some(median(&col(e, |r| r.disk_per_change)) <= 160.0),
+            ));
+            table.push(row(
+                "CPU per 10^6 changes: taking them in",
+                "s",
+                &col(e, |r| r.cpu_ingest),
+                &col(p, |r| r.cpu_ingest),
+                "-",
+                None,
+            ));
+            table.push(row(
+                "CPU per 10^6 changes: delivering them",
+                "s",
+                &col(e, |r| r.cpu_drain),
+                &col(p, |r| r.cpu_drain),
+                "-",
+                None,
+            ));
+        }
+    }
+
+    if args.only.contains(&2) {
+        let input = ndjson(args.kill);
+        let (mut ke, mut kp) = (Vec::new(), Vec::new());
+        for r in 0..args.repeats {
+            let e = edgesync_kill(args.kill, &input).map_err(|e| format!("edgesync: {e}"))?;
+            let p = peer_kill(args.kill, args.inflight).map_err(|e| format!("peer: {e}"))?;
+            for (who, k) in [("edgesync", e), ("peer    ", p)] {
+                println!(
+                    "kill -9 {}/{} {who}: {} acknowledged, {} delivered after restart, {} lost · load {}",
+                    r + 1,
+                    args.repeats,
+                    k.acked,
+                    k.delivered,
+                    k.acked.saturating_sub(k.delivered as u64),
+                    loadavg()
+                );
+            }
+            ke.push(e);
+            kp.push(p);
+        }
+        let lost = |v: &[Kill]| {
+            v.iter()
+                .map(|k| k.acked.saturating_sub(k.delivered as u64) as f64)
+                .collect::<Vec<f64>>()
+        };
+        let worst = lost(&ke).into_iter().fold(0.0, f64::max);
+        table.push(row(
+            &format!(
+                "acknowledged changes lost after kill -9 ({} queued)",
+                args.kill
+            ),
+            "changes",
+            &lost(&ke),
+            &lost(&kp),
+            "0 (every repeat)",
+            Some(worst == 0.0),
+        ));
+    }
+
+    if args.only.contains(&3) {
+        for r in 0..args.repeats {
+            let e = edgesync_latency(&args).map_err(|e| format!("edgesync: {e}"))?;
+            let p = peer_latency(&args).map_err(|e| format!("peer: {e}"))?;
+            println!(
+                "latency {}/{}: edgesync p50 {:.3} p95 {:.3} p99 {:.3} ms · peer p50 {:.3} p95 {:.3} \
+                 p99 {:.3} ms · load {}",
+                r + 1,
+                args.repeats,
+                pct(&e, 0.5),
+                pct(&e, 0.95),
+                pct(&e, 0.99),
+                pct(&p, 0.5),
+                pct(&p, 0.95),
+                pct(&p, 0.99),
+                loadavg()
+            );
+            lat_e.push((pct(&e, 0.5), pct(&e, 0.95)));
+            lat_p.push((pct(&p, 0.5), pct(&p, 0.95)));
+            lat_pool.0.extend(e);
+            lat_pool.1.extend(p);
+        }
+        let p50e: Vec<f64> = lat_e.iter().map(|l| l.0).collect();
+        let p50p: Vec<f64> = lat_p.iter().map(|l| l.0).collect();
+        table.push(row(
+            "online latency p50, report → cloud",
+            "ms",
+            &p50e,
+            &p50p,
+            "≤ peer",
+            Some(median(&p50e) <= median(&p50p)),
+        ));
+        table.push(row(
+            "online latency p95",
+            "ms",
+            &lat_e.iter().map(|l| l.1).collect::<Vec<_>>(),
+            &lat_p.iter().map(|l| l.1).collect::<Vec<_>>(),
+            "-",
+            None,
+        ));
+        lat_pool.0.sort_by(f64::total_cmp);
+        lat_pool.1.sort_by(f64::total_cmp);
+    }
+
+    let mut slow = Vec::new();
+    if args.only.contains(&4) {
+        // ~0.7 MB through a 250 kB/s link: a few seconds per variant.
+        let n = 5_000;
+        let input = ndjson(n);
+        println!(
+            "slow link: {n} changes queued, then drained through the proxy at {} kB/s per \
+             direction, with no delay and with {:?} per chunk each way",
+            SLOW_BW / 1000,
+            SLOW_DELAY
+        );
+        let z = Duration::ZERO;
+        let variants: [(&str, &str, Duration); 6] = [
+            ("defaults (1000 changes/batch, max_inflight 8)", "", z),
+            (
+                "defaults (1000 changes/batch, max_inflight 8)",
+                "",
+                SLOW_DELAY,
+            ),
+            ("max_inflight = 1", "max_inflight = 1", SLOW_DELAY),
+            (
+                "batch_max_changes = 100",
+                "batch_max_changes = 100",
+                SLOW_DELAY,
+            ),
+            (
+                "batch_max_changes = 10, max_inflight = 1",
+                "batch_max_changes = 10\nmax_inflight = 1",
+                SLOW_DELAY,
+            ),
+            ("linger = 50ms", "linger = \"50ms\"", SLOW_DELAY),
+        ];
+        let mut runs = Vec::new();
+        for (label, sync, delay) in variants {
+            let label = format!("edgesync: {label} (delay {delay:?})");
+            runs.push(slow_edgesync(&label, sync, delay, n, &input)?);
+        }
+        for delay in [z, SLOW_DELAY] {
+            runs.push(slow_peer(delay, n, args.inflight)?);
+        }
+        for s in runs {
+            println!(
+                "  {}: {:.0} changes/s, {:.1} bytes up per change, link {:.0} % full",
+                s.label,
+                s.rate,
+                s.wire_per_change,
+                s.utilisation * 100.0
+            );
+            slow.push(s);
+        }
+    }
+
+    if !per_size.is_empty() {
+        println!("\nscaling with backlog size (medians):\n");
+        println!(
+            "| queued | edgesync ingest/s | peer ingest/s | edgesync drain/s | peer drain/s | edgesync RSS MiB | peer RSS MiB | edgesync B/change | peer B/change | edgesync CPU µs/change | peer CPU µs/change |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (n, (e, p)) in &per_size {
+            let m = |v: &[Run], f: fn(&Run) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
+            println!(
+                "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
+                m(e, |r| r.ingest),
+                m(p, |r| r.ingest),
+                m(e, |r| r.drain),
+                m(p, |r| r.drain),
+                m(e, |r| r.peak_rss / MIB),
+                m(p, |r| r.peak_rss / MIB),
+                m(e, |r| r.disk_per_change),
+                m(p, |r| r.disk_per_change),
+                m(e, |r| r.cpu_ingest + r.cpu_drain),
+                m(p, |r| r.cpu_ingest + r.cpu_drain),
+            );
+        }
+    }
+    if !slow.is_empty() {
+        println!(
+            "\nslow link ({} kB/s each way, {:?} per chunk each way):\n",
+            SLOW_BW / 1000,
+            SLOW_DELAY
+        );
+        println!("| variant | changes/s | bytes up per change | link use |");
+        println!("| --- | ---: | ---: | ---: |");
+        for s in &slow {
+            println!(
+                "| {} | {:.0} | {:.1} | {:.0} % |",
+                s.label,
+                s.rate,
+                s.wire_per_change,
+                s.utilisation * 100.0
+            );
+        }
+    }
+    if !table.is_empty() {
+        println!("\n| figure | edgesync | peer | edgesync/peer | unit | target | met? |");
+        println!("| --- | ---: | ---: | ---: | --- | --- | --- |");
+        for r in &table {
+            println!("{r}");
+        }
+    }
+
+    if let Some(path) = &args.svg
+        && !per_size.is_empty()
+    {
+        let sizes: Vec<usize> = per_size.keys().copied().collect();
+        let m = |pick: fn(&Pair) -> &Vec<Run>, f: fn(&Run) -> f64| {
+            per_size
+                .values()
+                .map(|v| median(&pick(v).iter().map(f).collect::<Vec<_>>()))
+                .collect::<Vec<f64>>()
+        };
+        let series = [
+            ("edgesync drain", "#1f77b4", false, m(|v| &v.0, |r| r.drain)),
+            (
+                "edgesync ingest",
+                "#1f77b4",
+                true,
+                m(|v| &v.0, |r| r.ingest),
+            ),
+            ("peer drain", "#d62728", false, m(|v| &v.1, |r| r.drain)),
+            ("peer ingest", "#d62728", true, m(|v| &v.1, |r| r.ingest)),
+        ];
+        let lat = [
+            ("edgesync", "#1f77b4", lat_pool.0.clone()),
+            ("peer", "#d62728", lat_pool.1.clone()),
+        ];
+        let cpu = mach
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("cpu")
+            .trim();
+        let line = format!(
+            "{cpu}, {} cores · Mosquitto local broker + bridge vs edgesync · {} repeats",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            args.repeats
+        );
+        std::fs::write(path, svg(&line, &sizes, &series, &lat))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("\nchart written to {}", path.display());
+    }
+    println!(
+        "\ndone in {:.0} s; load {} at the end",
+        started.elapsed().as_secs_f64(),
+        loadavg()
+    );
+    Ok(())
+}
