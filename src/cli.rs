@@ -19,11 +19,26 @@ pub struct Cli {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     Run,
-    Report { stdin: bool, changes: Vec<String> },
-    Status { json: bool },
-    Get { doc: Doc, key: Option<String> },
-    History { key: String, limit: Option<usize>, json: bool },
-    Rollback { key: String, version: u64 },
+    Report {
+        stdin: bool,
+        changes: Vec<String>,
+    },
+    Status {
+        json: bool,
+    },
+    Get {
+        doc: Doc,
+        key: Option<String>,
+    },
+    History {
+        key: String,
+        limit: Option<usize>,
+        json: bool,
+    },
+    Rollback {
+        key: String,
+        version: u64,
+    },
     CheckConfig,
     Queue(QueueCommand),
 }
@@ -226,7 +241,9 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
         if version {
             return Ok(Parsed::Version);
         }
-        return Err(top("a command is required (run, report, status, ...)".into()));
+        return Err(top(
+            "a command is required (run, report, status, ...)".into()
+        ));
     };
     let Some(spec) = SPECS.iter().find(|s| s.name == name) else {
         return Err(top(format!("unknown command '{name}'")));
@@ -300,9 +317,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
                 },
                 "peek" => QueueCommand::Peek {
                     from: p.number("--from")?.unwrap_or(0),
-                    limit: p
-                        .number("--limit")?
-                        .unwrap_or(crate_default_peek_limit()),
+                    limit: p.number("--limit")?.unwrap_or(crate_default_peek_limit()),
                     json: p.flag("--json")?,
                 },
                 "export" => QueueCommand::Export {
@@ -483,8 +498,14 @@ mod tests {
             (&["status", "--jsn"][..], "unexpected option '--jsn'"),
             (&["get", "both"][..], "'both' is not a document"),
             (&["get"][..], "missing desired|reported"),
-            (&["queue", "peek", "--limit", "many"][..], "--limit needs an unsigned"),
-            (&["rollback", "k", "x"][..], "VERSION must be an unsigned integer"),
+            (
+                &["queue", "peek", "--limit", "many"][..],
+                "--limit needs an unsigned",
+            ),
+            (
+                &["rollback", "k", "x"][..],
+                "VERSION must be an unsigned integer",
+            ),
             (&["run", "extra"][..], "unexpected argument 'extra'"),
             (&["run", "--config"][..], "--config needs a value"),
             (&["status", "--json", "--json"][..], "given more than once"),

@@ -119,9 +119,9 @@ fn run(path: &Path) -> Result<(), Failure> {
 /// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
 /// be changed while running (the `log-level` command) through the returned handle.
 fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::{fmt, reload};
     // Targets, not EnvFilter: the same "info,edgesync=debug" syntax without a regex engine
     // (-260 KB on ARM).

@@ -1382,7 +1382,11 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
         after.iter().all(|r| r["version"] == 8 || **r == last),
         "{all:?}"
     );
-    assert_eq!(after.iter().filter(|r| r["version"] == 8).count(), 1, "{all:?}");
+    assert_eq!(
+        after.iter().filter(|r| r["version"] == 8).count(),
+        1,
+        "{all:?}"
+    );
 }
 
 /// A document larger than the agent's MQTT incoming packet limit must not take the link
