@@ -962,7 +962,17 @@ fn slow_peer(delay: Duration, n: usize, inflight: u16) -> Res<Slow> {
 
 fn slow_finish(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Slow> {
     let up0 = w.proxy.bytes_up();
-    let got = cloud.wait_delivery(n, DRAIN_STALL, || cloud.distinct() > 0);
+    // Link use is measured from the first change at the cloud: the reconnect before it
+    // differs between the two and is not the link's doing.
+    let deadline = Instant::now() + DRAIN_STALL;
+    while cloud.distinct() == 0 {
+        if Instant::now() > deadline {
+            return Err(format!("{label}: nothing at the cloud in {DRAIN_STALL:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (t1, up1) = (Instant::now(), w.proxy.bytes_up());
+    let got = cloud.wait_delivery(n, DRAIN_STALL, || true);
     if got < n {
         return Err(format!("{label}: the cloud has {got} of {n}"));
     }
@@ -972,14 +982,16 @@ fn slow_finish(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Slow> {
         s.last_new.ok_or("no change")?,
     );
     let secs = (last - first).as_secs_f64().max(1e-6);
-    // Bytes up to the last change (TLS handshake and CONNECT included; the final PUBACK
-    // exchange after the last change is not).
+    // Everything sent up (TLS handshake and CONNECT included) per change.
     let up = w.proxy.bytes_up() - up0;
+    let up_window = w.proxy.bytes_up() - up1;
     Ok(Slow {
         label: label.to_owned(),
         rate: n as f64 / secs,
         wire_per_change: up as f64 / n as f64,
-        utilisation: up as f64 / secs / SLOW_BW as f64,
+        utilisation: up_window as f64
+            / last.saturating_duration_since(t1).as_secs_f64().max(1e-6)
+            / SLOW_BW as f64,
     })
 }
 
