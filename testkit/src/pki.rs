@@ -11,8 +11,8 @@
 //! | `ca` | the CA the agent trusts ("edgesync test CA") |
 //! | `server_cert` / `server_key` | server cert by `ca`, SANs `localhost` and `127.0.0.1` |
 //! | `client_cert` / `client_key` | client cert by `ca`, CN = device id, O = org; EC P-256 key as PKCS#8 |
-//! | `client_key_sec1` | the same key as SEC1 (`BEGIN EC PRIVATE KEY`) |
-//! | `client_rsa_cert` / `client_rsa_key_pkcs8` / `client_rsa_key_pkcs1` | an RSA-2048 client (`BEGIN RSA PRIVATE KEY` for PKCS#1); `None` when the `openssl` program is missing (ring cannot generate RSA keys) |
+//! | `client_key_sec1` | the same key as SEC1 PEM (label `EC` key) |
+//! | `client_rsa_cert` / `client_rsa_key_pkcs8` / `client_rsa_key_pkcs1` | an RSA-2048 client (PKCS#1 PEM, label `RSA` key); `None` when the `openssl` program is missing (ring cannot generate RSA keys) |
 //! | `wrong_ca` | an unrelated CA |
 //! | `wrong_ca_server_cert` / `_key` | server cert for `localhost`/`127.0.0.1` by `wrong_ca` |
 //! | `wrong_ca_client_cert` / `_key` | client cert by `wrong_ca` (a broker trusting `ca` rejects it) |
@@ -74,15 +74,15 @@ pub struct TestPki {
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
-    /// EC P-256, PKCS#8 (`BEGIN PRIVATE KEY`).
+    /// EC P-256, PKCS#8 PEM.
     pub client_key: PathBuf,
-    /// The same key as `client_key`, SEC1 (`BEGIN EC PRIVATE KEY`).
+    /// The same key as `client_key`, SEC1 PEM.
     pub client_key_sec1: PathBuf,
     /// RSA-2048 client certificate; `None` without the `openssl` program.
     pub client_rsa_cert: Option<PathBuf>,
-    /// Its key as PKCS#8 (`BEGIN PRIVATE KEY`).
+    /// Its key as PKCS#8 PEM.
     pub client_rsa_key_pkcs8: Option<PathBuf>,
-    /// Its key as PKCS#1 (`BEGIN RSA PRIVATE KEY`).
+    /// Its key as PKCS#1 PEM.
     pub client_rsa_key_pkcs1: Option<PathBuf>,
     pub wrong_ca: PathBuf,
     pub wrong_ca_server_cert: PathBuf,
