@@ -12,8 +12,8 @@
 //! | [`blackhole`](FaultProxy::blackhole) | connections stay open but no byte moves either way (no FIN, no RST: a silent dead link); bytes already read are held and delivered after `restore`, as TCP retransmission would; new connections are accepted but not connected upstream until `restore` |
 //! | [`restore`](FaultProxy::restore) | ends `cut` / `blackhole` |
 //! | [`reset_all`](FaultProxy::reset_all) | RST (SO_LINGER 0, close) both sides of every current connection |
-//! | [`delay`](FaultProxy::delay) | waits this long before forwarding each chunk read, both ways |
-//! | [`bandwidth`](FaultProxy::bandwidth) | caps each direction of each connection to N bytes/s (0 = no cap) |
+//! | [`delay`](FaultProxy::delay) | forwards each chunk this long after it was read, both ways: a delay line with many chunks in flight (a pipe with latency), holding up to 4 MiB per direction before the sender is back-pressured |
+//! | [`bandwidth`](FaultProxy::bandwidth) | caps each direction of each connection to N bytes/s (0 = no cap), paced on the forwarding side in slices of 1/20 s |
 //! | [`fragment`](FaultProxy::fragment) | forwards one byte per write |
 //! | [`drop_after`](FaultProxy::drop_after) | closes a connection (FIN both sides) once it has forwarded N more bytes upstream (client → broker), counted per connection from the call or from the connection's start |
 //! | [`clear`](FaultProxy::clear) | all of the above off |
@@ -27,6 +27,7 @@
 //! listener for every other client until `restore()` or until the connection closes. (New
 //! connections during a blackhole do not reach rumqttd, so they do not stall it.)
 
+use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,7 +37,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
 use crate::Result;
 
@@ -171,7 +173,8 @@ impl FaultProxy {
         self.ctl.send_modify(|c| c.reset_epoch += 1);
     }
 
-    /// Waits `d` before forwarding each chunk (`Duration::ZERO`: no delay).
+    /// Forwards each chunk `d` after it was read, with many chunks in flight
+    /// (`Duration::ZERO`: no delay). Chunks already read keep the delay they were read with.
     pub fn delay(&self, d: Duration) {
         self.ctl.send_modify(|c| c.delay = d);
     }
@@ -400,7 +403,22 @@ async fn connection(client: TcpStream, ctl: watch::Receiver<Control>, counters: 
     tokio::join!(up.run(), down.run());
 }
 
-/// One direction of a connection.
+/// Bytes read and not yet forwarded that one direction may hold while a delay is set: the
+/// link's buffer. A sender that outruns the cap fills it and is then back-pressured by TCP,
+/// as by a real bottleneck. Without a delay one chunk at a time is held, as a plain relay.
+const LINE_MAX_BYTES: usize = 4 << 20;
+/// Largest read; also the unit a delay is applied to.
+const CHUNK: usize = 16 * 1024;
+
+/// A chunk in the delay line; an empty one is the source's EOF.
+struct Item {
+    bytes: Vec<u8>,
+    due: Instant,
+}
+
+/// One direction of a connection: a reader that time-stamps each chunk into the delay line
+/// and a writer that forwards each chunk when due, paced to the bandwidth cap. Many chunks
+/// are in flight at once, so a delay adds latency without capping throughput.
 struct Pump<'a> {
     src: OwnedReadHalf,
     dst: OwnedWriteHalf,
@@ -412,51 +430,149 @@ struct Pump<'a> {
 }
 
 impl Pump<'_> {
-    async fn run(mut self) {
-        let end = self.forward_all().await;
+    async fn run(self) {
+        let Pump {
+            mut src,
+            mut dst,
+            upstream,
+            watch: w,
+            conn_tx,
+            counter,
+        } = self;
+        let (line_tx, line_rx) = mpsc::unbounded_channel();
+        let (held_tx, held_rx) = watch::channel(0usize);
+        let rw = Watch {
+            ctl: w.ctl.clone(),
+            conn: w.conn.clone(),
+            reset_epoch: w.reset_epoch,
+        };
+        // A side that closes or resets tells the other side and the other direction at once.
+        let signal = |r: std::result::Result<Infallible, End>| {
+            let Err(end) = r;
+            if end != End::Eof {
+                conn_tx.send_replace(Some(end));
+            }
+            end
+        };
+        let reader = async { signal(read_side(&mut src, rw, line_tx, &held_tx, held_rx).await) };
+        let writer = async {
+            let out = Writer {
+                dst: &mut dst,
+                watch: w,
+                held: &held_tx,
+                upstream,
+                counter,
+            };
+            signal(out.run(line_rx).await)
+        };
+        let (r, wr) = tokio::join!(reader, writer);
+        let end = match (r, wr) {
+            (End::Eof, End::Eof) => End::Eof,
+            (End::Reset, _) | (_, End::Reset) => End::Reset,
+            _ => End::Close,
+        };
         match end {
             End::Eof => {
-                let _ = self.dst.shutdown().await;
+                let _ = dst.shutdown().await;
             }
-            End::Close => {
-                self.conn_tx.send_replace(Some(End::Close));
-            }
+            End::Close => {}
             End::Reset => {
-                let _ = self.src.as_ref().set_zero_linger();
-                let _ = self.dst.as_ref().set_zero_linger();
-                self.conn_tx.send_replace(Some(End::Reset));
+                let _ = src.as_ref().set_zero_linger();
+                let _ = dst.as_ref().set_zero_linger();
                 // Dropping a write half sends FIN first; the peer would read EOF, not RST.
-                self.dst.forget();
+                dst.forget();
             }
         }
         // Dropping the halves closes the sockets once the other pump has dropped its own.
     }
+}
 
-    async fn forward_all(&mut self) -> End {
-        let mut buf = vec![0u8; 16 * 1024];
+/// Reads chunks into the delay line while it has room; returns how the direction ends.
+async fn read_side(
+    src: &mut OwnedReadHalf,
+    mut w: Watch,
+    line: mpsc::UnboundedSender<Item>,
+    held_tx: &watch::Sender<usize>,
+    mut held: watch::Receiver<usize>,
+) -> std::result::Result<Infallible, End> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        w.gate().await?;
+        let room = if w.ctl.borrow().delay.is_zero() {
+            1
+        } else {
+            LINE_MAX_BYTES
+        };
+        w.guard(async { held.wait_for(|h| *h < room).await.map(|_| ()) })
+            .await?
+            .map_err(|_| End::Close)?;
+        let n = match w.guard(src.read(&mut buf)).await? {
+            Ok(n) => n,
+            // A close on one side does not cross a blackholed link either.
+            Err(_) => return Err(w.gate().await.err().unwrap_or(End::Close)),
+        };
+        let due = Instant::now() + w.ctl.borrow().delay;
+        held_tx.send_modify(|h| *h += n);
+        // The EOF travels the line behind the data, delayed like it.
+        if line
+            .send(Item {
+                bytes: buf[..n].to_vec(),
+                due,
+            })
+            .is_err()
+        {
+            return Err(End::Close);
+        }
+        if n == 0 {
+            return Err(End::Eof);
+        }
+    }
+}
+
+/// Forwards the delay line's chunks when due, applying the cap, fragmentation and drop-after.
+struct Writer<'a> {
+    dst: &'a mut OwnedWriteHalf,
+    watch: Watch,
+    held: &'a watch::Sender<usize>,
+    upstream: bool,
+    counter: &'a AtomicU64,
+}
+
+impl Writer<'_> {
+    async fn run(
+        mut self,
+        mut line: mpsc::UnboundedReceiver<Item>,
+    ) -> std::result::Result<Infallible, End> {
         let (mut drop_epoch, mut since_drop_set) = (self.watch.ctl.borrow().drop_epoch, 0u64);
+        // Pacing clock: the earliest time the next piece may go out under the cap.
+        let mut next_slot = Instant::now();
         loop {
-            if let Err(end) = self.watch.gate().await {
-                return end;
-            }
-            let n = match self.watch.guard(self.src.read(&mut buf)).await {
-                Err(end) => return end,
-                // A close on one side does not cross a blackholed link either.
-                Ok(Ok(0)) => return self.watch.gate().await.err().unwrap_or(End::Eof),
-                Ok(Ok(n)) => n,
-                Ok(Err(_)) => return self.watch.gate().await.err().unwrap_or(End::Close),
+            let Some(item) = self.watch.guard(line.recv()).await? else {
+                // The reader stopped without an EOF: it has already said why.
+                return Err((*self.watch.conn.borrow()).unwrap_or(End::Close));
             };
-            let delay = self.watch.ctl.borrow().delay;
-            if !delay.is_zero()
-                && let Err(end) = self.watch.guard(tokio::time::sleep(delay)).await
-            {
-                return end;
+            if item.due > Instant::now() {
+                self.watch.guard(tokio::time::sleep_until(item.due)).await?;
+            }
+            let n = item.bytes.len();
+            if n == 0 {
+                return Err(self.watch.gate().await.err().unwrap_or(End::Eof));
             }
             let mut off = 0;
             while off < n {
-                if let Err(end) = self.watch.gate().await {
-                    return end;
+                let bandwidth = self.watch.ctl.borrow().bandwidth;
+                if bandwidth > 0 {
+                    let now = Instant::now();
+                    if next_slot > now {
+                        self.watch
+                            .guard(tokio::time::sleep_until(next_slot))
+                            .await?;
+                    } else {
+                        // An idle link earns no credit: bursts stay one slice.
+                        next_slot = now;
+                    }
                 }
+                self.watch.gate().await?;
                 let c = self.watch.ctl.borrow().clone();
                 let mut piece = n - off;
                 if c.fragment {
@@ -477,31 +593,27 @@ impl Pump<'_> {
                     }
                     let left = max.saturating_sub(since_drop_set);
                     if left == 0 {
-                        return End::Close;
+                        return Err(End::Close);
                     }
                     piece = piece.min(usize::try_from(left).unwrap_or(usize::MAX));
                     limit = Some(max);
                 }
-                let chunk = &buf[off..off + piece];
-                match self.watch.guard(self.dst.write_all(chunk)).await {
-                    Err(end) => return end,
-                    Ok(Err(_)) => return End::Close,
-                    Ok(Ok(())) => {}
+                let chunk = &item.bytes[off..off + piece];
+                if self.watch.guard(self.dst.write_all(chunk)).await?.is_err() {
+                    return Err(End::Close);
                 }
                 self.counter.fetch_add(piece as u64, Ordering::SeqCst);
                 since_drop_set += piece as u64;
                 off += piece;
+                if c.bandwidth > 0 {
+                    next_slot += Duration::from_secs_f64(piece as f64 / c.bandwidth as f64);
+                }
                 if limit.is_some_and(|max| since_drop_set >= max) {
                     let _ = self.dst.flush().await;
-                    return End::Close;
-                }
-                if c.bandwidth > 0 {
-                    let pause = Duration::from_secs_f64(piece as f64 / c.bandwidth as f64);
-                    if let Err(end) = self.watch.guard(tokio::time::sleep(pause)).await {
-                        return end;
-                    }
+                    return Err(End::Close);
                 }
             }
+            self.held.send_modify(|h| *h = h.saturating_sub(n));
         }
     }
 }
