@@ -22,7 +22,8 @@
 //!
 //! Groups: 1 = backlog runs per size (ingest while offline, drain, time to first message,
 //! peak RSS, bytes on disk, CPU); 2 = kill -9 with a backlog, lost acknowledged changes;
-//! 3 = online latency; 4 = slow link (bandwidth cap and delay through the proxy).
+//! 3 = online latency; 4 = slow link (250 kB/s and 200 ms round trip through the proxy's
+//! delay line: backlog drains over batch size and window, online latency over linger).
 
 mod common;
 
@@ -895,22 +896,42 @@ fn pct(sorted: &[f64], q: f64) -> f64 {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Group 4: a slow link. The proxy caps each direction and delays each chunk both ways.
-
-#[derive(Debug, Clone)]
-struct Slow {
-    label: String,
-    rate: f64,
-    /// Bytes the local side sent through the proxy per change.
-    wire_per_change: f64,
-    /// Upstream bytes/s over the capacity.
-    utilisation: f64,
-}
+// Group 4: a slow link. The proxy is a delay line: SLOW_DELAY each way (a 200 ms round
+// trip) and SLOW_BW each way, paced, with many chunks in flight as on a long fat link.
 
 const SLOW_BW: u64 = 250_000;
 const SLOW_DELAY: Duration = Duration::from_millis(100);
+/// A drain's backlog: ~0.85 MB, 3.4 s at the cap.
+const SLOW_BACKLOG: usize = 6_000;
+/// A drain is measured for at most this long from its first change at the cloud, so that
+/// a window-bound variant (a few changes per round trip) stays short.
+const SLOW_WINDOW: Duration = Duration::from_secs(6);
+/// Length of an online run, after the warm-up.
+const SLOW_ONLINE: Duration = Duration::from_millis(2_500);
 
-fn slow_edgesync(label: &str, sync: &str, delay: Duration, n: usize, input: &[u8]) -> Res<Slow> {
+/// The bandwidth-delay product of the slow link, in bytes.
+fn slow_bdp() -> f64 {
+    SLOW_BW as f64 * 2.0 * SLOW_DELAY.as_secs_f64()
+}
+
+/// One backlog drain through the slow link.
+#[derive(Debug, Clone)]
+struct Drain {
+    label: String,
+    /// `batch_max_changes`, `max_inflight`, `linger` (ms) of an edgesync run.
+    knobs: Option<(usize, usize, u64)>,
+    /// Changes/s from the first message at the cloud to the last new change (the changes
+    /// of the first message excluded: they crossed the link before the clock started).
+    rate: f64,
+    /// Bytes sent up through the proxy per change delivered (TLS, MQTT, reconnect included).
+    wire_per_change: f64,
+    /// Upstream bytes/s over the cap, from the first change at the cloud to the end.
+    utilisation: f64,
+    delivered: usize,
+}
+
+fn slow_edgesync(label: &str, knobs: (usize, usize, u64), input: &[u8]) -> Res<Drain> {
+    let n = SLOW_BACKLOG;
     let w = World::new()?;
     w.proxy.cut();
     let cloud = Cloud::start(
@@ -920,22 +941,25 @@ fn slow_edgesync(label: &str, sync: &str, delay: Duration, n: usize, input: &[u8
         Format::Batch,
         n,
     )?;
+    let (batch, inflight, linger) = knobs;
     let setup = w.agent(
         "slow",
         "keep_alive = \"30s\"\nreconnect_initial = \"100ms\"\nreconnect_max = \"100ms\"",
-        sync,
+        &format!("batch_max_changes = {batch}\nmax_inflight = {inflight}\nlinger = \"{linger}ms\""),
     )?;
     let mut d = Daemon::start(&setup, false)?;
     stream(&d.socket, input)?;
-    w.proxy.bandwidth(SLOW_BW);
-    w.proxy.delay(delay);
-    w.proxy.restore();
-    slow_finish(label, &w, &cloud, n).inspect(|_| {
-        let _ = d.stop();
-    })
+    slow_link(&w);
+    let out = slow_drain(label, &w, &cloud, n).map(|mut r| {
+        r.knobs = Some(knobs);
+        r
+    });
+    let _ = d.stop();
+    out
 }
 
-fn slow_peer(delay: Duration, n: usize, inflight: u16) -> Res<Slow> {
+fn slow_peer(inflight: u16) -> Res<Drain> {
+    let n = SLOW_BACKLOG;
     let w = World::new()?;
     w.proxy.cut();
     let cloud = Cloud::start(&w, "peer/#", "cloud-ps", Format::Plain, n)?;
@@ -947,23 +971,21 @@ fn slow_peer(delay: Duration, n: usize, inflight: u16) -> Res<Slow> {
     }
     publisher.wait_acks(n as u64)?;
     drop(publisher);
-    w.proxy.bandwidth(SLOW_BW);
-    w.proxy.delay(delay);
-    w.proxy.restore();
-    let out = slow_finish(
-        &format!("peer: Mosquitto bridge, QoS 1 (delay {delay:?})"),
-        &w,
-        &cloud,
-        n,
-    );
+    slow_link(&w);
+    let out = slow_drain("peer: Mosquitto bridge, QoS 1", &w, &cloud, n);
     let _ = m.stop();
     out
 }
 
-fn slow_finish(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Slow> {
+/// Opens the proxy as the slow link.
+fn slow_link(w: &World) {
+    w.proxy.bandwidth(SLOW_BW);
+    w.proxy.delay(SLOW_DELAY);
+    w.proxy.restore();
+}
+
+fn slow_drain(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Drain> {
     let up0 = w.proxy.bytes_up();
-    // Link use is measured from the first change at the cloud: the reconnect before it
-    // differs between the two and is not the link's doing.
     let deadline = Instant::now() + DRAIN_STALL;
     while cloud.distinct() == 0 {
         if Instant::now() > deadline {
@@ -971,28 +993,187 @@ fn slow_finish(label: &str, w: &World, cloud: &Cloud, n: usize) -> Res<Slow> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Link use runs from the first change at the cloud: the reconnect before it is not the
+    // link's doing.
     let (t1, up1) = (Instant::now(), w.proxy.bytes_up());
+    while cloud.distinct() < n && t1.elapsed() < SLOW_WINDOW {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (t2, up2) = (Instant::now(), w.proxy.bytes_up());
+    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
+    let first = s.first_msg.ok_or("no message")?;
+    let last = if s.distinct >= n {
+        s.last_new.ok_or("no change")?
+    } else {
+        t2
+    };
+    let later = s.first.iter().flatten().filter(|at| **at > first).count();
+    Ok(Drain {
+        label: label.to_owned(),
+        knobs: None,
+        rate: later as f64 / (last - first).as_secs_f64().max(1e-6),
+        wire_per_change: (up2 - up0) as f64 / s.distinct.max(1) as f64,
+        utilisation: (up2 - up1) as f64 / (t2 - t1).as_secs_f64().max(1e-6) / SLOW_BW as f64,
+        delivered: s.distinct,
+    })
+}
+
+/// Changes arriving at a steady rate over the slow link.
+#[derive(Debug, Clone)]
+struct Online {
+    label: String,
+    per_sec: u32,
+    p50: f64,
+    p95: f64,
+    wire_per_change: f64,
+    /// MQTT PUBLISH packets sent up per change (edgesync: one per batch).
+    publishes_per_change: f64,
+}
+
+fn slow_online_edgesync(label: &str, per_sec: u32, sync: &str) -> Res<Online> {
+    let n = WARMUP + (SLOW_ONLINE.as_secs_f64() * f64::from(per_sec)) as usize;
+    let w = World::new()?;
+    slow_link(&w);
+    let cloud = Cloud::start(
+        &w,
+        &format!("edgesync/{DEVICE}/reported"),
+        "cloud-eo",
+        Format::Batch,
+        n,
+    )?;
+    let setup = w.agent("slow-online", "", sync)?;
+    let mut d = Daemon::start(&setup, false)?;
+    let mut status = StatusConn::connect(&d.socket)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.get()?["connection"]["state"] != "online" {
+        if Instant::now() > deadline {
+            return Err(format!("daemon not online: {}", d.log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
+    let replies = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    // Replies are read on their own thread so that the socket never fills.
+    let reader = std::thread::spawn(move || {
+        let mut bad = None;
+        for line in replies.lines().take(n) {
+            match line {
+                Ok(l) if l.starts_with("{\"ok\":true") => {}
+                Ok(l) => bad = bad.or(Some(l)),
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        bad
+    });
+    let up0 = w.proxy.bytes_up();
+    let mut writer = &conn;
+    let sent = slow_schedule(n, per_sec, |i| {
+        let req = format!(
+            "{{\"op\":\"report\",\"changes\":[{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}]}}\n",
+            i % KEYS,
+            value(i)
+        );
+        writer
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("send: {e}"))
+    })?;
+    if let Some(e) = reader.join().map_err(|_| "reply reader panicked")? {
+        return Err(format!("report failed: {e}"));
+    }
+    let out = slow_online_finish(label, per_sec, &w, &cloud, &sent, up0);
+    d.stop()?;
+    out
+}
+
+fn slow_online_peer(per_sec: u32, inflight: u16) -> Res<Online> {
+    let n = WARMUP + (SLOW_ONLINE.as_secs_f64() * f64::from(per_sec)) as usize;
+    let w = World::new()?;
+    slow_link(&w);
+    let cloud = Cloud::start(&w, "peer/#", "cloud-po", Format::Plain, n)?;
+    let mut m = w.peer(None)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.bridge_connects() == 0 {
+        if Instant::now() > deadline {
+            return Err("the bridge did not connect in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let publisher = Publisher::connect(port, inflight)?;
+    let up0 = w.proxy.bytes_up();
+    let sent = slow_schedule(n, per_sec, |i| publisher.publish(i))?;
+    let out = slow_online_finish(
+        "peer: Mosquitto bridge, QoS 1",
+        per_sec,
+        &w,
+        &cloud,
+        &sent,
+        up0,
+    );
+    drop(publisher);
+    let _ = m.stop();
+    out
+}
+
+/// Calls `send(i)` for `n` changes at `per_sec`, on a schedule (a late send does not push
+/// the later ones back); returns each send instant.
+fn slow_schedule(
+    n: usize,
+    per_sec: u32,
+    mut send: impl FnMut(usize) -> Res<()>,
+) -> Res<Vec<Instant>> {
+    let spacing = Duration::from_secs(1) / per_sec.max(1);
+    let t0 = Instant::now() + Duration::from_millis(10);
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        sent.push(Instant::now());
+        send(i)?;
+    }
+    Ok(sent)
+}
+
+fn slow_online_finish(
+    label: &str,
+    per_sec: u32,
+    w: &World,
+    cloud: &Cloud,
+    sent: &[Instant],
+    up0: u64,
+) -> Res<Online> {
+    let n = sent.len();
     let got = cloud.wait_delivery(n, DRAIN_STALL, || true);
     if got < n {
-        return Err(format!("{label}: the cloud has {got} of {n}"));
+        return Err(format!("{label}: {got} of {n} changes reached the cloud"));
     }
-    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
-    let (first, last) = (
-        s.first_msg.ok_or("no message")?,
-        s.last_new.ok_or("no change")?,
-    );
-    let secs = (last - first).as_secs_f64().max(1e-6);
-    // Everything sent up (TLS handshake and CONNECT included) per change.
     let up = w.proxy.bytes_up() - up0;
-    let up_window = w.proxy.bytes_up() - up1;
-    Ok(Slow {
+    let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
+    let mut ms: Vec<f64> = sent
+        .iter()
+        .zip(&s.first)
+        .skip(WARMUP)
+        .filter_map(|(t, at)| Some(at.as_ref()?.saturating_duration_since(*t).as_secs_f64() * 1e3))
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let q = |p: f64| ms.get(((ms.len() as f64 * p) as usize).min(ms.len().saturating_sub(1)));
+    Ok(Online {
         label: label.to_owned(),
-        rate: n as f64 / secs,
+        per_sec,
+        p50: q(0.5).copied().unwrap_or(f64::NAN),
+        p95: q(0.95).copied().unwrap_or(f64::NAN),
         wire_per_change: up as f64 / n as f64,
-        utilisation: up_window as f64
-            / last.saturating_duration_since(t1).as_secs_f64().max(1e-6)
-            / SLOW_BW as f64,
+        publishes_per_change: s.messages as f64 / n as f64,
     })
+}
+
+/// The median run of `runs` by `key` (repeats of one variant).
+fn slow_median<T: Clone>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    runs.get(runs.len() / 2).cloned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1449,55 +1630,91 @@ fn run() -> Res<()> {
     }
 
     let mut slow = Vec::new();
+    let mut slow_online = Vec::new();
     if args.only.contains(&4) {
-        // ~0.7 MB through a 250 kB/s link: a few seconds per variant.
-        let n = 5_000;
+        let n = SLOW_BACKLOG;
         let input = ndjson(n);
         println!(
-            "slow link: {n} changes queued, then drained through the proxy at {} kB/s per \
-             direction, with no delay and with {:?} per chunk each way",
+            "slow link: {} kB/s and {:?} each way through the proxy's delay line (bandwidth-delay \
+             product {:.0} kB); drains of {n} queued changes, each measured for at most {:?}",
             SLOW_BW / 1000,
-            SLOW_DELAY
+            SLOW_DELAY,
+            slow_bdp() / 1e3,
+            SLOW_WINDOW
         );
-        let z = Duration::ZERO;
-        let variants: [(&str, &str, Duration); 6] = [
-            ("defaults (1000 changes/batch, max_inflight 8)", "", z),
-            (
-                "defaults (1000 changes/batch, max_inflight 8)",
-                "",
-                SLOW_DELAY,
-            ),
-            ("max_inflight = 1", "max_inflight = 1", SLOW_DELAY),
-            (
-                "batch_max_changes = 100",
-                "batch_max_changes = 100",
-                SLOW_DELAY,
-            ),
-            (
-                "batch_max_changes = 10, max_inflight = 1",
-                "batch_max_changes = 10\nmax_inflight = 1",
-                SLOW_DELAY,
-            ),
-            ("linger = 50ms", "linger = \"50ms\"", SLOW_DELAY),
-        ];
+        let mut knobs: Vec<(usize, usize, u64)> = Vec::new();
+        for batch in [10, 100, 1000] {
+            for inflight in [1, 2, 8, 32] {
+                knobs.push((batch, inflight, 0));
+            }
+        }
+        knobs.extend([(1000, 8, 5), (1000, 8, 50)]);
+        for k in knobs {
+            let label = format!(
+                "edgesync: batch_max_changes {}, max_inflight {}, linger {} ms",
+                k.0, k.1, k.2
+            );
+            let mut runs = Vec::new();
+            for _ in 0..args.repeats {
+                runs.push(slow_edgesync(&label, k, &input)?);
+            }
+            slow.extend(slow_median(runs, |r| r.rate));
+        }
         let mut runs = Vec::new();
-        for (label, sync, delay) in variants {
-            let label = format!("edgesync: {label} (delay {delay:?})");
-            runs.push(slow_edgesync(&label, sync, delay, n, &input)?);
+        for _ in 0..args.repeats {
+            runs.push(slow_peer(args.inflight)?);
         }
-        for delay in [z, SLOW_DELAY] {
-            runs.push(slow_peer(delay, n, args.inflight)?);
-        }
-        for s in runs {
+        slow.extend(slow_median(runs, |r| r.rate));
+        for s in &slow {
             println!(
-                "  {}: {:.0} changes/s, {:.1} bytes up per change, link {:.0} % full",
+                "  {}: {:.0} changes/s, {:.1} bytes up per change, link {:.0} % full, {} delivered",
                 s.label,
                 s.rate,
                 s.wire_per_change,
-                s.utilisation * 100.0
+                s.utilisation * 100.0,
+                s.delivered
             );
-            slow.push(s);
         }
+        println!("slow link online: changes at a steady rate, report → cloud latency");
+        for per_sec in [200u32, 1000] {
+            // linger acts only while the window has room: with 8 batches in flight for a
+            // 200 ms round trip the window is always full at these rates, so it is swept
+            // with a wider window too.
+            for (batch, inflight, linger) in [
+                (1000, 8, 0),
+                (1000, 8, 5),
+                (1000, 8, 50),
+                (10, 8, 0),
+                (1000, 2, 0),
+                (1000, 32, 0),
+                (1000, 32, 5),
+                (1000, 32, 50),
+            ] {
+                let label = format!(
+                    "edgesync: batch_max_changes {batch}, max_inflight {inflight}, linger {linger} ms"
+                );
+                let sync = format!(
+                    "batch_max_changes = {batch}\nmax_inflight = {inflight}\nlinger = \"{linger}ms\""
+                );
+                let mut runs = Vec::new();
+                for _ in 0..args.repeats {
+                    runs.push(slow_online_edgesync(&label, per_sec, &sync)?);
+                }
+                slow_online.extend(slow_median(runs, |r| r.p50));
+            }
+            let mut runs = Vec::new();
+            for _ in 0..args.repeats {
+                runs.push(slow_online_peer(per_sec, args.inflight)?);
+            }
+            slow_online.extend(slow_median(runs, |r| r.p50));
+        }
+        for o in &slow_online {
+            println!(
+                "  {} at {}/s: p50 {:.0} ms, p95 {:.0} ms, {:.1} bytes up and {:.3} PUBLISH per change",
+                o.label, o.per_sec, o.p50, o.p95, o.wire_per_change, o.publishes_per_change
+            );
+        }
+        println!("load    {} after the slow link", loadavg());
     }
 
     if !per_size.is_empty() {
@@ -1525,19 +1742,68 @@ fn run() -> Res<()> {
     }
     if !slow.is_empty() {
         println!(
-            "\nslow link ({} kB/s each way, {:?} per chunk each way):\n",
+            "\nslow link ({} kB/s and {:?} each way, delay line; bandwidth-delay product {:.0} kB), \
+             drain of {SLOW_BACKLOG} queued changes:\n",
             SLOW_BW / 1000,
-            SLOW_DELAY
+            SLOW_DELAY,
+            slow_bdp() / 1e3
         );
-        println!("| variant | changes/s | bytes up per change | link use |");
-        println!("| --- | ---: | ---: | ---: |");
-        for s in &slow {
+        println!(
+            "| variant | changes/s | link capacity changes/s | bytes up per change | link use | delivered in {:?} |",
+            SLOW_WINDOW
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for s in slow
+            .iter()
+            .filter(|s| s.knobs.is_none_or(|k| k == (1000, 8, 0)))
+        {
             println!(
-                "| {} | {:.0} | {:.1} | {:.0} % |",
+                "| {} | {:.0} | {:.0} | {:.1} | {:.0} % | {} |",
                 s.label,
                 s.rate,
+                SLOW_BW as f64 / s.wire_per_change,
                 s.wire_per_change,
+                s.utilisation * 100.0,
+                s.delivered
+            );
+        }
+        // Window = max_inflight batches; a window of at least the bandwidth-delay product
+        // (plus one batch, sent while the first PUBACK travels) keeps the link full.
+        println!(
+            "\n| batch_max_changes | max_inflight | linger | window kB | window / BDP | model link use | changes/s | link use |"
+        );
+        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for s in &slow {
+            let Some((batch, inflight, linger)) = s.knobs else {
+                continue;
+            };
+            let b = batch as f64 * s.wire_per_change;
+            let window = inflight as f64 * b;
+            let model = (window / (slow_bdp() + b)).min(1.0);
+            println!(
+                "| {batch} | {inflight} | {linger} ms | {:.1} | {:.2} | {:.0} % | {:.0} | {:.0} % |",
+                window / 1e3,
+                window / slow_bdp(),
+                model * 100.0,
+                s.rate,
                 s.utilisation * 100.0
+            );
+        }
+    }
+    if !slow_online.is_empty() {
+        println!(
+            "\nslow link online ({:?} after {WARMUP} warm-up changes per run; latency = report \
+             written → change at the cloud subscriber, one way of the link):\n",
+            SLOW_ONLINE
+        );
+        println!(
+            "| variant | changes/s | p50 ms | p95 ms | bytes up per change | PUBLISH per change |"
+        );
+        println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+        for o in &slow_online {
+            println!(
+                "| {} | {} | {:.0} | {:.0} | {:.1} | {:.3} |",
+                o.label, o.per_sec, o.p50, o.p95, o.wire_per_change, o.publishes_per_change
             );
         }
     }
