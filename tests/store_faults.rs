@@ -303,6 +303,8 @@ struct Ledger {
     max_seq: u64,
     /// Error codes callers got.
     errors: Vec<StoreError>,
+    /// Records handed over before their fsync.
+    handed: u64,
 }
 
 fn change(key: &str, value: Value) -> NewChange {
@@ -343,6 +345,9 @@ struct Plan {
     max_bytes: u64,
     /// Stop at the first error (a power cut) or go on (I/O faults).
     stop_on_error: bool,
+    /// A listener takes every commit's records before its fsync, as the online sync
+    /// engine does: the seqs it was handed count as given out and must never be reused.
+    tail: bool,
 }
 
 fn store_opts(path: &Path, plan: &Plan) -> StoreOptions {
@@ -361,10 +366,23 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// [`workload_steps`], with the records handed over before each fsync (if the plan says so)
+/// counted as given out.
+async fn workload(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger) {
+    let mut tail = plan.tail.then(|| outbox.tail());
+    workload_steps(outbox, plan, ledger).await;
+    while let Some(records) = tail.as_mut().and_then(|t| t.try_recv().ok()) {
+        for q in records {
+            ledger.handed += 1;
+            ledger.max_seq = ledger.max_seq.max(q.seq);
+        }
+    }
+}
+
 /// The agent's kinds of commit, round after round: single and grouped appends (some large,
 /// so `max_bytes` is reached), a transaction writing its own table with an append, range
 /// and through acks.
-async fn workload(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger) {
+async fn workload_steps(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger) {
     for i in 0..plan.rounds {
         let mut failed = false;
         let one = vec![
@@ -616,6 +634,10 @@ fn sweep(plan: Plan, second_every: u64) -> (u64, u64, u64) {
         "{:?}",
         ledger.errors
     );
+    assert!(
+        !plan.tail || ledger.handed > 0,
+        "the listener was handed nothing"
+    );
     let total = probe.syncs();
     let dir = scratch();
     let (mut cuts, mut images, mut second) = (0, 0, 0);
@@ -676,17 +698,22 @@ fn second_cuts(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &st
 fn power_cut_at_every_sync_point_loses_nothing_acknowledged() {
     let full = full_sweep();
     let mut report = Vec::new();
-    for (when_full, max_bytes) in [(WhenFull::Reject, 4096), (WhenFull::DropOldest, 4096)] {
+    for (when_full, max_bytes, tail) in [
+        (WhenFull::Reject, 4096, false),
+        (WhenFull::DropOldest, 4096, false),
+        (WhenFull::DropOldest, 4096, true),
+    ] {
         let plan = Plan {
             rounds: if full { 12 } else { 6 },
             when_full,
             max_bytes,
             stop_on_error: true,
+            tail,
         };
         let started = Instant::now();
         let (cuts, images, second) = sweep(plan, if full { 1 } else { 8 });
         report.push(format!(
-            "{when_full:?}: {cuts} cut points, {images} images booted, {second} second cuts, {:.1?}",
+            "{when_full:?} (tail {tail}): {cuts} cut points, {images} images booted, {second} second cuts, {:.1?}",
             started.elapsed()
         ));
     }
@@ -702,6 +729,7 @@ fn power_cut_while_the_store_file_is_created_leaves_a_usable_store() {
         when_full: WhenFull::Reject,
         max_bytes: 1 << 20,
         stop_on_error: true,
+        tail: false,
     };
     let (probe, _, _) = run_cut(&plan, 0);
     let creation_syncs = probe.syncs();
@@ -798,6 +826,7 @@ fn io_errors_and_full_disk_fail_only_their_commit_and_the_store_recovers() {
         when_full: WhenFull::Reject,
         max_bytes: 4096,
         stop_on_error: false,
+        tail: true,
     };
     // How many writes and syncs the workload makes.
     let disk = SimDisk::default();

@@ -5,8 +5,9 @@
 //! One redb file (`store.path`) with three tables:
 //! - `outbox`: `seq (u64) → record` (CBOR `[ts, key, value]`, see [`record`]), the queue;
 //! - `reported`: `key → (seq, record)`, the latest reported value of every key;
-//! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, and the persistent counters
-//!   (`reported`, `acked`, `dropped`, `rejected`).
+//! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, the persistent counters
+//!   (`reported`, `acked`, `dropped`, `rejected`) and `seq_reserved` (see "Sent while the
+//!   fsync runs").
 //!
 //! # Invariants
 //! - **Durable before acknowledged.** A caller of [`Outbox::append`] is answered only after the
@@ -20,6 +21,17 @@
 //!   increasing in the order requests reached the writer, and never reused: `next_seq` is
 //!   persisted in the same transaction, also when the queue is empty, and on open it is raised
 //!   past the last queued seq should the metadata ever lag.
+//! - **Sent while the fsync runs.** While the sync engine listens ([`Outbox::tail`]), the
+//!   writer hands it each commit's new records just before the commit, so an online change
+//!   travels to the broker while the disk syncs (report → cloud latency without the fsync).
+//!   The caller's answer still waits for the commit. Such a change is in doubt until then,
+//!   like one whose answer a crash cut off: if the commit fails or power is cut, it may have
+//!   reached the broker without being queued. Its seq must still never be reused, so seqs
+//!   handed out this way come from a durable reservation: every commit while the engine
+//!   listens persists `seq_reserved` = `next_seq` + [`SEQ_RESERVE`], only seqs below the
+//!   reservation already on disk are handed over early, and an open after a crash (or a
+//!   failed commit) continues at the reservation. A crash can therefore leave a gap in the
+//!   seqs (at most [`SEQ_RESERVE`] + one commit); a clean shutdown releases the reservation.
 //! - **All or nothing.** The changes of one request get consecutive seqs and are committed
 //!   together or not at all.
 //! - **Bounds.** `bytes` counts every queued record as its encoded length plus
@@ -76,6 +88,11 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const RECORD_OVERHEAD: u64 = 24;
 /// Most changes the writer puts into one transaction.
 pub const MAX_TXN_CHANGES: usize = 16_384;
+/// Seqs reserved ahead of `next_seq` while the sync engine takes records before their fsync.
+pub const SEQ_RESERVE: u64 = 16_384;
+/// Most records of one commit handed to the sync engine before the fsync; a larger commit is
+/// a backlog, which the engine reads from the store anyway.
+const TAIL_MAX: usize = 1024;
 /// Requests that may wait for the writer before submitters are made to wait.
 const CHANNEL_DEPTH: usize = 4096;
 /// First and longest wait before the writer reopens the store after an I/O error.
@@ -331,6 +348,8 @@ struct Shared {
     commits: AtomicU64,
     /// `next_seq` after the last commit: the sync engine wakes on changes.
     appended: watch::Sender<u64>,
+    /// Where the writer hands each commit's new records before its fsync ([`Outbox::tail`]).
+    tail: Mutex<Option<mpsc::UnboundedSender<Vec<Queued>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -388,11 +407,16 @@ impl Outbox {
             stats: Mutex::new(stats),
             commits: AtomicU64::new(0),
             appended: watch::Sender::new(stats.next_seq),
+            tail: Mutex::new(None),
             writer: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let writer = Writer {
             shared: Arc::clone(&shared),
+            durable_reserved: meta.seq_reserved,
+            tail_buf: Vec::new(),
+            collect_tail: false,
+            tail_sent: false,
             meta,
             max_bytes: opts.max_bytes,
             when_full: opts.when_full,
@@ -502,6 +526,18 @@ impl Outbox {
     /// Figures as of the last commit (no I/O).
     pub fn stats(&self) -> QueueStats {
         *lock(&self.shared.stats)
+    }
+
+    /// Records of each commit from now on, handed over just before the commit's fsync (see
+    /// "Sent while the fsync runs" in the module docs): each message holds consecutive seqs
+    /// in order; commits larger than a backlog threshold, and commits before a reservation
+    /// is durable, are not handed over (read them from the store after [`Self::watch_appended`]
+    /// fires). The records are not durable yet: a receiver may publish them but must not
+    /// treat them as queued. Replaces an earlier receiver; dropping it stops the hand-over.
+    pub fn tail(&self) -> mpsc::UnboundedReceiver<Vec<Queued>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *lock(&self.shared.tail) = Some(tx);
+        rx
     }
 
     /// Watches `next_seq` as of the last commit; it changes whenever changes were appended.
@@ -761,14 +797,24 @@ struct Meta {
     acked: u64,
     dropped: u64,
     rejected: u64,
+    /// Seqs below it may have been handed to the sync engine before their commit: never
+    /// reuse them (see "Sent while the fsync runs").
+    seq_reserved: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 7] = [
-        "next_seq", "depth", "bytes", "reported", "acked", "dropped", "rejected",
+    const FIELDS: [&'static str; 8] = [
+        "next_seq",
+        "depth",
+        "bytes",
+        "reported",
+        "acked",
+        "dropped",
+        "rejected",
+        "seq_reserved",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 7] {
+    fn fields_mut(&mut self) -> [&mut u64; 8] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -777,6 +823,7 @@ impl Meta {
             &mut self.acked,
             &mut self.dropped,
             &mut self.rejected,
+            &mut self.seq_reserved,
         ]
     }
 
@@ -797,9 +844,23 @@ impl Meta {
             for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
+                    // Stores of earlier versions have none; the next commit writes it.
+                    None if *name == "seq_reserved" => {}
                     None => changed = true,
                 }
             }
+            // A crash (or a failed commit) may have left seqs up to the reservation with the
+            // broker: continue after them. In memory only, so that an open needs no write;
+            // the next commit persists it.
+            if meta.seq_reserved > meta.next_seq {
+                tracing::info!(
+                    next_seq = meta.next_seq,
+                    seq_reserved = meta.seq_reserved,
+                    "continuing at the reserved seq (seqs in between may have been sent before an unclean stop)"
+                );
+                meta.next_seq = meta.seq_reserved;
+            }
+            meta.seq_reserved = meta.seq_reserved.max(meta.next_seq);
             // Defensive: seqs must never be reused, even if meta lagged the data.
             if let Some((last, _)) = outbox.last()? {
                 let last = last.value();
@@ -864,6 +925,13 @@ fn cost(record_len: usize) -> u64 {
 struct Writer {
     shared: Arc<Shared>,
     meta: Meta,
+    /// `seq_reserved` as last committed: seqs below it are never reused, even after a crash.
+    durable_reserved: u64,
+    /// This commit's new records, for the tail ([`Outbox::tail`]).
+    tail_buf: Vec<Queued>,
+    collect_tail: bool,
+    /// The current commit's records were handed over before its fsync.
+    tail_sent: bool,
     max_bytes: u64,
     when_full: WhenFull,
     buf: Vec<u8>,
@@ -918,10 +986,40 @@ impl Writer {
                 }
             }
             if stop {
+                self.release_reservation();
                 break;
             }
         }
         // Requests still queued are answered with `Closed` as their senders drop.
+    }
+
+    /// On a clean stop, nothing handed over early is in doubt: give the reserved seqs back,
+    /// so that a restart continues without a gap. Best effort (a gap is harmless).
+    fn release_reservation(&mut self) {
+        if self.broken.is_some() || self.meta.seq_reserved <= self.meta.next_seq {
+            return;
+        }
+        let before = self.meta;
+        self.meta.seq_reserved = self.meta.next_seq;
+        let db = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let done = db.as_ref().map(|db| -> Result<(), redb::Error> {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(Durability::Immediate)?;
+            {
+                let mut meta = txn.open_table(META)?;
+                self.meta.store(&mut meta)?;
+            }
+            txn.commit()?;
+            Ok(())
+        });
+        if let Some(Err(e)) = done {
+            tracing::debug!("releasing the reserved seqs failed: {e}");
+            self.meta = before;
+        }
     }
 
     /// Reopens the store if a failed commit left redb refusing work and the backoff has
@@ -954,6 +1052,7 @@ impl Writer {
                 self.broken = None;
                 // What is on disk is the truth now (a failed commit may or may not be there).
                 self.meta = meta;
+                self.durable_reserved = meta.seq_reserved;
                 self.publish_stats();
                 Ok(())
             }
@@ -1012,11 +1111,16 @@ impl Writer {
             return;
         }
         let before = self.meta;
+        self.tail_sent = false;
         let result = self.apply(batch);
         let outcomes = match result {
             Ok(outcomes) => outcomes,
             Err(e) => {
                 self.meta = before;
+                if self.tail_sent {
+                    // Its records may be at the broker already: never reuse their seqs.
+                    self.meta.next_seq = self.meta.next_seq.max(self.durable_reserved);
+                }
                 let reopen = needs_reopen(&e);
                 let err = StoreError::from(e);
                 tracing::error!(error = %err, "store commit failed");
@@ -1032,6 +1136,7 @@ impl Writer {
             }
         };
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        self.durable_reserved = self.meta.seq_reserved;
         self.publish_stats();
         let mut outcomes = outcomes.into_iter();
         for op in batch.drain(..) {
@@ -1064,6 +1169,12 @@ impl Writer {
             }
         };
         txn.set_durability(Durability::Immediate)?;
+        let sink = lock(&self.shared.tail)
+            .as_ref()
+            .filter(|t| !t.is_closed())
+            .cloned();
+        self.tail_buf.clear();
+        self.collect_tail = sink.is_some();
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut outbox = txn.open_table(OUTBOX)?;
@@ -1125,11 +1236,33 @@ impl Writer {
                     reported.insert(key.as_str(), (l.seq, self.buf.as_slice()))?;
                 }
             }
+            // Reserve seqs ahead only while someone takes records early; release otherwise.
+            self.meta.seq_reserved = match sink {
+                Some(_) => self.meta.next_seq + SEQ_RESERVE,
+                None => self.meta.next_seq,
+            };
             let mut meta = txn.open_table(META)?;
             self.meta.store(&mut meta)?;
         }
+        if let Some(sink) = sink {
+            self.hand_over_tail(&sink);
+        }
         txn.commit()?;
         Ok(outcomes)
+    }
+
+    /// Hands this commit's new records to the sync engine before the fsync, if every seq is
+    /// covered by a reservation already on disk.
+    fn hand_over_tail(&mut self, sink: &mpsc::UnboundedSender<Vec<Queued>>) {
+        let covered = self
+            .tail_buf
+            .last()
+            .is_some_and(|q| q.seq < self.durable_reserved);
+        if self.collect_tail && covered {
+            self.tail_sent = true;
+            let _ = sink.send(std::mem::take(&mut self.tail_buf));
+        }
+        self.tail_buf.clear();
     }
 
     fn append<'b>(
@@ -1187,6 +1320,17 @@ impl Writer {
             let ts = c.ts.unwrap_or(now);
             record::encode_with_origin(&mut self.buf, ts, &c.key, &c.value, c.origin.tag());
             outbox.insert(seq, self.buf.as_slice())?;
+            if self.collect_tail {
+                if self.tail_buf.len() < TAIL_MAX {
+                    self.tail_buf.push(Queued {
+                        seq,
+                        record: self.buf.clone(),
+                    });
+                } else {
+                    self.collect_tail = false;
+                    self.tail_buf.clear();
+                }
+            }
             self.meta.next_seq += 1;
             self.meta.depth += 1;
             self.meta.bytes += cost(self.buf.len());

@@ -429,3 +429,112 @@ fn no_space_is_store_full_for_callers() {
     let e = StoreError::from(redb::Error::Io(std::io::Error::from_raw_os_error(5)));
     assert_eq!(e.code(), "io-error");
 }
+
+/// Opens the store, waiting for an earlier handle's writer thread to let go of the file.
+fn open_when_free(o: &StoreOptions) -> Outbox {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Outbox::open(o) {
+            Ok(outbox) => return outbox,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("reopen: {e}"),
+        }
+    }
+}
+
+#[test]
+fn the_tail_hands_over_records_before_the_commit_only_under_a_durable_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    let mut tail = outbox.tail();
+    rt.block_on(async {
+        // No reservation on disk yet: the first commit only makes one.
+        outbox.append(vec![change("k", json!(1))]).await.unwrap();
+        assert!(tail.try_recv().is_err(), "seq 1 was not covered");
+        let a = outbox
+            .append(vec![change("k", json!(2)), change("j", json!(3))])
+            .await
+            .unwrap();
+        let handed = tail.try_recv().expect("seqs 2 and 3 handed over");
+        assert_eq!(
+            handed,
+            outbox.read_from(a.first_seq, 10, usize::MAX).unwrap()
+        );
+        assert_eq!(handed.iter().map(|q| q.seq).collect::<Vec<_>>(), vec![2, 3]);
+        // A commit larger than the tail's bound is left to reads.
+        let big: Vec<NewChange> = (0..TAIL_MAX + 1).map(|i| change("b", json!(i))).collect();
+        outbox.append(big).await.unwrap();
+        assert!(tail.try_recv().is_err());
+        // Nobody listening: nothing is kept for them, and the reservation is released.
+        drop(tail);
+        outbox.append(vec![change("k", json!(4))]).await.unwrap();
+        outbox.shutdown().await;
+    });
+}
+
+#[test]
+fn after_a_crash_with_a_listener_seqs_continue_past_the_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
+    let rt = rt();
+    let outbox = Outbox::open(&o).unwrap();
+    let tail = outbox.tail();
+    let last = rt.block_on(async {
+        outbox.append(vec![change("k", json!(1))]).await.unwrap();
+        outbox
+            .append(vec![change("k", json!(2))])
+            .await
+            .unwrap()
+            .last_seq
+    });
+    // A crash: the handles go without a shutdown (the writer just stops).
+    drop(tail);
+    drop(outbox);
+    let outbox = open_when_free(&o);
+    let next = outbox.stats().next_seq;
+    assert_eq!(
+        next,
+        last + 1 + SEQ_RESERVE,
+        "seqs that may have been sent are skipped"
+    );
+    let a = rt
+        .block_on(outbox.append(vec![change("k", json!(3))]))
+        .unwrap();
+    assert_eq!(a.first_seq, next);
+    assert_eq!(
+        all_seqs(&outbox),
+        vec![1, 2, next],
+        "nothing committed was lost"
+    );
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn a_clean_shutdown_releases_the_reservation_and_no_listener_reserves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
+    let rt = rt();
+    let outbox = Outbox::open(&o).unwrap();
+    let _tail = outbox.tail();
+    rt.block_on(async {
+        for i in 0..3 {
+            outbox.append(vec![change("k", json!(i))]).await.unwrap();
+        }
+        outbox.shutdown().await;
+    });
+    drop(outbox);
+    let outbox = open_when_free(&o);
+    assert_eq!(outbox.stats().next_seq, 4, "no gap after a clean stop");
+    // Without a listener a crash leaves no gap either.
+    rt.block_on(outbox.append(vec![change("k", json!(9))]))
+        .unwrap();
+    drop(outbox);
+    let outbox = open_when_free(&o);
+    assert_eq!(outbox.stats().next_seq, 5);
+    outbox.shutdown_blocking();
+}

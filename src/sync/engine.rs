@@ -17,6 +17,11 @@
 //!   in progress have finished (so acknowledged changes are not sent again).
 //! - **Epochs.** Reads answered after a disconnect belong to an old connection and are
 //!   ignored.
+//! - **Tail before the fsync.** The store hands over each commit's new records just before
+//!   its fsync ([`crate::store::Outbox::tail`]). When the engine is caught up (online, no
+//!   read outstanding, nothing buffered, and the records start exactly at the cursor), it
+//!   takes them as if read, so an online change is published while the disk syncs.
+//!   Otherwise they are ignored and read from the store after the commit, as always.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -222,6 +227,30 @@ impl Engine {
         }
         self.buffer.extend(records);
         self.pump(now);
+    }
+
+    /// Records handed over before their commit's fsync (see the module docs). Returns
+    /// whether they were taken.
+    pub fn handle_tail(&mut self, records: Vec<Queued>, now: Instant) -> bool {
+        let Some(first) = records.first() else {
+            return false;
+        };
+        let caught_up = self.online
+            && !self.paused
+            && !self.reading
+            && self.buffer.is_empty()
+            && self.cursor != 0
+            && self.cursor == first.seq;
+        let Some(last) = records.last().filter(|_| caught_up) else {
+            return false;
+        };
+        self.cursor = last.seq + 1;
+        // Not committed yet: the store's `appended` for them follows and must not cause a read.
+        self.store_next = self.store_next.max(self.cursor);
+        self.buffer_since = Some(now);
+        self.buffer.extend(records);
+        self.pump(now);
+        true
     }
 
     /// A read failed; it will be retried at the next event or timeout.

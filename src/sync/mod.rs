@@ -398,6 +398,9 @@ impl Session<'_> {
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
         let mut appended = self.outbox.watch_appended();
+        // New records before their fsync, published at once when caught up (dropped with
+        // the session, which stops the hand-over).
+        let mut tail = self.outbox.tail();
         // Appends before this session started are not signalled: take the current value.
         let next = *appended.borrow_and_update();
         self.engine.handle_appended(next, Instant::now());
@@ -487,6 +490,10 @@ impl Session<'_> {
                 }
                 // New results to publish.
                 () = results.notified(), if self.connected_at.is_some() => self.load_results(),
+                // New changes about to be committed (before `appended` for the same commit).
+                Some(records) = tail.recv() => {
+                    self.engine.handle_tail(records, Instant::now());
+                }
                 // New changes committed to the outbox.
                 Ok(()) = appended.changed() => {
                     let next = *appended.borrow_and_update();

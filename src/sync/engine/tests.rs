@@ -380,3 +380,103 @@ fn reconfigure_changes_the_next_batches() {
     h.append(10);
     assert_eq!(h.published[0].1.changes, 3);
 }
+
+impl Harness {
+    /// `n` changes handed over before their commit: offered to the engine as a tail, then
+    /// committed (queued) and signalled as appended. Returns whether the tail was taken.
+    fn append_with_tail(&mut self, n: usize) -> bool {
+        let mut tail = Vec::new();
+        for _ in 0..n {
+            let v = encode_value("k", &json!(self.next_seq)).unwrap();
+            let rec = record::encode(1, "k", &v);
+            tail.push(Queued {
+                seq: self.next_seq,
+                record: rec.clone(),
+            });
+            self.queue.insert(self.next_seq, rec);
+            self.next_seq += 1;
+        }
+        let taken = self.engine.handle_tail(tail, self.now);
+        self.run();
+        self.engine.handle_appended(self.next_seq, self.now);
+        self.run();
+        taken
+    }
+}
+
+#[test]
+fn a_tail_is_published_before_its_commit_when_caught_up_and_not_read_again() {
+    let mut h = Harness::new(cfg(4, 100, 0));
+    h.connect();
+    h.hold_reads = true;
+    assert!(h.append_with_tail(2), "caught up: taken");
+    assert_eq!(h.published.len(), 1);
+    assert_eq!(Harness::seqs(&h.published[0].1), vec![1, 2]);
+    assert!(h.held.is_empty(), "the commit's appended caused no read");
+    h.puback(h.published[0].0);
+    assert!(h.queue.is_empty());
+    assert!(h.engine.is_drained());
+    assert_eq!(h.engine.stats().sent, 2);
+}
+
+#[test]
+fn a_tail_is_ignored_unless_it_starts_at_the_cursor_with_nothing_pending() {
+    // Offline.
+    let mut h = Harness::new(cfg(4, 100, 0));
+    assert!(!h.append_with_tail(1));
+    assert!(h.published.is_empty());
+    // Connected, but the first read from the start has not been answered yet.
+    let mut h = Harness::new(cfg(4, 100, 0));
+    h.hold_reads = true;
+    h.connect();
+    assert!(!h.append_with_tail(1), "a read is outstanding");
+    h.hold_reads = false;
+    let held = std::mem::take(&mut h.held);
+    for a in held {
+        if let Action::Read {
+            epoch,
+            from,
+            max_changes,
+            ..
+        } = a
+        {
+            let recs = h.read(from, max_changes);
+            h.engine.handle_read(epoch, recs, h.now);
+        }
+    }
+    h.run();
+    assert_eq!(
+        Harness::seqs(&h.published[0].1),
+        vec![1],
+        "read from the store"
+    );
+    // Behind: changes buffered while the window is full.
+    let mut h = Harness::new(cfg(1, 100, 0));
+    h.connect();
+    h.append(1);
+    h.append(1);
+    assert!(!h.append_with_tail(1), "the buffer holds seq 2");
+    h.puback(h.published[0].0);
+    assert_eq!(Harness::seqs(&h.published[1].1), vec![2, 3]);
+    // A gap (seqs skipped after a failed commit): not at the cursor.
+    let mut h = Harness::new(cfg(4, 100, 0));
+    h.connect();
+    h.next_seq += 5;
+    assert!(!h.append_with_tail(1));
+    assert_eq!(Harness::seqs(&h.published[0].1), vec![6], "read instead");
+}
+
+#[test]
+fn a_tail_whose_commit_failed_is_acked_as_a_no_op_and_later_seqs_flow() {
+    let mut h = Harness::new(cfg(4, 100, 0));
+    h.connect();
+    assert!(h.append_with_tail(1));
+    // The commit failed: the change never became queued; the store skips past its seq.
+    h.queue.remove(&1);
+    h.puback(h.published[0].0);
+    h.next_seq += 3;
+    h.append(1);
+    assert_eq!(Harness::seqs(&h.published[1].1), vec![5]);
+    h.puback(h.published[1].0);
+    assert!(h.engine.is_drained());
+}
