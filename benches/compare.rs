@@ -1,8 +1,9 @@
 //! Side by side: edgesync against a bridged Mosquitto, the same workload, one machine, one run.
 //!
 //! ```text
-//! cargo bench --bench compare                 # full run: 3 repeats, backlogs 10^4..10^6, writes docs/compare.svg
+//! cargo bench --bench compare                 # full run: 3 repeats, backlogs 10^4..10^7, writes docs/compare.svg
 //! cargo bench --bench compare -- --quick      # smoke run: 1 repeat, backlogs 10^4 and 10^5
+//! cargo bench --bench compare -- --only 1 --sizes 1000000 --budget 300
 //! cargo bench --bench compare -- --only 1,3 --repeats 5 --sizes 1000000
 //! ```
 //!
@@ -59,12 +60,18 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
 const WARMUP: usize = 20;
 
 const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4]
-       [--sizes 10000,100000,1000000] [--kill N] [--samples N] [--inflight N] [--svg PATH]
+       [--sizes 10000,100000,1000000,10000000] [--budget S] [--kill N] [--samples N]
+       [--inflight N] [--svg PATH]
 
-  --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG
+  --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG,
+                peer budget 30 s (also what `cargo test --benches` runs)
   --repeats N   repeats of every figure (default 3)
   --only LIST   groups: 1 backlog (ingest, drain, RSS, disk, CPU), 2 kill -9, 3 latency, 4 slow link
-  --sizes LIST  backlog sizes of group 1 (default 10000,100000,1000000); the largest is the headline
+  --sizes LIST  backlog sizes of group 1 (default 10000,100000,1000000,10000000); the headline
+                is the largest size the peer completed
+  --budget S    seconds the peer may take for its ingest and for its drain at one size (default
+                120, 30 with --quick); past it the run records 'did not complete: k of N in
+                T s' and moves on
   --kill N      backlog at the kill -9 (default 100000)
   --samples N   latency samples (default 1000, every 2 ms)
   --inflight N  the peer publisher's QoS 1 window (default 10000: the fastest of 100/1000/10000 here)
@@ -76,6 +83,7 @@ struct Args {
     repeats: usize,
     only: Vec<u8>,
     sizes: Vec<usize>,
+    budget: Duration,
     kill: usize,
     samples: usize,
     spacing: Duration,
@@ -105,6 +113,7 @@ fn parse_args() -> Res<Args> {
     let mut repeats = None;
     let mut only = vec![1, 2, 3, 4];
     let mut sizes = None;
+    let mut budget = None;
     let mut kill = None;
     let mut samples = None;
     let mut inflight = 10_000u16;
@@ -124,6 +133,7 @@ fn parse_args() -> Res<Args> {
                 }
             }
             "--sizes" => sizes = Some(list("--sizes", it.next())?),
+            "--budget" => budget = Some(num::<u64>("--budget", it.next())?.max(1)),
             "--kill" => kill = Some(num::<usize>("--kill", it.next())?.max(1)),
             "--samples" => samples = Some(num::<usize>("--samples", it.next())?.max(10)),
             "--inflight" => inflight = num::<u16>("--inflight", it.next())?.max(1),
@@ -145,7 +155,7 @@ fn parse_args() -> Res<Args> {
         if quick {
             vec![10_000, 100_000]
         } else {
-            vec![10_000, 100_000, 1_000_000]
+            vec![10_000, 100_000, 1_000_000, 10_000_000]
         }
     });
     sizes.retain(|&s| s > 0);
@@ -160,6 +170,8 @@ fn parse_args() -> Res<Args> {
         repeats: repeats.unwrap_or(if quick { 1 } else { 3 }),
         only,
         sizes,
+        // A smoke run must not hang on a stuck peer for long.
+        budget: Duration::from_secs(budget.unwrap_or(if quick { 30 } else { 120 })),
         kill: kill.unwrap_or(if quick { 10_000 } else { 100_000 }),
         samples: samples.unwrap_or(if quick { 300 } else { 1000 }),
         spacing: Duration::from_millis(2),
@@ -587,6 +599,34 @@ struct Run {
     cpu_drain: f64,
     /// Messages at the cloud (batches for edgesync).
     messages: usize,
+    /// Set when the peer ran out of its time budget; the rates above are then the ones it
+    /// reached, and the figures of a phase not run are NaN.
+    ingest_cut: Option<Cut>,
+    drain_cut: Option<Cut>,
+}
+
+/// A phase stopped at its time budget: `done` of `of` changes in `secs`.
+#[derive(Debug, Clone, Copy)]
+struct Cut {
+    done: usize,
+    of: usize,
+    secs: f64,
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "did not complete: {} of {} in {:.0} s",
+            self.done, self.of, self.secs
+        )
+    }
+}
+
+impl Run {
+    fn cut(&self) -> Option<Cut> {
+        self.ingest_cut.or(self.drain_cut)
+    }
 }
 
 /// The runs of edgesync and of the peer at one backlog size.
@@ -600,18 +640,66 @@ fn file_size(p: &Path) -> u64 {
     std::fs::metadata(p).map_or(0, |m| m.len())
 }
 
-fn finish_drain(r: &mut Run, cloud: &Cloud, n: usize, restore: Instant) -> Res<()> {
-    let got = cloud.wait_delivery(n, DRAIN_STALL, || cloud.distinct() > 0);
-    if got < n {
-        return Err(format!("the cloud has {got} of {n} changes"));
+/// Waits for all `n` changes at the cloud. Without a `budget` (edgesync) a drain that does
+/// not complete is an error; with one (the peer) running out of it, or stalling, is recorded
+/// as a [`Cut`] so that the run goes on.
+fn finish_drain(
+    r: &mut Run,
+    cloud: &Cloud,
+    n: usize,
+    restore: Instant,
+    budget: Option<Duration>,
+) -> Res<()> {
+    let limit = budget.unwrap_or(DELIVERY_TIMEOUT);
+    let mut progress = (0, Instant::now());
+    loop {
+        let d = cloud.distinct();
+        if d >= n {
+            break;
+        }
+        if d != progress.0 {
+            progress = (d, Instant::now());
+        }
+        // A stall counts only once the drain started: the bridge may take a while to connect.
+        let stalled = d > 0 && progress.1.elapsed() > DRAIN_STALL;
+        if restore.elapsed() > limit || stalled {
+            let secs = restore.elapsed().as_secs_f64();
+            if budget.is_none() {
+                return Err(format!(
+                    "the cloud has {d} of {n} changes after {secs:.0} s"
+                ));
+            }
+            r.drain_cut = Some(Cut {
+                done: d,
+                of: n,
+                secs,
+            });
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     let s = cloud.state.lock().map_err(|_| "cloud state poisoned")?;
-    let first = s.first_msg.ok_or("no message at the cloud")?;
-    let last = s.last_new.ok_or("no change at the cloud")?;
-    r.first_ms = (first - restore).as_secs_f64() * 1e3;
-    r.total_ms = (last - restore).as_secs_f64() * 1e3;
-    r.drain = n as f64 / (last - first).as_secs_f64().max(1e-6);
     r.messages = s.messages;
+    r.first_ms = s
+        .first_msg
+        .map_or(f64::NAN, |f| (f - restore).as_secs_f64() * 1e3);
+    match (r.drain_cut, s.first_msg, s.last_new) {
+        (None, Some(first), Some(last)) => {
+            r.total_ms = (last - restore).as_secs_f64() * 1e3;
+            r.drain = n as f64 / (last - first).as_secs_f64().max(1e-6);
+        }
+        (None, ..) => return Err("no change at the cloud".into()),
+        // The rate it reached, from its first message to the end of the budget.
+        (Some(c), Some(first), _) => {
+            r.total_ms = f64::NAN;
+            let t = (restore + Duration::from_secs_f64(c.secs)).saturating_duration_since(first);
+            r.drain = c.done as f64 / t.as_secs_f64().max(1e-6);
+        }
+        (Some(_), None, _) => {
+            r.total_ms = f64::NAN;
+            r.drain = 0.0;
+        }
+    }
     Ok(())
 }
 
@@ -651,7 +739,7 @@ fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
     trace("drain");
     let restore = Instant::now();
     w.proxy.restore();
-    finish_drain(&mut r, &cloud, n, restore)?;
+    finish_drain(&mut r, &cloud, n, restore, None)?;
     let c2 = cpu_ticks(pid)?;
     r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
     r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
@@ -660,7 +748,9 @@ fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
     Ok(r)
 }
 
-fn peer_backlog(n: usize, inflight: u16) -> Res<Run> {
+/// The peer at one size. Its ingest and its drain may each take `budget`; past it the run is
+/// recorded as cut (see [`Cut`]) and the local Mosquitto is killed.
+fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
     let mut r = Run::default();
     let w = World::new()?;
     w.proxy.cut();
@@ -674,12 +764,55 @@ fn peer_backlog(n: usize, inflight: u16) -> Res<Run> {
     let mut publisher = Publisher::connect(port, inflight)?;
     let c0 = cpu_ticks(pid)?;
     let t0 = Instant::now();
-    for i in 0..n {
-        publisher.publish(i)?;
+    let deadline = t0 + budget;
+    // try_publish: a blocking publish could wait past the budget behind a full window.
+    let mut sent = 0;
+    while sent < n && Instant::now() < deadline {
+        let p = &publisher.client;
+        match p.try_publish(peer_topic(sent), QoS::AtLeastOnce, false, value(sent)) {
+            Ok(()) => sent += 1,
+            Err(_) => {
+                if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
+                    return Err(format!("publish {sent}: {e}"));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
     }
-    publisher.wait_acks(n as u64)?;
-    r.ingest = n as f64 / t0.elapsed().as_secs_f64();
+    while (publisher.acks.load(Ordering::SeqCst) as usize) < n && Instant::now() < deadline {
+        if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(format!("publisher: {e}"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let acked = publisher.acks.load(Ordering::SeqCst) as usize;
+    let secs = t0.elapsed().as_secs_f64();
+    r.ingest = acked as f64 / secs;
     let c1 = cpu_ticks(pid)?;
+    if acked < n {
+        r.ingest_cut = Some(Cut {
+            done: acked,
+            of: n,
+            secs,
+        });
+        r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
+        r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / acked.max(1) as f64;
+        for f in [
+            &mut r.first_ms,
+            &mut r.drain,
+            &mut r.total_ms,
+            &mut r.disk_per_change,
+            &mut r.cpu_drain,
+        ] {
+            *f = f64::NAN;
+        }
+        // Broker first: the publisher's disconnect then fails at once instead of queueing
+        // behind a full window.
+        let _ = m.stop();
+        publisher.close();
+        return Ok(r);
+    }
+    r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
     publisher.close();
     // What the backlog takes on disk once saved: SIGUSR1 makes Mosquitto save now (by
     // default it would only at the 1800 s autosave or at a clean shutdown).
@@ -700,13 +833,96 @@ fn peer_backlog(n: usize, inflight: u16) -> Res<Run> {
     trace("drain");
     let restore = Instant::now();
     w.proxy.restore();
-    finish_drain(&mut r, &cloud, n, restore)?;
+    finish_drain(&mut r, &cloud, n, restore, Some(budget))?;
     let c2 = cpu_ticks(pid)?;
     r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
-    r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
-    r.cpu_drain = ticks_to_s(c2 - c1b) * 1e6 / n as f64;
+    let done = r.drain_cut.map_or(n, |c| c.done);
+    r.cpu_drain = ticks_to_s(c2 - c1b) * 1e6 / done.max(1) as f64;
     let _ = m.stop();
     Ok(r)
+}
+
+/// One run on one line; a cut phase says how far it got.
+fn run_line(x: &Run) -> String {
+    let mut o = String::new();
+    match x.ingest_cut {
+        Some(c) => {
+            let _ = write!(
+                o,
+                "ingest {c} ({:.0}/s reached), drain not run · peak RSS {:.1} MiB · CPU s/10^6 \
+                 ingest {:.2}",
+                x.ingest,
+                x.peak_rss / MIB,
+                x.cpu_ingest
+            );
+            return o;
+        }
+        None => {
+            let _ = write!(
+                o,
+                "ingest {:.0}/s · first msg {:.0} ms · ",
+                x.ingest, x.first_ms
+            );
+        }
+    }
+    match x.drain_cut {
+        Some(c) => {
+            let _ = write!(o, "drain {c} after the restore ({:.0}/s reached)", x.drain);
+        }
+        None => {
+            let _ = write!(
+                o,
+                "drain {:.0}/s · all at cloud {:.0} ms",
+                x.drain, x.total_ms
+            );
+        }
+    }
+    let _ = write!(
+        o,
+        " ({} msgs) · peak RSS {:.1} MiB · disk {:.1} B/change · CPU s/10^6: ingest {:.2} drain {:.2}",
+        x.messages,
+        x.peak_rss / MIB,
+        x.disk_per_change,
+        x.cpu_ingest,
+        x.cpu_drain
+    );
+    o
+}
+
+/// 1234567 → "1.23M", for table cells.
+fn si(v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A scaling-table cell: the median and, over several runs, the range.
+fn cell(v: &[Run], f: fn(&Run) -> f64) -> String {
+    let x: Vec<f64> = v.iter().map(f).filter(|x| x.is_finite()).collect();
+    if x.is_empty() {
+        return "-".into();
+    }
+    let (lo, hi) = (
+        x.iter().copied().fold(f64::INFINITY, f64::min),
+        x.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    );
+    if x.len() == 1 || si(lo) == si(hi) {
+        si(median(&x))
+    } else {
+        format!("{} ({}–{})", si(median(&x)), si(lo), si(hi))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1185,14 +1401,18 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// Throughput against backlog size (log-log) on the left, latency CDF on the right.
+/// One throughput point: the median rate, and a label if the phase ran out of its budget.
+type Point = (f64, Option<String>);
+
+/// Throughput against backlog size (log-log) on the left, latency CDF on the right. A point
+/// with a label did not complete: hollow, joined by a dotted line, the label beside it.
 fn svg(
     machine_line: &str,
     sizes: &[usize],
-    series: &[(&str, &str, bool, Vec<f64>)],
+    series: &[(&str, &str, bool, Vec<Point>)],
     lat: &[(&str, &str, Vec<f64>)],
 ) -> String {
-    let (w, h) = (960.0, 420.0);
+    let (w, h) = (960.0, 450.0);
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -1205,14 +1425,14 @@ fn svg(
     );
     let _ = writeln!(
         o,
-        "<text x=\"480\" y=\"410\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
+        "<text x=\"480\" y=\"440\" text-anchor=\"middle\" fill=\"#555\">{}</text>",
         esc(machine_line)
     );
     // Left panel.
     let (x0, y0, pw, ph) = (70.0, 50.0, 360.0, 300.0);
     let all: Vec<f64> = series
         .iter()
-        .flat_map(|s| s.3.iter().copied())
+        .flat_map(|s| s.3.iter().map(|p| p.0))
         .filter(|v| v.is_finite() && *v > 0.0)
         .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
@@ -1249,8 +1469,9 @@ fn svg(
         let x = sx(s as f64);
         let _ = writeln!(
             o,
-            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{s}</text>",
-            y0 + ph + 16.0
+            "<text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">1e{:.0}</text>",
+            y0 + ph + 16.0,
+            (s as f64).log10()
         );
     }
     let _ = writeln!(
@@ -1260,28 +1481,65 @@ fn svg(
         y0 + ph + 34.0
     );
     for (i, (name, colour, dashed, v)) in series.iter().enumerate() {
-        let pts: Vec<String> = sizes
+        let pts: Vec<(f64, f64, &Option<String>)> = sizes
             .iter()
             .zip(v)
-            .filter(|(_, v)| v.is_finite() && **v > 0.0)
-            .map(|(s, v)| format!("{:.1},{:.1}", sx(*s as f64), sy(*v)))
+            .filter(|(_, p)| p.0.is_finite() && p.0 > 0.0)
+            .map(|(s, p)| (sx(*s as f64), sy(p.0), &p.1))
             .collect();
         let dash = if *dashed {
             " stroke-dasharray=\"6 4\""
         } else {
             ""
         };
+        let line = |a: &[(f64, f64, &Option<String>)]| {
+            a.iter()
+                .map(|(x, y, _)| format!("{x:.1},{y:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let done = pts.iter().take_while(|p| p.2.is_none()).count();
         let _ = writeln!(
             o,
             "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"{dash}/>",
-            pts.join(" ")
+            line(&pts[..done])
         );
-        for p in &pts {
-            let (px, py) = p.split_once(',').unwrap_or(("0", "0"));
+        if done < pts.len() {
             let _ = writeln!(
                 o,
-                "<circle cx=\"{px}\" cy=\"{py}\" r=\"3\" fill=\"{colour}\"/>"
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1\" stroke-dasharray=\"1 3\"/>",
+                line(&pts[done.saturating_sub(1)..])
             );
+        }
+        for (px, py, cut) in &pts {
+            match cut {
+                None => {
+                    let _ = writeln!(
+                        o,
+                        "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"3\" fill=\"{colour}\"/>"
+                    );
+                }
+                Some(label) => {
+                    // Below the point, kept inside the panel at its right edge.
+                    let (tx, anchor) = if *px > x0 + pw - 40.0 {
+                        (x0 + pw - 3.0, "end")
+                    } else {
+                        (*px, "middle")
+                    };
+                    let _ = writeln!(
+                        o,
+                        "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"white\" stroke=\"{colour}\" stroke-width=\"1.5\"/>"
+                    );
+                    for (k, l) in label.lines().enumerate() {
+                        let _ = writeln!(
+                            o,
+                            "<text x=\"{tx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" font-size=\"10\" fill=\"{colour}\">{}</text>",
+                            py + 16.0 + 11.0 * k as f64,
+                            esc(l)
+                        );
+                    }
+                }
+            }
         }
         let ly = y0 + 12.0 + i as f64 * 16.0;
         let _ = writeln!(
@@ -1294,6 +1552,14 @@ fn svg(
             esc(name)
         );
     }
+    let _ = writeln!(
+        o,
+        "<circle cx=\"{}\" cy=\"{}\" r=\"4\" fill=\"white\" stroke=\"#555\" stroke-width=\"1.5\"/><text x=\"{}\" y=\"{}\" font-size=\"11\" fill=\"#555\">did not complete in its time budget: the rate it reached (a drain runs only after a complete ingest)</text>",
+        x0 + 19.0,
+        y0 + ph + 50.0,
+        x0 + 30.0,
+        y0 + ph + 54.0
+    );
     // Right panel: latency CDF, linear ms up to the largest p99.
     let (x1, pw2) = (540.0, 380.0);
     let xmax = lat
@@ -1441,42 +1707,48 @@ fn run() -> Res<()> {
     let mut lat_pool = (Vec::new(), Vec::new());
 
     if args.only.contains(&1) {
+        // Once the peer ran out of its budget, one run per size shows it: more repeats would
+        // only spend the budget again.
+        let mut peer_cut = false;
         for &n in &args.sizes {
             let input = ndjson(n);
             for r in 0..args.repeats {
                 let e = edgesync_backlog(n, &input).map_err(|e| format!("edgesync: {e}"))?;
+                println!(
+                    "backlog {n} {}/{} edgesync: {} · load {}",
+                    r + 1,
+                    args.repeats,
+                    run_line(&e),
+                    loadavg()
+                );
+                per_size.entry(n).or_default().0.push(e);
+                if peer_cut && r > 0 {
+                    continue;
+                }
                 // One retry: a failed peer run is printed, not hidden.
-                let p = peer_backlog(n, args.inflight)
+                let p = peer_backlog(n, args.inflight, args.budget)
                     .or_else(|e| {
                         println!("backlog {n} peer run failed, retrying once: {e}");
-                        peer_backlog(n, args.inflight)
+                        peer_backlog(n, args.inflight, args.budget)
                     })
                     .map_err(|e| format!("peer: {e}"))?;
-                for (who, x) in [("edgesync", &e), ("peer    ", &p)] {
-                    println!(
-                        "backlog {n} {}/{} {who}: ingest {:.0}/s · first msg {:.0} ms · drain {:.0}/s \
-                         ({} msgs) · all at cloud {:.0} ms · peak RSS {:.1} MiB · disk {:.1} B/change \
-                         · CPU s/10^6: ingest {:.2} drain {:.2} · load {}",
-                        r + 1,
-                        args.repeats,
-                        x.ingest,
-                        x.first_ms,
-                        x.drain,
-                        x.messages,
-                        x.total_ms,
-                        x.peak_rss / MIB,
-                        x.disk_per_change,
-                        x.cpu_ingest,
-                        x.cpu_drain,
-                        loadavg()
-                    );
-                }
-                let slot = per_size.entry(n).or_default();
-                slot.0.push(e);
-                slot.1.push(p);
+                println!(
+                    "backlog {n} {}/{} peer    : {} · load {}",
+                    r + 1,
+                    args.repeats,
+                    run_line(&p),
+                    loadavg()
+                );
+                peer_cut |= p.cut().is_some();
+                per_size.entry(n).or_default().1.push(p);
             }
         }
-        if let Some((&n, (e, p))) = per_size.iter().next_back() {
+        // The headline: the largest size at which every peer run completed.
+        let headline = per_size
+            .iter()
+            .rev()
+            .find(|(_, (_, p))| !p.is_empty() && p.iter().all(|r| r.cut().is_none()));
+        if let Some((&n, (e, p))) = headline {
             let col = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).collect::<Vec<f64>>();
             let ratio = |f: fn(&Run) -> f64| median(&col(e, f)) / median(&col(p, f));
             table.push(row(
@@ -1718,26 +1990,40 @@ fn run() -> Res<()> {
     }
 
     if !per_size.is_empty() {
-        println!("\nscaling with backlog size (medians):\n");
         println!(
-            "| queued | edgesync ingest/s | peer ingest/s | edgesync drain/s | peer drain/s | edgesync RSS MiB | peer RSS MiB | edgesync B/change | peer B/change | edgesync CPU µs/change | peer CPU µs/change |"
+            "\nscaling with backlog size: median (min–max) of the runs; a peer phase past its \
+             {} s budget shows the rate it reached\n",
+            args.budget.as_secs()
         );
-        println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| queued | runs | ingest/s | drain/s | first msg ms | peak RSS MiB | B/change | CPU µs/change |"
+        );
+        println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
         for (n, (e, p)) in &per_size {
-            let m = |v: &[Run], f: fn(&Run) -> f64| median(&v.iter().map(f).collect::<Vec<_>>());
-            println!(
-                "| {n} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
-                m(e, |r| r.ingest),
-                m(p, |r| r.ingest),
-                m(e, |r| r.drain),
-                m(p, |r| r.drain),
-                m(e, |r| r.peak_rss / MIB),
-                m(p, |r| r.peak_rss / MIB),
-                m(e, |r| r.disk_per_change),
-                m(p, |r| r.disk_per_change),
-                m(e, |r| r.cpu_ingest + r.cpu_drain),
-                m(p, |r| r.cpu_ingest + r.cpu_drain),
-            );
+            for (who, v) in [("edgesync", e), ("peer", p)] {
+                let note = v.iter().find_map(Run::cut).map_or(String::new(), |c| {
+                    let phase = if v.iter().any(|r| r.ingest_cut.is_some()) {
+                        "ingest"
+                    } else {
+                        "drain"
+                    };
+                    format!(" · {phase} {c}")
+                });
+                println!(
+                    "| {n} | {who} ×{}{note} | {} | {} | {} | {} | {} | {} |",
+                    v.len(),
+                    cell(v, |r| r.ingest),
+                    cell(v, |r| r.drain),
+                    cell(v, |r| r.first_ms),
+                    cell(v, |r| r.peak_rss / MIB),
+                    cell(v, |r| r.disk_per_change),
+                    cell(v, |r| if r.ingest_cut.is_some() {
+                        r.cpu_ingest
+                    } else {
+                        r.cpu_ingest + r.cpu_drain
+                    }),
+                );
+            }
         }
     }
     if !slow.is_empty() {
@@ -1819,22 +2105,52 @@ fn run() -> Res<()> {
         && !per_size.is_empty()
     {
         let sizes: Vec<usize> = per_size.keys().copied().collect();
-        let m = |pick: fn(&Pair) -> &Vec<Run>, f: fn(&Run) -> f64| {
+        // Medians per size; a phase cut in any run is drawn as cut, at the rate it reached.
+        let m = |pick: fn(&Pair) -> &Vec<Run>,
+                 f: fn(&Run) -> f64,
+                 cut: fn(&Run) -> Option<Cut>|
+         -> Vec<Point> {
             per_size
                 .values()
-                .map(|v| median(&pick(v).iter().map(f).collect::<Vec<_>>()))
-                .collect::<Vec<f64>>()
+                .map(|v| {
+                    let runs = pick(v);
+                    let label = runs.iter().find_map(cut).map(|c| {
+                        format!(
+                            "{} % done\nof 1e{:.0} in {:.0} s",
+                            c.done * 100 / c.of.max(1),
+                            (c.of as f64).log10(),
+                            c.secs
+                        )
+                    });
+                    (median(&runs.iter().map(f).collect::<Vec<_>>()), label)
+                })
+                .collect()
         };
         let series = [
-            ("edgesync drain", "#1f77b4", false, m(|v| &v.0, |r| r.drain)),
+            (
+                "edgesync drain",
+                "#1f77b4",
+                false,
+                m(|v| &v.0, |r| r.drain, |r| r.drain_cut),
+            ),
             (
                 "edgesync ingest",
                 "#1f77b4",
                 true,
-                m(|v| &v.0, |r| r.ingest),
+                m(|v| &v.0, |r| r.ingest, |r| r.ingest_cut),
             ),
-            ("peer drain", "#d62728", false, m(|v| &v.1, |r| r.drain)),
-            ("peer ingest", "#d62728", true, m(|v| &v.1, |r| r.ingest)),
+            (
+                "peer drain",
+                "#d62728",
+                false,
+                m(|v| &v.1, |r| r.drain, |r| r.drain_cut),
+            ),
+            (
+                "peer ingest",
+                "#d62728",
+                true,
+                m(|v| &v.1, |r| r.ingest, |r| r.ingest_cut),
+            ),
         ];
         let lat = [
             ("edgesync", "#1f77b4", lat_pool.0.clone()),
