@@ -1217,6 +1217,11 @@ impl Writer {
                     Op::Heartbeat { .. } | Op::Shutdown => {}
                 }
             }
+            // As early as possible: the rest of the transaction only adds the latest values
+            // and the counters, and a failure from here on is handled like a failed commit.
+            if let Some(sink) = &sink {
+                self.hand_over_tail(sink);
+            }
             if !latest.is_empty() || !owned.is_empty() {
                 let mut reported = txn.open_table(REPORTED)?;
                 // Where both kinds touched a key, the higher seq is the newer.
@@ -1243,9 +1248,6 @@ impl Writer {
             };
             let mut meta = txn.open_table(META)?;
             self.meta.store(&mut meta)?;
-        }
-        if let Some(sink) = sink {
-            self.hand_over_tail(&sink);
         }
         txn.commit()?;
         Ok(outcomes)
