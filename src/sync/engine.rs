@@ -323,18 +323,20 @@ impl Engine {
         self.maybe_read();
     }
 
-    /// With `linger`, a batch that is not full waits until the oldest buffered change has
-    /// waited `linger`, unless more is already queued behind the buffer.
+    /// With `linger`, a batch that is not full (by changes or bytes) waits until the oldest
+    /// buffered change has waited `linger`. Changes committed meanwhile are read into the
+    /// buffer and join the batch (a backlog fills batches at once, so it never waits).
     fn linger_over(&self, now: Instant) -> bool {
         if self.cfg.linger.is_zero() {
             return true;
         }
-        let full = self.buffer.len() >= self.cfg.batch_max_changes;
-        let more_queued = self.cursor < self.store_next;
+        let full = self.buffer.len() >= self.cfg.batch_max_changes
+            || self.buffer.iter().map(|q| q.record.len()).sum::<usize>()
+                >= self.cfg.batch_max_bytes;
         let waited = self
             .buffer_since
             .is_none_or(|t| now.duration_since(t) >= self.cfg.linger);
-        full || more_queued || waited
+        full || waited
     }
 
     fn publish_next(&mut self) {

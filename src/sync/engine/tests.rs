@@ -480,3 +480,37 @@ fn a_tail_whose_commit_failed_is_acked_as_a_no_op_and_later_seqs_flow() {
     h.puback(h.published[1].0);
     assert!(h.engine.is_drained());
 }
+
+#[test]
+fn linger_gathers_changes_that_arrive_one_by_one() {
+    let mut h = Harness::new(cfg(4, 100, 20));
+    h.connect();
+    let start = h.now;
+    for _ in 0..4 {
+        h.append(1);
+        h.now += Duration::from_millis(4);
+        h.engine.handle_timeout(h.now);
+        h.run();
+    }
+    assert!(h.published.is_empty(), "still lingering: {:?}", h.published);
+    assert_eq!(
+        h.engine.poll_timeout(),
+        Some(start + Duration::from_millis(20))
+    );
+    h.now = start + Duration::from_millis(20);
+    h.engine.handle_timeout(h.now);
+    h.run();
+    assert_eq!(h.published.len(), 1);
+    assert_eq!(Harness::seqs(&h.published[0].1), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn linger_does_not_hold_a_batch_full_by_bytes() {
+    let mut c = cfg(4, 1000, 1000);
+    c.batch_max_bytes = 200;
+    let mut h = Harness::new(c);
+    h.connect();
+    // About 6 bytes a record: more than 200 bytes buffered.
+    h.append(100);
+    assert!(!h.published.is_empty(), "full by bytes: sent at once");
+}
