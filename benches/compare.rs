@@ -605,20 +605,22 @@ struct Run {
     drain_cut: Option<Cut>,
 }
 
-/// A phase stopped at its time budget: `done` of `of` changes in `secs`.
+/// A phase stopped at its time budget: `done` of `of` changes in `secs`, using `cpu`
+/// seconds of the local component's CPU.
 #[derive(Debug, Clone, Copy)]
 struct Cut {
     done: usize,
     of: usize,
     secs: f64,
+    cpu: f64,
 }
 
 impl std::fmt::Display for Cut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "did not complete: {} of {} in {:.0} s",
-            self.done, self.of, self.secs
+            "did not complete: {} of {} in {:.0} s ({:.1} s of CPU)",
+            self.done, self.of, self.secs, self.cpu
         )
     }
 }
@@ -673,6 +675,7 @@ fn finish_drain(
                 done: d,
                 of: n,
                 secs,
+                cpu: f64::NAN,
             });
             break;
         }
@@ -794,6 +797,7 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
             done: acked,
             of: n,
             secs,
+            cpu: ticks_to_s(c1 - c0),
         });
         r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
         r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / acked.max(1) as f64;
@@ -836,8 +840,18 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
     finish_drain(&mut r, &cloud, n, restore, Some(budget))?;
     let c2 = cpu_ticks(pid)?;
     r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
+    let cpu = ticks_to_s(c2 - c1b);
+    // Per change delivered; a drain that delivered nothing has no such figure, only its
+    // CPU seconds (in the cut).
     let done = r.drain_cut.map_or(n, |c| c.done);
-    r.cpu_drain = ticks_to_s(c2 - c1b) * 1e6 / done.max(1) as f64;
+    r.cpu_drain = if done == 0 {
+        f64::NAN
+    } else {
+        cpu * 1e6 / done as f64
+    };
+    if let Some(c) = r.drain_cut.as_mut() {
+        c.cpu = cpu;
+    }
     let _ = m.stop();
     Ok(r)
 }
@@ -1436,7 +1450,8 @@ fn svg(
         .filter(|v| v.is_finite() && *v > 0.0)
         .collect();
     let lo = all.iter().copied().fold(f64::INFINITY, f64::min).max(1.0);
-    let hi = all.iter().copied().fold(0.0, f64::max).max(lo * 10.0);
+    // Headroom above the highest point for the legend.
+    let hi = (all.iter().copied().fold(0.0, f64::max) * 3.0).max(lo * 10.0);
     let (dlo, dhi) = (lo.log10().floor(), hi.log10().ceil());
     let (slo, shi) = (
         (*sizes.first().unwrap_or(&1) as f64).log10(),
@@ -1484,8 +1499,12 @@ fn svg(
         let pts: Vec<(f64, f64, &Option<String>)> = sizes
             .iter()
             .zip(v)
-            .filter(|(_, p)| p.0.is_finite() && p.0 > 0.0)
-            .map(|(s, p)| (sx(*s as f64), sy(p.0), &p.1))
+            .filter(|(_, p)| p.0.is_finite() && (p.0 > 0.0 || p.1.is_some()))
+            // A cut phase that moved nothing sits on the bottom edge.
+            .map(|(s, p)| {
+                let y = if p.0 > 0.0 { sy(p.0) } else { y0 + ph };
+                (sx(*s as f64), y, &p.1)
+            })
             .collect();
         let dash = if *dashed {
             " stroke-dasharray=\"6 4\""
@@ -1530,11 +1549,18 @@ fn svg(
                         o,
                         "<circle cx=\"{px:.1}\" cy=\"{py:.1}\" r=\"4\" fill=\"white\" stroke=\"{colour}\" stroke-width=\"1.5\"/>"
                     );
+                    // Above a point on the bottom edge, below any other.
+                    let lines = label.lines().count() as f64;
+                    let top = if *py > y0 + ph - 30.0 {
+                        py - 8.0 - 11.0 * (lines - 1.0)
+                    } else {
+                        py + 16.0
+                    };
                     for (k, l) in label.lines().enumerate() {
                         let _ = writeln!(
                             o,
                             "<text x=\"{tx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" font-size=\"10\" fill=\"{colour}\">{}</text>",
-                            py + 16.0 + 11.0 * k as f64,
+                            top + 11.0 * k as f64,
                             esc(l)
                         );
                     }
