@@ -35,7 +35,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -1031,6 +1031,57 @@ fn scheduled(
     Ok(sent)
 }
 
+/// Waits until the daemon reports its link online.
+fn wait_online(d: &Daemon) -> Res<()> {
+    let mut status = StatusConn::connect(&d.socket)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.get()?["connection"]["state"] != "online" {
+        if Instant::now() > deadline {
+            return Err(format!("daemon not online: {}", d.log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Waits until the peer's bridge has connected to the cloud.
+fn wait_bridge(w: &World) -> Res<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.bridge_connects() == 0 {
+        if Instant::now() > deadline {
+            return Err("the bridge did not connect in 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// The socket request reporting change `i` alone.
+fn report_request(i: usize) -> String {
+    format!(
+        "{{\"op\":\"report\",\"changes\":[{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}]}}\n",
+        i % KEYS,
+        value(i)
+    )
+}
+
+/// Reads `n` answers on their own thread, so that the socket never fills; the thread
+/// returns the first answer that was not `ok` (or the read error).
+fn read_replies(conn: &UnixStream, n: usize) -> Res<std::thread::JoinHandle<Option<String>>> {
+    let replies = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    Ok(std::thread::spawn(move || {
+        let mut bad = None;
+        for line in replies.lines().take(n) {
+            match line {
+                Ok(l) if l.starts_with("{\"ok\":true") => {}
+                Ok(l) => bad = bad.or(Some(l)),
+                Err(e) => return Some(e.to_string()),
+            }
+        }
+        bad
+    }))
+}
+
 /// Latency in ms of every sample after the warm-up, sorted.
 fn latencies(cloud: &Cloud, sent: &[Instant]) -> Res<Vec<f64>> {
     let got = cloud.wait_delivery(sent.len(), DRAIN_STALL, || cloud.distinct() > 0);
@@ -1060,52 +1111,20 @@ fn edgesync_latency(args: &Args) -> Res<Vec<f64>> {
     )?;
     let setup = w.agent("latency", "", "")?;
     let mut d = Daemon::start(&setup, true)?;
-    let mut status = StatusConn::connect(&d.socket)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status.get()?["connection"]["state"] != "online" {
-        if Instant::now() > deadline {
-            return Err(format!("daemon not online: {}", d.log_tail()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_online(&d)?;
     let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
-    let reader_conn = conn.try_clone().map_err(|e| e.to_string())?;
-    let failed = Arc::new(AtomicBool::new(false));
-    let failed2 = Arc::clone(&failed);
-    let replies = std::thread::spawn(move || {
-        let mut reader = BufReader::new(reader_conn);
-        let mut line = String::new();
-        for _ in 0..n {
-            line.clear();
-            match reader.read_line(&mut line) {
-                Ok(1..) if line.starts_with("{\"ok\":true") => {}
-                _ => {
-                    failed2.store(true, Ordering::SeqCst);
-                    return Err(format!("report failed: {}", line.trim_end()));
-                }
-            }
-        }
-        Ok(())
-    });
+    let reader = read_replies(&conn, n)?;
     let mut writer = &conn;
     let sent = scheduled(n, args.spacing, |i| {
-        if failed.load(Ordering::SeqCst) {
-            return Err("a report failed".into());
-        }
-        let req = format!(
-            "{{\"op\":\"report\",\"changes\":[{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}]}}\n",
-            i % KEYS,
-            value(i)
-        );
         writer
-            .write_all(req.as_bytes())
+            .write_all(report_request(i).as_bytes())
             .map_err(|e| format!("send: {e}"))
     })?;
-    replies
-        .join()
-        .map_err(|_| "reply reader panicked".to_owned())??;
+    if let Some(e) = reader.join().map_err(|_| "reply reader panicked")? {
+        return Err(format!("report failed: {e}"));
+    }
     let ms = latencies(&cloud, &sent)?;
     d.stop()?;
     Ok(ms)
@@ -1116,13 +1135,7 @@ fn peer_latency(args: &Args) -> Res<Vec<f64>> {
     let w = World::new()?;
     let cloud = Cloud::start(&w, "peer/#", "cloud-pl", Format::Plain, n)?;
     let mut m = w.peer(None)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while w.bridge_connects() == 0 {
-        if Instant::now() > deadline {
-            return Err("the bridge did not connect in 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bridge(&w)?;
     let port = m.tcp_port.ok_or("no plain listener")?;
     let publisher = Publisher::connect(port, args.inflight)?;
     let sent = scheduled(n, args.spacing, |i| publisher.publish(i))?;
@@ -1287,38 +1300,14 @@ fn slow_online_edgesync(label: &str, per_sec: u32, sync: &str) -> Res<Online> {
     )?;
     let setup = w.agent("slow-online", "", sync)?;
     let mut d = Daemon::start(&setup, false)?;
-    let mut status = StatusConn::connect(&d.socket)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status.get()?["connection"]["state"] != "online" {
-        if Instant::now() > deadline {
-            return Err(format!("daemon not online: {}", d.log_tail()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_online(&d)?;
     let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
-    let replies = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
-    // Replies are read on their own thread so that the socket never fills.
-    let reader = std::thread::spawn(move || {
-        let mut bad = None;
-        for line in replies.lines().take(n) {
-            match line {
-                Ok(l) if l.starts_with("{\"ok\":true") => {}
-                Ok(l) => bad = bad.or(Some(l)),
-                Err(e) => return Some(e.to_string()),
-            }
-        }
-        bad
-    });
+    let reader = read_replies(&conn, n)?;
     let up0 = w.proxy.bytes_up();
     let mut writer = &conn;
     let sent = slow_schedule(n, per_sec, |i| {
-        let req = format!(
-            "{{\"op\":\"report\",\"changes\":[{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}]}}\n",
-            i % KEYS,
-            value(i)
-        );
         writer
-            .write_all(req.as_bytes())
+            .write_all(report_request(i).as_bytes())
             .map_err(|e| format!("send: {e}"))
     })?;
     if let Some(e) = reader.join().map_err(|_| "reply reader panicked")? {
@@ -1335,13 +1324,7 @@ fn slow_online_peer(per_sec: u32, inflight: u16) -> Res<Online> {
     slow_link(&w);
     let cloud = Cloud::start(&w, "peer/#", "cloud-po", Format::Plain, n)?;
     let mut m = w.peer(None)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while w.bridge_connects() == 0 {
-        if Instant::now() > deadline {
-            return Err("the bridge did not connect in 30 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_bridge(&w)?;
     let port = m.tcp_port.ok_or("no plain listener")?;
     let publisher = Publisher::connect(port, inflight)?;
     let up0 = w.proxy.bytes_up();
