@@ -1174,7 +1174,16 @@ impl Writer {
             .filter(|t| !t.is_closed())
             .cloned();
         self.tail_buf.clear();
-        self.collect_tail = sink.is_some();
+        // A commit too large to hand over is a backlog: do not copy its records at all (the
+        // bound is checked again per record, for appends made inside `transact`).
+        let appends: usize = batch
+            .iter()
+            .map(|op| match op {
+                Op::Append { changes, .. } => changes.len(),
+                _ => 0,
+            })
+            .sum();
+        self.collect_tail = sink.is_some() && appends <= TAIL_MAX;
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut outbox = txn.open_table(OUTBOX)?;

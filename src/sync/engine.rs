@@ -232,7 +232,7 @@ impl Engine {
     /// Records handed over before their commit's fsync (see the module docs). Returns
     /// whether they were taken.
     pub fn handle_tail(&mut self, records: Vec<Queued>, now: Instant) -> bool {
-        let Some(first) = records.first() else {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return false;
         };
         let caught_up = self.online
@@ -241,9 +241,9 @@ impl Engine {
             && self.buffer.is_empty()
             && self.cursor != 0
             && self.cursor == first.seq;
-        let Some(last) = records.last().filter(|_| caught_up) else {
+        if !caught_up {
             return false;
-        };
+        }
         self.cursor = last.seq + 1;
         // Not committed yet: the store's `appended` for them follows and must not cause a read.
         self.store_next = self.store_next.max(self.cursor);
