@@ -1305,7 +1305,7 @@ fn slow_online_edgesync(label: &str, per_sec: u32, sync: &str) -> Res<Online> {
     let reader = read_replies(&conn, n)?;
     let up0 = w.proxy.bytes_up();
     let mut writer = &conn;
-    let sent = slow_schedule(n, per_sec, |i| {
+    let sent = scheduled(n, Duration::from_secs(1) / per_sec.max(1), |i| {
         writer
             .write_all(report_request(i).as_bytes())
             .map_err(|e| format!("send: {e}"))
@@ -1328,7 +1328,9 @@ fn slow_online_peer(per_sec: u32, inflight: u16) -> Res<Online> {
     let port = m.tcp_port.ok_or("no plain listener")?;
     let publisher = Publisher::connect(port, inflight)?;
     let up0 = w.proxy.bytes_up();
-    let sent = slow_schedule(n, per_sec, |i| publisher.publish(i))?;
+    let sent = scheduled(n, Duration::from_secs(1) / per_sec.max(1), |i| {
+        publisher.publish(i)
+    })?;
     let out = slow_online_finish(
         "peer: Mosquitto bridge, QoS 1",
         per_sec,
@@ -1340,28 +1342,6 @@ fn slow_online_peer(per_sec: u32, inflight: u16) -> Res<Online> {
     drop(publisher);
     let _ = m.stop();
     out
-}
-
-/// Calls `send(i)` for `n` changes at `per_sec`, on a schedule (a late send does not push
-/// the later ones back); returns each send instant.
-fn slow_schedule(
-    n: usize,
-    per_sec: u32,
-    mut send: impl FnMut(usize) -> Res<()>,
-) -> Res<Vec<Instant>> {
-    let spacing = Duration::from_secs(1) / per_sec.max(1);
-    let t0 = Instant::now() + Duration::from_millis(10);
-    let mut sent = Vec::with_capacity(n);
-    for i in 0..n {
-        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        sent.push(Instant::now());
-        send(i)?;
-    }
-    Ok(sent)
 }
 
 fn slow_online_finish(

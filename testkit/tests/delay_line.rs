@@ -11,32 +11,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use edgesync_testkit::FaultProxy;
+mod common;
 
-/// An echo server on a thread.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
+use common::{connect, echo_server};
+use edgesync_testkit::FaultProxy;
 
 /// A server that reads each connection to EOF and reports (bytes, instant of the EOF).
 fn sink_server() -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
@@ -61,12 +39,6 @@ fn sink_server() -> (SocketAddr, mpsc::Receiver<(u64, Instant)>) {
         }
     });
     (addr, rx)
-}
-
-fn connect(proxy: &FaultProxy) -> TcpStream {
-    let s = TcpStream::connect(proxy.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
 }
 
 /// Echoes `msg` (writing from another thread, so a large one cannot deadlock) and returns

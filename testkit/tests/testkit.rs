@@ -8,12 +8,14 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{connect, echo_server};
 use edgesync_testkit::{
     FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, TestPki, wait_until,
 };
@@ -310,37 +312,6 @@ fn mosquitto_missing_client_cert_is_rejected() {
 
 // ---------------------------------------------------------------------------------------------
 // Fault proxy (against a plain TCP echo server)
-
-/// An echo server on a thread; returns its address.
-fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut s) = stream else { continue };
-            thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => {
-                            if s.write_all(&buf[..n]).is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-fn connect(proxy: &FaultProxy) -> TcpStream {
-    let s = TcpStream::connect(proxy.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
-}
 
 fn echo(s: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     s.write_all(msg).unwrap();
