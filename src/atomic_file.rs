@@ -1,13 +1,28 @@
 //! Files replaced atomically: written to a temporary file in the same directory, fsync'ed,
 //! renamed over the target, and the directory fsync'ed. A reader (node_exporter's textfile
 //! collector, an operator's tools) sees the old file or the new one, never a part of one,
-//! and a crash leaves at most a stray temporary file (named `.NAME.tmp-PID`, so collectors
+//! and a crash leaves at most a stray temporary file (named `.NAME.tmp-…`, so collectors
 //! that read `*.prom` ignore it).
+//!
+//! The directory may be writable by others (a textfile collector's directory often is), so
+//! the temporary file is created new-only under a random name: `O_CREAT|O_EXCL` never
+//! follows a planted symlink and never opens a file somebody else made, and the mode is set
+//! on the descriptor we created. The rename replaces the target's directory entry, never
+//! what a symlink there points to.
 
+use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// Mode of a file nobody else needs to read.
+pub const PRIVATE: u32 = 0o600;
+/// Mode of a file that a collector running as another user reads.
+pub const PUBLIC: u32 = 0o644;
+/// Names tried before giving up when each one already exists (planted or left by a crash).
+const NAME_TRIES: u32 = 16;
 
 /// A file being written; becomes `path` on [`AtomicFile::commit`], vanishes when dropped
 /// before that.
@@ -22,30 +37,48 @@ impl AtomicFile {
     /// Starts writing `path` (mode 0644, so that a collector running as another user can
     /// read it, whatever the umask).
     pub fn create(path: &Path) -> io::Result<AtomicFile> {
+        Self::create_with_mode(path, PUBLIC)
+    }
+
+    /// Starts writing `path`, which gets exactly `mode` whatever the umask.
+    pub fn create_with_mode(path: &Path, mode: u32) -> io::Result<AtomicFile> {
         let name = path.file_name().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{} does not name a file", path.display()),
             )
         })?;
-        let tmp = dir_of(path).join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let mut tries = 0;
+        let (tmp, file) = loop {
+            let tmp = dir_of(path).join(format!(
+                ".{}.tmp-{}-{:016x}",
+                name.to_string_lossy(),
+                std::process::id(),
+                random()
+            ));
+            // create_new is O_CREAT|O_EXCL: fails on any existing entry, symlinks included.
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode & 0o600)
+                .open(&tmp)
+            {
+                Ok(file) => break (tmp, file),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < NAME_TRIES => {
+                    tries += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let out = AtomicFile {
             path: path.to_path_buf(),
             tmp,
             out: Some(BufWriter::with_capacity(64 * 1024, file)),
         };
         if let Some(w) = &out.out {
+            // fchmod on our own descriptor: exact mode, whatever the umask.
             w.get_ref()
-                .set_permissions(fs::Permissions::from_mode(0o644))?;
+                .set_permissions(fs::Permissions::from_mode(mode))?;
         }
         Ok(out)
     }
@@ -87,11 +120,27 @@ impl Drop for AtomicFile {
     }
 }
 
-/// Replaces `path` with `contents` atomically.
+/// Replaces `path` with `contents` atomically (mode 0644).
 pub fn write(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let mut f = AtomicFile::create(path)?;
+    write_with_mode(path, contents, PUBLIC)
+}
+
+/// Replaces `path` with `contents` atomically, with exactly `mode`.
+pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let mut f = AtomicFile::create_with_mode(path, mode)?;
     f.write_all(contents)?;
     f.commit()
+}
+
+/// 64 unpredictable bits: std seeds each `RandomState` from the OS's random source.
+fn random() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 fn dir_of(path: &Path) -> &Path {
@@ -133,5 +182,37 @@ mod tests {
         assert_eq!(fs::read_to_string(&path).unwrap(), "old");
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         assert!(write(&dir.path().join("missing/x"), b"x").is_err());
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed_and_names_are_not_predictable() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let path = dir.path().join("m.prom");
+        // The name the old code used, and a link at the target itself.
+        let old = dir
+            .path()
+            .join(format!(".m.prom.tmp-{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &old).unwrap();
+        write(&path, b"one\n").unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
+        let mode = fs::metadata(&victim).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // A symlink at the target is replaced, not written through.
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        write_with_mode(&path, b"two\n", PRIVATE).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"secret");
+        assert!(
+            !fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_ne!(random(), random());
     }
 }
