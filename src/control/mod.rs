@@ -9,13 +9,16 @@
 //!    from its stored first response (re-encoded in the new request's encoding) and not run;
 //!    a request refused before running (`unknown-command`, `forbidden`, `expired`,
 //!    `bad-request` for its arguments) is answered and not recorded; any other is recorded
-//!    as *received*. Only then is the message acknowledged.
+//!    as *received*. Only then is the message acknowledged. An id taken in and not answered
+//!    yet owes one more answer per encoding of its repeats (two flags, not one per repeat):
+//!    a repeat in an encoding already owed is taken in with a read, no write.
 //! 2. **Run** ([`Controller::run`]): every received request runs in its own task (a slow
 //!    `sync` never holds up a `ping`; answers go out in any order). Before a command starts
 //!    it is marked *started* ([`store::begin`]); when it ends, its response is stored and
 //!    queued for publishing in one transaction ([`store::finish`]).
 //! 3. **Publish**: responses wait in the store's result outbox (shared with desired-state
-//!    results) until the broker acknowledged them.
+//!    results) until the broker acknowledged them. The link reads them incrementally (from
+//!    the last one handed out, as many as its window of 32 has room for), one read at a time.
 //!
 //! # At most once across crashes
 //! A request found *started* after a restart may have had its effect: it is answered
@@ -257,6 +260,10 @@ impl Controller {
             }
         };
         tracing::debug!(command = name, id = %req.id, "command received");
+        if self.repeat_owed(name, &req.id, encoding).await? {
+            tracing::debug!(command = name, id = %req.id, "command id repeated while it runs: its answer follows");
+            return Ok(());
+        }
         let refusal = self
             .check(name, &req, now)
             .err()
@@ -293,6 +300,21 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// A repeat of an id that runs and already owes an answer in this encoding (see
+    /// [`store::repeat_owed`]).
+    async fn repeat_owed(
+        &self,
+        name: &str,
+        id: &str,
+        encoding: Encoding,
+    ) -> Result<bool, StoreError> {
+        let (outbox, name, id) = (self.svc.outbox.clone(), name.to_owned(), id.to_owned());
+        let json = encoding == Encoding::Json;
+        tokio::task::spawn_blocking(move || store::repeat_owed(&outbox, &id, &name, json))
+            .await
+            .unwrap_or(Ok(false))
     }
 
     /// Why a readable request is not run, as its error code and message.

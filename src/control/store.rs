@@ -71,8 +71,9 @@ pub struct Entry {
     pub response: Option<Value>,
     /// Unix ms of the answer, once done.
     pub answered: Option<u64>,
-    /// Repeats of this id that arrived before it was answered (their encodings, JSON =
-    /// true): each gets the answer too when it is done.
+    /// Encodings (JSON = true) of repeats of this id that arrived before it was answered:
+    /// one more answer per encoding serves them all, so at most two entries (entries
+    /// written before this bound may hold one per repeat: read, and deduplicated when done).
     #[serde(default)]
     pub waiting: Vec<bool>,
 }
@@ -84,6 +85,19 @@ impl Entry {
         } else {
             Encoding::Cbor
         }
+    }
+
+    /// Whether a repeat in this encoding already has its answer coming.
+    pub fn waits(&self, json: bool) -> bool {
+        self.waiting.contains(&json)
+    }
+
+    /// The encodings owed an answer besides the first, each once (JSON first).
+    fn owed(&self) -> impl Iterator<Item = Encoding> + '_ {
+        [(true, Encoding::Json), (false, Encoding::Cbor)]
+            .into_iter()
+            .filter(|(json, _)| self.waits(*json))
+            .map(|(_, e)| e)
     }
 }
 
@@ -190,11 +204,15 @@ pub async fn receive(
                         Intake::Replayed
                     }
                     _ => {
-                        // Answered (once more) when the first one is done.
-                        let mut first = first;
-                        first.waiting.push(encoding == Encoding::Json);
-                        txn.open_table(REQUESTS)?
-                            .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        // Answered (once more per encoding) when the first one is done; a
+                        // repeat in an encoding already owed an answer changes nothing.
+                        let json = encoding == Encoding::Json;
+                        if !first.waits(json) {
+                            let mut first = first;
+                            first.waiting.push(json);
+                            txn.open_table(REQUESTS)?
+                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        }
                         Intake::InProgress
                     }
                 });
@@ -309,25 +327,20 @@ pub async fn finish(
             if entry.state == State::Done {
                 return Ok(());
             }
-            let payload = doc::encode(&response, entry.encoding());
+            let topic = result_topic(&entry.name);
+            // The first answer in the request's encoding, then one per encoding of repeats.
+            let mut payloads = vec![doc::encode(&response, entry.encoding())];
+            payloads.extend(entry.owed().map(|e| doc::encode(&response, e)));
             entry.state = State::Done;
             entry.response = Some(response);
             entry.answered = Some(now);
             entry.args = Map::new();
+            entry.waiting = Vec::new();
             requests.insert(id.as_str(), to_json(&entry).as_slice())?;
             drop(requests);
             txn.open_table(PENDING)?.remove(entry.n)?;
-            let topic = result_topic(&entry.name);
-            dstore::queue_result(txn, &topic, &payload)?;
-            if let Some(response) = &entry.response {
-                for json in &entry.waiting {
-                    let encoding = if *json {
-                        Encoding::Json
-                    } else {
-                        Encoding::Cbor
-                    };
-                    dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
-                }
+            for payload in &payloads {
+                dstore::queue_result(txn, &topic, payload)?;
             }
             Ok(())
         })
@@ -351,6 +364,15 @@ pub fn pending(outbox: &Outbox) -> Result<Vec<Entry>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// Whether `id` is recorded for `name`, not answered yet, and already owes an answer in
+/// this encoding: a repeat that changes nothing, taken in without a write transaction (a
+/// flood of repeats costs a read each, not an fsync each). Racing with [`finish`] is
+/// harmless: an answer that went out meanwhile was that answer.
+pub fn repeat_owed(outbox: &Outbox, id: &str, name: &str, json: bool) -> Result<bool, StoreError> {
+    Ok(lookup(outbox, id)?
+        .is_some_and(|e| e.name == name && e.state != State::Done && e.waits(json)))
 }
 
 /// The record of one id.
@@ -469,6 +491,63 @@ mod tests {
         assert_eq!(topic, "cmd/status/result");
         assert_eq!(v["error"]["code"], "bad-request");
         assert_eq!(lookup(&o, "a").unwrap().unwrap().response, Some(resp));
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn repeats_while_running_owe_one_answer_per_encoding_and_leave_the_entry_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        receive(&o, incoming("a", "sync"), L, 1).await.unwrap();
+        assert!(!repeat_owed(&o, "a", "sync", true).unwrap());
+        for i in 0..50 {
+            let mut again = incoming("a", "sync");
+            again.json = i % 5 != 0;
+            assert_eq!(receive(&o, again, L, 2).await.unwrap(), Intake::InProgress);
+        }
+        let entry = lookup(&o, "a").unwrap().unwrap();
+        assert_eq!(entry.waiting.len(), 2, "one flag per encoding");
+        assert!(repeat_owed(&o, "a", "sync", true).unwrap());
+        assert!(repeat_owed(&o, "a", "sync", false).unwrap());
+        assert!(
+            !repeat_owed(&o, "a", "ping", true).unwrap(),
+            "other command"
+        );
+        finish(&o, "a", request::ok("a", json!({})), 3)
+            .await
+            .unwrap();
+        // The first answer, one more in JSON, one in CBOR.
+        let all = dstore::pending_results(&o).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].payload.first().map(|b| *b == b'{'), Some(false));
+        assert!(lookup(&o, "a").unwrap().unwrap().waiting.is_empty());
+        assert!(!repeat_owed(&o, "a", "sync", true).unwrap(), "done");
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_entry_written_with_one_flag_per_repeat_still_loads_and_is_answered_once_per_encoding()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        receive(&o, incoming("old", "sync"), L, 1).await.unwrap();
+        // As the unbounded code wrote it: one flag per repeat.
+        let mut entry = lookup(&o, "old").unwrap().unwrap();
+        entry.waiting = [true, true, false, true, false].repeat(100);
+        let bytes = to_json(&entry);
+        o.transact(move |ctx| {
+            ctx.txn
+                .open_table(REQUESTS)?
+                .insert("old", bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(lookup(&o, "old").unwrap().unwrap().waiting.len(), 500);
+        finish(&o, "old", request::ok("old", json!({})), 3)
+            .await
+            .unwrap();
+        assert_eq!(dstore::pending_results(&o).unwrap().len(), 3);
         o.shutdown().await;
     }
 

@@ -323,6 +323,27 @@ pub fn pending_results(outbox: &Outbox) -> Result<Vec<PendingResult>, StoreError
     read_all(outbox, RESULT_OUTBOX)
 }
 
+/// At most `max` results not yet published from number `from` on, oldest first: what the
+/// link reads as room frees up (cost in proportion to `max`, not to the table).
+pub fn results_from(
+    outbox: &Outbox,
+    from: u64,
+    max: usize,
+) -> Result<Vec<PendingResult>, StoreError> {
+    let txn = outbox.read()?;
+    let table = match txn.open_table(RESULT_OUTBOX) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::from(e)),
+    };
+    let mut out = Vec::new();
+    for item in table.range(from..)?.take(max) {
+        let (_, v) = item?;
+        out.push(get_json(v.value())?);
+    }
+    Ok(out)
+}
+
 fn read_all<T: for<'de> Deserialize<'de>>(
     outbox: &Outbox,
     def: TableDefinition<u64, &[u8]>,
