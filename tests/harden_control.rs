@@ -35,13 +35,12 @@ struct Rig {
 
 impl Rig {
     fn start(device: &str, extra: &str) -> Rig {
-        let rig = Rig::prepare(device, extra);
-        rig.wait_ready();
-        rig
+        Rig::start_after(device, extra, |_, _| {})
     }
 
-    /// Like [`Rig::start`] without waiting for the agent to be online.
-    fn prepare(device: &str, extra: &str) -> Rig {
+    /// Like [`Rig::start`]; `before` runs with the cloud and the device's topic prefix
+    /// before the agent starts (e.g. to leave retained messages on the broker).
+    fn start_after(device: &str, extra: &str, before: impl FnOnce(&Cloud, &str)) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), device);
         let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
@@ -51,6 +50,7 @@ impl Rig {
             &format!("edgesync/{device}/#"),
             false,
         );
+        before(&cloud, &format!("edgesync/{device}/"));
         let runs = dir.path().join("runs");
         let slow = dir.path().join("slow");
         let script = format!(
@@ -64,7 +64,7 @@ impl Rig {
             Value::String(script)
         );
         let agent = Agent::start(opts);
-        Rig {
+        let rig = Rig {
             device: device.to_owned(),
             cloud,
             agent,
@@ -73,7 +73,9 @@ impl Rig {
             broker,
             pki,
             _dir: dir,
-        }
+        };
+        rig.wait_ready();
+        rig
     }
 
     fn topic(&self, suffix: &str) -> String {
@@ -400,4 +402,48 @@ fn replays_of_a_running_command_cost_bounded_cpu_memory_and_threads() {
         "ping {ping_during:?}"
     );
     assert!(ping_after < Duration::from_secs(5), "ping {ping_after:?}");
+}
+
+/// Item 12: a retained command is never run. A broker keeps a retained message and sends it
+/// on every new subscription; the replay record forgets ids (`replay_max`, the window), so
+/// a retained request would run again after a later reconnect. Retained messages on command
+/// topics are ignored (SPEC §7), counted in status and metrics.
+#[test]
+fn retained_commands_are_ignored_and_counted() {
+    let ping = json!({"id": "retained-ping"});
+    let rb = json!({"id": "retained-rb", "args": {"key": "led", "version": 1}});
+    let mut rig = Rig::start_after(
+        "hc-retained",
+        "[control]\nreplay_max = 1\n",
+        |cloud, prefix| {
+            cloud.publish(&format!("{prefix}cmd/ping"), ping.to_string(), true);
+            cloud.publish(&format!("{prefix}cmd/rollback"), cbor(&rb), true);
+        },
+    );
+    // The retained ones come with the subscription, before any ping of `wait_ready`
+    // that was answered: they were taken in by now.
+    rig.ping();
+    assert!(rig.answers("ping", "retained-ping").is_empty(), "not run");
+    assert!(rig.answers("rollback", "retained-rb").is_empty(), "not run");
+    assert_eq!(rig.runs(), 0);
+    let status = rig.agent.status();
+    assert_eq!(status["counters"]["retained_commands"], 2, "{status}");
+    assert_eq!(status["metrics"]["retained_commands"], 2, "{status}");
+    let log = rig.agent.log();
+    assert_eq!(
+        log.matches("retained message on a command topic").count(),
+        1,
+        "logged once:\n{log}"
+    );
+
+    // After a restart (with the replay record holding one id, the retained ids long gone):
+    // still never run. (Mosquitto sends retained messages again with every SUBSCRIBE;
+    // rumqttd does not for a resumed session, so the counter may stay at 0.)
+    rig.agent.stop();
+    rig.agent.restart();
+    rig.wait_ready();
+    rig.ping();
+    assert!(rig.answers("ping", "retained-ping").is_empty());
+    assert!(rig.answers("rollback", "retained-rb").is_empty());
+    assert_eq!(rig.runs(), 0);
 }

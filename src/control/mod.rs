@@ -43,6 +43,7 @@ pub mod sync;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -224,6 +225,8 @@ pub struct Controller {
     wake: Arc<Notify>,
     /// New responses to publish (the link listens; shared with desired-state results).
     results: Arc<Notify>,
+    /// Set once a retained request was ignored (logged once at WARN, later ones at DEBUG).
+    retained_logged: Arc<AtomicBool>,
 }
 
 impl Controller {
@@ -234,6 +237,7 @@ impl Controller {
             svc,
             wake: Arc::new(Notify::new()),
             results,
+            retained_logged: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -244,7 +248,33 @@ impl Controller {
     /// Takes in a request from `P/D/cmd/NAME`. Returns once what must be durable is: the
     /// caller acknowledges the message (PUBACK) only after `Ok`. Every request is consumed:
     /// those refused are answered, never left to be redelivered forever.
-    pub async fn receive(&self, name: &str, payload: &[u8]) -> Result<(), StoreError> {
+    ///
+    /// A retained message (`retain`: the broker sent it because of a new subscription) is
+    /// ignored, counted and not answered (SPEC §7): the broker would send it again on every
+    /// subscription, and it would run again once its id left the replay record.
+    pub async fn receive(
+        &self,
+        name: &str,
+        payload: &[u8],
+        retain: bool,
+    ) -> Result<(), StoreError> {
+        if retain {
+            self.svc
+                .board
+                .update(|b| b.retained_commands = b.retained_commands.saturating_add(1));
+            if self.retained_logged.swap(true, Ordering::Relaxed) {
+                tracing::debug!(command = name, "ignored a retained command request");
+            } else {
+                tracing::warn!(
+                    command = name,
+                    "retained message on a command topic ignored, not run (counted in status \
+                     counters.retained_commands; later ones are not logged): the back end must \
+                     publish commands without the retain flag, and clear this one by publishing \
+                     an empty retained message on the topic"
+                );
+            }
+            return Ok(());
+        }
         let now = now_ms();
         let encoding = doc::sniff(payload);
         let topic = result_topic(name);

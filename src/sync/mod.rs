@@ -979,7 +979,10 @@ async fn intake_loop(
         let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Command(name)) => {
                 crate::crash::point("command-received");
-                (controller.receive(name, &p.payload).await, "command")
+                (
+                    controller.receive(name, &p.payload, p.retain).await,
+                    "command",
+                )
             }
             _ => {
                 crate::crash::point("desired-received");
