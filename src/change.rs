@@ -2,7 +2,7 @@
 //! (SPEC §5): keys are 1-128 chars of `[A-Za-z0-9_.-]`, a value is any JSON-compatible
 //! value of at most 64 KiB encoded (CBOR, the outbox's on-disk encoding).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -73,6 +73,17 @@ pub enum ChangeError {
     ValueTooLarge { key: String, len: usize },
     #[error("value of key {key:?} cannot be encoded: {reason}")]
     Encode { key: String, reason: String },
+    #[error(
+        "ts of key {key:?} is {ts}, more than {ahead} ahead of this device's clock ({now}); \
+         the limit is desired.max_future_ts (a ts from the future would win every \
+         last-write-wins conflict against the cloud)"
+    )]
+    FutureTs {
+        key: String,
+        ts: u64,
+        now: u64,
+        ahead: String,
+    },
 }
 
 /// Checks a key against SPEC §5.
@@ -90,6 +101,23 @@ pub fn validate_key(key: &str) -> Result<(), ChangeError> {
 }
 
 impl RawChange {
+    /// Validates as [`Self::validate`] does, and refuses a `ts` more than `max_future` ahead
+    /// of `now` (Unix ms): what the daemon takes in.
+    pub fn validate_at(self, now: u64, max_future: Duration) -> Result<NewChange, ChangeError> {
+        if let Some(ts) = self.ts
+            && ts > now.saturating_add(duration_ms(max_future))
+        {
+            validate_key(&self.key)?;
+            return Err(ChangeError::FutureTs {
+                key: self.key,
+                ts,
+                now,
+                ahead: crate::status::human_duration(duration_ms(max_future)),
+            });
+        }
+        self.validate()
+    }
+
     /// Validates the key and encodes the value.
     pub fn validate(self) -> Result<NewChange, ChangeError> {
         validate_key(&self.key)?;
@@ -136,6 +164,11 @@ pub fn parse_assignment(arg: &str) -> Result<RawChange, String> {
         value,
         ts: None,
     })
+}
+
+/// A duration in whole milliseconds (saturating).
+pub fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -195,6 +228,36 @@ mod tests {
             let enc = encode_value("k", &v).unwrap();
             assert_eq!(decode_value(&enc).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn a_ts_beyond_the_tolerance_is_refused_naming_the_key() {
+        let raw = |ts| RawChange {
+            key: "led".into(),
+            value: json!(1),
+            ts,
+        };
+        let hour = Duration::from_secs(3600);
+        let now = 1_764_150_000_000;
+        for ok in [None, Some(0), Some(now), Some(now + 3_600_000)] {
+            assert!(raw(ok).validate_at(now, hour).is_ok(), "{ok:?}");
+        }
+        for bad in [now + 3_600_001, u64::MAX] {
+            let e = raw(Some(bad)).validate_at(now, hour).unwrap_err();
+            assert!(
+                matches!(e, ChangeError::FutureTs { ts, .. } if ts == bad),
+                "{e}"
+            );
+            let m = e.to_string();
+            assert!(m.contains("\"led\"") && m.contains("max_future_ts"), "{m}");
+        }
+        // The key is checked first: a bad key is reported as such.
+        let mut bad_key = raw(Some(u64::MAX));
+        bad_key.key = "a b".into();
+        assert!(matches!(
+            bad_key.validate_at(now, hour),
+            Err(ChangeError::BadKey(_))
+        ));
     }
 
     #[test]

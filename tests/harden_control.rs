@@ -158,11 +158,14 @@ impl Rig {
     }
 
     fn desired(&self, version: u64, state: Value) -> Value {
-        self.cloud.publish(
-            &self.topic("desired"),
-            json!({"version": version, "state": state}).to_string(),
-            false,
-        );
+        self.desired_doc(json!({"version": version, "state": state}))
+    }
+
+    /// Publishes a desired document and returns its result.
+    fn desired_doc(&self, doc: Value) -> Value {
+        let version = doc["version"].clone();
+        self.cloud
+            .publish(&self.topic("desired"), doc.to_string(), false);
         wait(&format!("a result of version {version}"), DEADLINE, || {
             self.desired_results()
                 .iter()
@@ -446,4 +449,64 @@ fn retained_commands_are_ignored_and_counted() {
     assert!(rig.answers("ping", "retained-ping").is_empty());
     assert!(rig.answers("rollback", "retained-rb").is_empty());
     assert_eq!(rig.runs(), 0);
+}
+
+fn now_ms() -> u64 {
+    edgesync::change::now_ms()
+}
+
+/// Item 13: a `ts` from the future cannot block the cloud under last-write-wins. A report
+/// with a `ts` beyond `desired.max_future_ts` is refused naming the key; a change already
+/// stored with such a `ts` (accepted under a larger tolerance, or stamped before the clock
+/// was set back) no longer wins the conflict check.
+#[test]
+fn a_far_future_ts_cannot_block_the_cloud() {
+    let lww = "[[desired.conflict]]\nkeys = \"led\"\npolicy = \"last-write-wins\"\n";
+    let mut rig = Rig::start(
+        "hc-future",
+        &format!("[desired]\nmax_future_ts = \"30d\"\n{lww}"),
+    );
+    let report = |ts: u64, value: &str| {
+        rig.agent.request(
+            &json!({"op": "report", "changes": [{"key": "led", "value": value, "ts": ts}]}),
+        )
+    };
+    let refused = report(u64::MAX, "forever");
+    assert_eq!(refused["ok"], false, "{refused}");
+    assert_eq!(refused["error"]["code"], "invalid-change", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"led\"") && message.contains("max_future_ts"),
+        "{message}"
+    );
+
+    // Ten days ahead: within this tolerance, so believed: it wins against the cloud.
+    let day = 86_400_000;
+    let r = report(now_ms() + 10 * day, "device");
+    assert_eq!(r["ok"], true, "{r}");
+    let v1 = rig.desired_doc(json!({"version": 1, "ts": now_ms(), "state": {"led": "cloud-1"}}));
+    assert_eq!(v1["keys"]["led"]["status"], "conflict", "{v1}");
+
+    // The clock is right again and the tolerance small: that ts is no longer believed.
+    rig.agent.stop();
+    rig.agent.opts.extra_toml = rig
+        .agent
+        .opts
+        .extra_toml
+        .replace("max_future_ts = \"30d\"", "max_future_ts = \"1m\"");
+    std::fs::write(
+        &rig.agent.config_path,
+        rig.agent.opts.to_toml(rig.agent.dir()),
+    )
+    .unwrap();
+    rig.agent.restart();
+    rig.wait_ready();
+    let v2 = rig.desired_doc(json!({"version": 2, "ts": now_ms(), "state": {"led": "cloud-2"}}));
+    assert_eq!(v2["keys"]["led"]["status"], "applied", "{v2}");
+    assert!(
+        rig.agent
+            .log()
+            .contains("further ahead than desired.max_future_ts"),
+        "logged"
+    );
 }

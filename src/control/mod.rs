@@ -27,7 +27,9 @@
 //!
 //! # Replay window
 //! Recorded ids are kept at least `[control] replay_window` after their receipt and at most
-//! `replay_max` of them; the oldest answered ones are pruned when a new one is recorded.
+//! `replay_max` of them; the oldest answered ones are pruned when a new one is recorded. The
+//! window counts the agent's running time ([`store::AgentClock`]), not the wall clock: a
+//! clock set forward by days does not clear the record.
 
 pub mod config;
 pub mod history;
@@ -227,17 +229,26 @@ pub struct Controller {
     results: Arc<Notify>,
     /// Set once a retained request was ignored (logged once at WARN, later ones at DEBUG).
     retained_logged: Arc<AtomicBool>,
+    /// What the replay window counts in (not the wall clock).
+    clock: store::AgentClock,
 }
 
 impl Controller {
     /// `results` is the link's signal for new entries in the result outbox
     /// ([`Applier::results`]).
     pub fn new(svc: Services, results: Arc<Notify>) -> Self {
+        let clock = store::AgentClock::open(&svc.outbox).unwrap_or_else(|e| {
+            // Counted from 0: ids of this run are kept; older ones go by the count only
+            // until this run's clock passes the window.
+            tracing::error!("reading the replay clock failed: {e}");
+            store::AgentClock::starting_at(0)
+        });
         Self {
             svc,
             wake: Arc::new(Notify::new()),
             results,
             retained_logged: Arc::new(AtomicBool::new(false)),
+            clock,
         }
     }
 
@@ -306,7 +317,7 @@ impl Controller {
             expires: req.expires,
             refusal,
         };
-        let limits = store::Limits::new(&self.cfg());
+        let limits = store::Limits::new(&self.cfg(), self.clock.now());
         let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
         // Recorded, not yet run, no PUBACK yet.
         crate::crash::point("command-taken");

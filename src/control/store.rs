@@ -7,7 +7,7 @@
 //!   done its response;
 //! - `control_order`: `n → id`, in order of receipt (pruning takes the oldest first);
 //! - `control_pending`: `n → id` of the entries not done yet (what the runner reads);
-//! - `control_meta`: `next` (the next `n`).
+//! - `control_meta`: `next` (the next `n`); `clock` (the [`AgentClock`] at the last receipt).
 //!
 //! # Invariants
 //! - A request to run is in `control_requests` and `control_pending` (durable) before its
@@ -16,8 +16,10 @@
 //!   before the command can have any effect, so `started` after a restart means "maybe
 //!   ran". Finishing (state `done`, the response, removal from pending, the response queued
 //!   for publishing) is one transaction.
-//! - Only `done` entries are pruned: past the window (counted from receipt) or beyond the
-//!   count, oldest first.
+//! - Only `done` entries are pruned: past the window (counted from receipt on the
+//!   [`AgentClock`], never on the wall clock) or beyond the count, oldest first.
+
+use std::time::Instant;
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -67,6 +69,10 @@ pub struct Entry {
     pub expires: Option<u64>,
     /// Unix ms of receipt.
     pub received: u64,
+    /// The [`AgentClock`] at receipt: what the replay window counts from (0 in entries
+    /// written before it existed: counted from the clock's start).
+    #[serde(default)]
+    pub clock: u64,
     /// The response (JSON form), once done.
     pub response: Option<Value>,
     /// Unix ms of the answer, once done.
@@ -144,14 +150,54 @@ pub enum Intake {
 pub struct Limits {
     pub window_ms: u64,
     pub max: u64,
+    /// The [`AgentClock`] now.
+    pub clock: u64,
 }
 
 impl Limits {
-    pub fn new(cfg: &ControlConfig) -> Self {
+    pub fn new(cfg: &ControlConfig, clock: u64) -> Self {
         Self {
-            window_ms: u64::try_from(cfg.replay_window.as_millis()).unwrap_or(u64::MAX),
+            window_ms: crate::change::duration_ms(cfg.replay_window),
             max: u64::try_from(cfg.replay_max).unwrap_or(u64::MAX),
+            clock,
         }
+    }
+}
+
+/// The clock of the replay window: milliseconds the agent ran, from the monotonic clock,
+/// carried across restarts through the store (`control_meta` `clock`, written with every
+/// receipt). Setting the wall clock forward (a jump of days) or back moves it not at all, so
+/// a jump can neither clear the record nor keep ids for ever. Time the agent was stopped
+/// (and since the last receipt before a stop) does not count: ids are kept longer, never
+/// shorter; `replay_max` bounds them.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentClock {
+    base: u64,
+    origin: Instant,
+}
+
+impl AgentClock {
+    /// Continues from the clock stored at the last receipt (0 in a new store).
+    pub fn open(outbox: &Outbox) -> Result<Self, StoreError> {
+        let txn = outbox.read()?;
+        let base = match txn.open_table(META) {
+            Ok(t) => t.get("clock")?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self::starting_at(base))
+    }
+
+    pub fn starting_at(base: u64) -> Self {
+        Self {
+            base,
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.base
+            .saturating_add(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -225,6 +271,11 @@ pub async fn receive(
             let mut meta = txn.open_table(META)?;
             let n = meta.get("next")?.map_or(1, |v| v.value());
             meta.insert("next", n + 1)?;
+            let clock = meta
+                .get("clock")?
+                .map_or(0, |v| v.value())
+                .max(limits.clock);
+            meta.insert("clock", clock)?;
             drop(meta);
             let entry = Entry {
                 n,
@@ -235,6 +286,7 @@ pub async fn receive(
                 args: req.args,
                 expires: req.expires,
                 received: now,
+                clock: limits.clock,
                 response: None,
                 answered: None,
                 waiting: Vec::new(),
@@ -243,7 +295,7 @@ pub async fn receive(
             let mut order = txn.open_table(ORDER)?;
             order.insert(n, req.id.as_str())?;
             txn.open_table(PENDING)?.insert(n, req.id.as_str())?;
-            prune(&mut requests, &mut order, limits, now)?;
+            prune(&mut requests, &mut order, limits)?;
             Ok(Intake::Accepted)
         })
         .await
@@ -254,9 +306,7 @@ fn prune(
     requests: &mut redb::Table<&str, &[u8]>,
     order: &mut redb::Table<u64, &str>,
     limits: Limits,
-    now: u64,
 ) -> Result<(), redb::Error> {
-    let cutoff = now.saturating_sub(limits.window_ms);
     let mut count = requests.len()?;
     let mut remove = Vec::new();
     let mut skipped = 0;
@@ -268,7 +318,7 @@ fn prune(
             remove.push((n, None));
             continue;
         };
-        if count <= limits.max && entry.received >= cutoff {
+        if count <= limits.max && limits.clock.saturating_sub(entry.clock) <= limits.window_ms {
             break;
         }
         if entry.state == State::Done {
@@ -425,6 +475,7 @@ mod tests {
     const L: Limits = Limits {
         window_ms: 1000,
         max: 100,
+        clock: 0,
     };
 
     /// Published results as `(topic, JSON)`.
@@ -589,18 +640,20 @@ mod tests {
     async fn pruning_keeps_the_window_and_the_count_and_never_drops_unanswered_ones() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(dir.path());
-        let limits = Limits {
+        // The agent clock at `t`; the wall clock the same here.
+        let at = |t| Limits {
             window_ms: 1000,
             max: 3,
+            clock: t,
         };
         // "busy" stays running; the others are answered.
-        receive(&o, incoming("busy", "sync"), limits, 0)
+        receive(&o, incoming("busy", "sync"), at(0), 0)
             .await
             .unwrap();
         assert!(begin(&o, "busy").await.unwrap());
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let t = i as u64 + 1;
-            receive(&o, incoming(id, "ping"), limits, t).await.unwrap();
+            receive(&o, incoming(id, "ping"), at(t), t).await.unwrap();
             finish(&o, id, request::ok(id, json!({})), t).await.unwrap();
         }
         // Four recorded, max 3: "a" (the oldest answered) goes, "busy" stays.
@@ -608,7 +661,7 @@ mod tests {
         assert!(lookup(&o, "busy").unwrap().is_some());
         assert_eq!(count(&o).unwrap(), 3);
         // Past the window of "b" and "c": both go on the next insert.
-        receive(&o, incoming("d", "ping"), limits, 2000)
+        receive(&o, incoming("d", "ping"), at(2000), 2000)
             .await
             .unwrap();
         assert!(lookup(&o, "b").unwrap().is_none());
@@ -616,9 +669,52 @@ mod tests {
         assert!(lookup(&o, "busy").unwrap().is_some());
         assert!(lookup(&o, "d").unwrap().is_some());
         // Within the window and the count: kept.
-        receive(&o, incoming("e", "ping"), limits, 2001)
+        receive(&o, incoming("e", "ping"), at(2001), 2001)
             .await
             .unwrap();
+        assert!(lookup(&o, "d").unwrap().is_some());
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_wall_clock_jump_does_not_clear_the_replay_record_and_the_clock_carries_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let day = 86_400_000;
+        let at = |clock| Limits {
+            window_ms: day,
+            max: 100,
+            clock,
+        };
+        let wall = 1_764_150_000_000;
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            let t = i as u64;
+            receive(&o, incoming(id, "ping"), at(t), wall + t)
+                .await
+                .unwrap();
+            finish(&o, id, request::ok(id, json!({})), wall)
+                .await
+                .unwrap();
+        }
+        // The wall clock jumps 30 days ahead; the agent ran 10 s more.
+        receive(&o, incoming("c", "ping"), at(10_000), wall + 30 * day)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "a").unwrap().is_some(), "kept across the jump");
+        assert_eq!(
+            receive(&o, incoming("a", "ping"), at(10_001), wall + 30 * day)
+                .await
+                .unwrap(),
+            Intake::Replayed,
+            "answered from the record, not run again"
+        );
+        // The clock carries over a restart: a day of agent time later they go.
+        assert!(AgentClock::open(&o).unwrap().now() >= 10_000);
+        receive(&o, incoming("d", "ping"), at(10_000 + day + 1), wall)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "a").unwrap().is_none());
+        assert!(lookup(&o, "b").unwrap().is_none());
         assert!(lookup(&o, "d").unwrap().is_some());
         o.shutdown().await;
     }
