@@ -510,3 +510,31 @@ fn a_far_future_ts_cannot_block_the_cloud() {
         "logged"
     );
 }
+
+/// Also seen: a 30-digit integer was stored as a float without a word (JSON parsing made it
+/// one). Refused `invalid-change`, naming the key; nothing of the request is queued.
+#[test]
+fn an_integer_beyond_64_bits_is_refused_not_stored_as_a_float() {
+    let agent = Agent::start(common::AgentOptions::default());
+    let line = r#"{"op": "report", "changes": [{"key": "ok", "value": 1}, {"key": "serial", "value": {"n": 123456789012345678901234567890}}]}"#;
+    let mut conn = agent.connect();
+    conn.send_raw(format!("{line}\n").as_bytes()).unwrap();
+    let r = conn.recv().unwrap();
+    assert_eq!(r["ok"], false, "{r}");
+    assert_eq!(r["error"]["code"], "invalid-change", "{r}");
+    let message = r["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("change 1")
+            && message.contains("\"serial\"")
+            && message.contains("123456789012345678901234567890"),
+        "{message}"
+    );
+    assert_eq!(agent.depth(), 0, "nothing queued");
+    // As a string it is kept exactly.
+    let r = agent.request(&json!({"op": "report", "changes": [{"key": "serial", "value": "123456789012345678901234567890"}]}));
+    assert_eq!(r["ok"], true, "{r}");
+    // The CLI refuses it too (usage error), and sends nothing.
+    let out = agent.cli(&["report", "serial=123456789012345678901234567890"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert_eq!(agent.depth(), 1);
+}
