@@ -538,3 +538,50 @@ fn an_integer_beyond_64_bits_is_refused_not_stored_as_a_float() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert_eq!(agent.depth(), 1);
 }
+
+/// Also seen: a desired version of u64::MAX made every later document stale, with no way
+/// back. The destructive `desired-reset` command (allowed in `[control]`, with `confirm`)
+/// sets the version back; later documents apply again.
+#[test]
+fn a_desired_version_of_u64_max_can_be_reset_by_the_operator() {
+    let rig = Rig::start(
+        "hc-version",
+        "[control]\nallow = [\"ping\", \"desired-reset\"]\n",
+    );
+    let max = rig.desired_doc(json!({"version": u64::MAX, "state": {"led": "max"}}));
+    assert_eq!(max["status"], "applied", "{max}");
+    let stale = rig.desired(7, json!({"led": "seven"}));
+    assert_eq!(stale["status"], "stale", "{stale}");
+
+    let send = |id: &str, args: Value| {
+        rig.cloud.publish(
+            &rig.topic("cmd/desired-reset"),
+            json!({"id": id, "args": args}).to_string(),
+            false,
+        );
+        wait(&format!("the answer to {id}"), DEADLINE, || {
+            !rig.answers("desired-reset", id).is_empty()
+        });
+        rig.answers("desired-reset", id)[0].1.clone()
+    };
+    let unconfirmed = send("r-1", json!({}));
+    assert_eq!(unconfirmed["error"]["code"], "bad-request", "{unconfirmed}");
+    let reset = send("r-2", json!({"confirm": true}));
+    assert_eq!(reset["ok"], true, "{reset}");
+    assert_eq!(reset["result"], json!({"version": 0, "was": u64::MAX}));
+    assert_eq!(rig.agent.status()["desired"]["version"], 0);
+
+    // Version 7 again (its stale result is not remembered): applied now.
+    let results_before = rig.desired_results().len();
+    rig.cloud.publish(
+        &rig.topic("desired"),
+        json!({"version": 7, "state": {"led": "seven"}}).to_string(),
+        false,
+    );
+    wait("the second result of version 7", DEADLINE, || {
+        rig.desired_results().len() > results_before
+    });
+    let again = rig.desired_results().pop().unwrap();
+    assert_eq!(again["status"], "applied", "{again}");
+    assert_eq!(rig.agent.status()["desired"]["version"], 7);
+}

@@ -32,6 +32,7 @@
 //! clock set forward by days does not clear the record.
 
 pub mod config;
+pub mod desired_reset;
 pub mod history;
 pub mod log_level;
 pub mod ping;
@@ -80,11 +81,12 @@ pub enum CommandName {
     Config,
     Reload,
     Purge,
+    DesiredReset,
 }
 
 impl CommandName {
     /// Every command, in documented order.
-    pub const ALL: [CommandName; 9] = [
+    pub const ALL: [CommandName; 10] = [
         CommandName::Ping,
         CommandName::Status,
         CommandName::Sync,
@@ -94,6 +96,7 @@ impl CommandName {
         CommandName::Config,
         CommandName::Reload,
         CommandName::Purge,
+        CommandName::DesiredReset,
     ];
 
     /// The name in topics and in `[control] allow`.
@@ -108,6 +111,7 @@ impl CommandName {
             CommandName::Config => "config",
             CommandName::Reload => "reload",
             CommandName::Purge => "purge",
+            CommandName::DesiredReset => "desired-reset",
         }
     }
 
@@ -117,7 +121,7 @@ impl CommandName {
 
     /// Destroys data: enabled only when `[control] allow` lists it.
     pub fn destructive(self) -> bool {
-        matches!(self, CommandName::Purge)
+        matches!(self, CommandName::Purge | CommandName::DesiredReset)
     }
 
     /// Every name, for messages.
@@ -169,6 +173,7 @@ pub enum Command {
     Config,
     Reload,
     Purge(purge::Purge),
+    DesiredReset(desired_reset::DesiredReset),
 }
 
 impl Command {
@@ -185,6 +190,9 @@ impl Command {
             CommandName::Config => Command::Config,
             CommandName::Reload => Command::Reload,
             CommandName::Purge => Command::Purge(purge::Purge::parse(&mut args)?),
+            CommandName::DesiredReset => {
+                Command::DesiredReset(desired_reset::DesiredReset::parse(&mut args)?)
+            }
         };
         args.finish()?;
         Ok(command)
@@ -202,6 +210,7 @@ impl Command {
             Command::Config => Ok(config::run(svc)),
             Command::Reload => reload::run(svc),
             Command::Purge(c) => c.run(svc).await,
+            Command::DesiredReset(c) => c.run(svc).await,
         }
     }
 }
