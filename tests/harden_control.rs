@@ -401,7 +401,7 @@ fn replays_of_a_running_command_cost_bounded_cpu_memory_and_threads() {
     // The ping during the flood waits behind the repeats taken in before it (in order, a
     // read each); the one after, for nothing.
     assert!(
-        ping_during < Duration::from_secs(20),
+        ping_during < Duration::from_secs(30),
         "ping {ping_during:?}"
     );
     assert!(ping_after < Duration::from_secs(5), "ping {ping_after:?}");
