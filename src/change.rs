@@ -2,7 +2,7 @@
 //! (SPEC §5): keys are 1-128 chars of `[A-Za-z0-9_.-]`, a value is any JSON-compatible
 //! value of at most 64 KiB encoded (CBOR, the outbox's on-disk encoding).
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -55,13 +55,90 @@ impl Origin {
 
 /// A change as it arrives in a local request, before validation.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "WireChange")]
 pub struct RawChange {
     pub key: String,
     /// Required: `null` removes the key, so a forgotten field must not mean "remove".
     pub value: serde_json::Value,
-    #[serde(default)]
     pub ts: Option<u64>,
+    /// An integer literal of the value's JSON text beyond 64 bits: JSON parsing made it a
+    /// float (silently changed data), so [`Self::validate`] refuses the change.
+    wide_integer: Option<String>,
+}
+
+/// [`RawChange`] as it is read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireChange {
+    key: String,
+    value: ExactValue,
+    #[serde(default)]
+    ts: Option<u64>,
+}
+
+impl From<WireChange> for RawChange {
+    fn from(w: WireChange) -> Self {
+        RawChange {
+            key: w.key,
+            value: w.value.value,
+            ts: w.ts,
+            wide_integer: w.value.wide_integer,
+        }
+    }
+}
+
+/// A JSON value read with a look at its text for integers beyond 64 bits.
+struct ExactValue {
+    value: serde_json::Value,
+    wide_integer: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ExactValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let text = raw.get();
+        let value = serde_json::from_str(text).map_err(serde::de::Error::custom)?;
+        Ok(ExactValue {
+            wide_integer: wide_integer(text).map(|lit| truncate(lit, 64)),
+            value,
+        })
+    }
+}
+
+/// The first integer literal in JSON `text` (outside strings) that no 64-bit integer holds:
+/// `serde_json` turns it into a float, losing digits. Floats (with `.` or an exponent) are
+/// floats by their writer's choice and not reported.
+pub fn wide_integer(text: &str) -> Option<&str> {
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // Skip the string, escapes included.
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let lit = &text[start..i];
+                let integer = !lit.contains(['.', 'e', 'E']);
+                if integer && lit.parse::<u64>().is_err() && lit.parse::<i64>().is_err() {
+                    return Some(lit);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// Why a change is not acceptable.
@@ -73,6 +150,22 @@ pub enum ChangeError {
     ValueTooLarge { key: String, len: usize },
     #[error("value of key {key:?} cannot be encoded: {reason}")]
     Encode { key: String, reason: String },
+    #[error(
+        "value of key {key:?} holds the integer {literal}, beyond the 64-bit range: it would \
+         be stored as a float, losing digits; send it as a string"
+    )]
+    WideInteger { key: String, literal: String },
+    #[error(
+        "ts of key {key:?} is {ts}, more than {ahead} ahead of this device's clock ({now}); \
+         the limit is desired.max_future_ts (a ts from the future would win every \
+         last-write-wins conflict against the cloud)"
+    )]
+    FutureTs {
+        key: String,
+        ts: u64,
+        now: u64,
+        ahead: String,
+    },
 }
 
 /// Checks a key against SPEC §5.
@@ -90,9 +183,32 @@ pub fn validate_key(key: &str) -> Result<(), ChangeError> {
 }
 
 impl RawChange {
+    /// Validates as [`Self::validate`] does, and refuses a `ts` more than `max_future` ahead
+    /// of `now` (Unix ms): what the daemon takes in.
+    pub fn validate_at(self, now: u64, max_future: Duration) -> Result<NewChange, ChangeError> {
+        if let Some(ts) = self.ts
+            && ts > now.saturating_add(duration_ms(max_future))
+        {
+            validate_key(&self.key)?;
+            return Err(ChangeError::FutureTs {
+                key: self.key,
+                ts,
+                now,
+                ahead: crate::status::human_duration(duration_ms(max_future)),
+            });
+        }
+        self.validate()
+    }
+
     /// Validates the key and encodes the value.
     pub fn validate(self) -> Result<NewChange, ChangeError> {
         validate_key(&self.key)?;
+        if let Some(literal) = self.wide_integer {
+            return Err(ChangeError::WideInteger {
+                key: self.key,
+                literal,
+            });
+        }
         let value = encode_value(&self.key, &self.value)?;
         Ok(NewChange {
             key: self.key,
@@ -126,16 +242,31 @@ pub fn decode_value(cbor: &[u8]) -> Result<serde_json::Value, String> {
 
 /// Parses a CLI `KEY=VALUE` argument: VALUE as JSON, else as a string.
 pub fn parse_assignment(arg: &str) -> Result<RawChange, String> {
-    let (key, value) = arg
+    let (key, text) = arg
         .split_once('=')
         .ok_or_else(|| format!("{arg:?} is not KEY=VALUE"))?;
-    let value =
-        serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_owned()));
+    let (value, wide) = match serde_json::from_str(text) {
+        Ok(v) => (v, wide_integer(text).map(|lit| truncate(lit, 64))),
+        Err(_) => (serde_json::Value::String(text.to_owned()), None),
+    };
+    if let Some(literal) = wide {
+        return Err(ChangeError::WideInteger {
+            key: key.to_owned(),
+            literal,
+        }
+        .to_string());
+    }
     Ok(RawChange {
         key: key.to_owned(),
         value,
         ts: None,
+        wide_integer: None,
     })
+}
+
+/// A duration in whole milliseconds (saturating).
+pub fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before 1970).
@@ -195,6 +326,78 @@ mod tests {
             let enc = encode_value("k", &v).unwrap();
             assert_eq!(decode_value(&enc).unwrap(), v);
         }
+    }
+
+    #[test]
+    fn a_ts_beyond_the_tolerance_is_refused_naming_the_key() {
+        let raw = |ts| RawChange {
+            key: "led".into(),
+            value: json!(1),
+            ts,
+            wide_integer: None,
+        };
+        let hour = Duration::from_secs(3600);
+        let now = 1_764_150_000_000;
+        for ok in [None, Some(0), Some(now), Some(now + 3_600_000)] {
+            assert!(raw(ok).validate_at(now, hour).is_ok(), "{ok:?}");
+        }
+        for bad in [now + 3_600_001, u64::MAX] {
+            let e = raw(Some(bad)).validate_at(now, hour).unwrap_err();
+            assert!(
+                matches!(e, ChangeError::FutureTs { ts, .. } if ts == bad),
+                "{e}"
+            );
+            let m = e.to_string();
+            assert!(m.contains("\"led\"") && m.contains("max_future_ts"), "{m}");
+        }
+        // The key is checked first: a bad key is reported as such.
+        let mut bad_key = raw(Some(u64::MAX));
+        bad_key.key = "a b".into();
+        assert!(matches!(
+            bad_key.validate_at(now, hour),
+            Err(ChangeError::BadKey(_))
+        ));
+    }
+
+    #[test]
+    fn an_integer_beyond_64_bits_is_refused_naming_the_key() {
+        let big = "123456789012345678901234567890";
+        for text in [
+            format!(r#"{{"key": "n", "value": {big}}}"#),
+            format!(r#"{{"key": "n", "value": {{"a": ["x", -{big}]}}}}"#),
+            r#"{"key": "n", "value": 18446744073709551616}"#.to_owned(),
+            r#"{"key": "n", "value": -9223372036854775809}"#.to_owned(),
+        ] {
+            let raw: RawChange = serde_json::from_str(&text).unwrap();
+            let e = raw.validate().unwrap_err();
+            assert!(
+                matches!(&e, ChangeError::WideInteger { key, .. } if key == "n"),
+                "{text}: {e}"
+            );
+            assert!(e.to_string().contains("send it as a string"), "{e}");
+        }
+        // What 64 bits hold, floats, and digits inside strings are fine.
+        for ok in [
+            r#"{"key": "n", "value": 18446744073709551615}"#,
+            r#"{"key": "n", "value": -9223372036854775808}"#,
+            r#"{"key": "n", "value": [1e300, 6.022e23, 0.5, -1.5E-7]}"#,
+            r#"{"key": "n", "value": "123456789012345678901234567890"}"#,
+            r#"{"key": "n", "value": {"123456789012345678901234567890": "\\\"1"}}"#,
+        ] {
+            let raw: RawChange = serde_json::from_str(ok).unwrap();
+            assert!(raw.validate().is_ok(), "{ok}");
+        }
+        // Deserialized through a Value too (the raw text is the Value's).
+        let v: serde_json::Value = serde_json::from_str(r#"{"key": "n", "value": 7}"#).unwrap();
+        let raw: RawChange = serde_json::from_value(v).unwrap();
+        assert_eq!(raw.value, json!(7));
+        // Unknown fields and a missing value are still refused.
+        assert!(serde_json::from_str::<RawChange>(r#"{"key": "n", "value": 1, "x": 2}"#).is_err());
+        assert!(serde_json::from_str::<RawChange>(r#"{"key": "n"}"#).is_err());
+        // The CLI's KEY=VALUE.
+        let e = parse_assignment(&format!("n={big}")).unwrap_err();
+        assert!(e.contains("\"n\"") && e.contains("64-bit"), "{e}");
+        assert_eq!(parse_assignment("n=12").unwrap().value, json!(12));
     }
 
     #[test]

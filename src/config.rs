@@ -85,6 +85,10 @@ const DEFAULT_MAX_DEPTH: i64 = 16;
 const DEFAULT_HISTORY: i64 = 10;
 const DEFAULT_CONCURRENCY: i64 = 4;
 const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+/// `desired.max_future_ts`: how far ahead of the clock a `ts` is still believed.
+const DEFAULT_MAX_FUTURE_TS: Duration = Duration::from_secs(3600);
+const MAX_FUTURE_TS_MIN: Duration = Duration::from_secs(1);
+const MAX_FUTURE_TS_MAX: Duration = Duration::from_secs(30 * 86_400);
 const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(60);
 const DEFAULT_REPLAY_WINDOW: &str = "24h";
 
@@ -1259,6 +1263,7 @@ raw_section! {
         history: i64,
         concurrency: i64,
         handler_timeout: RawDuration,
+        max_future_ts: RawDuration,
     }
     tables {
         rule: RawRule,
@@ -2353,6 +2358,22 @@ fn validate_desired(raw: RawDesired, dir: &Path, p: &mut Problems) -> Option<Des
         "desired.handler_timeout",
         timeout_value(raw.handler_timeout.as_ref(), DEFAULT_HANDLER_TIMEOUT),
     );
+    let max_future_ts = check(
+        p,
+        "desired.max_future_ts",
+        raw.max_future_ts
+            .as_ref()
+            .map_or(Ok(DEFAULT_MAX_FUTURE_TS), |d| parse_duration(&d.0))
+            .and_then(|d| {
+                if (MAX_FUTURE_TS_MIN..=MAX_FUTURE_TS_MAX).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err(format!(
+                        "expected a duration from \"1s\" to \"30d\", found {d:?}"
+                    ))
+                }
+            }),
+    );
     // The default of the tables' timeouts; if handler_timeout itself is wrong (reported), the
     // tables are still checked, against the built-in default.
     let default_timeout = handler_timeout.unwrap_or(DEFAULT_HANDLER_TIMEOUT);
@@ -2383,6 +2404,7 @@ fn validate_desired(raw: RawDesired, dir: &Path, p: &mut Problems) -> Option<Des
         history: history?,
         concurrency: concurrency?,
         handler_timeout: handler_timeout?,
+        max_future_ts: max_future_ts?,
         rules: rules?,
         conflicts: conflicts?,
         handlers: handlers?,
@@ -3814,6 +3836,19 @@ mod tests {
         assert_eq!(defaults.history, 10);
         assert_eq!(defaults.concurrency, 4);
         assert_eq!(defaults.handler_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.max_future_ts, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn desired_max_future_ts_is_a_bounded_duration() {
+        assert_eq!(
+            desired("[desired]\nmax_future_ts = \"5m\"").max_future_ts,
+            Duration::from_secs(300)
+        );
+        for bad in ["\"0s\"", "\"31d\"", "\"soon\"", "5"] {
+            let text = plain("", &format!("[desired]\nmax_future_ts = {bad}"));
+            only_problem(&text, "desired.max_future_ts");
+        }
     }
 
     #[test]
@@ -4158,7 +4193,7 @@ deadline = "2s"
         assert!(
             message.ends_with(
                 "expected one of max_document_bytes, max_depth, unknown_keys, history, \
-                 concurrency, handler_timeout, rule, conflict, handler"
+                 concurrency, handler_timeout, max_future_ts, rule, conflict, handler"
             ),
             "{message}"
         );

@@ -438,8 +438,9 @@ async fn report(req: Request, ctx: &Context) -> Pending {
     }
     let n = raw.len() as u64;
     let mut changes = Vec::with_capacity(raw.len());
+    let (now, max_future) = (crate::change::now_ms(), ctx.applier.max_future_ts());
     for (i, c) in raw.into_iter().enumerate() {
-        match c.validate() {
+        match c.validate_at(now, max_future) {
             Ok(c) => changes.push(c),
             Err(e) => {
                 // Counted in the metrics (rejected, reason invalid-change).

@@ -129,6 +129,9 @@ pub struct Metrics {
     pub reconnects: u64,
     pub last_error: Option<String>,
     pub desired_version: Option<u64>,
+    /// Retained messages on command topics ignored since start (SPEC §7).
+    #[serde(default)]
+    pub retained_commands: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +256,7 @@ pub fn build(i: &Inputs) -> Metrics {
         reconnects: i.link.reconnects,
         last_error: i.link.last_error.clone(),
         desired_version: i.desired_version,
+        retained_commands: i.link.retained_commands,
     }
 }
 
@@ -387,6 +391,11 @@ pub fn prometheus(m: &Metrics) -> String {
         "edgesync_reconnects_total",
         "Reconnections to the broker since the agent started.",
         m.reconnects,
+    );
+    e.counter(
+        "edgesync_retained_commands_total",
+        "Retained messages on command topics ignored (not run), since the agent started.",
+        m.retained_commands,
     );
     e.family(
         "edgesync_desired_version",
@@ -843,6 +852,7 @@ mod tests {
                 reconnects: 4,
                 inflight_batches: 0,
                 reload: Default::default(),
+                retained_commands: 3,
             },
             rates: Some(Rates {
                 in_per_s: 1.5,
@@ -876,6 +886,7 @@ mod tests {
         assert_eq!(v["reconnects"], 4);
         assert_eq!(v["last_error"], "broker said \"no\"");
         assert_eq!(v["desired_version"], 7);
+        assert_eq!(v["retained_commands"], 3);
         let back: Metrics = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
     }
@@ -905,6 +916,7 @@ mod tests {
             ),
             ("edgesync_changes_in_per_second", 1.5),
             ("edgesync_reconnects_total", 4.0),
+            ("edgesync_retained_commands_total", 3.0),
             ("edgesync_desired_version", 7.0),
             ("edgesync_resident_memory_bytes", f64::from(4u32 << 20)),
             ("edgesync_uptime_seconds", 61.0),

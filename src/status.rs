@@ -39,6 +39,9 @@ pub struct LinkFigures {
     /// The last config reload.
     #[serde(default)]
     pub reload: crate::reload::ReloadStatus,
+    /// Retained messages on command topics ignored since start (SPEC §7).
+    #[serde(default)]
+    pub retained_commands: u64,
 }
 
 /// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
@@ -155,6 +158,9 @@ pub struct Counters {
     pub dropped: u64,
     pub rejected: u64,
     pub reconnects: u64,
+    /// Retained messages on command topics ignored since start, not run (SPEC §7).
+    #[serde(default)]
+    pub retained_commands: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +219,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             dropped: q.dropped,
             rejected: q.rejected,
             reconnects: link.reconnects,
+            retained_commands: link.retained_commands,
         },
         desired: Desired {
             version: inputs.desired_version,
@@ -278,6 +285,12 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             .version
             .map_or_else(|| "-".to_owned(), |v| v.to_string()),
     ));
+    if s.counters.retained_commands > 0 {
+        out.push_str(&format!(
+            "commands    {} retained request(s) ignored, not run (publish commands unretained)\n",
+            s.counters.retained_commands
+        ));
+    }
     if let Some(m) = &s.metrics {
         let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r}/s"));
         out.push_str(&format!(
@@ -355,6 +368,7 @@ mod tests {
                 dropped: 0,
                 rejected: 0,
                 reconnects: 0,
+                retained_commands: 0,
             },
             desired: Desired { version: None },
             reload: Default::default(),

@@ -642,6 +642,7 @@ fn a_request_received_but_not_started_before_a_crash_runs_after_restart() {
             let limits = edgesync::control::store::Limits {
                 window_ms: 86_400_000,
                 max: 100,
+                clock: 0,
             };
             let r =
                 edgesync::control::store::receive(&outbox, req, limits, edgesync::change::now_ms())

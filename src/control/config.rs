@@ -120,6 +120,7 @@ pub fn effective(c: &Config) -> Value {
             "history": d.history,
             "concurrency": d.concurrency,
             "handler_timeout": duration(d.handler_timeout),
+            "max_future_ts": duration(d.max_future_ts),
             "rule": rules,
             "conflict": conflicts,
             "handler": handlers,
@@ -217,6 +218,7 @@ mod tests {
         assert_eq!(v["control"]["allow"], json!(["ping", "purge"]));
         assert_eq!(v["control"]["replay_window"], "1d");
         assert_eq!(v["control"]["replay_max"], 10_000);
+        assert_eq!(v["desired"]["max_future_ts"], "1h");
         assert_eq!(v["desired"]["handler"][0]["command"], json!(["/bin/true"]));
         assert_eq!(v["sync"]["encoding"], "cbor");
         assert_eq!(v["mqtt"]["keep_alive"], "30s");

@@ -9,13 +9,16 @@
 //!    from its stored first response (re-encoded in the new request's encoding) and not run;
 //!    a request refused before running (`unknown-command`, `forbidden`, `expired`,
 //!    `bad-request` for its arguments) is answered and not recorded; any other is recorded
-//!    as *received*. Only then is the message acknowledged.
+//!    as *received*. Only then is the message acknowledged. An id taken in and not answered
+//!    yet owes one more answer per encoding of its repeats (two flags, not one per repeat):
+//!    a repeat in an encoding already owed is taken in with a read, no write.
 //! 2. **Run** ([`Controller::run`]): every received request runs in its own task (a slow
 //!    `sync` never holds up a `ping`; answers go out in any order). Before a command starts
 //!    it is marked *started* ([`store::begin`]); when it ends, its response is stored and
 //!    queued for publishing in one transaction ([`store::finish`]).
 //! 3. **Publish**: responses wait in the store's result outbox (shared with desired-state
-//!    results) until the broker acknowledged them.
+//!    results) until the broker acknowledged them. The link reads them incrementally (from
+//!    the last one handed out, as many as its window of 32 has room for), one read at a time.
 //!
 //! # At most once across crashes
 //! A request found *started* after a restart may have had its effect: it is answered
@@ -24,9 +27,12 @@
 //!
 //! # Replay window
 //! Recorded ids are kept at least `[control] replay_window` after their receipt and at most
-//! `replay_max` of them; the oldest answered ones are pruned when a new one is recorded.
+//! `replay_max` of them; the oldest answered ones are pruned when a new one is recorded. The
+//! window counts the agent's running time ([`store::AgentClock`]), not the wall clock: a
+//! clock set forward by days does not clear the record.
 
 pub mod config;
+pub mod desired_reset;
 pub mod history;
 pub mod log_level;
 pub mod ping;
@@ -40,6 +46,7 @@ pub mod sync;
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -74,11 +81,12 @@ pub enum CommandName {
     Config,
     Reload,
     Purge,
+    DesiredReset,
 }
 
 impl CommandName {
     /// Every command, in documented order.
-    pub const ALL: [CommandName; 9] = [
+    pub const ALL: [CommandName; 10] = [
         CommandName::Ping,
         CommandName::Status,
         CommandName::Sync,
@@ -88,6 +96,7 @@ impl CommandName {
         CommandName::Config,
         CommandName::Reload,
         CommandName::Purge,
+        CommandName::DesiredReset,
     ];
 
     /// The name in topics and in `[control] allow`.
@@ -102,6 +111,7 @@ impl CommandName {
             CommandName::Config => "config",
             CommandName::Reload => "reload",
             CommandName::Purge => "purge",
+            CommandName::DesiredReset => "desired-reset",
         }
     }
 
@@ -111,7 +121,7 @@ impl CommandName {
 
     /// Destroys data: enabled only when `[control] allow` lists it.
     pub fn destructive(self) -> bool {
-        matches!(self, CommandName::Purge)
+        matches!(self, CommandName::Purge | CommandName::DesiredReset)
     }
 
     /// Every name, for messages.
@@ -163,6 +173,7 @@ pub enum Command {
     Config,
     Reload,
     Purge(purge::Purge),
+    DesiredReset(desired_reset::DesiredReset),
 }
 
 impl Command {
@@ -179,6 +190,9 @@ impl Command {
             CommandName::Config => Command::Config,
             CommandName::Reload => Command::Reload,
             CommandName::Purge => Command::Purge(purge::Purge::parse(&mut args)?),
+            CommandName::DesiredReset => {
+                Command::DesiredReset(desired_reset::DesiredReset::parse(&mut args)?)
+            }
         };
         args.finish()?;
         Ok(command)
@@ -196,6 +210,7 @@ impl Command {
             Command::Config => Ok(config::run(svc)),
             Command::Reload => reload::run(svc),
             Command::Purge(c) => c.run(svc).await,
+            Command::DesiredReset(c) => c.run(svc).await,
         }
     }
 }
@@ -221,16 +236,28 @@ pub struct Controller {
     wake: Arc<Notify>,
     /// New responses to publish (the link listens; shared with desired-state results).
     results: Arc<Notify>,
+    /// Set once a retained request was ignored (logged once at WARN, later ones at DEBUG).
+    retained_logged: Arc<AtomicBool>,
+    /// What the replay window counts in (not the wall clock).
+    clock: store::AgentClock,
 }
 
 impl Controller {
     /// `results` is the link's signal for new entries in the result outbox
     /// ([`Applier::results`]).
     pub fn new(svc: Services, results: Arc<Notify>) -> Self {
+        let clock = store::AgentClock::open(&svc.outbox).unwrap_or_else(|e| {
+            // Counted from 0: ids of this run are kept; older ones go by the count only
+            // until this run's clock passes the window.
+            tracing::error!("reading the replay clock failed: {e}");
+            store::AgentClock::starting_at(0)
+        });
         Self {
             svc,
             wake: Arc::new(Notify::new()),
             results,
+            retained_logged: Arc::new(AtomicBool::new(false)),
+            clock,
         }
     }
 
@@ -241,7 +268,33 @@ impl Controller {
     /// Takes in a request from `P/D/cmd/NAME`. Returns once what must be durable is: the
     /// caller acknowledges the message (PUBACK) only after `Ok`. Every request is consumed:
     /// those refused are answered, never left to be redelivered forever.
-    pub async fn receive(&self, name: &str, payload: &[u8]) -> Result<(), StoreError> {
+    ///
+    /// A retained message (`retain`: the broker sent it because of a new subscription) is
+    /// ignored, counted and not answered (SPEC §7): the broker would send it again on every
+    /// subscription, and it would run again once its id left the replay record.
+    pub async fn receive(
+        &self,
+        name: &str,
+        payload: &[u8],
+        retain: bool,
+    ) -> Result<(), StoreError> {
+        if retain {
+            self.svc
+                .board
+                .update(|b| b.retained_commands = b.retained_commands.saturating_add(1));
+            if self.retained_logged.swap(true, Ordering::Relaxed) {
+                tracing::debug!(command = name, "ignored a retained command request");
+            } else {
+                tracing::warn!(
+                    command = name,
+                    "retained message on a command topic ignored, not run (counted in status \
+                     counters.retained_commands; later ones are not logged): the back end must \
+                     publish commands without the retain flag, and clear this one by publishing \
+                     an empty retained message on the topic"
+                );
+            }
+            return Ok(());
+        }
         let now = now_ms();
         let encoding = doc::sniff(payload);
         let topic = result_topic(name);
@@ -257,6 +310,10 @@ impl Controller {
             }
         };
         tracing::debug!(command = name, id = %req.id, "command received");
+        if self.repeat_owed(name, &req.id, encoding).await? {
+            tracing::debug!(command = name, id = %req.id, "command id repeated while it runs: its answer follows");
+            return Ok(());
+        }
         let refusal = self
             .check(name, &req, now)
             .err()
@@ -269,7 +326,7 @@ impl Controller {
             expires: req.expires,
             refusal,
         };
-        let limits = store::Limits::new(&self.cfg());
+        let limits = store::Limits::new(&self.cfg(), self.clock.now());
         let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
         // Recorded, not yet run, no PUBACK yet.
         crate::crash::point("command-taken");
@@ -293,6 +350,21 @@ impl Controller {
             }
         }
         Ok(())
+    }
+
+    /// A repeat of an id that runs and already owes an answer in this encoding (see
+    /// [`store::repeat_owed`]).
+    async fn repeat_owed(
+        &self,
+        name: &str,
+        id: &str,
+        encoding: Encoding,
+    ) -> Result<bool, StoreError> {
+        let (outbox, name, id) = (self.svc.outbox.clone(), name.to_owned(), id.to_owned());
+        let json = encoding == Encoding::Json;
+        tokio::task::spawn_blocking(move || store::repeat_owed(&outbox, &id, &name, json))
+            .await
+            .unwrap_or(Ok(false))
     }
 
     /// Why a readable request is not run, as its error code and message.

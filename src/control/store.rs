@@ -7,7 +7,7 @@
 //!   done its response;
 //! - `control_order`: `n → id`, in order of receipt (pruning takes the oldest first);
 //! - `control_pending`: `n → id` of the entries not done yet (what the runner reads);
-//! - `control_meta`: `next` (the next `n`).
+//! - `control_meta`: `next` (the next `n`); `clock` (the [`AgentClock`] at the last receipt).
 //!
 //! # Invariants
 //! - A request to run is in `control_requests` and `control_pending` (durable) before its
@@ -16,8 +16,10 @@
 //!   before the command can have any effect, so `started` after a restart means "maybe
 //!   ran". Finishing (state `done`, the response, removal from pending, the response queued
 //!   for publishing) is one transaction.
-//! - Only `done` entries are pruned: past the window (counted from receipt) or beyond the
-//!   count, oldest first.
+//! - Only `done` entries are pruned: past the window (counted from receipt on the
+//!   [`AgentClock`], never on the wall clock) or beyond the count, oldest first.
+
+use std::time::Instant;
 
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -67,12 +69,17 @@ pub struct Entry {
     pub expires: Option<u64>,
     /// Unix ms of receipt.
     pub received: u64,
+    /// The [`AgentClock`] at receipt: what the replay window counts from (0 in entries
+    /// written before it existed: counted from the clock's start).
+    #[serde(default)]
+    pub clock: u64,
     /// The response (JSON form), once done.
     pub response: Option<Value>,
     /// Unix ms of the answer, once done.
     pub answered: Option<u64>,
-    /// Repeats of this id that arrived before it was answered (their encodings, JSON =
-    /// true): each gets the answer too when it is done.
+    /// Encodings (JSON = true) of repeats of this id that arrived before it was answered:
+    /// one more answer per encoding serves them all, so at most two entries (entries
+    /// written before this bound may hold one per repeat: read, and deduplicated when done).
     #[serde(default)]
     pub waiting: Vec<bool>,
 }
@@ -84,6 +91,19 @@ impl Entry {
         } else {
             Encoding::Cbor
         }
+    }
+
+    /// Whether a repeat in this encoding already has its answer coming.
+    pub fn waits(&self, json: bool) -> bool {
+        self.waiting.contains(&json)
+    }
+
+    /// The encodings owed an answer besides the first, each once (JSON first).
+    fn owed(&self) -> impl Iterator<Item = Encoding> + '_ {
+        [(true, Encoding::Json), (false, Encoding::Cbor)]
+            .into_iter()
+            .filter(|(json, _)| self.waits(*json))
+            .map(|(_, e)| e)
     }
 }
 
@@ -130,14 +150,54 @@ pub enum Intake {
 pub struct Limits {
     pub window_ms: u64,
     pub max: u64,
+    /// The [`AgentClock`] now.
+    pub clock: u64,
 }
 
 impl Limits {
-    pub fn new(cfg: &ControlConfig) -> Self {
+    pub fn new(cfg: &ControlConfig, clock: u64) -> Self {
         Self {
-            window_ms: u64::try_from(cfg.replay_window.as_millis()).unwrap_or(u64::MAX),
+            window_ms: crate::change::duration_ms(cfg.replay_window),
             max: u64::try_from(cfg.replay_max).unwrap_or(u64::MAX),
+            clock,
         }
+    }
+}
+
+/// The clock of the replay window: milliseconds the agent ran, from the monotonic clock,
+/// carried across restarts through the store (`control_meta` `clock`, written with every
+/// receipt). Setting the wall clock forward (a jump of days) or back moves it not at all, so
+/// a jump can neither clear the record nor keep ids for ever. Time the agent was stopped
+/// (and since the last receipt before a stop) does not count: ids are kept longer, never
+/// shorter; `replay_max` bounds them.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentClock {
+    base: u64,
+    origin: Instant,
+}
+
+impl AgentClock {
+    /// Continues from the clock stored at the last receipt (0 in a new store).
+    pub fn open(outbox: &Outbox) -> Result<Self, StoreError> {
+        let txn = outbox.read()?;
+        let base = match txn.open_table(META) {
+            Ok(t) => t.get("clock")?.map_or(0, |v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self::starting_at(base))
+    }
+
+    pub fn starting_at(base: u64) -> Self {
+        Self {
+            base,
+            origin: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.base
+            .saturating_add(u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 }
 
@@ -190,11 +250,15 @@ pub async fn receive(
                         Intake::Replayed
                     }
                     _ => {
-                        // Answered (once more) when the first one is done.
-                        let mut first = first;
-                        first.waiting.push(encoding == Encoding::Json);
-                        txn.open_table(REQUESTS)?
-                            .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        // Answered (once more per encoding) when the first one is done; a
+                        // repeat in an encoding already owed an answer changes nothing.
+                        let json = encoding == Encoding::Json;
+                        if !first.waits(json) {
+                            let mut first = first;
+                            first.waiting.push(json);
+                            txn.open_table(REQUESTS)?
+                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        }
                         Intake::InProgress
                     }
                 });
@@ -207,6 +271,11 @@ pub async fn receive(
             let mut meta = txn.open_table(META)?;
             let n = meta.get("next")?.map_or(1, |v| v.value());
             meta.insert("next", n + 1)?;
+            let clock = meta
+                .get("clock")?
+                .map_or(0, |v| v.value())
+                .max(limits.clock);
+            meta.insert("clock", clock)?;
             drop(meta);
             let entry = Entry {
                 n,
@@ -217,6 +286,7 @@ pub async fn receive(
                 args: req.args,
                 expires: req.expires,
                 received: now,
+                clock: limits.clock,
                 response: None,
                 answered: None,
                 waiting: Vec::new(),
@@ -225,7 +295,7 @@ pub async fn receive(
             let mut order = txn.open_table(ORDER)?;
             order.insert(n, req.id.as_str())?;
             txn.open_table(PENDING)?.insert(n, req.id.as_str())?;
-            prune(&mut requests, &mut order, limits, now)?;
+            prune(&mut requests, &mut order, limits)?;
             Ok(Intake::Accepted)
         })
         .await
@@ -236,9 +306,7 @@ fn prune(
     requests: &mut redb::Table<&str, &[u8]>,
     order: &mut redb::Table<u64, &str>,
     limits: Limits,
-    now: u64,
 ) -> Result<(), redb::Error> {
-    let cutoff = now.saturating_sub(limits.window_ms);
     let mut count = requests.len()?;
     let mut remove = Vec::new();
     let mut skipped = 0;
@@ -250,7 +318,7 @@ fn prune(
             remove.push((n, None));
             continue;
         };
-        if count <= limits.max && entry.received >= cutoff {
+        if count <= limits.max && limits.clock.saturating_sub(entry.clock) <= limits.window_ms {
             break;
         }
         if entry.state == State::Done {
@@ -309,25 +377,20 @@ pub async fn finish(
             if entry.state == State::Done {
                 return Ok(());
             }
-            let payload = doc::encode(&response, entry.encoding());
+            let topic = result_topic(&entry.name);
+            // The first answer in the request's encoding, then one per encoding of repeats.
+            let mut payloads = vec![doc::encode(&response, entry.encoding())];
+            payloads.extend(entry.owed().map(|e| doc::encode(&response, e)));
             entry.state = State::Done;
             entry.response = Some(response);
             entry.answered = Some(now);
             entry.args = Map::new();
+            entry.waiting = Vec::new();
             requests.insert(id.as_str(), to_json(&entry).as_slice())?;
             drop(requests);
             txn.open_table(PENDING)?.remove(entry.n)?;
-            let topic = result_topic(&entry.name);
-            dstore::queue_result(txn, &topic, &payload)?;
-            if let Some(response) = &entry.response {
-                for json in &entry.waiting {
-                    let encoding = if *json {
-                        Encoding::Json
-                    } else {
-                        Encoding::Cbor
-                    };
-                    dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
-                }
+            for payload in &payloads {
+                dstore::queue_result(txn, &topic, payload)?;
             }
             Ok(())
         })
@@ -351,6 +414,15 @@ pub fn pending(outbox: &Outbox) -> Result<Vec<Entry>, StoreError> {
         }
     }
     Ok(out)
+}
+
+/// Whether `id` is recorded for `name`, not answered yet, and already owes an answer in
+/// this encoding: a repeat that changes nothing, taken in without a write transaction (a
+/// flood of repeats costs a read each, not an fsync each). Racing with [`finish`] is
+/// harmless: an answer that went out meanwhile was that answer.
+pub fn repeat_owed(outbox: &Outbox, id: &str, name: &str, json: bool) -> Result<bool, StoreError> {
+    Ok(lookup(outbox, id)?
+        .is_some_and(|e| e.name == name && e.state != State::Done && e.waits(json)))
 }
 
 /// The record of one id.
@@ -403,6 +475,7 @@ mod tests {
     const L: Limits = Limits {
         window_ms: 1000,
         max: 100,
+        clock: 0,
     };
 
     /// Published results as `(topic, JSON)`.
@@ -473,6 +546,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn repeats_while_running_owe_one_answer_per_encoding_and_leave_the_entry_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        receive(&o, incoming("a", "sync"), L, 1).await.unwrap();
+        assert!(!repeat_owed(&o, "a", "sync", true).unwrap());
+        for i in 0..50 {
+            let mut again = incoming("a", "sync");
+            again.json = i % 5 != 0;
+            assert_eq!(receive(&o, again, L, 2).await.unwrap(), Intake::InProgress);
+        }
+        let entry = lookup(&o, "a").unwrap().unwrap();
+        assert_eq!(entry.waiting.len(), 2, "one flag per encoding");
+        assert!(repeat_owed(&o, "a", "sync", true).unwrap());
+        assert!(repeat_owed(&o, "a", "sync", false).unwrap());
+        assert!(
+            !repeat_owed(&o, "a", "ping", true).unwrap(),
+            "other command"
+        );
+        finish(&o, "a", request::ok("a", json!({})), 3)
+            .await
+            .unwrap();
+        // The first answer, one more in JSON, one in CBOR.
+        let all = dstore::pending_results(&o).unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[2].payload.first().map(|b| *b == b'{'), Some(false));
+        assert!(lookup(&o, "a").unwrap().unwrap().waiting.is_empty());
+        assert!(!repeat_owed(&o, "a", "sync", true).unwrap(), "done");
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn an_entry_written_with_one_flag_per_repeat_still_loads_and_is_answered_once_per_encoding()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        receive(&o, incoming("old", "sync"), L, 1).await.unwrap();
+        // As the unbounded code wrote it: one flag per repeat.
+        let mut entry = lookup(&o, "old").unwrap().unwrap();
+        entry.waiting = [true, true, false, true, false].repeat(100);
+        let bytes = to_json(&entry);
+        o.transact(move |ctx| {
+            ctx.txn
+                .open_table(REQUESTS)?
+                .insert("old", bytes.as_slice())?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(lookup(&o, "old").unwrap().unwrap().waiting.len(), 500);
+        finish(&o, "old", request::ok("old", json!({})), 3)
+            .await
+            .unwrap();
+        assert_eq!(dstore::pending_results(&o).unwrap().len(), 3);
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn refusals_are_answered_and_not_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(dir.path());
@@ -510,18 +640,20 @@ mod tests {
     async fn pruning_keeps_the_window_and_the_count_and_never_drops_unanswered_ones() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(dir.path());
-        let limits = Limits {
+        // The agent clock at `t`; the wall clock the same here.
+        let at = |t| Limits {
             window_ms: 1000,
             max: 3,
+            clock: t,
         };
         // "busy" stays running; the others are answered.
-        receive(&o, incoming("busy", "sync"), limits, 0)
+        receive(&o, incoming("busy", "sync"), at(0), 0)
             .await
             .unwrap();
         assert!(begin(&o, "busy").await.unwrap());
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let t = i as u64 + 1;
-            receive(&o, incoming(id, "ping"), limits, t).await.unwrap();
+            receive(&o, incoming(id, "ping"), at(t), t).await.unwrap();
             finish(&o, id, request::ok(id, json!({})), t).await.unwrap();
         }
         // Four recorded, max 3: "a" (the oldest answered) goes, "busy" stays.
@@ -529,7 +661,7 @@ mod tests {
         assert!(lookup(&o, "busy").unwrap().is_some());
         assert_eq!(count(&o).unwrap(), 3);
         // Past the window of "b" and "c": both go on the next insert.
-        receive(&o, incoming("d", "ping"), limits, 2000)
+        receive(&o, incoming("d", "ping"), at(2000), 2000)
             .await
             .unwrap();
         assert!(lookup(&o, "b").unwrap().is_none());
@@ -537,9 +669,52 @@ mod tests {
         assert!(lookup(&o, "busy").unwrap().is_some());
         assert!(lookup(&o, "d").unwrap().is_some());
         // Within the window and the count: kept.
-        receive(&o, incoming("e", "ping"), limits, 2001)
+        receive(&o, incoming("e", "ping"), at(2001), 2001)
             .await
             .unwrap();
+        assert!(lookup(&o, "d").unwrap().is_some());
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_wall_clock_jump_does_not_clear_the_replay_record_and_the_clock_carries_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let day = 86_400_000;
+        let at = |clock| Limits {
+            window_ms: day,
+            max: 100,
+            clock,
+        };
+        let wall = 1_764_150_000_000;
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            let t = i as u64;
+            receive(&o, incoming(id, "ping"), at(t), wall + t)
+                .await
+                .unwrap();
+            finish(&o, id, request::ok(id, json!({})), wall)
+                .await
+                .unwrap();
+        }
+        // The wall clock jumps 30 days ahead; the agent ran 10 s more.
+        receive(&o, incoming("c", "ping"), at(10_000), wall + 30 * day)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "a").unwrap().is_some(), "kept across the jump");
+        assert_eq!(
+            receive(&o, incoming("a", "ping"), at(10_001), wall + 30 * day)
+                .await
+                .unwrap(),
+            Intake::Replayed,
+            "answered from the record, not run again"
+        );
+        // The clock carries over a restart: a day of agent time later they go.
+        assert!(AgentClock::open(&o).unwrap().now() >= 10_000);
+        receive(&o, incoming("d", "ping"), at(10_000 + day + 1), wall)
+            .await
+            .unwrap();
+        assert!(lookup(&o, "a").unwrap().is_none());
+        assert!(lookup(&o, "b").unwrap().is_none());
         assert!(lookup(&o, "d").unwrap().is_some());
         o.shutdown().await;
     }

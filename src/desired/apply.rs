@@ -15,7 +15,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use super::doc::{self, Limits};
 use super::handlers::{self, Outcome};
-use super::plan::{KeyPlan, plan_key};
+use super::plan::{KeyPlan, believed, plan_key};
 use super::store::{self as dstore, InboxEntry, KeyUpdate, Received};
 use super::types::{DesiredConfig, HandlerKind};
 use super::watch::Watchers;
@@ -62,6 +62,11 @@ impl Applier {
     /// `[desired]` as it is now (it changes on reload).
     fn cfg(&self) -> Arc<DesiredConfig> {
         Arc::new(self.live.current().desired.clone())
+    }
+
+    /// `[desired] max_future_ts` as it is now: reports with a later `ts` are refused.
+    pub fn max_future_ts(&self) -> std::time::Duration {
+        self.live.current().desired.max_future_ts
     }
 
     fn limits(&self) -> Limits {
@@ -226,13 +231,26 @@ impl Applier {
         let cfg = self.cfg();
         let slots = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
         let mut tasks = tokio::task::JoinSet::new();
+        let now = now_ms();
+        if believed(&cfg, None, d.ts, d.received, now).1 != d.ts {
+            tracing::warn!(version = d.version, ts = ?d.ts, received = d.received,
+                "the document's ts is further ahead of its receipt than desired.max_future_ts: not believed in conflict checks");
+        }
         for (i, (key, value)) in d.state.iter().enumerate() {
             let outbox = self.outbox.clone();
             let k = key.clone();
             let local = tokio::task::spawn_blocking(move || dstore::local_change(&outbox, &k))
                 .await
                 .map_err(|e| StoreError::Io(e.to_string()))??;
-            let plan = plan_key(&cfg, key, value, local.as_ref(), d.ts, d.received);
+            if let Some(l) = &local
+                && believed(&cfg, Some(l), None, 0, now)
+                    .0
+                    .is_some_and(|b| b.ts != l.ts)
+            {
+                tracing::warn!(key = %key, ts = l.ts, now,
+                    "the device's last change of this key is stamped further ahead than desired.max_future_ts: its ts does not win a conflict");
+            }
+            let plan = plan_key(&cfg, key, value, local.as_ref(), d.ts, d.received, now);
             let this = self.clone();
             let key = key.clone();
             let slots = Arc::clone(&slots);

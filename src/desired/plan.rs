@@ -31,7 +31,33 @@ pub fn is_conflict(local: Option<&LocalChange>, doc_ts: Option<u64>) -> bool {
     local.is_some_and(|l| l.queued || doc_ts.is_some_and(|t| l.ts > t))
 }
 
-/// Plans one key. `received` (Unix ms) stands in for a document without `ts`.
+/// The times a conflict check may believe: a document's `ts` more than
+/// `desired.max_future_ts` after its receipt is ignored (as if it had none); a local change
+/// stamped more than that ahead of `now` (the clock was set back since, or a program sent a
+/// bogus `ts` before intake refused them) counts as older than any document. Without this,
+/// one such `ts` wins every last-write-wins check for ever.
+pub fn believed(
+    cfg: &DesiredConfig,
+    local: Option<&LocalChange>,
+    doc_ts: Option<u64>,
+    received: u64,
+    now: u64,
+) -> (Option<LocalChange>, Option<u64>) {
+    let max = crate::change::duration_ms(cfg.max_future_ts);
+    let doc_ts = doc_ts.filter(|&t| t <= received.saturating_add(max));
+    let local = local.map(|l| LocalChange {
+        ts: if l.ts > now.saturating_add(max) {
+            0
+        } else {
+            l.ts
+        },
+        ..l.clone()
+    });
+    (local, doc_ts)
+}
+
+/// Plans one key. `received` (Unix ms) stands in for a document without `ts`; `now` is the
+/// time of the decision (see [`believed`]).
 pub fn plan_key(
     cfg: &DesiredConfig,
     key: &str,
@@ -39,6 +65,7 @@ pub fn plan_key(
     local: Option<&LocalChange>,
     doc_ts: Option<u64>,
     received: u64,
+    now: u64,
 ) -> KeyPlan {
     let value = match value {
         Ok(v) => v,
@@ -47,6 +74,8 @@ pub fn plan_key(
     if let Err(e) = check_value(find_rule(&cfg.rules, key), cfg.unknown_keys, value) {
         return KeyPlan::Reject(e);
     }
+    let (local, doc_ts) = believed(cfg, local, doc_ts, received, now);
+    let local = local.as_ref();
     let Some(local) = local.filter(|_| is_conflict(local, doc_ts)) else {
         return KeyPlan::Apply(value.clone());
     };
@@ -112,7 +141,7 @@ mod tests {
     fn no_local_change_applies() {
         let c = cfg(Policy::DeviceWins);
         assert_eq!(
-            plan_key(&c, "led.mode", &Ok(json!("cloud")), None, Some(100), 0),
+            plan_key(&c, "led.mode", &Ok(json!("cloud")), None, Some(100), 0, 0),
             KeyPlan::Apply(json!("cloud"))
         );
     }
@@ -130,7 +159,7 @@ mod tests {
     fn each_policy_decides() {
         let l = local(150, false);
         let v = Ok(json!("cloud"));
-        let p = |policy| plan_key(&cfg(policy), "led.mode", &v, Some(&l), Some(100), 0);
+        let p = |policy| plan_key(&cfg(policy), "led.mode", &v, Some(&l), Some(100), 0, 0);
         assert_eq!(p(Policy::CloudWins), KeyPlan::Apply(json!("cloud")));
         assert_eq!(p(Policy::DeviceWins), KeyPlan::KeepDevice);
         assert_eq!(p(Policy::LastWriteWins), KeyPlan::KeepDevice);
@@ -142,6 +171,7 @@ mod tests {
                 &v,
                 Some(&older),
                 Some(100),
+                0,
                 0
             ),
             KeyPlan::Apply(json!("cloud")),
@@ -168,6 +198,7 @@ mod tests {
                 &v,
                 Some(&l),
                 Some(100),
+                0,
                 0
             ),
             KeyPlan::Apply(json!("cloud"))
@@ -175,14 +206,68 @@ mod tests {
     }
 
     #[test]
+    fn a_ts_from_the_future_does_not_win_for_ever() {
+        let lww = cfg(Policy::LastWriteWins);
+        let v = Ok(json!("cloud"));
+        let now = 1_764_150_000_000;
+        let hour = 3_600_000;
+        // A device change stamped u64::MAX (or a clock set back since): no conflict by time,
+        // and queued it loses last-write-wins.
+        for queued in [false, true] {
+            let bogus = local(u64::MAX, queued);
+            assert_eq!(
+                plan_key(&lww, "led.mode", &v, Some(&bogus), Some(now), now, now),
+                KeyPlan::Apply(json!("cloud")),
+                "queued {queued}"
+            );
+            assert_eq!(
+                plan_key(&lww, "led.mode", &v, Some(&bogus), None, now, now),
+                KeyPlan::Apply(json!("cloud")),
+                "queued {queued}, document without ts"
+            );
+        }
+        // Within the tolerance it is believed: later than the document, the device wins.
+        let ahead = local(now + hour - 1, false);
+        assert_eq!(
+            plan_key(&lww, "led.mode", &v, Some(&ahead), Some(now), now, now),
+            KeyPlan::KeepDevice
+        );
+        // Just beyond it: not believed.
+        let beyond = local(now + hour + 1, false);
+        assert_eq!(
+            plan_key(&lww, "led.mode", &v, Some(&beyond), Some(now), now, now),
+            KeyPlan::Apply(json!("cloud"))
+        );
+        // A document's ts far ahead of its receipt is ignored: a later device change (still
+        // queued) wins last-write-wins against its receipt time.
+        let recent = local(now + 5, true);
+        assert_eq!(
+            plan_key(
+                &lww,
+                "led.mode",
+                &v,
+                Some(&recent),
+                Some(u64::MAX),
+                now,
+                now + 10
+            ),
+            KeyPlan::KeepDevice
+        );
+        let (_, doc_ts) = believed(&lww, None, Some(now + hour), now, now);
+        assert_eq!(doc_ts, Some(now + hour), "within the tolerance: believed");
+        let (_, doc_ts) = believed(&lww, None, Some(now + hour + 1), now, now);
+        assert_eq!(doc_ts, None);
+    }
+
+    #[test]
     fn validation_comes_first() {
         let c = cfg(Policy::CloudWins);
         assert!(matches!(
-            plan_key(&c, "setpoint", &Ok(json!(40)), None, None, 0),
+            plan_key(&c, "setpoint", &Ok(json!(40)), None, None, 0, 0),
             KeyPlan::Reject(_)
         ));
         assert!(matches!(
-            plan_key(&c, "x", &Err("bad".into()), None, None, 0),
+            plan_key(&c, "x", &Err("bad".into()), None, None, 0, 0),
             KeyPlan::Reject(e) if e == "bad"
         ));
         let strict = DesiredConfig {
@@ -190,7 +275,7 @@ mod tests {
             ..cfg(Policy::CloudWins)
         };
         assert!(matches!(
-            plan_key(&strict, "x", &Ok(json!(1)), None, None, 0),
+            plan_key(&strict, "x", &Ok(json!(1)), None, None, 0, 0),
             KeyPlan::Reject(_)
         ));
     }

@@ -303,6 +303,44 @@ pub fn apply_updates(
     Ok(())
 }
 
+/// Sets the accepted and applied versions back to `to` (the `desired-reset` command):
+/// documents above `to` are taken in again. `Ok(Err(why))` when refused: a document is
+/// being applied (its version is in the inbox), or `to` is not below the accepted version.
+/// Results kept for versions above `to` are dropped (they would answer a new document of
+/// that version as a duplicate). Returns the version it replaced.
+pub async fn reset_version(outbox: &Outbox, to: u64) -> Result<Result<u64, String>, StoreError> {
+    outbox
+        .transact(move |ctx| {
+            let inbox_len = {
+                let inbox = ctx.txn.open_table(INBOX)?;
+                redb::ReadableTableMetadata::len(&inbox)?
+            };
+            if inbox_len > 0 {
+                return Ok(Err(format!(
+                    "{inbox_len} desired document(s) are being applied; try again when they are done"
+                )));
+            }
+            let mut meta = ctx.txn.open_table(META)?;
+            let accepted = meta_get(&meta, "accepted")?.unwrap_or(0);
+            if to >= accepted {
+                return Ok(Err(format!(
+                    "version {to} is not below the current desired version {accepted}"
+                )));
+            }
+            meta.insert("accepted", to)?;
+            meta.insert("applied", to)?;
+            drop(meta);
+            let mut results = ctx.txn.open_table(RESULTS)?;
+            if let Some(from) = to.checked_add(1) {
+                for item in results.extract_from_if(from.., |_, _| true)? {
+                    item?;
+                }
+            }
+            Ok(Ok(accepted))
+        })
+        .await
+}
+
 /// Deletes a published result.
 pub async fn published(outbox: &Outbox, n: u64) -> Result<(), StoreError> {
     outbox
@@ -321,6 +359,27 @@ pub fn inbox(outbox: &Outbox) -> Result<Vec<InboxEntry>, StoreError> {
 /// Results not yet published, oldest first.
 pub fn pending_results(outbox: &Outbox) -> Result<Vec<PendingResult>, StoreError> {
     read_all(outbox, RESULT_OUTBOX)
+}
+
+/// At most `max` results not yet published from number `from` on, oldest first: what the
+/// link reads as room frees up (cost in proportion to `max`, not to the table).
+pub fn results_from(
+    outbox: &Outbox,
+    from: u64,
+    max: usize,
+) -> Result<Vec<PendingResult>, StoreError> {
+    let txn = outbox.read()?;
+    let table = match txn.open_table(RESULT_OUTBOX) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(StoreError::from(e)),
+    };
+    let mut out = Vec::new();
+    for item in table.range(from..)?.take(max) {
+        let (_, v) = item?;
+        out.push(get_json(v.value())?);
+    }
+    Ok(out)
 }
 
 fn read_all<T: for<'de> Deserialize<'de>>(
@@ -418,4 +477,68 @@ pub fn local_change(outbox: &Outbox, key: &str) -> Result<Option<LocalChange>, S
         ts: rec.ts,
         queued: outbox.is_queued(seq)?,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{StoreOptions, WhenFull};
+    use serde_json::json;
+
+    fn open(dir: &std::path::Path) -> Outbox {
+        Outbox::open(&StoreOptions {
+            path: dir.join("s.redb"),
+            max_bytes: 1 << 20,
+            when_full: WhenFull::Reject,
+            cache_size: 1 << 20,
+        })
+        .unwrap()
+    }
+
+    fn entry(version: u64) -> InboxEntry {
+        InboxEntry {
+            version,
+            ts: None,
+            state: vec![("k".into(), Ok(json!(1)))],
+            json: true,
+            received: 1,
+            applying: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_version_the_cloud_cannot_exceed_is_reset_by_the_operator() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let max = u64::MAX;
+        assert_eq!(
+            receive(&o, entry(max), vec![]).await.unwrap(),
+            Received::Accepted
+        );
+        // Refused while the document is in the inbox.
+        assert!(reset_version(&o, 0).await.unwrap().is_err());
+        finish(&o, max, vec![], json!({"version": max}), Encoding::Json, 10)
+            .await
+            .unwrap();
+        assert_eq!(
+            receive(&o, entry(5), vec![]).await.unwrap(),
+            Received::Stale { current: max }
+        );
+        assert!(
+            reset_version(&o, max).await.unwrap().is_err(),
+            "not below the current one"
+        );
+        assert_eq!(reset_version(&o, 3).await.unwrap(), Ok(max));
+        assert_eq!(applied_version(&o).unwrap(), Some(3));
+        assert_eq!(
+            receive(&o, entry(3), vec![]).await.unwrap(),
+            Received::Duplicate,
+            "the version it was reset to counts as taken in"
+        );
+        assert_eq!(
+            receive(&o, entry(5), vec![]).await.unwrap(),
+            Received::Accepted
+        );
+        o.shutdown().await;
+    }
 }

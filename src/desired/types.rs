@@ -19,6 +19,10 @@ pub struct DesiredConfig {
     pub concurrency: usize,
     /// Default timeout of exec handlers, merge programs and watch acks, default 30 s.
     pub handler_timeout: Duration,
+    /// How far ahead of this device's clock a `ts` is believed, default 1 h: a report with a
+    /// later `ts` is refused; a stored change or a document beyond it does not win a conflict
+    /// by its `ts`.
+    pub max_future_ts: Duration,
     /// Validation rules, in file order (first matching rule wins).
     pub rules: Vec<Rule>,
     /// Conflict policies, in file order (first match wins; default cloud-wins).
@@ -36,6 +40,7 @@ impl Default for DesiredConfig {
             history: 10,
             concurrency: 4,
             handler_timeout: Duration::from_secs(30),
+            max_future_ts: Duration::from_secs(3600),
             rules: Vec::new(),
             conflicts: Vec::new(),
             handlers: Vec::new(),

@@ -19,7 +19,7 @@
 pub mod backoff;
 pub mod engine;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,8 +219,9 @@ pub async fn run(
             outbox: &outbox,
             applier: &applier,
             controller: &controller,
-            results_inflight: HashSet::new(),
+            results_next: 0,
             results_unacked: 0,
+            results_loading: Loading::Idle,
             board: &board,
             engine: &mut engine,
             tags: VecDeque::new(),
@@ -316,10 +317,13 @@ struct Session<'a> {
     outbox: &'a Outbox,
     applier: &'a Applier,
     controller: &'a Controller,
-    /// Results handed to rumqttc and not yet PUBACKed.
-    results_inflight: HashSet<u64>,
-    /// Of those, how many await their PUBACK (at most [`RESULT_WINDOW`]).
+    /// The lowest result number not handed to rumqttc in this session (results are read
+    /// from here on, never the whole table again).
+    results_next: u64,
+    /// Results handed to rumqttc awaiting their PUBACK (at most [`RESULT_WINDOW`]).
     results_unacked: usize,
+    /// At most one read of results at a time; requests meanwhile are coalesced into one.
+    results_loading: Loading,
     board: &'a StatusBoard,
     engine: &'a mut Engine,
     /// Publishes handed to rumqttc, in order, awaiting their packet id.
@@ -477,13 +481,21 @@ impl Session<'_> {
                         }
                         Ok(Done::Ack) => self.engine.handle_ack_done(now),
                         Ok(Done::Results(Ok(pending))) => {
+                            let again = self.results_loaded();
                             if self.connected_at.is_some()
                                 && let Err(e) = self.publish_results(client, pending)
                             {
                                 return SessionEnd::Failed(e);
                             }
+                            if again {
+                                self.load_results();
+                            }
                         }
-                        Ok(Done::Results(Err(e))) => tracing::error!("reading results failed: {e}"),
+                        Ok(Done::Results(Err(e))) => {
+                            // Tried again on the next PUBACK or new result.
+                            self.results_loaded();
+                            tracing::error!("reading results failed: {e}");
+                        }
                         Ok(Done::ResultDeleted) => {}
                         Err(e) => return SessionEnd::Failed(format!("internal task failed: {e}")),
                     }
@@ -582,7 +594,7 @@ impl Session<'_> {
                 client
                     .try_subscribe(self.settings.topics.command_filter(), QoS::AtLeastOnce)
                     .map_err(|e| format!("cannot subscribe: {e}"))?;
-                self.results_inflight.clear();
+                self.results_next = 0;
                 self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
@@ -606,7 +618,8 @@ impl Session<'_> {
                         }
                         Done::ResultDeleted
                     });
-                    // Stays in `results_inflight` until the next load, so it is not resent.
+                    // Below `results_next`: never read again in this session, so not resent
+                    // even before its deletion commits.
                     self.results_unacked = self.results_unacked.saturating_sub(1);
                     self.load_results();
                 }
@@ -659,12 +672,27 @@ impl Session<'_> {
         }
     }
 
-    /// Reads the results waiting to be published (off the event path).
+    /// Reads the next results waiting to be published, as many as the window has room for
+    /// (off the event path); one read at a time, a request during a read makes one more.
     fn load_results(&mut self) {
-        let outbox = self.outbox.clone();
+        if self.results_loading != Loading::Idle {
+            self.results_loading = Loading::Again;
+            return;
+        }
+        let room = RESULT_WINDOW.saturating_sub(self.results_unacked);
+        if room == 0 {
+            return; // the next PUBACK asks again
+        }
+        self.results_loading = Loading::Busy;
+        let (outbox, from) = (self.outbox.clone(), self.results_next);
         self.tasks.spawn_blocking(move || {
-            Done::Results(dstore::pending_results(&outbox).map_err(|e| e.to_string()))
+            Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
         });
+    }
+
+    /// A read of results ended; `true` if another was asked for meanwhile.
+    fn results_loaded(&mut self) -> bool {
+        std::mem::replace(&mut self.results_loading, Loading::Idle) == Loading::Again
     }
 
     fn publish_results(
@@ -676,7 +704,8 @@ impl Session<'_> {
             if self.results_unacked >= RESULT_WINDOW {
                 break; // more follow as PUBACKs come back
             }
-            if self.results_inflight.insert(r.n) {
+            if r.n >= self.results_next {
+                self.results_next = r.n + 1;
                 let topic = self.settings.topics.under(&r.topic);
                 self.publish(client, topic, r.payload, false, Tag::Result(r.n))?;
                 self.results_unacked += 1;
@@ -897,6 +926,15 @@ async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
 /// Results and command answers awaiting their PUBACK at once.
 const RESULT_WINDOW: usize = 32;
 
+/// Whether results are being read (see [`Session::load_results`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loading {
+    Idle,
+    Busy,
+    /// Busy, and asked again meanwhile: read once more when done.
+    Again,
+}
+
 /// How long a reload waits for in-flight batches before reconnecting anyway.
 const RELOAD_DRAIN: Duration = Duration::from_secs(10);
 
@@ -941,7 +979,10 @@ async fn intake_loop(
         let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Command(name)) => {
                 crate::crash::point("command-received");
-                (controller.receive(name, &p.payload).await, "command")
+                (
+                    controller.receive(name, &p.payload, p.retain).await,
+                    "command",
+                )
             }
             _ => {
                 crate::crash::point("desired-received");
