@@ -33,17 +33,41 @@ impl From<ClientError> for Failure {
     }
 }
 
+/// Writes to standard output. A reader that went away (`edgesync get reported | head -c 10`)
+/// ends the command quietly, as it does other Unix tools: Rust ignores SIGPIPE, so without
+/// this `println!` would panic.
+fn emit(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::new(0, "")),
+        Err(e) => Err(Failure::new(
+            1,
+            format!("cannot write to standard output: {e}"),
+        )),
+    }
+}
+
+/// `print!` through [`emit`]; `?`-able.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
+}
+
+/// `println!` through [`emit`]; `?`-able.
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 fn main() -> ExitCode {
     edgesync::fatal::install_hook();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Help(text)) => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
+            return exit(out!("{text}"));
         }
         Ok(Parsed::Version) => {
-            println!("edgesync {}", cli::VERSION);
-            return ExitCode::SUCCESS;
+            return exit(outln!("edgesync {}", cli::VERSION));
         }
         Err(e) => {
             eprintln!("edgesync: {e}");
@@ -61,6 +85,10 @@ fn main() -> ExitCode {
         Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
         Command::Queue(what) => client_rt(queue(&config_path, what)),
     };
+    exit(result)
+}
+
+fn exit(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -88,13 +116,13 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
 
 fn check_config(path: &Path) -> Result<(), Failure> {
     let c = load_config(path)?;
-    println!(
+    outln!(
         "{}: valid (device {}, broker {}, store {})",
         path.display(),
         c.device.id,
         c.mqtt.url,
         c.store.path.display()
-    );
+    )?;
     Ok(())
 }
 
@@ -191,15 +219,15 @@ async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
         m.remove("ok");
     }
     if as_json {
-        println!("{}", pretty(&reply));
+        outln!("{}", pretty(&reply))?;
         return Ok(());
     }
     let status: edgesync::status::Status = serde_json::from_value(reply)
         .map_err(|e| Failure::new(1, format!("unexpected status from the daemon: {e}")))?;
-    print!(
+    out!(
         "{}",
         edgesync::status::render(&status, edgesync::change::now_ms())
-    );
+    )?;
     Ok(())
 }
 
@@ -218,10 +246,10 @@ async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> 
     let state = reply.get("state").cloned().unwrap_or(Value::Null);
     match key {
         Some(k) => match state.get(&k) {
-            Some(v) => println!("{}", pretty(v)),
+            Some(v) => outln!("{}", pretty(v))?,
             None => return Err(Failure::new(1, format!("no {doc_name} value for key {k}"))),
         },
-        None => println!("{}", pretty(&state)),
+        None => outln!("{}", pretty(&state))?,
     }
     Ok(())
 }
@@ -241,11 +269,11 @@ async fn history(
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
     if as_json {
-        println!("{}", pretty(&Value::Array(entries)));
+        outln!("{}", pretty(&Value::Array(entries)))?;
         return Ok(());
     }
     if entries.is_empty() {
-        println!("{key}: no desired values recorded");
+        outln!("{key}: no desired values recorded")?;
     }
     let now = edgesync::change::now_ms();
     for e in entries {
@@ -253,13 +281,13 @@ async fn history(
             .as_u64()
             .map(|t| edgesync::status::human_duration(now.saturating_sub(t)))
             .unwrap_or_default();
-        println!(
+        outln!(
             "version {:<8} {:<9} {:>8} ago  {}",
             e["version"],
             e["origin"].as_str().unwrap_or("?"),
             ago,
             e["value"]
-        );
+        )?;
     }
     Ok(())
 }
@@ -270,10 +298,10 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
     let reply = client
         .call(&json!({"op": "rollback", "key": key, "version": version}))
         .await?;
-    println!(
+    outln!(
         "{key}: value of version {version} applied again: {}",
         reply["value"]
-    );
+    )?;
     Ok(())
 }
 
