@@ -20,6 +20,10 @@
 //!   dropped. Killing the whole group needs `killpg`, which std does not offer without `unsafe`
 //!   or an extra crate, so grandchildren that outlive a killed child are not killed here.
 //! - The environment of the agent is inherited (PATH etc.), plus the `EDGESYNC_*` variables.
+//! - A key starting with `-` (a valid key) is never passed where a program reads options:
+//!   an argument that begins with `{key}` and comes before a `--` argument refuses the key
+//!   (`failed`, nothing runs). Values are the template's to guard: `"--", "{value}"`
+//!   (config/edgesync.example.toml says so).
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -89,6 +93,9 @@ pub async fn run_exec(
     value: &serde_json::Value,
     version: u64,
 ) -> Outcome {
+    if let Some(reason) = option_like_key(argv, key) {
+        return Outcome::Failed(reason);
+    }
     let value_json = value.to_string();
     let argv: Vec<String> = argv
         .iter()
@@ -185,6 +192,29 @@ pub async fn run_merge(
         )),
         None => Err("merge program printed nothing".to_owned()),
     }
+}
+
+/// Why `key` must not be substituted into `argv`: it starts with `-` and an argument that
+/// begins with `{key}` comes before any `--` (end of options), so the program would read
+/// the key as an option (`-rf`, `--version`).
+pub fn option_like_key(argv: &[String], key: &str) -> Option<String> {
+    if !key.starts_with('-') {
+        return None;
+    }
+    let program = argv.first().map_or("", String::as_str);
+    for (i, arg) in argv.iter().enumerate() {
+        if i > 0 && arg == "--" {
+            return None;
+        }
+        if arg.starts_with("{key}") {
+            return Some(format!(
+                "key {key:?} starts with \"-\" and would reach {program} as an option \
+                 (argument {i} is {arg:?}); put \"--\" before it in the handler's command to \
+                 pass such keys"
+            ));
+        }
+    }
+    None
 }
 
 /// Replaces `{key}` with `key` and `{value}` with `value_json` in a template string, in one
@@ -607,6 +637,45 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn keys_that_look_like_options_never_reach_a_program_before_its_double_dash() {
+        let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let plain = argv(&["h.sh", "{key}"]);
+        assert!(option_like_key(&plain, "-rf").is_some());
+        assert!(option_like_key(&plain, "--version").is_some());
+        assert!(option_like_key(&plain, "led").is_none());
+        assert!(option_like_key(&plain, "led-").is_none());
+        // After "--" any key is an operand; inside an option's value it is a value.
+        assert!(option_like_key(&argv(&["h.sh", "--", "{key}"]), "-rf").is_none());
+        assert!(option_like_key(&argv(&["h.sh", "--key={key}"]), "-rf").is_none());
+        assert!(option_like_key(&argv(&["h.sh", "{value}"]), "-rf").is_none());
+        assert!(option_like_key(&argv(&["{key}"]), "-rf").is_some());
+        let why = option_like_key(&argv(&["h.sh", "-v", "{key}.conf"]), "-rf").unwrap();
+        assert!(
+            why.contains("argument 2") && why.contains("\"--\""),
+            "{why}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_option_like_key_fails_and_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let mut argv = sh(&format!("touch '{}'", marker.display()));
+        argv.push("sh".into());
+        argv.push("{key}".into());
+        let outcome = run_exec(&argv, T, "--version", &json!(1), 1).await;
+        assert!(
+            matches!(&outcome, Outcome::Failed(m) if m.contains("\"--version\"")),
+            "{outcome:?}"
+        );
+        assert!(!marker.exists());
+        argv.insert(4, "--".into());
+        let outcome = run_exec(&argv, T, "--version", &json!(1), 1).await;
+        assert!(matches!(outcome, Outcome::Applied(_)), "{outcome:?}");
+        assert!(marker.exists());
+    }
 
     #[test]
     fn expand_replaces_once_left_to_right() {
