@@ -88,10 +88,16 @@ impl AtomicFile {
         let Some(w) = self.out.take() else {
             return Err(io::Error::other("already committed"));
         };
-        let file = w.into_inner().map_err(io::IntoInnerError::into_error)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&self.tmp, &self.path)?;
+        let renamed = w
+            .into_inner()
+            .map_err(io::IntoInnerError::into_error)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| fs::rename(&self.tmp, &self.path));
+        if let Err(e) = renamed {
+            // Not renamed: the temporary is ours to remove.
+            let _ = fs::remove_file(&self.tmp);
+            return Err(e);
+        }
         File::open(dir_of(&self.path))?.sync_all()
     }
 }

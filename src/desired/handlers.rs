@@ -29,11 +29,10 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -61,7 +60,6 @@ const NEW_FILE_MODE: u32 = 0o644;
 const NEW_DIR_MODE: u32 = 0o755;
 
 /// Distinguishes temp files of concurrent writes within this process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// What a handler did with one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,8 +123,8 @@ pub async fn run_exec(
 }
 
 /// Writes the JSON value (pretty-printed, plus a newline) to `path_template` with `{key}`
-/// replaced, atomically: a temp file `.{file}.edgesync-tmp.{pid}.{n}` in the same directory is
-/// written, fsynced, renamed over the target, and the directory is fsynced. Readers see the old
+/// replaced, atomically ([`crate::atomic_file`]): a new-only temp file `.{file}.tmp-…` in the
+/// same directory is written, fsynced, renamed over the target, and the directory is fsynced. Readers see the old
 /// or the new content, never a mix; after a crash the target is one of the two as well (a
 /// leftover temp file is possible, never a torn target).
 ///
@@ -549,8 +547,7 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
 
 fn write_file_atomically(path: &Path, value: &serde_json::Value) -> Result<(), String> {
     let dir = parent_dir(path);
-    let file_name = path
-        .file_name()
+    path.file_name()
         .ok_or_else(|| format!("{} is not a file path", path.display()))?;
     if !dir.is_dir() {
         std::fs::DirBuilder::new()
@@ -573,45 +570,10 @@ fn write_file_atomically(path: &Path, value: &serde_json::Value) -> Result<(), S
         .map_err(|e| format!("cannot encode value for {}: {e}", path.display()))?;
     contents.push(b'\n');
 
-    let mut temp_name = OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(
-        ".edgesync-tmp.{}.{}",
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let temp = dir.join(temp_name);
-    let cannot_write = |e: &io::Error| format!("cannot write {}: {}", path.display(), os_error(e));
-
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(|e| cannot_write(&e))?;
-    let written = write_and_rename(file, &contents, mode, &temp, path);
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temp);
-        return Err(cannot_write(&e));
-    }
-    sync_dir(dir)
-}
-
-/// Fills the temp file, makes it durable and renames it over `path`.
-fn write_and_rename(
-    mut file: std::fs::File,
-    contents: &[u8],
-    mode: u32,
-    temp: &Path,
-    path: &Path,
-) -> io::Result<()> {
-    use std::io::Write as _;
-    // Exact mode whatever the umask (a 0600 secrets file stays 0600, a new file is 0644).
-    file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(temp, path)
+    // One atomic writer for the crate: new-only temporary (never follows a planted link),
+    // fsync, rename, directory fsync.
+    crate::atomic_file::write_with_mode(path, &contents, mode)
+        .map_err(|e| format!("cannot write {}: {}", path.display(), os_error(&e)))
 }
 
 fn remove_file(path: &Path) -> Result<(), String> {
