@@ -59,7 +59,6 @@ const NEW_FILE_MODE: u32 = 0o644;
 /// Mode of directories the file handler creates when the target's parent is missing.
 const NEW_DIR_MODE: u32 = 0o755;
 
-
 /// What a handler did with one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
