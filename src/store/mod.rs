@@ -216,6 +216,17 @@ pub enum Ack {
     Range { first: u64, last: u64 },
     /// Exactly these seqs.
     Seqs(Vec<u64>),
+    /// These seqs, whose records are damaged and can never be sent: removed and counted in
+    /// `corrupt` instead of `acked`.
+    Corrupt(Vec<u64>),
+    /// A batch acknowledged around damaged records it skipped: `corrupt` as in
+    /// [`Ack::Corrupt`], the rest of `first..=last` as in [`Ack::Range`] (one op, so the
+    /// damaged ones are never counted as acked).
+    RangeSkipping {
+        first: u64,
+        last: u64,
+        corrupt: Vec<u64>,
+    },
 }
 
 /// What an ack removed.
@@ -236,6 +247,8 @@ pub struct QueueStats {
     pub acked: u64,
     pub dropped: u64,
     pub rejected: u64,
+    /// Damaged records skipped by the sync engine and removed (never sent).
+    pub corrupt: u64,
 }
 
 /// One queued change read back from the outbox.
@@ -797,13 +810,14 @@ struct Meta {
     acked: u64,
     dropped: u64,
     rejected: u64,
+    corrupt: u64,
     /// Seqs below it may have been handed to the sync engine before their commit: never
     /// reuse them (see "Sent while the fsync runs").
     seq_reserved: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 8] = [
+    const FIELDS: [&'static str; 9] = [
         "next_seq",
         "depth",
         "bytes",
@@ -812,9 +826,10 @@ impl Meta {
         "dropped",
         "rejected",
         "seq_reserved",
+        "corrupt",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 8] {
+    fn fields_mut(&mut self) -> [&mut u64; 9] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -824,6 +839,7 @@ impl Meta {
             &mut self.dropped,
             &mut self.rejected,
             &mut self.seq_reserved,
+            &mut self.corrupt,
         ]
     }
 
@@ -845,7 +861,7 @@ impl Meta {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
-                    None if *name == "seq_reserved" => {}
+                    None if matches!(*name, "seq_reserved" | "corrupt") => {}
                     None => changed = true,
                 }
             }
@@ -913,6 +929,7 @@ impl Meta {
             acked: self.acked,
             dropped: self.dropped,
             rejected: self.rejected,
+            corrupt: self.corrupt,
         }
     }
 }
@@ -1374,6 +1391,37 @@ impl Writer {
         ack: &Ack,
     ) -> Result<Acked, redb::Error> {
         let mut acked = Acked::default();
+        if let Ack::RangeSkipping {
+            first,
+            last,
+            corrupt,
+        } = ack
+        {
+            let bad = self.ack(outbox, &Ack::Corrupt(corrupt.clone()))?;
+            let good = self.ack(
+                outbox,
+                &Ack::Range {
+                    first: *first,
+                    last: *last,
+                },
+            )?;
+            return Ok(Acked {
+                changes: bad.changes + good.changes,
+                bytes: bad.bytes + good.bytes,
+            });
+        }
+        if let Ack::Corrupt(seqs) = ack {
+            for seq in seqs {
+                if let Some(v) = outbox.remove(*seq)? {
+                    acked.changes += 1;
+                    acked.bytes += cost(v.value().len());
+                }
+            }
+            self.meta.depth = self.meta.depth.saturating_sub(acked.changes);
+            self.meta.bytes = self.meta.bytes.saturating_sub(acked.bytes);
+            self.meta.corrupt += acked.changes;
+            return Ok(acked);
+        }
         let mut count = |len: usize| {
             acked.changes += 1;
             acked.bytes += cost(len);
@@ -1387,11 +1435,12 @@ impl Writer {
                 count(v.len());
                 false
             })?,
-            Ack::Range { first, last } => outbox.retain_in(*first..=*last, |_, v| {
-                count(v.len());
-                false
-            })?,
-            Ack::Seqs(seqs) => {
+            Ack::Range { first, last } | Ack::RangeSkipping { first, last, .. } => outbox
+                .retain_in(*first..=*last, |_, v| {
+                    count(v.len());
+                    false
+                })?,
+            Ack::Seqs(seqs) | Ack::Corrupt(seqs) => {
                 for seq in seqs {
                     if let Some(v) = outbox.remove(*seq)? {
                         count(v.value().len());
