@@ -144,6 +144,13 @@ pub enum StoreError {
     NoSpace(String),
     #[error("store is closed")]
     Closed,
+    /// redb failed on a damaged page while reading or writing (it panicked; caught).
+    #[error(
+        "store {path} is damaged ({detail}); queued changes past the damage cannot be read: \
+         keep the file for inspection, move it aside and restart (the new store continues \
+         with higher seqs)"
+    )]
+    Damaged { path: PathBuf, detail: String },
 }
 
 impl StoreError {
@@ -565,10 +572,12 @@ impl Outbox {
 
     /// Timestamp of the oldest queued change.
     pub fn oldest_ts(&self) -> Result<Option<u64>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        let first = table.first()?;
-        Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let first = table.first()?;
+            Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
+        })
     }
 
     /// Reads queued changes in seq order starting at `from_seq`: at most `max_changes`, and
@@ -579,40 +588,46 @@ impl Outbox {
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for item in table.range(from_seq..)? {
-            let (k, v) = item?;
-            let rec = v.value();
-            if out.len() >= max_changes || (!out.is_empty() && bytes + rec.len() > max_bytes) {
-                break;
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for item in table.range(from_seq..)? {
+                let (k, v) = item?;
+                let rec = v.value();
+                if out.len() >= max_changes || (!out.is_empty() && bytes + rec.len() > max_bytes) {
+                    break;
+                }
+                bytes += rec.len();
+                out.push(Queued {
+                    seq: k.value(),
+                    record: rec.to_vec(),
+                });
             }
-            bytes += rec.len();
-            out.push(Queued {
-                seq: k.value(),
-                record: rec.to_vec(),
-            });
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The latest reported record of a key with its seq (the record may carry an origin).
     pub fn reported_raw(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(REPORTED)?;
-        Ok(table.get(key)?.map(|v| {
-            let (seq, rec) = v.value();
-            (seq, rec.to_vec())
-        }))
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(REPORTED)?;
+            Ok(table.get(key)?.map(|v| {
+                let (seq, rec) = v.value();
+                (seq, rec.to_vec())
+            }))
+        })
     }
 
     /// Whether the change `seq` is still queued (not yet acknowledged by the broker).
     pub fn is_queued(&self, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        Ok(table.get(seq)?.is_some())
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            Ok(table.get(seq)?.is_some())
+        })
     }
 
     /// The latest reported value of one key, or of all keys.
@@ -620,36 +635,38 @@ impl Outbox {
         &self,
         key: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, ReportedValue>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(REPORTED)?;
-        let mut out = std::collections::BTreeMap::new();
-        let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
-            let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-            let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
-            out.insert(
-                k.to_owned(),
-                ReportedValue {
-                    seq,
-                    ts: r.ts,
-                    value,
-                },
-            );
-            Ok(())
-        };
-        match key {
-            Some(k) => {
-                if let Some(v) = table.get(k)? {
-                    add(k, v.value())?;
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(REPORTED)?;
+            let mut out = std::collections::BTreeMap::new();
+            let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
+                let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
+                let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
+                out.insert(
+                    k.to_owned(),
+                    ReportedValue {
+                        seq,
+                        ts: r.ts,
+                        value,
+                    },
+                );
+                Ok(())
+            };
+            match key {
+                Some(k) => {
+                    if let Some(v) = table.get(k)? {
+                        add(k, v.value())?;
+                    }
+                }
+                None => {
+                    for item in table.iter()? {
+                        let (k, v) = item?;
+                        add(k.value(), v.value())?;
+                    }
                 }
             }
-            None => {
-                for item in table.iter()? {
-                    let (k, v) = item?;
-                    add(k.value(), v.value())?;
-                }
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Stops the writer after the requests already submitted, and waits for it. Later
@@ -686,6 +703,21 @@ impl Shared {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs a read of the store. redb panics on some damaged pages ("entered unreachable
+/// code" in its cursor); in builds that unwind that becomes [`StoreError::Damaged`]
+/// instead of killing the caller (the drain, a local request). The shipped build aborts on
+/// a panic instead (see [`crate::fatal`]).
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let what = format!("reading the store {}", path.display());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| crate::fatal::during(what, f))) {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail: "redb failed on a damaged page while reading it".into(),
+        }),
+    }
 }
 
 fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
@@ -1129,7 +1161,17 @@ impl Writer {
         }
         let before = self.meta;
         self.tail_sent = false;
-        let result = self.apply(batch);
+        // redb may panic on a damaged page (e.g. deleting acked changes): a store fault
+        // like a failed commit (reopened, retried), not a dead writer thread.
+        let what = format!("writing the store {}", self.opts.path.display());
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::fatal::during(what, || self.apply(batch))
+        }))
+        .unwrap_or_else(|_| {
+            Err(redb::Error::Corrupted(
+                "redb failed on a damaged page while writing it".into(),
+            ))
+        });
         let outcomes = match result {
             Ok(outcomes) => outcomes,
             Err(e) => {
