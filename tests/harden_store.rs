@@ -392,3 +392,48 @@ fn deletes_that_fail_on_a_full_disk_are_retried_until_space_returns() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Item 7: a store file truncated to 0 bytes. Before the fix redb silently made a new store
+/// in it and seqs restarted at 1, so a receiver deduplicating by (device, seq) dropped the
+/// new changes as duplicates. Now the agent says so loudly and the new store's seqs start
+/// at a floor from the clock (Unix ms × 1000), above any seq the old store handed out.
+#[test]
+fn an_emptied_store_file_never_reuses_seqs() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "store-empty");
+    let mut agent = Agent::start(tls_agent(&pki, dead_port(), ""));
+    let old = report_marked(&agent, "em", 300);
+    assert!(agent.stop().success());
+    std::fs::write(&agent.store_path, b"").unwrap();
+    let before = edgesync::change::now_ms() * 1000;
+    agent.restart();
+    let new = report_marked(&agent, "en", 10);
+    assert!(new[0] >= before, "seqs restarted at {}", new[0]);
+    assert!(new[0] > *old.last().unwrap());
+    assert!(new[0] < 1 << 53, "exact as a JSON number");
+    let log = agent.log();
+    assert!(log.contains("the store file is empty (0 bytes)"), "{log}");
+    // The floor is persisted: a restart continues after it.
+    assert!(agent.stop().success());
+    agent.restart();
+    let again = report_marked(&agent, "eo", 1);
+    assert_eq!(again[0], new.last().unwrap() + 1);
+}
+
+/// A store created outside systemd (no UMask= there) was 0644: any local user could read
+/// every queued value. Now it is created 0600.
+#[test]
+fn a_new_store_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "store-mode");
+    // The umask of a shell outside systemd.
+    let mut agent = Agent::start(tls_agent(&pki, dead_port(), ""));
+    report_marked(&agent, "md", 1);
+    let mode = std::fs::metadata(&agent.store_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "store mode {:o}", mode & 0o777);
+    assert!(agent.stop().success());
+}

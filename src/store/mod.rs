@@ -6,7 +6,7 @@
 //! - `outbox`: `seq (u64) → record` (CBOR `[ts, key, value]`, see [`record`]), the queue;
 //! - `reported`: `key → (seq, record)`, the latest reported value of every key;
 //! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, the persistent counters
-//!   (`reported`, `acked`, `dropped`, `rejected`) and `seq_reserved` (see "Sent while the
+//!   (`reported`, `acked`, `dropped`, `rejected`, `corrupt`) and `seq_reserved` (see "Sent while the
 //!   fsync runs").
 //!
 //! # Invariants
@@ -20,7 +20,11 @@
 //! - **Order and seq.** `seq` is assigned inside the transaction from `meta.next_seq`, strictly
 //!   increasing in the order requests reached the writer, and never reused: `next_seq` is
 //!   persisted in the same transaction, also when the queue is empty, and on open it is raised
-//!   past the last queued seq should the metadata ever lag.
+//!   past the last queued seq should the metadata ever lag. A new store starts at 1, except
+//!   where an earlier store may have handed out seqs (the file exists with 0 bytes, or a
+//!   file was set aside next to it as `PATH.*`): then it starts at a floor from the clock,
+//!   Unix ms × 1000 ([`clock_seq_floor`]), logged, so receivers deduplicating by
+//!   `(device, seq)` never take new changes for old ones.
 //! - **Sent while the fsync runs.** While the sync engine listens ([`Outbox::tail`]), the
 //!   writer hands it each commit's new records just before the commit, so an online change
 //!   travels to the broker while the disk syncs (report → cloud latency without the fsync).
@@ -51,7 +55,17 @@
 //!   A file that is not a redb database, or that redb cannot repair, is reported with its
 //!   path and is never replaced or truncated. One exception: a file whose creation never
 //!   completed (a power cut before redb wrote its magic number, which it does last) never
-//!   held a commit; it is renamed to `PATH.incomplete` and a new store is created.
+//!   held a commit; it is renamed to `PATH.incomplete` and a new store is created. A new
+//!   store file is created 0600 (owner only), whatever the umask.
+//! - **Damaged records and pages.** Each record's value is checked before the sync engine
+//!   splices it into a batch ([`record::value_end`]); a damaged one is skipped, logged with
+//!   its seq, removed with its batch's ack and counted in `corrupt` (never in `acked`).
+//!   redb panics on some damaged pages; reads and the writer catch that as
+//!   [`StoreError::Damaged`] in builds that unwind. The shipped build (`panic = "abort"`)
+//!   aborts instead, with one line naming the store ([`crate::fatal`]); at the restart,
+//!   redb's repair of the uncleanly closed file walks every page and stops at the damage
+//!   again (a clear refusal where it unwinds; another abort with the line saying to move
+//!   the file aside where it does not), so systemd's start limit ends the loop.
 //! - **I/O errors.** A commit that fails answers every request of its group with the error
 //!   (`store-full` for ENOSPC/EDQUOT, else `io-error`) and nothing of it is acknowledged.
 //!   redb refuses all work after an I/O error until reopened, so the writer then reopens the
@@ -392,11 +406,15 @@ impl Outbox {
     /// Opens (or creates) the store and starts its writer thread.
     pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
         prepare_path(opts)?;
+        let floor = seq_floor_for(&opts.path);
+        create_private(&opts.path)?;
         let path = opts.path.clone();
         let opener: Opener = Arc::new(move |b: &redb::Builder| b.create(&path));
-        match Self::open_with(opts, Arc::clone(&opener)) {
+        match Self::open_with_floor(opts, Arc::clone(&opener), floor) {
             Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
-                Self::open_with(opts, opener)
+                // It never held a commit, so it never handed out a seq: no floor needed.
+                create_private(&opts.path)?;
+                Self::open_with_floor(opts, opener, floor)
             }
             r => r,
         }
@@ -417,9 +435,18 @@ impl Outbox {
     }
 
     fn open_with(opts: &StoreOptions, opener: Opener) -> Result<Outbox, StoreError> {
+        Self::open_with_floor(opts, opener, None)
+    }
+
+    /// `floor`: where a new store's seqs start, if not at 1 (see [`seq_floor_for`]).
+    fn open_with_floor(
+        opts: &StoreOptions,
+        opener: Opener,
+        floor: Option<u64>,
+    ) -> Result<Outbox, StoreError> {
         let path = opts.path.clone();
         let db = open_db(opts, &opener)?;
-        let meta = Meta::load_or_init(&db).map_err(|e| classify_open_error(&path, e))?;
+        let meta = Meta::load_or_init(&db, floor).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db)),
@@ -737,6 +764,70 @@ fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Where a new store's seqs start when an earlier store may have existed: Unix ms × 1000.
+/// A store numbers its changes consecutively from its floor, so an earlier store created
+/// at time T0 and a new one at T1 > T0 never overlap unless the earlier one averaged more
+/// than 1,000 changes per millisecond (a million per second) over T1 − T0, far above what
+/// the agent can commit. Stays below 2^53 (exact in JSON numbers) until the year 2255.
+/// A clock set behind the earlier store's creation defeats it.
+pub fn clock_seq_floor() -> u64 {
+    now_ms().saturating_mul(1000)
+}
+
+/// `Some(floor)` when the store at `path` is about to be created although an earlier store
+/// may have handed out seqs: the file exists with 0 bytes (redb would silently initialise
+/// it), or a file set aside next to it (`PATH.something`, as the error messages advise)
+/// exists. A missing file with nothing set aside is a first start: seqs start at 1.
+fn seq_floor_for(path: &Path) -> Option<u64> {
+    let existed_empty = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    if existed_empty {
+        tracing::error!(
+            path = %path.display(),
+            "the store file is empty (0 bytes): whatever it held is lost; creating a new store"
+        );
+        return Some(clock_seq_floor());
+    }
+    if path.exists() {
+        return None;
+    }
+    let name = path.file_name()?.to_string_lossy().into_owned();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let aside = std::fs::read_dir(dir).ok()?.flatten().find(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .strip_prefix(&name)
+            .is_some_and(|rest| rest.starts_with('.'))
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        aside = %aside.path().display(),
+        "creating a new store next to an earlier one set aside"
+    );
+    Some(clock_seq_floor())
+}
+
+/// Creates a missing store file readable by its owner only (0600; redb would create it
+/// with the umask's mode, usually 0644). An existing file keeps its mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot create it: {e}"),
+        }),
+    }
+}
+
 /// Longest file redb's creation leaves before it writes the magic number (its initial
 /// layout is 72 KiB); larger files are never set aside.
 const INCOMPLETE_MAX_LEN: u64 = 1 << 20;
@@ -878,15 +969,27 @@ impl Meta {
     /// Reads `meta`, creating the tables on a new store and repairing the figures if they
     /// lag the queue. Commits only then: a store that needs no change opens without a
     /// write (none that could fail on a full disk).
-    fn load_or_init(db: &Database) -> Result<Meta, redb::Error> {
+    fn load_or_init(db: &Database, floor: Option<u64>) -> Result<Meta, redb::Error> {
         let txn = db.begin_write()?;
         let mut changed = false;
         let meta = {
             let _ = txn.open_table(REPORTED)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut table = txn.open_table(META)?;
+            let fresh = table.get("next_seq")?.is_none();
             let mut meta = Meta {
-                next_seq: 1,
+                next_seq: match floor {
+                    Some(f) if fresh => {
+                        tracing::warn!(
+                            next_seq = f,
+                            "new store where an earlier one existed: seqs start at a floor from \
+                             the clock (Unix ms × 1000), above every seq the earlier store can \
+                             have sent, so receivers deduplicating by (device, seq) keep the new data"
+                        );
+                        f.max(1)
+                    }
+                    _ => 1,
+                },
                 ..Meta::default()
             };
             for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
@@ -1089,8 +1192,8 @@ impl Writer {
         // The old handle must be closed first: it holds the file lock.
         drop(db.take());
         let reopened = open_db(&self.opts, &self.opener).and_then(|new| {
-            let meta =
-                Meta::load_or_init(&new).map_err(|e| classify_open_error(&self.opts.path, e))?;
+            let meta = Meta::load_or_init(&new, None)
+                .map_err(|e| classify_open_error(&self.opts.path, e))?;
             Ok((new, meta))
         });
         match reopened {
