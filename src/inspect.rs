@@ -382,10 +382,14 @@ impl Source {
                 serde_json::from_value(reply.get("queue").cloned().unwrap_or_default())
                     .map_err(|e| InspectError::Protocol(e.to_string()))
             }
-            Source::File { db, max_bytes, .. } => {
+            Source::File {
+                db,
+                max_bytes,
+                path,
+            } => guarded(path, || {
                 let txn = db.begin_read()?;
                 summary(&txn, *max_bytes, crate::change::now_ms())
-            }
+            }),
         }
     }
 
@@ -402,10 +406,10 @@ impl Source {
                 }
                 serde_json::from_value(reply).map_err(|e| InspectError::Protocol(e.to_string()))
             }
-            Source::File { db, .. } => {
+            Source::File { db, path, .. } => guarded(path, || {
                 let txn = db.begin_read()?;
                 page(&txn, from, limit, PAGE_BYTES)
-            }
+            }),
         }
     }
 
@@ -417,12 +421,14 @@ impl Source {
         mut f: impl FnMut(&Entry) -> io::Result<()>,
     ) -> Result<Walked, InspectError> {
         let mut walked = Walked::default();
-        if let Source::File { db, .. } = self {
+        if let Source::File { db, path, .. } = self {
             // One snapshot, streamed.
-            let txn = db.begin_read()?;
-            each(&txn, from, limit.unwrap_or(usize::MAX), |e| {
-                walked.add(e);
-                f(e)
+            guarded(path, || {
+                let txn = db.begin_read()?;
+                each(&txn, from, limit.unwrap_or(usize::MAX), |e| {
+                    walked.add(e);
+                    f(e)
+                })
             })?;
             return Ok(walked);
         }
@@ -469,6 +475,21 @@ impl Walked {
         self.first = self.first.or(Some(e.seq));
         self.last = Some(e.seq);
     }
+}
+
+/// Runs a read of the store file. redb panics on some damaged pages; in builds that unwind
+/// that is an error here (exit 1 with the reason), not an "internal error" (exit 101).
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, InspectError>) -> Result<T, InspectError> {
+    let what = format!("reading the store file {}", path.display());
+    std::panic::catch_unwind(AssertUnwindSafe(|| crate::fatal::during(what, f))).unwrap_or_else(
+        |_| {
+            Err(InspectError::Read(format!(
+                "the store file {} is damaged: redb failed on a damaged page; keep the file \
+                 for inspection (changes before the damage may have been written above)",
+                path.display()
+            )))
+        },
+    )
 }
 
 /// Opens the store read-only; errors say why it cannot be read and what to do.

@@ -128,6 +128,9 @@ pub struct Metrics {
     pub changes: ChangeMetrics,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// A store fault the link is retrying through, while it lasts.
+    #[serde(default)]
+    pub store_error: Option<String>,
     pub desired_version: Option<u64>,
     /// Retained messages on command topics ignored since start (SPEC §7).
     #[serde(default)]
@@ -169,6 +172,9 @@ pub struct Dropped {
     /// Evicted to make room (`store.when_full = "drop-oldest"`), persistent.
     #[serde(rename = "drop-oldest")]
     pub drop_oldest: u64,
+    /// Damaged queued records skipped and removed, never sent, persistent.
+    #[serde(default)]
+    pub corrupt: u64,
 }
 
 /// Changes refused, by reason.
@@ -247,6 +253,7 @@ pub fn build(i: &Inputs) -> Metrics {
             rate_window_ms: i.rates.map(|r| r.window_ms),
             dropped: Dropped {
                 drop_oldest: i.queue.dropped,
+                corrupt: i.queue.corrupt,
             },
             rejected: Rejected {
                 store_full: i.queue.rejected,
@@ -255,6 +262,7 @@ pub fn build(i: &Inputs) -> Metrics {
         },
         reconnects: i.link.reconnects,
         last_error: i.link.last_error.clone(),
+        store_error: i.link.store_error.clone(),
         desired_version: i.desired_version,
         retained_commands: i.link.retained_commands,
     }
@@ -355,6 +363,11 @@ pub fn prometheus(m: &Metrics) -> String {
         "edgesync_changes_dropped_total",
         &[("reason", "drop-oldest")],
         m.changes.dropped.drop_oldest,
+    );
+    e.sample(
+        "edgesync_changes_dropped_total",
+        &[("reason", "corrupt")],
+        m.changes.dropped.corrupt,
     );
     e.family(
         "edgesync_changes_rejected_total",
@@ -840,6 +853,7 @@ mod tests {
                 acked: 7,
                 dropped: 1,
                 rejected: 2,
+                corrupt: 0,
             },
             oldest_ts: Some(1_764_150_000_000),
             link: LinkFigures {
@@ -851,6 +865,7 @@ mod tests {
                 resent: 1,
                 reconnects: 4,
                 inflight_batches: 0,
+                store_error: None,
                 reload: Default::default(),
                 retained_commands: 3,
             },

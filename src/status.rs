@@ -36,6 +36,9 @@ pub struct LinkFigures {
     pub resent: u64,
     pub reconnects: u64,
     pub inflight_batches: u64,
+    /// The store fault the link is retrying through (a failed read or delete), if any.
+    #[serde(default)]
+    pub store_error: Option<String>,
     /// The last config reload.
     #[serde(default)]
     pub reload: crate::reload::ReloadStatus,
@@ -147,6 +150,9 @@ pub struct Queue {
     pub max_bytes: u64,
     pub oldest_ts: Option<u64>,
     pub next_seq: u64,
+    /// A store fault the link is retrying through (reads or deletes failing), while it lasts.
+    #[serde(default)]
+    pub store_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -161,6 +167,9 @@ pub struct Counters {
     /// Retained messages on command topics ignored since start, not run (SPEC §7).
     #[serde(default)]
     pub retained_commands: u64,
+    /// Damaged queued records skipped and removed, never sent (persistent).
+    #[serde(default)]
+    pub corrupt: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +219,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             max_bytes: q.max_bytes,
             oldest_ts,
             next_seq: q.next_seq,
+            store_error: link.store_error.clone(),
         },
         counters: Counters {
             reported: q.reported,
@@ -220,6 +230,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             rejected: q.rejected,
             reconnects: link.reconnects,
             retained_commands: link.retained_commands,
+            corrupt: q.corrupt,
         },
         desired: Desired {
             version: inputs.desired_version,
@@ -264,6 +275,15 @@ pub fn render(s: &Status, now_ms: u64) -> String {
     }
     if let Some(e) = &s.connection.last_error {
         out.push_str(&format!("last error  {e}\n"));
+    }
+    if let Some(e) = &s.queue.store_error {
+        out.push_str(&format!("store error {e}\n"));
+    }
+    if s.counters.corrupt > 0 {
+        out.push_str(&format!(
+            "store       {} damaged queued change(s) skipped, never sent (see the log)\n",
+            s.counters.corrupt
+        ));
     }
     out.push_str(&format!(
         "queue       {} changes, {} of {} (oldest {}), next seq {}\n\
@@ -359,6 +379,7 @@ mod tests {
                 max_bytes: 3,
                 oldest_ts: Some(4),
                 next_seq: 5,
+                store_error: None,
             },
             counters: Counters {
                 reported: 1,
@@ -369,6 +390,7 @@ mod tests {
                 rejected: 0,
                 reconnects: 0,
                 retained_commands: 0,
+                corrupt: 0,
             },
             desired: Desired { version: None },
             reload: Default::default(),

@@ -6,7 +6,7 @@
 //! - `outbox`: `seq (u64) → record` (CBOR `[ts, key, value]`, see [`record`]), the queue;
 //! - `reported`: `key → (seq, record)`, the latest reported value of every key;
 //! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, the persistent counters
-//!   (`reported`, `acked`, `dropped`, `rejected`) and `seq_reserved` (see "Sent while the
+//!   (`reported`, `acked`, `dropped`, `rejected`, `corrupt`) and `seq_reserved` (see "Sent while the
 //!   fsync runs").
 //!
 //! # Invariants
@@ -20,7 +20,11 @@
 //! - **Order and seq.** `seq` is assigned inside the transaction from `meta.next_seq`, strictly
 //!   increasing in the order requests reached the writer, and never reused: `next_seq` is
 //!   persisted in the same transaction, also when the queue is empty, and on open it is raised
-//!   past the last queued seq should the metadata ever lag.
+//!   past the last queued seq should the metadata ever lag. A new store starts at 1, except
+//!   where an earlier store may have handed out seqs (the file exists with 0 bytes, or a
+//!   file was set aside next to it as `PATH.*`): then it starts at a floor from the clock,
+//!   Unix ms × 1000 ([`clock_seq_floor`]), logged, so receivers deduplicating by
+//!   `(device, seq)` never take new changes for old ones.
 //! - **Sent while the fsync runs.** While the sync engine listens ([`Outbox::tail`]), the
 //!   writer hands it each commit's new records just before the commit, so an online change
 //!   travels to the broker while the disk syncs (report → cloud latency without the fsync).
@@ -51,7 +55,17 @@
 //!   A file that is not a redb database, or that redb cannot repair, is reported with its
 //!   path and is never replaced or truncated. One exception: a file whose creation never
 //!   completed (a power cut before redb wrote its magic number, which it does last) never
-//!   held a commit; it is renamed to `PATH.incomplete` and a new store is created.
+//!   held a commit; it is renamed to `PATH.incomplete` and a new store is created. A new
+//!   store file is created 0600 (owner only), whatever the umask.
+//! - **Damaged records and pages.** Each record's value is checked before the sync engine
+//!   splices it into a batch ([`record::value_end`]); a damaged one is skipped, logged with
+//!   its seq, removed with its batch's ack and counted in `corrupt` (never in `acked`).
+//!   redb panics on some damaged pages; reads and the writer catch that as
+//!   [`StoreError::Damaged`] in builds that unwind. The shipped build (`panic = "abort"`)
+//!   aborts instead, with one line naming the store ([`crate::fatal`]); at the restart,
+//!   redb's repair of the uncleanly closed file walks every page and stops at the damage
+//!   again (a clear refusal where it unwinds; another abort with the line saying to move
+//!   the file aside where it does not), so systemd's start limit ends the loop.
 //! - **I/O errors.** A commit that fails answers every request of its group with the error
 //!   (`store-full` for ENOSPC/EDQUOT, else `io-error`) and nothing of it is acknowledged.
 //!   redb refuses all work after an I/O error until reopened, so the writer then reopens the
@@ -144,6 +158,13 @@ pub enum StoreError {
     NoSpace(String),
     #[error("store is closed")]
     Closed,
+    /// redb failed on a damaged page while reading or writing (it panicked; caught).
+    #[error(
+        "store {path} is damaged ({detail}); queued changes past the damage cannot be read: \
+         keep the file for inspection, move it aside and restart (the new store continues \
+         with higher seqs)"
+    )]
+    Damaged { path: PathBuf, detail: String },
 }
 
 impl StoreError {
@@ -216,6 +237,17 @@ pub enum Ack {
     Range { first: u64, last: u64 },
     /// Exactly these seqs.
     Seqs(Vec<u64>),
+    /// These seqs, whose records are damaged and can never be sent: removed and counted in
+    /// `corrupt` instead of `acked`.
+    Corrupt(Vec<u64>),
+    /// A batch acknowledged around damaged records it skipped: `corrupt` as in
+    /// [`Ack::Corrupt`], the rest of `first..=last` as in [`Ack::Range`] (one op, so the
+    /// damaged ones are never counted as acked).
+    RangeSkipping {
+        first: u64,
+        last: u64,
+        corrupt: Vec<u64>,
+    },
 }
 
 /// What an ack removed.
@@ -236,6 +268,8 @@ pub struct QueueStats {
     pub acked: u64,
     pub dropped: u64,
     pub rejected: u64,
+    /// Damaged records skipped by the sync engine and removed (never sent).
+    pub corrupt: u64,
 }
 
 /// One queued change read back from the outbox.
@@ -372,11 +406,15 @@ impl Outbox {
     /// Opens (or creates) the store and starts its writer thread.
     pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
         prepare_path(opts)?;
+        let floor = seq_floor_for(&opts.path);
+        create_private(&opts.path)?;
         let path = opts.path.clone();
         let opener: Opener = Arc::new(move |b: &redb::Builder| b.create(&path));
-        match Self::open_with(opts, Arc::clone(&opener)) {
+        match Self::open_with_floor(opts, Arc::clone(&opener), floor) {
             Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
-                Self::open_with(opts, opener)
+                // It never held a commit, so it never handed out a seq: no floor needed.
+                create_private(&opts.path)?;
+                Self::open_with_floor(opts, opener, floor)
             }
             r => r,
         }
@@ -397,9 +435,18 @@ impl Outbox {
     }
 
     fn open_with(opts: &StoreOptions, opener: Opener) -> Result<Outbox, StoreError> {
+        Self::open_with_floor(opts, opener, None)
+    }
+
+    /// `floor`: where a new store's seqs start, if not at 1 (see [`seq_floor_for`]).
+    fn open_with_floor(
+        opts: &StoreOptions,
+        opener: Opener,
+        floor: Option<u64>,
+    ) -> Result<Outbox, StoreError> {
         let path = opts.path.clone();
         let db = open_db(opts, &opener)?;
-        let meta = Meta::load_or_init(&db).map_err(|e| classify_open_error(&path, e))?;
+        let meta = Meta::load_or_init(&db, floor).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db)),
@@ -552,10 +599,12 @@ impl Outbox {
 
     /// Timestamp of the oldest queued change.
     pub fn oldest_ts(&self) -> Result<Option<u64>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        let first = table.first()?;
-        Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let first = table.first()?;
+            Ok(first.and_then(|(_, v)| record::decode(v.value()).ok().map(|r| r.ts)))
+        })
     }
 
     /// Reads queued changes in seq order starting at `from_seq`: at most `max_changes`, and
@@ -566,40 +615,46 @@ impl Outbox {
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Vec<Queued>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        for item in table.range(from_seq..)? {
-            let (k, v) = item?;
-            let rec = v.value();
-            if out.len() >= max_changes || (!out.is_empty() && bytes + rec.len() > max_bytes) {
-                break;
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            let mut out = Vec::new();
+            let mut bytes = 0usize;
+            for item in table.range(from_seq..)? {
+                let (k, v) = item?;
+                let rec = v.value();
+                if out.len() >= max_changes || (!out.is_empty() && bytes + rec.len() > max_bytes) {
+                    break;
+                }
+                bytes += rec.len();
+                out.push(Queued {
+                    seq: k.value(),
+                    record: rec.to_vec(),
+                });
             }
-            bytes += rec.len();
-            out.push(Queued {
-                seq: k.value(),
-                record: rec.to_vec(),
-            });
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The latest reported record of a key with its seq (the record may carry an origin).
     pub fn reported_raw(&self, key: &str) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(REPORTED)?;
-        Ok(table.get(key)?.map(|v| {
-            let (seq, rec) = v.value();
-            (seq, rec.to_vec())
-        }))
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(REPORTED)?;
+            Ok(table.get(key)?.map(|v| {
+                let (seq, rec) = v.value();
+                (seq, rec.to_vec())
+            }))
+        })
     }
 
     /// Whether the change `seq` is still queued (not yet acknowledged by the broker).
     pub fn is_queued(&self, seq: u64) -> Result<bool, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(OUTBOX)?;
-        Ok(table.get(seq)?.is_some())
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(OUTBOX)?;
+            Ok(table.get(seq)?.is_some())
+        })
     }
 
     /// The latest reported value of one key, or of all keys.
@@ -607,36 +662,38 @@ impl Outbox {
         &self,
         key: Option<&str>,
     ) -> Result<std::collections::BTreeMap<String, ReportedValue>, StoreError> {
-        let txn = self.shared.begin_read()?;
-        let table = txn.open_table(REPORTED)?;
-        let mut out = std::collections::BTreeMap::new();
-        let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
-            let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-            let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
-            out.insert(
-                k.to_owned(),
-                ReportedValue {
-                    seq,
-                    ts: r.ts,
-                    value,
-                },
-            );
-            Ok(())
-        };
-        match key {
-            Some(k) => {
-                if let Some(v) = table.get(k)? {
-                    add(k, v.value())?;
+        guarded(&self.shared.path, || {
+            let txn = self.shared.begin_read()?;
+            let table = txn.open_table(REPORTED)?;
+            let mut out = std::collections::BTreeMap::new();
+            let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
+                let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
+                let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
+                out.insert(
+                    k.to_owned(),
+                    ReportedValue {
+                        seq,
+                        ts: r.ts,
+                        value,
+                    },
+                );
+                Ok(())
+            };
+            match key {
+                Some(k) => {
+                    if let Some(v) = table.get(k)? {
+                        add(k, v.value())?;
+                    }
+                }
+                None => {
+                    for item in table.iter()? {
+                        let (k, v) = item?;
+                        add(k.value(), v.value())?;
+                    }
                 }
             }
-            None => {
-                for item in table.iter()? {
-                    let (k, v) = item?;
-                    add(k.value(), v.value())?;
-                }
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Stops the writer after the requests already submitted, and waits for it. Later
@@ -675,6 +732,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Runs a read of the store. redb panics on some damaged pages ("entered unreachable
+/// code" in its cursor); in builds that unwind that becomes [`StoreError::Damaged`]
+/// instead of killing the caller (the drain, a local request). The shipped build aborts on
+/// a panic instead (see [`crate::fatal`]).
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let what = format!("reading the store {}", path.display());
+    match std::panic::catch_unwind(AssertUnwindSafe(|| crate::fatal::during(what, f))) {
+        Ok(r) => r,
+        Err(_) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            detail: "redb failed on a damaged page while reading it".into(),
+        }),
+    }
+}
+
 fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
     let path = &opts.path;
     if path.is_dir() {
@@ -690,6 +762,70 @@ fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
         })?;
     }
     Ok(())
+}
+
+/// Where a new store's seqs start when an earlier store may have existed: Unix ms × 1000.
+/// A store numbers its changes consecutively from its floor, so an earlier store created
+/// at time T0 and a new one at T1 > T0 never overlap unless the earlier one averaged more
+/// than 1,000 changes per millisecond (a million per second) over T1 − T0, far above what
+/// the agent can commit. Stays below 2^53 (exact in JSON numbers) until the year 2255.
+/// A clock set behind the earlier store's creation defeats it.
+pub fn clock_seq_floor() -> u64 {
+    now_ms().saturating_mul(1000)
+}
+
+/// `Some(floor)` when the store at `path` is about to be created although an earlier store
+/// may have handed out seqs: the file exists with 0 bytes (redb would silently initialise
+/// it), or a file set aside next to it (`PATH.something`, as the error messages advise)
+/// exists. A missing file with nothing set aside is a first start: seqs start at 1.
+fn seq_floor_for(path: &Path) -> Option<u64> {
+    let existed_empty = std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    if existed_empty {
+        tracing::error!(
+            path = %path.display(),
+            "the store file is empty (0 bytes): whatever it held is lost; creating a new store"
+        );
+        return Some(clock_seq_floor());
+    }
+    if path.exists() {
+        return None;
+    }
+    let name = path.file_name()?.to_string_lossy().into_owned();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let aside = std::fs::read_dir(dir).ok()?.flatten().find(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .strip_prefix(&name)
+            .is_some_and(|rest| rest.starts_with('.'))
+    })?;
+    tracing::warn!(
+        path = %path.display(),
+        aside = %aside.path().display(),
+        "creating a new store next to an earlier one set aside"
+    );
+    Some(clock_seq_floor())
+}
+
+/// Creates a missing store file readable by its owner only (0600; redb would create it
+/// with the umask's mode, usually 0644). An existing file keeps its mode.
+fn create_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot create it: {e}"),
+        }),
+    }
 }
 
 /// Longest file redb's creation leaves before it writes the magic number (its initial
@@ -797,13 +933,14 @@ struct Meta {
     acked: u64,
     dropped: u64,
     rejected: u64,
+    corrupt: u64,
     /// Seqs below it may have been handed to the sync engine before their commit: never
     /// reuse them (see "Sent while the fsync runs").
     seq_reserved: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 8] = [
+    const FIELDS: [&'static str; 9] = [
         "next_seq",
         "depth",
         "bytes",
@@ -812,9 +949,10 @@ impl Meta {
         "dropped",
         "rejected",
         "seq_reserved",
+        "corrupt",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 8] {
+    fn fields_mut(&mut self) -> [&mut u64; 9] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -824,28 +962,41 @@ impl Meta {
             &mut self.dropped,
             &mut self.rejected,
             &mut self.seq_reserved,
+            &mut self.corrupt,
         ]
     }
 
     /// Reads `meta`, creating the tables on a new store and repairing the figures if they
     /// lag the queue. Commits only then: a store that needs no change opens without a
     /// write (none that could fail on a full disk).
-    fn load_or_init(db: &Database) -> Result<Meta, redb::Error> {
+    fn load_or_init(db: &Database, floor: Option<u64>) -> Result<Meta, redb::Error> {
         let txn = db.begin_write()?;
         let mut changed = false;
         let meta = {
             let _ = txn.open_table(REPORTED)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut table = txn.open_table(META)?;
+            let fresh = table.get("next_seq")?.is_none();
             let mut meta = Meta {
-                next_seq: 1,
+                next_seq: match floor {
+                    Some(f) if fresh => {
+                        tracing::warn!(
+                            next_seq = f,
+                            "new store where an earlier one existed: seqs start at a floor from \
+                             the clock (Unix ms × 1000), above every seq the earlier store can \
+                             have sent, so receivers deduplicating by (device, seq) keep the new data"
+                        );
+                        f.max(1)
+                    }
+                    _ => 1,
+                },
                 ..Meta::default()
             };
             for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
-                    None if *name == "seq_reserved" => {}
+                    None if matches!(*name, "seq_reserved" | "corrupt") => {}
                     None => changed = true,
                 }
             }
@@ -913,6 +1064,7 @@ impl Meta {
             acked: self.acked,
             dropped: self.dropped,
             rejected: self.rejected,
+            corrupt: self.corrupt,
         }
     }
 }
@@ -1040,8 +1192,8 @@ impl Writer {
         // The old handle must be closed first: it holds the file lock.
         drop(db.take());
         let reopened = open_db(&self.opts, &self.opener).and_then(|new| {
-            let meta =
-                Meta::load_or_init(&new).map_err(|e| classify_open_error(&self.opts.path, e))?;
+            let meta = Meta::load_or_init(&new, None)
+                .map_err(|e| classify_open_error(&self.opts.path, e))?;
             Ok((new, meta))
         });
         match reopened {
@@ -1112,7 +1264,17 @@ impl Writer {
         }
         let before = self.meta;
         self.tail_sent = false;
-        let result = self.apply(batch);
+        // redb may panic on a damaged page (e.g. deleting acked changes): a store fault
+        // like a failed commit (reopened, retried), not a dead writer thread.
+        let what = format!("writing the store {}", self.opts.path.display());
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            crate::fatal::during(what, || self.apply(batch))
+        }))
+        .unwrap_or_else(|_| {
+            Err(redb::Error::Corrupted(
+                "redb failed on a damaged page while writing it".into(),
+            ))
+        });
         let outcomes = match result {
             Ok(outcomes) => outcomes,
             Err(e) => {
@@ -1374,6 +1536,37 @@ impl Writer {
         ack: &Ack,
     ) -> Result<Acked, redb::Error> {
         let mut acked = Acked::default();
+        if let Ack::RangeSkipping {
+            first,
+            last,
+            corrupt,
+        } = ack
+        {
+            let bad = self.ack(outbox, &Ack::Corrupt(corrupt.clone()))?;
+            let good = self.ack(
+                outbox,
+                &Ack::Range {
+                    first: *first,
+                    last: *last,
+                },
+            )?;
+            return Ok(Acked {
+                changes: bad.changes + good.changes,
+                bytes: bad.bytes + good.bytes,
+            });
+        }
+        if let Ack::Corrupt(seqs) = ack {
+            for seq in seqs {
+                if let Some(v) = outbox.remove(*seq)? {
+                    acked.changes += 1;
+                    acked.bytes += cost(v.value().len());
+                }
+            }
+            self.meta.depth = self.meta.depth.saturating_sub(acked.changes);
+            self.meta.bytes = self.meta.bytes.saturating_sub(acked.bytes);
+            self.meta.corrupt += acked.changes;
+            return Ok(acked);
+        }
         let mut count = |len: usize| {
             acked.changes += 1;
             acked.bytes += cost(len);
@@ -1387,11 +1580,12 @@ impl Writer {
                 count(v.len());
                 false
             })?,
-            Ack::Range { first, last } => outbox.retain_in(*first..=*last, |_, v| {
-                count(v.len());
-                false
-            })?,
-            Ack::Seqs(seqs) => {
+            Ack::Range { first, last } | Ack::RangeSkipping { first, last, .. } => outbox
+                .retain_in(*first..=*last, |_, v| {
+                    count(v.len());
+                    false
+                })?,
+            Ack::Seqs(seqs) | Ack::Corrupt(seqs) => {
                 for seq in seqs {
                     if let Some(v) = outbox.remove(*seq)? {
                         count(v.value().len());

@@ -117,8 +117,9 @@ pub fn encode(ts: u64, key: &str, value: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes a record without copying. The value's extent is everything after the key when
-/// the array has 3 items; with more items it is delimited by decoding it.
+/// Decodes a record without copying. The value is checked to be one well-formed CBOR value
+/// of the kinds a change's JSON value encodes to (see [`value_end`]); with 3 items it must
+/// end the record.
 pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     let (major, len, rest) = read_head(buf)?;
     if major != MAJOR_ARRAY || len < 3 {
@@ -138,36 +139,110 @@ pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
     }
     let (key, value) = rest.split_at(klen);
     let key = std::str::from_utf8(key).map_err(|_| RecordError("key is not UTF-8"))?;
-    let (value, origin) = if len == 3 {
-        (value, None)
+    // The value must be exactly one well-formed value of the kind a change holds: a
+    // record damaged on disk is refused here instead of spoiling the batch it is spliced
+    // into (the cloud could not decode the batch).
+    let end = value_end(value)?;
+    let (value, rest) = value.split_at(end);
+    let origin = if len == 3 {
+        if !rest.is_empty() {
+            return Err(RecordError("trailing bytes after the value"));
+        }
+        None
     } else {
-        let total = value.len();
-        let mut cursor = std::io::Cursor::new(value);
-        let _: ciborium::Value =
-            ciborium::from_reader(&mut cursor).map_err(|_| RecordError("bad value"))?;
-        let end = usize::try_from(cursor.position())
-            .unwrap_or(total)
-            .min(total);
-        let (value, rest) = value.split_at(end);
         // The origin, if the 4th item is text; later items are ignored.
-        let origin = match read_head(rest) {
+        match read_head(rest) {
             Ok((MAJOR_TEXT, n, tail)) => usize::try_from(n)
                 .ok()
                 .and_then(|n| tail.get(..n))
                 .and_then(|b| std::str::from_utf8(b).ok()),
             _ => None,
-        };
-        (value, origin)
+        }
     };
-    if value.is_empty() {
-        return Err(RecordError("missing value"));
-    }
     Ok(RecordRef {
         ts,
         key,
         value,
         origin,
     })
+}
+
+/// Deepest nesting of a stored value (ciborium's own recursion limit when it decodes one).
+const MAX_DEPTH: usize = 256;
+
+/// Checks that `buf` starts with one CBOR value as [`crate::change::encode_value`] writes
+/// it (from JSON: integers, finite floats, UTF-8 text, definite arrays, maps with text keys,
+/// `false`/`true`/`null`) and returns its length. No allocation: it runs for every record
+/// a drain sends.
+pub fn value_end(buf: &[u8]) -> Result<usize, RecordError> {
+    let rest = skip_value(buf, 0)?;
+    Ok(buf.len() - rest.len())
+}
+
+fn skip_value(buf: &[u8], depth: usize) -> Result<&[u8], RecordError> {
+    if depth > MAX_DEPTH {
+        return Err(RecordError("value nested too deeply"));
+    }
+    let first = *buf.first().ok_or(RecordError("missing value"))?;
+    if first >> 5 == 7 {
+        return match first & 0x1f {
+            20..=22 => Ok(&buf[1..]),
+            25 => float(buf, 2, |b| half_is_finite(u16::from_be_bytes([b[0], b[1]]))),
+            26 => float(buf, 4, |b| {
+                f32::from_be_bytes([b[0], b[1], b[2], b[3]]).is_finite()
+            }),
+            27 => float(buf, 8, |b| {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                f64::from_be_bytes(a).is_finite()
+            }),
+            _ => Err(RecordError("value holds a simple value JSON has not")),
+        };
+    }
+    let (major, arg, rest) = read_head(buf)?;
+    match major {
+        MAJOR_UINT => Ok(rest),
+        1 if arg <= i64::MAX as u64 => Ok(rest),
+        1 => Err(RecordError("negative integer out of range")),
+        MAJOR_TEXT => {
+            let n = usize::try_from(arg).map_err(|_| RecordError("text too long"))?;
+            let text = rest.get(..n).ok_or(RecordError("truncated text"))?;
+            std::str::from_utf8(text).map_err(|_| RecordError("text is not UTF-8"))?;
+            Ok(&rest[n..])
+        }
+        MAJOR_ARRAY => {
+            let mut rest = rest;
+            for _ in 0..arg {
+                rest = skip_value(rest, depth + 1)?;
+            }
+            Ok(rest)
+        }
+        5 => {
+            let mut rest = rest;
+            for _ in 0..arg {
+                if rest.first().is_none_or(|b| b >> 5 != MAJOR_TEXT) {
+                    return Err(RecordError("map key is not text"));
+                }
+                rest = skip_value(rest, depth + 1)?;
+                rest = skip_value(rest, depth + 1)?;
+            }
+            Ok(rest)
+        }
+        _ => Err(RecordError("value holds a CBOR type JSON has not")),
+    }
+}
+
+fn float(buf: &[u8], n: usize, finite: impl Fn(&[u8]) -> bool) -> Result<&[u8], RecordError> {
+    let bytes = buf.get(1..=n).ok_or(RecordError("truncated float"))?;
+    if !finite(bytes) {
+        return Err(RecordError("float is not finite"));
+    }
+    Ok(&buf[1 + n..])
+}
+
+/// A half float is finite unless its exponent bits are all ones.
+fn half_is_finite(bits: u16) -> bool {
+    bits & 0x7c00 != 0x7c00
 }
 
 #[cfg(test)]
@@ -242,5 +317,43 @@ mod tests {
         ] {
             assert!(decode(bad).is_err(), "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod value_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn every_json_value_passes_and_damage_is_refused() {
+        let v = json!({"a": [1, -2, 2.5, 1e300, "text ü", null, true, false, {"b": {}}],
+                       "big": u64::MAX, "neg": i64::MIN, "s": "x".repeat(300)});
+        let value = crate::change::encode_value("k", &v).unwrap();
+        assert_eq!(value_end(&value), Ok(value.len()));
+        let rec = encode(1, "k", &value);
+        assert!(decode(&rec).is_ok());
+        // Truncated, trailing bytes, a byte string, a tag, undefined, NaN, invalid UTF-8,
+        // a non-text map key, an indefinite length.
+        assert!(decode(&rec[..rec.len() - 1]).is_err());
+        let mut long = rec.clone();
+        long.push(0x01);
+        assert!(decode(&long).is_err());
+        for bad in [
+            &[0x41, 0x00][..],
+            &[0xc1, 0x00],
+            &[0xf7],
+            &[0xf9, 0x7e, 0x00],
+            &[0xfb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0],
+            &[0x62, 0xc3, 0x28],
+            &[0xa1, 0x01, 0x01],
+            &[0x9f, 0xff],
+            &[0x3b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert!(value_end(bad).is_err(), "{bad:?}");
+            assert!(decode(&encode(1, "k", bad)).is_err(), "{bad:?}");
+        }
+        let deep = [vec![0x81; 300], vec![0x01]].concat();
+        assert!(value_end(&deep).is_err());
     }
 }

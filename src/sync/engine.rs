@@ -58,12 +58,14 @@ pub enum Action {
     Ack { ack: Ack },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Inflight {
     id: u64,
     first_seq: u64,
     last_seq: u64,
     changes: u64,
+    /// Damaged records skipped while this batch was built: removed after its PUBACK.
+    corrupt: Vec<u64>,
 }
 
 /// Counters the engine keeps (for status).
@@ -271,12 +273,19 @@ impl Engine {
         };
         self.stats.acked_batches += 1;
         self.acks_pending += 1;
-        self.actions.push_back(Action::Ack {
-            ack: Ack::Range {
+        let ack = if b.corrupt.is_empty() {
+            Ack::Range {
                 first: b.first_seq,
                 last: b.last_seq,
-            },
-        });
+            }
+        } else {
+            Ack::RangeSkipping {
+                first: b.first_seq,
+                last: b.last_seq,
+                corrupt: b.corrupt,
+            }
+        };
+        self.actions.push_back(Action::Ack { ack });
         self.pump(now);
         true
     }
@@ -340,16 +349,21 @@ impl Engine {
     }
 
     fn publish_next(&mut self) {
-        let mut skipped_last = None;
+        let mut corrupt = Vec::new();
         while let Some(q) = self.buffer.front() {
             match self.builder.push(q) {
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
-                    // An unreadable record can never be sent; it must not block the queue.
-                    tracing::error!("{e}; deleting it");
+                    // A damaged record can never be sent, and spliced into a batch it would
+                    // make the whole batch undecodable: skip it; it is removed (counted in
+                    // `corrupt`) once the batch around it is acknowledged.
+                    tracing::error!(
+                        seq = q.seq,
+                        "{e}; skipping it (never sent, counted in counters.corrupt)"
+                    );
                     self.stats.skipped += 1;
-                    skipped_last = Some(q.seq);
+                    corrupt.push(q.seq);
                 }
             }
             self.buffer.pop_front();
@@ -360,10 +374,10 @@ impl Engine {
             self.buffer_since
         };
         let Some(batch) = self.builder.finish() else {
-            if let Some(seq) = skipped_last {
+            if !corrupt.is_empty() {
                 self.acks_pending += 1;
                 self.actions.push_back(Action::Ack {
-                    ack: Ack::Seqs(vec![seq]),
+                    ack: Ack::Corrupt(corrupt),
                 });
             }
             return;
@@ -380,6 +394,7 @@ impl Engine {
             first_seq: batch.first_seq,
             last_seq: batch.last_seq,
             changes: batch.changes,
+            corrupt,
         });
         self.actions.push_back(Action::Publish { id, batch });
     }

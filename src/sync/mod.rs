@@ -37,7 +37,7 @@ use crate::desired::apply::Applier;
 use crate::desired::store::{self as dstore, PendingResult};
 use crate::link::tls;
 use crate::status::{LinkState, StatusBoard};
-use crate::store::{Outbox, Queued};
+use crate::store::{Ack, Outbox, Queued};
 use crate::topics::Topics;
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
@@ -231,6 +231,7 @@ pub async fn run(
             ever_connected,
             clean_session: clean_next,
             reader: None,
+            retry: StoreRetry::default(),
         };
         let end = session.run(&mut stop).await;
         if session.connected_at.is_some() {
@@ -305,7 +306,8 @@ enum Done {
         epoch: u64,
         result: Result<Vec<Queued>, String>,
     },
-    Ack,
+    /// A delete finished; a failed one comes back to be retried.
+    Ack(Result<(), (Ack, String)>),
     /// Results waiting to be published.
     Results(Result<Vec<PendingResult>, String>),
     /// A result's PUBACK was recorded.
@@ -337,6 +339,39 @@ struct Session<'a> {
     clean_session: bool,
     /// The session's reader thread, started at its first large read.
     reader: Option<ReadThread>,
+    /// A store fault (failed read or delete) being retried; see [`StoreRetry`].
+    retry: StoreRetry,
+}
+
+/// Reads and deletes that failed (a full disk, a damaged page) are retried with backoff
+/// while the session lasts, and the status shows the fault until one succeeds. A failed
+/// delete is not taken as done: the broker acknowledged those changes, and they would
+/// otherwise stay queued (and be sent again) until the next reconnect.
+#[derive(Debug)]
+struct StoreRetry {
+    /// Deletes to issue again.
+    acks: Vec<Ack>,
+    /// The epoch of a failed read: the engine waits for it (reads nothing else) until the
+    /// retry, so a stream of appends does not hammer a failing store.
+    read_epoch: Option<u64>,
+    /// When to retry (a read, and the deletes), if anything failed.
+    at: Option<Instant>,
+    delay: Duration,
+}
+
+/// First and longest wait before a failed store read or delete is tried again.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Default for StoreRetry {
+    fn default() -> Self {
+        Self {
+            acks: Vec::new(),
+            read_epoch: None,
+            at: None,
+            delay: STORE_RETRY_MIN,
+        }
+    }
 }
 
 impl Session<'_> {
@@ -384,9 +419,14 @@ impl Session<'_> {
                 self.spawn_action(action);
             }
         }
+        // Deletes that failed get one more try; then they count as done (their changes are
+        // sent again on the next connection, which reads from the oldest queued).
+        for ack in std::mem::take(&mut self.retry.acks) {
+            self.spawn_action(Action::Ack { ack });
+        }
         // Deletes in progress must land before the next connection reads from the start.
         while let Some(done) = self.tasks.join_next().await {
-            if let Ok(Done::Ack) = done {
+            if let Ok(Done::Ack(_)) = done {
                 self.engine.handle_ack_done(Instant::now());
             }
         }
@@ -474,12 +514,23 @@ impl Session<'_> {
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                     let now = Instant::now();
                     match done {
-                        Ok(Done::Read { epoch, result: Ok(records) }) => self.engine.handle_read(epoch, records, now),
-                        Ok(Done::Read { epoch, result: Err(e) }) => {
-                            tracing::error!("reading the outbox failed: {e}");
-                            self.engine.handle_read_failed(epoch);
+                        Ok(Done::Read { epoch, result: Ok(records) }) => {
+                            self.store_ok();
+                            self.engine.handle_read(epoch, records, now);
                         }
-                        Ok(Done::Ack) => self.engine.handle_ack_done(now),
+                        Ok(Done::Read { epoch, result: Err(e) }) => {
+                            self.store_failed(&format!("reading the outbox failed: {e}"));
+                            self.retry.read_epoch = Some(epoch);
+                        }
+                        Ok(Done::Ack(Ok(()))) => {
+                            self.store_ok();
+                            self.engine.handle_ack_done(now);
+                        }
+                        Ok(Done::Ack(Err((ack, e)))) => {
+                            // Still pending in the engine until it lands.
+                            self.store_failed(&format!("deleting acknowledged changes failed: {e}"));
+                            self.retry.acks.push(ack);
+                        }
                         Ok(Done::Results(Ok(pending))) => {
                             let again = self.results_loaded();
                             if self.connected_at.is_some()
@@ -519,6 +570,17 @@ impl Session<'_> {
                             tracing::debug!("metrics not published: {e}");
                         }
                     }
+                }
+                // Retry a failed store read or delete.
+                () = sleep_until(self.retry.at), if self.retry.at.is_some() => {
+                    self.retry.at = None;
+                    for ack in std::mem::take(&mut self.retry.acks) {
+                        self.spawn_action(Action::Ack { ack });
+                    }
+                    if let Some(epoch) = self.retry.read_epoch.take() {
+                        self.engine.handle_read_failed(epoch);
+                    }
+                    self.engine.handle_timeout(Instant::now());
                 }
                 // Linger expired.
                 () = sleep_until(linger), if linger.is_some() => {
@@ -672,6 +734,36 @@ impl Session<'_> {
         }
     }
 
+    /// A store read or delete failed: shown in the status, retried with backoff (logged
+    /// once per fault, not per retry).
+    fn store_failed(&mut self, error: &str) {
+        let shown = self.board.snapshot().store_error;
+        if shown.as_deref() != Some(error) {
+            tracing::error!("{error}; retrying with backoff");
+        } else {
+            tracing::debug!("{error}; retrying");
+        }
+        let error = error.to_owned();
+        self.board.update(|b| b.store_error = Some(error));
+        // One retry for everything that failed meanwhile; the wait doubles per round.
+        if self.retry.at.is_none() {
+            self.retry.at = Some(Instant::now() + self.retry.delay);
+            self.retry.delay = (self.retry.delay * 2).min(STORE_RETRY_MAX);
+        }
+    }
+
+    /// A store read or delete succeeded: the fault is over (unless deletes still wait).
+    fn store_ok(&mut self) {
+        if self.retry.acks.is_empty() && self.retry.at.is_none() && self.retry.read_epoch.is_none()
+        {
+            self.retry.delay = STORE_RETRY_MIN;
+            if self.board.snapshot().store_error.is_some() {
+                tracing::info!("the store reads and deletes again");
+                self.board.update(|b| b.store_error = None);
+            }
+        }
+    }
+
     /// Reads the next results waiting to be published, as many as the window has room for
     /// (off the event path); one read at a time, a request during a read makes one more.
     fn load_results(&mut self) {
@@ -730,10 +822,13 @@ impl Session<'_> {
                 let queued = self.outbox.stats().next_seq.saturating_sub(from);
                 if queued <= INLINE_READ_MAX {
                     match self.outbox.read_from(from, max_changes, max_bytes) {
-                        Ok(records) => self.engine.handle_read(epoch, records, Instant::now()),
+                        Ok(records) => {
+                            self.store_ok();
+                            self.engine.handle_read(epoch, records, Instant::now());
+                        }
                         Err(e) => {
-                            tracing::error!("reading the outbox failed: {e}");
-                            self.engine.handle_read_failed(epoch);
+                            self.store_failed(&format!("reading the outbox failed: {e}"));
+                            self.retry.read_epoch = Some(epoch);
                         }
                     }
                     return;
@@ -765,10 +860,10 @@ impl Session<'_> {
             Action::Ack { ack } => {
                 let outbox = self.outbox.clone();
                 self.tasks.spawn(async move {
-                    if let Err(e) = outbox.ack(ack).await {
-                        tracing::error!("deleting acknowledged changes failed: {e}");
+                    match outbox.ack(ack.clone()).await {
+                        Ok(_) => Done::Ack(Ok(())),
+                        Err(e) => Done::Ack(Err((ack, e.to_string()))),
                     }
-                    Done::Ack
                 });
             }
             Action::Publish { .. } => {}

@@ -90,14 +90,19 @@ impl Harness {
                 Action::Publish { id, batch } => self.published.push((id, batch)),
                 Action::Ack { ack } => {
                     match &ack {
-                        Ack::Range { first, last } => {
+                        Ack::Range { first, last } | Ack::RangeSkipping { first, last, .. } => {
+                            if let Ack::RangeSkipping { corrupt, .. } = &ack {
+                                corrupt.iter().for_each(|k| {
+                                    self.queue.remove(k);
+                                });
+                            }
                             let keys: Vec<u64> =
                                 self.queue.range(*first..=*last).map(|(k, _)| *k).collect();
                             for k in keys {
                                 self.queue.remove(&k);
                             }
                         }
-                        Ack::Seqs(s) => s.iter().for_each(|k| {
+                        Ack::Seqs(s) | Ack::Corrupt(s) => s.iter().for_each(|k| {
                             self.queue.remove(k);
                         }),
                         Ack::Through(t) => self.queue.retain(|k, _| k > t),
@@ -341,6 +346,39 @@ fn an_unreadable_record_is_skipped_and_deleted_not_wedging_the_queue() {
     assert_eq!(h.engine.stats().skipped, 1);
     h.puback(h.published[0].0);
     assert!(h.queue.is_empty());
+}
+
+#[test]
+fn damaged_records_at_a_batch_edge_or_alone_are_all_removed() {
+    // Batches of 2: 1, 2 then a damaged 3 ends the first batch (it was taken before 4 did
+    // not fit); 5 and 6 damaged and alone at the end.
+    let mut h = Harness::new(cfg(2, 2, 0));
+    h.append(6);
+    for seq in [3, 5, 6] {
+        h.queue.insert(seq, vec![0x83, 0x00, 0x61, b'k', 0xf7]);
+    }
+    h.connect();
+    while let Some((id, _)) = h.published.first().cloned() {
+        h.published.remove(0);
+        h.puback(id);
+    }
+    assert!(
+        h.queue.is_empty(),
+        "left: {:?}",
+        h.queue.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(h.engine.stats().skipped, 3);
+    let mut corrupt: Vec<u64> = h
+        .acks
+        .iter()
+        .filter_map(|a| match a {
+            Ack::Corrupt(s) | Ack::RangeSkipping { corrupt: s, .. } => Some(s.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    corrupt.sort_unstable();
+    assert_eq!(corrupt, vec![3, 5, 6]);
 }
 
 #[test]
