@@ -11,7 +11,17 @@
 //! - `desired_history`: `key → [{version, value, ts, origin}]` (JSON), newest last, bounded;
 //! - `desired_results`: `version → result` (JSON), results of recent applied versions (to
 //!   answer a duplicate);
-//! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed.
+//! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed;
+//! - `desired_reserved`: `version → bytes`: what an inbox document reserved of the store.
+//!
+//! # Bound
+//! The state, history and inbox rows count in the store's `state_bytes` (see "Bounds" in
+//! [`crate::store`]). Taking a document in reserves its worst-case growth (each key's new
+//! state row, one more history entry, its reported row, and the inbox row itself); a key
+//! that does not fit in what is left is refused there and then: the applier reports it
+//! `rejected` with a `store-full` error, nothing of it is stored. Finishing releases the
+//! reservation and charges what was written, never more. History is trimmed, oldest first,
+//! while the state is over its allowance (e.g. after a rollback), down to the newest entry.
 //!
 //! # Invariants
 //! - A document is in the inbox (durable) before its PUBACK; versions only move forward.
@@ -34,6 +44,11 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_state"
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_history");
 const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_results");
 const RESULT_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("result_outbox");
+const RESERVED: TableDefinition<u64, u64> = TableDefinition::new("desired_reserved");
+
+/// Accounted bytes beyond a value's JSON for a state row or history entry whose version and
+/// ts are not known yet (20 digits each, field names) and an inbox row's header.
+const ENTRY_SLACK: u64 = 96;
 
 /// Results of applied versions kept to answer duplicates.
 const KEEP_RESULTS: u64 = 32;
@@ -160,12 +175,86 @@ pub async fn receive(
             }
             meta.insert("accepted", version)?;
             drop(meta);
-            ctx.txn
-                .open_table(INBOX)?
-                .insert(version, to_json(&entry).as_slice())?;
+            let mut entry = entry;
+            let growth = reserve(ctx, &mut entry)?;
+            let row = to_json(&entry);
+            let reserved = growth + crate::store::row_cost(8, row.len());
+            ctx.charge_state(0, reserved)?;
+            ctx.txn.open_table(INBOX)?.insert(version, row.as_slice())?;
+            ctx.txn.open_table(RESERVED)?.insert(version, reserved)?;
             Ok(Received::Accepted)
         })
         .await
+}
+
+/// Worst-case growth of the state tables if `entry` is applied; the keys that do not fit in
+/// what the store has left are refused in `entry` (their values dropped).
+fn reserve(ctx: &mut crate::store::TxnCtx<'_, '_>, entry: &mut InboxEntry) -> Result<u64, redb::Error> {
+    let room = ctx.state_room();
+    let mut used = 0u64;
+    let state = ctx.txn.open_table(STATE)?;
+    for (key, v) in &mut entry.state {
+        let Ok(value) = v else { continue };
+        let json = to_json(value).len();
+        let old_state = state
+            .get(key.as_str())?
+            .map_or(0, |r| crate::store::row_cost(key.len(), r.value().len()));
+        let new_state = if value.is_null() {
+            0
+        } else {
+            crate::store::row_cost(key.len(), json) + ENTRY_SLACK
+        };
+        // History grows by at most one entry (trimming only shrinks it).
+        let history = json as u64 + ENTRY_SLACK;
+        let cbor = crate::change::encode_value(key, value).map_or(0, |b| b.len());
+        let new_reported = crate::store::row_cost(key.len(), crate::store::record::encoded_len(key, &[]) + cbor)
+            + ENTRY_SLACK;
+        let old_reported = ctx.reported_cost(key)?;
+        // The value also waits in the inbox row until the document is finished.
+        let inbox = crate::store::row_cost(key.len(), json);
+        let growth = new_state.saturating_sub(old_state)
+            + history
+            + new_reported.saturating_sub(old_reported)
+            + inbox;
+        if used + growth > room {
+            tracing::warn!(
+                version = entry.version,
+                key = %key,
+                growth,
+                left = room - used,
+                "desired key refused: the store is full"
+            );
+            *v = Err(format!(
+                "store-full: applying this key takes up to {growth} bytes of the store, {} \
+                 left for latest values and desired state (half of store.max_bytes, beside \
+                 the queue)",
+                room - used
+            ));
+            continue;
+        }
+        used += growth;
+    }
+    Ok(used)
+}
+
+/// Accounted bytes of the desired tables (for a store that did not count them yet).
+pub fn state_cost(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
+    let mut total = 0;
+    for def in [STATE, HISTORY] {
+        for item in txn.open_table(def)?.iter()? {
+            let (k, v) = item?;
+            total += crate::store::row_cost(k.value().len(), v.value().len());
+        }
+    }
+    let reserved = txn.open_table(RESERVED)?;
+    for item in txn.open_table(INBOX)?.iter()? {
+        let (k, v) = item?;
+        total += match reserved.get(k.value())? {
+            Some(r) => r.value(),
+            None => crate::store::row_cost(8, v.value().len()),
+        };
+    }
+    Ok(total)
 }
 
 /// Queues a result inside the caller's transaction (also command responses).
@@ -223,8 +312,19 @@ pub async fn finish(
 ) -> Result<(), StoreError> {
     outbox
         .transact(move |ctx| {
+            // What taking the document in reserved (an inbox row of an older store: its row).
+            let row = ctx
+                .txn
+                .open_table(INBOX)?
+                .remove(version)?
+                .map_or(0, |v| crate::store::row_cost(8, v.value().len()));
+            let reserved = ctx
+                .txn
+                .open_table(RESERVED)?
+                .remove(version)?
+                .map_or(row, |v| v.value());
+            ctx.charge_state(reserved, 0)?;
             apply_updates(ctx, version, &updates, history_len)?;
-            ctx.txn.open_table(INBOX)?.remove(version)?;
             let mut meta = ctx.txn.open_table(META)?;
             let applied = meta_get(&meta, "applied")?.unwrap_or(0);
             meta.insert("applied", applied.max(version))?;
@@ -261,19 +361,27 @@ pub fn apply_updates(
     {
         let mut state = ctx.txn.open_table(STATE)?;
         let mut history = ctx.txn.open_table(HISTORY)?;
+        let cost = |key: &str, len: usize| crate::store::row_cost(key.len(), len);
         for u in updates {
-            if u.value.is_null() {
-                state.remove(u.key.as_str())?;
+            let key = u.key.as_str();
+            let old = if u.value.is_null() {
+                state.remove(key)?
             } else {
                 let e = StateEntry {
                     value: u.value.clone(),
                     version,
                     ts: now,
                 };
-                state.insert(u.key.as_str(), to_json(&e).as_slice())?;
+                let row = to_json(&e);
+                ctx.charge_state(0, cost(key, row.len()))?;
+                state.insert(key, row.as_slice())?
+            };
+            if let Some(old) = old {
+                ctx.charge_state(cost(key, old.value().len()), 0)?;
             }
             if history_len > 0 {
-                let old = history.get(u.key.as_str())?.map(|v| v.value().to_vec());
+                let old = history.get(key)?.map(|v| v.value().to_vec());
+                let old_cost = old.as_ref().map_or(0, |b| cost(key, b.len()));
                 let mut list: Vec<HistoryEntry> = match old {
                     Some(b) => get_json(&b)?,
                     None => Vec::new(),
@@ -286,7 +394,16 @@ pub fn apply_updates(
                 });
                 let excess = list.len().saturating_sub(history_len);
                 list.drain(..excess);
-                history.insert(u.key.as_str(), to_json(&list).as_slice())?;
+                let mut row = to_json(&list);
+                ctx.charge_state(old_cost, cost(key, row.len()))?;
+                // A bounded log: past the store's bound, the oldest entries go first.
+                while ctx.state_over() && list.len() > 1 {
+                    list.remove(0);
+                    let shorter = to_json(&list);
+                    ctx.charge_state(cost(key, row.len()), cost(key, shorter.len()))?;
+                    row = shorter;
+                }
+                history.insert(key, row.as_slice())?;
             }
             if let Ok(value) = crate::change::encode_value(&u.key, &u.value) {
                 changes.push(NewChange {
