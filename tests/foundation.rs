@@ -273,7 +273,10 @@ fn full_store_with_drop_oldest_never_fails_and_counts_drops() {
     // The newest change is among the ones kept.
     let out = agent.cli(&["get", "reported", &format!("k{}", (n - 1) % 4)]);
     assert_exit(&out, 0);
-    assert!(stdout(&out).contains(&format!("{:05}", n - 1)), "not the newest value");
+    assert!(
+        stdout(&out).contains(&format!("{:05}", n - 1)),
+        "not the newest value"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

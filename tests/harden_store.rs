@@ -470,20 +470,31 @@ fn distinct_reported_keys_cannot_grow_the_store_past_max_bytes() {
     let mut refused = 0;
     let mut message = String::new();
     for i in 0..400 {
-        let r = agent.request(&json!({"op": "report", "changes": [{"key": format!("k{i}"), "value": big(i)}]}));
+        let r = agent.request(
+            &json!({"op": "report", "changes": [{"key": format!("k{i}"), "value": big(i)}]}),
+        );
         if r["ok"] == true {
             accepted += 1;
         } else {
             assert_eq!(common::error_code(&r), "store-full", "{r}");
             refused += 1;
-            message = r["error"]["message"].as_str().unwrap_or_default().to_owned();
+            message = r["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
         }
     }
     let len = file_len(&agent);
-    eprintln!("400 keys x 60 KB, max_bytes 1 MiB: {accepted} accepted, {refused} refused, file {len} bytes");
+    eprintln!(
+        "400 keys x 60 KB, max_bytes 1 MiB: {accepted} accepted, {refused} refused, file {len} bytes"
+    );
     assert!(refused > 0, "every key was taken: file {len} bytes");
     assert!(message.contains("latest values"), "which bound: {message}");
-    assert!(len <= file_bound(max), "store file {len} bytes > {}", file_bound(max));
+    assert!(
+        len <= file_bound(max),
+        "store file {len} bytes > {}",
+        file_bound(max)
+    );
     let s = status(&agent);
     let state = s["queue"]["state_bytes"].as_u64().expect("state_bytes");
     let bytes = s["queue"]["bytes"].as_u64().unwrap();
@@ -493,7 +504,8 @@ fn distinct_reported_keys_cannot_grow_the_store_past_max_bytes() {
 
     // An existing key is still reported (drop-oldest makes room in the queue).
     for i in 0..20 {
-        let r = agent.request(&json!({"op": "report", "changes": [{"key": "k0", "value": big(1000 + i)}]}));
+        let r = agent
+            .request(&json!({"op": "report", "changes": [{"key": "k0", "value": big(1000 + i)}]}));
         assert_eq!(r["ok"], true, "{r}");
     }
     assert!(file_len(&agent) <= file_bound(max));
@@ -528,7 +540,12 @@ fn desired_documents_with_new_keys_cannot_grow_the_store_past_max_bytes() {
     let pki = pki(dir.path(), device);
     let max: u64 = 4 << 20;
     let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-    let cloud = Cloud::start(&pki, broker.tls_port, &format!("edgesync/{device}/#"), false);
+    let cloud = Cloud::start(
+        &pki,
+        broker.tls_port,
+        &format!("edgesync/{device}/#"),
+        false,
+    );
     let agent = Agent::start(tls_agent(&pki, broker.tls_port, "").max_bytes("4MiB"));
     common::wait_until("online", DEADLINE, || {
         status(&agent)["connection"]["state"] == "online"
@@ -566,10 +583,17 @@ fn desired_documents_with_new_keys_cannot_grow_the_store_past_max_bytes() {
     eprintln!("40 desired keys x 60 KB, max_bytes 4 MiB: {rejected} rejected, file {len} bytes");
     assert!(rejected > 0, "every key was applied: file {len} bytes");
     assert!(error.contains("store-full"), "{error}");
-    assert!(len <= file_bound(max), "store file {len} bytes > {}", file_bound(max));
+    assert!(
+        len <= file_bound(max),
+        "store file {len} bytes > {}",
+        file_bound(max)
+    );
     let s = status(&agent);
     let state = s["queue"]["state_bytes"].as_u64().expect("state_bytes");
-    assert!(state + s["queue"]["bytes"].as_u64().unwrap() <= max, "{s:#}");
+    assert!(
+        state + s["queue"]["bytes"].as_u64().unwrap() <= max,
+        "{s:#}"
+    );
 
     // The agent keeps working: an applied key changes again, a local report goes out.
     let doc = json!({"version": 41, "state": {"d1": "small"}});

@@ -388,10 +388,7 @@ async fn workload_steps(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger) {
         let one = vec![
             change(&format!("k{}", i % 3), json!(i)),
             // One key: latest values count against max_bytes too; the queue is what fills.
-            change(
-                "big",
-                json!("x".repeat(200 * (i as usize % 4))),
-            ),
+            change("big", json!("x".repeat(200 * (i as usize % 4)))),
         ];
         let r = outbox.append(one.clone()).await;
         failed |= ledger.appended(&one, r);
@@ -788,8 +785,8 @@ fn fault_run(plan: &Plan, fault: Fault) -> bool {
         "store-full"
     };
     for e in &ledger.errors {
-        let ok = e.code() == want
-            || matches!(e, StoreError::Full { .. } | StoreError::StateFull { .. });
+        let ok =
+            e.code() == want || matches!(e, StoreError::Full { .. } | StoreError::StateFull { .. });
         assert!(ok, "{what}: answered {} ({e})", e.code());
     }
     disk.clear_fault();

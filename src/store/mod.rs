@@ -396,17 +396,18 @@ impl TxnCtx<'_, '_> {
         changes: &[NewChange],
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
-        self.writer.append(self.outbox, self.reported, changes, |c, seq, ts| {
-            latest.insert(
-                c.key.clone(),
-                Latest {
-                    seq,
-                    ts,
-                    value: c.value.clone(),
-                    origin: c.origin.tag(),
-                },
-            );
-        })
+        self.writer
+            .append(self.outbox, self.reported, changes, |c, seq, ts| {
+                latest.insert(
+                    c.key.clone(),
+                    Latest {
+                        seq,
+                        ts,
+                        value: c.value.clone(),
+                        origin: c.origin.tag(),
+                    },
+                );
+            })
     }
 
     /// Drops every change queued (as of this point of the transaction), counted in
@@ -444,9 +445,10 @@ impl TxnCtx<'_, '_> {
         Ok(())
     }
 
-    /// Whether the state is past its allowance (history is then trimmed).
-    pub fn state_over(&self) -> bool {
-        self.writer.meta.state_bytes > state_allowance(self.writer.max_bytes)
+    /// Whether the state, with `extra` bytes more, is past its allowance (history is then
+    /// trimmed).
+    pub fn state_over(&self, extra: u64) -> bool {
+        self.writer.meta.state_bytes.saturating_add(extra) > state_allowance(self.writer.max_bytes)
     }
 
     /// The accounted bytes of `key`'s `reported` row as of this point of the transaction.
@@ -1112,7 +1114,10 @@ impl Meta {
                 drop(reported);
                 total += crate::desired::store::state_cost(&txn)?;
                 if total > 0 {
-                    tracing::info!(state_bytes = total, "counted the store's latest values and desired state");
+                    tracing::info!(
+                        state_bytes = total,
+                        "counted the store's latest values and desired state"
+                    );
                 }
                 meta.state_bytes = total;
             }
@@ -1619,12 +1624,7 @@ impl Writer {
         let mut rows: HashMap<&str, u64> = HashMap::new();
         let (mut added, mut removed) = (0u64, 0u64);
         for c in changes {
-            let len = record::exact_len(
-                c.ts.unwrap_or(now),
-                &c.key,
-                c.value.len(),
-                c.origin.tag(),
-            );
+            let len = record::exact_len(c.ts.unwrap_or(now), &c.key, c.value.len(), c.origin.tag());
             let new = reported_row_cost(&c.key, len);
             let old = match rows.get(c.key.as_str()) {
                 Some(old) => *old,

@@ -349,8 +349,25 @@ mod len_tests {
     fn exact_len_is_what_encoding_writes() {
         let mut out = Vec::new();
         let long = "k".repeat(70_000);
-        for ts in [0, 23, 24, 255, 256, 65_535, 65_536, u64::from(u32::MAX) + 1, u64::MAX] {
-            for key in ["", "a", &"k".repeat(23), &"k".repeat(24), &"k".repeat(300), &long] {
+        for ts in [
+            0,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            for key in [
+                "",
+                "a",
+                &"k".repeat(23),
+                &"k".repeat(24),
+                &"k".repeat(300),
+                &long,
+            ] {
                 for value in [&[0xf6u8][..], &[0x19, 1, 2][..]] {
                     for origin in [None, Some("cloud")] {
                         encode_with_origin(&mut out, ts, key, value, origin);

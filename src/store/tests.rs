@@ -617,9 +617,7 @@ fn repeated_keys_in_one_request_or_group_count_once() {
     let rt = rt();
     rt.block_on(async {
         let reqs: Vec<_> = (0..20)
-            .map(|i| {
-                outbox.submit(vec![sized("a", 100 + i), sized("b", 10), sized("a", 50)])
-            })
+            .map(|i| outbox.submit(vec![sized("a", 100 + i), sized("b", 10), sized("a", 50)]))
             .collect();
         for r in reqs {
             r.await.unwrap().await.unwrap().unwrap();
@@ -636,7 +634,8 @@ fn an_older_store_counts_its_state_once_at_open() {
     let outbox = Outbox::open(&o).unwrap();
     let rt = rt();
     for i in 0..10 {
-        rt.block_on(outbox.append(vec![sized(&format!("k{i}"), 100 * i)])).unwrap();
+        rt.block_on(outbox.append(vec![sized(&format!("k{i}"), 100 * i)]))
+            .unwrap();
     }
     let before = outbox.stats().state_bytes;
     assert!(before > 0);
