@@ -543,6 +543,14 @@ impl Outbox {
         let db = open_db(opts, &opener)?;
         let meta = Meta::load_or_init(&db, floor).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
+        if stats.state_bytes > stats.max_state_bytes {
+            tracing::warn!(
+                state_bytes = stats.state_bytes,
+                max_state_bytes = stats.max_state_bytes,
+                "the latest values and desired state take more than half of store.max_bytes: \
+                 reports that add keys or grow values are refused until store.max_bytes is raised"
+            );
+        }
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db)),
             path,
