@@ -52,6 +52,10 @@ pub struct Summary {
     pub oldest: Option<End>,
     pub newest: Option<End>,
     pub counters: Counters,
+    /// Bytes of `max_bytes` held by the latest values and the desired state (0 for a store
+    /// of an earlier version until the agent has opened it once).
+    #[serde(default)]
+    pub state_bytes: u64,
 }
 
 /// The oldest or newest queued change.
@@ -163,11 +167,18 @@ pub fn summary(
     max_bytes: u64,
     now_ms: u64,
 ) -> Result<Summary, InspectError> {
-    let mut meta = [0u64; 7];
+    let mut meta = [0u64; 8];
     match txn.open_table(META) {
         Ok(t) => {
             for (name, v) in [
-                "next_seq", "depth", "bytes", "reported", "acked", "dropped", "rejected",
+                "next_seq",
+                "depth",
+                "bytes",
+                "reported",
+                "acked",
+                "dropped",
+                "rejected",
+                "state_bytes",
             ]
             .iter()
             .zip(meta.iter_mut())
@@ -180,7 +191,16 @@ pub fn summary(
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    let [next_seq, depth, bytes, reported, acked, dropped, rejected] = meta;
+    let [
+        next_seq,
+        depth,
+        bytes,
+        reported,
+        acked,
+        dropped,
+        rejected,
+        state_bytes,
+    ] = meta;
     let (oldest, newest) = match txn.open_table(OUTBOX) {
         Ok(t) => {
             let end = |item: Option<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>)>| {
@@ -211,6 +231,7 @@ pub fn summary(
             dropped,
             rejected,
         },
+        state_bytes,
     })
 }
 
@@ -551,6 +572,7 @@ pub fn render_summary(s: &Summary, source: &str) -> String {
     };
     format!(
         "queue       {} changes, {} of {}\n\
+         state       {} of {} (latest values, desired state)\n\
          oldest      {}\n\
          newest      {}\n\
          next seq    {}\n\
@@ -559,6 +581,8 @@ pub fn render_summary(s: &Summary, source: &str) -> String {
         s.depth,
         human_bytes(s.bytes),
         human_bytes(s.max_bytes),
+        human_bytes(s.state_bytes),
+        human_bytes(crate::store::state_allowance(s.max_bytes)),
         end(&s.oldest),
         end(&s.newest),
         s.next_seq,

@@ -144,6 +144,9 @@ pub struct QueueMetrics {
     pub max_bytes: u64,
     /// Age of the oldest queued change; `null` when the queue is empty.
     pub oldest_age_ms: Option<u64>,
+    /// Bytes of `max_bytes` held by the latest values and the desired state.
+    #[serde(default)]
+    pub state_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +245,7 @@ pub fn build(i: &Inputs) -> Metrics {
             bytes: i.queue.bytes,
             max_bytes: i.queue.max_bytes,
             oldest_age_ms: i.oldest_ts.map(|t| i.now_ms.saturating_sub(t)),
+            state_bytes: i.queue.state_bytes,
         },
         changes: ChangeMetrics {
             reported: i.queue.reported,
@@ -328,6 +332,11 @@ pub fn prometheus(m: &Metrics) -> String {
         "edgesync_queue_max_bytes",
         "The store bound (store.max_bytes).",
         m.queue.max_bytes,
+    );
+    e.gauge(
+        "edgesync_store_state_bytes",
+        "Bytes of the store bound held by the latest values and the desired state.",
+        m.queue.state_bytes,
     );
     e.gauge(
         "edgesync_oldest_queued_age_seconds",
@@ -854,6 +863,8 @@ mod tests {
                 dropped: 1,
                 rejected: 2,
                 corrupt: 0,
+                state_bytes: 0,
+                max_state_bytes: 1 << 19,
             },
             oldest_ts: Some(1_764_150_000_000),
             link: LinkFigures {

@@ -153,6 +153,12 @@ pub struct Queue {
     /// A store fault the link is retrying through (reads or deletes failing), while it lasts.
     #[serde(default)]
     pub store_error: Option<String>,
+    /// Bytes of `max_bytes` held by the latest values and the desired state.
+    #[serde(default)]
+    pub state_bytes: u64,
+    /// The most the latest values and desired state may take (half of `max_bytes`).
+    #[serde(default)]
+    pub max_state_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +226,8 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             oldest_ts,
             next_seq: q.next_seq,
             store_error: link.store_error.clone(),
+            state_bytes: q.state_bytes,
+            max_state_bytes: q.max_state_bytes,
         },
         counters: Counters {
             reported: q.reported,
@@ -380,6 +388,8 @@ mod tests {
                 oldest_ts: Some(4),
                 next_seq: 5,
                 store_error: None,
+                state_bytes: 6,
+                max_state_bytes: 7,
             },
             counters: Counters {
                 reported: 1,

@@ -198,7 +198,8 @@ fn bad_requests_get_specific_codes_and_the_connection_stays_usable() {
 // ---------------------------------------------------------------------------------------------
 // 4. Bounds
 
-/// A value whose record costs about 60 KB: 17 fit in 1 MiB, the 18th does not.
+/// A value whose record costs about 60 KB: 17 fit in the queue of 1 MiB, and 8 new keys in
+/// the half of it their latest values may take.
 fn big(i: usize) -> Value {
     json!(format!("{i:05}{}", "x".repeat(60_000)))
 }
@@ -252,7 +253,9 @@ fn full_store_with_drop_oldest_never_fails_and_counts_drops() {
     let mut conn = agent.connect();
     let n = 50;
     for i in 0..n {
-        let key = format!("k{i}");
+        // Four keys: the latest value of every key counts against max_bytes too, and new
+        // keys past that share are refused whatever when_full says (tests/harden_store.rs).
+        let key = format!("k{}", i % 4);
         let a = conn
             .call(&report_req([(key.as_str(), big(i))]))
             .expect("answer");
@@ -268,8 +271,12 @@ fn full_store_with_drop_oldest_never_fails_and_counts_drops() {
     assert_eq!(status["counters"]["rejected"], 0, "{status}");
     assert_eq!(status["queue"]["next_seq"], n + 1, "{status}");
     // The newest change is among the ones kept.
-    let out = agent.cli(&["get", "reported", &format!("k{}", n - 1)]);
+    let out = agent.cli(&["get", "reported", &format!("k{}", (n - 1) % 4)]);
     assert_exit(&out, 0);
+    assert!(
+        stdout(&out).contains(&format!("{:05}", n - 1)),
+        "not the newest value"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

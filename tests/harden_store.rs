@@ -437,3 +437,171 @@ fn a_new_store_file_is_private() {
     assert_eq!(mode & 0o777, 0o600, "store mode {:o}", mode & 0o777);
     assert!(agent.stop().success());
 }
+
+/// The store file's length (what the file system reserves for it at most; redb grows it).
+fn file_len(agent: &Agent) -> u64 {
+    std::fs::metadata(&agent.store_path).unwrap().len()
+}
+
+/// The documented bound on the store file: `2 × store.max_bytes + 1 MiB` (redb's page slack:
+/// B-tree pages at most half empty after splits, growth in steps, metadata pages).
+fn file_bound(max_bytes: u64) -> u64 {
+    2 * max_bytes + (1 << 20)
+}
+
+/// Item 6, reported keys: 400 distinct keys × 60 KB reported with `max_bytes = "1MiB"`
+/// (drop-oldest, offline). Before the fix the queue stayed within 1 MiB but the latest-value
+/// table kept a copy of every key: a 49 MB file. Now the latest values count against
+/// `max_bytes` (at most half of it): a report adding keys beyond that is refused
+/// `store-full` saying which bound, the file stays within the documented bound, a report of
+/// an existing key still works, and the queue drains once the broker is there.
+#[test]
+fn distinct_reported_keys_cannot_grow_the_store_past_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "bound-keys");
+    let max: u64 = 1 << 20;
+    let mut agent = Agent::start(
+        tls_agent(&pki, dead_port(), "")
+            .max_bytes("1MiB")
+            .when_full("drop-oldest"),
+    );
+    let big = |i: usize| json!(format!("{i:05}{}", "x".repeat(60_000)));
+    let mut accepted = 0;
+    let mut refused = 0;
+    let mut message = String::new();
+    for i in 0..400 {
+        let r = agent.request(
+            &json!({"op": "report", "changes": [{"key": format!("k{i}"), "value": big(i)}]}),
+        );
+        if r["ok"] == true {
+            accepted += 1;
+        } else {
+            assert_eq!(common::error_code(&r), "store-full", "{r}");
+            refused += 1;
+            message = r["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+        }
+    }
+    let len = file_len(&agent);
+    eprintln!(
+        "400 keys x 60 KB, max_bytes 1 MiB: {accepted} accepted, {refused} refused, file {len} bytes"
+    );
+    assert!(refused > 0, "every key was taken: file {len} bytes");
+    assert!(message.contains("latest values"), "which bound: {message}");
+    assert!(
+        len <= file_bound(max),
+        "store file {len} bytes > {}",
+        file_bound(max)
+    );
+    let s = status(&agent);
+    let state = s["queue"]["state_bytes"].as_u64().expect("state_bytes");
+    let bytes = s["queue"]["bytes"].as_u64().unwrap();
+    assert!(state + bytes <= max, "{s:#}");
+    assert!(state <= max / 2, "{s:#}");
+    assert_eq!(s["counters"]["rejected"], refused, "{s:#}");
+
+    // An existing key is still reported (drop-oldest makes room in the queue).
+    for i in 0..20 {
+        let r = agent
+            .request(&json!({"op": "report", "changes": [{"key": "k0", "value": big(1000 + i)}]}));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    assert!(file_len(&agent) <= file_bound(max));
+
+    // The broker appears: the queue drains.
+    agent.stop();
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let _cloud = Cloud::start(&pki, broker.tls_port, "edgesync/bound-keys/#", false);
+    retarget(
+        &mut agent,
+        tls_agent(&pki, broker.tls_port, "")
+            .max_bytes("1MiB")
+            .when_full("drop-oldest"),
+    );
+    agent.launch();
+    common::wait_until("the queue drained", DEADLINE, || agent.depth() == 0);
+    let r = agent.request(&json!({"op": "report", "changes": [{"key": "k1", "value": 1}]}));
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(file_len(&agent) <= file_bound(max));
+}
+
+/// Item 6, desired documents: 40 documents, each with a new 60 KB key, against
+/// `max_bytes = "4MiB"` with an empty queue. Before the fix the desired state and its
+/// history were not counted: a 39 MB file. Now they count against `max_bytes` (with the
+/// latest values, at most half of it): a key that would pass the bound is `rejected` with a
+/// clear error in the document's result, the file stays within the documented bound, and the
+/// agent keeps working (reports and later documents of existing keys).
+#[test]
+fn desired_documents_with_new_keys_cannot_grow_the_store_past_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = "bound-desired";
+    let pki = pki(dir.path(), device);
+    let max: u64 = 4 << 20;
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let cloud = Cloud::start(
+        &pki,
+        broker.tls_port,
+        &format!("edgesync/{device}/#"),
+        false,
+    );
+    let agent = Agent::start(tls_agent(&pki, broker.tls_port, "").max_bytes("4MiB"));
+    common::wait_until("online", DEADLINE, || {
+        status(&agent)["connection"]["state"] == "online"
+    });
+    let topic = format!("edgesync/{device}/desired");
+    let big = |i: u64| json!(format!("{i:05}{}", "y".repeat(60_000)));
+    let mut rejected = 0;
+    let mut error = String::new();
+    for v in 1..=40u64 {
+        let doc = json!({"version": v, "state": {format!("d{v}"): big(v)}});
+        let pick = |m: &common::cloud::Msg| {
+            if !m.topic.ends_with("/desired/result") {
+                return None;
+            }
+            let r = common::cloud::decode(&m.payload);
+            (r["version"] == v).then_some(r)
+        };
+        let what = format!("the result of version {v}");
+        // The first one again until the agent's subscription is in place (a repeat is a
+        // duplicate, answered the same).
+        let r = if v == 1 {
+            cloud.publish_until(&topic, doc.to_string().as_bytes(), &what, pick)
+        } else {
+            cloud.publish(&topic, doc.to_string().into_bytes(), false);
+            cloud.wait_for(&what, pick)
+        };
+        let key = &r["keys"][format!("d{v}")];
+        if key["status"] != "applied" {
+            assert_eq!(key["status"], "rejected", "{r}");
+            error = key["error"].as_str().unwrap_or_default().to_owned();
+            rejected += 1;
+        }
+    }
+    let len = file_len(&agent);
+    eprintln!("40 desired keys x 60 KB, max_bytes 4 MiB: {rejected} rejected, file {len} bytes");
+    assert!(rejected > 0, "every key was applied: file {len} bytes");
+    assert!(error.contains("store-full"), "{error}");
+    assert!(
+        len <= file_bound(max),
+        "store file {len} bytes > {}",
+        file_bound(max)
+    );
+    let s = status(&agent);
+    let state = s["queue"]["state_bytes"].as_u64().expect("state_bytes");
+    assert!(
+        state + s["queue"]["bytes"].as_u64().unwrap() <= max,
+        "{s:#}"
+    );
+
+    // The agent keeps working: an applied key changes again, a local report goes out.
+    let doc = json!({"version": 41, "state": {"d1": "small"}});
+    cloud.publish(&topic, doc.to_string().into_bytes(), false);
+    cloud.wait_result(41, "applied");
+    let r = agent.request(&json!({"op": "report", "changes": [{"key": "local", "value": 7}]}));
+    assert_eq!(r["ok"], true, "{r}");
+    cloud.wait_change("local", &json!(7), None);
+    common::wait_until("the queue drained", DEADLINE, || agent.depth() == 0);
+    assert!(file_len(&agent) <= file_bound(max));
+}

@@ -11,7 +11,17 @@
 //! - `desired_history`: `key → [{version, value, ts, origin}]` (JSON), newest last, bounded;
 //! - `desired_results`: `version → result` (JSON), results of recent applied versions (to
 //!   answer a duplicate);
-//! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed.
+//! - `result_outbox`: `n → {topic suffix, payload}`: results not yet PUBACKed;
+//! - `desired_reserved`: `version → bytes`: what an inbox document reserved of the store.
+//!
+//! # Bound
+//! The state, history and inbox rows count in the store's `state_bytes` (see "Bounds" in
+//! [`crate::store`]). Taking a document in reserves its worst-case growth (each key's new
+//! state row, one more history entry, its reported row, and the inbox row itself); a key
+//! that does not fit in what is left is refused there and then: the applier reports it
+//! `rejected` with a `store-full` error, nothing of it is stored. Finishing releases the
+//! reservation and charges what was written, never more. History is trimmed, oldest first,
+//! while the state is over its allowance (e.g. after a rollback), down to the newest entry.
 //!
 //! # Invariants
 //! - A document is in the inbox (durable) before its PUBACK; versions only move forward.
@@ -26,7 +36,7 @@ use serde_json::Value;
 
 use crate::change::{NewChange, Origin, now_ms};
 use crate::config::Encoding;
-use crate::store::{Outbox, StoreError};
+use crate::store::{Outbox, StoreError, row_cost};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("desired_meta");
 const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_inbox");
@@ -34,6 +44,11 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_state"
 const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_history");
 const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_results");
 const RESULT_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("result_outbox");
+const RESERVED: TableDefinition<u64, u64> = TableDefinition::new("desired_reserved");
+
+/// Accounted bytes beyond a value's JSON for a state row or history entry whose version and
+/// ts are not known yet (20 digits each, field names) and an inbox row's header.
+const ENTRY_SLACK: u64 = 96;
 
 /// Results of applied versions kept to answer duplicates.
 const KEEP_RESULTS: u64 = 32;
@@ -160,12 +175,120 @@ pub async fn receive(
             }
             meta.insert("accepted", version)?;
             drop(meta);
-            ctx.txn
-                .open_table(INBOX)?
-                .insert(version, to_json(&entry).as_slice())?;
+            let mut entry = entry;
+            let (growth, values) = reserve(ctx, &mut entry)?;
+            // The inbox row as written stands in for the values `reserve` counted in it.
+            let row = to_json(&entry);
+            let reserved = growth.saturating_sub(values) + row_cost(8, row.len());
+            ctx.charge_state(0, reserved)?;
+            ctx.txn.open_table(INBOX)?.insert(version, row.as_slice())?;
+            ctx.txn.open_table(RESERVED)?.insert(version, reserved)?;
             Ok(Received::Accepted)
         })
         .await
+}
+
+/// Worst-case growth of the state tables if `entry` is applied; the keys that do not fit in
+/// what the store has left are refused in `entry` (their values dropped). A key that does
+/// not fit first has its history trimmed to its newest entry (history is a bounded log).
+/// Returns the growth and the part of it that is the values in the inbox row.
+fn reserve(
+    ctx: &mut crate::store::TxnCtx<'_, '_>,
+    entry: &mut InboxEntry,
+) -> Result<(u64, u64), redb::Error> {
+    let txn = ctx.txn;
+    let state = txn.open_table(STATE)?;
+    let mut history = txn.open_table(HISTORY)?;
+    let mut used = 0u64;
+    let mut values = 0u64;
+    for (key, v) in &mut entry.state {
+        let Ok(value) = v else { continue };
+        let old_state = state
+            .get(key.as_str())?
+            .map_or(0, |r| row_cost(key.len(), r.value().len()));
+        let mut growth = key_growth(ctx, &history, key, value, old_state)?;
+        if used + growth > ctx.state_room() {
+            trim_history(ctx, &mut history, key, u64::MAX / 2)?;
+            growth = key_growth(ctx, &history, key, value, old_state)?;
+        }
+        let room = ctx.state_room();
+        if used + growth > room {
+            let left = room.saturating_sub(used);
+            tracing::warn!(
+                version = entry.version,
+                key = %key,
+                growth,
+                left,
+                "desired key refused: the store is full"
+            );
+            *v = Err(format!(
+                "store-full: applying this key takes up to {growth} bytes of the store and \
+                 {left} are left for latest values and desired state (half of \
+                 store.max_bytes, beside the queue)"
+            ));
+            continue;
+        }
+        used += growth;
+        values += inbox_part(key, value);
+    }
+    Ok((used, values))
+}
+
+/// What a key's value adds to the inbox row.
+fn inbox_part(key: &str, value: &Value) -> u64 {
+    row_cost(key.len(), to_json(value).len())
+}
+
+/// The most applying `value` to `key` can add to the state: its state row, the new history
+/// entry (older ones can be trimmed), its reported row, and the value in the inbox row.
+fn key_growth(
+    ctx: &crate::store::TxnCtx<'_, '_>,
+    history: &redb::Table<&str, &[u8]>,
+    key: &str,
+    value: &Value,
+    old_state: u64,
+) -> Result<u64, redb::Error> {
+    let json = to_json(value).len();
+    let new_state = if value.is_null() {
+        0
+    } else {
+        row_cost(key.len(), json) + ENTRY_SLACK
+    };
+    let old_history = history
+        .get(key)?
+        .map_or(0, |r| row_cost(key.len(), r.value().len()));
+    let new_history = (row_cost(key.len(), json) + ENTRY_SLACK).saturating_sub(old_history);
+    let cbor = crate::change::encode_value(key, value).map_or(0, |b| b.len());
+    let new_reported = row_cost(
+        key.len(),
+        crate::store::record::encoded_len(key, &[]) + cbor,
+    ) + ENTRY_SLACK;
+    let old_reported = ctx.reported_cost(key)?;
+    let inbox = inbox_part(key, value);
+    Ok(new_state.saturating_sub(old_state)
+        + new_history
+        + new_reported.saturating_sub(old_reported)
+        + inbox)
+}
+
+/// Accounted bytes of the desired tables (for a store that did not count them yet).
+pub fn state_cost(txn: &redb::WriteTransaction) -> Result<u64, redb::Error> {
+    let mut total = 0;
+    for def in [STATE, HISTORY] {
+        for item in txn.open_table(def)?.iter()? {
+            let (k, v) = item?;
+            total += crate::store::row_cost(k.value().len(), v.value().len());
+        }
+    }
+    let reserved = txn.open_table(RESERVED)?;
+    for item in txn.open_table(INBOX)?.iter()? {
+        let (k, v) = item?;
+        total += match reserved.get(k.value())? {
+            Some(r) => r.value(),
+            None => crate::store::row_cost(8, v.value().len()),
+        };
+    }
+    Ok(total)
 }
 
 /// Queues a result inside the caller's transaction (also command responses).
@@ -223,8 +346,19 @@ pub async fn finish(
 ) -> Result<(), StoreError> {
     outbox
         .transact(move |ctx| {
+            // What taking the document in reserved (an inbox row of an older store: its row).
+            let row = ctx
+                .txn
+                .open_table(INBOX)?
+                .remove(version)?
+                .map_or(0, |v| crate::store::row_cost(8, v.value().len()));
+            let reserved = ctx
+                .txn
+                .open_table(RESERVED)?
+                .remove(version)?
+                .map_or(row, |v| v.value());
+            ctx.charge_state(reserved, 0)?;
             apply_updates(ctx, version, &updates, history_len)?;
-            ctx.txn.open_table(INBOX)?.remove(version)?;
             let mut meta = ctx.txn.open_table(META)?;
             let applied = meta_get(&meta, "applied")?.unwrap_or(0);
             meta.insert("applied", applied.max(version))?;
@@ -261,19 +395,27 @@ pub fn apply_updates(
     {
         let mut state = ctx.txn.open_table(STATE)?;
         let mut history = ctx.txn.open_table(HISTORY)?;
+        let cost = |key: &str, len: usize| crate::store::row_cost(key.len(), len);
         for u in updates {
-            if u.value.is_null() {
-                state.remove(u.key.as_str())?;
+            let key = u.key.as_str();
+            let old = if u.value.is_null() {
+                state.remove(key)?
             } else {
                 let e = StateEntry {
                     value: u.value.clone(),
                     version,
                     ts: now,
                 };
-                state.insert(u.key.as_str(), to_json(&e).as_slice())?;
+                let row = to_json(&e);
+                ctx.charge_state(0, cost(key, row.len()))?;
+                state.insert(key, row.as_slice())?
+            };
+            if let Some(old) = old {
+                ctx.charge_state(cost(key, old.value().len()), 0)?;
             }
             if history_len > 0 {
-                let old = history.get(u.key.as_str())?.map(|v| v.value().to_vec());
+                let old = history.get(key)?.map(|v| v.value().to_vec());
+                let old_cost = old.as_ref().map_or(0, |b| cost(key, b.len()));
                 let mut list: Vec<HistoryEntry> = match old {
                     Some(b) => get_json(&b)?,
                     None => Vec::new(),
@@ -286,7 +428,9 @@ pub fn apply_updates(
                 });
                 let excess = list.len().saturating_sub(history_len);
                 list.drain(..excess);
-                history.insert(u.key.as_str(), to_json(&list).as_slice())?;
+                let row = to_json(&list);
+                ctx.charge_state(old_cost, cost(key, row.len()))?;
+                history.insert(key, row.as_slice())?;
             }
             if let Ok(value) = crate::change::encode_value(&u.key, &u.value) {
                 changes.push(NewChange {
@@ -297,9 +441,52 @@ pub fn apply_updates(
                 });
             }
         }
+        // What the reported rows of these changes will add.
+        let mut extra = 0u64;
+        for c in &changes {
+            let len = crate::store::record::exact_len(now, &c.key, c.value.len(), c.origin.tag());
+            let new = crate::store::row_cost(c.key.len(), len + 8);
+            extra += new.saturating_sub(ctx.reported_cost(&c.key)?);
+        }
+        // History is a bounded log: past the store's bound, the oldest entries of these
+        // keys go first (the newest entry of each stays).
+        for u in updates {
+            if !ctx.state_over(extra) {
+                break;
+            }
+            trim_history(ctx, &mut history, &u.key, extra)?;
+        }
     }
     // Queued like any report; a full `reject` store refuses them (counted), never the result.
     let _ = ctx.append(&changes)?;
+    Ok(())
+}
+
+/// Drops `key`'s oldest history entries while the state (plus `extra` bytes to come) is over
+/// its allowance, keeping the newest.
+fn trim_history(
+    ctx: &mut crate::store::TxnCtx<'_, '_>,
+    history: &mut redb::Table<&str, &[u8]>,
+    key: &str,
+    extra: u64,
+) -> Result<(), redb::Error> {
+    let Some(old) = history.get(key)?.map(|v| v.value().to_vec()) else {
+        return Ok(());
+    };
+    let mut list: Vec<HistoryEntry> = get_json(&old)?;
+    let mut len = old.len();
+    while ctx.state_over(extra) && list.len() > 1 {
+        list.remove(0);
+        let shorter = to_json(&list).len();
+        ctx.charge_state(
+            crate::store::row_cost(key.len(), len),
+            crate::store::row_cost(key.len(), shorter),
+        )?;
+        len = shorter;
+    }
+    if len != old.len() {
+        history.insert(key, to_json(&list).as_slice())?;
+    }
     Ok(())
 }
 
@@ -540,5 +727,159 @@ mod tests {
             Received::Accepted
         );
         o.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::{StoreOptions, WhenFull};
+    use serde_json::json;
+
+    fn open(dir: &std::path::Path, max_bytes: u64) -> Outbox {
+        Outbox::open(&StoreOptions {
+            path: dir.join("store.redb"),
+            max_bytes,
+            when_full: WhenFull::DropOldest,
+            cache_size: 1 << 20,
+        })
+        .unwrap()
+    }
+
+    /// `state_bytes` as the rows say: reported rows, state, history, inbox reservations.
+    fn recount(outbox: &Outbox, keys: &[&str]) -> u64 {
+        let mut total = 0;
+        for k in keys {
+            if let Some((_, rec)) = outbox.reported_raw(k).unwrap() {
+                total += row_cost(k.len(), rec.len() + 8);
+            }
+        }
+        let txn = outbox.read().unwrap();
+        for def in [STATE, HISTORY] {
+            if let Ok(t) = txn.open_table(def) {
+                for item in t.iter().unwrap() {
+                    let (k, v) = item.unwrap();
+                    total += row_cost(k.value().len(), v.value().len());
+                }
+            }
+        }
+        if let Ok(t) = txn.open_table(RESERVED) {
+            for item in t.iter().unwrap() {
+                total += item.unwrap().1.value();
+            }
+        }
+        total
+    }
+
+    fn doc(version: u64, state: Vec<(&str, Value)>) -> InboxEntry {
+        InboxEntry {
+            version,
+            ts: None,
+            state: state
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Ok(v)))
+                .collect(),
+            json: true,
+            received: now_ms(),
+            applying: false,
+        }
+    }
+
+    async fn apply(outbox: &Outbox, version: u64, history: usize) {
+        let e = inbox(outbox)
+            .unwrap()
+            .into_iter()
+            .find(|e| e.version == version)
+            .unwrap();
+        let updates = e
+            .state
+            .iter()
+            .filter_map(|(k, v)| {
+                v.as_ref().ok().map(|v| KeyUpdate {
+                    key: k.clone(),
+                    value: v.clone(),
+                    origin: Origin::Cloud,
+                })
+            })
+            .collect();
+        finish(outbox, version, updates, json!({}), Encoding::Json, history)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_key_that_does_not_fit_is_refused_and_the_rest_accounted_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 512 * 1024;
+        let outbox = open(dir.path(), max);
+        let big = json!("b".repeat(30_000));
+        let keys = ["a", "b1", "b2", "b3", "b4", "b5"];
+        // A new 30 KB key reserves 4 × 30 KB (state, history, reported, inbox): two fit in
+        // the 256 KB the state may take, not three.
+        let d = doc(
+            1,
+            vec![
+                ("a", json!(1)),
+                ("b1", big.clone()),
+                ("b2", big.clone()),
+                ("b3", big.clone()),
+            ],
+        );
+        assert_eq!(
+            receive(&outbox, d, vec![]).await.unwrap(),
+            Received::Accepted
+        );
+        let taken = &inbox(&outbox).unwrap()[0];
+        let refused: Vec<&str> = taken
+            .state
+            .iter()
+            .filter(|(_, v)| v.is_err())
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(refused, ["b3"]);
+        let err = taken.state[3].1.as_ref().unwrap_err();
+        assert!(err.starts_with("store-full: "), "{err}");
+        let s = outbox.stats();
+        assert!(s.state_bytes <= max / 2, "{s:?}");
+        assert_eq!(s.state_bytes, recount(&outbox, &keys));
+        // Finishing releases the reservation and charges what was written (less).
+        apply(&outbox, 1, 10).await;
+        let after = outbox.stats().state_bytes;
+        assert!(after < s.state_bytes, "{after} vs {}", s.state_bytes);
+        assert_eq!(after, recount(&outbox, &keys));
+        // The same key again fits, its history trimmed as needed; a new one still not.
+        for v in 2..12 {
+            let d = doc(v, vec![("b1", big.clone()), ("b4", big.clone())]);
+            receive(&outbox, d, vec![]).await.unwrap();
+            let taken = inbox(&outbox).unwrap();
+            assert!(taken[0].state[1].1.is_err(), "new key b4 taken at {v}");
+            apply(&outbox, v, 10).await;
+            let s = outbox.stats();
+            assert!(s.state_bytes <= max / 2, "{s:?}");
+            assert!(s.state_bytes + s.bytes <= max, "{s:?}");
+            assert_eq!(s.state_bytes, recount(&outbox, &keys));
+        }
+        // History is trimmed to the bound: b1 kept fewer than its 11 versions, the newest last.
+        let h = history(&outbox, "b1").unwrap();
+        assert!(
+            h.len() < 10 && h.last().unwrap().version == 11,
+            "{}",
+            h.len()
+        );
+        // Removing a key gives its room back.
+        let before = outbox.stats().state_bytes;
+        receive(
+            &outbox,
+            doc(12, vec![("b1", Value::Null), ("b2", Value::Null)]),
+            vec![],
+        )
+        .await
+        .unwrap();
+        apply(&outbox, 12, 0).await;
+        assert!(outbox.stats().state_bytes < before - 100_000);
+        let s = outbox.stats();
+        assert_eq!(s.state_bytes, recount(&outbox, &keys));
+        outbox.shutdown().await;
     }
 }

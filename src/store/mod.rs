@@ -6,8 +6,8 @@
 //! - `outbox`: `seq (u64) → record` (CBOR `[ts, key, value]`, see [`record`]), the queue;
 //! - `reported`: `key → (seq, record)`, the latest reported value of every key;
 //! - `meta`: `name → u64`: `next_seq`, queue `depth` and `bytes`, the persistent counters
-//!   (`reported`, `acked`, `dropped`, `rejected`, `corrupt`) and `seq_reserved` (see "Sent while the
-//!   fsync runs").
+//!   (`reported`, `acked`, `dropped`, `rejected`, `corrupt`), `seq_reserved` (see "Sent while the
+//!   fsync runs") and `state_bytes` (see "Bounds").
 //!
 //! # Invariants
 //! - **Durable before acknowledged.** A caller of [`Outbox::append`] is answered only after the
@@ -38,14 +38,33 @@
 //!   seqs (at most [`SEQ_RESERVE`] + one commit); a clean shutdown releases the reservation.
 //! - **All or nothing.** The changes of one request get consecutive seqs and are committed
 //!   together or not at all.
-//! - **Bounds.** `bytes` counts every queued record as its encoded length plus
-//!   [`RECORD_OVERHEAD`] (its seq key and B-tree entry). An append that would push `bytes` past
-//!   `store.max_bytes` either evicts the oldest changes first (`drop-oldest`, counted in
-//!   `dropped`) or is refused whole with `store-full` (`reject`, counted in `rejected`). The
-//!   file itself is larger than `bytes` by redb's page slack: B-tree pages are at most
-//!   half-empty after splits, plus the `reported` table (one row per distinct key) and a few
-//!   pages of metadata, so the file stays below about `2 × max_bytes + 1 MiB`. redb reuses
-//!   freed pages; the file does not shrink after a drain.
+//! - **Bounds.** `store.max_bytes` bounds everything the store holds, in two figures that
+//!   together stay within it: `bytes`, the queue (every queued record as its encoded length
+//!   plus [`RECORD_OVERHEAD`], its seq key and B-tree entry), and `state_bytes`, the state
+//!   (each row of the `reported` latest values and of the desired state, its history and
+//!   its documents waiting to be applied, as key + value + [`RECORD_OVERHEAD`], see
+//!   [`row_cost`]). The state may take at most half of `max_bytes` ([`state_allowance`]); the
+//!   queue takes what the state leaves, so at least the other half.
+//!   - A report whose latest values would grow `state_bytes` past the allowance (new keys,
+//!     larger values) is refused whole with `store-full` ([`StoreError::StateFull`], saying
+//!     so), counted in `rejected`, whatever `when_full` says: latest values are state, never
+//!     dropped. A report that does not grow the state (an existing key, a value no larger)
+//!     is never refused for it.
+//!   - An append that would push `bytes + state_bytes` past `max_bytes` either evicts the
+//!     oldest changes first (`drop-oldest`, counted in `dropped`) or is refused whole with
+//!     `store-full` (`reject`, counted in `rejected`). Desired state growing under a full
+//!     queue evicts the same way ([`TxnCtx::charge_state`]).
+//!   - The desired module reserves a document's worst-case growth when it takes the
+//!     document in and refuses (`rejected`, per key) the keys that do not fit
+//!     (`crate::desired::store`); its history is trimmed, oldest first, to stay in bound.
+//!
+//!   The file itself is larger than the accounted bytes by redb's page slack: B-tree pages
+//!   are at most half-empty after splits, the file grows in steps, and a few pages of
+//!   metadata and tables the accounting leaves out (recent desired results, pending results
+//!   and command records, each bounded by count) come on top, so the file stays below
+//!   `2 × max_bytes + 1 MiB` (measured: 400 keys × 60 KB against 1 MiB, 40 desired keys ×
+//!   60 KB against 4 MiB, `tests/harden_store.rs`). redb reuses freed pages; the file does
+//!   not shrink after a drain.
 //! - **Ack.** Changes leave the outbox only through [`Outbox::ack`] (the sync engine calls it
 //!   after the broker's PUBACK) or by `drop-oldest` eviction. Acks are batched into the same
 //!   group-commit transactions as appends. Acking a seq that is no longer queued is a no-op.
@@ -100,6 +119,22 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Accounted size of a queued record beyond its encoded bytes (seq key + B-tree entry).
 pub const RECORD_OVERHEAD: u64 = 24;
+
+/// The share of `store.max_bytes` the state (latest values, desired state and history) may
+/// take: half. The queue always keeps the rest.
+pub fn state_allowance(max_bytes: u64) -> u64 {
+    max_bytes / 2
+}
+
+/// Accounted size of a row of a state table: its key, its value, and the B-tree entry.
+pub fn row_cost(key_len: usize, value_len: usize) -> u64 {
+    key_len as u64 + value_len as u64 + RECORD_OVERHEAD
+}
+
+/// Accounted size of a `reported` row: key, `(seq, record)`.
+fn reported_row_cost(key: &str, record_len: usize) -> u64 {
+    row_cost(key.len(), record_len + 8)
+}
 /// Most changes the writer puts into one transaction.
 pub const MAX_TXN_CHANGES: usize = 16_384;
 /// Seqs reserved ahead of `next_seq` while the sync engine takes records before their fsync.
@@ -148,9 +183,22 @@ pub enum StoreError {
     #[error("cannot open store {path}: {detail}")]
     Open { path: PathBuf, detail: String },
     #[error(
-        "store is full: {needed} bytes needed, {queued} of {max} queued (store.when_full = \"reject\")"
+        "store is full: {needed} bytes needed, {queued} bytes queued and {state} bytes of \
+         latest values and desired state held, of store.max_bytes = {max}"
     )]
-    Full { needed: u64, queued: u64, max: u64 },
+    Full {
+        needed: u64,
+        queued: u64,
+        max: u64,
+        state: u64,
+    },
+    /// The latest values and desired state would pass their share of `store.max_bytes`.
+    #[error(
+        "store is full: the latest values would grow by {needed} bytes, and {used} of the {max} \
+         bytes the store keeps for latest values and desired state (half of store.max_bytes) \
+         are in use; report fewer or smaller keys, or raise store.max_bytes"
+    )]
+    StateFull { needed: u64, used: u64, max: u64 },
     #[error("store I/O error: {0}")]
     Io(String),
     /// The file system is full (ENOSPC) or over quota (EDQUOT): retrying later may succeed.
@@ -171,7 +219,9 @@ impl StoreError {
     /// The error code of SPEC §6 for local callers.
     pub fn code(&self) -> &'static str {
         match self {
-            StoreError::Full { .. } | StoreError::NoSpace(_) => "store-full",
+            StoreError::Full { .. } | StoreError::StateFull { .. } | StoreError::NoSpace(_) => {
+                "store-full"
+            }
             _ => "io-error",
         }
     }
@@ -270,6 +320,10 @@ pub struct QueueStats {
     pub rejected: u64,
     /// Damaged records skipped by the sync engine and removed (never sent).
     pub corrupt: u64,
+    /// Accounted bytes of the latest values and the desired state (see "Bounds").
+    pub state_bytes: u64,
+    /// The most `state_bytes` may reach ([`state_allowance`] of `max_bytes`).
+    pub max_state_bytes: u64,
 }
 
 /// One queued change read back from the outbox.
@@ -324,6 +378,7 @@ type TxnFn = Box<dyn FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Se
 pub struct TxnCtx<'t, 'w> {
     pub txn: &'t redb::WriteTransaction,
     outbox: &'w mut redb::Table<'t, u64, &'static [u8]>,
+    reported: &'w redb::Table<'t, &'static str, (u64, &'static [u8])>,
     writer: &'w mut Writer,
     latest: &'w mut HashMap<String, Latest<Vec<u8>>>,
 }
@@ -341,17 +396,18 @@ impl TxnCtx<'_, '_> {
         changes: &[NewChange],
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
-        self.writer.append(self.outbox, changes, |c, seq, ts| {
-            latest.insert(
-                c.key.clone(),
-                Latest {
-                    seq,
-                    ts,
-                    value: c.value.clone(),
-                    origin: c.origin.tag(),
-                },
-            );
-        })
+        self.writer
+            .append(self.outbox, self.reported, changes, |c, seq, ts| {
+                latest.insert(
+                    c.key.clone(),
+                    Latest {
+                        seq,
+                        ts,
+                        value: c.value.clone(),
+                        origin: c.origin.tag(),
+                    },
+                );
+            })
     }
 
     /// Drops every change queued (as of this point of the transaction), counted in
@@ -359,6 +415,45 @@ impl TxnCtx<'_, '_> {
     /// arrive there; their acknowledgement is then a no-op.
     pub fn purge(&mut self) -> Result<Acked, redb::Error> {
         self.writer.purge(self.outbox)
+    }
+
+    /// Bytes the state may still grow by in this transaction: within its allowance and,
+    /// under `reject`, beside what is queued (`drop-oldest` evicts queued changes instead).
+    pub fn state_room(&self) -> u64 {
+        let w = &*self.writer;
+        let left = state_allowance(w.max_bytes).saturating_sub(w.meta.state_bytes);
+        match w.when_full {
+            WhenFull::DropOldest => left,
+            WhenFull::Reject => left.min(
+                w.max_bytes
+                    .saturating_sub(w.meta.state_bytes)
+                    .saturating_sub(w.meta.bytes),
+            ),
+        }
+    }
+
+    /// Accounts a state row (or a reservation) of `old` accounted bytes replaced by one of
+    /// `new`. Growth past what the queue leaves evicts the oldest queued changes under
+    /// `drop-oldest` (counted in `dropped`).
+    pub fn charge_state(&mut self, old: u64, new: u64) -> Result<(), redb::Error> {
+        let w = &mut *self.writer;
+        w.meta.state_bytes = w.meta.state_bytes.saturating_sub(old).saturating_add(new);
+        if new > old && w.when_full == WhenFull::DropOldest {
+            let room = w.max_bytes.saturating_sub(w.meta.state_bytes);
+            w.evict_to(self.outbox, room)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the state, with `extra` bytes more, is past its allowance (history is then
+    /// trimmed).
+    pub fn state_over(&self, extra: u64) -> bool {
+        self.writer.meta.state_bytes.saturating_add(extra) > state_allowance(self.writer.max_bytes)
+    }
+
+    /// The accounted bytes of `key`'s `reported` row as of this point of the transaction.
+    pub fn reported_cost(&self, key: &str) -> Result<u64, redb::Error> {
+        self.writer.reported_cost_of(self.reported, key)
     }
 }
 
@@ -448,6 +543,14 @@ impl Outbox {
         let db = open_db(opts, &opener)?;
         let meta = Meta::load_or_init(&db, floor).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
+        if stats.state_bytes > stats.max_state_bytes {
+            tracing::warn!(
+                state_bytes = stats.state_bytes,
+                max_state_bytes = stats.max_state_bytes,
+                "the latest values and desired state take more than half of store.max_bytes: \
+                 reports that add keys or grow values are refused until store.max_bytes is raised"
+            );
+        }
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(db)),
             path,
@@ -471,6 +574,7 @@ impl Outbox {
             opts: opts.clone(),
             opener,
             broken: None,
+            pending_rows: HashMap::new(),
         };
         let handle = std::thread::Builder::new()
             .name("edgesync-store".into())
@@ -937,10 +1041,12 @@ struct Meta {
     /// Seqs below it may have been handed to the sync engine before their commit: never
     /// reuse them (see "Sent while the fsync runs").
     seq_reserved: u64,
+    /// Accounted bytes of the state tables (see "Bounds").
+    state_bytes: u64,
 }
 
 impl Meta {
-    const FIELDS: [&'static str; 9] = [
+    const FIELDS: [&'static str; 10] = [
         "next_seq",
         "depth",
         "bytes",
@@ -950,9 +1056,10 @@ impl Meta {
         "rejected",
         "seq_reserved",
         "corrupt",
+        "state_bytes",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 9] {
+    fn fields_mut(&mut self) -> [&mut u64; 10] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -963,6 +1070,7 @@ impl Meta {
             &mut self.rejected,
             &mut self.seq_reserved,
             &mut self.corrupt,
+            &mut self.state_bytes,
         ]
     }
 
@@ -973,7 +1081,7 @@ impl Meta {
         let txn = db.begin_write()?;
         let mut changed = false;
         let meta = {
-            let _ = txn.open_table(REPORTED)?;
+            let reported = txn.open_table(REPORTED)?;
             let outbox = txn.open_table(OUTBOX)?;
             let mut table = txn.open_table(META)?;
             let fresh = table.get("next_seq")?.is_none();
@@ -992,13 +1100,34 @@ impl Meta {
                 },
                 ..Meta::default()
             };
+            let mut state_missing = false;
             for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
                     None if matches!(*name, "seq_reserved" | "corrupt") => {}
-                    None => changed = true,
+                    None => {
+                        state_missing |= *name == "state_bytes";
+                        changed = true;
+                    }
                 }
+            }
+            // Stores of earlier versions did not count their state: count it once.
+            if state_missing {
+                let mut total = 0u64;
+                for item in reported.iter()? {
+                    let (k, v) = item?;
+                    total += reported_row_cost(k.value(), v.value().1.len());
+                }
+                drop(reported);
+                total += crate::desired::store::state_cost(&txn)?;
+                if total > 0 {
+                    tracing::info!(
+                        state_bytes = total,
+                        "counted the store's latest values and desired state"
+                    );
+                }
+                meta.state_bytes = total;
             }
             // A crash (or a failed commit) may have left seqs up to the reservation with the
             // broker: continue after them. In memory only, so that an open needs no write;
@@ -1065,6 +1194,8 @@ impl Meta {
             dropped: self.dropped,
             rejected: self.rejected,
             corrupt: self.corrupt,
+            state_bytes: self.state_bytes,
+            max_state_bytes: state_allowance(max_bytes),
         }
     }
 }
@@ -1091,6 +1222,9 @@ struct Writer {
     opener: Opener,
     /// Set after a commit failed with an I/O error: redb must be reopened first.
     broken: Option<Broken>,
+    /// Accounted cost of each `reported` row as this transaction leaves it (its rows are
+    /// written at its end).
+    pending_rows: HashMap<String, u64>,
 }
 
 struct Broken {
@@ -1346,16 +1480,18 @@ impl Writer {
             })
             .sum();
         self.collect_tail = sink.is_some() && appends <= TAIL_MAX;
+        self.pending_rows.clear();
         let mut outcomes = Vec::with_capacity(batch.len());
         {
             let mut outbox = txn.open_table(OUTBOX)?;
+            let mut reported = txn.open_table(REPORTED)?;
             // Latest value per key in this batch: one `reported` write per key.
             let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
             let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
             for op in batch {
                 match op {
                     Op::Append { changes, .. } => {
-                        let r = self.append(&mut outbox, changes, |c, seq, ts| {
+                        let r = self.append(&mut outbox, &reported, changes, |c, seq, ts| {
                             latest.insert(
                                 &c.key,
                                 Latest {
@@ -1378,6 +1514,7 @@ impl Writer {
                             let mut ctx = TxnCtx {
                                 txn: &txn,
                                 outbox: &mut outbox,
+                                reported: &reported,
                                 writer: self,
                                 latest: &mut owned,
                             };
@@ -1394,7 +1531,6 @@ impl Writer {
                 self.hand_over_tail(sink);
             }
             if !latest.is_empty() || !owned.is_empty() {
-                let mut reported = txn.open_table(REPORTED)?;
                 // Where both kinds touched a key, the higher seq is the newer.
                 let newer_owned = |key: &str, seq: u64| owned.get(key).is_some_and(|o| o.seq > seq);
                 for (key, l) in &latest {
@@ -1438,9 +1574,44 @@ impl Writer {
         self.tail_buf.clear();
     }
 
+    /// The accounted cost of `key`'s `reported` row as of this point of the transaction.
+    fn reported_cost_of(
+        &self,
+        reported: &redb::Table<&'static str, (u64, &'static [u8])>,
+        key: &str,
+    ) -> Result<u64, redb::Error> {
+        if let Some(c) = self.pending_rows.get(key) {
+            return Ok(*c);
+        }
+        Ok(reported
+            .get(key)?
+            .map_or(0, |v| reported_row_cost(key, v.value().1.len())))
+    }
+
+    /// Evicts the oldest queued changes (counted in `dropped`) until `bytes <= room`.
+    fn evict_to(
+        &mut self,
+        outbox: &mut redb::Table<u64, &[u8]>,
+        room: u64,
+    ) -> Result<(), redb::Error> {
+        while self.meta.bytes > room {
+            let Some((_, v)) = outbox.pop_first()? else {
+                // Accounting drift: nothing left to evict.
+                self.meta.bytes = 0;
+                self.meta.depth = 0;
+                break;
+            };
+            self.meta.bytes = self.meta.bytes.saturating_sub(cost(v.value().len()));
+            self.meta.depth = self.meta.depth.saturating_sub(1);
+            self.meta.dropped += 1;
+        }
+        Ok(())
+    }
+
     fn append<'b>(
         &mut self,
         outbox: &mut redb::Table<u64, &[u8]>,
+        reported: &redb::Table<&'static str, (u64, &'static [u8])>,
         changes: &'b [NewChange],
         mut inserted: impl FnMut(&'b NewChange, u64, u64),
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
@@ -1456,37 +1627,57 @@ impl Writer {
             .iter()
             .map(|c| cost(record::encoded_len(&c.key, &c.value)))
             .sum();
+        let now = now_ms();
+        // The latest-value rows as this request leaves them (the last change of a key wins).
+        let mut rows: HashMap<&str, u64> = HashMap::new();
+        let (mut added, mut removed) = (0u64, 0u64);
+        for c in changes {
+            let len = record::exact_len(c.ts.unwrap_or(now), &c.key, c.value.len(), c.origin.tag());
+            let new = reported_row_cost(&c.key, len);
+            let old = match rows.get(c.key.as_str()) {
+                Some(old) => *old,
+                None => self.reported_cost_of(reported, &c.key)?,
+            };
+            rows.insert(&c.key, new);
+            added += new;
+            removed += old;
+        }
+        let state = self.meta.state_bytes + added;
+        let state = state.saturating_sub(removed);
+        let allowance = state_allowance(self.max_bytes);
+        if state > allowance && state > self.meta.state_bytes {
+            self.meta.rejected += n;
+            return Ok(Err(StoreError::StateFull {
+                needed: state - self.meta.state_bytes,
+                used: self.meta.state_bytes,
+                max: allowance,
+            }));
+        }
+        // The queue takes what the state leaves.
+        let room = self.max_bytes.saturating_sub(state);
         let full = StoreError::Full {
             needed,
             queued: self.meta.bytes,
             max: self.max_bytes,
+            state: self.meta.state_bytes,
         };
-        if needed > self.max_bytes {
+        if needed > room {
             self.meta.rejected += n;
             return Ok(Err(full));
         }
-        if self.meta.bytes + needed > self.max_bytes {
+        if self.meta.bytes + needed > room {
             match self.when_full {
                 WhenFull::Reject => {
                     self.meta.rejected += n;
                     return Ok(Err(full));
                 }
-                WhenFull::DropOldest => {
-                    while self.meta.bytes + needed > self.max_bytes {
-                        let Some((_, v)) = outbox.pop_first()? else {
-                            // Accounting drift: nothing left to evict.
-                            self.meta.bytes = 0;
-                            self.meta.depth = 0;
-                            break;
-                        };
-                        self.meta.bytes = self.meta.bytes.saturating_sub(cost(v.value().len()));
-                        self.meta.depth = self.meta.depth.saturating_sub(1);
-                        self.meta.dropped += 1;
-                    }
-                }
+                WhenFull::DropOldest => self.evict_to(outbox, room - needed)?,
             }
         }
-        let now = now_ms();
+        self.meta.state_bytes = state;
+        for (key, c) in rows {
+            self.pending_rows.insert(key.to_owned(), c);
+        }
         let first_seq = self.meta.next_seq;
         for c in changes {
             let seq = self.meta.next_seq;

@@ -87,6 +87,27 @@ pub fn encoded_len(key: &str, value: &[u8]) -> usize {
     1 + 9 + 9 + key.len() + value.len()
 }
 
+/// Length of a CBOR head with argument `arg`.
+fn head_len(arg: u64) -> usize {
+    match arg {
+        0..24 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Exact length of the record [`encode_with_origin`] writes (the `reported` table's
+/// accounting, checked before anything is written).
+pub fn exact_len(ts: u64, key: &str, value_len: usize, origin: Option<&str>) -> usize {
+    1 + head_len(ts)
+        + head_len(key.len() as u64)
+        + key.len()
+        + value_len
+        + origin.map_or(0, |o| head_len(o.len() as u64) + o.len())
+}
+
 /// Encodes a record into `out` (cleared first).
 pub fn encode_into(out: &mut Vec<u8>, ts: u64, key: &str, value: &[u8]) {
     encode_with_origin(out, ts, key, value, None);
@@ -316,6 +337,44 @@ mod tests {
             &[0x83, 0x00, 0x61, b'a'],
         ] {
             assert!(decode(bad).is_err(), "{bad:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod len_tests {
+    use super::*;
+
+    #[test]
+    fn exact_len_is_what_encoding_writes() {
+        let mut out = Vec::new();
+        let long = "k".repeat(70_000);
+        for ts in [
+            0,
+            23,
+            24,
+            255,
+            256,
+            65_535,
+            65_536,
+            u64::from(u32::MAX) + 1,
+            u64::MAX,
+        ] {
+            for key in [
+                "",
+                "a",
+                &"k".repeat(23),
+                &"k".repeat(24),
+                &"k".repeat(300),
+                &long,
+            ] {
+                for value in [&[0xf6u8][..], &[0x19, 1, 2][..]] {
+                    for origin in [None, Some("cloud")] {
+                        encode_with_origin(&mut out, ts, key, value, origin);
+                        assert_eq!(exact_len(ts, key, value.len(), origin), out.len());
+                    }
+                }
+            }
         }
     }
 }

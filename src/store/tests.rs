@@ -135,9 +135,10 @@ fn drop_oldest_evicts_and_counts_and_keeps_bound() {
     let rt = rt();
     let mut last = 0;
     rt.block_on(async {
+        // Few keys: their latest values count against `max` too (see the state tests).
         for i in 0..200 {
             last = outbox
-                .append(vec![sized(&format!("k{i}"), 1000)])
+                .append(vec![sized(&format!("k{}", i % 8), 1000)])
                 .await
                 .unwrap()
                 .last_seq;
@@ -536,5 +537,118 @@ fn a_clean_shutdown_releases_the_reservation_and_no_listener_reserves_nothing() 
     drop(outbox);
     let outbox = open_when_free(&o);
     assert_eq!(outbox.stats().next_seq, 5);
+    outbox.shutdown_blocking();
+}
+
+/// What the state tables hold, computed from the rows (the accounting must agree).
+fn counted_state(outbox: &Outbox) -> u64 {
+    let txn = outbox.read().unwrap();
+    let table = txn.open_table(REPORTED).unwrap();
+    table
+        .iter()
+        .unwrap()
+        .map(|item| {
+            let (k, v) = item.unwrap();
+            reported_row_cost(k.value(), v.value().1.len())
+        })
+        .sum()
+}
+
+#[test]
+fn latest_values_count_against_max_bytes_and_new_keys_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let max = 64 * 1024;
+    for when_full in [WhenFull::DropOldest, WhenFull::Reject] {
+        let o = opts(&dir.path().join(format!("{when_full:?}")), max, when_full);
+        let outbox = Outbox::open(&o).unwrap();
+        let rt = rt();
+        let (accepted, err) = rt.block_on(async {
+            for i in 0..1000 {
+                if let Err(e) = outbox.append(vec![sized(&format!("k{i}"), 1000)]).await {
+                    return (i, e);
+                }
+            }
+            panic!("the state never filled up");
+        });
+        let s = outbox.stats();
+        assert!(matches!(err, StoreError::StateFull { .. }), "{err}");
+        assert_eq!(err.code(), "store-full");
+        assert!(err.to_string().contains("latest values"), "{err}");
+        assert_eq!(s.max_state_bytes, max / 2);
+        assert!(s.state_bytes <= max / 2, "{s:?}");
+        assert!(s.state_bytes + s.bytes <= max, "{s:?}");
+        assert_eq!(s.state_bytes, counted_state(&outbox));
+        // About half of max: each key costs its record + key + seq + overhead.
+        assert!(accepted > 25 && accepted < 32, "{accepted}");
+        assert_eq!(s.rejected, 1);
+        // Existing keys: never refused for the state (drop-oldest evicts; reject refuses
+        // only once the queue is full, with the queue's message).
+        for i in 0..200 {
+            let r = rt.block_on(outbox.append(vec![sized(&format!("k{}", i % accepted), 1000)]));
+            match (when_full, r) {
+                (_, Ok(_)) => {}
+                (WhenFull::Reject, Err(e @ StoreError::Full { .. })) => {
+                    assert!(e.to_string().contains("queued"), "{e}");
+                    break;
+                }
+                (_, Err(e)) => panic!("existing key refused: {e}"),
+            }
+            let s = outbox.stats();
+            assert!(s.state_bytes + s.bytes <= max, "{s:?}");
+        }
+        // A smaller value shrinks the state; the figure survives a reopen.
+        rt.block_on(outbox.ack(Ack::Through(u64::MAX))).unwrap();
+        rt.block_on(outbox.append(vec![sized("k0", 10)])).unwrap();
+        let s = outbox.stats();
+        assert_eq!(s.state_bytes, counted_state(&outbox));
+        outbox.shutdown_blocking();
+        drop(outbox);
+        let outbox = Outbox::open(&o).unwrap();
+        assert_eq!(outbox.stats().state_bytes, s.state_bytes);
+        outbox.shutdown_blocking();
+    }
+}
+
+#[test]
+fn repeated_keys_in_one_request_or_group_count_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 20, WhenFull::Reject);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    rt.block_on(async {
+        let reqs: Vec<_> = (0..20)
+            .map(|i| outbox.submit(vec![sized("a", 100 + i), sized("b", 10), sized("a", 50)]))
+            .collect();
+        for r in reqs {
+            r.await.unwrap().await.unwrap().unwrap();
+        }
+    });
+    assert_eq!(outbox.stats().state_bytes, counted_state(&outbox));
+    outbox.shutdown_blocking();
+}
+
+#[test]
+fn an_older_store_counts_its_state_once_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 20, WhenFull::Reject);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    for i in 0..10 {
+        rt.block_on(outbox.append(vec![sized(&format!("k{i}"), 100 * i)]))
+            .unwrap();
+    }
+    let before = outbox.stats().state_bytes;
+    assert!(before > 0);
+    outbox.shutdown_blocking();
+    drop(outbox);
+    // As an earlier version left it: no `state_bytes`.
+    {
+        let db = Database::create(&o.path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().remove("state_bytes").unwrap();
+        txn.commit().unwrap();
+    }
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.stats().state_bytes, before);
     outbox.shutdown_blocking();
 }
