@@ -14,7 +14,7 @@ use serde_json::json;
 
 #[test]
 fn a_closed_pipe_on_stdout_ends_every_command_quietly() {
-    let agent = Agent::start(AgentOptions::default());
+    let agent = Agent::start(AgentOptions::default().max_bytes("4MiB"));
     // Enough state that `get reported` writes far more than a pipe holds.
     let big = "x".repeat(30_000);
     let changes: Vec<(String, serde_json::Value)> =
