@@ -129,6 +129,9 @@ pub struct Metrics {
     pub reconnects: u64,
     pub last_error: Option<String>,
     pub desired_version: Option<u64>,
+    /// Incoming messages the link refused or dropped, since start.
+    #[serde(default)]
+    pub inbound: crate::status::Inbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,6 +256,7 @@ pub fn build(i: &Inputs) -> Metrics {
         reconnects: i.link.reconnects,
         last_error: i.link.last_error.clone(),
         desired_version: i.desired_version,
+        inbound: i.link.inbound,
     }
 }
 
@@ -387,6 +391,21 @@ pub fn prometheus(m: &Metrics) -> String {
         "edgesync_reconnects_total",
         "Reconnections to the broker since the agent started.",
         m.reconnects,
+    );
+    e.counter(
+        "edgesync_intake_dropped_total",
+        "QoS 0 messages from the broker dropped because the intake was full, since start.",
+        m.inbound.intake_dropped,
+    );
+    e.counter(
+        "edgesync_inbound_oversize_total",
+        "Messages from the broker over the incoming packet limit, since start.",
+        m.inbound.oversize_refused,
+    );
+    e.counter(
+        "edgesync_inbound_foreign_total",
+        "Messages from the broker on topics the agent does not act on, since start.",
+        m.inbound.foreign_messages,
     );
     e.family(
         "edgesync_desired_version",
@@ -843,6 +862,11 @@ mod tests {
                 reconnects: 4,
                 inflight_batches: 0,
                 reload: Default::default(),
+                inbound: crate::status::Inbound {
+                    intake_dropped: 11,
+                    oversize_refused: 12,
+                    foreign_messages: 13,
+                },
             },
             rates: Some(Rates {
                 in_per_s: 1.5,
@@ -876,6 +900,9 @@ mod tests {
         assert_eq!(v["reconnects"], 4);
         assert_eq!(v["last_error"], "broker said \"no\"");
         assert_eq!(v["desired_version"], 7);
+        assert_eq!(v["inbound"]["intake_dropped"], 11);
+        assert_eq!(v["inbound"]["oversize_refused"], 12);
+        assert_eq!(v["inbound"]["foreign_messages"], 13);
         let back: Metrics = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
     }
@@ -905,6 +932,9 @@ mod tests {
             ),
             ("edgesync_changes_in_per_second", 1.5),
             ("edgesync_reconnects_total", 4.0),
+            ("edgesync_intake_dropped_total", 11.0),
+            ("edgesync_inbound_oversize_total", 12.0),
+            ("edgesync_inbound_foreign_total", 13.0),
             ("edgesync_desired_version", 7.0),
             ("edgesync_resident_memory_bytes", f64::from(4u32 << 20)),
             ("edgesync_uptime_seconds", 61.0),

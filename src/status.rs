@@ -39,6 +39,23 @@ pub struct LinkFigures {
     /// The last config reload.
     #[serde(default)]
     pub reload: crate::reload::ReloadStatus,
+    /// Incoming messages refused or dropped by the link, since start.
+    #[serde(default)]
+    pub inbound: Inbound,
+}
+
+/// Incoming messages the link refused or dropped, since start (status `counters`, metrics
+/// `inbound`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Inbound {
+    /// QoS 0 messages dropped because the intake was full (bounded in bytes and count).
+    pub intake_dropped: u64,
+    /// Messages over the incoming packet limit (never read whole).
+    pub oversize_refused: u64,
+    /// Messages on topics the agent does not act on (e.g. via a leftover wildcard
+    /// subscription in its broker session).
+    pub foreign_messages: u64,
 }
 
 /// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
@@ -155,6 +172,8 @@ pub struct Counters {
     pub dropped: u64,
     pub rejected: u64,
     pub reconnects: u64,
+    #[serde(flatten)]
+    pub inbound: Inbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +232,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             dropped: q.dropped,
             rejected: q.rejected,
             reconnects: link.reconnects,
+            inbound: link.inbound,
         },
         desired: Desired {
             version: inputs.desired_version,
@@ -355,6 +375,7 @@ mod tests {
                 dropped: 0,
                 rejected: 0,
                 reconnects: 0,
+                inbound: Inbound::default(),
             },
             desired: Desired { version: None },
             reload: Default::default(),

@@ -353,10 +353,13 @@ impl Session<'_> {
         // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
         eventloop.network_options.set_tcp_nodelay(true);
         let (tx, mut events) = mpsc::channel(256);
-        let poller = tokio::spawn(poll_loop(eventloop, tx));
-        // Unbounded on purpose: the broker sends at most its in-flight window of unacked
-        // messages, and a bounded channel here could block the event path while the intake
-        // waits for rumqttc to take its PUBACK (a cycle).
+        let gate = IntakeGate::new(self.board.clone());
+        let poller = tokio::spawn(poll_loop(eventloop, tx, gate));
+        // Not a bounded channel: the event path must never wait for the intake (which waits
+        // for rumqttc to take its PUBACK: a cycle). What it holds is bounded by the
+        // `IntakeGate` tokens instead: QoS 0 messages beyond the gate's bound are dropped
+        // before they get here; QoS 1 ones by the broker's in-flight window (each is acked
+        // only once taken in).
         let (intake_tx, intake_rx) = mpsc::unbounded_channel();
         let intake = tokio::spawn(intake_loop(
             intake_rx,
@@ -392,8 +395,8 @@ impl Session<'_> {
     async fn drive(
         &mut self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
+        events: &mut mpsc::Receiver<Polled>,
+        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
@@ -446,19 +449,23 @@ impl Session<'_> {
                         return SessionEnd::Failed("MQTT event loop ended".into());
                     };
                     // Only what the broker sends proves the link alive, not our own pings.
-                    if matches!(ev, Ok(Event::Incoming(_))) {
+                    if matches!(
+                        ev,
+                        Polled::Event(Event::Incoming(_)) | Polled::Publish(..) | Polled::Dropped
+                    ) {
                         last_heard = Instant::now();
                     }
                     match ev {
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            self.on_publish(client, intake, p).await;
+                        Polled::Publish(p, token) => {
+                            self.on_publish(client, intake, p, token).await;
                         }
-                        Ok(ev) => {
+                        Polled::Dropped => {}
+                        Polled::Event(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
                                 return SessionEnd::Failed(e);
                             }
                         }
-                        Err(e) => {
+                        Polled::Failed(e) => {
                             if is_oversize(&e) {
                                 return SessionEnd::Oversize(tls::describe(&e, &self.settings.describe_ctx()));
                             }
@@ -642,13 +649,14 @@ impl Session<'_> {
     async fn on_publish(
         &mut self,
         client: &AsyncClient,
-        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
+        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
         p: rumqttc::Publish,
+        token: IntakeToken,
     ) {
         match self.settings.topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Desired | crate::topics::Incoming::Command(_)) => {
                 // Acked by the intake task once the document (or request) is durable.
-                if intake.send(p).is_err() {
+                if intake.send((p, token)).is_err() {
                     tracing::error!("desired intake stopped");
                 }
             }
@@ -767,11 +775,7 @@ impl Session<'_> {
 
     /// Clean shutdown: replace the retained status with "offline" ourselves (the will is
     /// only for unclean ends), wait briefly for its PUBACK, disconnect.
-    async fn goodbye(
-        &mut self,
-        client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-    ) {
+    async fn goodbye(&mut self, client: &AsyncClient, events: &mut mpsc::Receiver<Polled>) {
         let offline = br#"{"state":"offline"}"#.to_vec();
         if self
             .publish(
@@ -789,7 +793,12 @@ impl Session<'_> {
         let mut goodbye_pkid = None;
         loop {
             let ev = tokio::time::timeout_at(deadline, events.recv()).await;
-            let Ok(Some(Ok(ev))) = ev else { break };
+            let Ok(Some(Polled::Event(ev))) = ev else {
+                match ev {
+                    Ok(Some(Polled::Publish(..) | Polled::Dropped)) => continue,
+                    _ => break,
+                }
+            };
             match ev {
                 Event::Outgoing(Outgoing::Publish(pkid)) => match self.tags.pop_front() {
                     Some(Tag::Goodbye) => goodbye_pkid = Some(pkid),
@@ -931,13 +940,14 @@ async fn sleep_until(t: Option<Instant>) {
 /// Takes in desired documents and command requests one at a time, in arrival order, and
 /// acknowledges each once it is durable (or answered, if unreadable).
 async fn intake_loop(
-    mut rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    mut rx: mpsc::UnboundedReceiver<(rumqttc::Publish, IntakeToken)>,
     client: AsyncClient,
     applier: Applier,
     controller: Controller,
     topics: Topics,
 ) {
-    while let Some(p) = rx.recv().await {
+    // The token goes when the message is taken in: its bytes leave the intake's load.
+    while let Some((p, _token)) = rx.recv().await {
         let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Command(name)) => {
                 crate::crash::point("command-received");
@@ -963,12 +973,176 @@ async fn intake_loop(
     }
 }
 
-async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
+/// What the poller hands to the session.
+enum Polled {
+    Event(Event),
+    /// An incoming message, admitted by the intake gate.
+    Publish(rumqttc::Publish, IntakeToken),
+    /// A QoS 0 message dropped at the gate (still proof that the link is alive).
+    Dropped,
+    Failed(ConnectionError),
+}
+
+async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: IntakeGate) {
     loop {
-        let ev = eventloop.poll().await;
-        let failed = ev.is_err();
-        if tx.send(ev).await.is_err() || failed {
+        let polled = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::Publish(p))) => match gate.admit(&p) {
+                Some(token) => Polled::Publish(p, token),
+                None => Polled::Dropped,
+            },
+            Ok(ev) => Polled::Event(ev),
+            Err(e) => Polled::Failed(e),
+        };
+        let failed = matches!(polled, Polled::Failed(_));
+        if tx.send(polled).await.is_err() || failed {
             return;
         }
+    }
+}
+
+/// Bytes of incoming messages read and not yet taken in, at most (issue 13 item 2). QoS 0
+/// messages beyond it are dropped and counted; QoS 1 ones are always admitted (bounded by
+/// the broker's in-flight window, since each is acknowledged only once taken in).
+const INTAKE_MAX_BYTES: usize = 8 << 20;
+/// Messages read and not yet taken in, at most (as [`INTAKE_MAX_BYTES`]).
+const INTAKE_MAX_MESSAGES: usize = 256;
+/// Per-message overhead counted on top of topic and payload.
+const INTAKE_OVERHEAD: usize = 128;
+
+/// The bound on the intake: messages read from the network and not yet taken in.
+///
+/// Dropping rather than backpressure: not polling rumqttc's event loop would also stop its
+/// keepalive pings and the PUBACKs of our uplink, and QoS 0 is "at most once" by contract.
+#[derive(Clone)]
+struct IntakeGate {
+    load: Arc<std::sync::Mutex<IntakeLoad>>,
+    board: StatusBoard,
+}
+
+#[derive(Debug, Default)]
+struct IntakeLoad {
+    bytes: usize,
+    messages: usize,
+    /// When a drop was last logged: at most one line per [`INTAKE_LOG_EVERY`].
+    logged: Option<Instant>,
+    /// Drops since then.
+    unlogged: u64,
+}
+
+/// How often a sustained QoS 0 flood is logged.
+const INTAKE_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// One admitted message's share of the intake's load, given back when dropped.
+struct IntakeToken {
+    load: Arc<std::sync::Mutex<IntakeLoad>>,
+    bytes: usize,
+}
+
+impl Drop for IntakeToken {
+    fn drop(&mut self) {
+        let mut l = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        l.bytes = l.bytes.saturating_sub(self.bytes);
+        l.messages = l.messages.saturating_sub(1);
+    }
+}
+
+impl IntakeGate {
+    fn new(board: StatusBoard) -> Self {
+        Self {
+            load: Arc::default(),
+            board,
+        }
+    }
+
+    /// Admits `p` (its token carries its share of the load), or `None`: a QoS 0 message
+    /// over the bound, dropped and counted. A message is always admitted into an empty
+    /// intake, so one larger than the bound still gets through.
+    fn admit(&self, p: &rumqttc::Publish) -> Option<IntakeToken> {
+        let bytes = p
+            .payload
+            .len()
+            .saturating_add(p.topic.len())
+            .saturating_add(INTAKE_OVERHEAD);
+        let mut l = self
+            .load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let full = l.messages > 0
+            && (l.messages >= INTAKE_MAX_MESSAGES
+                || l.bytes.saturating_add(bytes) > INTAKE_MAX_BYTES);
+        if full && p.qos == QoS::AtMostOnce {
+            l.unlogged += 1;
+            if l.logged.is_none_or(|t| t.elapsed() >= INTAKE_LOG_EVERY) {
+                tracing::warn!(
+                    topic = %p.topic,
+                    "QoS 0 intake full ({} messages, {} bytes waiting to be taken in): dropped {} QoS 0 message(s) \
+                     (counted in status counters.intake_dropped; logged at most once a minute)",
+                    l.messages,
+                    l.bytes,
+                    l.unlogged
+                );
+                l.logged = Some(Instant::now());
+                l.unlogged = 0;
+            }
+            drop(l);
+            self.board
+                .update(|b| b.inbound.intake_dropped = b.inbound.intake_dropped.saturating_add(1));
+            return None;
+        }
+        l.bytes = l.bytes.saturating_add(bytes);
+        l.messages += 1;
+        Some(IntakeToken {
+            load: Arc::clone(&self.load),
+            bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish(qos: QoS, bytes: usize) -> rumqttc::Publish {
+        rumqttc::Publish::new("p/d/desired", qos, vec![0u8; bytes])
+    }
+
+    #[test]
+    fn the_intake_gate_drops_qos0_beyond_its_bound_and_never_qos1() {
+        let board = StatusBoard::default();
+        let gate = IntakeGate::new(board.clone());
+        // Larger than the bound, into an empty intake: admitted.
+        let big = gate.admit(&publish(QoS::AtMostOnce, INTAKE_MAX_BYTES * 2));
+        assert!(big.is_some());
+        assert!(gate.admit(&publish(QoS::AtMostOnce, 10)).is_none());
+        // QoS 1 is never dropped (the broker's window bounds it).
+        let q1: Vec<_> = (0..INTAKE_MAX_MESSAGES * 2)
+            .map(|_| gate.admit(&publish(QoS::AtLeastOnce, 1000)))
+            .collect();
+        assert!(q1.iter().all(Option::is_some));
+        assert_eq!(board.snapshot().inbound.intake_dropped, 1);
+        drop(big);
+        drop(q1);
+        // Taken in: the load is given back.
+        let mut held = Vec::new();
+        for _ in 0..INTAKE_MAX_MESSAGES {
+            held.push(gate.admit(&publish(QoS::AtMostOnce, 10)).unwrap());
+        }
+        assert!(
+            gate.admit(&publish(QoS::AtMostOnce, 10)).is_none(),
+            "count bound"
+        );
+        held.clear();
+        let per = INTAKE_MAX_BYTES / 4;
+        for _ in 0..3 {
+            held.push(gate.admit(&publish(QoS::AtMostOnce, per)).unwrap());
+        }
+        assert!(
+            gate.admit(&publish(QoS::AtMostOnce, per)).is_none(),
+            "byte bound"
+        );
+        assert_eq!(board.snapshot().inbound.intake_dropped, 3);
     }
 }

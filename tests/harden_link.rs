@@ -1,0 +1,427 @@
+//! Issue 13, the link's items, against the real binary and a real broker (rumqttd, TLS):
+//! a QoS 0 flood of desired documents (item 2), a retained document over the transport
+//! limit (item 4), a leftover wildcard subscription in the agent's broker session, and a
+//! link that drops every connection before a batch is through.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::cloud::{Cloud, DEADLINE, decode, pki, tls_agent, unique, wait};
+use common::{Agent, report_req};
+use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
+use rumqttc::{Client, Event, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
+use serde_json::{Value, json};
+
+struct Rig {
+    device: String,
+    /// Subscribed to `P/D/reported`.
+    reported: Cloud,
+    /// Subscribed to `P/D/+/result` (desired results) and used to publish.
+    results: Cloud,
+    /// Subscribed to `P/D/cmd/+/result`.
+    answers: Cloud,
+    agent: Agent,
+    broker: RumqttdBroker,
+    /// Between the agent and the broker when the agent talks plain MQTT.
+    injector: Option<Injector>,
+    pki: TestPki,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// The agent with `extra` appended to its config (after `[mqtt]`'s keys: `mqtt_extra`
+    /// goes into `[mqtt]`). `before` runs once the broker is up, before the agent starts.
+    fn start(
+        device: &str,
+        mqtt_extra: &str,
+        extra: &str,
+        before: impl FnOnce(&TestPki, u16),
+    ) -> Rig {
+        Self::start_with(device, mqtt_extra, extra, false, before)
+    }
+
+    /// `inject`: the agent talks plain MQTT to the broker through an [`Injector`].
+    fn start_with(
+        device: &str,
+        mqtt_extra: &str,
+        extra: &str,
+        inject: bool,
+        before: impl FnOnce(&TestPki, u16),
+    ) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = pki(dir.path(), device);
+        let broker = RumqttdBroker::start(
+            &pki,
+            RumqttdOptions {
+                plain_tcp: inject,
+                ..RumqttdOptions::default()
+            },
+        )
+        .unwrap();
+        // Narrow subscriptions: the cloud must not record the floods itself.
+        let reported = Cloud::start(
+            &pki,
+            broker.tls_port,
+            &format!("edgesync/{device}/reported"),
+            false,
+        );
+        let results = Cloud::start(
+            &pki,
+            broker.tls_port,
+            &format!("edgesync/{device}/desired/result"),
+            false,
+        );
+        let answers = Cloud::start(
+            &pki,
+            broker.tls_port,
+            &format!("edgesync/{device}/cmd/+/result"),
+            false,
+        );
+        before(&pki, broker.tls_port);
+        let mut opts = tls_agent(&pki, broker.tls_port, mqtt_extra);
+        let injector = inject.then(|| Injector::start(broker.tcp_addr().unwrap()));
+        if let Some(i) = &injector {
+            opts.mqtt_url = format!("mqtt://127.0.0.1:{}", i.port);
+            opts.ca_pem = Vec::new();
+            opts.mqtt_extra = format!(
+                "allow_plaintext = true\nkeep_alive = \"5s\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n{mqtt_extra}"
+            );
+        }
+        opts.extra_toml = extra.to_owned();
+        let agent = Agent::start(opts);
+        let rig = Rig {
+            device: device.to_owned(),
+            reported,
+            results,
+            answers,
+            agent,
+            broker,
+            injector,
+            pki,
+            _dir: dir,
+        };
+        rig.wait_ready();
+        rig
+    }
+
+    fn topic(&self, suffix: &str) -> String {
+        format!("edgesync/{}/{suffix}", self.device)
+    }
+
+    fn pings(&self, id: &str) -> usize {
+        self.answers
+            .messages()
+            .iter()
+            .filter(|m| decode(&m.payload)["id"] == id)
+            .count()
+    }
+
+    /// A ping comes back (sent again until the subscription is in place).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let id = format!("ready-{}", unique());
+            self.results.publish(
+                &self.topic("cmd/ping"),
+                json!({"id": id}).to_string(),
+                false,
+            );
+            let until = Instant::now() + Duration::from_millis(1000);
+            while Instant::now() < until {
+                if self.pings(&id) > 0 {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no ping answered; log:\n{}",
+                self.agent.log()
+            );
+        }
+    }
+
+    fn desired_results(&self) -> Vec<Value> {
+        self.results
+            .messages()
+            .iter()
+            .map(|m| decode(&m.payload))
+            .collect()
+    }
+
+    /// Reports `key = value` locally and waits until the cloud has it.
+    fn report_syncs(&self, key: &str, value: Value, timeout: Duration) {
+        let r = self.agent.request(&report_req([(key, value.clone())]));
+        assert_eq!(r["ok"], true, "{r}");
+        let started = Instant::now();
+        loop {
+            if self
+                .reported
+                .changes()
+                .iter()
+                .any(|c| c["key"] == key && c["value"] == value)
+            {
+                return;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the report {key}={value} did not reach the cloud within {timeout:?}; status {}; log:\n{}",
+                self.agent.status(),
+                tail(&self.agent.log(), 40)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn rss_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+
+    /// An MQTT client of the test (a certificate of its own), for raw publishes.
+    fn client(&self) -> (Client, Arc<AtomicU64>) {
+        raw_client(&self.pki, self.broker.tls_port, None, true)
+    }
+}
+
+/// A plain TCP proxy between the agent and the broker that can slip extra packets into the
+/// broker → agent stream between whole packets, as fast as the agent reads: a broker that
+/// sends faster than the agent takes in (rumqttd in a debug test process cannot).
+struct Injector {
+    port: u16,
+    to_agent: Arc<Mutex<Option<Arc<Mutex<TcpStream>>>>>,
+}
+
+impl Injector {
+    fn start(upstream: std::net::SocketAddr) -> Injector {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let to_agent = Arc::new(Mutex::new(None));
+        let current = Arc::clone(&to_agent);
+        thread::spawn(move || {
+            for agent in listener.incoming() {
+                let Ok(agent) = agent else { return };
+                let Ok(broker) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let _ = agent.set_nodelay(true);
+                let _ = broker.set_nodelay(true);
+                let writer = Arc::new(Mutex::new(agent.try_clone().unwrap()));
+                *current.lock().unwrap() = Some(Arc::clone(&writer));
+                let (mut a, mut b) = (agent.try_clone().unwrap(), broker.try_clone().unwrap());
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(Shutdown::Both);
+                    let _ = a.shutdown(Shutdown::Both);
+                });
+                let mut from_broker = broker;
+                thread::spawn(move || {
+                    while let Some(frame) = read_frame(&mut from_broker) {
+                        if writer.lock().unwrap().write_all(&frame).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = writer.lock().unwrap().shutdown(Shutdown::Both);
+                });
+            }
+        });
+        Injector { port, to_agent }
+    }
+
+    /// Writes `packet` to the agent (between two of the broker's packets); false if there is
+    /// no connection.
+    fn inject(&self, packet: &[u8]) -> bool {
+        let Some(w) = self.to_agent.lock().unwrap().clone() else {
+            return false;
+        };
+        w.lock().unwrap().write_all(packet).is_ok()
+    }
+}
+
+/// One whole MQTT packet: fixed header byte, remaining length, body.
+fn read_frame(r: &mut impl Read) -> Option<Vec<u8>> {
+    let mut frame = vec![0u8; 1];
+    r.read_exact(&mut frame).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        r.read_exact(&mut b).ok()?;
+        frame.push(b[0]);
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let at = frame.len();
+    frame.resize(at + len, 0);
+    r.read_exact(&mut frame[at..]).ok()?;
+    Some(frame)
+}
+
+/// An MQTT 3.1.1 PUBLISH packet at QoS 0.
+fn publish_qos0(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut len = 2 + topic.len() + payload.len();
+    let mut out = vec![0x30];
+    loop {
+        let mut b = (len & 0x7f) as u8;
+        len >>= 7;
+        if len > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn tail(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A raw MQTT client with its event loop on a thread; counts its outgoing publishes
+/// (written to the socket). `identity`: connect as the device itself (its certificate and
+/// client id) instead of a fresh cloud identity.
+fn raw_client(
+    pki: &TestPki,
+    port: u16,
+    identity: Option<(&str, PathBuf, PathBuf)>,
+    clean: bool,
+) -> (Client, Arc<AtomicU64>) {
+    let (id, cert, key) = match identity {
+        Some((id, cert, key)) => (id.to_owned(), cert, key),
+        None => {
+            let id = format!("raw-{}", unique());
+            let (cert, key) = pki.issue_client(&id, &id).expect("client cert");
+            (id, cert, key)
+        }
+    };
+    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
+    let mut o = MqttOptions::new(id, "localhost", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    o.set_keep_alive(Duration::from_secs(5));
+    o.set_clean_session(clean);
+    o.set_max_packet_size(1 << 24, 1 << 24);
+    let (client, mut connection) = Client::new(o, 16);
+    let written = Arc::new(AtomicU64::new(0));
+    let w = Arc::clone(&written);
+    thread::spawn(move || {
+        for ev in connection.iter() {
+            match ev {
+                Ok(Event::Outgoing(Outgoing::Publish(_))) => {
+                    w.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    w.fetch_add(1 << 32, Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(rumqttc::ConnectionError::RequestsDone) => return,
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    (client, written)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 2: a QoS 0 flood of desired documents.
+
+/// 2,000 stale desired documents of 200 KB (400 MB) at QoS 0, written to the agent as fast
+/// as it reads them. Before the fix the intake queue was unbounded and held whatever the
+/// agent read and had not yet taken in (issue 13: 666 MB peak for 8,000); now QoS 0 intake
+/// beyond its bound is dropped and counted, the agent's peak RSS stays under 64 MiB, and
+/// reports still sync.
+#[test]
+fn a_qos0_flood_of_desired_documents_keeps_memory_bounded_and_reports_flowing() {
+    const FLOOD: u64 = 2000;
+    const DOC: usize = 200_000;
+    let rig = Rig::start_with("hl-flood", "", "", true, |_, _| {});
+    // Version 10 applied: every flood document (version 1) is stale.
+    rig.results.publish(
+        &rig.topic("desired"),
+        json!({"version": 10, "state": {"base": 1}}).to_string(),
+        false,
+    );
+    wait("version 10 applied", DEADLINE, || {
+        rig.desired_results()
+            .iter()
+            .any(|r| r["version"] == 10 && r["status"] == "applied")
+    });
+    rig.report_syncs("before", json!(1), DEADLINE);
+    let baseline = rig.rss_kib("VmHWM:");
+
+    let doc = json!({"version": 1, "state": {"k": "z".repeat(DOC)}}).to_string();
+    let packet = publish_qos0(&rig.topic("desired"), doc.as_bytes());
+    let injector = rig.injector.as_ref().unwrap();
+    let started = Instant::now();
+    for _ in 0..FLOOD {
+        assert!(injector.inject(&packet), "the agent's connection went");
+    }
+    let sent = started.elapsed();
+    // The agent still syncs, promptly: the uplink never waits for the intake.
+    rig.report_syncs("after", json!(2), DEADLINE);
+    let took = started.elapsed();
+    // Wait until the agent has taken in all it kept: its answers and drops stop growing.
+    let taken = || {
+        let dropped = rig.agent.status()["counters"]["intake_dropped"]
+            .as_u64()
+            .unwrap_or(0);
+        let stale = rig
+            .desired_results()
+            .iter()
+            .filter(|r| r["status"] == "stale")
+            .count() as u64;
+        stale + dropped
+    };
+    wait(
+        "every flood document answered or dropped",
+        DEADLINE * 5,
+        || taken() >= FLOOD,
+    );
+    let peak = rig.rss_kib("VmHWM:");
+    let rss = rig.rss_kib("VmRSS:");
+    let status = rig.agent.status();
+    let dropped = status["counters"]["intake_dropped"].as_u64();
+    eprintln!(
+        "QoS 0 flood: {FLOOD} × {DOC} B written in {sent:.1?}, report synced after {took:.1?}; \
+         agent peak RSS (VmHWM) {baseline} KiB before, {peak} KiB after (now {rss} KiB); \
+         intake_dropped {dropped:?}"
+    );
+    assert!(
+        peak < 64 * 1024,
+        "peak RSS {peak} KiB (bound 64 MiB); log:\n{}",
+        tail(&rig.agent.log(), 20)
+    );
+    assert!(dropped.is_some_and(|d| d > 0), "drops counted: {status}");
+    assert_eq!(
+        status["metrics"]["inbound"]["intake_dropped"].as_u64(),
+        dropped,
+        "and in the metrics: {status}"
+    );
+    let log = rig.agent.log();
+    assert!(
+        log.matches("QoS 0 intake full").count() < 20,
+        "logged once per burst, not per message:\n{}",
+        tail(&log, 20)
+    );
+    assert_eq!(status["connection"]["state"], "online", "{status}");
+}
