@@ -425,3 +425,87 @@ fn a_qos0_flood_of_desired_documents_keeps_memory_bounded_and_reports_flowing() 
     );
     assert_eq!(status["connection"]["state"], "online", "{status}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: a retained desired document over the transport limit.
+
+/// A retained 5 MB desired document, over the agent's incoming packet limit (4 MiB here:
+/// `desired.max_document_bytes = 4KiB`, the limit is 4 × that, at least 4 MiB). rumqttc
+/// cannot read it and drops the connection; before the fix the agent reconnected,
+/// subscribed again, got the retained document again, and so on for ever (issue 13: ~20
+/// reconnects in 30 s, the uplink never progressed). Now the agent refuses it once with a
+/// `rejected` result naming the size, does not subscribe `P/D/desired` again for a while,
+/// and the uplink flows.
+#[test]
+fn a_retained_document_over_the_transport_limit_is_refused_once_and_the_uplink_flows() {
+    let rig = Rig::start(
+        "hl-giant",
+        "",
+        "[desired]\nmax_document_bytes = \"4KiB\"\n",
+        |_, _| {},
+    );
+    rig.report_syncs("before", json!(0), DEADLINE);
+    let giant = json!({"version": 1, "state": {"big": "z".repeat(5 << 20)}}).to_string();
+    rig.results.publish(&rig.topic("desired"), giant, true);
+    // Refused with a reason naming the size.
+    wait(
+        "a rejected result for the oversize document",
+        DEADLINE,
+        || {
+            rig.desired_results()
+                .iter()
+                .any(|r| r["status"] == "rejected")
+        },
+    );
+    let rejected: Vec<Value> = rig
+        .desired_results()
+        .into_iter()
+        .filter(|r| r["status"] == "rejected")
+        .collect();
+    let error = rejected[0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("larger than this agent reads"), "{error}");
+    let named = error
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse::<u64>().ok())
+        .any(|n| n >= 5 << 20);
+    assert!(named, "names the size: {error}");
+    // The uplink flows: reports sync within a deadline, again and again, for 3 s (the old
+    // loop reconnected every 0.2-1 s).
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(3) || n < 3 {
+        n += 1;
+        rig.report_syncs(&format!("after-{n}"), json!(n), Duration::from_secs(20));
+    }
+    let status = rig.agent.status();
+    let reconnects = status["counters"]["reconnects"].as_u64().unwrap();
+    eprintln!(
+        "retained oversize: {n} reports synced in {:.1?} after it; reconnects {reconnects}; \
+         results {}; last_error {}; peak RSS {} KiB",
+        started.elapsed(),
+        rejected.len(),
+        status["connection"]["last_error"],
+        rig.rss_kib("VmHWM:")
+    );
+    assert!(reconnects <= 2, "reconnects bounded: {status}");
+    assert_eq!(rejected.len(), 1, "refused once: {rejected:?}");
+    let counted = status["counters"]["oversize_refused"].as_u64().unwrap();
+    assert!((1..=2).contains(&counted), "counted: {status}");
+    assert!(
+        status["connection"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not subscribing")),
+        "status says what happened: {status}"
+    );
+    assert_eq!(status["connection"]["state"], "online", "{status}");
+    let log = rig.agent.log();
+    assert_eq!(
+        log.matches("refused, not read").count(),
+        1,
+        "logged once:\n{}",
+        tail(&log, 30)
+    );
+    // Commands still work.
+    rig.wait_ready();
+    assert!(rig.rss_kib("VmHWM:") < 64 * 1024);
+}

@@ -18,6 +18,7 @@
 
 pub mod backoff;
 pub mod engine;
+pub mod oversize;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -41,6 +42,7 @@ use crate::store::{Outbox, Queued};
 use crate::topics::Topics;
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
+use oversize::Filter;
 
 /// How long a clean shutdown waits for the broker to take the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -123,11 +125,7 @@ impl LinkSettings {
         o.set_clean_session(clean_session);
         let batch = usize::try_from(self.config.sync.batch_max_bytes).unwrap_or(usize::MAX);
         // Room for a full batch plus topic and headers; incoming is bounded too.
-        // Incoming: 4 × the largest desired document (at least 4 MiB), so a document over
-        // the limit is still read, refused and acknowledged; memory stays bounded.
-        let doc = usize::try_from(self.config.desired.max_document_bytes).unwrap_or(usize::MAX);
-        let incoming = doc.saturating_mul(4).max(4 << 20);
-        o.set_max_packet_size(incoming, batch.saturating_add(4096));
+        o.set_max_packet_size(self.incoming_limit(), batch.saturating_add(4096));
         // Far more packet ids than we ever have outstanding, so ids never collide.
         let window = self
             .config
@@ -163,6 +161,21 @@ impl LinkSettings {
             o.set_transport(Transport::Tcp);
         }
         Ok(o)
+    }
+
+    /// The incoming packet limit: 4 × the largest desired document (at least 4 MiB), so a
+    /// document over `desired.max_document_bytes` is still read, refused and acknowledged;
+    /// above it see [`oversize`].
+    fn incoming_limit(&self) -> usize {
+        let doc = usize::try_from(self.config.desired.max_document_bytes).unwrap_or(usize::MAX);
+        doc.saturating_mul(4).max(4 << 20)
+    }
+
+    fn topic_of(&self, f: Filter) -> String {
+        match f {
+            Filter::Commands => self.topics.command_filter(),
+            Filter::Desired => self.topics.desired(),
+        }
     }
 
     fn describe_ctx(&self) -> tls::DescribeCtx {
@@ -201,6 +214,9 @@ pub async fn run(
     let mut ever_connected = false;
     // Set after a message too large to read: the next connection drops the session.
     let mut clean_next = false;
+    let mut guard = oversize::Guard::default();
+    // Why a filter is not subscribed (status `last_error` while it lasts).
+    let mut hold_note: Option<String> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -214,6 +230,9 @@ pub async fn run(
             b.state = LinkState::Connecting;
             b.since = Some(now_ms());
         });
+        if !guard.holding(Instant::now()) {
+            hold_note = None;
+        }
         let mut session = Session {
             settings: &settings,
             outbox: &outbox,
@@ -230,11 +249,15 @@ pub async fn run(
             ever_connected,
             clean_session: clean_next,
             reader: None,
+            filters: guard.filters(Instant::now()),
+            acked: Vec::new(),
+            hold_note: hold_note.clone(),
         };
         let end = session.run(&mut stop).await;
         if session.connected_at.is_some() {
             clean_next = false;
         }
+        let acked = std::mem::take(&mut session.acked);
         let connected_for = session.connected_at.map(|t| t.elapsed());
         ever_connected |= connected_for.is_some();
         engine.handle_disconnected();
@@ -243,24 +266,21 @@ pub async fn run(
             b.state = LinkState::Offline;
             b.since = Some(now_ms());
             b.inflight_batches = 0;
-            match &end {
-                SessionEnd::Failed(e) => b.last_error = Some(e.clone()),
-                SessionEnd::Oversize(e) => {
-                    b.last_error = Some(format!(
-                        "{e}: the broker sent a message larger than this agent reads \
-                         (4 × desired.max_document_bytes, at least 4 MiB); the next connection starts a clean \
-                         session to drop it (messages queued for this device at the broker are lost; \
-                         a retained desired document is delivered again)"
-                    ));
-                }
-                _ => {}
+            if let SessionEnd::Failed(e) = &end {
+                b.last_error = Some(e.clone());
             }
         });
-        if let SessionEnd::Oversize(e) = &end {
-            tracing::error!(
-                "{e}: dropping the broker session on the next connection so this message is not delivered again"
-            );
+        if let SessionEnd::Oversize { size } = &end {
+            let note = on_oversize(&settings, &mut guard, &acked, *size, &outbox, &applier).await;
+            board.update(|b| {
+                b.last_error = Some(note.clone());
+                b.inbound.oversize_refused = b.inbound.oversize_refused.saturating_add(1);
+            });
+            hold_note = guard.holding(Instant::now()).then_some(note);
+            // Drops a message queued in the broker session (see `oversize`).
             clean_next = true;
+        } else if !matches!(end, SessionEnd::Stopped) {
+            guard.ended(&acked);
         }
         if stopping {
             break;
@@ -289,9 +309,11 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 enum SessionEnd {
     Failed(String),
-    /// The broker sent a message too large to read: with a persistent session it would send
-    /// it again after every reconnect, so the next connection starts a clean session.
-    Oversize(String),
+    /// The broker sent a message too large to read (`size`: its remaining length); see
+    /// [`oversize`].
+    Oversize {
+        size: usize,
+    },
     Stopped,
     /// The link's settings or certificate files changed: in-flight batches were finished,
     /// now reconnect with the new ones.
@@ -333,6 +355,12 @@ struct Session<'a> {
     clean_session: bool,
     /// The session's reader thread, started at its first large read.
     reader: Option<ReadThread>,
+    /// What to subscribe, in order ([`oversize::Guard::filters`]).
+    filters: Vec<Filter>,
+    /// Of those, the ones whose SUBACK came, in order.
+    acked: Vec<Filter>,
+    /// Kept in `last_error` while a filter is held.
+    hold_note: Option<String>,
 }
 
 impl Session<'_> {
@@ -466,8 +494,8 @@ impl Session<'_> {
                             }
                         }
                         Polled::Failed(e) => {
-                            if is_oversize(&e) {
-                                return SessionEnd::Oversize(tls::describe(&e, &self.settings.describe_ctx()));
+                            if let Some(size) = oversize_of(&e) {
+                                return SessionEnd::Oversize { size };
                             }
                             return SessionEnd::Failed(tls::describe(&e, &self.settings.describe_ctx()));
                         }
@@ -561,7 +589,7 @@ impl Session<'_> {
                 self.board.update(|b| {
                     b.state = LinkState::Online;
                     b.since = Some(since);
-                    b.last_error = None;
+                    b.last_error = self.hold_note.clone();
                     if reconnect {
                         b.reconnects += 1;
                     }
@@ -583,16 +611,22 @@ impl Session<'_> {
                     true,
                     Tag::Status,
                 )?;
-                client
-                    .try_subscribe(self.settings.topics.desired(), QoS::AtLeastOnce)
-                    .map_err(|e| format!("cannot subscribe: {e}"))?;
-                client
-                    .try_subscribe(self.settings.topics.command_filter(), QoS::AtLeastOnce)
-                    .map_err(|e| format!("cannot subscribe: {e}"))?;
+                // One SUBSCRIBE each, commands first: the SUBACKs tell which filter a
+                // message too large to read came with (see `oversize`).
+                for f in &self.filters {
+                    client
+                        .try_subscribe(self.settings.topic_of(*f), QoS::AtLeastOnce)
+                        .map_err(|e| format!("cannot subscribe: {e}"))?;
+                }
                 self.results_inflight.clear();
                 self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                if let Some(&f) = self.filters.get(self.acked.len()) {
+                    self.acked.push(f);
+                }
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(tag) = self.tags.pop_front().filter(|t| *t != Tag::Metrics) {
@@ -920,14 +954,71 @@ async fn next_config(live: &mut Option<watch::Receiver<Arc<Config>>>) -> Option<
     }
 }
 
-/// A message over the incoming packet limit.
-fn is_oversize(e: &ConnectionError) -> bool {
-    matches!(
-        e,
+/// A message over the incoming packet limit: its size (remaining length).
+fn oversize_of(e: &ConnectionError) -> Option<usize> {
+    match e {
         ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
-        ))
-    )
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A message too large to read ended a connection after the SUBACKs of `acked`: decides
+/// what the next connections subscribe, refuses a desired document with a `rejected`
+/// result once it is held, logs once; returns the status note.
+async fn on_oversize(
+    settings: &LinkSettings,
+    guard: &mut oversize::Guard,
+    acked: &[Filter],
+    size: usize,
+    outbox: &Outbox,
+    applier: &Applier,
+) -> String {
+    let limit = settings.incoming_limit();
+    let what = format!(
+        "a message of {size} bytes is larger than this agent reads (incoming packet limit \
+         {limit} bytes: 4 × desired.max_document_bytes, at least 4 MiB)"
+    );
+    let v = guard.oversize(acked, Instant::now());
+    let topic = v.suspect.map(|f| settings.topic_of(f));
+    let Some(hold) = v.hold else {
+        let on = topic.map_or_else(
+            || "queued in the broker session".to_owned(),
+            |t| format!("on {t}"),
+        );
+        let note = format!(
+            "{what}, {on}: not read; reconnecting with a clean session (drops messages queued \
+             for this device at the broker)"
+        );
+        tracing::warn!("{note}");
+        return note;
+    };
+    let held: Vec<String> = v.held.iter().map(|f| settings.topic_of(*f)).collect();
+    let note = format!(
+        "{what}, {}: refused, not read; not subscribing {} for {}s (a retained message is sent \
+         again on every subscribe: clear or replace it at the broker)",
+        topic.map_or_else(
+            || "before any subscription".to_owned(),
+            |t| format!("delivered again on {t}")
+        ),
+        held.join(" and "),
+        hold.as_secs()
+    );
+    tracing::error!("{note}");
+    if v.held.contains(&Filter::Desired) {
+        let result = serde_json::json!({
+            "version": null,
+            "status": "rejected",
+            "keys": {},
+            "error": note,
+        });
+        match dstore::queue(outbox, "desired/result", result.to_string().into_bytes()).await {
+            Ok(_) => applier.results.notify_one(),
+            Err(e) => tracing::error!("queueing the rejected result failed: {e}"),
+        }
+    }
+    note
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -984,18 +1075,33 @@ enum Polled {
 }
 
 async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: IntakeGate) {
+    let polled = |ev: Event| match ev {
+        Event::Incoming(Packet::Publish(p)) => match gate.admit(&p) {
+            Some(token) => Polled::Publish(p, token),
+            None => Polled::Dropped,
+        },
+        ev => Polled::Event(ev),
+    };
     loop {
-        let polled = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::Publish(p))) => match gate.admit(&p) {
-                Some(token) => Polled::Publish(p, token),
-                None => Polled::Dropped,
-            },
-            Ok(ev) => Polled::Event(ev),
-            Err(e) => Polled::Failed(e),
-        };
-        let failed = matches!(polled, Polled::Failed(_));
-        if tx.send(polled).await.is_err() || failed {
-            return;
+        match eventloop.poll().await {
+            Ok(ev) => {
+                if tx.send(polled(ev)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Packets read before the failure (SUBACKs, PUBACKs) are still queued in
+                // rumqttc: hand them over first (the SUBACKs tell `oversize` which filter
+                // the failing message came with).
+                let read: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for ev in read {
+                    if tx.send(polled(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Polled::Failed(e)).await;
+                return;
+            }
         }
     }
 }
