@@ -86,7 +86,9 @@ impl Rig {
             &format!("edgesync/{device}/cmd/+/result"),
             false,
         );
-        before(&pki, broker.tls_port);
+        // With the injector the agent talks to the plain listener: so does `before` (a
+        // session there is not the session of the same client id over TLS).
+        before(&pki, broker.tcp_port.unwrap_or(broker.tls_port));
         let mut opts = tls_agent(&pki, broker.tls_port, mqtt_extra);
         let injector = inject.then(|| Injector::start(broker.tcp_addr().unwrap()));
         if let Some(i) = &injector {
@@ -193,7 +195,7 @@ impl Rig {
 
     /// An MQTT client of the test (a certificate of its own), for raw publishes.
     fn client(&self) -> (Client, Arc<AtomicU64>) {
-        raw_client(&self.pki, self.broker.tls_port, None, true)
+        raw_client(&self.pki, self.broker.tls_port, None, true, false)
     }
 }
 
@@ -203,6 +205,8 @@ impl Rig {
 struct Injector {
     port: u16,
     to_agent: Arc<Mutex<Option<Arc<Mutex<TcpStream>>>>>,
+    /// Every filter of every UNSUBSCRIBE the agent sent.
+    unsubscribed: Arc<Mutex<Vec<String>>>,
 }
 
 impl Injector {
@@ -211,6 +215,8 @@ impl Injector {
         let port = listener.local_addr().unwrap().port();
         let to_agent = Arc::new(Mutex::new(None));
         let current = Arc::clone(&to_agent);
+        let unsubscribed = Arc::new(Mutex::new(Vec::new()));
+        let unsubs = Arc::clone(&unsubscribed);
         thread::spawn(move || {
             for agent in listener.incoming() {
                 let Ok(agent) = agent else { return };
@@ -222,8 +228,16 @@ impl Injector {
                 let writer = Arc::new(Mutex::new(agent.try_clone().unwrap()));
                 *current.lock().unwrap() = Some(Arc::clone(&writer));
                 let (mut a, mut b) = (agent.try_clone().unwrap(), broker.try_clone().unwrap());
+                let unsubs = Arc::clone(&unsubs);
                 thread::spawn(move || {
-                    let _ = std::io::copy(&mut a, &mut b);
+                    while let Some(frame) = read_frame(&mut a) {
+                        if frame[0] == 0xa2 {
+                            unsubs.lock().unwrap().extend(unsubscribe_filters(&frame));
+                        }
+                        if b.write_all(&frame).is_err() {
+                            break;
+                        }
+                    }
                     let _ = b.shutdown(Shutdown::Both);
                     let _ = a.shutdown(Shutdown::Both);
                 });
@@ -238,7 +252,11 @@ impl Injector {
                 });
             }
         });
-        Injector { port, to_agent }
+        Injector {
+            port,
+            to_agent,
+            unsubscribed,
+        }
     }
 
     /// Writes `packet` to the agent (between two of the broker's packets); false if there is
@@ -249,6 +267,23 @@ impl Injector {
         };
         w.lock().unwrap().write_all(packet).is_ok()
     }
+}
+
+/// The topic filters of an UNSUBSCRIBE packet.
+fn unsubscribe_filters(frame: &[u8]) -> Vec<String> {
+    let mut at = 1;
+    while frame[at] & 0x80 != 0 {
+        at += 1;
+    }
+    at += 1 + 2; // last length byte, packet id
+    let mut out = Vec::new();
+    while at + 2 <= frame.len() {
+        let len = usize::from(u16::from_be_bytes([frame[at], frame[at + 1]]));
+        at += 2;
+        out.push(String::from_utf8_lossy(&frame[at..at + len]).into_owned());
+        at += len;
+    }
+    out
 }
 
 /// One whole MQTT packet: fixed header byte, remaining length, body.
@@ -306,6 +341,7 @@ fn raw_client(
     port: u16,
     identity: Option<(&str, PathBuf, PathBuf)>,
     clean: bool,
+    plain: bool,
 ) -> (Client, Arc<AtomicU64>) {
     let (id, cert, key) = match identity {
         Some((id, cert, key)) => (id.to_owned(), cert, key),
@@ -317,7 +353,9 @@ fn raw_client(
     };
     let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
     let mut o = MqttOptions::new(id, "localhost", port);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    if !plain {
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    }
     o.set_keep_alive(Duration::from_secs(5));
     o.set_clean_session(clean);
     o.set_max_packet_size(1 << 24, 1 << 24);
@@ -333,6 +371,8 @@ fn raw_client(
                 Ok(Event::Incoming(rumqttc::Packet::SubAck(_))) => {
                     w.fetch_add(1 << 32, Ordering::SeqCst);
                 }
+                // Never reconnect after a DISCONNECT (it would take the client id over).
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(rumqttc::ConnectionError::RequestsDone) => return,
                 Err(_) => thread::sleep(Duration::from_millis(50)),
@@ -508,4 +548,96 @@ fn a_retained_document_over_the_transport_limit_is_refused_once_and_the_uplink_f
     // Commands still work.
     rig.wait_ready();
     assert!(rig.rss_kib("VmHWM:") < 64 * 1024);
+}
+
+// ---------------------------------------------------------------------------------------------
+// A leftover wildcard subscription in the agent's broker session.
+
+/// An old session of the agent's client id subscribed `#` (a debugging session, an older
+/// agent). The broker keeps it and delivers every message of the broker to the agent,
+/// including the agent's own publishes. Before the fix each one was logged at WARN, for
+/// ever; now the first is logged, all are counted, and the agent unsubscribes the filters
+/// that may have delivered it (`#` among them).
+///
+/// The agent talks plain MQTT through the test's proxy, which records its UNSUBSCRIBEs:
+/// rumqttd 0.20 ignores an UNSUBSCRIBE of a filter restored from a persistent session (it
+/// looks the filter up under the old connection's id and sends no UNSUBACK), so that the
+/// messages stop cannot be shown with it; Mosquitto removes it.
+#[test]
+fn a_leftover_wildcard_subscription_is_logged_once_counted_and_unsubscribed() {
+    let rig = Rig::start_with("hl-hash", "", "", true, |pki, port| {
+        let (old, events) = raw_client(
+            pki,
+            port,
+            Some((
+                pki.device_id.as_str(),
+                pki.client_cert.clone(),
+                pki.client_key.clone(),
+            )),
+            false,
+            true,
+        );
+        old.subscribe("#", QoS::AtLeastOnce).unwrap();
+        wait("the old session's SUBACK", DEADLINE, || {
+            events.load(Ordering::SeqCst) >> 32 >= 1
+        });
+        old.disconnect().unwrap();
+    });
+    let foreign = |n: usize| {
+        for i in 0..n {
+            rig.results.publish(
+                &format!("fleet/other-{i}/telemetry"),
+                json!({"i": i}).to_string(),
+                false,
+            );
+        }
+    };
+    let count = || {
+        rig.agent.status()["counters"]["foreign_messages"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    foreign(100);
+    wait("foreign messages counted", DEADLINE, || count() >= 100);
+    rig.report_syncs("later", json!(1), DEADLINE);
+    rig.wait_ready();
+    let counted = count();
+    let log = rig.agent.log();
+    let warned = log
+        .matches("ignoring a message on a topic this agent does not act on")
+        .count();
+    let unsubscribed = rig
+        .injector
+        .as_ref()
+        .unwrap()
+        .unsubscribed
+        .lock()
+        .unwrap()
+        .clone();
+    eprintln!(
+        "leftover #: {counted} foreign messages counted, {warned} WARN line(s), \
+         {} filters unsubscribed: {unsubscribed:?}",
+        unsubscribed.len()
+    );
+    assert!(
+        warned <= 2,
+        "logged once, not per message:\n{}",
+        tail(&log, 30)
+    );
+    for want in ["#", "fleet/#", "edgesync/#", "edgesync/hl-hash/#"] {
+        assert!(
+            unsubscribed.iter().any(|f| f == want),
+            "{want} unsubscribed: {unsubscribed:?}"
+        );
+    }
+    for own in ["edgesync/hl-hash/desired", "edgesync/hl-hash/cmd/+"] {
+        assert!(!unsubscribed.iter().any(|f| f == own), "{own} kept");
+    }
+    let status = rig.agent.status();
+    assert_eq!(
+        status["metrics"]["inbound"]["foreign_messages"].as_u64(),
+        Some(count()),
+        "{status}"
+    );
+    assert_eq!(status["connection"]["state"], "online", "{status}");
 }

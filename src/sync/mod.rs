@@ -252,6 +252,8 @@ pub async fn run(
             filters: guard.filters(Instant::now()),
             acked: Vec::new(),
             hold_note: hold_note.clone(),
+            unsubscribed: HashSet::new(),
+            stray_logged: false,
         };
         let end = session.run(&mut stop).await;
         if session.connected_at.is_some() {
@@ -361,6 +363,10 @@ struct Session<'a> {
     acked: Vec<Filter>,
     /// Kept in `last_error` while a filter is held.
     hold_note: Option<String>,
+    /// Filters unsubscribed after stray messages, on this connection.
+    unsubscribed: HashSet<String>,
+    /// A stray message was logged on this connection.
+    stray_logged: bool,
 }
 
 impl Session<'_> {
@@ -369,13 +375,15 @@ impl Session<'_> {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
         };
-        // Room for the whole window of batches, the results window, status and metrics.
+        // Room for the whole window of batches, the results window, unsubscribes, status
+        // and metrics.
         let capacity = self
             .settings
             .config
             .sync
             .max_inflight
             .saturating_add(RESULT_WINDOW)
+            .saturating_add(MAX_UNSUBSCRIBE)
             .saturating_add(16);
         let (client, mut eventloop) = AsyncClient::new(options, capacity);
         // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
@@ -695,8 +703,56 @@ impl Session<'_> {
                 }
             }
             _ => {
-                tracing::warn!(topic = %p.topic, "ignoring a message on a topic this agent does not act on");
                 let _ = client.try_ack(&p);
+                drop(token);
+                self.on_stray(client, &p.topic);
+            }
+        }
+    }
+
+    /// A message on a topic the agent does not act on: a subscription it did not make (a
+    /// leftover in its broker session, e.g. `#`). Counted; logged once per connection;
+    /// the filters that may have delivered it are unsubscribed (up to [`MAX_UNSUBSCRIBE`]
+    /// per connection).
+    fn on_stray(&mut self, client: &AsyncClient, topic: &str) {
+        self.board.update(|b| {
+            b.inbound.foreign_messages = b.inbound.foreign_messages.saturating_add(1);
+        });
+        let fresh: Vec<String> = self
+            .settings
+            .topics
+            .stray_filters(topic)
+            .into_iter()
+            .filter(|f| !self.unsubscribed.contains(f))
+            .collect();
+        if self.stray_logged {
+            tracing::debug!(
+                topic,
+                "ignoring a message on a topic this agent does not act on"
+            );
+        } else {
+            self.stray_logged = true;
+            tracing::warn!(
+                topic,
+                "ignoring a message on a topic this agent does not act on (further ones on this \
+                 connection are only counted: counters.foreign_messages); unsubscribing the \
+                 filters that may have delivered it: {}",
+                fresh.join(" ")
+            );
+        }
+        for f in fresh {
+            if self.unsubscribed.len() >= MAX_UNSUBSCRIBE {
+                break;
+            }
+            match client.try_unsubscribe(f.clone()) {
+                Ok(()) => {
+                    self.unsubscribed.insert(f);
+                }
+                // The request queue is full: the next stray message tries again.
+                Err(e) => {
+                    tracing::debug!("cannot unsubscribe {f}: {e}");
+                    break;
+                }
             }
         }
     }
@@ -936,6 +992,10 @@ async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
     }
     std::future::pending().await
 }
+
+/// Filters unsubscribed after stray messages, per connection, at most (the request channel
+/// has room for them on top of everything else).
+const MAX_UNSUBSCRIBE: usize = 32;
 
 /// Results and command answers awaiting their PUBACK at once.
 const RESULT_WINDOW: usize = 32;
