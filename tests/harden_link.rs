@@ -17,9 +17,19 @@ use std::time::{Duration, Instant};
 
 use common::cloud::{Cloud, DEADLINE, decode, pki, tls_agent, unique, wait};
 use common::{Agent, report_req};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
+use edgesync_testkit::{FaultProxy, RumqttdBroker, RumqttdOptions, TestPki};
 use rumqttc::{Client, Event, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
+
+/// How the agent reaches the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Direct,
+    /// Plain MQTT through an [`Injector`].
+    Injector,
+    /// TLS through the testkit's fault proxy.
+    FaultProxy,
+}
 
 struct Rig {
     device: String,
@@ -33,6 +43,8 @@ struct Rig {
     broker: RumqttdBroker,
     /// Between the agent and the broker when the agent talks plain MQTT.
     injector: Option<Injector>,
+    /// Between the agent and the broker's TLS port.
+    proxy: Option<FaultProxy>,
     pki: TestPki,
     _dir: tempfile::TempDir,
 }
@@ -46,17 +58,17 @@ impl Rig {
         extra: &str,
         before: impl FnOnce(&TestPki, u16),
     ) -> Rig {
-        Self::start_with(device, mqtt_extra, extra, false, before)
+        Self::start_with(device, mqtt_extra, extra, Via::Direct, before)
     }
 
-    /// `inject`: the agent talks plain MQTT to the broker through an [`Injector`].
     fn start_with(
         device: &str,
         mqtt_extra: &str,
         extra: &str,
-        inject: bool,
+        via: Via,
         before: impl FnOnce(&TestPki, u16),
     ) -> Rig {
+        let inject = via == Via::Injector;
         let dir = tempfile::tempdir().unwrap();
         let pki = pki(dir.path(), device);
         let broker = RumqttdBroker::start(
@@ -89,7 +101,9 @@ impl Rig {
         // With the injector the agent talks to the plain listener: so does `before` (a
         // session there is not the session of the same client id over TLS).
         before(&pki, broker.tcp_port.unwrap_or(broker.tls_port));
-        let mut opts = tls_agent(&pki, broker.tls_port, mqtt_extra);
+        let proxy = (via == Via::FaultProxy).then(|| FaultProxy::start(broker.tls_addr()).unwrap());
+        let port = proxy.as_ref().map_or(broker.tls_port, FaultProxy::port);
+        let mut opts = tls_agent(&pki, port, mqtt_extra);
         let injector = inject.then(|| Injector::start(broker.tcp_addr().unwrap()));
         if let Some(i) = &injector {
             opts.mqtt_url = format!("mqtt://127.0.0.1:{}", i.port);
@@ -108,6 +122,7 @@ impl Rig {
             agent,
             broker,
             injector,
+            proxy,
             pki,
             _dir: dir,
         };
@@ -394,7 +409,7 @@ fn raw_client(
 fn a_qos0_flood_of_desired_documents_keeps_memory_bounded_and_reports_flowing() {
     const FLOOD: u64 = 2000;
     const DOC: usize = 200_000;
-    let rig = Rig::start_with("hl-flood", "", "", true, |_, _| {});
+    let rig = Rig::start_with("hl-flood", "", "", Via::Injector, |_, _| {});
     // Version 10 applied: every flood document (version 1) is stale.
     rig.results.publish(
         &rig.topic("desired"),
@@ -565,7 +580,7 @@ fn a_retained_document_over_the_transport_limit_is_refused_once_and_the_uplink_f
 /// messages stop cannot be shown with it; Mosquitto removes it.
 #[test]
 fn a_leftover_wildcard_subscription_is_logged_once_counted_and_unsubscribed() {
-    let rig = Rig::start_with("hl-hash", "", "", true, |pki, port| {
+    let rig = Rig::start_with("hl-hash", "", "", Via::Injector, |pki, port| {
         let (old, events) = raw_client(
             pki,
             port,
@@ -640,4 +655,62 @@ fn a_leftover_wildcard_subscription_is_logged_once_counted_and_unsubscribed() {
         "{status}"
     );
     assert_eq!(status["connection"]["state"], "online", "{status}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A link that drops every connection before a full batch is through.
+
+/// The fault proxy closes every connection after 12 KiB from the agent (TLS handshake
+/// included); batches of 64 changes of 512 bytes (about 40 KB) never fit. Before the fix the
+/// agent resent the same batch on every connection for ever; now, after 3 such connections
+/// in a row, it halves the batch limit (64 → 32 → 16 changes), a batch gets through per
+/// connection, and the backlog drains.
+#[test]
+fn a_link_that_drops_every_connection_mid_batch_still_drains_with_smaller_batches() {
+    const CHANGES: u64 = 96;
+    let rig = Rig::start_with(
+        "hl-shrink",
+        "",
+        "[sync]\nbatch_max_changes = 64\nmax_inflight = 1\n",
+        Via::FaultProxy,
+        |_, _| {},
+    );
+    let proxy = rig.proxy.as_ref().unwrap();
+    rig.report_syncs("before", json!(0), DEADLINE);
+    let acked_before = rig.agent.status()["counters"]["acked"].as_u64().unwrap();
+    proxy.drop_after(12 * 1024);
+    let value = "v".repeat(500);
+    let pairs: Vec<(String, Value)> = (0..CHANGES)
+        .map(|i| (format!("k{i:03}"), json!(value)))
+        .collect();
+    let r = rig.agent.request(&report_req(
+        pairs.iter().map(|(k, v)| (k.as_str(), v.clone())),
+    ));
+    assert_eq!(r["ok"], true, "{r}");
+    let started = Instant::now();
+    wait(
+        "the backlog acknowledged through the dropping link",
+        DEADLINE * 2,
+        || rig.agent.status()["counters"]["acked"].as_u64().unwrap() >= acked_before + CHANGES,
+    );
+    let status = rig.agent.status();
+    let batches: Vec<usize> = rig
+        .reported
+        .batches()
+        .iter()
+        .map(|b| b["changes"].as_array().map_or(0, Vec::len))
+        .collect();
+    eprintln!(
+        "dropping link: {CHANGES} changes through in {:.1?}, {} connections, reconnects {}, \
+         batch sizes seen {batches:?}",
+        started.elapsed(),
+        proxy.connections_accepted(),
+        status["counters"]["reconnects"]
+    );
+    let log = rig.agent.log();
+    assert!(
+        log.contains("batches now at most 32 changes"),
+        "{}",
+        tail(&log, 30)
+    );
 }
