@@ -40,12 +40,12 @@ struct Rig {
     /// Subscribed to `P/D/cmd/+/result`.
     answers: Cloud,
     agent: Agent,
-    broker: RumqttdBroker,
+    _broker: RumqttdBroker,
     /// Between the agent and the broker when the agent talks plain MQTT.
     injector: Option<Injector>,
     /// Between the agent and the broker's TLS port.
     proxy: Option<FaultProxy>,
-    pki: TestPki,
+    _pki: TestPki,
     _dir: tempfile::TempDir,
 }
 
@@ -120,10 +120,10 @@ impl Rig {
             results,
             answers,
             agent,
-            broker,
+            _broker: broker,
             injector,
             proxy,
-            pki,
+            _pki: pki,
             _dir: dir,
         };
         rig.wait_ready();
@@ -206,11 +206,6 @@ impl Rig {
             .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap()
-    }
-
-    /// An MQTT client of the test (a certificate of its own), for raw publishes.
-    fn client(&self) -> (Client, Arc<AtomicU64>) {
-        raw_client(&self.pki, self.broker.tls_port, None, true, false)
     }
 }
 

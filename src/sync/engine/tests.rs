@@ -529,7 +529,7 @@ fn batches_shrink_after_connections_that_never_get_one_through_and_grow_back() {
         s
     };
     // Each connection drops with its first batch in flight, unacknowledged.
-    let mut fail = |h: &mut Harness| {
+    let fail = |h: &mut Harness| {
         h.connect();
         h.engine.handle_disconnected();
         h.engine.handle_disconnected(); // the driver calls it twice: counted once
