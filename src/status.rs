@@ -298,6 +298,13 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             .version
             .map_or_else(|| "-".to_owned(), |v| v.to_string()),
     ));
+    let i = s.counters.inbound;
+    if i != Inbound::default() {
+        out.push_str(&format!(
+            "inbound     {} QoS 0 dropped (intake full) · {} over the packet limit · {} on foreign topics\n",
+            i.intake_dropped, i.oversize_refused, i.foreign_messages
+        ));
+    }
     if let Some(m) = &s.metrics {
         let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r}/s"));
         out.push_str(&format!(
@@ -446,11 +453,25 @@ mod tests {
             text.contains("health      in 2/s · out 1/s · invalid 3"),
             "{text}"
         );
+        assert!(!text.contains("inbound"), "{text}");
+        let mut noisy = s.clone();
+        noisy.counters.inbound.intake_dropped = 5;
+        assert!(
+            render(&noisy, 10_000).contains("inbound     5 QoS 0 dropped (intake full)"),
+            "{}",
+            render(&noisy, 10_000)
+        );
         // A status from a daemon without metrics still reads.
         let mut v = serde_json::to_value(&s).unwrap();
         v.as_object_mut().unwrap().remove("metrics");
+        // Nor the inbound counters.
+        for k in ["intake_dropped", "oversize_refused", "foreign_messages"] {
+            v["counters"].as_object_mut().unwrap().remove(k);
+        }
         let old: Status = serde_json::from_value(v).unwrap();
         assert_eq!(old.metrics, None);
+        assert_eq!(old.counters.inbound, Inbound::default());
+        assert!(!render(&old, 10_000).contains("inbound"));
         assert!(!render(&old, 10_000).contains("health"));
     }
 
