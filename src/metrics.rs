@@ -398,6 +398,11 @@ pub fn prometheus(m: &Metrics) -> String {
         m.inbound.intake_dropped,
     );
     e.counter(
+        "edgesync_intake_deferred_total",
+        "QoS 1 messages from the broker deferred because the intake was full (sent again after a reconnect), since start.",
+        m.inbound.intake_deferred,
+    );
+    e.counter(
         "edgesync_inbound_oversize_total",
         "Messages from the broker over the incoming packet limit, since start.",
         m.inbound.oversize_refused,
@@ -864,6 +869,7 @@ mod tests {
                 reload: Default::default(),
                 inbound: crate::status::Inbound {
                     intake_dropped: 11,
+                    intake_deferred: 14,
                     oversize_refused: 12,
                     foreign_messages: 13,
                 },
@@ -901,6 +907,7 @@ mod tests {
         assert_eq!(v["last_error"], "broker said \"no\"");
         assert_eq!(v["desired_version"], 7);
         assert_eq!(v["inbound"]["intake_dropped"], 11);
+        assert_eq!(v["inbound"]["intake_deferred"], 14);
         assert_eq!(v["inbound"]["oversize_refused"], 12);
         assert_eq!(v["inbound"]["foreign_messages"], 13);
         let back: Metrics = serde_json::from_value(v).unwrap();
@@ -933,6 +940,7 @@ mod tests {
             ("edgesync_changes_in_per_second", 1.5),
             ("edgesync_reconnects_total", 4.0),
             ("edgesync_intake_dropped_total", 11.0),
+            ("edgesync_intake_deferred_total", 14.0),
             ("edgesync_inbound_oversize_total", 12.0),
             ("edgesync_inbound_foreign_total", 13.0),
             ("edgesync_desired_version", 7.0),

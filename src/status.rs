@@ -51,6 +51,9 @@ pub struct LinkFigures {
 pub struct Inbound {
     /// QoS 0 messages dropped because the intake was full (bounded in bytes and count).
     pub intake_dropped: u64,
+    /// QoS 1 messages not acknowledged because the intake was full: the broker sends them
+    /// again after the reconnect that follows once the intake has drained.
+    pub intake_deferred: u64,
     /// Messages over the incoming packet limit (never read whole).
     pub oversize_refused: u64,
     /// Messages on topics the agent does not act on (e.g. via a leftover wildcard
@@ -301,8 +304,8 @@ pub fn render(s: &Status, now_ms: u64) -> String {
     let i = s.counters.inbound;
     if i != Inbound::default() {
         out.push_str(&format!(
-            "inbound     {} QoS 0 dropped (intake full) · {} over the packet limit · {} on foreign topics\n",
-            i.intake_dropped, i.oversize_refused, i.foreign_messages
+            "inbound     {} QoS 0 dropped, {} QoS 1 deferred (intake full) · {} over the packet limit · {} on foreign topics\n",
+            i.intake_dropped, i.intake_deferred, i.oversize_refused, i.foreign_messages
         ));
     }
     if let Some(m) = &s.metrics {
@@ -457,7 +460,8 @@ mod tests {
         let mut noisy = s.clone();
         noisy.counters.inbound.intake_dropped = 5;
         assert!(
-            render(&noisy, 10_000).contains("inbound     5 QoS 0 dropped (intake full)"),
+            render(&noisy, 10_000)
+                .contains("inbound     5 QoS 0 dropped, 0 QoS 1 deferred (intake full)"),
             "{}",
             render(&noisy, 10_000)
         );
@@ -465,7 +469,12 @@ mod tests {
         let mut v = serde_json::to_value(&s).unwrap();
         v.as_object_mut().unwrap().remove("metrics");
         // Nor the inbound counters.
-        for k in ["intake_dropped", "oversize_refused", "foreign_messages"] {
+        for k in [
+            "intake_dropped",
+            "intake_deferred",
+            "oversize_refused",
+            "foreign_messages",
+        ] {
             v["counters"].as_object_mut().unwrap().remove(k);
         }
         let old: Status = serde_json::from_value(v).unwrap();

@@ -287,7 +287,7 @@ pub async fn run(
         if stopping {
             break;
         }
-        if matches!(end, SessionEnd::Reload) {
+        if matches!(end, SessionEnd::Reload | SessionEnd::Redeliver) {
             // New settings or certificates: reconnect at once.
             continue;
         }
@@ -320,6 +320,9 @@ enum SessionEnd {
     /// The link's settings or certificate files changed: in-flight batches were finished,
     /// now reconnect with the new ones.
     Reload,
+    /// QoS 1 messages were deferred (the intake was full) and the intake has drained:
+    /// reconnect at once so that the broker sends them again.
+    Redeliver,
 }
 
 /// Results of work done off the event path.
@@ -389,13 +392,13 @@ impl Session<'_> {
         // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
         eventloop.network_options.set_tcp_nodelay(true);
         let (tx, mut events) = mpsc::channel(256);
-        let gate = IntakeGate::new(self.board.clone());
-        let poller = tokio::spawn(poll_loop(eventloop, tx, gate));
+        // Deferring needs the broker to keep the session; a clean one would lose them.
+        let gate = IntakeGate::new(self.board.clone(), !self.clean_session);
+        let poller = tokio::spawn(poll_loop(eventloop, tx, gate.clone()));
         // Not a bounded channel: the event path must never wait for the intake (which waits
         // for rumqttc to take its PUBACK: a cycle). What it holds is bounded by the
-        // `IntakeGate` tokens instead: QoS 0 messages beyond the gate's bound are dropped
-        // before they get here; QoS 1 ones by the broker's in-flight window (each is acked
-        // only once taken in).
+        // `IntakeGate` tokens instead: messages beyond the gate's bound are dropped (QoS 0)
+        // or deferred (QoS 1) before they get here.
         let (intake_tx, intake_rx) = mpsc::unbounded_channel();
         let intake = tokio::spawn(intake_loop(
             intake_rx,
@@ -404,12 +407,32 @@ impl Session<'_> {
             self.controller.clone(),
             self.settings.topics.clone(),
         ));
-        let end = self.drive(&client, &mut events, &intake_tx, stop).await;
+        let end = self
+            .drive(&client, &mut events, &intake_tx, &gate, stop)
+            .await;
         drop(intake_tx);
         // Documents already read are taken in (and acked) before the link goes.
         let _ = tokio::time::timeout(Duration::from_secs(5), intake).await;
         if matches!(end, SessionEnd::Stopped) && self.connected_at.is_some() {
             self.goodbye(&client, &mut events).await;
+        }
+        if matches!(end, SessionEnd::Redeliver) {
+            // The intake's last PUBACKs are queued in rumqttc: a DISCONNECT after them
+            // writes them first, so those messages are not sent again.
+            if client.try_disconnect().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(ev) = events.recv().await {
+                        if matches!(
+                            ev,
+                            Polled::Event(Event::Outgoing(Outgoing::Disconnect))
+                                | Polled::Failed(_)
+                        ) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
         poller.abort();
         self.engine.handle_disconnected();
@@ -433,6 +456,7 @@ impl Session<'_> {
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Polled>,
         intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
+        gate: &IntakeGate,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
@@ -469,6 +493,13 @@ impl Session<'_> {
                 tracing::info!("reconnecting with the reloaded link settings");
                 return SessionEnd::Reload;
             }
+            let deferring = gate.deferring();
+            if deferring && gate.drained() {
+                tracing::info!(
+                    "the intake has drained: reconnecting so that the broker sends the deferred QoS 1 messages again"
+                );
+                return SessionEnd::Redeliver;
+            }
             let silence_limit = if self.connected_at.is_some() {
                 dead_after
             } else {
@@ -487,7 +518,10 @@ impl Session<'_> {
                     // Only what the broker sends proves the link alive, not our own pings.
                     if matches!(
                         ev,
-                        Polled::Event(Event::Incoming(_)) | Polled::Publish(..) | Polled::Dropped
+                        Polled::Event(Event::Incoming(_))
+                            | Polled::Publish(..)
+                            | Polled::Dropped
+                            | Polled::Deferred
                     ) {
                         last_heard = Instant::now();
                     }
@@ -495,7 +529,7 @@ impl Session<'_> {
                         Polled::Publish(p, token) => {
                             self.on_publish(client, intake, p, token).await;
                         }
-                        Polled::Dropped => {}
+                        Polled::Dropped | Polled::Deferred => {}
                         Polled::Event(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
                                 return SessionEnd::Failed(e);
@@ -569,8 +603,8 @@ impl Session<'_> {
                         draining_since = Some(Instant::now());
                     }
                 }
-                // Draining for a reload: check again soon.
-                () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() => {}
+                // Draining for a reload, or the intake after deferrals: check again soon.
+                () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() || deferring => {}
                 // Idle: come round anyway, for the watchdog.
                 () = pulse.tick() => {}
                 // Dead link: nothing heard for too long.
@@ -885,7 +919,7 @@ impl Session<'_> {
             let ev = tokio::time::timeout_at(deadline, events.recv()).await;
             let Ok(Some(Polled::Event(ev))) = ev else {
                 match ev {
-                    Ok(Some(Polled::Publish(..) | Polled::Dropped)) => continue,
+                    Ok(Some(Polled::Publish(..) | Polled::Dropped | Polled::Deferred)) => continue,
                     _ => break,
                 }
             };
@@ -1131,14 +1165,17 @@ enum Polled {
     Publish(rumqttc::Publish, IntakeToken),
     /// A QoS 0 message dropped at the gate (still proof that the link is alive).
     Dropped,
+    /// A QoS 1 message deferred at the gate: not acknowledged, not kept.
+    Deferred,
     Failed(ConnectionError),
 }
 
 async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: IntakeGate) {
     let polled = |ev: Event| match ev {
         Event::Incoming(Packet::Publish(p)) => match gate.admit(&p) {
-            Some(token) => Polled::Publish(p, token),
-            None => Polled::Dropped,
+            Admission::Admitted(token) => Polled::Publish(p, token),
+            Admission::Dropped => Polled::Dropped,
+            Admission::Deferred => Polled::Deferred,
         },
         ev => Polled::Event(ev),
     };
@@ -1167,8 +1204,8 @@ async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: Int
 }
 
 /// Bytes of incoming messages read and not yet taken in, at most (issue 13 item 2). QoS 0
-/// messages beyond it are dropped and counted; QoS 1 ones are always admitted (bounded by
-/// the broker's in-flight window, since each is acknowledged only once taken in).
+/// messages beyond it are dropped and counted; QoS 1 ones are deferred (see
+/// [`IntakeGate`]).
 const INTAKE_MAX_BYTES: usize = 8 << 20;
 /// Messages read and not yet taken in, at most (as [`INTAKE_MAX_BYTES`]).
 const INTAKE_MAX_MESSAGES: usize = 256;
@@ -1177,12 +1214,31 @@ const INTAKE_OVERHEAD: usize = 128;
 
 /// The bound on the intake: messages read from the network and not yet taken in.
 ///
-/// Dropping rather than backpressure: not polling rumqttc's event loop would also stop its
-/// keepalive pings and the PUBACKs of our uplink, and QoS 0 is "at most once" by contract.
+/// Not backpressure: not polling rumqttc's event loop would also stop its keepalive pings,
+/// our uplink's publishes and their PUBACKs. Beyond the bound:
+/// - QoS 0 is dropped and counted ("at most once" by contract).
+/// - QoS 1 is *deferred*: not acknowledged and not kept; so is every later QoS 1 message of
+///   the connection, to keep their order. Once the intake has drained the session
+///   reconnects and the broker sends them all again (MQTT 3.1.1 resends unacknowledged
+///   messages on a resumed session). The broker's in-flight window alone does not bound
+///   them: it is 1,000 in rumqttd, and unlimited in Mosquitto with `max_inflight_messages 0`.
+///   On a clean session (only right after an oversize message) they are admitted instead,
+///   as a clean session would lose them.
 #[derive(Clone)]
 struct IntakeGate {
     load: Arc<std::sync::Mutex<IntakeLoad>>,
     board: StatusBoard,
+    /// QoS 1 beyond the bound is deferred (a persistent session).
+    defer: bool,
+}
+
+/// What the gate does with a message.
+enum Admission {
+    Admitted(IntakeToken),
+    /// QoS 0 beyond the bound.
+    Dropped,
+    /// QoS 1 beyond the bound, or after one that was.
+    Deferred,
 }
 
 #[derive(Debug, Default)]
@@ -1193,6 +1249,8 @@ struct IntakeLoad {
     logged: Option<Instant>,
     /// Drops since then.
     unlogged: u64,
+    /// QoS 1 messages are being deferred until the next connection.
+    deferring: bool,
 }
 
 /// How often a sustained QoS 0 flood is logged.
@@ -1216,26 +1274,40 @@ impl Drop for IntakeToken {
 }
 
 impl IntakeGate {
-    fn new(board: StatusBoard) -> Self {
+    fn new(board: StatusBoard, defer: bool) -> Self {
         Self {
             load: Arc::default(),
             board,
+            defer,
         }
     }
 
-    /// Admits `p` (its token carries its share of the load), or `None`: a QoS 0 message
-    /// over the bound, dropped and counted. A message is always admitted into an empty
-    /// intake, so one larger than the bound still gets through.
-    fn admit(&self, p: &rumqttc::Publish) -> Option<IntakeToken> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, IntakeLoad> {
+        self.load
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// QoS 1 messages were deferred on this connection.
+    fn deferring(&self) -> bool {
+        self.lock().deferring
+    }
+
+    /// Nothing is waiting to be taken in.
+    fn drained(&self) -> bool {
+        self.lock().messages == 0
+    }
+
+    /// Admits `p` (its token carries its share of the load), or drops (QoS 0) or defers
+    /// (QoS 1) it, counted. A message is always admitted into an empty intake, so one
+    /// larger than the bound still gets through.
+    fn admit(&self, p: &rumqttc::Publish) -> Admission {
         let bytes = p
             .payload
             .len()
             .saturating_add(p.topic.len())
             .saturating_add(INTAKE_OVERHEAD);
-        let mut l = self
-            .load
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut l = self.lock();
         let full = l.messages > 0
             && (l.messages >= INTAKE_MAX_MESSAGES
                 || l.bytes.saturating_add(bytes) > INTAKE_MAX_BYTES);
@@ -1256,11 +1328,29 @@ impl IntakeGate {
             drop(l);
             self.board
                 .update(|b| b.inbound.intake_dropped = b.inbound.intake_dropped.saturating_add(1));
-            return None;
+            return Admission::Dropped;
+        }
+        if p.qos != QoS::AtMostOnce && self.defer && (full || l.deferring) {
+            if !l.deferring {
+                tracing::warn!(
+                    topic = %p.topic,
+                    "intake full ({} messages, {} bytes waiting to be taken in): QoS 1 messages are \
+                     not acknowledged now; the broker sends them again after a reconnect once the \
+                     intake has drained (counted in status counters.intake_deferred)",
+                    l.messages,
+                    l.bytes
+                );
+                l.deferring = true;
+            }
+            drop(l);
+            self.board.update(|b| {
+                b.inbound.intake_deferred = b.inbound.intake_deferred.saturating_add(1);
+            });
+            return Admission::Deferred;
         }
         l.bytes = l.bytes.saturating_add(bytes);
         l.messages += 1;
-        Some(IntakeToken {
+        Admission::Admitted(IntakeToken {
             load: Arc::clone(&self.load),
             bytes,
         })
@@ -1275,40 +1365,74 @@ mod tests {
         rumqttc::Publish::new("p/d/desired", qos, vec![0u8; bytes])
     }
 
+    fn admitted(a: Admission) -> Option<IntakeToken> {
+        match a {
+            Admission::Admitted(t) => Some(t),
+            Admission::Dropped | Admission::Deferred => None,
+        }
+    }
+
     #[test]
-    fn the_intake_gate_drops_qos0_beyond_its_bound_and_never_qos1() {
+    fn the_intake_gate_drops_qos0_beyond_its_bound() {
         let board = StatusBoard::default();
-        let gate = IntakeGate::new(board.clone());
+        let gate = IntakeGate::new(board.clone(), true);
         // Larger than the bound, into an empty intake: admitted.
-        let big = gate.admit(&publish(QoS::AtMostOnce, INTAKE_MAX_BYTES * 2));
+        let big = admitted(gate.admit(&publish(QoS::AtMostOnce, INTAKE_MAX_BYTES * 2)));
         assert!(big.is_some());
-        assert!(gate.admit(&publish(QoS::AtMostOnce, 10)).is_none());
-        // QoS 1 is never dropped (the broker's window bounds it).
-        let q1: Vec<_> = (0..INTAKE_MAX_MESSAGES * 2)
-            .map(|_| gate.admit(&publish(QoS::AtLeastOnce, 1000)))
-            .collect();
-        assert!(q1.iter().all(Option::is_some));
-        assert_eq!(board.snapshot().inbound.intake_dropped, 1);
+        assert!(matches!(
+            gate.admit(&publish(QoS::AtMostOnce, 10)),
+            Admission::Dropped
+        ));
         drop(big);
-        drop(q1);
+        assert!(gate.drained());
         // Taken in: the load is given back.
         let mut held = Vec::new();
         for _ in 0..INTAKE_MAX_MESSAGES {
-            held.push(gate.admit(&publish(QoS::AtMostOnce, 10)).unwrap());
+            held.push(admitted(gate.admit(&publish(QoS::AtMostOnce, 10))).unwrap());
         }
         assert!(
-            gate.admit(&publish(QoS::AtMostOnce, 10)).is_none(),
+            admitted(gate.admit(&publish(QoS::AtMostOnce, 10))).is_none(),
             "count bound"
         );
         held.clear();
         let per = INTAKE_MAX_BYTES / 4;
         for _ in 0..3 {
-            held.push(gate.admit(&publish(QoS::AtMostOnce, per)).unwrap());
+            held.push(admitted(gate.admit(&publish(QoS::AtMostOnce, per))).unwrap());
         }
         assert!(
-            gate.admit(&publish(QoS::AtMostOnce, per)).is_none(),
+            admitted(gate.admit(&publish(QoS::AtMostOnce, per))).is_none(),
             "byte bound"
         );
         assert_eq!(board.snapshot().inbound.intake_dropped, 3);
+        assert!(!gate.deferring());
+    }
+
+    #[test]
+    fn the_intake_gate_defers_qos1_beyond_its_bound_and_every_later_one() {
+        let board = StatusBoard::default();
+        let gate = IntakeGate::new(board.clone(), true);
+        let per = INTAKE_MAX_BYTES / 2;
+        let a = admitted(gate.admit(&publish(QoS::AtLeastOnce, per))).unwrap();
+        let b = admitted(gate.admit(&publish(QoS::AtLeastOnce, per - 1000))).unwrap();
+        assert!(matches!(
+            gate.admit(&publish(QoS::AtLeastOnce, per)),
+            Admission::Deferred
+        ));
+        assert!(gate.deferring() && !gate.drained());
+        // Room again, but order must hold: later QoS 1 is deferred too; QoS 0 is not.
+        drop(a);
+        assert!(matches!(
+            gate.admit(&publish(QoS::AtLeastOnce, 10)),
+            Admission::Deferred
+        ));
+        assert!(admitted(gate.admit(&publish(QoS::AtMostOnce, 10))).is_some());
+        drop(b);
+        assert!(gate.drained(), "then the session reconnects");
+        let s = board.snapshot().inbound;
+        assert_eq!((s.intake_deferred, s.intake_dropped), (2, 0));
+        // On a clean session QoS 1 is admitted (deferring would lose it).
+        let clean = IntakeGate::new(board, false);
+        let _a = admitted(clean.admit(&publish(QoS::AtLeastOnce, INTAKE_MAX_BYTES))).unwrap();
+        assert!(admitted(clean.admit(&publish(QoS::AtLeastOnce, 10))).is_some());
     }
 }
