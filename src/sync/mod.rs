@@ -10,6 +10,14 @@
 //! unacknowledged from the store. The event loop runs in its own task and hands events over
 //! a channel, so nothing here ever blocks `poll()`.
 //!
+//! # Incoming messages
+//! Desired documents and commands go to the intake (taken in one at a time, acknowledged
+//! once durable), bounded in bytes and count (`intake`: QoS 0 beyond it is dropped, QoS 1
+//! deferred to the broker). A message over the incoming packet limit ends the connection
+//! inside rumqttc; [`oversize`] decides what the next connections subscribe so that it
+//! cannot loop. Messages on topics the agent does not act on are counted and the filters
+//! that may have delivered them unsubscribed (`Session::on_stray`).
+//!
 //! # Liveness
 //! rumqttc pings every `keep_alive`; a link that delivers nothing for 1.5 × `keep_alive`
 //! (no PINGRESP, no PUBACK) is declared dead and dropped. Reconnects back off exponentially
