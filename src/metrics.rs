@@ -135,6 +135,9 @@ pub struct Metrics {
     /// Retained messages on command topics ignored since start (SPEC §7).
     #[serde(default)]
     pub retained_commands: u64,
+    /// Incoming messages the link refused or dropped, since start.
+    #[serde(default)]
+    pub inbound: crate::status::Inbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,6 +272,7 @@ pub fn build(i: &Inputs) -> Metrics {
         store_error: i.link.store_error.clone(),
         desired_version: i.desired_version,
         retained_commands: i.link.retained_commands,
+        inbound: i.link.inbound,
     }
 }
 
@@ -418,6 +422,26 @@ pub fn prometheus(m: &Metrics) -> String {
         "edgesync_retained_commands_total",
         "Retained messages on command topics ignored (not run), since the agent started.",
         m.retained_commands,
+    );
+    e.counter(
+        "edgesync_intake_dropped_total",
+        "QoS 0 messages from the broker dropped because the intake was full, since start.",
+        m.inbound.intake_dropped,
+    );
+    e.counter(
+        "edgesync_intake_deferred_total",
+        "QoS 1 messages from the broker deferred because the intake was full (sent again after a reconnect), since start.",
+        m.inbound.intake_deferred,
+    );
+    e.counter(
+        "edgesync_inbound_oversize_total",
+        "Messages from the broker over the incoming packet limit, since start.",
+        m.inbound.oversize_refused,
+    );
+    e.counter(
+        "edgesync_inbound_foreign_total",
+        "Messages from the broker on topics the agent does not act on, since start.",
+        m.inbound.foreign_messages,
     );
     e.family(
         "edgesync_desired_version",
@@ -879,6 +903,12 @@ mod tests {
                 store_error: None,
                 reload: Default::default(),
                 retained_commands: 3,
+                inbound: crate::status::Inbound {
+                    intake_dropped: 11,
+                    intake_deferred: 14,
+                    oversize_refused: 12,
+                    foreign_messages: 13,
+                },
             },
             rates: Some(Rates {
                 in_per_s: 1.5,
@@ -913,6 +943,10 @@ mod tests {
         assert_eq!(v["last_error"], "broker said \"no\"");
         assert_eq!(v["desired_version"], 7);
         assert_eq!(v["retained_commands"], 3);
+        assert_eq!(v["inbound"]["intake_dropped"], 11);
+        assert_eq!(v["inbound"]["intake_deferred"], 14);
+        assert_eq!(v["inbound"]["oversize_refused"], 12);
+        assert_eq!(v["inbound"]["foreign_messages"], 13);
         let back: Metrics = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
     }
@@ -943,6 +977,10 @@ mod tests {
             ("edgesync_changes_in_per_second", 1.5),
             ("edgesync_reconnects_total", 4.0),
             ("edgesync_retained_commands_total", 3.0),
+            ("edgesync_intake_dropped_total", 11.0),
+            ("edgesync_intake_deferred_total", 14.0),
+            ("edgesync_inbound_oversize_total", 12.0),
+            ("edgesync_inbound_foreign_total", 13.0),
             ("edgesync_desired_version", 7.0),
             ("edgesync_resident_memory_bytes", f64::from(4u32 << 20)),
             ("edgesync_uptime_seconds", 61.0),

@@ -45,6 +45,26 @@ pub struct LinkFigures {
     /// Retained messages on command topics ignored since start (SPEC §7).
     #[serde(default)]
     pub retained_commands: u64,
+    /// Incoming messages refused or dropped by the link, since start.
+    #[serde(default)]
+    pub inbound: Inbound,
+}
+
+/// Incoming messages the link refused or dropped, since start (status `counters`, metrics
+/// `inbound`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Inbound {
+    /// QoS 0 messages dropped because the intake was full (bounded in bytes and count).
+    pub intake_dropped: u64,
+    /// QoS 1 messages not acknowledged because the intake was full: the broker sends them
+    /// again after the reconnect that follows once the intake has drained.
+    pub intake_deferred: u64,
+    /// Messages over the incoming packet limit (never read whole).
+    pub oversize_refused: u64,
+    /// Messages on topics the agent does not act on (e.g. via a leftover wildcard
+    /// subscription in its broker session).
+    pub foreign_messages: u64,
 }
 
 /// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
@@ -176,6 +196,8 @@ pub struct Counters {
     /// Damaged queued records skipped and removed, never sent (persistent).
     #[serde(default)]
     pub corrupt: u64,
+    #[serde(flatten)]
+    pub inbound: Inbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +261,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             reconnects: link.reconnects,
             retained_commands: link.retained_commands,
             corrupt: q.corrupt,
+            inbound: link.inbound,
         },
         desired: Desired {
             version: inputs.desired_version,
@@ -317,6 +340,13 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         out.push_str(&format!(
             "commands    {} retained request(s) ignored, not run (publish commands unretained)\n",
             s.counters.retained_commands
+        ));
+    }
+    let i = s.counters.inbound;
+    if i != Inbound::default() {
+        out.push_str(&format!(
+            "inbound     {} QoS 0 dropped, {} QoS 1 deferred (intake full) · {} over the packet limit · {} on foreign topics\n",
+            i.intake_dropped, i.intake_deferred, i.oversize_refused, i.foreign_messages
         ));
     }
     if let Some(m) = &s.metrics {
@@ -401,6 +431,7 @@ mod tests {
                 reconnects: 0,
                 retained_commands: 0,
                 corrupt: 0,
+                inbound: Inbound::default(),
             },
             desired: Desired { version: None },
             reload: Default::default(),
@@ -471,11 +502,31 @@ mod tests {
             text.contains("health      in 2/s · out 1/s · invalid 3"),
             "{text}"
         );
+        assert!(!text.contains("inbound"), "{text}");
+        let mut noisy = s.clone();
+        noisy.counters.inbound.intake_dropped = 5;
+        assert!(
+            render(&noisy, 10_000)
+                .contains("inbound     5 QoS 0 dropped, 0 QoS 1 deferred (intake full)"),
+            "{}",
+            render(&noisy, 10_000)
+        );
         // A status from a daemon without metrics still reads.
         let mut v = serde_json::to_value(&s).unwrap();
         v.as_object_mut().unwrap().remove("metrics");
+        // Nor the inbound counters.
+        for k in [
+            "intake_dropped",
+            "intake_deferred",
+            "oversize_refused",
+            "foreign_messages",
+        ] {
+            v["counters"].as_object_mut().unwrap().remove(k);
+        }
         let old: Status = serde_json::from_value(v).unwrap();
         assert_eq!(old.metrics, None);
+        assert_eq!(old.counters.inbound, Inbound::default());
+        assert!(!render(&old, 10_000).contains("inbound"));
         assert!(!render(&old, 10_000).contains("health"));
     }
 

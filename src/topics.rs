@@ -50,6 +50,40 @@ impl Topics {
         format!("{}/cmd/{name}/result", self.base)
     }
 
+    /// Filters that may have delivered `topic`, a topic the agent does not act on (MQTT does
+    /// not say which filter matched): the wildcards a leftover subscription most likely has
+    /// (`#`, `+/#`, the first levels followed by `#`, the device level as `+`) and the topic
+    /// itself; at most 9, never the agent's own filters. Unsubscribing a filter that was
+    /// never subscribed is harmless.
+    pub fn stray_filters(&self, topic: &str) -> Vec<String> {
+        let l: Vec<&str> = topic.split('/').collect();
+        let n = l.len();
+        let mut out: Vec<String> = vec!["#".to_owned(), format!("{}/#", l[0])];
+        if n > 2 {
+            out.push(format!("{}/{}/#", l[0], l[1]));
+        }
+        if n > 3 {
+            out.push(format!("{}/{}/{}/#", l[0], l[1], l[2]));
+        }
+        if n > 1 {
+            out.push(format!("{}/+/#", l[0]));
+            out.push("+/#".to_owned());
+        }
+        if n > 2 {
+            out.push(format!("{}/+/{}", l[0], l[2..].join("/")));
+            out.push(format!("{}/+", l[..n - 1].join("/")));
+        }
+        out.push(topic.to_owned());
+        let own = [self.desired(), self.command_filter()];
+        let mut seen = Vec::new();
+        out.retain(|f| {
+            let keep = !own.contains(f) && !seen.contains(f);
+            seen.push(f.clone());
+            keep
+        });
+        out
+    }
+
     /// Recognises a topic the agent acts on; anything else (other devices, wildcards,
     /// results, malformed names) is `None`.
     pub fn parse<'a>(&self, topic: &'a str) -> Option<Incoming<'a>> {
@@ -79,6 +113,35 @@ mod tests {
         assert_eq!(t.desired_result(), "edgesync/pump-1/desired/result");
         assert_eq!(t.command_result("ping"), "edgesync/pump-1/cmd/ping/result");
         assert_eq!(t.metrics(), "edgesync/pump-1/metrics");
+    }
+
+    #[test]
+    fn stray_filters_cover_the_likely_wildcards_and_never_our_own() {
+        let t = Topics::new("p", "d");
+        let f = t.stray_filters("p/d/cmd/ping/result");
+        for want in [
+            "#",
+            "p/#",
+            "p/d/#",
+            "p/d/cmd/#",
+            "p/+/#",
+            "+/#",
+            "p/+/cmd/ping/result",
+            "p/d/cmd/ping/+",
+            "p/d/cmd/ping/result",
+        ] {
+            assert!(f.contains(&want.to_owned()), "{want}: {f:?}");
+        }
+        assert_eq!(f.len(), 9, "{f:?}");
+        let f = t.stray_filters("p/d/status");
+        assert!(f.contains(&"p/d/+".to_owned()), "{f:?}");
+        assert!(f.contains(&"p/+/status".to_owned()), "{f:?}");
+        // Our own filters stay.
+        let f = t.stray_filters("p/d/cmd/x");
+        assert!(!f.contains(&"p/d/cmd/+".to_owned()), "{f:?}");
+        assert_eq!(t.stray_filters("x"), ["#", "x/#", "x"]);
+        let deep = vec!["a"; 1000].join("/");
+        assert!(t.stray_filters(&deep).len() <= 9);
     }
 
     #[test]

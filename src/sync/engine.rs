@@ -22,6 +22,11 @@
 //!   read outstanding, nothing buffered, and the records start exactly at the cursor), it
 //!   takes them as if read, so an online change is published while the disk syncs.
 //!   Otherwise they are ignored and read from the store after the commit, as always.
+//! - **Shrink on a link that never gets a batch through.** After [`SHRINK_AFTER`]
+//!   connections in a row that ended with a batch in flight and no PUBACK at all, the batch
+//!   limits (changes and bytes) are halved, down to one change; they are restored once the
+//!   queue is caught up again. A link that drops every connection after a few kilobytes
+//!   then still progresses, a batch at a time.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -29,6 +34,10 @@ use std::time::{Duration, Instant};
 use crate::codec::{Batch, BatchBuilder};
 use crate::config::Encoding;
 use crate::store::{Ack, Queued};
+
+/// Connections in a row that end with a batch in flight and no PUBACK before the batch
+/// limits are halved.
+pub const SHRINK_AFTER: u32 = 3;
 
 /// Engine settings (from `[sync]`).
 #[derive(Debug, Clone)]
@@ -107,6 +116,12 @@ pub struct Engine {
     stats: EngineStats,
     /// No new batches (a reload waits for the window to empty).
     paused: bool,
+    /// A PUBACK came on this connection.
+    acked_this_connection: bool,
+    /// Connections in a row that ended with a batch in flight and no PUBACK.
+    failed_connections: u32,
+    /// How many times the batch limits are halved.
+    shrink: u32,
 }
 
 impl Engine {
@@ -135,18 +150,31 @@ impl Engine {
             actions: VecDeque::new(),
             stats: EngineStats::default(),
             paused: false,
+            acked_this_connection: false,
+            failed_connections: 0,
+            shrink: 0,
         }
     }
 
     /// New settings (a reload); they apply to the next batch.
     pub fn reconfigure(&mut self, cfg: EngineConfig) {
-        self.builder = BatchBuilder::new(
-            cfg.encoding,
-            &cfg.device,
-            cfg.batch_max_changes,
-            cfg.batch_max_bytes,
-        );
         self.cfg = cfg;
+        self.builder = self.new_builder();
+    }
+
+    /// The batch limits now: the configured ones, halved `shrink` times (at least one
+    /// change).
+    pub fn batch_limits(&self) -> (usize, usize) {
+        let s = self.shrink.min(usize::BITS - 1);
+        (
+            (self.cfg.batch_max_changes >> s).max(1),
+            (self.cfg.batch_max_bytes >> s).max(1),
+        )
+    }
+
+    fn new_builder(&self) -> BatchBuilder {
+        let (changes, bytes) = self.batch_limits();
+        BatchBuilder::new(self.cfg.encoding, &self.cfg.device, changes, bytes)
     }
 
     /// Publishes nothing new until the next connection; PUBACKs are still handled.
@@ -190,11 +218,37 @@ impl Engine {
 
     /// The link went down: forget everything in flight; it stays queued.
     pub fn handle_disconnected(&mut self) {
+        if self.online && !self.inflight.is_empty() && !self.acked_this_connection {
+            self.failed_connections += 1;
+            if self.failed_connections >= SHRINK_AFTER && self.batch_limits().0 > 1 {
+                self.failed_connections = 0;
+                self.shrink += 1;
+                let (changes, bytes) = self.batch_limits();
+                tracing::warn!(
+                    "{SHRINK_AFTER} connections in a row ended before a batch was acknowledged: \
+                     batches now at most {changes} changes / {bytes} bytes until the queue is caught up"
+                );
+            }
+        }
         self.reset();
         self.online = false;
     }
 
+    /// The queue is caught up: back to the configured batch limits.
+    fn maybe_restore(&mut self) {
+        let caught_up = self.inflight.is_empty()
+            && self.buffer.is_empty()
+            && !self.reading
+            && self.cursor >= self.store_next;
+        if self.shrink > 0 && caught_up {
+            self.shrink = 0;
+            self.builder = self.new_builder();
+            tracing::info!("queue caught up: batches back to their configured limits");
+        }
+    }
+
     fn reset(&mut self) {
+        self.acked_this_connection = false;
         self.paused = false;
         self.epoch += 1;
         self.cursor = 0;
@@ -202,7 +256,7 @@ impl Engine {
         self.buffer.clear();
         self.buffer_since = None;
         self.inflight.clear();
-        self.builder.finish();
+        self.builder = self.new_builder();
         self.actions.retain(|a| matches!(a, Action::Ack { .. }));
     }
 
@@ -272,6 +326,8 @@ impl Engine {
             return false;
         };
         self.stats.acked_batches += 1;
+        self.acked_this_connection = true;
+        self.failed_connections = 0;
         self.acks_pending += 1;
         let ack = if b.corrupt.is_empty() {
             Ack::Range {
@@ -287,6 +343,7 @@ impl Engine {
         };
         self.actions.push_back(Action::Ack { ack });
         self.pump(now);
+        self.maybe_restore();
         true
     }
 
@@ -339,9 +396,9 @@ impl Engine {
         if self.cfg.linger.is_zero() {
             return true;
         }
-        let full = self.buffer.len() >= self.cfg.batch_max_changes
-            || self.buffer.iter().map(|q| q.record.len()).sum::<usize>()
-                >= self.cfg.batch_max_bytes;
+        let (max_changes, max_bytes) = self.batch_limits();
+        let full = self.buffer.len() >= max_changes
+            || self.buffer.iter().map(|q| q.record.len()).sum::<usize>() >= max_bytes;
         let waited = self
             .buffer_since
             .is_none_or(|t| now.duration_since(t) >= self.cfg.linger);
@@ -421,17 +478,18 @@ impl Engine {
             return;
         }
         // Keep about one batch buffered ahead of the window.
-        if self.buffer.len() >= self.cfg.batch_max_changes {
+        let (batch_changes, batch_bytes) = self.batch_limits();
+        if self.buffer.len() >= batch_changes {
             return;
         }
-        let max_changes = self.cfg.batch_max_changes * 2 - self.buffer.len();
+        let max_changes = batch_changes * 2 - self.buffer.len();
         self.reading = true;
         self.read_upto = self.store_next;
         self.actions.push_back(Action::Read {
             epoch: self.epoch,
             from: self.cursor,
             max_changes,
-            max_bytes: self.cfg.batch_max_bytes * 2,
+            max_bytes: batch_bytes.saturating_mul(2),
         });
     }
 }

@@ -10,6 +10,14 @@
 //! unacknowledged from the store. The event loop runs in its own task and hands events over
 //! a channel, so nothing here ever blocks `poll()`.
 //!
+//! # Incoming messages
+//! Desired documents and commands go to the intake (taken in one at a time, acknowledged
+//! once durable), bounded in bytes and count (`intake`: QoS 0 beyond it is dropped, QoS 1
+//! deferred to the broker). A message over the incoming packet limit ends the connection
+//! inside rumqttc; [`oversize`] decides what the next connections subscribe so that it
+//! cannot loop. Messages on topics the agent does not act on are counted and the filters
+//! that may have delivered them unsubscribed (`Session::on_stray`).
+//!
 //! # Liveness
 //! rumqttc pings every `keep_alive`; a link that delivers nothing for 1.5 × `keep_alive`
 //! (no PINGRESP, no PUBACK) is declared dead and dropped. Reconnects back off exponentially
@@ -18,8 +26,10 @@
 
 pub mod backoff;
 pub mod engine;
+mod intake;
+pub mod oversize;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +51,8 @@ use crate::store::{Ack, Outbox, Queued};
 use crate::topics::Topics;
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
+use intake::{Admission, IntakeGate, IntakeToken};
+use oversize::Filter;
 
 /// How long a clean shutdown waits for the broker to take the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -123,11 +135,7 @@ impl LinkSettings {
         o.set_clean_session(clean_session);
         let batch = usize::try_from(self.config.sync.batch_max_bytes).unwrap_or(usize::MAX);
         // Room for a full batch plus topic and headers; incoming is bounded too.
-        // Incoming: 4 × the largest desired document (at least 4 MiB), so a document over
-        // the limit is still read, refused and acknowledged; memory stays bounded.
-        let doc = usize::try_from(self.config.desired.max_document_bytes).unwrap_or(usize::MAX);
-        let incoming = doc.saturating_mul(4).max(4 << 20);
-        o.set_max_packet_size(incoming, batch.saturating_add(4096));
+        o.set_max_packet_size(self.incoming_limit(), batch.saturating_add(4096));
         // Far more packet ids than we ever have outstanding, so ids never collide.
         let window = self
             .config
@@ -163,6 +171,21 @@ impl LinkSettings {
             o.set_transport(Transport::Tcp);
         }
         Ok(o)
+    }
+
+    /// The incoming packet limit: 4 × the largest desired document (at least 4 MiB), so a
+    /// document over `desired.max_document_bytes` is still read, refused and acknowledged;
+    /// above it see [`oversize`].
+    fn incoming_limit(&self) -> usize {
+        let doc = usize::try_from(self.config.desired.max_document_bytes).unwrap_or(usize::MAX);
+        doc.saturating_mul(4).max(4 << 20)
+    }
+
+    fn topic_of(&self, f: Filter) -> String {
+        match f {
+            Filter::Commands => self.topics.command_filter(),
+            Filter::Desired => self.topics.desired(),
+        }
     }
 
     fn describe_ctx(&self) -> tls::DescribeCtx {
@@ -201,6 +224,9 @@ pub async fn run(
     let mut ever_connected = false;
     // Set after a message too large to read: the next connection drops the session.
     let mut clean_next = false;
+    let mut guard = oversize::Guard::default();
+    // Why a filter is not subscribed (status `last_error` while it lasts).
+    let mut hold_note: Option<String> = None;
     loop {
         if *stop.borrow() {
             break;
@@ -214,6 +240,9 @@ pub async fn run(
             b.state = LinkState::Connecting;
             b.since = Some(now_ms());
         });
+        if !guard.holding(Instant::now()) {
+            hold_note = None;
+        }
         let mut session = Session {
             settings: &settings,
             outbox: &outbox,
@@ -232,11 +261,17 @@ pub async fn run(
             clean_session: clean_next,
             reader: None,
             retry: StoreRetry::default(),
+            filters: guard.filters(Instant::now()),
+            acked: Vec::new(),
+            hold_note: hold_note.clone(),
+            unsubscribed: HashSet::new(),
+            stray_logged: false,
         };
         let end = session.run(&mut stop).await;
         if session.connected_at.is_some() {
             clean_next = false;
         }
+        let acked = std::mem::take(&mut session.acked);
         let connected_for = session.connected_at.map(|t| t.elapsed());
         ever_connected |= connected_for.is_some();
         engine.handle_disconnected();
@@ -245,29 +280,26 @@ pub async fn run(
             b.state = LinkState::Offline;
             b.since = Some(now_ms());
             b.inflight_batches = 0;
-            match &end {
-                SessionEnd::Failed(e) => b.last_error = Some(e.clone()),
-                SessionEnd::Oversize(e) => {
-                    b.last_error = Some(format!(
-                        "{e}: the broker sent a message larger than this agent reads \
-                         (4 × desired.max_document_bytes, at least 4 MiB); the next connection starts a clean \
-                         session to drop it (messages queued for this device at the broker are lost; \
-                         a retained desired document is delivered again)"
-                    ));
-                }
-                _ => {}
+            if let SessionEnd::Failed(e) = &end {
+                b.last_error = Some(e.clone());
             }
         });
-        if let SessionEnd::Oversize(e) = &end {
-            tracing::error!(
-                "{e}: dropping the broker session on the next connection so this message is not delivered again"
-            );
+        if let SessionEnd::Oversize { size } = &end {
+            let note = on_oversize(&settings, &mut guard, &acked, *size, &outbox, &applier).await;
+            board.update(|b| {
+                b.last_error = Some(note.clone());
+                b.inbound.oversize_refused = b.inbound.oversize_refused.saturating_add(1);
+            });
+            hold_note = guard.holding(Instant::now()).then_some(note);
+            // Drops a message queued in the broker session (see `oversize`).
             clean_next = true;
+        } else if !matches!(end, SessionEnd::Stopped) {
+            guard.ended(&acked);
         }
         if stopping {
             break;
         }
-        if matches!(end, SessionEnd::Reload) {
+        if matches!(end, SessionEnd::Reload | SessionEnd::Redeliver) {
             // New settings or certificates: reconnect at once.
             continue;
         }
@@ -291,13 +323,18 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 enum SessionEnd {
     Failed(String),
-    /// The broker sent a message too large to read: with a persistent session it would send
-    /// it again after every reconnect, so the next connection starts a clean session.
-    Oversize(String),
+    /// The broker sent a message too large to read (`size`: its remaining length); see
+    /// [`oversize`].
+    Oversize {
+        size: usize,
+    },
     Stopped,
     /// The link's settings or certificate files changed: in-flight batches were finished,
     /// now reconnect with the new ones.
     Reload,
+    /// QoS 1 messages were deferred (the intake was full) and the intake has drained:
+    /// reconnect at once so that the broker sends them again.
+    Redeliver,
 }
 
 /// Results of work done off the event path.
@@ -339,6 +376,16 @@ struct Session<'a> {
     clean_session: bool,
     /// The session's reader thread, started at its first large read.
     reader: Option<ReadThread>,
+    /// What to subscribe, in order ([`oversize::Guard::filters`]).
+    filters: Vec<Filter>,
+    /// Of those, the ones whose SUBACK came, in order.
+    acked: Vec<Filter>,
+    /// Kept in `last_error` while a filter is held.
+    hold_note: Option<String>,
+    /// Filters unsubscribed after stray messages, on this connection.
+    unsubscribed: HashSet<String>,
+    /// A stray message was logged on this connection.
+    stray_logged: bool,
     /// A store fault (failed read or delete) being retried; see [`StoreRetry`].
     retry: StoreRetry,
 }
@@ -380,22 +427,27 @@ impl Session<'_> {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
         };
-        // Room for the whole window of batches, the results window, status and metrics.
+        // Room for the whole window of batches, the results window, unsubscribes, status
+        // and metrics.
         let capacity = self
             .settings
             .config
             .sync
             .max_inflight
             .saturating_add(RESULT_WINDOW)
+            .saturating_add(MAX_UNSUBSCRIBE)
             .saturating_add(16);
         let (client, mut eventloop) = AsyncClient::new(options, capacity);
         // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
         eventloop.network_options.set_tcp_nodelay(true);
         let (tx, mut events) = mpsc::channel(256);
-        let poller = tokio::spawn(poll_loop(eventloop, tx));
-        // Unbounded on purpose: the broker sends at most its in-flight window of unacked
-        // messages, and a bounded channel here could block the event path while the intake
-        // waits for rumqttc to take its PUBACK (a cycle).
+        // Deferring needs the broker to keep the session; a clean one would lose them.
+        let gate = IntakeGate::new(self.board.clone(), !self.clean_session);
+        let poller = tokio::spawn(poll_loop(eventloop, tx, gate.clone()));
+        // Not a bounded channel: the event path must never wait for the intake (which waits
+        // for rumqttc to take its PUBACK: a cycle). What it holds is bounded by the
+        // `IntakeGate` tokens instead: messages beyond the gate's bound are dropped (QoS 0)
+        // or deferred (QoS 1) before they get here.
         let (intake_tx, intake_rx) = mpsc::unbounded_channel();
         let intake = tokio::spawn(intake_loop(
             intake_rx,
@@ -404,12 +456,32 @@ impl Session<'_> {
             self.controller.clone(),
             self.settings.topics.clone(),
         ));
-        let end = self.drive(&client, &mut events, &intake_tx, stop).await;
+        let end = self
+            .drive(&client, &mut events, &intake_tx, &gate, stop)
+            .await;
         drop(intake_tx);
         // Documents already read are taken in (and acked) before the link goes.
         let _ = tokio::time::timeout(Duration::from_secs(5), intake).await;
         if matches!(end, SessionEnd::Stopped) && self.connected_at.is_some() {
             self.goodbye(&client, &mut events).await;
+        }
+        if matches!(end, SessionEnd::Redeliver) {
+            // The intake's last PUBACKs are queued in rumqttc: a DISCONNECT after them
+            // writes them first, so those messages are not sent again.
+            if client.try_disconnect().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(ev) = events.recv().await {
+                        if matches!(
+                            ev,
+                            Polled::Event(Event::Outgoing(Outgoing::Disconnect))
+                                | Polled::Failed(_)
+                        ) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
         }
         poller.abort();
         self.engine.handle_disconnected();
@@ -436,8 +508,9 @@ impl Session<'_> {
     async fn drive(
         &mut self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
+        events: &mut mpsc::Receiver<Polled>,
+        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
+        gate: &IntakeGate,
         stop: &mut watch::Receiver<bool>,
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
@@ -474,6 +547,13 @@ impl Session<'_> {
                 tracing::info!("reconnecting with the reloaded link settings");
                 return SessionEnd::Reload;
             }
+            let deferring = gate.deferring();
+            if deferring && gate.drained() {
+                tracing::info!(
+                    "the intake has drained: reconnecting so that the broker sends the deferred QoS 1 messages again"
+                );
+                return SessionEnd::Redeliver;
+            }
             let silence_limit = if self.connected_at.is_some() {
                 dead_after
             } else {
@@ -490,21 +570,28 @@ impl Session<'_> {
                         return SessionEnd::Failed("MQTT event loop ended".into());
                     };
                     // Only what the broker sends proves the link alive, not our own pings.
-                    if matches!(ev, Ok(Event::Incoming(_))) {
+                    if matches!(
+                        ev,
+                        Polled::Event(Event::Incoming(_))
+                            | Polled::Publish(..)
+                            | Polled::Dropped
+                            | Polled::Deferred
+                    ) {
                         last_heard = Instant::now();
                     }
                     match ev {
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            self.on_publish(client, intake, p).await;
+                        Polled::Publish(p, token) => {
+                            self.on_publish(client, intake, p, token).await;
                         }
-                        Ok(ev) => {
+                        Polled::Dropped | Polled::Deferred => {}
+                        Polled::Event(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
                                 return SessionEnd::Failed(e);
                             }
                         }
-                        Err(e) => {
-                            if is_oversize(&e) {
-                                return SessionEnd::Oversize(tls::describe(&e, &self.settings.describe_ctx()));
+                        Polled::Failed(e) => {
+                            if let Some(size) = oversize_of(&e) {
+                                return SessionEnd::Oversize { size };
                             }
                             return SessionEnd::Failed(tls::describe(&e, &self.settings.describe_ctx()));
                         }
@@ -600,8 +687,8 @@ impl Session<'_> {
                         draining_since = Some(Instant::now());
                     }
                 }
-                // Draining for a reload: check again soon.
-                () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() => {}
+                // Draining for a reload, or the intake after deferrals: check again soon.
+                () = tokio::time::sleep(Duration::from_millis(50)), if draining_since.is_some() || deferring => {}
                 // Idle: come round anyway, for the watchdog.
                 () = pulse.tick() => {}
                 // Dead link: nothing heard for too long.
@@ -628,7 +715,7 @@ impl Session<'_> {
                 self.board.update(|b| {
                     b.state = LinkState::Online;
                     b.since = Some(since);
-                    b.last_error = None;
+                    b.last_error = self.hold_note.clone();
                     if reconnect {
                         b.reconnects += 1;
                     }
@@ -650,16 +737,22 @@ impl Session<'_> {
                     true,
                     Tag::Status,
                 )?;
-                client
-                    .try_subscribe(self.settings.topics.desired(), QoS::AtLeastOnce)
-                    .map_err(|e| format!("cannot subscribe: {e}"))?;
-                client
-                    .try_subscribe(self.settings.topics.command_filter(), QoS::AtLeastOnce)
-                    .map_err(|e| format!("cannot subscribe: {e}"))?;
+                // One SUBSCRIBE each, commands first: the SUBACKs tell which filter a
+                // message too large to read came with (see `oversize`).
+                for f in &self.filters {
+                    client
+                        .try_subscribe(self.settings.topic_of(*f), QoS::AtLeastOnce)
+                        .map_err(|e| format!("cannot subscribe: {e}"))?;
+                }
                 self.results_next = 0;
                 self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                if let Some(&f) = self.filters.get(self.acked.len()) {
+                    self.acked.push(f);
+                }
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 if let Some(tag) = self.tags.pop_front().filter(|t| *t != Tag::Metrics) {
@@ -717,19 +810,68 @@ impl Session<'_> {
     async fn on_publish(
         &mut self,
         client: &AsyncClient,
-        intake: &mpsc::UnboundedSender<rumqttc::Publish>,
+        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
         p: rumqttc::Publish,
+        token: IntakeToken,
     ) {
         match self.settings.topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Desired | crate::topics::Incoming::Command(_)) => {
                 // Acked by the intake task once the document (or request) is durable.
-                if intake.send(p).is_err() {
+                if intake.send((p, token)).is_err() {
                     tracing::error!("desired intake stopped");
                 }
             }
             _ => {
-                tracing::warn!(topic = %p.topic, "ignoring a message on a topic this agent does not act on");
                 let _ = client.try_ack(&p);
+                drop(token);
+                self.on_stray(client, &p.topic);
+            }
+        }
+    }
+
+    /// A message on a topic the agent does not act on: a subscription it did not make (a
+    /// leftover in its broker session, e.g. `#`). Counted; logged once per connection;
+    /// the filters that may have delivered it are unsubscribed (up to [`MAX_UNSUBSCRIBE`]
+    /// per connection).
+    fn on_stray(&mut self, client: &AsyncClient, topic: &str) {
+        self.board.update(|b| {
+            b.inbound.foreign_messages = b.inbound.foreign_messages.saturating_add(1);
+        });
+        let fresh: Vec<String> = self
+            .settings
+            .topics
+            .stray_filters(topic)
+            .into_iter()
+            .filter(|f| !self.unsubscribed.contains(f))
+            .collect();
+        if self.stray_logged {
+            tracing::debug!(
+                topic,
+                "ignoring a message on a topic this agent does not act on"
+            );
+        } else {
+            self.stray_logged = true;
+            tracing::warn!(
+                topic,
+                "ignoring a message on a topic this agent does not act on (further ones on this \
+                 connection are only counted: counters.foreign_messages); unsubscribing the \
+                 filters that may have delivered it: {}",
+                fresh.join(" ")
+            );
+        }
+        for f in fresh {
+            if self.unsubscribed.len() >= MAX_UNSUBSCRIBE {
+                break;
+            }
+            match client.try_unsubscribe(f.clone()) {
+                Ok(()) => {
+                    self.unsubscribed.insert(f);
+                }
+                // The request queue is full: the next stray message tries again.
+                Err(e) => {
+                    tracing::debug!("cannot unsubscribe {f}: {e}");
+                    break;
+                }
             }
         }
     }
@@ -891,11 +1033,7 @@ impl Session<'_> {
 
     /// Clean shutdown: replace the retained status with "offline" ourselves (the will is
     /// only for unclean ends), wait briefly for its PUBACK, disconnect.
-    async fn goodbye(
-        &mut self,
-        client: &AsyncClient,
-        events: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
-    ) {
+    async fn goodbye(&mut self, client: &AsyncClient, events: &mut mpsc::Receiver<Polled>) {
         let offline = br#"{"state":"offline"}"#.to_vec();
         if self
             .publish(
@@ -913,7 +1051,12 @@ impl Session<'_> {
         let mut goodbye_pkid = None;
         loop {
             let ev = tokio::time::timeout_at(deadline, events.recv()).await;
-            let Ok(Some(Ok(ev))) = ev else { break };
+            let Ok(Some(Polled::Event(ev))) = ev else {
+                match ev {
+                    Ok(Some(Polled::Publish(..) | Polled::Dropped | Polled::Deferred)) => continue,
+                    _ => break,
+                }
+            };
             match ev {
                 Event::Outgoing(Outgoing::Publish(pkid)) => match self.tags.pop_front() {
                     Some(Tag::Goodbye) => goodbye_pkid = Some(pkid),
@@ -1018,6 +1161,10 @@ async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
     std::future::pending().await
 }
 
+/// Filters unsubscribed after stray messages, per connection, at most (the request channel
+/// has room for them on top of everything else).
+const MAX_UNSUBSCRIBE: usize = 32;
+
 /// Results and command answers awaiting their PUBACK at once.
 const RESULT_WINDOW: usize = 32;
 
@@ -1044,14 +1191,71 @@ async fn next_config(live: &mut Option<watch::Receiver<Arc<Config>>>) -> Option<
     }
 }
 
-/// A message over the incoming packet limit.
-fn is_oversize(e: &ConnectionError) -> bool {
-    matches!(
-        e,
+/// A message over the incoming packet limit: its size (remaining length).
+fn oversize_of(e: &ConnectionError) -> Option<usize> {
+    match e {
         ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(_)
-        ))
-    )
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
+        _ => None,
+    }
+}
+
+/// A message too large to read ended a connection after the SUBACKs of `acked`: decides
+/// what the next connections subscribe, refuses a desired document with a `rejected`
+/// result once it is held, logs once; returns the status note.
+async fn on_oversize(
+    settings: &LinkSettings,
+    guard: &mut oversize::Guard,
+    acked: &[Filter],
+    size: usize,
+    outbox: &Outbox,
+    applier: &Applier,
+) -> String {
+    let limit = settings.incoming_limit();
+    let what = format!(
+        "a message of {size} bytes is larger than this agent reads (incoming packet limit \
+         {limit} bytes: 4 × desired.max_document_bytes, at least 4 MiB)"
+    );
+    let v = guard.oversize(acked, Instant::now());
+    let topic = v.suspect.map(|f| settings.topic_of(f));
+    let Some(hold) = v.hold else {
+        let on = topic.map_or_else(
+            || "queued in the broker session".to_owned(),
+            |t| format!("on {t}"),
+        );
+        let note = format!(
+            "{what}, {on}: not read; reconnecting with a clean session (drops messages queued \
+             for this device at the broker)"
+        );
+        tracing::warn!("{note}");
+        return note;
+    };
+    let held: Vec<String> = v.held.iter().map(|f| settings.topic_of(*f)).collect();
+    let note = format!(
+        "{what}, {}: refused, not read; not subscribing {} for {}s (a retained message is sent \
+         again on every subscribe: clear or replace it at the broker)",
+        topic.map_or_else(
+            || "before any subscription".to_owned(),
+            |t| format!("delivered again on {t}")
+        ),
+        held.join(" and "),
+        hold.as_secs()
+    );
+    tracing::error!("{note}");
+    if v.held.contains(&Filter::Desired) {
+        let result = serde_json::json!({
+            "version": null,
+            "status": "rejected",
+            "keys": {},
+            "error": note,
+        });
+        match dstore::queue(outbox, "desired/result", result.to_string().into_bytes()).await {
+            Ok(_) => applier.results.notify_one(),
+            Err(e) => tracing::error!("queueing the rejected result failed: {e}"),
+        }
+    }
+    note
 }
 
 async fn sleep_until(t: Option<Instant>) {
@@ -1064,13 +1268,14 @@ async fn sleep_until(t: Option<Instant>) {
 /// Takes in desired documents and command requests one at a time, in arrival order, and
 /// acknowledges each once it is durable (or answered, if unreadable).
 async fn intake_loop(
-    mut rx: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    mut rx: mpsc::UnboundedReceiver<(rumqttc::Publish, IntakeToken)>,
     client: AsyncClient,
     applier: Applier,
     controller: Controller,
     topics: Topics,
 ) {
-    while let Some(p) = rx.recv().await {
+    // The token goes when the message is taken in: its bytes leave the intake's load.
+    while let Some((p, _token)) = rx.recv().await {
         let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::topics::Incoming::Command(name)) => {
                 crate::crash::point("command-received");
@@ -1099,12 +1304,47 @@ async fn intake_loop(
     }
 }
 
-async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
+/// What the poller hands to the session.
+enum Polled {
+    Event(Event),
+    /// An incoming message, admitted by the intake gate.
+    Publish(rumqttc::Publish, IntakeToken),
+    /// A QoS 0 message dropped at the gate (still proof that the link is alive).
+    Dropped,
+    /// A QoS 1 message deferred at the gate: not acknowledged, not kept.
+    Deferred,
+    Failed(ConnectionError),
+}
+
+async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: IntakeGate) {
+    let polled = |ev: Event| match ev {
+        Event::Incoming(Packet::Publish(p)) => match gate.admit(&p) {
+            Admission::Admitted(token) => Polled::Publish(p, token),
+            Admission::Dropped => Polled::Dropped,
+            Admission::Deferred => Polled::Deferred,
+        },
+        ev => Polled::Event(ev),
+    };
     loop {
-        let ev = eventloop.poll().await;
-        let failed = ev.is_err();
-        if tx.send(ev).await.is_err() || failed {
-            return;
+        match eventloop.poll().await {
+            Ok(ev) => {
+                if tx.send(polled(ev)).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                // Packets read before the failure (SUBACKs, PUBACKs) are still queued in
+                // rumqttc: hand them over first (the SUBACKs tell `oversize` which filter
+                // the failing message came with).
+                let read: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for ev in read {
+                    if tx.send(polled(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Polled::Failed(e)).await;
+                return;
+            }
         }
     }
 }

@@ -552,3 +552,47 @@ fn linger_does_not_hold_a_batch_full_by_bytes() {
     h.append(100);
     assert!(!h.published.is_empty(), "full by bytes: sent at once");
 }
+
+#[test]
+fn batches_shrink_after_connections_that_never_get_one_through_and_grow_back() {
+    let mut h = Harness::new(cfg(1, 8, 0));
+    h.append(40);
+    let sizes = |h: &mut Harness| -> Vec<usize> {
+        let s = h
+            .published
+            .iter()
+            .map(|(_, b)| Harness::seqs(b).len())
+            .collect();
+        h.published.clear();
+        s
+    };
+    // Each connection drops with its first batch in flight, unacknowledged.
+    let fail = |h: &mut Harness| {
+        h.connect();
+        h.engine.handle_disconnected();
+        h.engine.handle_disconnected(); // the driver calls it twice: counted once
+        h.run();
+        sizes(h)
+    };
+    for want in [8, 8, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1, 1] {
+        assert_eq!(fail(&mut h), vec![want]);
+    }
+    assert_eq!(h.engine.batch_limits().0, 1, "never below one change");
+    // A connection that gets a batch through resets the count of failures.
+    h.connect();
+    let (id, _) = h.published[0].clone();
+    h.puback(id);
+    h.engine.handle_disconnected();
+    h.run();
+    assert_eq!(sizes(&mut h), vec![1, 1]);
+    assert_eq!(fail(&mut h), vec![1]);
+    // Caught up: back to the configured limit.
+    h.connect();
+    while let Some((id, _)) = h.published.pop() {
+        h.puback(id);
+    }
+    assert!(h.queue.is_empty());
+    assert_eq!(h.engine.batch_limits().0, 8);
+    h.append(20);
+    assert_eq!(sizes(&mut h)[0], 8);
+}
