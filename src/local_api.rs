@@ -36,6 +36,16 @@ const PIPELINE_DEPTH: usize = 256;
 /// decodes a line, so a fast client cannot pile up more than this in the daemon's memory.
 /// One line of [`MAX_LINE`] always fits.
 const INFLIGHT_BYTES: usize = MAX_LINE;
+/// Bytes of built answers not yet written to their sockets, all connections together. A
+/// client that does not read its answers would otherwise make the daemon hold every answer
+/// it pipelined (e.g. 300 `get` of a 1 MB document).
+const ANSWER_BYTES: usize = 16 << 20;
+/// Of [`ANSWER_BYTES`], what one connection may hold. An answer whose size is not known
+/// before it is built (`get`, `status`, `history`, `queue`, `rollback`) reserves the whole
+/// share first and keeps min(its length, share) until written, so a connection whose
+/// unwritten answers fill its share is not read any further (backpressure), and at most
+/// `ANSWER_BYTES / ANSWER_SHARE` answers larger than the share exist at once.
+const ANSWER_SHARE: usize = 1 << 20;
 
 /// A request line.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -162,7 +172,10 @@ pub struct Context {
 /// connection answer what it has read, and returns.
 pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    let budget = Arc::new(Semaphore::new(INFLIGHT_BYTES));
+    let budget = Budget {
+        inflight: Arc::new(Semaphore::new(INFLIGHT_BYTES)),
+        answers: Arc::new(Semaphore::new(ANSWER_BYTES)),
+    };
     let stop_conn = stop.clone();
     let mut conns = JoinSet::new();
     loop {
@@ -177,7 +190,7 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
                     let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
                     let ctx = ctx.clone();
                     let stop = stop_conn.clone();
-                    let budget = Arc::clone(&budget);
+                    let budget = budget.clone();
                     conns.spawn(async move {
                         if let Err(e) = connection(stream, ctx, stop, budget).await {
                             tracing::debug!(error = %e, "local connection ended");
@@ -200,20 +213,84 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// The byte budgets all connections share.
+#[derive(Debug, Clone)]
+struct Budget {
+    /// Request lines read and not yet answered by the store ([`INFLIGHT_BYTES`]).
+    inflight: Arc<Semaphore>,
+    /// Built answers not yet written ([`ANSWER_BYTES`]).
+    answers: Arc<Semaphore>,
+}
+
+/// One connection's claim on [`Budget::answers`]: its own share and the global budget.
+#[derive(Debug, Clone)]
+struct AnswerBudget {
+    mine: Arc<Semaphore>,
+    all: Arc<Semaphore>,
+}
+
+/// An answer's hold on the answer budgets; dropped once the answer is written.
+#[derive(Debug)]
+struct Held {
+    mine: OwnedSemaphorePermit,
+    all: OwnedSemaphorePermit,
+}
+
+impl AnswerBudget {
+    fn new(all: Arc<Semaphore>) -> Self {
+        Self {
+            mine: Arc::new(Semaphore::new(ANSWER_SHARE)),
+            all,
+        }
+    }
+
+    /// Waits until this connection's earlier answers left room for a whole share, then for
+    /// the global budget. `None` once the budget is closed (never, in practice).
+    async fn reserve(&self) -> Option<Held> {
+        let want = u32::try_from(ANSWER_SHARE).unwrap_or(u32::MAX);
+        let mine = Arc::clone(&self.mine).acquire_many_owned(want).await.ok()?;
+        let all = Arc::clone(&self.all).acquire_many_owned(want).await.ok()?;
+        Some(Held { mine, all })
+    }
+
+    /// A hold of min(`len`, share) if there is room now (for watch events, which must not
+    /// wait).
+    fn try_hold(&self, len: usize) -> Option<Held> {
+        let want = u32::try_from(len.min(ANSWER_SHARE)).unwrap_or(u32::MAX);
+        let mine = Arc::clone(&self.mine).try_acquire_many_owned(want).ok()?;
+        let all = Arc::clone(&self.all).try_acquire_many_owned(want).ok()?;
+        Some(Held { mine, all })
+    }
+}
+
+impl Held {
+    /// Gives back what an answer of `len` bytes does not need: it keeps min(len, share).
+    fn shrink_to(mut self, len: usize) -> Self {
+        let keep = len.min(self.mine.num_permits());
+        let extra = self.mine.num_permits() - keep;
+        drop(self.mine.split(extra));
+        drop(self.all.split(extra));
+        self
+    }
+}
+
 /// An answer, ready or waiting for the store.
 enum Pending {
     Ready(String),
+    /// A ready answer holding its bytes in the answer budget until written.
+    Held(String, Held),
     Store(StoreReply),
     /// An answer computed by a task (e.g. a rollback running a handler).
-    Later(oneshot::Receiver<String>),
+    Later(oneshot::Receiver<(String, Held)>),
 }
 
 async fn connection(
     stream: UnixStream,
     ctx: Context,
     mut stop: watch::Receiver<bool>,
-    budget: Arc<Semaphore>,
+    budget: Budget,
 ) -> io::Result<()> {
+    let answers = AnswerBudget::new(budget.answers);
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
     let writer = tokio::spawn(answer(rx, wr));
@@ -235,13 +312,10 @@ async fn connection(
             Line::Ok if line.iter().all(u8::is_ascii_whitespace) => continue,
             Line::Ok => {
                 let want = u32::try_from(line.len().min(INFLIGHT_BYTES)).unwrap_or(u32::MAX);
-                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(want).await else {
+                let Ok(permit) = Arc::clone(&budget.inflight).acquire_many_owned(want).await else {
                     break;
                 };
-                match handle(&line, &ctx, &tx, &mut watching).await {
-                    Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
-                    ready => ready,
-                }
+                handle(&line, &ctx, &tx, &mut watching, permit, &answers).await
             }
         };
         if tx.send(pending).await.is_err() {
@@ -291,12 +365,22 @@ async fn answer(
                 }
             }
         };
+        let mut held = None;
         let line = match p {
             Pending::Ready(s) => s,
+            Pending::Held(s, h) => {
+                held = Some(h);
+                s
+            }
             Pending::Later(r) => {
                 out.flush().await?;
-                r.await
-                    .unwrap_or_else(|_| error_line(code::IO_ERROR, "the request was abandoned"))
+                match r.await {
+                    Ok((s, h)) => {
+                        held = Some(h);
+                        s
+                    }
+                    Err(_) => error_line(code::IO_ERROR, "the request was abandoned"),
+                }
             }
             Pending::Store(mut r) => {
                 let result = match r.try_recv() {
@@ -316,6 +400,9 @@ async fn answer(
         };
         out.write_all(line.as_bytes()).await?;
         out.write_all(b"\n").await?;
+        // Written (to the socket, or to the buffer flushed before the next wait).
+        drop(line);
+        drop(held);
     }
 }
 
@@ -362,19 +449,49 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) ->
     }
 }
 
-/// Decodes and executes one request.
+/// Decodes and executes one request. `permit` holds the line's bytes of
+/// [`INFLIGHT_BYTES`]: a report keeps it until the store answers; every other request gives
+/// it back before it waits for room in the answer budget, so a client that does not read
+/// cannot hold up the reports of others.
 async fn handle(
     line: &[u8],
     ctx: &Context,
     tx: &mpsc::Sender<Pending>,
     watching: &mut Option<u64>,
+    permit: OwnedSemaphorePermit,
+    answers: &AnswerBudget,
 ) -> Pending {
     let req = match decode_line(line) {
         Ok(r) => r,
         Err(answer) => return Pending::Ready(answer),
     };
+    // Answers of these are small and of bounded size (PIPELINE_DEPTH of them at most).
     match req.op.as_str() {
-        "report" => report(req, ctx).await,
+        "report" => {
+            return match report(req, ctx).await {
+                Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
+                other => other,
+            };
+        }
+        "watch" => return Pending::Ready(watch_keys(&req, ctx, tx, answers, watching)),
+        "ack" => return Pending::Ready(ack(&req, ctx)),
+        "get" | "status" | "history" | "rollback" | "queue" => {}
+        other => {
+            return Pending::Ready(error_line(
+                code::UNKNOWN_OP,
+                format!(
+                    "unknown op {other:?}; expected report, status, get, watch, ack, history, \
+                     rollback or queue"
+                ),
+            ));
+        }
+    }
+    drop(permit);
+    // Answers of unknown size: built only with a share of the answer budget reserved.
+    let Some(held) = answers.reserve().await else {
+        return Pending::Ready(error_line(code::IO_ERROR, "the daemon is stopping"));
+    };
+    let line = match req.op.as_str() {
         "status" => {
             let ctx = ctx.clone();
             // With the desired version and the health figures (`metrics`).
@@ -382,25 +499,18 @@ async fn handle(
                 crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
             })
             .await;
-            Pending::Ready(match status {
+            match status {
                 Ok(s) => ok_with(serde_json::to_value(s).unwrap_or_default()),
                 Err(e) => error_line(code::IO_ERROR, e.to_string()),
-            })
+            }
         }
-        "get" => Pending::Ready(get(&req, ctx)),
-        "watch" => Pending::Ready(watch_keys(&req, ctx, tx, watching)),
-        "ack" => Pending::Ready(ack(&req, ctx)),
-        "history" => Pending::Ready(history(&req, ctx)),
-        "rollback" => rollback(&req, ctx),
-        "queue" => Pending::Ready(queue(req, ctx).await),
-        other => Pending::Ready(error_line(
-            code::UNKNOWN_OP,
-            format!(
-                "unknown op {other:?}; expected report, status, get, watch, ack, history, \
-                 rollback or queue"
-            ),
-        )),
-    }
+        "get" => get(&req, ctx),
+        "history" => history(&req, ctx),
+        "rollback" => return rollback(&req, ctx, held),
+        _ => queue(req, ctx).await,
+    };
+    let held = held.shrink_to(line.len() + 1);
+    Pending::Held(line, held)
 }
 
 /// Decodes one request line; `Err` is the error line to answer. Public for the fuzz targets.
@@ -513,6 +623,7 @@ fn watch_keys(
     req: &Request,
     ctx: &Context,
     tx: &mpsc::Sender<Pending>,
+    answers: &AnswerBudget,
     watching: &mut Option<u64>,
 ) -> String {
     let Some(keys) = req.keys.as_ref().filter(|k| !k.is_empty()) else {
@@ -526,8 +637,13 @@ fn watch_keys(
         }
     }
     let tx = tx.clone();
-    let sink: crate::desired::watch::Sink =
-        Box::new(move |line| tx.try_send(Pending::Ready(line)).is_ok());
+    let answers = answers.clone();
+    // An event that finds no room fails its delivery ("not reading its socket").
+    let sink: crate::desired::watch::Sink = Box::new(move |line| {
+        answers
+            .try_hold(line.len() + 1)
+            .is_some_and(|held| tx.try_send(Pending::Held(line, held)).is_ok())
+    });
     *watching = Some(ctx.applier.watchers().watch(*watching, globs, sink));
     ok_with(serde_json::json!({"watching": keys}))
 }
@@ -585,7 +701,7 @@ async fn queue(req: Request, ctx: &Context) -> String {
 }
 
 /// `{"op":"rollback","key":K,"version":V}`: applies the key's value of version V again.
-fn rollback(req: &Request, ctx: &Context) -> Pending {
+fn rollback(req: &Request, ctx: &Context, held: Held) -> Pending {
     let (Some(key), Some(version)) = (req.key.clone(), req.version) else {
         return Pending::Ready(error_line(
             code::BAD_REQUEST,
@@ -599,7 +715,8 @@ fn rollback(req: &Request, ctx: &Context) -> Pending {
             Ok(v) => ok_with(v),
             Err(e) => error_line("failed", e),
         };
-        let _ = done.send(line);
+        let held = held.shrink_to(line.len() + 1);
+        let _ = done.send((line, held));
     });
     Pending::Later(rx)
 }
@@ -683,6 +800,31 @@ mod tests {
         let (store, reply) = oneshot::channel::<Result<Appended, StoreError>>();
         drop(store);
         assert!(release_when_answered(reply, permit).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn an_answer_keeps_min_of_its_length_and_the_share_until_written() {
+        let all = Arc::new(Semaphore::new(ANSWER_BYTES));
+        let budget = AnswerBudget::new(Arc::clone(&all));
+        let small = budget.reserve().await.unwrap().shrink_to(100);
+        assert_eq!(budget.mine.available_permits(), ANSWER_SHARE - 100);
+        assert_eq!(all.available_permits(), ANSWER_BYTES - 100);
+        // Larger than the share: deliverable, holding the whole share.
+        drop(small);
+        let big = budget.reserve().await.unwrap().shrink_to(3 * ANSWER_SHARE);
+        assert_eq!(budget.mine.available_permits(), 0);
+        assert_eq!(all.available_permits(), ANSWER_BYTES - ANSWER_SHARE);
+        // The connection is full: the next answer waits (its reader stops), events are refused.
+        let next = budget.reserve();
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), next)
+                .await
+                .is_err()
+        );
+        assert!(budget.try_hold(10).is_none());
+        drop(big);
+        assert_eq!(all.available_permits(), ANSWER_BYTES);
+        assert!(budget.try_hold(10).is_some());
     }
 
     #[test]
