@@ -15,11 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 
 use crate::change::{ChangeError, RawChange};
 use crate::status::{Identity, StatusBoard};
@@ -166,18 +167,29 @@ pub struct Context {
     pub board: StatusBoard,
     pub identity: Arc<Identity>,
     pub applier: crate::desired::apply::Applier,
+    /// `local.idle_timeout`: a connection with no request and no answer pending for this
+    /// long is closed (watching ones excepted), and so is one whose client has not taken an
+    /// answer for this long.
+    pub idle_timeout: Duration,
 }
 
 /// Serves connections until `stop` turns true, then stops reading requests, lets every
 /// connection answer what it has read, and returns.
+///
+/// Admission is fair: with [`MAX_CLIENTS`] connections open, a new client is admitted by
+/// closing the connection that has waited longest for its client (idle: no request and no
+/// answer pending; or stalled: its client is not reading an answer), watching connections
+/// last. Only while every connection is busy does a new client wait in the listen backlog.
 pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let budget = Budget {
         inflight: Arc::new(Semaphore::new(INFLIGHT_BYTES)),
         answers: Arc::new(Semaphore::new(ANSWER_BYTES)),
     };
+    let registry = Registry::default();
     let stop_conn = stop.clone();
     let mut conns = JoinSet::new();
+    let mut next_id = 0u64;
     loop {
         tokio::select! {
             biased;
@@ -187,25 +199,213 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
+                    let Some(permit) = admit(&slots, &registry, &mut stop).await else { break };
+                    next_id += 1;
+                    let shared = Arc::new(Shared::new(next_id));
                     let ctx = ctx.clone();
                     let stop = stop_conn.clone();
                     let budget = budget.clone();
-                    conns.spawn(async move {
-                        if let Err(e) = connection(stream, ctx, stop, budget).await {
+                    let conn = Arc::clone(&shared);
+                    let gone = registry.clone();
+                    let abort = conns.spawn(async move {
+                        // Also when the task is aborted (evicted).
+                        let _slot = (permit, Leave(gone, conn.id));
+                        if let Err(e) = connection(stream, ctx, stop, budget, conn).await {
                             tracing::debug!(error = %e, "local connection ended");
                         }
-                        drop(permit);
                     });
+                    registry.insert(shared, abort);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
         }
     }
     while conns.join_next().await.is_some() {}
+}
+
+/// A slot for a new connection: a free one, or one freed by evicting the connection that has
+/// waited longest for its client. `None` at shutdown.
+async fn admit(
+    slots: &Arc<Semaphore>,
+    registry: &Registry,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<OwnedSemaphorePermit> {
+    loop {
+        if let Ok(p) = Arc::clone(slots).try_acquire_owned() {
+            return Some(p);
+        }
+        let evicted = registry.evict_one();
+        tokio::select! {
+            biased;
+            () = stopped(stop) => return None,
+            p = Arc::clone(slots).acquire_owned() => return p.ok(),
+            // Nobody to evict now: look again soon (a busy connection may become idle).
+            () = tokio::time::sleep(EVICT_RETRY), if !evicted => {}
+        }
+    }
+}
+
+/// How often a new client waiting for a slot looks for a connection to evict again.
+const EVICT_RETRY: Duration = Duration::from_millis(100);
+/// A request line must be complete within this long of its first byte.
+const LINE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A write to the socket that takes longer than this marks the connection as stalled.
+const STALL_MARK: Duration = Duration::from_millis(100);
+
+/// The open connections, for eviction.
+#[derive(Debug, Clone, Default)]
+struct Registry(Arc<std::sync::Mutex<std::collections::HashMap<u64, (Arc<Shared>, AbortHandle)>>>);
+
+impl Registry {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, (Arc<Shared>, AbortHandle)>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn insert(&self, shared: Arc<Shared>, abort: AbortHandle) {
+        // A connection that already ended (and left) is not added back.
+        if !abort.is_finished() {
+            self.lock().insert(shared.id, (shared, abort));
+        }
+    }
+
+    /// Closes the connection that has waited longest for its client, watching ones last;
+    /// false if every connection is busy.
+    fn evict_one(&self) -> bool {
+        let mut map = self.lock();
+        let victim = map
+            .values()
+            .filter_map(|(s, _)| s.waiting_since().map(|t| ((s.is_watching(), t), s.id)))
+            .min()
+            .map(|(_, id)| id);
+        match victim.and_then(|id| map.remove(&id)) {
+            Some((_, abort)) => {
+                tracing::debug!(
+                    "local client limit reached: closing the longest-waiting connection"
+                );
+                abort.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from the registry when its task ends.
+struct Leave(Registry, u64);
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
+}
+
+/// What the accept loop sees of a connection.
+#[derive(Debug)]
+struct Shared {
+    id: u64,
+    state: std::sync::Mutex<ConnState>,
+}
+
+#[derive(Debug)]
+struct ConnState {
+    /// Since when the reader waits for the next request (None while it reads or handles one).
+    reading_since: Option<Instant>,
+    /// Answers handed to the writer and not written yet.
+    unanswered: usize,
+    /// When the writer last wrote an answer.
+    last_written: Instant,
+    /// Since when a write to the socket has not completed (the client does not read).
+    stalled_since: Option<Instant>,
+    watching: bool,
+}
+
+impl Shared {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            state: std::sync::Mutex::new(ConnState {
+                reading_since: None,
+                unanswered: 0,
+                last_written: Instant::now(),
+                stalled_since: None,
+                watching: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Since when the connection waits for its client: idle (waiting for a request with
+    /// nothing pending) or stalled (a write not taken by the client).
+    fn waiting_since(&self) -> Option<Instant> {
+        let s = self.lock();
+        let idle = s
+            .reading_since
+            .filter(|_| s.unanswered == 0)
+            .map(|t| t.max(s.last_written));
+        match (idle, s.stalled_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Since when it is idle, for the idle timeout (watching connections never are).
+    fn idle_since(&self) -> Option<Instant> {
+        let s = self.lock();
+        if s.watching || s.unanswered > 0 {
+            return None;
+        }
+        s.reading_since.map(|t| t.max(s.last_written))
+    }
+
+    fn is_watching(&self) -> bool {
+        self.lock().watching
+    }
+}
+
+/// Resolves once the connection has been idle for `limit`.
+async fn idle_for(shared: &Shared, limit: Duration) {
+    loop {
+        let wake = match shared.idle_since() {
+            Some(t) if t.elapsed() >= limit => return,
+            Some(t) => t + limit,
+            None => Instant::now() + limit,
+        };
+        tokio::time::sleep_until(wake.into()).await;
+    }
+}
+
+/// Runs one write to the socket; marks the connection stalled while it does not complete,
+/// and fails it when the client has not taken it within `limit`.
+async fn write_step<F: std::future::Future<Output = io::Result<()>>>(
+    shared: &Shared,
+    limit: Duration,
+    fut: F,
+) -> io::Result<()> {
+    tokio::pin!(fut);
+    if let Ok(r) = tokio::time::timeout(STALL_MARK, &mut fut).await {
+        return r;
+    }
+    shared.lock().stalled_since = Some(Instant::now() - STALL_MARK);
+    let r = tokio::time::timeout(limit, &mut fut).await;
+    shared.lock().stalled_since = None;
+    r.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the client took no answer for {limit:?}"),
+        ))
+    })
 }
 
 /// Resolves once `stop` is true (or its sender is gone).
@@ -279,6 +479,8 @@ enum Pending {
     Ready(String),
     /// A ready answer holding its bytes in the answer budget until written.
     Held(String, Held),
+    /// A watch event (not an answer to a request), likewise.
+    Event(String, Held),
     Store(StoreReply),
     /// An answer computed by a task (e.g. a rollback running a handler).
     Later(oneshot::Receiver<(String, Held)>),
@@ -287,21 +489,67 @@ enum Pending {
 async fn connection(
     stream: UnixStream,
     ctx: Context,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     budget: Budget,
+    shared: Arc<Shared>,
 ) -> io::Result<()> {
-    let answers = AnswerBudget::new(budget.answers);
     let (rd, wr) = stream.into_split();
     let (tx, rx) = mpsc::channel::<Pending>(PIPELINE_DEPTH);
-    let writer = tokio::spawn(answer(rx, wr));
-    let mut watching: Option<u64> = None;
+    let idle = ctx.idle_timeout;
+    // Reader and writer run in this one task, so that evicting it (abort) ends both.
+    let writer = answer(rx, wr, &shared, idle);
+    tokio::pin!(writer);
+    let reader = read_requests(rd, ctx, stop, budget, &shared, tx);
+    tokio::select! {
+        // The writer failed (the client went away or took no answer for too long).
+        r = &mut writer => return r,
+        r = reader => r?,
+    }
+    // The reader is done: the writer writes what was read and ends.
+    writer.await
+}
+
+/// Reads requests and hands their answers, in order, to the writer through `tx`.
+async fn read_requests(
+    rd: tokio::net::unix::OwnedReadHalf,
+    ctx: Context,
+    mut stop: watch::Receiver<bool>,
+    budget: Budget,
+    shared: &Shared,
+    tx: mpsc::Sender<Pending>,
+) -> io::Result<()> {
+    let answers = AnswerBudget::new(budget.answers);
+    let mut watching = Watching(None, ctx.applier.clone());
     let mut reader = BufReader::with_capacity(64 * 1024, rd);
     let mut line = Vec::with_capacity(1024);
     loop {
+        // Wait for the next request to start: idle from here.
+        shared.lock().reading_since = Some(Instant::now());
+        let started = tokio::select! {
+            biased;
+            () = stopped(&mut stop) => break,
+            r = reader.fill_buf() => !r?.is_empty(),
+            () = idle_for(shared, ctx.idle_timeout) => {
+                tracing::debug!("closing an idle local connection");
+                break;
+            }
+        };
+        shared.lock().reading_since = None;
+        if !started {
+            break; // EOF
+        }
         let read = tokio::select! {
             biased;
             () = stopped(&mut stop) => break,
-            r = read_line(&mut reader, &mut line) => r?,
+            r = tokio::time::timeout(LINE_TIMEOUT, read_line(&mut reader, &mut line)) => match r {
+                Ok(r) => r?,
+                Err(_) => {
+                    let message = format!("request line not completed within {LINE_TIMEOUT:?}");
+                    shared.lock().unanswered += 1;
+                    let _ = tx.send(Pending::Ready(error_line(code::BAD_REQUEST, message))).await;
+                    break;
+                }
+            },
         };
         let pending = match read {
             Line::Eof => break,
@@ -315,18 +563,36 @@ async fn connection(
                 let Ok(permit) = Arc::clone(&budget.inflight).acquire_many_owned(want).await else {
                     break;
                 };
-                handle(&line, &ctx, &tx, &mut watching, permit, &answers).await
+                let p = handle(&line, &ctx, &tx, &mut watching.0, permit, &answers).await;
+                if watching.0.is_some() {
+                    shared.lock().watching = true;
+                }
+                p
             }
         };
+        // Counted before it is sent, so the writer never counts below zero.
+        shared.lock().unanswered += 1;
         if tx.send(pending).await.is_err() {
-            break; // the client stopped reading
+            break; // the writer ended
+        }
+        // A request line that grew the buffer (up to MAX_LINE) does not keep it.
+        if line.capacity() > 64 * 1024 {
+            line = Vec::with_capacity(1024);
         }
     }
-    if let Some(conn) = watching {
-        ctx.applier.watchers().forget(conn);
+    Ok(())
+}
+
+/// The connection's watch registration, forgotten when the connection ends (also when its
+/// task is aborted).
+struct Watching(Option<u64>, crate::desired::apply::Applier);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0 {
+            self.1.watchers().forget(conn);
+        }
     }
-    drop(tx);
-    writer.await.unwrap_or(Ok(()))
 }
 
 type StoreReply = oneshot::Receiver<Result<Appended, StoreError>>;
@@ -349,16 +615,20 @@ fn release_when_answered(rx: StoreReply, permit: OwnedSemaphorePermit) -> StoreR
 /// Writes answers in request order. Answers are buffered only while the next one is ready
 /// at once: before waiting (for the next request or for the store to commit the next
 /// answer) everything written is flushed, so no answer waits in the buffer for a later one.
+///
+/// A write the client does not take within `limit` fails the connection.
 async fn answer(
     mut rx: mpsc::Receiver<Pending>,
     wr: tokio::net::unix::OwnedWriteHalf,
+    shared: &Shared,
+    limit: Duration,
 ) -> io::Result<()> {
     let mut out = BufWriter::with_capacity(64 * 1024, wr);
     loop {
         let p = match rx.try_recv() {
             Ok(p) => p,
             Err(_) => {
-                out.flush().await?;
+                write_step(shared, limit, out.flush()).await?;
                 match rx.recv().await {
                     Some(p) => p,
                     None => return Ok(()),
@@ -366,14 +636,19 @@ async fn answer(
             }
         };
         let mut held = None;
+        let answers_request = !matches!(p, Pending::Event(..));
         let line = match p {
+            Pending::Event(s, h) => {
+                held = Some(h);
+                s
+            }
             Pending::Ready(s) => s,
             Pending::Held(s, h) => {
                 held = Some(h);
                 s
             }
             Pending::Later(r) => {
-                out.flush().await?;
+                write_step(shared, limit, out.flush()).await?;
                 match r.await {
                     Ok((s, h)) => {
                         held = Some(h);
@@ -386,7 +661,7 @@ async fn answer(
                 let result = match r.try_recv() {
                     Ok(result) => Some(result),
                     Err(oneshot::error::TryRecvError::Empty) => {
-                        out.flush().await?;
+                        write_step(shared, limit, out.flush()).await?;
                         r.await.ok()
                     }
                     Err(oneshot::error::TryRecvError::Closed) => None,
@@ -398,11 +673,16 @@ async fn answer(
                 }
             }
         };
-        out.write_all(line.as_bytes()).await?;
-        out.write_all(b"\n").await?;
+        write_step(shared, limit, out.write_all(line.as_bytes())).await?;
+        write_step(shared, limit, out.write_all(b"\n")).await?;
         // Written (to the socket, or to the buffer flushed before the next wait).
         drop(line);
         drop(held);
+        let mut s = shared.lock();
+        if answers_request {
+            s.unanswered = s.unanswered.saturating_sub(1);
+        }
+        s.last_written = Instant::now();
     }
 }
 
@@ -642,7 +922,7 @@ fn watch_keys(
     let sink: crate::desired::watch::Sink = Box::new(move |line| {
         answers
             .try_hold(line.len() + 1)
-            .is_some_and(|held| tx.try_send(Pending::Held(line, held)).is_ok())
+            .is_some_and(|held| tx.try_send(Pending::Event(line, held)).is_ok())
     });
     *watching = Some(ctx.applier.watchers().watch(*watching, globs, sink));
     ok_with(serde_json::json!({"watching": keys}))
@@ -764,7 +1044,10 @@ mod tests {
         let (_store, waiting) = oneshot::channel();
         tx.send(Pending::Ready("first".into())).await.unwrap();
         tx.send(Pending::Store(waiting)).await.unwrap();
-        let writer = tokio::spawn(answer(rx, wr));
+        let shared = Shared::new(1);
+        let writer = tokio::spawn(async move {
+            answer(rx, wr, &shared, std::time::Duration::from_secs(60)).await
+        });
         let mut line = String::new();
         let mut client = BufReader::new(client);
         let read = client.read_line(&mut line);

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 mod cli;
 
 use cli::{Command, Doc, Parsed, QueueCommand};
-use edgesync::client::{Client, ClientError, report_stream};
+use edgesync::client::{Client, ClientError, report_stream_within};
 use edgesync::config::{self, Config};
 use serde_json::{Value, json};
 
@@ -162,11 +162,17 @@ fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Res
         .block_on(fut)
 }
 
+/// Connects to the daemon of the config at `path`, with its `local.client_timeout`.
+async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
+    Client::connect_timeout(socket, config::client_timeout(path)).await
+}
+
 async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
     let socket = config::socket_path(path);
     if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
-        return match report_stream(&socket, input).await {
+        let timeout = config::client_timeout(path);
+        return match report_stream_within(&socket, input, timeout).await {
             Ok(_) => Ok(()),
             Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
         };
@@ -176,7 +182,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
         let c = edgesync::change::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
         changes.push(json!({"key": c.key, "value": c.value}));
     }
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     client
         .call(&json!({"op": "report", "changes": changes}))
         .await?;
@@ -185,7 +191,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let mut reply = client.call(&json!({"op": "status"})).await?;
     if let Value::Object(m) = &mut reply {
         m.remove("ok");
@@ -213,7 +219,7 @@ async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> 
     if let Some(k) = &key {
         req["key"] = json!(k);
     }
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let reply = client.call(&req).await?;
     let state = reply.get("state").cloned().unwrap_or(Value::Null);
     match key {
@@ -233,7 +239,7 @@ async fn history(
     as_json: bool,
 ) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let mut req = json!({"op": "history", "key": key});
     if let Some(l) = limit {
         req["limit"] = json!(l);
@@ -266,9 +272,15 @@ async fn history(
 
 async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
+    // A rollback runs the key's handler: its answer may take the handler's timeout (at
+    // most 1h) on top of the usual wait.
+    let after = config::client_timeout(path) + std::time::Duration::from_secs(3600);
     let reply = client
-        .call(&json!({"op": "rollback", "key": key, "version": version}))
+        .call_within(
+            &json!({"op": "rollback", "key": key, "version": version}),
+            after,
+        )
         .await?;
     println!(
         "{key}: value of version {version} applied again: {}",

@@ -9,7 +9,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::chaos::cpu_ticks;
-use common::{Agent, AgentOptions, Conn, report_req};
+use std::process::Stdio;
+
+use common::{
+    Agent, AgentOptions, Conn, assert_exit, cli_command, report_req, run_with_timeout, stderr,
+    wait_timeout, wait_until,
+};
 use serde_json::{Value, json};
 
 /// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`).
@@ -22,20 +27,21 @@ fn proc_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
-/// Waits until `pid` has used (almost) no CPU for a whole second: it has done all the work
-/// it will do on its own.
+/// Waits until `pid` has used (almost) no CPU for two seconds (at most 2 clock ticks, where
+/// a busy process, even starved by parallel tests, uses tens): it has done all the work it
+/// will do on its own.
 fn wait_quiet(pid: u32, timeout: Duration) {
+    const WINDOW: usize = 20; // samples 100 ms apart
     let deadline = Instant::now() + timeout;
-    let mut since = Instant::now();
-    let mut last = cpu_ticks(pid);
+    let mut samples = std::collections::VecDeque::from([cpu_ticks(pid)]);
     loop {
         std::thread::sleep(Duration::from_millis(100));
-        let now = cpu_ticks(pid);
-        if now > last + 1 {
-            since = Instant::now();
-            last = now;
-        } else if since.elapsed() >= Duration::from_secs(1) {
-            return;
+        samples.push_back(cpu_ticks(pid));
+        if samples.len() > WINDOW {
+            samples.pop_front();
+            if samples.back().unwrap() - samples.front().unwrap() <= 2 {
+                return;
+            }
         }
         assert!(Instant::now() < deadline, "the daemon never went quiet");
     }
@@ -99,4 +105,117 @@ fn clients_that_do_not_read_their_answers_cannot_grow_memory() {
     }
     // The daemon serves everyone still.
     assert_eq!(agent.status()["ok"], true);
+}
+
+/// Item 10: 600 idle connections (more than the 512 served at once) do not keep `status` and
+/// `report` out: the longest-idle connections are closed to admit new clients.
+#[test]
+fn idle_connections_cannot_keep_new_clients_out() {
+    let agent = Agent::start(AgentOptions::default());
+    let idle: Vec<Conn> = (0..600).map(|_| agent.connect()).collect();
+    let started = Instant::now();
+    let out = run_with_timeout(
+        cli_command(&agent.config_path, &["status"]),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_exit(&out, 0);
+    let out = run_with_timeout(
+        cli_command(&agent.config_path, &["report", "t=1"]),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_exit(&out, 0);
+    let took = started.elapsed();
+    eprintln!("600 idle connections: status and report answered in {took:.1?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    drop(idle);
+}
+
+/// Item 10: a connection with no request for `local.idle_timeout` is closed, one that
+/// watches desired keys is not, and a request line must be completed within 10 s.
+#[test]
+fn idle_connections_and_unfinished_lines_are_closed() {
+    let mut opts = AgentOptions::default();
+    opts.extra_toml = "idle_timeout = \"1s\"\n".into();
+    let agent = Agent::start(opts);
+    let mut watcher = agent.connect();
+    let w = watcher
+        .call(&json!({"op": "watch", "keys": ["led"]}))
+        .unwrap();
+    assert_eq!(w["ok"], true, "{w}");
+    let mut idle = agent.connect();
+    let started = Instant::now();
+    let eof = idle.recv().unwrap_err();
+    assert_eq!(eof.kind(), std::io::ErrorKind::UnexpectedEof, "{eof}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The watcher, older, is still served.
+    assert_eq!(watcher.call(&json!({"op": "status"})).unwrap()["ok"], true);
+
+    use std::io::Write as _;
+    let mut raw = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(b"{\"op\":").unwrap();
+    let started = Instant::now();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut raw, &mut answer).unwrap();
+    let v: Value = serde_json::from_str(answer.trim()).unwrap();
+    assert_eq!(v["error"]["code"], "bad-request", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not completed"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// Item 10: a stalled daemon (SIGSTOP) makes the CLI give up after `local.client_timeout`
+/// with exit 3; a streamed report with quiet input is not closed as idle.
+#[test]
+fn a_stalled_daemon_makes_the_cli_exit_3() {
+    let mut opts = AgentOptions::default();
+    opts.extra_toml = "idle_timeout = \"1s\"\nclient_timeout = \"2s\"\n".into();
+    let agent = Agent::start(opts);
+
+    // Quiet input for 3 s (longer than the idle timeout): the stream keeps its connection.
+    let mut child = cli_command(&agent.config_path, &["report", "--stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    use std::io::Write as _;
+    writeln!(input, "{}", json!({"key": "a", "value": 1})).unwrap();
+    wait_until("the first change queued", Duration::from_secs(10), || {
+        agent.depth() >= 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    writeln!(input, "{}", json!({"key": "b", "value": 2})).unwrap();
+    drop(input);
+    let status = wait_timeout(&mut child, Duration::from_secs(20)).expect("report --stdin ends");
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert_eq!(agent.depth(), 2);
+
+    agent.signal("-STOP");
+    let started = Instant::now();
+    let out = run_with_timeout(
+        cli_command(&agent.config_path, &["status"]),
+        None,
+        Duration::from_secs(20),
+    );
+    let took = started.elapsed();
+    agent.signal("-CONT");
+    assert_exit(&out, 3);
+    assert!(
+        stderr(&out).contains("no answer within 2s"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    eprintln!("stalled daemon: status exited 3 after {took:.1?}");
 }
