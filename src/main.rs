@@ -12,6 +12,13 @@ use edgesync::client::{Client, ClientError, report_stream_within};
 use edgesync::config::{self, Config};
 use serde_json::{Value, json};
 
+/// `println!` through [`out`]: returns from the command when standard output is gone.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
 /// A failure with its exit code; printed as one line.
 struct Failure {
     code: u8,
@@ -37,14 +44,8 @@ fn main() -> ExitCode {
     edgesync::fatal::install_hook();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(c)) => c,
-        Ok(Parsed::Help(text)) => {
-            print!("{text}");
-            return ExitCode::SUCCESS;
-        }
-        Ok(Parsed::Version) => {
-            println!("edgesync {}", cli::VERSION);
-            return ExitCode::SUCCESS;
-        }
+        Ok(Parsed::Help(text)) => return finish(out(&text)),
+        Ok(Parsed::Version) => return finish(out(&format!("edgesync {}\n", cli::VERSION))),
         Err(e) => {
             eprintln!("edgesync: {e}");
             return ExitCode::from(2);
@@ -61,6 +62,11 @@ fn main() -> ExitCode {
         Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
         Command::Queue(what) => client_rt(queue(&config_path, what)),
     };
+    finish(result)
+}
+
+/// The exit code of a command; prints its failure, if any, as one line.
+fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -69,6 +75,25 @@ fn main() -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`edgesync get reported |
+/// head`: EPIPE, as SIGPIPE is ignored) ends the command quietly with success, like other
+/// Unix tools and like `edgesync queue`; `println!` would panic.
+fn out(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::new(0, "")),
+        Err(e) => Err(Failure::new(
+            1,
+            format!("cannot write to standard output: {e}"),
+        )),
     }
 }
 
@@ -88,7 +113,7 @@ fn load_config(path: &Path) -> Result<Config, Failure> {
 
 fn check_config(path: &Path) -> Result<(), Failure> {
     let c = load_config(path)?;
-    println!(
+    outln!(
         "{}: valid (device {}, broker {}, store {})",
         path.display(),
         c.device.id,
@@ -197,15 +222,15 @@ async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
         m.remove("ok");
     }
     if as_json {
-        println!("{}", pretty(&reply));
+        outln!("{}", pretty(&reply));
         return Ok(());
     }
     let status: edgesync::status::Status = serde_json::from_value(reply)
         .map_err(|e| Failure::new(1, format!("unexpected status from the daemon: {e}")))?;
-    print!(
-        "{}",
-        edgesync::status::render(&status, edgesync::change::now_ms())
-    );
+    out(&edgesync::status::render(
+        &status,
+        edgesync::change::now_ms(),
+    ))?;
     Ok(())
 }
 
@@ -224,10 +249,10 @@ async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> 
     let state = reply.get("state").cloned().unwrap_or(Value::Null);
     match key {
         Some(k) => match state.get(&k) {
-            Some(v) => println!("{}", pretty(v)),
+            Some(v) => outln!("{}", pretty(v)),
             None => return Err(Failure::new(1, format!("no {doc_name} value for key {k}"))),
         },
-        None => println!("{}", pretty(&state)),
+        None => outln!("{}", pretty(&state)),
     }
     Ok(())
 }
@@ -247,11 +272,11 @@ async fn history(
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
     if as_json {
-        println!("{}", pretty(&Value::Array(entries)));
+        outln!("{}", pretty(&Value::Array(entries)));
         return Ok(());
     }
     if entries.is_empty() {
-        println!("{key}: no desired values recorded");
+        outln!("{key}: no desired values recorded");
     }
     let now = edgesync::change::now_ms();
     for e in entries {
@@ -259,7 +284,7 @@ async fn history(
             .as_u64()
             .map(|t| edgesync::status::human_duration(now.saturating_sub(t)))
             .unwrap_or_default();
-        println!(
+        outln!(
             "version {:<8} {:<9} {:>8} ago  {}",
             e["version"],
             e["origin"].as_str().unwrap_or("?"),
@@ -282,7 +307,7 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
             after,
         )
         .await?;
-    println!(
+    outln!(
         "{key}: value of version {version} applied again: {}",
         reply["value"]
     );

@@ -219,3 +219,40 @@ fn a_stalled_daemon_makes_the_cli_exit_3() {
     assert!(took < Duration::from_secs(10), "took {took:?}");
     eprintln!("stalled daemon: status exited 3 after {took:.1?}");
 }
+
+/// Item 15: `edgesync get reported | head -c 10`: the CLI's standard output is closed early;
+/// it exits quietly (0, nothing on stderr) instead of panicking (exit 101).
+#[test]
+fn a_closed_stdout_pipe_ends_the_cli_quietly() {
+    let agent = Agent::start(AgentOptions::default().max_bytes("16MiB"));
+    let big = "x".repeat(60_000);
+    for chunk in 0..4 {
+        let r = agent.request(&report_req((0..5).map(|i| {
+            (
+                ["k0", "k1", "k2", "k3", "k4"][i],
+                json!(format!("{chunk}{big}")),
+            )
+        })));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let reported = agent.request(&json!({"op": "get", "doc": "reported"}));
+    assert_eq!(reported["state"].as_object().unwrap().len(), 5);
+    for _ in 0..3 {
+        let mut child = cli_command(&agent.config_path, &["get", "reported"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Like `head -c 10`: read 10 bytes, then close the pipe (300 KB do not fit in it).
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 10];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        drop(stdout);
+        let status = wait_timeout(&mut child, Duration::from_secs(30)).expect("the CLI ends");
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(0), "{status}: {err}");
+        assert_eq!(err, "", "nothing on stderr");
+    }
+}
