@@ -256,3 +256,58 @@ fn a_closed_stdout_pipe_ends_the_cli_quietly() {
         assert_eq!(err, "", "nothing on stderr");
     }
 }
+
+/// Item 14: an exec handler `command = [sh, -c, script, "{key}"]` gets desired keys `-rf`
+/// and `--version` over a real broker: each gets a per-key `failed` result saying why, and
+/// the handler never runs for them; an ordinary key in the same document is applied.
+#[test]
+fn option_like_keys_are_never_passed_to_exec_handlers() {
+    use common::cloud::{Cloud, DEADLINE, pki, tls_agent, wait};
+    use edgesync_testkit::{RumqttdBroker, RumqttdOptions};
+    let device = "hl-optkey";
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), device);
+    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
+    let cloud = Cloud::start(
+        &pki,
+        broker.tls_port,
+        &format!("edgesync/{device}/#"),
+        false,
+    );
+    let runs = dir.path().join("runs");
+    // Appends its first argument to `runs`.
+    let script = format!("printf '%s\\n' \"$1\" >> '{}'", runs.display());
+    let mut opts = tls_agent(&pki, broker.tls_port, "");
+    opts.extra_toml = format!(
+        "[[desired.handler]]\nkeys = \"*\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}, \"sh\", \"{{key}}\"]\n",
+        Value::String(script)
+    );
+    let agent = Agent::start(opts);
+    let doc = json!({"version": 1, "state": {"-rf": 1, "--version": 2, "ok.key": 3}});
+    let topic = format!("edgesync/{device}/desired");
+    // Published again until the agent's subscription is in place.
+    let (_, r) = cloud.publish_until(
+        &topic,
+        doc.to_string().as_bytes(),
+        "the result of version 1",
+        |m| {
+            if !m.topic.ends_with("/desired/result") {
+                return None;
+            }
+            let v = common::cloud::decode(&m.payload);
+            (v["version"] == 1).then(|| (m.clone(), v))
+        },
+    );
+    assert_eq!(r["status"], "partial", "{r}");
+    for key in ["-rf", "--version"] {
+        let k = &r["keys"][key];
+        assert_eq!(k["status"], "failed", "{key} in {r}");
+        let e = k["error"].as_str().unwrap();
+        assert!(e.contains("starts with '-'"), "{key}: {e}");
+    }
+    assert_eq!(r["keys"]["ok.key"]["status"], "applied", "{r}");
+    wait("the ordinary key's run", DEADLINE, || runs.exists());
+    let ran = std::fs::read_to_string(&runs).unwrap();
+    assert_eq!(ran, "ok.key\n", "only the ordinary key ran the handler");
+    drop(agent);
+}

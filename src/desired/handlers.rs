@@ -7,6 +7,9 @@
 //! Process rules (exec handlers and merge programs, SPEC §5 / issue 4):
 //! - `argv[0]` is run directly, **never through a shell**; a template is expanded per
 //!   argument, so a value can never split into several arguments or be interpreted.
+//! - A key starting with `-` is never substituted where it would start an argument (it would
+//!   be an option: `-rf`, `--version`) unless `--` comes before it ([`check_option_key`]).
+//!   Values are not checked (`-5` is a number); templates put `--` before `{value}`.
 //! - The input goes to stdin from a separate task; a child that does not read its stdin
 //!   (or exits early, EPIPE) neither blocks nor fails the handler.
 //! - stdout and stderr are drained concurrently until the child exits, so a chatty child never
@@ -81,7 +84,9 @@ pub enum Outcome {
 ///   `Failed("killed by signal 9: ...")`;
 /// - over `timeout` → the child is killed, `Failed("timed out after 10s")`;
 /// - cannot start → `Failed("cannot run /usr/bin/x: No such file or directory")`;
-/// - empty `argv` → `Failed("empty command")`.
+/// - empty `argv` → `Failed("empty command")`;
+/// - a key starting with `-` that would start an argument (`{key}` at the start of an
+///   argument with no `--` before it) → `Failed`, nothing runs: see [`check_option_key`].
 pub async fn run_exec(
     argv: &[String],
     timeout: Duration,
@@ -89,6 +94,9 @@ pub async fn run_exec(
     value: &serde_json::Value,
     version: u64,
 ) -> Outcome {
+    if let Err(reason) = check_option_key(argv, key) {
+        return Outcome::Failed(reason);
+    }
     let value_json = value.to_string();
     let argv: Vec<String> = argv
         .iter()
@@ -115,6 +123,32 @@ pub async fn run_exec(
         // Empty, not JSON, or too long to be complete: the desired value was applied.
         Some(Err(_)) | None => Outcome::Applied(value.clone()),
     }
+}
+
+/// Refuses a key that the template would turn into an option of the handler: keys may
+/// start with `-` (`[A-Za-z0-9_.-]`), and `command = ["h.sh", "{key}"]` with the key `-rf`
+/// or `--version` would pass an option. Allowed when `{key}` is not at the start of its
+/// argument (`--key={key}`) or when a `--` argument comes before it (end of options).
+/// Values are not checked (`-5` is a valid number): templates put `--` before `{value}`
+/// when the program parses options (documented in config/edgesync.example.toml).
+pub fn check_option_key(argv: &[String], key: &str) -> Result<(), String> {
+    if !key.starts_with('-') {
+        return Ok(());
+    }
+    for (i, arg) in argv.iter().enumerate() {
+        if arg == "--" && i > 0 {
+            return Ok(());
+        }
+        if arg.starts_with("{key}") {
+            return Err(format!(
+                "key {key:?} starts with '-' and would be passed as an option to {} (argument \
+                 {i}); refused, nothing ran (put \"--\" before \"{{key}}\" in the command if \
+                 the program accepts it)",
+                argv.first().map_or("the handler", String::as_str)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Writes the JSON value (pretty-printed, plus a newline) to `path_template` with `{key}`
@@ -617,6 +651,42 @@ mod tests {
         assert_eq!(expand("{ke{key}}{", "k", "1"), "{kek}{");
         assert_eq!(expand("no braces", "k", "1"), "no braces");
         assert_eq!(expand("é{key}ü", "k", "1"), "ékü");
+    }
+
+    #[test]
+    fn option_like_keys_are_refused_where_they_start_an_argument() {
+        let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let plain = argv(&["h.sh", "{key}"]);
+        assert!(check_option_key(&plain, "led").is_ok());
+        assert!(check_option_key(&plain, "led-1").is_ok());
+        for key in ["-rf", "--version", "-"] {
+            let e = check_option_key(&plain, key).unwrap_err();
+            assert!(
+                e.contains("starts with '-'") && e.contains("argument 1"),
+                "{e}"
+            );
+        }
+        // Not at the start of its argument, after "--", or not substituted at all.
+        assert!(check_option_key(&argv(&["h.sh", "--key={key}"]), "-rf").is_ok());
+        assert!(check_option_key(&argv(&["h.sh", "--", "{key}"]), "-rf").is_ok());
+        assert!(check_option_key(&argv(&["h.sh", "{value}"]), "-rf").is_ok());
+        // "--" as the program itself does not end options.
+        assert!(check_option_key(&argv(&["--", "{key}"]), "-rf").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_option_like_key_runs_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ran = dir.path().join("ran");
+        let script = format!("touch '{}'", ran.display());
+        let mut argv = sh(&script);
+        argv.push("{key}".into());
+        let out = run_exec(&argv, Duration::from_secs(10), "-rf", &json!(1), 1).await;
+        assert!(
+            matches!(&out, Outcome::Failed(e) if e.contains("starts with '-'")),
+            "{out:?}"
+        );
+        assert!(!ran.exists());
     }
 
     #[test]
