@@ -255,9 +255,12 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A write to the socket that takes longer than this marks the connection as stalled.
 const STALL_MARK: Duration = Duration::from_millis(100);
 
+/// The open connections by id, for eviction.
+type Open = std::collections::HashMap<u64, (Arc<Shared>, AbortHandle)>;
+
 /// The open connections, for eviction.
 #[derive(Debug, Clone, Default)]
-struct Registry(Arc<std::sync::Mutex<std::collections::HashMap<u64, (Arc<Shared>, AbortHandle)>>>);
+struct Registry(Arc<std::sync::Mutex<Open>>);
 
 impl Registry {
     fn lock(

@@ -136,9 +136,10 @@ fn idle_connections_cannot_keep_new_clients_out() {
 /// watches desired keys is not, and a request line must be completed within 10 s.
 #[test]
 fn idle_connections_and_unfinished_lines_are_closed() {
-    let mut opts = AgentOptions::default();
-    opts.extra_toml = "idle_timeout = \"1s\"\n".into();
-    let agent = Agent::start(opts);
+    let agent = Agent::start(AgentOptions {
+        extra_toml: "idle_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    });
     let mut watcher = agent.connect();
     let w = watcher
         .call(&json!({"op": "watch", "keys": ["led"]}))
@@ -175,9 +176,10 @@ fn idle_connections_and_unfinished_lines_are_closed() {
 /// with exit 3; a streamed report with quiet input is not closed as idle.
 #[test]
 fn a_stalled_daemon_makes_the_cli_exit_3() {
-    let mut opts = AgentOptions::default();
-    opts.extra_toml = "idle_timeout = \"1s\"\nclient_timeout = \"2s\"\n".into();
-    let agent = Agent::start(opts);
+    let agent = Agent::start(AgentOptions {
+        extra_toml: "idle_timeout = \"1s\"\nclient_timeout = \"2s\"\n".into(),
+        ..Default::default()
+    });
 
     // Quiet input for 3 s (longer than the idle timeout): the stream keeps its connection.
     let mut child = cli_command(&agent.config_path, &["report", "--stdin"])
