@@ -207,6 +207,9 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
                     let budget = budget.clone();
                     let conn = Arc::clone(&shared);
                     let gone = registry.clone();
+                    // Locked until the connection is registered, so that its `Leave` (which
+                    // takes the lock) always comes after.
+                    let mut open = registry.lock();
                     let abort = conns.spawn(async move {
                         // Also when the task is aborted (evicted).
                         let _slot = (permit, Leave(gone, conn.id));
@@ -214,7 +217,7 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
                             tracing::debug!(error = %e, "local connection ended");
                         }
                     });
-                    registry.insert(shared, abort);
+                    open.insert(shared.id, (shared, abort));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -269,13 +272,6 @@ impl Registry {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn insert(&self, shared: Arc<Shared>, abort: AbortHandle) {
-        // A connection that already ended (and left) is not added back.
-        if !abort.is_finished() {
-            self.lock().insert(shared.id, (shared, abort));
-        }
     }
 
     /// Closes the connection that has waited longest for its client, watching ones last;
@@ -400,7 +396,8 @@ async fn write_step<F: std::future::Future<Output = io::Result<()>>>(
     if let Ok(r) = tokio::time::timeout(STALL_MARK, &mut fut).await {
         return r;
     }
-    shared.lock().stalled_since = Some(Instant::now() - STALL_MARK);
+    let now = Instant::now();
+    shared.lock().stalled_since = Some(now.checked_sub(STALL_MARK).unwrap_or(now));
     let r = tokio::time::timeout(limit, &mut fut).await;
     shared.lock().stalled_since = None;
     r.unwrap_or_else(|_| {
