@@ -8,14 +8,20 @@
 //! stays usable; a line over [`MAX_LINE`] is skipped up to its newline and answered
 //! `too-large`. A client that goes away loses nothing already answered (answers follow
 //! commits); a request it sent but saw no answer to may or may not have been queued.
+//!
+//! Bounded against clients that misbehave: answers not yet written hold a share of a byte
+//! budget and a connection whose share is full is not read (`ANSWER_SHARE`); idle and
+//! stalled connections are closed after `local.idle_timeout`, a started line must be complete
+//! within `LINE_TIMEOUT`, and at the client limit the longest-waiting connection makes room
+//! for a new one ([`serve`]).
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
@@ -176,7 +182,7 @@ pub struct Context {
 /// Serves connections until `stop` turns true, then stops reading requests, lets every
 /// connection answer what it has read, and returns.
 ///
-/// Admission is fair: with [`MAX_CLIENTS`] connections open, a new client is admitted by
+/// Admission is fair: with `MAX_CLIENTS` connections open, a new client is admitted by
 /// closing the connection that has waited longest for its client (idle: no request and no
 /// answer pending; or stalled: its client is not reading an answer), watching connections
 /// last. Only while every connection is busy does a new client wait in the listen backlog.
