@@ -43,6 +43,12 @@ const PIPELINE_DEPTH: usize = 256;
 /// decodes a line, so a fast client cannot pile up more than this in the daemon's memory.
 /// One line of [`MAX_LINE`] always fits.
 const INFLIGHT_BYTES: usize = MAX_LINE;
+/// Bytes of a request line a connection may hold uncounted, and the size of its read buffer.
+const FREE_LINE: usize = 16 * 1024;
+/// Bytes of request lines beyond [`FREE_LINE`] each that all connections together may hold
+/// while reading them (a line is counted until the next one starts): 16 lines of
+/// [`MAX_LINE`]. Without it, 512 clients each sending 1 MiB without a newline held 512 MiB.
+const LINE_BYTES: usize = 16 * MAX_LINE;
 /// Bytes of built answers not yet written to their sockets, all connections together. A
 /// client that does not read its answers would otherwise make the daemon hold every answer
 /// it pipelined (e.g. 300 `get` of a 1 MB document).
@@ -189,6 +195,7 @@ pub struct Context {
 pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let budget = Budget {
+        lines: Arc::new(Semaphore::new(LINE_BYTES)),
         inflight: Arc::new(Semaphore::new(INFLIGHT_BYTES)),
         answers: Arc::new(Semaphore::new(ANSWER_BYTES)),
     };
@@ -422,6 +429,8 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// The byte budgets all connections share.
 #[derive(Debug, Clone)]
 struct Budget {
+    /// Request lines being read ([`LINE_BYTES`]).
+    lines: Arc<Semaphore>,
     /// Request lines read and not yet answered by the store ([`INFLIGHT_BYTES`]).
     inflight: Arc<Semaphore>,
     /// Built answers not yet written ([`ANSWER_BYTES`]).
@@ -526,8 +535,9 @@ async fn read_requests(
 ) -> io::Result<()> {
     let answers = AnswerBudget::new(budget.answers);
     let mut watching = Watching(None, ctx.applier.clone());
-    let mut reader = BufReader::with_capacity(64 * 1024, rd);
+    let mut reader = BufReader::with_capacity(FREE_LINE, rd);
     let mut line = Vec::with_capacity(1024);
+    let mut line_held = None;
     loop {
         // Wait for the next request to start: idle from here.
         shared.lock().reading_since = Some(Instant::now());
@@ -547,7 +557,11 @@ async fn read_requests(
         let read = tokio::select! {
             biased;
             () = stopped(&mut stop) => break,
-            r = tokio::time::timeout(LINE_TIMEOUT, read_line(&mut reader, &mut line)) => match r {
+            r = tokio::time::timeout(LINE_TIMEOUT, read_line_counted(
+                &mut reader,
+                &mut line,
+                Some(LineBudget { all: &budget.lines, held: &mut line_held }),
+            )) => match r {
                 Ok(r) => r?,
                 Err(_) => {
                     let message = format!("request line not completed within {LINE_TIMEOUT:?}");
@@ -704,28 +718,74 @@ pub enum Line {
 /// Reads one line into `buf` (without the newline), never holding more than [`MAX_LINE`].
 #[doc(hidden)]
 pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Line> {
+    read_line_counted(r, buf, None).await
+}
+
+/// Where a connection counts the bytes of its request line beyond [`FREE_LINE`].
+struct LineBudget<'a> {
+    all: &'a Arc<Semaphore>,
+    /// What the line being read holds; given back when the next line starts.
+    held: &'a mut Option<OwnedSemaphorePermit>,
+}
+
+/// [`read_line`], counting the line's bytes beyond [`FREE_LINE`] against `budget` before it
+/// takes them from the socket: when the budget is used up, the line waits (its bytes stay in
+/// the client's socket), so partial lines of many connections cannot fill the memory.
+async fn read_line_counted<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    mut budget: Option<LineBudget<'_>>,
+) -> io::Result<Line> {
     buf.clear();
+    if let Some(b) = budget.as_mut() {
+        *b.held = None;
+    }
     let mut too_long = false;
     loop {
-        let chunk = r.fill_buf().await?;
-        if chunk.is_empty() {
-            // EOF: a last line without newline still counts.
-            return Ok(match (too_long, buf.is_empty()) {
-                (true, _) => Line::TooLong,
-                (false, true) => Line::Eof,
-                (false, false) => Line::Ok,
-            });
-        }
-        let (take, done) = match chunk.iter().position(|&b| b == b'\n') {
-            Some(i) => (i, true),
-            None => (chunk.len(), false),
+        let (take, done) = {
+            let chunk = r.fill_buf().await?;
+            if chunk.is_empty() {
+                // EOF: a last line without newline still counts.
+                return Ok(match (too_long, buf.is_empty()) {
+                    (true, _) => Line::TooLong,
+                    (false, true) => Line::Eof,
+                    (false, false) => Line::Ok,
+                });
+            }
+            match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i, true),
+                None => (chunk.len(), false),
+            }
         };
         if !too_long {
             if buf.len() + take > MAX_LINE {
                 too_long = true;
                 buf.clear();
+                if let Some(b) = budget.as_mut() {
+                    *b.held = None;
+                }
             } else {
-                buf.extend_from_slice(&chunk[..take]);
+                if let Some(b) = budget.as_mut() {
+                    let need = (buf.len() + take).saturating_sub(FREE_LINE);
+                    let have = b.held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+                    if need > have {
+                        let more = u32::try_from(need - have).unwrap_or(u32::MAX);
+                        let more = Arc::clone(b.all)
+                            .acquire_many_owned(more)
+                            .await
+                            .map_err(|_| io::Error::other("the line budget is closed"))?;
+                        match b.held.as_mut() {
+                            Some(p) => p.merge(more),
+                            None => *b.held = Some(more),
+                        }
+                    }
+                }
+                // The same bytes: nothing was consumed while waiting.
+                let chunk = r.fill_buf().await?;
+                let Some(bytes) = chunk.get(..take) else {
+                    return Err(io::Error::other("the read buffer changed while waiting"));
+                };
+                buf.extend_from_slice(bytes);
             }
         }
         r.consume(if done { take + 1 } else { take });

@@ -313,3 +313,70 @@ fn option_like_keys_are_never_passed_to_exec_handlers() {
     assert_eq!(ran, "ok.key\n", "only the ordinary key ran the handler");
     drop(agent);
 }
+
+/// Item 1, the request side: 500 connections each send most of a 1 MiB request line and no
+/// newline. Partial lines count against a byte budget before they are read off the socket,
+/// so the daemon's memory stays bounded and other clients are still served.
+#[test]
+fn partial_request_lines_of_many_clients_cannot_grow_memory() {
+    use std::io::Write as _;
+    const CLIENTS: usize = 500;
+    let agent = Agent::start(AgentOptions::default());
+    let pid = agent.pid();
+    let before = proc_kib(pid, "VmHWM:");
+    let chunk = vec![b'x'; 64 * 1024];
+    let mut conns: Vec<(std::os::unix::net::UnixStream, usize)> = (0..CLIENTS)
+        .map(|_| {
+            let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+            s.set_nonblocking(true).unwrap();
+            (s, 0)
+        })
+        .collect();
+    // Push up to 1,000 KiB into each until the daemon stops taking more.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut moved = false;
+        for (s, sent) in &mut conns {
+            while *sent < 1000 * 1024 {
+                match s.write(&chunk[..chunk.len().min(1000 * 1024 - *sent)]) {
+                    Ok(n) => {
+                        *sent += n;
+                        moved = true;
+                    }
+                    Err(_) => break, // full (or closed): next connection
+                }
+            }
+        }
+        if !moved {
+            // Nothing moved this round: let the daemon read, then see whether it did.
+            wait_quiet(pid, Duration::from_secs(60));
+            let mut again = false;
+            for (s, sent) in &mut conns {
+                if *sent < 1000 * 1024 && s.write(&chunk[..1]).is_ok() {
+                    *sent += 1;
+                    again = true;
+                }
+            }
+            if !again {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the daemon kept reading");
+    }
+    let total: usize = conns.iter().map(|(_, n)| n).sum();
+    let peak = proc_kib(pid, "VmHWM:");
+    eprintln!(
+        "partial lines: {CLIENTS} clients pushed {} MiB of unfinished lines; peak RSS {peak} KiB \
+         (before {before} KiB)",
+        total >> 20
+    );
+    assert!(peak < 64 * 1024, "peak RSS {peak} KiB");
+    // Small requests need no line budget: served at once.
+    let out = run_with_timeout(
+        cli_command(&agent.config_path, &["status"]),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_exit(&out, 0);
+    drop(conns);
+}
