@@ -159,6 +159,7 @@ pub async fn run_until_with(
         board: board.clone(),
         applier,
         identity,
+        idle_timeout: config.local.idle_timeout,
     };
     let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx.clone()));
     // Store open, socket bound and served: READY=1, then status lines and watchdog pings.

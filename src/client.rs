@@ -4,6 +4,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::Value;
 use thiserror::Error;
@@ -33,6 +34,11 @@ pub enum ClientError {
         reason: String,
         hint: &'static str,
     },
+    #[error(
+        "daemon not reachable at {path}: no answer within {after:?} (is edgesync stalled? \
+         local.client_timeout sets how long to wait)"
+    )]
+    NoAnswer { path: PathBuf, after: Duration },
     #[error("{code}: {message}")]
     Rejected { code: String, message: String },
     #[error("connection to the daemon failed: {0}")]
@@ -45,7 +51,7 @@ impl ClientError {
     /// Exit code of SPEC §2.
     pub fn exit_code(&self) -> u8 {
         match self {
-            ClientError::Unreachable { .. } => 3,
+            ClientError::Unreachable { .. } | ClientError::NoAnswer { .. } => 3,
             // `failed`: the request was valid but did not work out (e.g. a rollback's handler).
             ClientError::Rejected { code, .. } if code != "io-error" && code != "failed" => 4,
             _ => 1,
@@ -53,17 +59,54 @@ impl ClientError {
     }
 }
 
+/// How long a client waits for the daemon: to connect, and for each answer (a streamed
+/// report waits this long for every answer, not for the whole run). `local.client_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = crate::config::DEFAULT_CLIENT_TIMEOUT;
+/// A streamed report whose input is quiet sends an empty line this often, so that the
+/// daemon does not close the connection as idle (`local.idle_timeout` is at least 1s).
+const KEEPALIVE: Duration = Duration::from_millis(500);
+
 /// One connection to the daemon.
 #[derive(Debug)]
 pub struct Client {
     reader: BufReader<OwnedReadHalf>,
     writer: BufWriter<OwnedWriteHalf>,
     line: String,
+    path: PathBuf,
+    timeout: Duration,
+}
+
+/// Runs `fut`, turning a wait longer than `after` into [`ClientError::NoAnswer`].
+async fn answer_within<T>(
+    path: &Path,
+    after: Duration,
+    fut: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(after, fut).await.unwrap_or_else(|_| {
+        Err(ClientError::NoAnswer {
+            path: path.to_path_buf(),
+            after,
+        })
+    })
 }
 
 impl Client {
+    /// Connects with [`DEFAULT_TIMEOUT`].
     pub async fn connect(path: &Path) -> Result<Client, ClientError> {
-        let stream = UnixStream::connect(path).await.map_err(|e| {
+        Self::connect_timeout(path, DEFAULT_TIMEOUT).await
+    }
+
+    /// Connects; `timeout` bounds the connect and then every answer.
+    pub async fn connect_timeout(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let connecting = tokio::time::timeout(timeout, UnixStream::connect(path))
+            .await
+            .unwrap_or_else(|_| {
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connect timed out after {timeout:?}"),
+                ))
+            });
+        let stream = connecting.map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::PermissionDenied => {
                     "is your user in the group that owns the socket?"
@@ -81,14 +124,30 @@ impl Client {
             reader: BufReader::with_capacity(64 * 1024, r),
             writer: BufWriter::with_capacity(64 * 1024, w),
             line: String::new(),
+            path: path.to_path_buf(),
+            timeout,
         })
     }
 
     /// Sends one request and waits for its reply; `{"ok": false}` becomes an error.
     pub async fn call(&mut self, request: &Value) -> Result<Value, ClientError> {
-        self.send_raw(request.to_string().as_bytes()).await?;
-        self.writer.flush().await?;
-        self.recv().await
+        let after = self.timeout;
+        self.call_within(request, after).await
+    }
+
+    /// Like [`Client::call`], waiting up to `after` (e.g. a rollback runs a handler).
+    pub async fn call_within(
+        &mut self,
+        request: &Value,
+        after: Duration,
+    ) -> Result<Value, ClientError> {
+        let path = self.path.clone();
+        answer_within(&path, after, async {
+            self.send_raw(request.to_string().as_bytes()).await?;
+            self.writer.flush().await?;
+            self.recv().await
+        })
+        .await
     }
 
     async fn send_raw(&mut self, line: &[u8]) -> Result<(), ClientError> {
@@ -188,14 +247,25 @@ struct Answers {
 /// daemon refuses a request (e.g. `store-full`), no further request is sent.
 pub async fn report_stream<R: AsyncBufRead + Unpin>(
     path: &Path,
-    mut input: R,
+    input: R,
 ) -> Result<StreamOutcome, StreamError> {
-    let client = Client::connect(path).await.map_err(|e| StreamError {
-        queued: 0,
-        queued_after: 0,
-        line: None,
-        error: e,
-    })?;
+    report_stream_within(path, input, DEFAULT_TIMEOUT).await
+}
+
+/// [`report_stream`] with another timeout for connecting and for each answer.
+pub async fn report_stream_within<R: AsyncBufRead + Unpin>(
+    path: &Path,
+    mut input: R,
+    timeout: Duration,
+) -> Result<StreamOutcome, StreamError> {
+    let client = Client::connect_timeout(path, timeout)
+        .await
+        .map_err(|e| StreamError {
+            queued: 0,
+            queued_after: 0,
+            line: None,
+            error: e,
+        })?;
     let Client {
         mut reader,
         mut writer,
@@ -204,20 +274,26 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
     let (tx, mut rx) = mpsc::channel::<Sent>(STREAM_WINDOW);
     let refused = Arc::new(AtomicBool::new(false));
 
-    // Reads answers in order while the sender keeps writing.
+    // Reads answers in order while the sender keeps writing; each within `timeout` of the
+    // previous one (or of its request), so a long run that makes progress never times out.
     let refused_flag = Arc::clone(&refused);
+    let socket = path.to_path_buf();
     let answers = tokio::spawn(async move {
         let mut a = Answers::default();
         let mut line = String::new();
         while let Some(sent) = rx.recv().await {
             line.clear();
-            let reply = match reader.read_line(&mut line).await {
-                Ok(0) => Err(ClientError::Protocol(
-                    "the daemon closed the connection".into(),
-                )),
-                Ok(_) => parse_reply(&line),
-                Err(e) => Err(e.into()),
-            };
+            let reply = answer_within(&socket, timeout, async {
+                match reader.read_line(&mut line).await {
+                    Ok(0) => Err(ClientError::Protocol(
+                        "the daemon closed the connection".into(),
+                    )),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await
+            .and_then(|()| parse_reply(&line));
             let n = sent.lines.len() as u64;
             match reply {
                 Ok(v) if a.first_error.is_none() => {
@@ -231,7 +307,12 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
                 Ok(_) => a.queued_after += n,
                 Err(e) => {
                     refused_flag.store(true, Ordering::SeqCst);
-                    let broken = matches!(e, ClientError::Io(_) | ClientError::Protocol(_));
+                    let broken = matches!(
+                        e,
+                        ClientError::Io(_)
+                            | ClientError::Protocol(_)
+                            | ClientError::NoAnswer { .. }
+                    );
                     if a.first_error.is_none() {
                         let at = error_index(&e)
                             .and_then(|i| sent.lines.get(i).copied())
@@ -254,6 +335,22 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
     let mut local_error: Option<(Option<u64>, ClientError)> = None;
     loop {
         if refused.load(Ordering::SeqCst) {
+            break;
+        }
+        // Quiet input: keep the connection from being closed as idle.
+        loop {
+            match tokio::time::timeout(KEEPALIVE, input.fill_buf()).await {
+                Ok(_) => break,
+                Err(_) if refused.load(Ordering::SeqCst) => break,
+                Err(_) => {
+                    if let Err(e) = keepalive(&mut writer).await {
+                        local_error = Some((None, e));
+                        break;
+                    }
+                }
+            }
+        }
+        if local_error.is_some() || refused.load(Ordering::SeqCst) {
             break;
         }
         line.clear();
@@ -290,8 +387,12 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
             req.extend_from_slice(text.as_bytes());
             batch.push(lineno);
         }
-        // Send when the batch is full, at EOF, or when more input is not already buffered.
-        let idle = input.fill_buf().await.map(|b| b.is_empty()).unwrap_or(true);
+        // Send when the batch is full, at EOF, or when no more input comes at once (within
+        // KEEPALIVE: the daemon must see the request before it closes the connection as idle).
+        let idle = match tokio::time::timeout(KEEPALIVE, input.fill_buf()).await {
+            Ok(more) => more.map(|b| b.is_empty()).unwrap_or(true),
+            Err(_) => true,
+        };
         if !batch.is_empty() && (eof || idle || batch.len() >= STREAM_BATCH) {
             if let Err(e) = send_request(&mut writer, &mut req, &tx, &mut batch).await {
                 local_error = Some((None, e));
@@ -332,6 +433,13 @@ pub async fn report_stream<R: AsyncBufRead + Unpin>(
             error,
         }),
     }
+}
+
+/// An empty line: the daemon skips it, and it shows the connection is in use.
+async fn keepalive(writer: &mut BufWriter<OwnedWriteHalf>) -> Result<(), ClientError> {
+    writer.write_all(b"\n").await?;
+    writer.flush().await?;
+    Ok(())
 }
 
 /// Validates one input line as a change, as the daemon will.

@@ -59,6 +59,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/edgesync.toml";
 pub const CONFIG_ENV: &str = "EDGESYNC_CONFIG";
 /// Default `local.socket`.
 pub const DEFAULT_SOCKET: &str = "/run/edgesync/edgesync.sock";
+/// Default `local.idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `local.client_timeout`.
+pub const DEFAULT_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest encoded value of one change (SPEC §5).
 pub const MAX_VALUE_BYTES: u64 = 64 * 1024;
 
@@ -167,6 +171,23 @@ pub fn socket_path(path: &Path) -> PathBuf {
                 .map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// Only `local.client_timeout`, for CLI commands that talk to the daemon; lenient like
+/// [`socket_path`]: a missing or unusable value gives [`DEFAULT_CLIENT_TIMEOUT`].
+pub fn client_timeout(path: &Path) -> Duration {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<Table>(&text).ok())
+        .and_then(|root| {
+            root.get("local")
+                .and_then(|local| local.get("client_timeout"))
+                .and_then(Value::as_str)
+                .and_then(|s| {
+                    timeout_value(Some(&RawDuration(s.to_owned())), DEFAULT_CLIENT_TIMEOUT).ok()
+                })
+        })
+        .unwrap_or(DEFAULT_CLIENT_TIMEOUT)
 }
 
 /// Only the store file and `store.max_bytes`, for `edgesync queue` reading the store while
@@ -312,6 +333,11 @@ pub enum Encoding {
 pub struct LocalConfig {
     /// Absolute, at most 100 bytes.
     pub socket: PathBuf,
+    /// A connection with no request for this long and no answer pending is closed
+    /// (watching connections excepted); 1s to 1d.
+    pub idle_timeout: Duration,
+    /// How long the CLI waits to connect and for each answer; 100ms to 1h.
+    pub client_timeout: Duration,
 }
 
 /// `[log]` (extension section).
@@ -1227,6 +1253,8 @@ raw_section! {
     /// `[local]`
     struct RawLocal {
         socket: String,
+        idle_timeout: RawDuration,
+        client_timeout: RawDuration,
     }
 }
 
@@ -2135,8 +2163,30 @@ fn validate_local(raw: RawLocal, p: &mut Problems) -> Option<LocalConfig> {
     } else {
         Ok(PathBuf::from(socket))
     };
-    let socket = check(p, "local.socket", result)?;
-    Some(LocalConfig { socket })
+    let socket = check(p, "local.socket", result);
+    let idle_timeout = check(
+        p,
+        "local.idle_timeout",
+        raw.idle_timeout
+            .map_or(Ok(DEFAULT_IDLE_TIMEOUT), |d| parse_duration(&d.0))
+            .and_then(|d| {
+                if (Duration::from_secs(1)..=Duration::from_secs(86_400)).contains(&d) {
+                    Ok(d)
+                } else {
+                    Err(format!("expected a duration from 1s to 1d, found {d:?}"))
+                }
+            }),
+    );
+    let client_timeout = check(
+        p,
+        "local.client_timeout",
+        timeout_value(raw.client_timeout.as_ref(), DEFAULT_CLIENT_TIMEOUT),
+    );
+    Some(LocalConfig {
+        socket: socket?,
+        idle_timeout: idle_timeout?,
+        client_timeout: client_timeout?,
+    })
 }
 
 fn validate_log(raw: RawLog, p: &mut Problems) -> Option<LogConfig> {
@@ -4958,6 +5008,26 @@ deadline = "2s"
     }
 
     // --- durations and sizes ---------------------------------------------------------------
+
+    #[test]
+    fn local_timeouts_have_defaults_and_bounds() {
+        let base = "[device]\nid = \"d\"\n[mqtt]\nurl = \"mqtts://h:8883\"\nca = \"/dev/null\"\n";
+        let c = Config::from_toml_str(Path::new("/etc/edgesync/e.toml"), base).unwrap();
+        assert_eq!(c.local.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(c.local.client_timeout, DEFAULT_CLIENT_TIMEOUT);
+        let text = format!("{base}[local]\nidle_timeout = \"2s\"\nclient_timeout = \"500ms\"\n");
+        let c = Config::from_toml_str(Path::new("/etc/edgesync/e.toml"), &text).unwrap();
+        assert_eq!(c.local.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.local.client_timeout, Duration::from_millis(500));
+        let text = format!("{base}[local]\nidle_timeout = \"500ms\"\nclient_timeout = \"2h\"\n");
+        let e = Config::from_toml_str(Path::new("/etc/edgesync/e.toml"), &text).unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("local.idle_timeout") && e.contains("from 1s to 1d"),
+            "{e}"
+        );
+        assert!(e.contains("local.client_timeout"), "{e}");
+    }
 
     #[test]
     fn parse_duration_accepts_whole_numbers_with_units() {

@@ -8,9 +8,16 @@ use std::process::ExitCode;
 mod cli;
 
 use cli::{Command, Doc, Parsed, QueueCommand};
-use edgesync::client::{Client, ClientError, report_stream};
+use edgesync::client::{Client, ClientError, report_stream_within};
 use edgesync::config::{self, Config};
 use serde_json::{Value, json};
+
+/// `println!` through [`out`]: returns from the command when standard output is gone.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out(&format!("{}\n", format_args!($($arg)*)))?
+    };
+}
 
 /// A failure with its exit code; printed as one line.
 struct Failure {
@@ -33,42 +40,12 @@ impl From<ClientError> for Failure {
     }
 }
 
-/// Writes to standard output. A reader that went away (`edgesync get reported | head -c 10`)
-/// ends the command quietly, as it does other Unix tools: Rust ignores SIGPIPE, so without
-/// this `println!` would panic.
-fn emit(text: &str) -> Result<(), Failure> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::new(0, "")),
-        Err(e) => Err(Failure::new(
-            1,
-            format!("cannot write to standard output: {e}"),
-        )),
-    }
-}
-
-/// `print!` through [`emit`]; `?`-able.
-macro_rules! out {
-    ($($arg:tt)*) => { emit(&format!($($arg)*)) };
-}
-
-/// `println!` through [`emit`]; `?`-able.
-macro_rules! outln {
-    ($($arg:tt)*) => { emit(&format!("{}\n", format_args!($($arg)*))) };
-}
-
 fn main() -> ExitCode {
     edgesync::fatal::install_hook();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(c)) => c,
-        Ok(Parsed::Help(text)) => {
-            return exit(out!("{text}"));
-        }
-        Ok(Parsed::Version) => {
-            return exit(outln!("edgesync {}", cli::VERSION));
-        }
+        Ok(Parsed::Help(text)) => return finish(out(&text)),
+        Ok(Parsed::Version) => return finish(out(&format!("edgesync {}\n", cli::VERSION))),
         Err(e) => {
             eprintln!("edgesync: {e}");
             return ExitCode::from(2);
@@ -85,10 +62,11 @@ fn main() -> ExitCode {
         Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
         Command::Queue(what) => client_rt(queue(&config_path, what)),
     };
-    exit(result)
+    finish(result)
 }
 
-fn exit(result: Result<(), Failure>) -> ExitCode {
+/// The exit code of a command; prints its failure, if any, as one line.
+fn finish(result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
@@ -97,6 +75,25 @@ fn exit(result: Result<(), Failure>) -> ExitCode {
             }
             ExitCode::from(f.code)
         }
+    }
+}
+
+/// Writes `text` to standard output. A reader that went away (`edgesync get reported |
+/// head`: EPIPE, as SIGPIPE is ignored) ends the command quietly with success, like other
+/// Unix tools and like `edgesync queue`; `println!` would panic.
+fn out(text: &str) -> Result<(), Failure> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(Failure::new(0, "")),
+        Err(e) => Err(Failure::new(
+            1,
+            format!("cannot write to standard output: {e}"),
+        )),
     }
 }
 
@@ -122,7 +119,7 @@ fn check_config(path: &Path) -> Result<(), Failure> {
         c.device.id,
         c.mqtt.url,
         c.store.path.display()
-    )?;
+    );
     Ok(())
 }
 
@@ -190,11 +187,17 @@ fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Res
         .block_on(fut)
 }
 
+/// Connects to the daemon of the config at `path`, with its `local.client_timeout`.
+async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
+    Client::connect_timeout(socket, config::client_timeout(path)).await
+}
+
 async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
     let socket = config::socket_path(path);
     if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
-        return match report_stream(&socket, input).await {
+        let timeout = config::client_timeout(path);
+        return match report_stream_within(&socket, input, timeout).await {
             Ok(_) => Ok(()),
             Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
         };
@@ -204,7 +207,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
         let c = edgesync::change::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
         changes.push(json!({"key": c.key, "value": c.value}));
     }
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     client
         .call(&json!({"op": "report", "changes": changes}))
         .await?;
@@ -213,21 +216,21 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let mut reply = client.call(&json!({"op": "status"})).await?;
     if let Value::Object(m) = &mut reply {
         m.remove("ok");
     }
     if as_json {
-        outln!("{}", pretty(&reply))?;
+        outln!("{}", pretty(&reply));
         return Ok(());
     }
     let status: edgesync::status::Status = serde_json::from_value(reply)
         .map_err(|e| Failure::new(1, format!("unexpected status from the daemon: {e}")))?;
-    out!(
-        "{}",
-        edgesync::status::render(&status, edgesync::change::now_ms())
-    )?;
+    out(&edgesync::status::render(
+        &status,
+        edgesync::change::now_ms(),
+    ))?;
     Ok(())
 }
 
@@ -241,15 +244,15 @@ async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> 
     if let Some(k) = &key {
         req["key"] = json!(k);
     }
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let reply = client.call(&req).await?;
     let state = reply.get("state").cloned().unwrap_or(Value::Null);
     match key {
         Some(k) => match state.get(&k) {
-            Some(v) => outln!("{}", pretty(v))?,
+            Some(v) => outln!("{}", pretty(v)),
             None => return Err(Failure::new(1, format!("no {doc_name} value for key {k}"))),
         },
-        None => outln!("{}", pretty(&state))?,
+        None => outln!("{}", pretty(&state)),
     }
     Ok(())
 }
@@ -261,7 +264,7 @@ async fn history(
     as_json: bool,
 ) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
     let mut req = json!({"op": "history", "key": key});
     if let Some(l) = limit {
         req["limit"] = json!(l);
@@ -269,11 +272,11 @@ async fn history(
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
     if as_json {
-        outln!("{}", pretty(&Value::Array(entries)))?;
+        outln!("{}", pretty(&Value::Array(entries)));
         return Ok(());
     }
     if entries.is_empty() {
-        outln!("{key}: no desired values recorded")?;
+        outln!("{key}: no desired values recorded");
     }
     let now = edgesync::change::now_ms();
     for e in entries {
@@ -287,21 +290,27 @@ async fn history(
             e["origin"].as_str().unwrap_or("?"),
             ago,
             e["value"]
-        )?;
+        );
     }
     Ok(())
 }
 
 async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let mut client = Client::connect(&socket).await?;
+    let mut client = connect(path, &socket).await?;
+    // A rollback runs the key's handler: its answer may take the handler's timeout (at
+    // most 1h) on top of the usual wait.
+    let after = config::client_timeout(path) + std::time::Duration::from_secs(3600);
     let reply = client
-        .call(&json!({"op": "rollback", "key": key, "version": version}))
+        .call_within(
+            &json!({"op": "rollback", "key": key, "version": version}),
+            after,
+        )
         .await?;
     outln!(
         "{key}: value of version {version} applied again: {}",
         reply["value"]
-    )?;
+    );
     Ok(())
 }
 

@@ -121,7 +121,11 @@ impl Live {
         }
         if new.local.socket != old.local.socket {
             st.needs_restart.push("local.socket".into());
-            new.local = old.local.clone();
+            new.local.socket = old.local.socket.clone();
+        }
+        if new.local.idle_timeout != old.local.idle_timeout {
+            st.needs_restart.push("local.idle_timeout".into());
+            new.local.idle_timeout = old.local.idle_timeout;
         }
         if new.mqtt.topic_prefix != old.mqtt.topic_prefix {
             st.needs_restart.push("mqtt.topic_prefix".into());
