@@ -169,7 +169,8 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
     let layer = fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(!journal && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        // Plain text always (no "ansi" feature: smaller); journald wants no colours anyway.
+        .with_ansi(false);
     let registry = tracing_subscriber::registry().with(filter);
     if journal {
         registry.with(layer.without_time()).init();
