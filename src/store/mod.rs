@@ -117,6 +117,10 @@ const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Commits handed over before the fsync that may wait for the sync engine (each at most
+/// the hand-over threshold of records); beyond it the engine reads from the store.
+pub const TAIL_DEPTH: usize = 64;
+
 /// Accounted size of a queued record beyond its encoded bytes (seq key + B-tree entry).
 pub const RECORD_OVERHEAD: u64 = 24;
 
@@ -478,7 +482,7 @@ struct Shared {
     /// `next_seq` after the last commit: the sync engine wakes on changes.
     appended: watch::Sender<u64>,
     /// Where the writer hands each commit's new records before its fsync ([`Outbox::tail`]).
-    tail: Mutex<Option<mpsc::UnboundedSender<Vec<Queued>>>>,
+    tail: Mutex<Option<mpsc::Sender<Vec<Queued>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -685,8 +689,10 @@ impl Outbox {
     /// is durable, are not handed over (read them from the store after [`Self::watch_appended`]
     /// fires). The records are not durable yet: a receiver may publish them but must not
     /// treat them as queued. Replaces an earlier receiver; dropping it stops the hand-over.
-    pub fn tail(&self) -> mpsc::UnboundedReceiver<Vec<Queued>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// At most [`TAIL_DEPTH`] commits wait in it: when the receiver falls behind, later
+    /// commits are not handed over (it reads them from the store, as for large commits).
+    pub fn tail(&self) -> mpsc::Receiver<Vec<Queued>> {
+        let (tx, rx) = mpsc::channel(TAIL_DEPTH);
         *lock(&self.shared.tail) = Some(tx);
         rx
     }
@@ -1562,14 +1568,16 @@ impl Writer {
 
     /// Hands this commit's new records to the sync engine before the fsync, if every seq is
     /// covered by a reservation already on disk.
-    fn hand_over_tail(&mut self, sink: &mpsc::UnboundedSender<Vec<Queued>>) {
+    fn hand_over_tail(&mut self, sink: &mpsc::Sender<Vec<Queued>>) {
         let covered = self
             .tail_buf
             .last()
             .is_some_and(|q| q.seq < self.durable_reserved);
         if self.collect_tail && covered {
-            self.tail_sent = true;
-            let _ = sink.send(std::mem::take(&mut self.tail_buf));
+            // Full (the receiver is behind): not handed over; it reads them from the store.
+            if sink.try_send(std::mem::take(&mut self.tail_buf)).is_ok() {
+                self.tail_sent = true;
+            }
         }
         self.tail_buf.clear();
     }

@@ -479,6 +479,33 @@ fn the_tail_hands_over_records_before_the_commit_only_under_a_durable_reservatio
 }
 
 #[test]
+fn a_receiver_that_falls_behind_holds_at_most_tail_depth_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
+    let outbox = Outbox::open(&o).unwrap();
+    let rt = rt();
+    let mut tail = outbox.tail();
+    rt.block_on(async {
+        // Never read while 3 × TAIL_DEPTH commits go in.
+        for i in 0..3 * TAIL_DEPTH {
+            outbox.append(vec![change("k", json!(i))]).await.unwrap();
+        }
+        let mut held = 0;
+        while let Ok(batch) = tail.try_recv() {
+            // What was handed over is what the store holds.
+            let first = batch[0].seq;
+            assert_eq!(
+                batch,
+                outbox.read_from(first, batch.len(), usize::MAX).unwrap()
+            );
+            held += 1;
+        }
+        assert_eq!(held, TAIL_DEPTH);
+        outbox.shutdown().await;
+    });
+}
+
+#[test]
 fn after_a_crash_with_a_listener_seqs_continue_past_the_reservation() {
     let dir = tempfile::tempdir().unwrap();
     let o = opts(dir.path(), 1 << 30, WhenFull::DropOldest);
