@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::change::RawChange;
 use crate::local_api::MAX_LINE;
+use crate::model::change::RawChange;
 
 /// Requests `report --stdin` keeps in flight.
 pub const STREAM_WINDOW: usize = 64;

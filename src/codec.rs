@@ -110,7 +110,7 @@ impl BatchBuilder {
                 }
             }
             Encoding::Json => {
-                let value = crate::change::decode_value(rec.value)
+                let value = crate::model::change::decode_value(rec.value)
                     .map_err(|reason| CodecError::BadRecord { seq: q.seq, reason })?;
                 if !self.body.is_empty() {
                     self.entry.push(b',');
@@ -189,7 +189,7 @@ fn json_into<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::encode_value;
+    use crate::model::change::encode_value;
     use serde_json::{Value, json};
 
     fn queued(seq: u64, key: &str, value: Value, ts: u64) -> Queued {

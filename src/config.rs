@@ -35,6 +35,7 @@
 //! `[control]` (commands over MQTT) is validated here into [`ControlConfig`], which the
 //! `control` module defines beside the commands it names.
 
+use crate::model::text::shorten;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
@@ -47,11 +48,11 @@ use serde::Deserialize;
 use toml::{Table, Value};
 
 use crate::control::{CommandName, ControlConfig};
-use crate::desired::rules;
 use crate::desired::types::{
     ConflictRule, DesiredConfig, Handler, HandlerKind, KeyGlob, Policy, Rule, UnknownKeys,
     ValueType,
 };
+use crate::model::rules;
 
 /// Where the daemon and the CLI look for the config file by default (SPEC §2).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/edgesync.toml";
@@ -1062,18 +1063,6 @@ fn describe(value: &Value) -> String {
         Value::Datetime(d) => format!("a datetime {d}"),
         Value::Array(_) => "an array".to_owned(),
         Value::Table(_) => "a table".to_owned(),
-    }
-}
-
-/// Keep quoted input in messages readable.
-fn shorten(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.chars().count() <= MAX {
-        s.to_owned()
-    } else {
-        let mut short: String = s.chars().take(MAX).collect();
-        short.push('…');
-        short
     }
 }
 

@@ -237,7 +237,7 @@ pub fn summary(
 
 fn entry(seq: u64, rec: &[u8]) -> Result<Entry, InspectError> {
     let r = record::decode(rec).map_err(|e| InspectError::Read(format!("change {seq}: {e}")))?;
-    let value = crate::change::decode_value(r.value)
+    let value = crate::model::change::decode_value(r.value)
         .map_err(|e| InspectError::Read(format!("change {seq}: bad value: {e}")))?;
     Ok(Entry {
         seq,
@@ -322,8 +322,12 @@ pub fn answer(
     match what {
         Some("stats") => {
             let txn = outbox.read().map_err(|e| ("io-error", e.to_string()))?;
-            let s = summary(&txn, outbox.stats().max_bytes, crate::change::now_ms())
-                .map_err(io_error)?;
+            let s = summary(
+                &txn,
+                outbox.stats().max_bytes,
+                crate::model::change::now_ms(),
+            )
+            .map_err(io_error)?;
             Ok(json!({ "queue": s }))
         }
         Some("peek") => {
@@ -409,7 +413,7 @@ impl Source {
                 path,
             } => guarded(path, || {
                 let txn = db.begin_read()?;
-                summary(&txn, *max_bytes, crate::change::now_ms())
+                summary(&txn, *max_bytes, crate::model::change::now_ms())
             }),
         }
     }
@@ -560,7 +564,7 @@ fn open_read_only(path: &Path, daemon: String) -> Result<ReadOnlyDatabase, Inspe
 
 /// `stats` for people.
 pub fn render_summary(s: &Summary, source: &str) -> String {
-    use crate::status::{human_bytes, human_duration};
+    use crate::model::text::{human_bytes, human_duration};
     let end = |e: &Option<End>| match e {
         Some(e) => format!(
             "seq {}, {} ({} ago)",
@@ -761,7 +765,7 @@ pub async fn export_command(config: &Path, file: &Path) -> Result<(), InspectErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::change::{NewChange, Origin};
+    use crate::model::change::{NewChange, Origin};
     use crate::store::{StoreOptions, WhenFull};
 
     #[test]
@@ -804,7 +808,7 @@ mod tests {
     fn change(key: &str, v: Value, origin: Origin) -> NewChange {
         NewChange {
             key: key.into(),
-            value: crate::change::encode_value(key, &v).unwrap(),
+            value: crate::model::change::encode_value(key, &v).unwrap(),
             ts: Some(1_000),
             origin,
         }

@@ -22,7 +22,6 @@
 
 pub mod agent;
 pub mod atomic_file;
-pub mod change;
 pub mod client;
 pub mod codec;
 pub mod config;
@@ -34,9 +33,12 @@ pub mod inspect;
 pub mod link;
 pub mod local_api;
 pub mod metrics;
+pub mod model;
 pub mod notify;
 pub mod reload;
 pub mod status;
 pub mod store;
 pub mod sync;
-pub mod topics;
+
+// Old paths, kept for the binary, tests, benches and fuzz targets until the facade.
+pub use model::{change, topics};

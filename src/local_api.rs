@@ -28,7 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
-use crate::change::{ChangeError, RawChange};
+use crate::model::change::{ChangeError, RawChange};
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Appended, Outbox, StoreError};
 
@@ -894,7 +894,7 @@ async fn report(req: Request, ctx: &Context) -> Pending {
     }
     let n = raw.len() as u64;
     let mut changes = Vec::with_capacity(raw.len());
-    let (now, max_future) = (crate::change::now_ms(), ctx.applier.max_future_ts());
+    let (now, max_future) = (crate::model::change::now_ms(), ctx.applier.max_future_ts());
     for (i, c) in raw.into_iter().enumerate() {
         match c.validate_at(now, max_future) {
             Ok(c) => changes.push(c),

@@ -283,7 +283,7 @@ async fn history(
     for e in entries {
         let ago = e["ts"]
             .as_u64()
-            .map(|t| edgesync::status::human_duration(now.saturating_sub(t)))
+            .map(|t| edgesync::model::text::human_duration(now.saturating_sub(t)))
             .unwrap_or_default();
         outln!(
             "version {:<8} {:<9} {:>8} ago  {}",

@@ -219,7 +219,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
         outbox.oldest_ts().ok().flatten()
     };
     Inputs {
-        now_ms: crate::change::now_ms(),
+        now_ms: crate::model::change::now_ms(),
         device: identity.device.clone(),
         queue,
         oldest_ts,

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::change::now_ms;
 use crate::config::Config;
 use crate::control::LogControl;
+use crate::model::change::now_ms;
 
 /// The outcome of the last reload, for `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

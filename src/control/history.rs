@@ -20,7 +20,7 @@ impl History {
         let key = args.str("key")?;
         let limit = args.u64("limit")?.unwrap_or(DEFAULT_LIMIT);
         let key = key.ok_or_else(|| args.missing("key", "the key whose values to show"))?;
-        crate::change::validate_key(&key).map_err(|e| format!("history: args.key: {e}"))?;
+        crate::model::change::validate_key(&key).map_err(|e| format!("history: args.key: {e}"))?;
         Ok(Self { key, limit })
     }
 

@@ -53,14 +53,15 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
-use crate::change::now_ms;
 use crate::config::Encoding;
 use crate::desired::apply::Applier;
 use crate::desired::doc;
 use crate::desired::store as dstore;
+use crate::model::change::now_ms;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError};
 
+pub use crate::model::command::CommandName;
 pub use log_level::LogControl;
 pub use request::ErrorCode;
 
@@ -68,73 +69,6 @@ pub use request::ErrorCode;
 pub const DEFAULT_REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// Default `[control] replay_max`.
 pub const DEFAULT_REPLAY_MAX: usize = 10_000;
-
-/// The commands this agent knows, by their topic name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum CommandName {
-    Ping,
-    Status,
-    Sync,
-    History,
-    Rollback,
-    LogLevel,
-    Config,
-    Reload,
-    Purge,
-    DesiredReset,
-}
-
-impl CommandName {
-    /// Every command, in documented order.
-    pub const ALL: [CommandName; 10] = [
-        CommandName::Ping,
-        CommandName::Status,
-        CommandName::Sync,
-        CommandName::History,
-        CommandName::Rollback,
-        CommandName::LogLevel,
-        CommandName::Config,
-        CommandName::Reload,
-        CommandName::Purge,
-        CommandName::DesiredReset,
-    ];
-
-    /// The name in topics and in `[control] allow`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CommandName::Ping => "ping",
-            CommandName::Status => "status",
-            CommandName::Sync => "sync",
-            CommandName::History => "history",
-            CommandName::Rollback => "rollback",
-            CommandName::LogLevel => "log-level",
-            CommandName::Config => "config",
-            CommandName::Reload => "reload",
-            CommandName::Purge => "purge",
-            CommandName::DesiredReset => "desired-reset",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<CommandName> {
-        Self::ALL.into_iter().find(|c| c.as_str() == name)
-    }
-
-    /// Destroys data: enabled only when `[control] allow` lists it.
-    pub fn destructive(self) -> bool {
-        matches!(self, CommandName::Purge | CommandName::DesiredReset)
-    }
-
-    /// Every name, for messages.
-    pub fn names() -> Vec<&'static str> {
-        Self::ALL.iter().map(|c| c.as_str()).collect()
-    }
-}
-
-impl std::fmt::Display for CommandName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// `[control]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -528,7 +462,7 @@ fn expired(expires: Option<u64>, now: u64) -> Option<String> {
     expires.filter(|&e| now > e).map(|e| {
         format!(
             "the request expired {} ago (expires {e}, now {now}); not run",
-            crate::status::human_duration(now - e)
+            crate::model::text::human_duration(now - e)
         )
     })
 }

@@ -3,5 +3,5 @@
 use serde_json::{Value, json};
 
 pub fn run() -> Value {
-    json!({"pong": true, "ts": crate::change::now_ms()})
+    json!({"pong": true, "ts": crate::model::change::now_ms()})
 }

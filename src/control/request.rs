@@ -7,6 +7,7 @@
 //! Response: `{"id": .., "ok": true, "result": {..}}` or
 //! `{"id": .., "ok": false, "error": {"code": .., "message": ..}}`.
 
+use crate::model::text::shorten;
 use ciborium::Value as Cbor;
 use serde_json::{Map, Value, json};
 
@@ -265,17 +266,6 @@ impl Args {
             self.command,
             shorten(unknown)
         ))
-    }
-}
-
-fn shorten(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.chars().count() <= MAX {
-        s.to_owned()
-    } else {
-        let mut short: String = s.chars().take(MAX).collect();
-        short.push('…');
-        short
     }
 }
 

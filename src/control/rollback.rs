@@ -21,7 +21,7 @@ impl Rollback {
         let key = key.ok_or_else(|| args.missing("key", "the key to roll back"))?;
         let version =
             version.ok_or_else(|| args.missing("version", "the desired version to apply again"))?;
-        crate::change::validate_key(&key).map_err(|e| format!("rollback: args.key: {e}"))?;
+        crate::model::change::validate_key(&key).map_err(|e| format!("rollback: args.key: {e}"))?;
         Ok(Self { key, version })
     }
 

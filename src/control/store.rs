@@ -157,7 +157,7 @@ pub struct Limits {
 impl Limits {
     pub fn new(cfg: &ControlConfig, clock: u64) -> Self {
         Self {
-            window_ms: crate::change::duration_ms(cfg.replay_window),
+            window_ms: crate::model::change::duration_ms(cfg.replay_window),
             max: u64::try_from(cfg.replay_max).unwrap_or(u64::MAX),
             clock,
         }

@@ -19,8 +19,8 @@ use super::plan::{KeyPlan, believed, plan_key};
 use super::store::{self as dstore, InboxEntry, KeyUpdate, Received};
 use super::types::{DesiredConfig, HandlerKind};
 use super::watch::Watchers;
-use crate::change::{Origin, now_ms};
 use crate::config::Encoding;
+use crate::model::change::{Origin, now_ms};
 use crate::store::{Outbox, StoreError};
 
 /// Runs desired documents; cheap to clone.

@@ -145,11 +145,11 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
                 format!("key {} appears twice in state", quote_short(&key)),
             ));
         }
-        let value = crate::change::validate_key(&key)
+        let value = crate::model::change::validate_key(&key)
             .map_err(|e| e.to_string())
             .and_then(|()| to_json(v, 0, limits.max_depth))
             .and_then(|v| {
-                crate::change::encode_value(&key, &v)
+                crate::model::change::encode_value(&key, &v)
                     .map(|_| v)
                     .map_err(|e| e.to_string())
             });

@@ -3,10 +3,8 @@
 
 pub mod apply;
 pub mod doc;
-pub mod glob;
 pub mod handlers;
 pub mod plan;
-pub mod rules;
 pub mod store;
 pub mod types;
 pub mod watch;

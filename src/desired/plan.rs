@@ -3,9 +3,9 @@
 
 use serde_json::Value;
 
-use super::rules::{check_value, find_rule};
 use super::store::LocalChange;
 use super::types::{DesiredConfig, Policy};
+use crate::model::rules::{check_value, find_rule};
 
 /// The decision for one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +43,7 @@ pub fn believed(
     received: u64,
     now: u64,
 ) -> (Option<LocalChange>, Option<u64>) {
-    let max = crate::change::duration_ms(cfg.max_future_ts);
+    let max = crate::model::change::duration_ms(cfg.max_future_ts);
     let doc_ts = doc_ts.filter(|&t| t <= received.saturating_add(max));
     let local = local.map(|l| LocalChange {
         ts: if l.ts > now.saturating_add(max) {

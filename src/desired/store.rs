@@ -34,8 +34,8 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::change::{NewChange, Origin, now_ms};
 use crate::config::Encoding;
+use crate::model::change::{NewChange, Origin, now_ms};
 use crate::store::{Outbox, StoreError, row_cost};
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("desired_meta");
@@ -258,7 +258,7 @@ fn key_growth(
         .get(key)?
         .map_or(0, |r| row_cost(key.len(), r.value().len()));
     let new_history = (row_cost(key.len(), json) + ENTRY_SLACK).saturating_sub(old_history);
-    let cbor = crate::change::encode_value(key, value).map_or(0, |b| b.len());
+    let cbor = crate::model::change::encode_value(key, value).map_or(0, |b| b.len());
     let new_reported = row_cost(
         key.len(),
         crate::store::record::encoded_len(key, &[]) + cbor,
@@ -432,7 +432,7 @@ pub fn apply_updates(
                 ctx.charge_state(old_cost, cost(key, row.len()))?;
                 history.insert(key, row.as_slice())?;
             }
-            if let Ok(value) = crate::change::encode_value(&u.key, &u.value) {
+            if let Ok(value) = crate::model::change::encode_value(&u.key, &u.value) {
                 changes.push(NewChange {
                     key: u.key.clone(),
                     value,
@@ -658,7 +658,7 @@ pub fn local_change(outbox: &Outbox, key: &str) -> Result<Option<LocalChange>, S
     if rec.origin.is_some() {
         return Ok(None);
     }
-    let value = crate::change::decode_value(rec.value).map_err(StoreError::Io)?;
+    let value = crate::model::change::decode_value(rec.value).map_err(StoreError::Io)?;
     Ok(Some(LocalChange {
         value,
         ts: rec.ts,

@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::model::glob::KeyGlob;
+pub use crate::model::rules::{Rule, UnknownKeys, ValueType};
+
 /// `[desired]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DesiredConfig {
@@ -46,44 +49,6 @@ impl Default for DesiredConfig {
             handlers: Vec::new(),
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnknownKeys {
-    Accept,
-    Reject,
-}
-
-/// A key glob: `*` matches any run of characters (also none), `?` exactly one; every other
-/// character matches itself. Keys are `[A-Za-z0-9_.-]`, so there is nothing to escape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyGlob(pub String);
-
-/// `[[desired.rule]]`: what values a key accepts.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rule {
-    pub keys: KeyGlob,
-    /// Required JSON type, if any.
-    pub value_type: Option<ValueType>,
-    /// Inclusive bounds for numbers.
-    pub min: Option<f64>,
-    pub max: Option<f64>,
-    /// Allowed values (compared as JSON).
-    pub one_of: Option<Vec<serde_json::Value>>,
-    /// Longest string (in characters), array (items) or object (members).
-    pub max_length: Option<usize>,
-    /// Whether `null` (remove the key) is allowed, default true.
-    pub nullable: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueType {
-    Bool,
-    Integer,
-    Number,
-    String,
-    Object,
-    Array,
 }
 
 /// `[[desired.conflict]]`: who wins when the device changed a key the cloud had not seen.

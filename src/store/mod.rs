@@ -110,8 +110,8 @@ use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::change::{NewChange, now_ms};
 pub use crate::config::WhenFull;
+use crate::model::change::{NewChange, now_ms};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
@@ -778,7 +778,7 @@ impl Outbox {
             let mut out = std::collections::BTreeMap::new();
             let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
                 let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-                let value = crate::change::decode_value(r.value).map_err(StoreError::Io)?;
+                let value = crate::model::change::decode_value(r.value).map_err(StoreError::Io)?;
                 out.insert(
                     k.to_owned(),
                     ReportedValue {

@@ -191,7 +191,7 @@ pub fn decode(buf: &[u8]) -> Result<RecordRef<'_>, RecordError> {
 /// Deepest nesting of a stored value (ciborium's own recursion limit when it decodes one).
 const MAX_DEPTH: usize = 256;
 
-/// Checks that `buf` starts with one CBOR value as [`crate::change::encode_value`] writes
+/// Checks that `buf` starts with one CBOR value as [`crate::model::change::encode_value`] writes
 /// it (from JSON: integers, finite floats, UTF-8 text, definite arrays, maps with text keys,
 /// `false`/`true`/`null`) and returns its length. No allocation: it runs for every record
 /// a drain sends.
@@ -283,8 +283,9 @@ mod tests {
             1_764_150_000_000,
             u64::MAX,
         ] {
-            let value = crate::change::encode_value("k", &serde_json::json!({"a": [1, 2.5]}))
-                .unwrap_or_default();
+            let value =
+                crate::model::change::encode_value("k", &serde_json::json!({"a": [1, 2.5]}))
+                    .unwrap_or_default();
             let rec = encode(ts, "led.mode", &value);
             assert!(rec.len() <= encoded_len("led.mode", &value));
             let got = decode(&rec).unwrap();
@@ -388,7 +389,7 @@ mod value_tests {
     fn every_json_value_passes_and_damage_is_refused() {
         let v = json!({"a": [1, -2, 2.5, 1e300, "text ü", null, true, false, {"b": {}}],
                        "big": u64::MAX, "neg": i64::MIN, "s": "x".repeat(300)});
-        let value = crate::change::encode_value("k", &v).unwrap();
+        let value = crate::model::change::encode_value("k", &v).unwrap();
         assert_eq!(value_end(&value), Ok(value.len()));
         let rec = encode(1, "k", &value);
         assert!(decode(&rec).is_ok());

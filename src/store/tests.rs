@@ -1,5 +1,5 @@
 use super::*;
-use crate::change::{NewChange, encode_value};
+use crate::model::change::{NewChange, encode_value};
 use serde_json::json;
 
 fn opts(dir: &Path, max_bytes: u64, when_full: WhenFull) -> StoreOptions {
@@ -16,7 +16,7 @@ fn change(key: &str, value: serde_json::Value) -> NewChange {
         key: key.into(),
         value: encode_value(key, &value).unwrap(),
         ts: None,
-        origin: crate::change::Origin::Device,
+        origin: crate::model::change::Origin::Device,
     }
 }
 
@@ -363,7 +363,7 @@ fn transact_commits_own_tables_and_appends_atomically() {
     let outbox = Outbox::open(&o).unwrap();
     let rt = rt();
     let mut c = change("led", json!("on"));
-    c.origin = crate::change::Origin::Cloud;
+    c.origin = crate::model::change::Origin::Cloud;
     let appended = rt
         .block_on(outbox.transact(move |ctx| {
             ctx.txn.open_table(T)?.insert("x", 7)?;

@@ -40,15 +40,15 @@ use rumqttc::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
-use crate::change::now_ms;
 use crate::config::Config;
 use crate::control::Controller;
 use crate::desired::apply::Applier;
 use crate::desired::store::{self as dstore, PendingResult};
 use crate::link::tls;
+use crate::model::change::now_ms;
+use crate::model::topics::Topics;
 use crate::status::{LinkState, StatusBoard};
 use crate::store::{Ack, Outbox, Queued};
-use crate::topics::Topics;
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
 use intake::{Admission, IntakeGate, IntakeToken};
@@ -815,7 +815,10 @@ impl Session<'_> {
         token: IntakeToken,
     ) {
         match self.settings.topics.parse(&p.topic) {
-            Some(crate::topics::Incoming::Desired | crate::topics::Incoming::Command(_)) => {
+            Some(
+                crate::model::topics::Incoming::Desired
+                | crate::model::topics::Incoming::Command(_),
+            ) => {
                 // Acked by the intake task once the document (or request) is durable.
                 if intake.send((p, token)).is_err() {
                     tracing::error!("desired intake stopped");
@@ -1277,7 +1280,7 @@ async fn intake_loop(
     // The token goes when the message is taken in: its bytes leave the intake's load.
     while let Some((p, _token)) = rx.recv().await {
         let (taken, kind) = match topics.parse(&p.topic) {
-            Some(crate::topics::Incoming::Command(name)) => {
+            Some(crate::model::topics::Incoming::Command(name)) => {
                 crate::crash::point("command-received");
                 (
                     controller.receive(name, &p.payload, p.retain).await,

@@ -1,7 +1,7 @@
 //! The engine driven by hand against an in-memory queue and a virtual clock.
 
 use super::*;
-use crate::change::encode_value;
+use crate::model::change::encode_value;
 use crate::store::record;
 use serde_json::json;
 use std::collections::BTreeMap;

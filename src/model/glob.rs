@@ -10,9 +10,13 @@
 //! pattern is at most 128 characters, so matching is linear in the key's length whatever the
 //! pattern (`*a*a*a*a*b` against a long run of `a` included).
 
+use crate::model::text::shorten;
 use std::fmt;
 
-use super::types::KeyGlob;
+/// A key glob: `*` matches any run of characters (also none), `?` exactly one; every other
+/// character matches itself. Keys are `[A-Za-z0-9_.-]`, so there is nothing to escape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGlob(pub String);
 
 /// Longest pattern, in characters (the longest key is 128 characters too).
 pub const MAX_PATTERN_CHARS: usize = 128;
@@ -102,18 +106,6 @@ fn wildcard_match<T: Copy + Eq>(pattern: &[T], key: &[T], star: T, any: T) -> bo
         }
     }
     pattern[p..].iter().all(|&c| c == star)
-}
-
-/// Keep quoted input in messages readable.
-fn shorten(s: &str) -> String {
-    const MAX: usize = 80;
-    if s.chars().count() <= MAX {
-        s.to_owned()
-    } else {
-        let mut short: String = s.chars().take(MAX).collect();
-        short.push('…');
-        short
-    }
 }
 
 #[cfg(test)]

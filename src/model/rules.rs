@@ -28,7 +28,40 @@
 
 use serde_json::{Number, Value};
 
-use super::types::{Rule, UnknownKeys, ValueType};
+use super::glob::KeyGlob;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKeys {
+    Accept,
+    Reject,
+}
+
+/// `[[desired.rule]]`: what values a key accepts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub keys: KeyGlob,
+    /// Required JSON type, if any.
+    pub value_type: Option<ValueType>,
+    /// Inclusive bounds for numbers.
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    /// Allowed values (compared as JSON).
+    pub one_of: Option<Vec<serde_json::Value>>,
+    /// Longest string (in characters), array (items) or object (members).
+    pub max_length: Option<usize>,
+    /// Whether `null` (remove the key) is allowed, default true.
+    pub nullable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueType {
+    Bool,
+    Integer,
+    Number,
+    String,
+    Object,
+    Array,
+}
 
 /// Longest rendering of a value or a list inside a message.
 const SHOWN_MAX: usize = 80;

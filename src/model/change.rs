@@ -194,7 +194,7 @@ impl RawChange {
                 key: self.key,
                 ts,
                 now,
-                ahead: crate::status::human_duration(duration_ms(max_future)),
+                ahead: crate::model::text::human_duration(duration_ms(max_future)),
             });
         }
         self.validate()
