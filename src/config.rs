@@ -35,7 +35,8 @@
 //! `[control]` (commands over MQTT) is validated here into [`ControlConfig`], which the
 //! `control` module defines beside the commands it names.
 
-use crate::model::text::shorten;
+use crate::model::text::{shorten, suggest};
+use crate::sys::log::check_log_level;
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::File;
@@ -135,7 +136,6 @@ const REPLAY_WINDOW_MAX: Duration = Duration::from_secs(30 * 86_400);
 /// `control.replay_max`: each kept id holds its response (at most 64 KiB, usually < 1 KiB).
 const REPLAY_MAX_LIMIT: i64 = 1_000_000;
 
-const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 const UNKNOWN_KEYS: &[&str] = &["accept", "reject"];
 const VALUE_TYPES: &[&str] = &["bool", "integer", "number", "string", "object", "array"];
 const POLICIES: &[&str] = &["cloud-wins", "device-wins", "last-write-wins", "merge"];
@@ -1472,33 +1472,6 @@ fn unknown_key(section: &str, key: &str, keys: &[&str]) -> String {
     format!("unknown key{hint}; expected one of {}", keys.join(", "))
 }
 
-/// The candidate closest to `word` if it is within edit distance 2 (ignoring case).
-fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    let word = word.to_lowercase();
-    candidates
-        .iter()
-        .map(|candidate| (edit_distance(&word, &candidate.to_lowercase()), *candidate))
-        .filter(|&(distance, _)| distance <= 2)
-        .min_by_key(|&(distance, _)| distance)
-        .map(|(_, candidate)| candidate)
-}
-
-/// Levenshtein distance, in characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    let mut current = vec![0; b.len() + 1];
-    for (i, ca) in a.chars().enumerate() {
-        current[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let substitute = previous[j] + usize::from(ca != *cb);
-            current[j + 1] = substitute.min(previous[j + 1] + 1).min(current[j] + 1);
-        }
-        std::mem::swap(&mut previous, &mut current);
-    }
-    previous[b.len()]
-}
-
 /// A TOML syntax error as a problem: line and column, and the dotted key of the line when
 /// the line is a `key = value` line.
 fn syntax_problem(text: &str, err: &toml::de::Error) -> Problem {
@@ -2182,47 +2155,6 @@ fn validate_log(raw: RawLog, p: &mut Problems) -> Option<LogConfig> {
     let level = raw.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_owned());
     let level = check(p, "log.level", check_log_level(&level).map(|()| level))?;
     Some(LogConfig { level })
-}
-
-/// A level, or comma-separated `target=level` directives (`tracing_subscriber` `Targets` syntax).
-pub fn check_log_level(filter: &str) -> Result<(), String> {
-    const FORM: &str = "expected a level (trace, debug, info, warn, error, off) or \
-                        directives such as \"info,edgesync=debug\"";
-    if filter.is_empty() {
-        return Err(format!("{FORM}, found an empty string"));
-    }
-    if let Some(c) = filter
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '=' | ',' | ':' | '.' | '-')))
-    {
-        return Err(format!(
-            "{FORM}, found {:?} ({c:?} is not allowed)",
-            shorten(filter)
-        ));
-    }
-    for directive in filter.split(',') {
-        let (target, level) = match directive.split_once('=') {
-            Some((target, level)) => (Some(target), level),
-            None => (None, directive),
-        };
-        if directive.is_empty() || target.is_some_and(str::is_empty) || level.contains('=') {
-            return Err(format!(
-                "{FORM}, found {:?} (bad directive {directive:?})",
-                shorten(filter)
-            ));
-        }
-        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
-            let hint = match suggest(level, LOG_LEVELS) {
-                Some(near) => format!("; did you mean {near:?}?"),
-                None => String::new(),
-            };
-            return Err(format!(
-                "{FORM}, found {:?} ({level:?} is not a level{hint})",
-                shorten(filter)
-            ));
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2969,6 +2901,7 @@ fn check_path_template(path: &str, keys: Option<&KeyGlob>) -> Result<String, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::text::edit_distance;
 
     const FILE: &str = "/test/edgesync.toml";
     const EXAMPLE: &str = include_str!("../config/edgesync.example.toml");

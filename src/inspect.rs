@@ -506,15 +506,14 @@ impl Walked {
 /// that is an error here (exit 1 with the reason), not an "internal error" (exit 101).
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, InspectError>) -> Result<T, InspectError> {
     let what = format!("reading the store file {}", path.display());
-    std::panic::catch_unwind(AssertUnwindSafe(|| crate::fatal::during(what, f))).unwrap_or_else(
-        |_| {
+    std::panic::catch_unwind(AssertUnwindSafe(|| crate::sys::fatal::during(what, f)))
+        .unwrap_or_else(|_| {
             Err(InspectError::Read(format!(
                 "the store file {} is damaged: redb failed on a damaged page; keep the file \
                  for inspection (changes before the damage may have been written above)",
                 path.display()
             )))
-        },
-    )
+        })
 }
 
 /// Opens the store read-only; errors say why it cannot be read and what to do.
@@ -532,7 +531,7 @@ fn open_read_only(path: &Path, daemon: String) -> Result<ReadOnlyDatabase, Inspe
         path.display()
     );
     let opened = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        crate::fatal::during(what, || builder.open_read_only(path))
+        crate::sys::fatal::during(what, || builder.open_read_only(path))
     }));
     let path = path.to_path_buf();
     match opened {
@@ -741,7 +740,7 @@ pub async fn export_command(config: &Path, file: &Path) -> Result<(), InspectErr
         path: file.to_path_buf(),
         source,
     };
-    let mut out = crate::atomic_file::AtomicFile::create(file).map_err(failed)?;
+    let mut out = crate::sys::atomic_file::AtomicFile::create(file).map_err(failed)?;
     let walked = match source.walk(0, None, |e| line(&mut out, e)).await {
         Ok(w) => w,
         Err(InspectError::Write(e)) => return Err(failed(e)),

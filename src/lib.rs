@@ -21,24 +21,22 @@
 //!   only while the store writer and the link make progress.
 
 pub mod agent;
-pub mod atomic_file;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
-pub mod crash;
 pub mod desired;
-pub mod fatal;
 pub mod inspect;
 pub mod link;
 pub mod local_api;
 pub mod metrics;
 pub mod model;
-pub mod notify;
 pub mod reload;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod sys;
 
 // Old paths, kept for the binary, tests, benches and fuzz targets until the facade.
 pub use model::{change, topics};
+pub use sys::{atomic_file, crash, fatal, notify};

@@ -41,7 +41,7 @@ impl From<ClientError> for Failure {
 }
 
 fn main() -> ExitCode {
-    edgesync::fatal::install_hook();
+    edgesync::sys::fatal::install_hook();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Help(text)) => return finish(out(&text)),
@@ -143,7 +143,7 @@ fn run(path: &Path) -> Result<(), Failure> {
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
 /// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
 /// be changed while running (the `log-level` command) through the returned handle.
-fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
+fn init_logging(level: &str) -> std::sync::Arc<edgesync::sys::log::LogControl> {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -151,7 +151,7 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
     // Targets, not EnvFilter: the same "info,edgesync=debug" syntax without a regex engine
     // (-260 KB on ARM).
     let parse = |s: &str| {
-        edgesync::config::check_log_level(s).ok()?;
+        edgesync::sys::log::check_log_level(s).ok()?;
         s.parse::<Targets>().ok()
     };
     let (filter, text) = std::env::var("EDGESYNC_LOG")
@@ -177,7 +177,7 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::control::LogControl> {
     } else {
         registry.with(layer).init();
     }
-    std::sync::Arc::new(edgesync::control::LogControl::new(handle, text))
+    std::sync::Arc::new(edgesync::sys::log::LogControl::new(handle, text))
 }
 
 fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Result<(), Failure> {

@@ -786,7 +786,7 @@ pub async fn run(
         let done = tokio::task::spawn_blocking(move || {
             let m = collect(&id, &ob, &bd);
             let written = textfile.map(|path| {
-                crate::atomic_file::write(&path, prometheus(&m).as_bytes())
+                crate::sys::atomic_file::write(&path, prometheus(&m).as_bytes())
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))
             });
             (m, written)

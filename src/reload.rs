@@ -16,8 +16,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::control::LogControl;
 use crate::model::change::now_ms;
+use crate::sys::log::LogControl;
 
 /// The outcome of the last reload, for `status`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -62,7 +62,7 @@ use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError};
 
 pub use crate::model::command::CommandName;
-pub use log_level::LogControl;
+use crate::sys::log::LogControl;
 pub use request::ErrorCode;
 
 /// Default `[control] replay_window`.
@@ -263,7 +263,7 @@ impl Controller {
         let limits = store::Limits::new(&self.cfg(), self.clock.now());
         let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
         // Recorded, not yet run, no PUBACK yet.
-        crate::crash::point("command-taken");
+        crate::sys::crash::point("command-taken");
         let id = req.id;
         match outcome {
             store::Intake::Accepted => self.wake.notify_one(),

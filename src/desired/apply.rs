@@ -109,7 +109,7 @@ impl Applier {
                 let stale = doc::encode(&stale, d.encoding);
                 let received = dstore::receive(&self.outbox, entry, stale).await?;
                 // Durable, the applier not yet woken, no PUBACK yet.
-                crate::crash::point("desired-taken");
+                crate::sys::crash::point("desired-taken");
                 match received {
                     Received::Accepted => {
                         tracing::info!(version, "desired document taken in");

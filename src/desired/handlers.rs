@@ -121,7 +121,7 @@ pub async fn run_exec(
 }
 
 /// Writes the JSON value (pretty-printed, plus a newline) to `path_template` with `{key}`
-/// replaced, atomically ([`crate::atomic_file`]): a new-only temp file `.{file}.tmp-…` in the
+/// replaced, atomically ([`crate::sys::atomic_file`]): a new-only temp file `.{file}.tmp-…` in the
 /// same directory is written, fsynced, renamed over the target, and the directory is fsynced. Readers see the old
 /// or the new content, never a mix; after a crash the target is one of the two as well (a
 /// leftover temp file is possible, never a torn target).
@@ -570,7 +570,7 @@ fn write_file_atomically(path: &Path, value: &serde_json::Value) -> Result<(), S
 
     // One atomic writer for the crate: new-only temporary (never follows a planted link),
     // fsync, rename, directory fsync.
-    crate::atomic_file::write_with_mode(path, &contents, mode)
+    crate::sys::atomic_file::write_with_mode(path, &contents, mode)
         .map_err(|e| format!("cannot write {}: {}", path.display(), os_error(&e)))
 }
 

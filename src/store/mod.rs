@@ -81,7 +81,7 @@
 //!   its seq, removed with its batch's ack and counted in `corrupt` (never in `acked`).
 //!   redb panics on some damaged pages; reads and the writer catch that as
 //!   [`StoreError::Damaged`] in builds that unwind. The shipped build (`panic = "abort"`)
-//!   aborts instead, with one line naming the store ([`crate::fatal`]); at the restart,
+//!   aborts instead, with one line naming the store ([`crate::sys::fatal`]); at the restart,
 //!   redb's repair of the uncleanly closed file walks every page and stops at the damage
 //!   again (a clear refusal where it unwinds; another abort with the line saying to move
 //!   the file aside where it does not), so systemd's start limit ends the loop.
@@ -657,7 +657,7 @@ impl Outbox {
     /// Round-trips the writer thread without a transaction or fsync: answers once the writer
     /// took it, i.e. after the commits of everything submitted before it. A writer stuck
     /// (e.g. in an fsync that never returns) never answers: the systemd watchdog's probe
-    /// ([`crate::notify`]).
+    /// ([`crate::sys::notify`]).
     pub async fn heartbeat(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.tx
@@ -845,10 +845,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs a read of the store. redb panics on some damaged pages ("entered unreachable
 /// code" in its cursor); in builds that unwind that becomes [`StoreError::Damaged`]
 /// instead of killing the caller (the drain, a local request). The shipped build aborts on
-/// a panic instead (see [`crate::fatal`]).
+/// a panic instead (see [`crate::sys::fatal`]).
 fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
     let what = format!("reading the store {}", path.display());
-    match std::panic::catch_unwind(AssertUnwindSafe(|| crate::fatal::during(what, f))) {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| crate::sys::fatal::during(what, f))) {
         Ok(r) => r,
         Err(_) => Err(StoreError::Damaged {
             path: path.to_path_buf(),
@@ -1249,8 +1249,8 @@ enum Outcome {
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::new();
-        // Test hook of debug builds only (see crate::notify): a writer that hangs.
-        let stall = crate::notify::DebugStall::from_env(crate::notify::STALL_WRITER_VAR);
+        // Test hook of debug builds only (see crate::sys::notify): a writer that hangs.
+        let stall = crate::sys::notify::DebugStall::from_env(crate::sys::notify::STALL_WRITER_VAR);
         while let Some(first) = rx.blocking_recv() {
             stall.block_if_due();
             let mut changes = op_changes(&first);
@@ -1408,7 +1408,7 @@ impl Writer {
         // like a failed commit (reopened, retried), not a dead writer thread.
         let what = format!("writing the store {}", self.opts.path.display());
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            crate::fatal::during(what, || self.apply(batch))
+            crate::sys::fatal::during(what, || self.apply(batch))
         }))
         .unwrap_or_else(|_| {
             Err(redb::Error::Corrupted(

@@ -22,7 +22,7 @@
 //! rumqttc pings every `keep_alive`; a link that delivers nothing for 1.5 × `keep_alive`
 //! (no PINGRESP, no PUBACK) is declared dead and dropped. Reconnects back off exponentially
 //! with full jitter. While offline the task sleeps: no timers tick (but the systemd
-//! watchdog's heartbeat, when there is one: [`crate::notify`]).
+//! watchdog's heartbeat, when there is one: [`crate::sys::notify`]).
 
 pub mod backoff;
 pub mod engine;
@@ -85,8 +85,8 @@ pub struct LinkSettings {
     /// Reloaded configs (none: the config never changes).
     pub live: Option<watch::Receiver<Arc<Config>>>,
     /// Beaten while the link's loop comes round, for the systemd watchdog
-    /// ([`crate::notify`]); none: no watchdog.
-    pub heartbeat: Option<crate::notify::Heartbeat>,
+    /// ([`crate::sys::notify`]); none: no watchdog.
+    pub heartbeat: Option<crate::sys::notify::Heartbeat>,
 }
 
 impl LinkSettings {
@@ -311,7 +311,7 @@ pub async fn run(
             tracing::warn!("link down: {e}; retrying in {delay:.1?}");
         }
         tokio::select! {
-            () = crate::notify::sleep_beating(settings.heartbeat.as_ref(), delay) => {}
+            () = crate::sys::notify::sleep_beating(settings.heartbeat.as_ref(), delay) => {}
             () = stopped(&mut stop) => break,
         }
     }
@@ -538,7 +538,7 @@ impl Session<'_> {
         // Set when a reload changed the link: finish what is in flight, then reconnect.
         let mut draining_since: Option<Instant> = None;
         // The watchdog's proof that this loop comes round (also when idle).
-        let mut pulse = crate::notify::Pulse::new(self.settings.heartbeat.as_ref());
+        let mut pulse = crate::sys::notify::Pulse::new(self.settings.heartbeat.as_ref());
         loop {
             pulse.beat();
             if let Some(t) = draining_since
@@ -1281,21 +1281,21 @@ async fn intake_loop(
     while let Some((p, _token)) = rx.recv().await {
         let (taken, kind) = match topics.parse(&p.topic) {
             Some(crate::model::topics::Incoming::Command(name)) => {
-                crate::crash::point("command-received");
+                crate::sys::crash::point("command-received");
                 (
                     controller.receive(name, &p.payload, p.retain).await,
                     "command",
                 )
             }
             _ => {
-                crate::crash::point("desired-received");
+                crate::sys::crash::point("desired-received");
                 (applier.receive(&p.payload).await, "desired")
             }
         };
         match taken {
             Ok(()) => {
                 if cfg!(debug_assertions) {
-                    crate::crash::point(&format!("{kind}-before-puback"));
+                    crate::sys::crash::point(&format!("{kind}-before-puback"));
                 }
                 if let Err(e) = client.ack(&p).await {
                     tracing::debug!("PUBACK not sent: {e}");

@@ -3,6 +3,8 @@
 //! requests, answer what was read, let the link say "offline" and disconnect (the store
 //! finishes every commit in progress), close the store, remove the socket.
 
+pub mod supervise;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,15 +13,16 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::control::{Controller, LogControl, Services};
+use crate::control::{Controller, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
 use crate::local_api::{self, Context, SocketError};
-use crate::notify::{Health, Notifier};
 use crate::reload::Live;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
 use crate::sync::LinkSettings;
+use crate::sys::log::LogControl;
+use crate::sys::notify::{Health, Notifier};
 
 /// How long connections get to answer what they read after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -70,7 +73,7 @@ pub async fn run_until_with(
     handles: Handles,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
-    // systemd: READY/STATUS/STOPPING and the watchdog, when run by it (crate::notify).
+    // systemd: READY/STATUS/STOPPING and the watchdog, when run by it (crate::sys::notify).
     let notifier = Notifier::from_env();
     let health = Health::from_env();
     let opts = StoreOptions::from_config(&config.store);
@@ -83,7 +86,7 @@ pub async fn run_until_with(
                      move it aside to start with an empty queue)",
                     opts.path.display()
                 );
-                crate::fatal::during(what, || Outbox::open(&opts))
+                crate::sys::fatal::during(what, || Outbox::open(&opts))
             }),
         )
         .await
@@ -163,8 +166,8 @@ pub async fn run_until_with(
     };
     let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx.clone()));
     // Store open, socket bound and served: READY=1, then status lines and watchdog pings.
-    crate::notify::ready(&notifier, &outbox, &board, &health).await;
-    let supervising = tokio::spawn(crate::notify::supervise(
+    crate::agent::supervise::ready(&notifier, &outbox, &board, &health).await;
+    let supervising = tokio::spawn(crate::agent::supervise::supervise(
         notifier.clone(),
         health,
         outbox.clone(),
