@@ -978,7 +978,7 @@ fn watch_keys(
     };
     let mut globs = Vec::with_capacity(keys.len());
     for k in keys {
-        match crate::desired::types::KeyGlob::new(k) {
+        match crate::model::glob::KeyGlob::new(k) {
             Ok(g) => globs.push(g),
             Err(e) => return error_line(code::BAD_REQUEST, format!("key glob {k:?}: {e}")),
         }

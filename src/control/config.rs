@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 
 use super::Services;
 use crate::config::{Config, Encoding, WhenFull};
-use crate::desired::types::{HandlerKind, Policy, UnknownKeys, ValueType};
+use crate::config::{HandlerKind, Policy};
+use crate::model::rules::{UnknownKeys, ValueType};
 
 pub fn run(svc: &Services) -> Value {
     let mut v = effective(&svc.live.current());

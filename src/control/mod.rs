@@ -44,7 +44,7 @@ pub mod status;
 pub mod store;
 pub mod sync;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -61,39 +61,10 @@ use crate::model::change::now_ms;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError};
 
+pub use crate::config::control::{ControlConfig, DEFAULT_REPLAY_MAX, DEFAULT_REPLAY_WINDOW};
 pub use crate::model::command::CommandName;
 use crate::sys::log::LogControl;
 pub use request::ErrorCode;
-
-/// Default `[control] replay_window`.
-pub const DEFAULT_REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// Default `[control] replay_max`.
-pub const DEFAULT_REPLAY_MAX: usize = 10_000;
-
-/// `[control]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlConfig {
-    /// Commands that may run; others are answered `forbidden`. Default: every
-    /// non-destructive command.
-    pub allow: BTreeSet<CommandName>,
-    /// Recorded ids are kept at least this long after their receipt. Default 24 h.
-    pub replay_window: Duration,
-    /// At most this many ids are kept (the oldest answered ones go first). Default 10000.
-    pub replay_max: usize,
-}
-
-impl Default for ControlConfig {
-    fn default() -> Self {
-        Self {
-            allow: CommandName::ALL
-                .into_iter()
-                .filter(|c| !c.destructive())
-                .collect(),
-            replay_window: DEFAULT_REPLAY_WINDOW,
-            replay_max: DEFAULT_REPLAY_MAX,
-        }
-    }
-}
 
 /// A parsed command with its arguments.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,9 +17,9 @@ use super::doc::{self, Limits};
 use super::handlers::{self, Outcome};
 use super::plan::{KeyPlan, believed, plan_key};
 use super::store::{self as dstore, InboxEntry, KeyUpdate, Received};
-use super::types::{DesiredConfig, HandlerKind};
 use super::watch::Watchers;
 use crate::config::Encoding;
+use crate::config::{DesiredConfig, HandlerKind};
 use crate::model::change::{Origin, now_ms};
 use crate::store::{Outbox, StoreError};
 

@@ -6,5 +6,4 @@ pub mod doc;
 pub mod handlers;
 pub mod plan;
 pub mod store;
-pub mod types;
 pub mod watch;

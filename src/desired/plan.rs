@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::store::LocalChange;
-use super::types::{DesiredConfig, Policy};
+use crate::config::{DesiredConfig, Policy};
 use crate::model::rules::{check_value, find_rule};
 
 /// The decision for one key.
@@ -106,7 +106,9 @@ pub fn plan_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::types::{ConflictRule, KeyGlob, Rule, UnknownKeys, ValueType};
+    use crate::config::ConflictRule;
+    use crate::model::glob::KeyGlob;
+    use crate::model::rules::{Rule, UnknownKeys, ValueType};
     use serde_json::json;
     use std::time::Duration;
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use super::handlers::Outcome;
-use super::types::KeyGlob;
+use crate::model::glob::KeyGlob;
 
 /// Sends one event line to a connection; false when it cannot take it now.
 pub type Sink = Box<dyn Fn(String) -> bool + Send + Sync>;

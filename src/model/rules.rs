@@ -303,7 +303,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::desired::types::KeyGlob;
+    use crate::model::glob::KeyGlob;
 
     /// A rule for `*` with nothing set: accepts everything.
     fn rule() -> Rule {

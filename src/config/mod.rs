@@ -32,8 +32,14 @@
 //! `[[desired.handler]]`. Their entries are named by their position in the file, counted from
 //! 1: `desired.rule[2].max` is the `max` key of the second `[[desired.rule]]`.
 //!
-//! `[control]` (commands over MQTT) is validated here into [`ControlConfig`], which the
-//! `control` module defines beside the commands it names.
+//! `[control]` (commands over MQTT) is validated here into [`ControlConfig`]; the section
+//! types of `[desired]` and `[control]` are in [`desired`] and [`control`].
+
+pub mod control;
+pub mod desired;
+
+pub use control::ControlConfig;
+pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
 
 use crate::model::text::{shorten, suggest};
 use crate::sys::log::check_log_level;
@@ -48,12 +54,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Table, Value};
 
-use crate::control::{CommandName, ControlConfig};
-use crate::desired::types::{
-    ConflictRule, DesiredConfig, Handler, HandlerKind, KeyGlob, Policy, Rule, UnknownKeys,
-    ValueType,
-};
+use crate::model::command::CommandName;
+use crate::model::glob::KeyGlob;
 use crate::model::rules;
+use crate::model::rules::{Rule, UnknownKeys, ValueType};
 
 /// Where the daemon and the CLI look for the config file by default (SPEC §2).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/edgesync/edgesync.toml";
@@ -2277,7 +2281,7 @@ fn validate_control(raw: RawControl, p: &mut Problems) -> Option<ControlConfig> 
         "control.replay_max",
         count_value(
             raw.replay_max,
-            i64::try_from(crate::control::DEFAULT_REPLAY_MAX).unwrap_or(i64::MAX),
+            i64::try_from(control::DEFAULT_REPLAY_MAX).unwrap_or(i64::MAX),
             (1, REPLAY_MAX_LIMIT),
         ),
     );
@@ -2904,8 +2908,8 @@ mod tests {
     use crate::model::text::edit_distance;
 
     const FILE: &str = "/test/edgesync.toml";
-    const EXAMPLE: &str = include_str!("../config/edgesync.example.toml");
-    const DEV: &str = include_str!("../config/dev.toml");
+    const EXAMPLE: &str = include_str!("../../config/edgesync.example.toml");
+    const DEV: &str = include_str!("../../config/dev.toml");
 
     /// A valid config over plain TCP (no certificate files needed): `mqtt_extra` goes into
     /// `[mqtt]`, `rest` after it (further sections).

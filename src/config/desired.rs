@@ -1,11 +1,12 @@
 //! Configuration types of desired state (`[desired]`, `[[desired.rule]]`,
-//! `[[desired.conflict]]`, `[[desired.handler]]`), produced by `config.rs` after validation.
+//! `[[desired.conflict]]`, `[[desired.handler]]`), produced by the validation in this
+//! module's parent.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::model::glob::KeyGlob;
-pub use crate::model::rules::{Rule, UnknownKeys, ValueType};
+use crate::model::glob::KeyGlob;
+use crate::model::rules::{Rule, UnknownKeys};
 
 /// `[desired]`.
 #[derive(Debug, Clone, PartialEq)]
