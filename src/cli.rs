@@ -1,4 +1,4 @@
-//! Command-line parsing (SPEC §2), by hand: a parser library cost ~200 KB of the ARM
+//! Command-line parsing (docs/PROTOCOL.md §2), by hand: a parser library cost ~200 KB of the ARM
 //! binary's 3 MB budget for nine subcommands and three valued options.
 //!
 //! `--config PATH` (or `--config=PATH`), `-h`/`--help` and `-V`/`--version` are accepted

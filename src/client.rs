@@ -48,7 +48,7 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// Exit code of SPEC §2.
+    /// Exit code of docs/PROTOCOL.md §2.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Unreachable { .. } | ClientError::NoAnswer { .. } => 3,

@@ -1,4 +1,4 @@
-//! Encoding of the documents the agent publishes (SPEC §5), starting with the change batch
+//! Encoding of the documents the agent publishes (docs/PROTOCOL.md §5), starting with the change batch
 //! `{"device": D, "changes": [{"seq", "key", "value", "ts"}, ...]}` in CBOR or JSON.
 //!
 //! CBOR batches splice each record's stored value bytes in verbatim (no decode), so a drain

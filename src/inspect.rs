@@ -133,7 +133,7 @@ pub enum InspectError {
 }
 
 impl InspectError {
-    /// Exit code of SPEC §2.
+    /// Exit code of docs/PROTOCOL.md §2.
     pub fn exit_code(&self) -> u8 {
         match self {
             InspectError::Client(e) => e.exit_code(),
@@ -311,7 +311,7 @@ pub fn each(
 /// Answers `{"op":"queue","what":"stats"}` (→ `{"queue": Summary}`) or
 /// `{"op":"queue","what":"peek","from":S,"limit":N}` (→ `{"changes": [...], "next": S|null}`;
 /// `from` defaults to 0, `limit` to [`DEFAULT_PEEK`] and is capped at [`PAGE_MAX`]).
-/// Blocking (one read transaction). `Err((code, message))` with a SPEC §6 code.
+/// Blocking (one read transaction). `Err((code, message))` with a docs/PROTOCOL.md §6 code.
 pub fn answer(
     outbox: &Outbox,
     what: Option<&str>,

@@ -1,4 +1,4 @@
-//! The local socket (SPEC §6): a Unix stream socket where local programs report changes and
+//! The local socket (docs/PROTOCOL.md §6): a Unix stream socket where local programs report changes and
 //! ask for status and state, one JSON object per line each way.
 //!
 //! Each connection is read by one task and answered by another, so a client may pipeline:
@@ -100,7 +100,7 @@ pub struct ErrorBody {
     pub message: String,
 }
 
-/// Error codes of SPEC §6.
+/// Error codes of docs/PROTOCOL.md §6.
 pub mod code {
     pub const BAD_REQUEST: &str = "bad-request";
     pub const UNKNOWN_OP: &str = "unknown-op";

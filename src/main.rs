@@ -1,4 +1,4 @@
-//! The `edgesync` command: argument parsing, logging setup and exit codes (SPEC §2).
+//! The `edgesync` command: argument parsing, logging setup and exit codes (docs/PROTOCOL.md §2).
 //! Exit codes: 0 success, 1 failure at run time, 2 bad usage or invalid config, 3 daemon not
 //! reachable, 4 request rejected.
 

@@ -1,4 +1,4 @@
-//! Health figures (issue 5, SPEC §4 `P/D/metrics`): what an operator of many devices watches
+//! Health figures (issue 5, docs/PROTOCOL.md §4 `P/D/metrics`): what an operator of many devices watches
 //! without logging in. One [`Metrics`] document holds them all; it is
 //!
 //! - part of every status (`edgesync status --json`, the socket's `status`), as `metrics`;
@@ -132,7 +132,7 @@ pub struct Metrics {
     #[serde(default)]
     pub store_error: Option<String>,
     pub desired_version: Option<u64>,
-    /// Retained messages on command topics ignored since start (SPEC §7).
+    /// Retained messages on command topics ignored since start (docs/PROTOCOL.md §7).
     #[serde(default)]
     pub retained_commands: u64,
     /// Incoming messages the link refused or dropped, since start.

@@ -1,4 +1,4 @@
-//! The agent's status document (SPEC §2 `status --json`): what the link, the queue and the
+//! The agent's status document (docs/PROTOCOL.md §2 `status --json`): what the link, the queue and the
 //! counters look like now. The link side lives in a [`StatusBoard`] that the sync engine
 //! updates; the queue side is read from the outbox when a status is asked for. The board
 //! also keeps what the health figures ([`crate::metrics`]) need beyond that: the start time,
@@ -14,7 +14,7 @@ use crate::metrics::{self, Metrics, RateMeter, Rates, Sample};
 use crate::model::text::{human_bytes, human_duration};
 use crate::store::Outbox;
 
-/// Connection state as SPEC §2 names it.
+/// Connection state as docs/PROTOCOL.md §2 names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkState {
@@ -43,7 +43,7 @@ pub struct LinkFigures {
     /// The last config reload.
     #[serde(default)]
     pub reload: crate::reload::ReloadStatus,
-    /// Retained messages on command topics ignored since start (SPEC §7).
+    /// Retained messages on command topics ignored since start (docs/PROTOCOL.md §7).
     #[serde(default)]
     pub retained_commands: u64,
     /// Incoming messages refused or dropped by the link, since start.
@@ -191,7 +191,7 @@ pub struct Counters {
     pub dropped: u64,
     pub rejected: u64,
     pub reconnects: u64,
-    /// Retained messages on command topics ignored since start, not run (SPEC §7).
+    /// Retained messages on command topics ignored since start, not run (docs/PROTOCOL.md §7).
     #[serde(default)]
     pub retained_commands: u64,
     /// Damaged queued records skipped and removed, never sent (persistent).

@@ -1,4 +1,4 @@
-//! Commands over MQTT (SPEC §4, §5): `P/D/cmd/NAME` in, `P/D/cmd/NAME/result` out, with
+//! Commands over MQTT (docs/PROTOCOL.md §4, §5): `P/D/cmd/NAME` in, `P/D/cmd/NAME/result` out, with
 //! exactly-once effects.
 //!
 //! # Life of a request
@@ -175,7 +175,7 @@ impl Controller {
     /// those refused are answered, never left to be redelivered forever.
     ///
     /// A retained message (`retain`: the broker sent it because of a new subscription) is
-    /// ignored, counted and not answered (SPEC §7): the broker would send it again on every
+    /// ignored, counted and not answered (docs/PROTOCOL.md §7): the broker would send it again on every
     /// subscription, and it would run again once its id left the replay record.
     pub async fn receive(
         &self,

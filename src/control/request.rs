@@ -1,4 +1,4 @@
-//! The command request and response documents (SPEC §5), and the arguments of a request.
+//! The command request and response documents (docs/PROTOCOL.md §5), and the arguments of a request.
 //!
 //! Request: `{"id": "req-1", "args": {...}, "expires": 1764150060000}` in CBOR or JSON (by
 //! its first non-whitespace byte); `id` 1-64 characters, required; `args` an optional map;
@@ -24,7 +24,7 @@ pub const MAX_ID_CHARS: usize = 64;
 /// Deepest nesting inside `args`.
 const MAX_DEPTH: usize = 32;
 
-/// The error codes of SPEC §5.
+/// The error codes of docs/PROTOCOL.md §5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     /// Malformed request or arguments.

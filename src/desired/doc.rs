@@ -1,4 +1,4 @@
-//! Decoding the desired document (SPEC §5) from CBOR or JSON, safely.
+//! Decoding the desired document (docs/PROTOCOL.md §5) from CBOR or JSON, safely.
 //!
 //! Both encodings are first read into a generic CBOR value tree (which keeps duplicate map
 //! keys, unlike a JSON map), then converted to JSON values under strict rules: text map keys
@@ -38,7 +38,7 @@ pub struct Limits {
     pub max_depth: usize,
 }
 
-/// The encoding of an incoming payload (SPEC §4): JSON when the first non-whitespace byte is
+/// The encoding of an incoming payload (docs/PROTOCOL.md §4): JSON when the first non-whitespace byte is
 /// `{`, else CBOR.
 pub fn sniff(payload: &[u8]) -> Encoding {
     match payload.iter().find(|b| !b.is_ascii_whitespace()) {

@@ -4,7 +4,7 @@
 //! versions, rules or conflicts. Each function returns what happened, in one line when it
 //! failed, and never panics.
 //!
-//! Process rules (exec handlers and merge programs, SPEC §5 / issue 4):
+//! Process rules (exec handlers and merge programs, docs/PROTOCOL.md §5 / issue 4):
 //! - `argv[0]` is run directly, **never through a shell**; a template is expanded per
 //!   argument, so a value can never split into several arguments or be interpreted.
 //! - The input goes to stdin from a separate task; a child that does not read its stdin
@@ -46,7 +46,7 @@ pub const CAPTURE_LIMIT: usize = 64 * 1024;
 /// the output captured so far is taken as final. Never extends the handler's timeout.
 pub const PIPE_GRACE: Duration = Duration::from_millis(250);
 
-/// Largest compact JSON value put into `EDGESYNC_VALUE` (SPEC §5 limits a value to 64 KiB;
+/// Largest compact JSON value put into `EDGESYNC_VALUE` (docs/PROTOCOL.md §5 limits a value to 64 KiB;
 /// Linux refuses any single environment string over 128 KiB). A bigger value is only on stdin.
 pub const ENV_VALUE_LIMIT: usize = 64 * 1024;
 

@@ -2,7 +2,7 @@
 //! [`describe`], which turns a rumqttc connection error into one precise line for the log
 //! and `status` (`connection.last_error`).
 //!
-//! # Policy (SPEC §1.6)
+//! # Policy (docs/PROTOCOL.md §1.6)
 //! - Trust exactly the certificates in the `mqtt.ca` PEM bundle (every one of them); never
 //!   the system store.
 //! - TLS 1.3 and 1.2 only, ring provider only (the one compiled in; see Cargo.toml).

@@ -1,5 +1,5 @@
 //! A device-state change as local programs report it, and the rules every change obeys
-//! (SPEC §5): keys are 1-128 chars of `[A-Za-z0-9_.-]`, a value is any JSON-compatible
+//! (docs/PROTOCOL.md §5): keys are 1-128 chars of `[A-Za-z0-9_.-]`, a value is any JSON-compatible
 //! value of at most 64 KiB encoded (CBOR, the outbox's on-disk encoding).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -168,7 +168,7 @@ pub enum ChangeError {
     },
 }
 
-/// Checks a key against SPEC §5.
+/// Checks a key against docs/PROTOCOL.md §5.
 pub fn validate_key(key: &str) -> Result<(), ChangeError> {
     let ok = !key.is_empty()
         && key.len() <= MAX_KEY_LEN

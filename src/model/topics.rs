@@ -1,4 +1,4 @@
-//! Building and recognising the topics of SPEC §4: `{prefix}/{device}/...`.
+//! Building and recognising the topics of docs/PROTOCOL.md §4: `{prefix}/{device}/...`.
 
 /// The topic names of one device.
 #[derive(Debug, Clone, PartialEq, Eq)]

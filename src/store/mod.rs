@@ -220,7 +220,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The error code of SPEC §6 for local callers.
+    /// The error code of docs/PROTOCOL.md §6 for local callers.
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::Full { .. } | StoreError::StateFull { .. } | StoreError::NoSpace(_) => {
