@@ -933,8 +933,8 @@ fn get(req: &Request, ctx: &Context) -> String {
             Err(e) => error_line(e.code(), e.to_string()),
         },
         Some("desired") => {
-            let state = crate::desired::store::state(&ctx.outbox, req.key.as_deref());
-            let version = crate::desired::store::applied_version(&ctx.outbox);
+            let state = crate::store::desired::state(&ctx.outbox, req.key.as_deref());
+            let version = crate::store::desired::applied_version(&ctx.outbox);
             match (state, version) {
                 (Ok(map), Ok(version)) => {
                     let mut state = serde_json::Map::new();
@@ -1022,7 +1022,7 @@ fn history(req: &Request, ctx: &Context) -> String {
     let Some(key) = req.key.as_deref() else {
         return error_line(code::BAD_REQUEST, "history needs \"key\"");
     };
-    match crate::desired::store::history(&ctx.outbox, key) {
+    match crate::store::desired::history(&ctx.outbox, key) {
         Ok(mut h) => {
             h.reverse();
             h.truncate(req.limit.unwrap_or(usize::MAX));

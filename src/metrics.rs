@@ -226,7 +226,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
         link: board.snapshot(),
         rates: board.rates(),
         invalid_changes: board.invalid_changes(),
-        desired_version: crate::desired::store::applied_version(outbox)
+        desired_version: crate::store::desired::applied_version(outbox)
             .ok()
             .flatten(),
         rss_bytes: rss_bytes(),

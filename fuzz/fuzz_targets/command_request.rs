@@ -6,7 +6,7 @@
 use edgesync::config::Encoding;
 use edgesync::control::request::{self, MAX_ID_CHARS, MAX_RESPONSE_BYTES};
 use edgesync::control::{Command, CommandName, ErrorCode};
-use edgesync::desired::doc;
+use edgesync::model::doc;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 

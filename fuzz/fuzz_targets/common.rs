@@ -1,7 +1,7 @@
 //! Checks shared by the desired-document targets.
 
 use edgesync::config::Encoding;
-use edgesync::desired::doc::{self, Limits};
+use edgesync::model::doc::{self, Limits};
 use serde_json::{Map, Value};
 
 /// The defaults of `[desired]` (max_document_bytes 64 KiB, max_depth 16).

@@ -2,7 +2,7 @@
 #![no_main]
 
 use edgesync::config::Encoding;
-use edgesync::desired::doc;
+use edgesync::model::doc;
 use libfuzzer_sys::fuzz_target;
 
 mod common;

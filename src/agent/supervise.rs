@@ -55,7 +55,7 @@ pub fn summary(
 async fn current_summary(outbox: &Outbox, board: &StatusBoard, health: &Health) -> String {
     let reader = outbox.clone();
     let desired = tokio::task::spawn_blocking(move || {
-        crate::desired::store::applied_version(&reader)
+        crate::store::desired::applied_version(&reader)
             .ok()
             .flatten()
     })

@@ -325,13 +325,7 @@ pub struct SyncConfig {
 }
 
 /// `sync.encoding`: the encoding of reported batches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Encoding {
-    /// `"cbor"`
-    Cbor,
-    /// `"json"`
-    Json,
-}
+pub use crate::model::doc::Encoding;
 
 /// `[local]`
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::Services;
 use super::request::Args;
-use crate::desired::store as dstore;
+use crate::store::desired as dstore;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DesiredReset {

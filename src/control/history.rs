@@ -28,7 +28,7 @@ impl History {
         let outbox = svc.outbox.clone();
         let key = self.key.clone();
         let mut h =
-            tokio::task::spawn_blocking(move || crate::desired::store::history(&outbox, &key))
+            tokio::task::spawn_blocking(move || crate::store::desired::history(&outbox, &key))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;

@@ -55,8 +55,8 @@ use tokio::task::JoinSet;
 
 use crate::config::Encoding;
 use crate::desired::apply::Applier;
-use crate::desired::doc;
-use crate::desired::store as dstore;
+use crate::model::doc;
+use crate::store::desired as dstore;
 use crate::model::change::now_ms;
 use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError};

@@ -13,7 +13,7 @@ use serde_json::{Map, Value, json};
 
 use super::CommandName;
 use crate::config::Encoding;
-use crate::desired::doc;
+use crate::model::doc;
 
 /// Largest request accepted, as received.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;

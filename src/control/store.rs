@@ -28,8 +28,8 @@ use serde_json::{Map, Value};
 use super::request::{self, ErrorCode};
 use super::{ControlConfig, result_topic};
 use crate::config::Encoding;
-use crate::desired::doc;
-use crate::desired::store as dstore;
+use crate::model::doc;
+use crate::store::desired as dstore;
 use crate::store::{Outbox, StoreError};
 
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("control_requests");

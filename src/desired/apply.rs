@@ -13,10 +13,10 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use super::doc::{self, Limits};
+use crate::model::doc::{self, Limits};
 use super::handlers::{self, Outcome};
 use super::plan::{KeyPlan, believed, plan_key};
-use super::store::{self as dstore, InboxEntry, KeyUpdate, Received};
+use crate::store::desired::{self as dstore, InboxEntry, KeyUpdate, Received};
 use super::watch::Watchers;
 use crate::config::Encoding;
 use crate::config::{DesiredConfig, HandlerKind};

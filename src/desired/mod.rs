@@ -2,8 +2,6 @@
 //! local changes, applied through handlers, recorded with per-key history.
 
 pub mod apply;
-pub mod doc;
 pub mod handlers;
 pub mod plan;
-pub mod store;
 pub mod watch;

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::store::LocalChange;
+use crate::store::desired::LocalChange;
 use crate::config::{DesiredConfig, Policy};
 use crate::model::rules::{check_value, find_rule};
 

@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod command;
+pub mod doc;
 pub mod glob;
 pub mod rules;
 pub mod text;

@@ -56,7 +56,7 @@
 //!     queue evicts the same way ([`TxnCtx::charge_state`]).
 //!   - The desired module reserves a document's worst-case growth when it takes the
 //!     document in and refuses (`rejected`, per key) the keys that do not fit
-//!     (`crate::desired::store`); its history is trimmed, oldest first, to stay in bound.
+//!     (`crate::store::desired`); its history is trimmed, oldest first, to stay in bound.
 //!
 //!   The file itself is larger than the accounted bytes by redb's page slack: B-tree pages
 //!   are at most half-empty after splits, the file grows in steps, and a few pages of
@@ -93,6 +93,8 @@
 //!   returns or the fault clears.
 
 pub mod record;
+
+pub mod desired;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -1126,7 +1128,7 @@ impl Meta {
                     total += reported_row_cost(k.value(), v.value().1.len());
                 }
                 drop(reported);
-                total += crate::desired::store::state_cost(&txn)?;
+                total += crate::store::desired::state_cost(&txn)?;
                 if total > 0 {
                     tracing::info!(
                         state_bytes = total,

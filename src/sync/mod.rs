@@ -43,7 +43,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::control::Controller;
 use crate::desired::apply::Applier;
-use crate::desired::store::{self as dstore, PendingResult};
+use crate::store::desired::{self as dstore, PendingResult};
 use crate::link::tls;
 use crate::model::change::now_ms;
 use crate::model::topics::Topics;

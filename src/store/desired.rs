@@ -166,7 +166,7 @@ pub async fn receive(
                     if let Some(bytes) = stored {
                         let mut result: Value = get_json(&bytes)?;
                         result["status"] = Value::from("duplicate");
-                        let payload = super::doc::encode(&result, encoding);
+                        let payload = crate::model::doc::encode(&result, encoding);
                         queue_result(ctx.txn, "desired/result", &payload)?;
                     }
                     return Ok(Received::Duplicate);
@@ -372,7 +372,7 @@ pub async fn finish(
                 }
             }
             drop(results);
-            let payload = super::doc::encode(&result, encoding);
+            let payload = crate::model::doc::encode(&result, encoding);
             queue_result(ctx.txn, "desired/result", &payload)?;
             Ok(())
         })

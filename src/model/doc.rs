@@ -1,4 +1,4 @@
-//! Decoding the desired document (docs/PROTOCOL.md §5) from CBOR or JSON, safely.
+//! Payload encodings, and decoding the desired document (docs/PROTOCOL.md §5) from CBOR or JSON, safely.
 //!
 //! Both encodings are first read into a generic CBOR value tree (which keeps duplicate map
 //! keys, unlike a JSON map), then converted to JSON values under strict rules: text map keys
@@ -9,7 +9,16 @@
 use ciborium::Value as Cbor;
 use serde_json::Value;
 
-use crate::config::Encoding;
+
+/// A payload's encoding: of reported batches (`sync.encoding`), of desired documents and
+/// command requests (recognised by their first byte), and of the answers to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `"cbor"`
+    Cbor,
+    /// `"json"`
+    Json,
+}
 
 /// A decoded desired document.
 #[derive(Debug, Clone, PartialEq)]
