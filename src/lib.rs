@@ -26,17 +26,17 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod desired;
+pub mod health;
 pub mod inspect;
 pub mod link;
 pub mod local_api;
-pub mod metrics;
 pub mod model;
 pub mod reload;
-pub mod status;
 pub mod store;
 pub mod sync;
 pub mod sys;
 
 // Old paths, kept for the binary, tests, benches and fuzz targets until the facade.
+pub use health::{metrics, status};
 pub use model::{change, topics};
 pub use sys::{atomic_file, crash, fatal, notify};

@@ -28,8 +28,8 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 
+use crate::health::status::{Identity, StatusBoard};
 use crate::model::change::{ChangeError, RawChange};
-use crate::status::{Identity, StatusBoard};
 use crate::store::{Appended, Outbox, StoreError};
 
 /// Longest request line.
@@ -842,7 +842,7 @@ async fn handle(
             let ctx = ctx.clone();
             // With the desired version and the health figures (`metrics`).
             let status = tokio::task::spawn_blocking(move || {
-                crate::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
+                crate::health::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
             })
             .await;
             match status {

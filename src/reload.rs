@@ -12,23 +12,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::config::Config;
+pub use crate::health::status::ReloadStatus;
 use crate::model::change::now_ms;
 use crate::sys::log::LogControl;
-
-/// The outcome of the last reload, for `status`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct ReloadStatus {
-    /// Unix ms of the last reload attempt.
-    pub at: Option<u64>,
-    /// Every problem of the last attempt (empty when it was applied).
-    pub problems: Vec<String>,
-    /// Settings changed in the file that only a restart applies.
-    pub needs_restart: Vec<String>,
-}
 
 /// The running config, shared by every part of the agent. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -37,7 +26,7 @@ pub struct Live {
     path: PathBuf,
     status: Arc<Mutex<ReloadStatus>>,
     log: Option<Arc<LogControl>>,
-    board: Option<crate::status::StatusBoard>,
+    board: Option<crate::health::status::StatusBoard>,
 }
 
 impl Live {
@@ -53,7 +42,7 @@ impl Live {
     }
 
     /// Shows reload outcomes in `status`.
-    pub fn with_board(mut self, board: crate::status::StatusBoard) -> Self {
+    pub fn with_board(mut self, board: crate::health::status::StatusBoard) -> Self {
         self.board = Some(board);
         self
     }

@@ -16,9 +16,9 @@ use crate::config::Config;
 use crate::control::{Controller, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
+use crate::health::status::{Identity, StatusBoard};
 use crate::local_api::{self, Context, SocketError};
 use crate::reload::Live;
-use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError, StoreOptions};
 use crate::sync::LinkSettings;
 use crate::sys::log::LogControl;
@@ -115,7 +115,7 @@ pub async fn run_until_with(
     let board = StatusBoard::default();
     let config = Arc::new(config);
     let live = Live::new(Arc::clone(&config), handles.log.clone()).with_board(board.clone());
-    let applier = Applier::new(outbox.clone(), live.clone(), Watchers::default());
+    let applier = Applier::new(outbox.clone(), live.subscribe(), Watchers::default());
     let applying = tokio::spawn(applier.clone().run(stop_rx.clone()));
     let identity = Arc::new(Identity {
         device: config.device.id.to_string(),
@@ -134,8 +134,8 @@ pub async fn run_until_with(
     );
     let controlling = tokio::spawn(controller.clone().run(stop_rx.clone()));
     // Health figures: sampled here, published by the link, also in every status.
-    let (metrics_tx, metrics_feed) = crate::metrics::feed();
-    let measuring = tokio::spawn(crate::metrics::run(
+    let (metrics_tx, metrics_feed) = crate::health::metrics::feed();
+    let measuring = tokio::spawn(crate::health::metrics::run(
         live.subscribe(),
         Arc::clone(&identity),
         outbox.clone(),

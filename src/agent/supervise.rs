@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::status::{LinkFigures, LinkState, StatusBoard};
+use crate::health::status::{LinkFigures, LinkState, StatusBoard};
 use crate::store::{Outbox, QueueStats};
 use crate::sys::notify::{Health, Notifier, one_line};
 

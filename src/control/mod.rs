@@ -55,10 +55,10 @@ use tokio::task::JoinSet;
 
 use crate::config::Encoding;
 use crate::desired::apply::Applier;
+use crate::health::status::{Identity, StatusBoard};
+use crate::model::change::now_ms;
 use crate::model::doc;
 use crate::store::desired as dstore;
-use crate::model::change::now_ms;
-use crate::status::{Identity, StatusBoard};
 use crate::store::{Outbox, StoreError};
 
 pub use crate::config::control::{ControlConfig, DEFAULT_REPLAY_MAX, DEFAULT_REPLAY_WINDOW};

@@ -7,7 +7,7 @@ use super::Services;
 pub async fn run(svc: &Services) -> Result<Value, String> {
     let svc = svc.clone();
     let status = tokio::task::spawn_blocking(move || {
-        let mut s = crate::status::collect(&svc.identity, &svc.outbox, &svc.board);
+        let mut s = crate::health::status::collect(&svc.identity, &svc.outbox, &svc.board);
         s.desired.version = crate::store::desired::applied_version(&svc.outbox)
             .ok()
             .flatten();

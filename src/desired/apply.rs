@@ -13,21 +13,22 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::model::doc::{self, Limits};
 use super::handlers::{self, Outcome};
 use super::plan::{KeyPlan, believed, plan_key};
-use crate::store::desired::{self as dstore, InboxEntry, KeyUpdate, Received};
 use super::watch::Watchers;
 use crate::config::Encoding;
-use crate::config::{DesiredConfig, HandlerKind};
+use crate::config::{Config, DesiredConfig, HandlerKind};
 use crate::model::change::{Origin, now_ms};
+use crate::model::doc::{self, Limits};
+use crate::store::desired::{self as dstore, InboxEntry, KeyUpdate, Received};
 use crate::store::{Outbox, StoreError};
 
 /// Runs desired documents; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Applier {
     outbox: Outbox,
-    live: crate::reload::Live,
+    /// The running config (it changes on reload); only `[desired]` is read.
+    config: watch::Receiver<Arc<Config>>,
     watchers: Watchers,
     /// New documents in the inbox.
     wake: Arc<Notify>,
@@ -45,10 +46,10 @@ enum KeyStatus {
 }
 
 impl Applier {
-    pub fn new(outbox: Outbox, live: crate::reload::Live, watchers: Watchers) -> Self {
+    pub fn new(outbox: Outbox, config: watch::Receiver<Arc<Config>>, watchers: Watchers) -> Self {
         Self {
             outbox,
-            live,
+            config,
             watchers,
             wake: Arc::new(Notify::new()),
             results: Arc::new(Notify::new()),
@@ -61,12 +62,12 @@ impl Applier {
 
     /// `[desired]` as it is now (it changes on reload).
     fn cfg(&self) -> Arc<DesiredConfig> {
-        Arc::new(self.live.current().desired.clone())
+        Arc::new(self.config.borrow().desired.clone())
     }
 
     /// `[desired] max_future_ts` as it is now: reports with a later `ts` are refused.
     pub fn max_future_ts(&self) -> std::time::Duration {
-        self.live.current().desired.max_future_ts
+        self.config.borrow().desired.max_future_ts
     }
 
     fn limits(&self) -> Limits {

@@ -3,9 +3,9 @@
 
 use serde_json::Value;
 
-use crate::store::desired::LocalChange;
 use crate::config::{DesiredConfig, Policy};
 use crate::model::rules::{check_value, find_rule};
+use crate::store::desired::LocalChange;
 
 /// The decision for one key.
 #[derive(Debug, Clone, PartialEq)]

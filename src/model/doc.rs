@@ -9,7 +9,6 @@
 use ciborium::Value as Cbor;
 use serde_json::Value;
 
-
 /// A payload's encoding: of reported batches (`sync.encoding`), of desired documents and
 /// command requests (recognised by their first byte), and of the answers to them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::QoS;
 
-use crate::status::StatusBoard;
+use crate::health::status::StatusBoard;
 
 /// Bytes of incoming messages read and not yet taken in, at most (issue 13 item 2). QoS 0
 /// messages beyond it are dropped and counted; QoS 1 ones are deferred (see

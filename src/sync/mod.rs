@@ -43,11 +43,11 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::control::Controller;
 use crate::desired::apply::Applier;
-use crate::store::desired::{self as dstore, PendingResult};
+use crate::health::status::{LinkState, StatusBoard};
 use crate::link::tls;
 use crate::model::change::now_ms;
 use crate::model::topics::Topics;
-use crate::status::{LinkState, StatusBoard};
+use crate::store::desired::{self as dstore, PendingResult};
 use crate::store::{Ack, Outbox, Queued};
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
@@ -81,7 +81,7 @@ pub struct LinkSettings {
     pub backoff_max: Duration,
     pub backoff_reset: Duration,
     /// Metrics documents to publish on `P/D/metrics` while online (none: no metrics).
-    pub metrics: Option<crate::metrics::Feed>,
+    pub metrics: Option<crate::health::metrics::Feed>,
     /// Reloaded configs (none: the config never changes).
     pub live: Option<watch::Receiver<Arc<Config>>>,
     /// Beaten while the link's loop comes round, for the systemd watchdog
@@ -1152,7 +1152,7 @@ impl ReadThread {
 }
 
 /// The next metrics document of the feed; never resolves without one.
-async fn next_metrics(feed: &mut Option<crate::metrics::Feed>) -> Vec<u8> {
+async fn next_metrics(feed: &mut Option<crate::health::metrics::Feed>) -> Vec<u8> {
     while let Some(f) = feed {
         if f.changed().await.is_err() {
             // The sender is gone (shutting down): nothing more will come.

@@ -1,7 +1,7 @@
 //! The agent's status document (docs/PROTOCOL.md §2 `status --json`): what the link, the queue and the
 //! counters look like now. The link side lives in a [`StatusBoard`] that the sync engine
 //! updates; the queue side is read from the outbox when a status is asked for. The board
-//! also keeps what the health figures ([`crate::metrics`]) need beyond that: the start time,
+//! also keeps what the health figures ([`crate::health::metrics`]) need beyond that: the start time,
 //! the rate meter and the count of changes refused as invalid.
 
 use std::path::Path;
@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::metrics::{self, Metrics, RateMeter, Rates, Sample};
+use crate::health::metrics::{self, Metrics, RateMeter, Rates, Sample};
 use crate::model::text::{human_bytes, human_duration};
 use crate::store::Outbox;
 
@@ -42,7 +42,7 @@ pub struct LinkFigures {
     pub store_error: Option<String>,
     /// The last config reload.
     #[serde(default)]
-    pub reload: crate::reload::ReloadStatus,
+    pub reload: ReloadStatus,
     /// Retained messages on command topics ignored since start (docs/PROTOCOL.md §7).
     #[serde(default)]
     pub retained_commands: u64,
@@ -144,7 +144,7 @@ pub struct Status {
     pub metrics: Option<Metrics>,
     /// The last config reload (SIGHUP or the `reload` command).
     #[serde(default)]
-    pub reload: crate::reload::ReloadStatus,
+    pub reload: ReloadStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -362,6 +362,17 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         ));
     }
     out
+}
+
+/// The outcome of the last reload, for `status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ReloadStatus {
+    /// Unix ms of the last reload attempt.
+    pub at: Option<u64>,
+    /// Every problem of the last attempt (empty when it was applied).
+    pub problems: Vec<String>,
+    /// Settings changed in the file that only a restart applies.
+    pub needs_restart: Vec<String>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::config::TelemetryConfig;
-use crate::status::{Identity, LinkFigures, LinkState, StatusBoard};
+use crate::health::status::{Identity, LinkFigures, LinkState, StatusBoard};
 use crate::store::{Outbox, QueueStats};
 
 /// How often rates are sampled while `[telemetry] interval = "0"`.
@@ -137,7 +137,7 @@ pub struct Metrics {
     pub retained_commands: u64,
     /// Incoming messages the link refused or dropped, since start.
     #[serde(default)]
-    pub inbound: crate::status::Inbound,
+    pub inbound: crate::health::status::Inbound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -903,7 +903,7 @@ mod tests {
                 store_error: None,
                 reload: Default::default(),
                 retained_commands: 3,
-                inbound: crate::status::Inbound {
+                inbound: crate::health::status::Inbound {
                     intake_dropped: 11,
                     intake_deferred: 14,
                     oversize_refused: 12,
