@@ -22,7 +22,6 @@
 
 pub mod agent;
 pub mod client;
-pub mod codec;
 pub mod config;
 pub mod control;
 pub mod desired;
@@ -33,10 +32,11 @@ pub mod local_api;
 pub mod model;
 pub mod reload;
 pub mod store;
-pub mod sync;
 pub mod sys;
 
 // Old paths, kept for the binary, tests, benches and fuzz targets until the facade.
 pub use health::{metrics, status};
+pub use link as sync;
+pub use link::codec;
 pub use model::{change, topics};
 pub use sys::{atomic_file, crash, fatal, notify};

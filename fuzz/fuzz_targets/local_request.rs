@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use edgesync::desired::types::KeyGlob;
+use edgesync::model::glob::KeyGlob;
 use edgesync::local_api::{self, Line};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::BufReader;

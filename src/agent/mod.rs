@@ -20,7 +20,7 @@ use crate::health::status::{Identity, StatusBoard};
 use crate::local_api::{self, Context, SocketError};
 use crate::reload::Live;
 use crate::store::{Outbox, StoreError, StoreOptions};
-use crate::sync::LinkSettings;
+use crate::link::LinkSettings;
 use crate::sys::log::LogControl;
 use crate::sys::notify::{Health, Notifier};
 
@@ -149,7 +149,7 @@ pub async fn run_until_with(
     link_settings.heartbeat = health.link.clone();
     // SIGHUP: read the config again.
     let reloading = tokio::spawn(reload_on_sighup(live.clone(), stop_rx.clone()));
-    let link = tokio::spawn(crate::sync::run(
+    let link = tokio::spawn(crate::link::run(
         link_settings,
         outbox.clone(),
         applier.clone(),

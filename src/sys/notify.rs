@@ -13,7 +13,7 @@
 //!     the writer's channel and is answered by the writer thread (behind every commit queued
 //!     before it, no fsync of its own), again and again; a writer stuck in an fsync or a
 //!     commit leaves the probe unanswered;
-//!   - the **MQTT link** ([`crate::sync::run`]): its loop beats a [`Heartbeat`] every time it
+//!   - the **MQTT link** ([`crate::link::run`]): its loop beats a [`Heartbeat`] every time it
 //!     comes round and at least every [`Heartbeat::pulse`] while idle, also while offline in
 //!     its reconnect backoff, so an idle agent still pings;
 //!   - the runtime itself: the supervisor is a task on the same runtime.
@@ -403,7 +403,7 @@ pub const STALL_LINK_VAR: &str = "EDGESYNC_DEBUG_STALL_LINK_AFTER_MS";
 pub struct Health {
     /// `$WATCHDOG_USEC`: systemd kills the agent when no ping came within it.
     pub watchdog: Option<Duration>,
-    /// The link's heartbeat (for [`crate::sync::LinkSettings::heartbeat`]); none without a
+    /// The link's heartbeat (for [`crate::link::LinkSettings::heartbeat`]); none without a
     /// watchdog.
     pub link: Option<Heartbeat>,
     writer: Option<Heartbeat>,

@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::codec::{Batch, BatchBuilder};
+use crate::link::codec::{Batch, BatchBuilder};
 use crate::config::Encoding;
 use crate::store::{Ack, Queued};
 
