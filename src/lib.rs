@@ -21,12 +21,10 @@
 //!   only while the store writer and the link make progress.
 
 pub mod agent;
-pub mod client;
 pub mod config;
 pub mod control;
 pub mod desired;
 pub mod health;
-pub mod inspect;
 pub mod link;
 pub mod local_api;
 pub mod model;
@@ -38,5 +36,6 @@ pub mod sys;
 pub use health::{metrics, status};
 pub use link as sync;
 pub use link::codec;
+pub use local_api::{client, inspect};
 pub use model::{change, topics};
 pub use sys::{atomic_file, crash, fatal, notify};

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::client::{Client, ClientError};
+use crate::local_api::client::{Client, ClientError};
 use crate::config;
 use crate::store::{Outbox, record};
 

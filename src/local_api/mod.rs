@@ -15,6 +15,9 @@
 //! within `LINE_TIMEOUT`, and at the client limit the longest-waiting connection makes room
 //! for a new one ([`serve`]).
 
+pub mod client;
+pub mod inspect;
+
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -1033,11 +1036,11 @@ fn history(req: &Request, ctx: &Context) -> String {
 }
 
 /// `{"op":"queue","what":"stats"}` or `{"op":"queue","what":"peek","from":S,"limit":N}`:
-/// reads the queue (see [`crate::inspect::answer`]), off the async threads.
+/// reads the queue (see [`crate::local_api::inspect::answer`]), off the async threads.
 async fn queue(req: Request, ctx: &Context) -> String {
     let outbox = ctx.outbox.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        crate::inspect::answer(&outbox, req.what.as_deref(), req.from, req.limit)
+        crate::local_api::inspect::answer(&outbox, req.what.as_deref(), req.from, req.limit)
     })
     .await;
     match answer {
