@@ -8,17 +8,22 @@
 //!                              sync engine ◄─────────────┘ (reads oldest first; acks delete)
 //! ```
 //!
-//! # Modules
-//! - [`config`]: the TOML file, parsed raw then validated into typed values.
-//! - [`change`]: key and value rules of a reported change.
-//! - [`store`]: the durable, bounded outbox and the latest reported state.
-//! - [`local_api`]: the socket server; [`client`]: its client, used by the CLI.
-//! - [`status`]: the status document; [`metrics`]: the health figures (`P/D/metrics`,
-//!   Prometheus text file); [`inspect`]: read-only queue inspection (`edgesync queue`).
-//! - [`control`]: commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects.
-//! - [`agent`]: wiring and shutdown of the daemon.
-//! - [`notify`]: systemd `Type=notify` (READY, STATUS, STOPPING) and the watchdog that pings
-//!   only while the store writer and the link make progress.
+//! # Layers
+//! A module may use only modules of lower layers and its own folder; `tests/architecture.rs`
+//! reads this table and fails on any other `crate::` path (and on any cycle).
+//!
+//! | layer | modules | what |
+//! | --- | --- | --- |
+//! | 0 | `model` | a change and its key and value rules, topics, key globs, desired value rules, payload encodings and the document codec, command names, text helpers |
+//! | 1 | `sys` | systemd notify and watchdog primitives, crash points and test hooks, the fatal hook, the one atomic file writer, the log filter |
+//! | 2 | `config` | the TOML file, validated into typed section values |
+//! | 3 | `store` | the durable, bounded outbox, the latest reported state, the desired-state tables and the result outbox |
+//! | 4 | `desired` | applying desired documents: plans, conflicts, handlers, watchers |
+//! | 5 | `health` | the status board, the status document and the metrics |
+//! | 6 | `reload` | the running config and its reload |
+//! | 7 | `control` | commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects |
+//! | 8 | `link`, `local_api` | the MQTT session (engine, backoff, batch codec, TLS, the cloud profile); the Unix socket (protocol, server, the CLI's client, queue inspection) |
+//! | 9 | `agent` | wiring, shutdown and supervision (systemd status and watchdog) of the daemon |
 
 pub mod agent;
 pub mod config;

@@ -17,10 +17,10 @@ use crate::control::{Controller, Services};
 use crate::desired::apply::Applier;
 use crate::desired::watch::Watchers;
 use crate::health::status::{Identity, StatusBoard};
+use crate::link::LinkSettings;
 use crate::local_api::{self, Context, SocketError};
 use crate::reload::Live;
 use crate::store::{Outbox, StoreError, StoreOptions};
-use crate::link::LinkSettings;
 use crate::sys::log::LogControl;
 use crate::sys::notify::{Health, Notifier};
 

@@ -31,8 +31,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::link::codec::{Batch, BatchBuilder};
 use crate::config::Encoding;
+use crate::link::codec::{Batch, BatchBuilder};
 use crate::store::{Ack, Queued};
 
 /// Connections in a row that end with a batch in flight and no PUBACK before the batch

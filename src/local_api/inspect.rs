@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::local_api::client::{Client, ClientError};
 use crate::config;
+use crate::local_api::client::{Client, ClientError};
 use crate::store::{Outbox, record};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
