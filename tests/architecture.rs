@@ -4,6 +4,9 @@
 //! of the same or a higher layer, on a top-level module the table does not place, and on any
 //! cycle among top-level modules.
 
+// Test-only code: lets clippy's allow-expect-in-tests (clippy.toml) apply to the helpers.
+#![cfg(test)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
