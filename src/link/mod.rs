@@ -30,6 +30,7 @@ pub mod codec;
 pub mod engine;
 mod intake;
 pub mod oversize;
+pub mod profile;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -48,13 +49,13 @@ use crate::control::Controller;
 use crate::desired::apply::Applier;
 use crate::health::status::{LinkState, StatusBoard};
 use crate::model::change::now_ms;
-use crate::model::topics::Topics;
 use crate::store::desired::{self as dstore, PendingResult};
 use crate::store::{Ack, Outbox, Queued};
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
 use intake::{Admission, IntakeGate, IntakeToken};
 use oversize::Filter;
+use profile::{Inbound, Outbound, Profile, Publication};
 
 /// How long a clean shutdown waits for the broker to take the offline status.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -78,7 +79,8 @@ enum Tag {
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
     pub config: Arc<Config>,
-    pub topics: Topics,
+    /// Where messages go and how they look (the cloud profile).
+    pub profile: Profile,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub backoff_reset: Duration,
@@ -93,9 +95,9 @@ pub struct LinkSettings {
 
 impl LinkSettings {
     pub fn new(config: Arc<Config>) -> Self {
-        let topics = Topics::new(&config.mqtt.topic_prefix, config.device.id.as_str());
+        let profile = Profile::edgesync(&config.mqtt.topic_prefix, config.device.id.as_str());
         Self {
-            topics,
+            profile,
             backoff_initial: config.mqtt.reconnect_initial,
             backoff_max: config.mqtt.reconnect_max,
             backoff_reset: config.mqtt.reconnect_reset,
@@ -148,11 +150,12 @@ impl LinkSettings {
         o.set_inflight(u16::try_from(window).unwrap_or(u16::MAX));
         o.set_request_channel_capacity(window);
         o.set_manual_acks(true);
+        let will = self.profile.outbound(Outbound::Offline, Vec::new());
         o.set_last_will(LastWill::new(
-            self.topics.status(),
-            br#"{"state":"offline"}"#.to_vec(),
-            QoS::AtLeastOnce,
-            true,
+            will.topic,
+            will.payload,
+            will.qos,
+            will.retain,
         ));
         if let Some(user) = &m.username {
             let password = match &m.password_file {
@@ -184,10 +187,7 @@ impl LinkSettings {
     }
 
     fn topic_of(&self, f: Filter) -> String {
-        match f {
-            Filter::Commands => self.topics.command_filter(),
-            Filter::Desired => self.topics.desired(),
-        }
+        self.profile.filter(f)
     }
 
     fn describe_ctx(&self) -> tls::DescribeCtx {
@@ -456,7 +456,7 @@ impl Session<'_> {
             client.clone(),
             self.applier.clone(),
             self.controller.clone(),
-            self.settings.topics.clone(),
+            self.settings.profile.clone(),
         ));
         let end = self
             .drive(&client, &mut events, &intake_tx, &gate, stop)
@@ -654,8 +654,8 @@ impl Session<'_> {
                 // A metrics document: QoS 0, only while online, dropped otherwise.
                 doc = next_metrics(&mut metrics) => {
                     if self.connected_at.is_some() {
-                        let topic = self.settings.topics.metrics();
-                        if let Err(e) = self.publish(client, topic, doc, false, Tag::Metrics) {
+                        let m = self.settings.profile.outbound(Outbound::Metrics, doc);
+                        if let Err(e) = self.publish(client, m, Tag::Metrics) {
                             tracing::debug!("metrics not published: {e}");
                         }
                     }
@@ -727,18 +727,11 @@ impl Session<'_> {
                     self.settings.config.mqtt.url,
                     ack.session_present
                 );
-                let online = serde_json::json!({
-                    "state": "online",
-                    "since": since,
-                    "agent": format!("edgesync {}", env!("CARGO_PKG_VERSION")),
-                });
-                self.publish(
-                    client,
-                    self.settings.topics.status(),
-                    online.to_string().into_bytes(),
-                    true,
-                    Tag::Status,
-                )?;
+                let online = self
+                    .settings
+                    .profile
+                    .outbound(Outbound::Online { since }, Vec::new());
+                self.publish(client, online, Tag::Status)?;
                 // One SUBSCRIBE each, commands first: the SUBACKs tell which filter a
                 // message too large to read came with (see `oversize`).
                 for f in &self.filters {
@@ -791,8 +784,11 @@ impl Session<'_> {
     fn perform(&mut self, client: &AsyncClient) -> Result<(), String> {
         while let Some(action) = self.engine.poll_action() {
             if let Action::Publish { id, batch } = action {
-                let topic = self.settings.topics.reported();
-                self.publish(client, topic, batch.payload, false, Tag::Batch(id))?;
+                let m = self
+                    .settings
+                    .profile
+                    .outbound(Outbound::Batch, batch.payload);
+                self.publish(client, m, Tag::Batch(id))?;
             } else {
                 self.spawn_action(action);
             }
@@ -816,11 +812,8 @@ impl Session<'_> {
         p: rumqttc::Publish,
         token: IntakeToken,
     ) {
-        match self.settings.topics.parse(&p.topic) {
-            Some(
-                crate::model::topics::Incoming::Desired
-                | crate::model::topics::Incoming::Command(_),
-            ) => {
+        match self.settings.profile.inbound(&p.topic) {
+            Some(Inbound::Desired | Inbound::Command(_)) => {
                 // Acked by the intake task once the document (or request) is durable.
                 if intake.send((p, token)).is_err() {
                     tracing::error!("desired intake stopped");
@@ -844,7 +837,7 @@ impl Session<'_> {
         });
         let fresh: Vec<String> = self
             .settings
-            .topics
+            .profile
             .stray_filters(topic)
             .into_iter()
             .filter(|f| !self.unsubscribed.contains(f))
@@ -945,8 +938,11 @@ impl Session<'_> {
             }
             if r.n >= self.results_next {
                 self.results_next = r.n + 1;
-                let topic = self.settings.topics.under(&r.topic);
-                self.publish(client, topic, r.payload, false, Tag::Result(r.n))?;
+                let m = self
+                    .settings
+                    .profile
+                    .outbound(Outbound::Result { topic: &r.topic }, r.payload);
+                self.publish(client, m, Tag::Result(r.n))?;
                 self.results_unacked += 1;
             }
         }
@@ -1017,20 +1013,9 @@ impl Session<'_> {
         }
     }
 
-    fn publish(
-        &mut self,
-        client: &AsyncClient,
-        topic: String,
-        payload: Vec<u8>,
-        retain: bool,
-        tag: Tag,
-    ) -> Result<(), String> {
-        let qos = match tag {
-            Tag::Metrics => QoS::AtMostOnce,
-            _ => QoS::AtLeastOnce,
-        };
+    fn publish(&mut self, client: &AsyncClient, m: Publication, tag: Tag) -> Result<(), String> {
         client
-            .try_publish(topic, qos, retain, payload)
+            .try_publish(m.topic, m.qos, m.retain, m.payload)
             .map_err(|e| format!("cannot hand a publish to the MQTT client: {e}"))?;
         self.tags.push_back(tag);
         Ok(())
@@ -1039,17 +1024,11 @@ impl Session<'_> {
     /// Clean shutdown: replace the retained status with "offline" ourselves (the will is
     /// only for unclean ends), wait briefly for its PUBACK, disconnect.
     async fn goodbye(&mut self, client: &AsyncClient, events: &mut mpsc::Receiver<Polled>) {
-        let offline = br#"{"state":"offline"}"#.to_vec();
-        if self
-            .publish(
-                client,
-                self.settings.topics.status(),
-                offline,
-                true,
-                Tag::Goodbye,
-            )
-            .is_err()
-        {
+        let offline = self
+            .settings
+            .profile
+            .outbound(Outbound::Offline, Vec::new());
+        if self.publish(client, offline, Tag::Goodbye).is_err() {
             return;
         }
         let deadline = tokio::time::Instant::now() + GOODBYE_TIMEOUT;
@@ -1277,12 +1256,12 @@ async fn intake_loop(
     client: AsyncClient,
     applier: Applier,
     controller: Controller,
-    topics: Topics,
+    profile: Profile,
 ) {
     // The token goes when the message is taken in: its bytes leave the intake's load.
     while let Some((p, _token)) = rx.recv().await {
-        let (taken, kind) = match topics.parse(&p.topic) {
-            Some(crate::model::topics::Incoming::Command(name)) => {
+        let (taken, kind) = match profile.inbound(&p.topic) {
+            Some(Inbound::Command(name)) => {
                 crate::sys::crash::point("command-received");
                 (
                     controller.receive(name, &p.payload, p.retain).await,
