@@ -1,12 +1,15 @@
-//! Command-line parsing (docs/PROTOCOL.md §2), by hand: a parser library cost ~200 KB of the ARM
+//! Command-line parsing (docs/PROTOCOL.md §2). lexopt splits the arguments into options and values;
+//! the rest is by hand: a parser library that does it all (clap) cost ~200 KB of the ARM
 //! binary's 3 MB budget for nine subcommands and three valued options.
 //!
 //! `--config PATH` (or `--config=PATH`), `-h`/`--help` and `-V`/`--version` are accepted
 //! anywhere; `--` ends the options. Bad usage is a [`UsageError`] (exit code 2).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::path::PathBuf;
+
+use lexopt::Arg;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -178,59 +181,76 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
     let mut version = false;
     let mut words: Vec<String> = Vec::new();
     let mut options: Vec<(String, Option<String>)> = Vec::new();
-    let mut args = args.into_iter();
-    let mut only_positional = false;
     let top = |message: String| UsageError {
         message,
         usage: MAIN_USAGE,
     };
-    while let Some(arg) = args.next() {
-        if !only_positional && (arg == "--config" || arg.to_string_lossy().starts_with("--config="))
+    let not_utf8 = |a: &OsStr| top(format!("argument {a:?} is not valid UTF-8"));
+    let mut parser = lexopt::Parser::from_args(args);
+    // `-h=x` is one unknown option, as `-hx` is: the rest of a short option is kept whole.
+    parser.set_short_equals(false);
+    loop {
+        // Every argument but a `--config` path is UTF-8. lexopt would read a long option's
+        // name lossily, so each argument is checked before it tokenizes it. (A path after
+        // `--config=` is read lossily; one after `--config` is taken as any bytes, below.)
+        if let Some(raw) = parser.try_raw_args()
+            && let Some(a) = raw.peek()
+            && a.to_str().is_none()
+            && !a.to_string_lossy().starts_with("--config=")
         {
-            // Paths may be any bytes: taken as an OsString.
-            let value = if arg == "--config" {
-                args.next()
-                    .ok_or_else(|| top("--config needs a value: --config PATH".into()))?
-            } else {
-                let s = arg.to_string_lossy();
-                OsString::from(&s["--config=".len()..])
-            };
-            if value.is_empty() {
-                return Err(top("--config needs a non-empty PATH".into()));
-            }
-            config = Some(PathBuf::from(value));
-            continue;
+            return Err(not_utf8(a));
         }
-        let arg = arg
-            .into_string()
-            .map_err(|a| top(format!("argument {a:?} is not valid UTF-8")))?;
-        if only_positional {
-            words.push(arg);
-            continue;
-        }
-        match arg.as_str() {
-            "--" => only_positional = true,
-            "-h" | "--help" => help = true,
-            "-V" | "--version" => version = true,
-            a if a.starts_with("--") => {
-                let (name, inline) = match a.split_once('=') {
-                    Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-                    None => (a.to_owned(), None),
+        // lexopt fails only on a value left after `--option=value` or `-x...`, and every
+        // arm below takes it. (Its messages are not used: they would cost binary size.)
+        let Ok(arg) = parser.next() else {
+            return Err(top("unexpected value".into()));
+        };
+        let Some(arg) = arg else {
+            break;
+        };
+        match arg {
+            Arg::Long("config") => {
+                // Paths may be any bytes: taken as an OsString.
+                let value = match parser.optional_value() {
+                    Some(v) => OsString::from(v.to_string_lossy().into_owned()),
+                    None => parser
+                        .value()
+                        .map_err(|_| top("--config needs a value: --config PATH".into()))?,
                 };
-                let value = match inline {
-                    Some(v) => Some(v),
-                    None if VALUED.contains(&name.as_str()) => args
-                        .next()
-                        .map(|v| v.to_string_lossy().into_owned())
-                        .or(Some(String::new())),
-                    None => None,
-                };
-                options.push((name, value));
+                if value.is_empty() {
+                    return Err(top("--config needs a non-empty PATH".into()));
+                }
+                config = Some(PathBuf::from(value));
             }
-            a if a.starts_with('-') && a.len() > 1 => {
-                return Err(top(format!("unexpected option '{a}'")));
+            Arg::Long(name) => {
+                let name = format!("--{name}");
+                match parser.optional_value() {
+                    // `--help=x` and `--version=x` are options of their own (unknown).
+                    None if name == "--help" => help = true,
+                    None if name == "--version" => version = true,
+                    Some(v) => options.push((name, Some(v.to_string_lossy().into_owned()))),
+                    // The next argument, whatever it is (missing: empty, refused later).
+                    None if VALUED.contains(&name.as_str()) => {
+                        let value = parser.value().map(|v| v.to_string_lossy().into_owned());
+                        options.push((name, Some(value.unwrap_or_default())));
+                    }
+                    None => options.push((name, None)),
+                }
             }
-            _ => words.push(arg),
+            // Only `-h` and `-V` exist: `-hV` is not split into two.
+            Arg::Short(c) => match (c, parser.optional_value()) {
+                ('h', None) => help = true,
+                ('V', None) => version = true,
+                (c, rest) => {
+                    let rest = rest.unwrap_or_default();
+                    return Err(top(format!(
+                        "unexpected option '-{c}{}'",
+                        rest.to_string_lossy()
+                    )));
+                }
+            },
+            // A word; after `--`, every argument is one.
+            Arg::Value(v) => words.push(v.into_string().map_err(|a| not_utf8(&a))?),
         }
     }
     let mut words = words.into_iter();

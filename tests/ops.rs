@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::cloud::{DEADLINE, pki, tls_agent, unique, wait};
 use common::{Agent, AgentOptions, assert_exit, report_req, stderr, stdout};
-use edgesync::metrics::{exposition, samples_by_series};
+use edgesync_testkit::exposition::{self, samples_by_series};
 use edgesync_testkit::{
     FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, TestPki, free_port,
 };

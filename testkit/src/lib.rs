@@ -12,9 +12,12 @@
 //! - [`proxy`]: a fault-injecting TCP proxy: cut, blackhole, reset, delay, bandwidth,
 //!   fragmentation, drop after N bytes.
 //! - [`port`]: free loopback ports; [`wait`]: polling with a deadline.
+//! - [`exposition`]: a strict reader of the Prometheus text format, to check the agent's
+//!   metrics text file.
 //!
 //! Every fallible function returns [`Result`] with a message that names what failed.
 
+pub mod exposition;
 pub mod mosquitto;
 pub mod pki;
 pub mod port;
