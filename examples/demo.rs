@@ -10,8 +10,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgesync::change::RawChange;
 use edgesync::client::Client;
 use edgesync::config::Config;
+use edgesync::local_api::protocol::{Doc, Request};
 use edgesync_testkit::{FaultProxy, RumqttdBroker, RumqttdOptions, TestPki};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
@@ -130,15 +132,13 @@ async fn demo() -> Result<bool, Error> {
         i += 1;
         let temp = 20.0 + ((i as f64) * 0.7).sin() * 2.0;
         let temp = (temp * 10.0).round() / 10.0;
-        let mut changes = vec![json!({"key": "temp", "value": temp})];
+        let mut changes = vec![RawChange::new("temp", json!(temp))];
         if i.is_multiple_of(8) {
-            changes.push(
-                json!({"key": "mode", "value": if i.is_multiple_of(16) { "eco" } else { "boost" }}),
-            );
+            let mode = if i.is_multiple_of(16) { "eco" } else { "boost" };
+            changes.push(RawChange::new("mode", json!(mode)));
         }
-        let reply = client
-            .call(&json!({"op": "report", "changes": changes}))
-            .await?;
+        let with_mode = changes.len() > 1;
+        let reply = client.call(&Request::Report { changes }).await?;
         let (first, last) = (
             reply["first_seq"].as_u64().unwrap_or(0),
             reply["last_seq"].as_u64().unwrap_or(0),
@@ -148,7 +148,7 @@ async fn demo() -> Result<bool, Error> {
             "device",
             format!(
                 "temp={temp}{} → queued as seq {first}{}",
-                if changes.len() > 1 { " + mode" } else { "" },
+                if with_mode { " + mode" } else { "" },
                 if last > first {
                     format!("..{last}")
                 } else {
@@ -384,7 +384,11 @@ async fn cloud_subscriber(
 
 async fn get_desired(socket: &std::path::Path) -> Option<Value> {
     let mut c = Client::connect(socket).await.ok()?;
-    let v = c.call(&json!({"op": "get", "doc": "desired"})).await.ok()?;
+    let get = Request::Get {
+        doc: Doc::Desired,
+        key: None,
+    };
+    let v = c.call(&get).await.ok()?;
     Some(v["state"].clone())
 }
 
@@ -448,7 +452,7 @@ async fn connect_when_ready(socket: &std::path::Path) -> Result<Client, Error> {
 
 async fn status(socket: &std::path::Path) -> Option<Value> {
     let mut c = Client::connect(socket).await.ok()?;
-    c.call(&json!({"op": "status"})).await.ok()
+    c.call(&Request::Status).await.ok()
 }
 
 async fn wait_for<F, Fut>(timeout: Duration, mut cond: F) -> Result<(), ()>

@@ -10,7 +10,8 @@ mod cli;
 use cli::{Command, Doc, Parsed, QueueCommand};
 use edgesync::client::{Client, ClientError, report_stream_within};
 use edgesync::config::{self, Config};
-use serde_json::{Value, json};
+use edgesync::local_api::protocol::{self, Request};
+use serde_json::Value;
 
 /// `println!` through [`out`]: returns from the command when standard output is gone.
 macro_rules! outln {
@@ -206,19 +207,17 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
     let mut changes = Vec::with_capacity(args.len());
     for a in &args {
         let c = edgesync::change::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
-        changes.push(json!({"key": c.key, "value": c.value}));
+        changes.push(c);
     }
     let mut client = connect(path, &socket).await?;
-    client
-        .call(&json!({"op": "report", "changes": changes}))
-        .await?;
+    client.call(&Request::Report { changes }).await?;
     Ok(())
 }
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
     let socket = config::socket_path(path);
     let mut client = connect(path, &socket).await?;
-    let mut reply = client.call(&json!({"op": "status"})).await?;
+    let mut reply = client.call(&Request::Status).await?;
     if let Value::Object(m) = &mut reply {
         m.remove("ok");
     }
@@ -237,15 +236,16 @@ async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
 
 async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> {
     let socket = config::socket_path(path);
-    let doc_name = match doc {
-        Doc::Desired => "desired",
-        Doc::Reported => "reported",
+    let doc = match doc {
+        Doc::Desired => protocol::Doc::Desired,
+        Doc::Reported => protocol::Doc::Reported,
     };
-    let mut req = json!({"op": "get", "doc": doc_name});
-    if let Some(k) = &key {
-        req["key"] = json!(k);
-    }
+    let doc_name = doc.name();
     let mut client = connect(path, &socket).await?;
+    let req = Request::Get {
+        doc,
+        key: key.clone(),
+    };
     let reply = client.call(&req).await?;
     let state = reply.get("state").cloned().unwrap_or(Value::Null);
     match key {
@@ -266,10 +266,10 @@ async fn history(
 ) -> Result<(), Failure> {
     let socket = config::socket_path(path);
     let mut client = connect(path, &socket).await?;
-    let mut req = json!({"op": "history", "key": key});
-    if let Some(l) = limit {
-        req["limit"] = json!(l);
-    }
+    let req = Request::History {
+        key: key.clone(),
+        limit,
+    };
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
     if as_json {
@@ -304,7 +304,10 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
     let after = config::client_timeout(path) + std::time::Duration::from_secs(3600);
     let reply = client
         .call_within(
-            &json!({"op": "rollback", "key": key, "version": version}),
+            &Request::Rollback {
+                key: key.clone(),
+                version,
+            },
             after,
         )
         .await?;

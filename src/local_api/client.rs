@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::local_api::MAX_LINE;
+use crate::local_api::protocol::{MAX_LINE, REPORT_CLOSE, REPORT_OPEN, Request, code};
 use crate::model::change::RawChange;
 
 /// Requests `report --stdin` keeps in flight.
@@ -53,7 +53,7 @@ impl ClientError {
         match self {
             ClientError::Unreachable { .. } | ClientError::NoAnswer { .. } => 3,
             // `failed`: the request was valid but did not work out (e.g. a rollback's handler).
-            ClientError::Rejected { code, .. } if code != "io-error" && code != "failed" => 4,
+            ClientError::Rejected { code: c, .. } if c != code::IO_ERROR && c != code::FAILED => 4,
             _ => 1,
         }
     }
@@ -130,7 +130,7 @@ impl Client {
     }
 
     /// Sends one request and waits for its reply; `{"ok": false}` becomes an error.
-    pub async fn call(&mut self, request: &Value) -> Result<Value, ClientError> {
+    pub async fn call(&mut self, request: &Request) -> Result<Value, ClientError> {
         let after = self.timeout;
         self.call_within(request, after).await
     }
@@ -138,12 +138,15 @@ impl Client {
     /// Like [`Client::call`], waiting up to `after` (e.g. a rollback runs a handler).
     pub async fn call_within(
         &mut self,
-        request: &Value,
+        request: &Request,
         after: Duration,
     ) -> Result<Value, ClientError> {
+        let line = request
+            .to_line()
+            .map_err(|e| ClientError::Protocol(format!("cannot encode the request: {e}")))?;
         let path = self.path.clone();
         answer_within(&path, after, async {
-            self.send_raw(request.to_string().as_bytes()).await?;
+            self.send_raw(line.as_bytes()).await?;
             self.writer.flush().await?;
             self.recv().await
         })
@@ -380,7 +383,7 @@ pub async fn report_stream_within<R: AsyncBufRead + Unpin>(
                 break;
             }
             if batch.is_empty() {
-                req.extend_from_slice(b"{\"op\":\"report\",\"changes\":[");
+                req.extend_from_slice(REPORT_OPEN);
             } else {
                 req.push(b',');
             }
@@ -445,11 +448,11 @@ async fn keepalive(writer: &mut BufWriter<OwnedWriteHalf>) -> Result<(), ClientE
 /// Validates one input line as a change, as the daemon will.
 fn check_line(text: &str) -> Result<(), ClientError> {
     let raw: RawChange = serde_json::from_str(text).map_err(|e| ClientError::Rejected {
-        code: "bad-request".into(),
+        code: code::BAD_REQUEST.into(),
         message: format!("not a change {{\"key\": ..., \"value\": ...}}: {e}"),
     })?;
     raw.validate().map_err(|e| ClientError::Rejected {
-        code: "invalid-change".into(),
+        code: code::INVALID_CHANGE.into(),
         message: e.to_string(),
     })?;
     Ok(())
@@ -461,7 +464,8 @@ async fn send_request(
     tx: &mpsc::Sender<Sent>,
     batch: &mut Vec<u64>,
 ) -> Result<(), ClientError> {
-    req.extend_from_slice(b"]}\n");
+    req.extend_from_slice(REPORT_CLOSE);
+    req.push(b'\n');
     let r = writer.write_all(req).await;
     req.clear();
     let lines = std::mem::take(batch);

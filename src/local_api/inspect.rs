@@ -30,7 +30,8 @@ use thiserror::Error;
 
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
-use crate::store::{Outbox, record};
+use crate::local_api::protocol::{QueueQuery, Request, code};
+use crate::store::{Outbox, StoreError, record};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -130,6 +131,11 @@ pub enum InspectError {
     File { path: PathBuf, source: io::Error },
     #[error("unexpected reply from the daemon: {0}")]
     Protocol(String),
+    /// The daemon's store failed (answering `queue`).
+    #[error(transparent)]
+    Store(StoreError),
+    #[error(transparent)]
+    Encode(serde_json::Error),
 }
 
 impl InspectError {
@@ -308,43 +314,36 @@ pub fn each(
 // ---------------------------------------------------------------------------------------------
 // The daemon's side: the socket op `queue`.
 
-/// Answers `{"op":"queue","what":"stats"}` (→ `{"queue": Summary}`) or
-/// `{"op":"queue","what":"peek","from":S,"limit":N}` (→ `{"changes": [...], "next": S|null}`;
-/// `from` defaults to 0, `limit` to [`DEFAULT_PEEK`] and is capped at [`PAGE_MAX`]).
-/// Blocking (one read transaction). `Err((code, message))` with a docs/PROTOCOL.md §6 code.
+/// Answers a `queue` request: `stats` (→ `{"queue": Summary}`) or `peek` (→ `{"changes":
+/// [...], "next": S|null}`; `from` defaults to 0, `limit` to [`DEFAULT_PEEK`] and is capped
+/// at [`PAGE_MAX`]). Blocking (one read transaction). An error is the daemon's `io-error`.
+pub fn answer_query(outbox: &Outbox, query: QueueQuery) -> Result<Value, InspectError> {
+    let txn = outbox.read().map_err(InspectError::Store)?;
+    match query {
+        QueueQuery::Stats => {
+            let now = crate::model::change::now_ms();
+            let s = summary(&txn, outbox.stats().max_bytes, now)?;
+            Ok(json!({ "queue": s }))
+        }
+        QueueQuery::Peek { from, limit } => {
+            let limit = limit.unwrap_or(DEFAULT_PEEK).min(PAGE_MAX);
+            let p = page(&txn, from.unwrap_or(0), limit, PAGE_BYTES)?;
+            serde_json::to_value(p).map_err(InspectError::Encode)
+        }
+    }
+}
+
+/// [`answer_query`] for the fields of a `queue` request; `Err((code, message))` with a
+/// docs/PROTOCOL.md §6 code.
 pub fn answer(
     outbox: &Outbox,
     what: Option<&str>,
     from: Option<u64>,
     limit: Option<usize>,
 ) -> Result<Value, (&'static str, String)> {
-    let io_error = |e: InspectError| ("io-error", e.to_string());
-    match what {
-        Some("stats") => {
-            let txn = outbox.read().map_err(|e| ("io-error", e.to_string()))?;
-            let s = summary(
-                &txn,
-                outbox.stats().max_bytes,
-                crate::model::change::now_ms(),
-            )
-            .map_err(io_error)?;
-            Ok(json!({ "queue": s }))
-        }
-        Some("peek") => {
-            let txn = outbox.read().map_err(|e| ("io-error", e.to_string()))?;
-            let limit = limit.unwrap_or(DEFAULT_PEEK).min(PAGE_MAX);
-            let p = page(&txn, from.unwrap_or(0), limit, PAGE_BYTES).map_err(io_error)?;
-            serde_json::to_value(p).map_err(|e| ("io-error", e.to_string()))
-        }
-        Some(other) => Err((
-            "bad-request",
-            format!("unknown queue request {other:?}; expected \"stats\" or \"peek\""),
-        )),
-        None => Err((
-            "bad-request",
-            "queue needs \"what\": \"stats\" or \"peek\"".to_owned(),
-        )),
-    }
+    let query =
+        QueueQuery::from_fields(what, from, limit).map_err(|e| (e.code(), e.to_string()))?;
+    answer_query(outbox, query).map_err(|e| (code::IO_ERROR, e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -401,9 +400,7 @@ impl Source {
     pub async fn summary(&mut self) -> Result<Summary, InspectError> {
         match self {
             Source::Daemon { client, .. } => {
-                let reply = client
-                    .call(&json!({"op": "queue", "what": "stats"}))
-                    .await?;
+                let reply = client.call(&Request::Queue(QueueQuery::Stats)).await?;
                 serde_json::from_value(reply.get("queue").cloned().unwrap_or_default())
                     .map_err(|e| InspectError::Protocol(e.to_string()))
             }
@@ -423,9 +420,11 @@ impl Source {
         let limit = limit.min(PAGE_MAX);
         match self {
             Source::Daemon { client, .. } => {
-                let mut reply = client
-                    .call(&json!({"op": "queue", "what": "peek", "from": from, "limit": limit}))
-                    .await?;
+                let peek = QueueQuery::Peek {
+                    from: Some(from),
+                    limit: Some(limit),
+                };
+                let mut reply = client.call(&Request::Queue(peek)).await?;
                 if let Value::Object(m) = &mut reply {
                     m.remove("ok");
                 }

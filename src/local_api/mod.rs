@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod inspect;
+pub mod protocol;
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -24,7 +25,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
@@ -33,10 +33,11 @@ use tokio::task::{AbortHandle, JoinSet};
 
 use crate::health::status::{Identity, StatusBoard};
 use crate::model::change::{ChangeError, RawChange};
+use crate::model::glob::KeyGlob;
 use crate::store::{Appended, Outbox, StoreError};
 
-/// Longest request line.
-pub const MAX_LINE: usize = 1 << 20;
+pub use protocol::MAX_LINE;
+use protocol::{Ack, Doc, QueueQuery, Request, code, error_line, ok_with};
 /// Most clients served at once; more wait in the listen backlog.
 const MAX_CLIENTS: usize = 512;
 /// Requests of one connection that may await their answers.
@@ -63,66 +64,8 @@ const ANSWER_BYTES: usize = 16 << 20;
 /// `ANSWER_BYTES / ANSWER_SHARE` answers larger than the share exist at once.
 const ANSWER_SHARE: usize = 1 << 20;
 
-/// A request line.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Request {
-    pub op: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub changes: Option<Vec<RawChange>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub doc: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// `watch`: key globs.
-    #[serde(default)]
-    pub keys: Option<Vec<String>>,
-    /// `ack`: the event id; `ok` and `error` say how it went.
-    #[serde(default)]
-    pub id: Option<u64>,
-    #[serde(default)]
-    pub ok: Option<bool>,
-    #[serde(default)]
-    pub error: Option<String>,
-    /// `history`: most entries to return; `rollback`: the version to go back to.
-    #[serde(default)]
-    pub limit: Option<usize>,
-    #[serde(default)]
-    pub version: Option<u64>,
-    /// `queue`: `"stats"` or `"peek"`; `from`: the first seq of a peek.
-    #[serde(default)]
-    pub what: Option<String>,
-    #[serde(default)]
-    pub from: Option<u64>,
-}
-
-/// The error object of a reply.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
-
-/// Error codes of docs/PROTOCOL.md §6.
-pub mod code {
-    pub const BAD_REQUEST: &str = "bad-request";
-    pub const UNKNOWN_OP: &str = "unknown-op";
-    pub const INVALID_CHANGE: &str = "invalid-change";
-    pub const TOO_LARGE: &str = "too-large";
-    pub const STORE_FULL: &str = "store-full";
-    pub const IO_ERROR: &str = "io-error";
-}
-
-fn error_line(code: &str, message: impl Into<String>) -> String {
-    let body = serde_json::json!({"ok": false, "error": {"code": code, "message": message.into()}});
-    body.to_string()
-}
-
 fn appended_line(a: Appended) -> String {
-    format!(
-        "{{\"ok\":true,\"first_seq\":{},\"last_seq\":{}}}",
-        a.first_seq, a.last_seq
-    )
+    protocol::appended_line(a.first_seq, a.last_seq)
 }
 
 #[derive(Debug, Error)]
@@ -814,50 +757,51 @@ async fn handle(
         Ok(r) => r,
         Err(answer) => return Pending::Ready(answer),
     };
-    // Answers of these are small and of bounded size (PIPELINE_DEPTH of them at most).
-    match req.op.as_str() {
-        "report" => {
-            return match report(req, ctx).await {
-                Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
-                other => other,
-            };
+    match req {
+        // Answers of these are small and of bounded size (PIPELINE_DEPTH of them at most).
+        Request::Report { changes } => match report(changes, ctx).await {
+            Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
+            other => other,
+        },
+        Request::Watch { keys } => Pending::Ready(watch_keys(keys, ctx, tx, answers, watching)),
+        Request::Ack(a) => Pending::Ready(ack(a, ctx)),
+        // Answers of unknown size.
+        Request::Status => sized(permit, answers, status(ctx)).await,
+        Request::Get { doc, key } => {
+            sized(permit, answers, async { get(doc, key.as_deref(), ctx) }).await
         }
-        "watch" => return Pending::Ready(watch_keys(&req, ctx, tx, answers, watching)),
-        "ack" => return Pending::Ready(ack(&req, ctx)),
-        "get" | "status" | "history" | "rollback" | "queue" => {}
-        other => {
-            return Pending::Ready(error_line(
-                code::UNKNOWN_OP,
-                format!(
-                    "unknown op {other:?}; expected report, status, get, watch, ack, history, \
-                     rollback or queue"
-                ),
-            ));
+        Request::History { key, limit } => {
+            sized(permit, answers, async { history(&key, limit, ctx) }).await
         }
+        Request::Queue(query) => sized(permit, answers, queue(query, ctx)).await,
+        Request::Rollback { key, version } => match reserve(permit, answers).await {
+            Ok(held) => rollback(key, version, ctx, held),
+            Err(stopping) => stopping,
+        },
     }
+}
+
+/// Gives back the request's `permit` and reserves a share of the answer budget for an
+/// answer of unknown size; `Err` is the answer when there is none to reserve.
+async fn reserve(permit: OwnedSemaphorePermit, answers: &AnswerBudget) -> Result<Held, Pending> {
     drop(permit);
-    // Answers of unknown size: built only with a share of the answer budget reserved.
-    let Some(held) = answers.reserve().await else {
-        return Pending::Ready(error_line(code::IO_ERROR, "the daemon is stopping"));
+    answers
+        .reserve()
+        .await
+        .ok_or_else(|| Pending::Ready(error_line(code::IO_ERROR, "the daemon is stopping")))
+}
+
+/// An answer of unknown size: `build` runs only once [`reserve`] has room for it.
+async fn sized(
+    permit: OwnedSemaphorePermit,
+    answers: &AnswerBudget,
+    build: impl std::future::Future<Output = String>,
+) -> Pending {
+    let held = match reserve(permit, answers).await {
+        Ok(held) => held,
+        Err(stopping) => return stopping,
     };
-    let line = match req.op.as_str() {
-        "status" => {
-            let ctx = ctx.clone();
-            // With the desired version and the health figures (`metrics`).
-            let status = tokio::task::spawn_blocking(move || {
-                crate::health::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
-            })
-            .await;
-            match status {
-                Ok(s) => ok_with(serde_json::to_value(s).unwrap_or_default()),
-                Err(e) => error_line(code::IO_ERROR, e.to_string()),
-            }
-        }
-        "get" => get(&req, ctx),
-        "history" => history(&req, ctx),
-        "rollback" => return rollback(&req, ctx, held),
-        _ => queue(req, ctx).await,
-    };
+    let line = build.await;
     let held = held.shrink_to(line.len() + 1);
     Pending::Held(line, held)
 }
@@ -865,36 +809,23 @@ async fn handle(
 /// Decodes one request line; `Err` is the error line to answer. Public for the fuzz targets.
 #[doc(hidden)]
 pub fn decode_line(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line).map_err(|e| error_line(code::BAD_REQUEST, bad_request_message(&e)))
+    Request::parse(line).map_err(|e| error_line(e.code(), e.to_string()))
 }
 
-fn bad_request_message(e: &serde_json::Error) -> String {
-    match e.classify() {
-        serde_json::error::Category::Data => format!("malformed request: {e}"),
-        _ => format!("invalid JSON: {e}"),
+/// The status document, with the desired version and the health figures (`metrics`).
+async fn status(ctx: &Context) -> String {
+    let ctx = ctx.clone();
+    let status = tokio::task::spawn_blocking(move || {
+        crate::health::status::collect(&ctx.identity, &ctx.outbox, &ctx.board)
+    })
+    .await;
+    match status {
+        Ok(s) => ok_with(serde_json::to_value(s).unwrap_or_default()),
+        Err(e) => error_line(code::IO_ERROR, e.to_string()),
     }
 }
 
-/// `{"ok":true, ...fields of v}`.
-fn ok_with(v: serde_json::Value) -> String {
-    let mut obj = serde_json::Map::new();
-    obj.insert("ok".into(), true.into());
-    if let serde_json::Value::Object(m) = v {
-        obj.extend(m);
-    }
-    serde_json::Value::Object(obj).to_string()
-}
-
-async fn report(req: Request, ctx: &Context) -> Pending {
-    let Some(raw) = req.changes else {
-        return Pending::Ready(error_line(
-            code::BAD_REQUEST,
-            "report needs \"changes\": [{\"key\": ..., \"value\": ...}, ...]",
-        ));
-    };
-    if raw.is_empty() {
-        return Pending::Ready(error_line(code::BAD_REQUEST, "\"changes\" is empty"));
-    }
+async fn report(raw: Vec<RawChange>, ctx: &Context) -> Pending {
     let n = raw.len() as u64;
     let mut changes = Vec::with_capacity(raw.len());
     let (now, max_future) = (crate::model::change::now_ms(), ctx.applier.max_future_ts());
@@ -921,9 +852,9 @@ fn invalid_change(index: usize, e: &ChangeError) -> String {
     )
 }
 
-fn get(req: &Request, ctx: &Context) -> String {
-    match req.doc.as_deref() {
-        Some("reported") => match ctx.outbox.reported(req.key.as_deref()) {
+fn get(doc: Doc, key: Option<&str>, ctx: &Context) -> String {
+    match doc {
+        Doc::Reported => match ctx.outbox.reported(key) {
             Ok(map) => {
                 let mut state = serde_json::Map::new();
                 let mut entries = serde_json::Map::new();
@@ -935,8 +866,8 @@ fn get(req: &Request, ctx: &Context) -> String {
             }
             Err(e) => error_line(e.code(), e.to_string()),
         },
-        Some("desired") => {
-            let state = crate::store::desired::state(&ctx.outbox, req.key.as_deref());
+        Doc::Desired => {
+            let state = crate::store::desired::state(&ctx.outbox, key);
             let version = crate::store::desired::applied_version(&ctx.outbox);
             match (state, version) {
                 (Ok(map), Ok(version)) => {
@@ -956,36 +887,19 @@ fn get(req: &Request, ctx: &Context) -> String {
                 (Err(e), _) | (_, Err(e)) => error_line(e.code(), e.to_string()),
             }
         }
-        Some(other) => error_line(
-            code::BAD_REQUEST,
-            format!("unknown doc {other:?}; expected \"desired\" or \"reported\""),
-        ),
-        None => error_line(
-            code::BAD_REQUEST,
-            "get needs \"doc\": \"desired\" or \"reported\"",
-        ),
     }
 }
 
 /// `{"op":"watch","keys":["led.*"]}`: this connection receives desired changes of those
 /// keys (for `watch` handlers) until it closes.
 fn watch_keys(
-    req: &Request,
+    globs: Vec<KeyGlob>,
     ctx: &Context,
     tx: &mpsc::Sender<Pending>,
     answers: &AnswerBudget,
     watching: &mut Option<u64>,
 ) -> String {
-    let Some(keys) = req.keys.as_ref().filter(|k| !k.is_empty()) else {
-        return error_line(code::BAD_REQUEST, "watch needs \"keys\": [\"glob\", ...]");
-    };
-    let mut globs = Vec::with_capacity(keys.len());
-    for k in keys {
-        match crate::model::glob::KeyGlob::new(k) {
-            Ok(g) => globs.push(g),
-            Err(e) => return error_line(code::BAD_REQUEST, format!("key glob {k:?}: {e}")),
-        }
-    }
+    let answer = ok_with(serde_json::json!({ "watching": globs }));
     let tx = tx.clone();
     let answers = answers.clone();
     // An event that finds no room fails its delivery ("not reading its socket").
@@ -995,22 +909,13 @@ fn watch_keys(
             .is_some_and(|held| tx.try_send(Pending::Event(line, held)).is_ok())
     });
     *watching = Some(ctx.applier.watchers().watch(*watching, globs, sink));
-    ok_with(serde_json::json!({"watching": keys}))
+    answer
 }
 
 /// `{"op":"ack","id":N,"ok":true}` or `"ok":false,"error":"..."`: answers a watch event.
-fn ack(req: &Request, ctx: &Context) -> String {
-    let Some(id) = req.id else {
-        return error_line(code::BAD_REQUEST, "ack needs \"id\" of the event");
-    };
-    let result = match req.ok {
-        Some(true) => Ok(()),
-        _ => Err(req
-            .error
-            .clone()
-            .unwrap_or_else(|| "the watching program reported a failure".into())),
-    };
-    if ctx.applier.watchers().ack(id, result) {
+fn ack(a: Ack, ctx: &Context) -> String {
+    let id = a.id;
+    if ctx.applier.watchers().ack(id, a.result()) {
         ok_with(serde_json::json!({}))
     } else {
         error_line(
@@ -1021,14 +926,11 @@ fn ack(req: &Request, ctx: &Context) -> String {
 }
 
 /// `{"op":"history","key":K,"limit":N}`: the key's recent desired values, newest first.
-fn history(req: &Request, ctx: &Context) -> String {
-    let Some(key) = req.key.as_deref() else {
-        return error_line(code::BAD_REQUEST, "history needs \"key\"");
-    };
+fn history(key: &str, limit: Option<usize>, ctx: &Context) -> String {
     match crate::store::desired::history(&ctx.outbox, key) {
         Ok(mut h) => {
             h.reverse();
-            h.truncate(req.limit.unwrap_or(usize::MAX));
+            h.truncate(limit.unwrap_or(usize::MAX));
             ok_with(serde_json::json!({"key": key, "history": h}))
         }
         Err(e) => error_line(e.code(), e.to_string()),
@@ -1036,34 +938,28 @@ fn history(req: &Request, ctx: &Context) -> String {
 }
 
 /// `{"op":"queue","what":"stats"}` or `{"op":"queue","what":"peek","from":S,"limit":N}`:
-/// reads the queue (see [`crate::local_api::inspect::answer`]), off the async threads.
-async fn queue(req: Request, ctx: &Context) -> String {
+/// reads the queue (see [`crate::local_api::inspect::answer_query`]), off the async threads.
+async fn queue(query: QueueQuery, ctx: &Context) -> String {
     let outbox = ctx.outbox.clone();
     let answer = tokio::task::spawn_blocking(move || {
-        crate::local_api::inspect::answer(&outbox, req.what.as_deref(), req.from, req.limit)
+        crate::local_api::inspect::answer_query(&outbox, query)
     })
     .await;
     match answer {
         Ok(Ok(v)) => ok_with(v),
-        Ok(Err((code, message))) => error_line(code, message),
+        Ok(Err(e)) => error_line(code::IO_ERROR, e.to_string()),
         Err(e) => error_line(code::IO_ERROR, e.to_string()),
     }
 }
 
 /// `{"op":"rollback","key":K,"version":V}`: applies the key's value of version V again.
-fn rollback(req: &Request, ctx: &Context, held: Held) -> Pending {
-    let (Some(key), Some(version)) = (req.key.clone(), req.version) else {
-        return Pending::Ready(error_line(
-            code::BAD_REQUEST,
-            "rollback needs \"key\" and \"version\"",
-        ));
-    };
+fn rollback(key: String, version: u64, ctx: &Context, held: Held) -> Pending {
     let applier = ctx.applier.clone();
     let (done, rx) = oneshot::channel();
     tokio::spawn(async move {
         let line = match applier.rollback(&key, version).await {
             Ok(v) => ok_with(v),
-            Err(e) => error_line("failed", e),
+            Err(e) => error_line(code::FAILED, e),
         };
         let held = held.shrink_to(line.len() + 1);
         let _ = done.send((line, held));

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest encoded value of one change.
 pub const MAX_VALUE_BYTES: usize = 64 * 1024;
@@ -54,15 +54,17 @@ impl Origin {
 }
 
 /// A change as it arrives in a local request, before validation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(from = "WireChange")]
 pub struct RawChange {
     pub key: String,
     /// Required: `null` removes the key, so a forgotten field must not mean "remove".
     pub value: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     /// An integer literal of the value's JSON text beyond 64 bits: JSON parsing made it a
     /// float (silently changed data), so [`Self::validate`] refuses the change.
+    #[serde(skip)]
     wide_integer: Option<String>,
 }
 
@@ -183,6 +185,16 @@ pub fn validate_key(key: &str) -> Result<(), ChangeError> {
 }
 
 impl RawChange {
+    /// A change of `key` to `value`, at the time the store takes it.
+    pub fn new(key: impl Into<String>, value: serde_json::Value) -> RawChange {
+        RawChange {
+            key: key.into(),
+            value,
+            ts: None,
+            wide_integer: None,
+        }
+    }
+
     /// Validates as [`Self::validate`] does, and refuses a `ts` more than `max_future` ahead
     /// of `now` (Unix ms): what the daemon takes in.
     pub fn validate_at(self, now: u64, max_future: Duration) -> Result<NewChange, ChangeError> {
@@ -256,12 +268,7 @@ pub fn parse_assignment(arg: &str) -> Result<RawChange, String> {
         }
         .to_string());
     }
-    Ok(RawChange {
-        key: key.to_owned(),
-        value,
-        ts: None,
-        wide_integer: None,
-    })
+    Ok(RawChange::new(key, value))
 }
 
 /// A duration in whole milliseconds (saturating).

@@ -15,7 +15,8 @@ use std::fmt;
 
 /// A key glob: `*` matches any run of characters (also none), `?` exactly one; every other
 /// character matches itself. Keys are `[A-Za-z0-9_.-]`, so there is nothing to escape.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized as its pattern.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct KeyGlob(pub String);
 
 /// Longest pattern, in characters (the longest key is 128 characters too).
