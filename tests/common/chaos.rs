@@ -21,7 +21,7 @@ use edgesync_testkit::TestPki;
 use rumqttc::{Client, Event, Packet};
 use serde_json::{Value, json};
 
-use super::cloud::{Subscriber, decode, subscriber, tls_options};
+use super::cloud::{Subscription, decode, subscriber, tls_options};
 use super::{AgentOptions, Conn, Rng};
 
 /// `NAME` from the environment as a number, else `default`.
@@ -303,7 +303,7 @@ impl Recorder {
             pki,
             port,
             &filter,
-            Subscriber {
+            Subscription {
                 role: "recorder",
                 persistent: true,
                 suback: Duration::from_secs(30),

@@ -100,9 +100,9 @@ pub fn client_options(pki: &TestPki, port: u16, role: &str) -> MqttOptions {
     o
 }
 
-/// How a [`subscriber`] connects.
+/// How a [`subscriber`] connects and subscribes.
 #[derive(Debug, Clone, Copy)]
-pub struct Subscriber {
+pub struct Subscription {
     /// Names the client (`ROLE-N`, with its own certificate) and its failures.
     pub role: &'static str,
     /// A session kept across reconnects and broker restarts (clean_session = false).
@@ -120,7 +120,7 @@ pub fn subscriber(
     pki: &TestPki,
     port: u16,
     filter: &str,
-    how: Subscriber,
+    how: Subscription,
     mut on_event: impl FnMut(Event) + Send + 'static,
 ) -> (Client, Arc<AtomicU64>) {
     let role = how.role;
@@ -203,7 +203,7 @@ impl Cloud {
             pki,
             port,
             filter,
-            Subscriber {
+            Subscription {
                 role: "cloud",
                 persistent,
                 suback: Duration::from_secs(20),
