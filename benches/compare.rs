@@ -41,9 +41,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    Daemon, KEYS, MIB, Res, Setup, StatusConn, VALUE_LEN, batch_changes, clock_ticks_per_sec,
-    cpu_ticks, loadavg, machine, median, mqtt_options, ndjson, nodelay, proc_status_kb, stream,
-    value,
+    Daemon, KEYS, MIB, Res, Setup, StatusConn, Subscriber, VALUE_LEN, batch_changes,
+    clock_ticks_per_sec, cpu_ticks, loadavg, machine, median, mqtt_options, ndjson, nodelay,
+    pki_and_mosquitto, proc_status_kb, scheduled, stream, value, wait_online,
 };
 use edgesync_testkit::{FaultProxy, Mosquitto, MosquittoOptions, TestPki};
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
@@ -212,8 +212,7 @@ struct Arrivals {
 
 struct Cloud {
     state: Arc<Mutex<Arrivals>>,
-    client: Client,
-    thread: Option<JoinHandle<()>>,
+    _sub: Subscriber,
 }
 
 impl Cloud {
@@ -221,75 +220,37 @@ impl Cloud {
         trace(&format!("cloud subscriber {name}"));
         let mut opts = mqtt_options(&world.pki, world.cloud.tls_port, name)?;
         opts.set_clean_session(true);
-        let (client, mut connection) = Client::new(opts, 64);
-        nodelay(&mut connection);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .map_err(|e| format!("subscribe: {e}"))?;
         let state = Arc::new(Mutex::new(Arrivals {
             first: vec![None; n],
             ..Arrivals::default()
         }));
         let sink = Arc::clone(&state);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            for ev in connection.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let at = Instant::now();
-                        let ids: Vec<Option<usize>> = match format {
-                            Format::Batch => batch_changes(&p.payload).map_or_else(
-                                || vec![None],
-                                |c| c.iter().map(|(_, v)| v.and_then(index_of)).collect(),
-                            ),
-                            Format::Plain => {
-                                vec![std::str::from_utf8(&p.payload).ok().and_then(index_of)]
-                            }
-                        };
-                        let Ok(mut s) = sink.lock() else { return };
-                        s.messages += 1;
-                        s.first_msg.get_or_insert(at);
-                        for id in ids {
-                            match id.and_then(|i| s.first.get(i).map(|f| (i, f.is_none()))) {
-                                Some((i, true)) => {
-                                    s.first[i] = Some(at);
-                                    s.distinct += 1;
-                                    s.last_new = Some(at);
-                                }
-                                Some((_, false)) => {}
-                                None => s.stray += 1,
-                            }
-                        }
+        let sub = Subscriber::start(opts, filter, move |at, p| {
+            let ids: Vec<Option<usize>> = match format {
+                Format::Batch => batch_changes(&p.payload).map_or_else(
+                    || vec![None],
+                    |c| c.iter().map(|(_, v)| v.and_then(index_of)).collect(),
+                ),
+                Format::Plain => {
+                    vec![std::str::from_utf8(&p.payload).ok().and_then(index_of)]
+                }
+            };
+            let Ok(mut s) = sink.lock() else { return };
+            s.messages += 1;
+            s.first_msg.get_or_insert(at);
+            for id in ids {
+                match id.and_then(|i| s.first.get(i).map(|f| (i, f.is_none()))) {
+                    Some((i, true)) => {
+                        s.first[i] = Some(at);
+                        s.distinct += 1;
+                        s.last_new = Some(at);
                     }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(Ok(()));
-                    }
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                    Some((_, false)) => {}
+                    None => s.stray += 1,
                 }
             }
-        });
-        let mut cloud = Cloud {
-            state,
-            client,
-            thread: Some(thread),
-        };
-        match ready_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Ok(())) => Ok(cloud),
-            Ok(Err(e)) => {
-                cloud.close();
-                Err(format!("cloud subscriber: {e}"))
-            }
-            Err(_) => {
-                cloud.close();
-                Err("cloud subscriber got no SUBACK in 20 s".into())
-            }
-        }
+        })?;
+        Ok(Cloud { state, _sub: sub })
     }
 
     fn distinct(&self) -> usize {
@@ -324,19 +285,6 @@ impl Cloud {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-
-    fn close(&mut self) {
-        let _ = self.client.disconnect();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        self.close();
-    }
 }
 
 /// A temporary directory, a PKI, the cloud Mosquitto and the proxy in front of it.
@@ -350,24 +298,12 @@ struct World {
 impl World {
     fn new() -> Res<World> {
         trace("world");
-        let dir = tempfile::Builder::new()
-            .prefix("edgesync-compare-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
-        let pki = TestPki::generate_for(&dir.path().join("pki"), DEVICE, "edgesync")
-            .map_err(|e| format!("pki: {e}"))?;
-        let cloud = Mosquitto::start(
-            &pki,
-            MosquittoOptions {
-                require_certificate: true,
-                max_payload: 16 * 1024 * 1024,
-                // The cloud subscriber may trail a 10^6 burst: never drop for it.
-                extra_config: vec!["max_queued_messages 0".into()],
-                ..MosquittoOptions::default()
-            },
-        )
-        .map_err(|e| format!("cloud mosquitto: {e}"))?
-        .ok_or("mosquitto is not installed (/usr/sbin/mosquitto)")?;
+        // The cloud subscriber may trail a 10^6 burst: never drop for it.
+        let (dir, pki, cloud) = pki_and_mosquitto(
+            "edgesync-compare-",
+            DEVICE,
+            vec!["max_queued_messages 0".into()],
+        )?;
         let proxy = FaultProxy::start(cloud.tls_addr()).map_err(|e| format!("proxy: {e}"))?;
         Ok(World {
             dir,
@@ -405,13 +341,7 @@ impl World {
             cert = self.pki.client_cert,
             key = self.pki.client_key,
         );
-        let config = dir.join("edgesync.toml");
-        std::fs::write(&config, text).map_err(|e| format!("writing the config: {e}"))?;
-        Ok(Setup {
-            config,
-            socket,
-            log: dir.join("daemon.log"),
-        })
+        Setup::write(&dir, socket, &text)
     }
 
     // --- the peer -----------------------------------------------------------------------
@@ -1010,39 +940,6 @@ fn peer_kill(n: usize, inflight: u16) -> Res<Kill> {
 
 // ---------------------------------------------------------------------------------------------
 // Group 3: online latency, report → cloud, on a fixed schedule.
-
-/// Sends `n` things on a fixed schedule (`send(i)` does one); returns each send instant.
-fn scheduled(
-    n: usize,
-    spacing: Duration,
-    mut send: impl FnMut(usize) -> Res<()>,
-) -> Res<Vec<Instant>> {
-    let mut sent = Vec::with_capacity(n);
-    let t0 = Instant::now() + Duration::from_millis(10);
-    for i in 0..n {
-        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        sent.push(Instant::now());
-        send(i)?;
-    }
-    Ok(sent)
-}
-
-/// Waits until the daemon reports its link online.
-fn wait_online(d: &Daemon) -> Res<()> {
-    let mut status = StatusConn::connect(&d.socket)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while status.get()?["connection"]["state"] != "online" {
-        if Instant::now() > deadline {
-            return Err(format!("daemon not online: {}", d.log_tail()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
 
 /// Waits until the peer's bridge has connected to the cloud.
 fn wait_bridge(w: &World) -> Res<()> {
@@ -1682,10 +1579,7 @@ fn row(name: &str, unit: &str, e: &[f64], p: &[f64], target: &str, met: Option<b
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("compare bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_of("compare", run);
 }
 
 fn run() -> Res<()> {

@@ -10,36 +10,29 @@
 //! 2. throughput: the cloud publishes documents back to back (one key each, no handler);
 //!    documents/s until the last one's result is published.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{Daemon, Setup, machine, mqtt_options, nodelay, wait_online};
 use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{Value, json};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
 const DEVICE: &str = "bench-desired";
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
     // Mosquitto queues at most 1000 messages per client by default: stay below.
     let (samples, docs) = if quick { (50, 200) } else { (500, 900) };
-    print_machine();
+    print!("{}", machine());
     let dir = tempfile::Builder::new().prefix("esbd").tempdir_in("/tmp")?;
     let pki = TestPki::generate_for(&dir.path().join("pki"), DEVICE, "edgesync")?;
     // Mosquitto (mutual TLS), as a fleet would run; rumqttd's router adds tens of ms.
@@ -56,28 +49,20 @@ fn main() -> Result<(), Error> {
             broker.tls_port, pki.ca, pki.client_cert, pki.client_key
         ),
     )?;
-    let _daemon = Daemon(
-        Command::new(env!("CARGO_BIN_EXE_edgesync"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env(
-                "EDGESYNC_LOG",
-                std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()?,
-    );
-    wait_online(&socket)?;
+    let setup = Setup {
+        config,
+        socket: socket.clone(),
+        log: dir.path().join("daemon.log"),
+    };
+    let level = std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+    let daemon = Daemon::start_with(&setup, false, &[("EDGESYNC_LOG", &level)])?;
+    wait_online(&daemon)?;
 
     // The cloud: publishes documents, reads results.
-    let (cloud_cert, cloud_key) = pki.issue_client("cloud", "cloud")?;
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cloud_cert, &cloud_key)))?;
-    let mut o = MqttOptions::new("bench-cloud", "localhost", broker.tls_port);
-    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-    o.set_keep_alive(Duration::from_secs(30));
+    let mut o = mqtt_options(&pki, broker.tls_port, "bench-cloud")?;
     o.set_inflight(1000);
     let (client, mut connection) = Client::new(o, 10_000);
-    connection.eventloop.network_options.set_tcp_nodelay(true);
+    nodelay(&mut connection);
     client.subscribe(
         format!("edgesync/{DEVICE}/desired/result"),
         QoS::AtLeastOnce,
@@ -184,33 +169,4 @@ fn main() -> Result<(), Error> {
         docs as f64 / secs
     );
     Ok(())
-}
-
-fn wait_online(socket: &std::path::Path) -> Result<(), Error> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if let Ok(mut s) = UnixStream::connect(socket) {
-            s.write_all(b"{\"op\":\"status\"}\n")?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line)?;
-            if line.contains("\"state\":\"online\"") {
-                return Ok(());
-            }
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    Err("the agent did not come online".into())
-}
-
-fn print_machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let cores = thread::available_parallelism().map_or(0, |n| n.get());
-    println!("machine: {cpu}, {cores} cores");
 }

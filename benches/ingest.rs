@@ -26,30 +26,23 @@
 //! Figure 1 also splits the CPU time per change between the client, the daemon's runtime
 //! threads (socket, JSON, validation) and its store writer thread (from `schedstat`).
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use edgesync::client::report_stream;
+use common::{
+    DAEMON, Daemon, KEYS, MIB, Res, VALUE_LEN, loadavg, machine_in, median, ndjson, proc_status_kb,
+    status, stream, value,
+};
 
-type Res<T> = Result<T, String>;
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_edgesync");
-/// Distinct keys in the generated changes.
-const KEYS: usize = 100;
-/// Length of every generated string value.
-const VALUE_LEN: usize = 100;
 const CLIENTS: usize = 8;
-/// How long to wait for a daemon to answer before giving up.
-const START_TIMEOUT: Duration = Duration::from_secs(30);
-const MIB: f64 = 1024.0 * 1024.0;
-
 const USAGE: &str = "usage: cargo bench --bench ingest -- [--quick] [--repeats N] [--dir PATH] \
 [--only 1,2,3] [--store-extra 'cache_size = \"1MiB\"']
 
@@ -146,13 +139,11 @@ fn parse_args() -> Res<Args> {
 // ---------------------------------------------------------------------------------------------
 // The daemon under test.
 
-/// A temporary directory with the config of one daemon.
+/// A temporary directory with the config of one daemon, and its store file.
 struct Setup {
     _dir: tempfile::TempDir,
-    config: PathBuf,
-    socket: PathBuf,
+    daemon: common::Setup,
     store: PathBuf,
-    log: PathBuf,
 }
 
 fn setup(args: &Args, n: usize) -> Res<Setup> {
@@ -162,7 +153,6 @@ fn setup(args: &Args, n: usize) -> Res<Setup> {
         .map_err(|e| format!("cannot create a temp dir in {}: {e}", args.dir.display()))?;
     // sun_path is short: the socket stays under /tmp whatever --dir is.
     let socket = PathBuf::from(format!("/tmp/esb-{}-{n}.sock", std::process::id()));
-    let config = dir.path().join("edgesync.toml");
     let text = format!(
         "[device]\nid = \"bench-0001\"\n\n\
          [mqtt]\nurl = \"mqtts://localhost:8883\"\nca = \"ca.pem\"\n\n\
@@ -171,95 +161,27 @@ fn setup(args: &Args, n: usize) -> Res<Setup> {
         args.store_extra,
         socket.display()
     );
-    std::fs::write(&config, text).map_err(|e| format!("writing the config: {e}"))?;
+    let daemon = common::Setup::write(dir.path(), socket, &text)?;
     std::fs::write(dir.path().join("ca.pem"), b"").map_err(|e| format!("writing ca.pem: {e}"))?;
     Ok(Setup {
-        config,
-        socket,
+        daemon,
         store: dir.path().join("edgesync.redb"),
-        log: dir.path().join("daemon.log"),
         _dir: dir,
     })
 }
 
-struct Daemon {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
+/// Starts the daemon (under `EDGESYNC_BENCH_WRAPPER`) and waits until it answers `status`;
+/// returns it and the time from spawn to that first answer.
+fn start_daemon(s: &Setup) -> Res<(Daemon, Duration)> {
+    let d = Daemon::start(&s.daemon, true)?;
+    let took = d.started_in;
+    Ok((d, took))
 }
 
 impl Daemon {
-    /// Starts the daemon and waits until it answers `status`; returns it and the time from
-    /// spawn to that first answer.
-    fn start(s: &Setup) -> Res<(Daemon, Duration)> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&s.log)
-            .map_err(|e| format!("daemon log: {e}"))?;
-        let wrapper = std::env::var("EDGESYNC_BENCH_WRAPPER").unwrap_or_default();
-        let mut words = wrapper.split_whitespace();
-        let mut cmd = match words.next() {
-            Some(tool) => {
-                let mut c = Command::new(tool);
-                c.args(words).arg(DAEMON);
-                c
-            }
-            None => Command::new(DAEMON),
-        };
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&s.config)
-            .env_remove("EDGESYNC_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let t0 = Instant::now();
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {DAEMON}: {e}"))?;
-        let mut d = Daemon {
-            child: Some(child),
-            socket: s.socket.clone(),
-            log: s.log.clone(),
-        };
-        loop {
-            if status(&d.socket).is_ok() {
-                return Ok((d, t0.elapsed()));
-            }
-            if let Some(c) = d.child.as_mut()
-                && let Ok(Some(code)) = c.try_wait()
-            {
-                d.child = None;
-                return Err(format!(
-                    "daemon exited with {code} at start:\n{}",
-                    d.log_tail()
-                ));
-            }
-            if t0.elapsed() > START_TIMEOUT {
-                return Err(format!(
-                    "daemon did not answer in {START_TIMEOUT:?}:\n{}",
-                    d.log_tail()
-                ));
-            }
-            // Poll interval, not a settling delay: readiness is the answered status.
-            std::thread::sleep(Duration::from_micros(200));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
     /// `VmHWM` of the daemon in bytes.
     fn peak_rss(&self) -> Res<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .ok_or_else(|| format!("no VmHWM in {path}"))
+        proc_status_kb(self.pid(), "VmHWM")
     }
 
     /// CPU seconds of the daemon's threads by thread name.
@@ -274,53 +196,6 @@ impl Daemon {
         }
         out
     }
-
-    /// SIGTERM, then waits for the exit; returns how long the shutdown took.
-    fn stop(&mut self) -> Res<Duration> {
-        let Some(mut child) = self.child.take() else {
-            return Ok(Duration::ZERO);
-        };
-        let t0 = Instant::now();
-        let sent = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()
-            .map_err(|e| format!("kill: {e}"))?;
-        if !sent.success() {
-            let _ = child.kill();
-        }
-        let code = child.wait().map_err(|e| format!("wait: {e}"))?;
-        let took = t0.elapsed();
-        if !code.success() {
-            return Err(format!("daemon exited with {code}:\n{}", self.log_tail()));
-        }
-        Ok(took)
-    }
-
-    /// SIGKILL, then waits for the exit.
-    fn kill(&mut self) -> Res<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().map_err(|e| format!("kill: {e}"))?;
-            child.wait().map_err(|e| format!("wait: {e}"))?;
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
 }
 
 /// CPU time (s) of one thread, from `<task>/schedstat` (first field: ns on CPU).
@@ -329,24 +204,6 @@ fn schedstat_secs(task: &Path) -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .map_or(0.0, |ns| ns as f64 / 1e9)
-}
-
-/// One `status` request on a new connection; the parsed reply.
-fn status(socket: &Path) -> Res<serde_json::Value> {
-    let mut s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"{\"op\":\"status\"}\n")
-        .map_err(|e| e.to_string())?;
-    let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| e.to_string())?;
-    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| e.to_string())?;
-    if v["ok"] != true {
-        return Err(format!("status failed: {line}"));
-    }
-    Ok(v)
 }
 
 fn queue_depth(socket: &Path) -> Res<u64> {
@@ -358,25 +215,6 @@ fn queue_depth(socket: &Path) -> Res<u64> {
 // ---------------------------------------------------------------------------------------------
 // Workload.
 
-/// A 100-character value, different for every change.
-fn value(i: usize) -> String {
-    format!("reading-{i:0>width$}", width = VALUE_LEN - 8)
-}
-
-/// NDJSON input of `n` changes, `{"key":"sensor.N","value":"<100 chars>"}` a line.
-fn ndjson(n: usize) -> Vec<u8> {
-    let mut out = String::with_capacity(n * (VALUE_LEN + 40));
-    for i in 0..n {
-        let _ = writeln!(
-            out,
-            "{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}",
-            i % KEYS,
-            value(i)
-        );
-    }
-    out.into_bytes()
-}
-
 /// The first `lines` lines of NDJSON input.
 fn first_lines(input: &[u8], lines: usize) -> &[u8] {
     let end = input
@@ -386,19 +224,6 @@ fn first_lines(input: &[u8], lines: usize) -> &[u8] {
         .nth(lines.saturating_sub(1))
         .map_or(input.len(), |(i, _)| i + 1);
     &input[..end]
-}
-
-/// Streams `input` with `report_stream` on a runtime like the one of `edgesync report`;
-/// returns the changes acknowledged.
-fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    let out = rt
-        .block_on(report_stream(socket, input))
-        .map_err(|e| format!("report_stream: {e}"))?;
-    Ok(out.queued)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -431,7 +256,7 @@ struct Sample {
 fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()> {
     let n = args.single;
     let setup = setup(args, run)?;
-    let (mut d, first_start) = Daemon::start(&setup)?;
+    let (mut d, first_start) = start_daemon(&setup)?;
     s.startup_empty_ms = first_start.as_secs_f64() * 1e3;
     let daemon_cpu0 = d.cpu_by_thread();
     let client_cpu0 = schedstat_secs(Path::new("/proc/thread-self"));
@@ -463,13 +288,13 @@ fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<(
     }
     s.hwm = d.peak_rss()? as f64;
 
-    s.shutdown_ms = d.stop()?.as_secs_f64() * 1e3;
+    s.shutdown_ms = d.stop_clean()?.as_secs_f64() * 1e3;
     let size = std::fs::metadata(&setup.store)
         .map_err(|e| format!("store size: {e}"))?
         .len();
     s.file_per_change = size as f64 / n as f64;
     drop(d);
-    let (mut d, startup) = Daemon::start(&setup)?;
+    let (mut d, startup) = start_daemon(&setup)?;
     s.startup_ms = startup.as_secs_f64() * 1e3;
     s.restart_hwm = d.peak_rss()? as f64;
     let depth = queue_depth(&d.socket)?;
@@ -478,16 +303,16 @@ fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<(
     }
 
     // A crash (power cut): SIGKILL, then start again; redb repairs the file first.
-    d.kill()?;
+    d.kill9();
     drop(d);
-    let (mut d, recovery) = Daemon::start(&setup)?;
+    let (mut d, recovery) = start_daemon(&setup)?;
     s.recovery_ms = recovery.as_secs_f64() * 1e3;
     s.recovery_hwm = d.peak_rss()? as f64;
     let depth = queue_depth(&d.socket)?;
     if depth != n as u64 {
         return Err(format!("queue depth {depth} after a crash, expected {n}"));
     }
-    d.stop()?;
+    d.stop_clean()?;
     Ok(())
 }
 
@@ -495,7 +320,7 @@ fn single_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<(
 fn multi_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()> {
     let part = first_lines(input, args.per_client);
     let setup = setup(args, run)?;
-    let (mut d, _) = Daemon::start(&setup)?;
+    let (mut d, _) = start_daemon(&setup)?;
     let start = Barrier::new(CLIENTS + 1);
     let (dt, results) = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..CLIENTS)
@@ -529,7 +354,7 @@ fn multi_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()
     }
     s.multi_rate = total as f64 / dt.as_secs_f64();
     s.multi_hwm = d.peak_rss()? as f64;
-    d.stop()?;
+    d.stop_clean()?;
     Ok(())
 }
 
@@ -537,7 +362,7 @@ fn multi_client(args: &Args, input: &[u8], s: &mut Sample, run: usize) -> Res<()
 /// latency is from the write of a request to the read of its answer.
 fn latency(args: &Args, s: &mut Sample, run: usize) -> Res<()> {
     let setup = setup(args, run)?;
-    let (mut d, _) = Daemon::start(&setup)?;
+    let (mut d, _) = start_daemon(&setup)?;
     let n = (args.rate as f64 * args.latency_secs) as usize;
     let period = Duration::from_nanos(1_000_000_000 / args.rate);
     let due = |i: usize| period * u32::try_from(i).unwrap_or(u32::MAX);
@@ -619,65 +444,12 @@ fn latency(args: &Args, s: &mut Sample, run: usize) -> Res<()> {
     s.lat_p99_ms = pick(0.99);
     s.lat_max_ms = ms(lat.last().copied().unwrap_or(0));
     s.lat_offered = n as f64 / sending.as_secs_f64().max(1e-9);
-    d.stop()?;
+    d.stop_clean()?;
     Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
 // Report.
-
-fn machine(dir: &Path) -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map_or_else(
-            || "unknown".to_owned(),
-            |v| v.trim_start_matches([' ', '\t', ':']).to_owned(),
-        );
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/version").unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / MIB));
-    let df = Command::new("df")
-        .arg("-T")
-        .arg(dir)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let df: Vec<&str> = df.lines().nth(1).unwrap_or("").split_whitespace().collect();
-    let disk = match df.as_slice() {
-        [dev, fs, ..] => format!("{dev} ({fs})"),
-        _ => "unknown".into(),
-    };
-    format!(
-        "cpu     {model}\ncores   {cores}\nmemory  {mem}\nkernel  {}\ntemp    {} on {disk}\n",
-        kernel.trim(),
-        dir.display(),
-    )
-}
-
-/// Load average and CPU pressure: other work on the machine skews every figure.
-fn load() -> String {
-    let avg = std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    // "some avg10=1.23 avg60=..." : share of time runnable tasks waited for a CPU.
-    let pressure = std::fs::read_to_string("/proc/pressure/cpu")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(2).map(str::to_owned))
-        .map_or_else(String::new, |p| format!(", CPU pressure {p}%"));
-    format!("load average {avg}{pressure}")
-}
 
 #[derive(Clone, Copy)]
 enum Target {
@@ -694,16 +466,6 @@ struct Figure {
     values: Vec<f64>,
     scale: f64,
     decimals: usize,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
 }
 
 impl Figure {
@@ -731,10 +493,7 @@ impl Figure {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("ingest bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_of("ingest", run);
 }
 
 fn run() -> Res<()> {
@@ -744,8 +503,8 @@ fn run() -> Res<()> {
         "edgesync ingest benchmark{}",
         if args.quick { " (--quick)" } else { "" }
     );
-    print!("{}", machine(&args.dir));
-    println!("load    {} at start", load());
+    print!("{}", machine_in(&args.dir));
+    println!("load    {} at start", loadavg());
     println!("daemon  {DAEMON}");
     println!(
         "work    fig.1 {} changes, fig.2 {CLIENTS}×{}, fig.3 {} req/s for {} s; {KEYS} keys, \
@@ -1009,7 +768,7 @@ fn run() -> Res<()> {
         "\n{} repeats in {:.0} s; {} at the end",
         args.repeats,
         started.elapsed().as_secs_f64(),
-        load()
+        loadavg()
     );
     Ok(())
 }

@@ -34,32 +34,28 @@
 //!    its first failed attempt plus 1 s, utime+stime (`/proc/<pid>/stat`) over 60 s (10 s
 //!    with `--quick`, scaled to 60 s).
 
+mod common;
+
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edgesync::client::report_stream;
-use edgesync_testkit::{FaultProxy, Mosquitto, MosquittoOptions, TestPki};
-use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration};
+use common::{
+    DAEMON, Daemon, KEYS, MIB, Res, Setup, StatusConn, Subscriber, VALUE_LEN, batch_changes,
+    clock_ticks_per_sec, cpu_ticks, loadavg, machine, median, mqtt_options, ndjson, nodelay,
+    pki_and_mosquitto, proc_status_kb, scheduled, stream, value, wait_online,
+};
+use edgesync_testkit::{FaultProxy, Mosquitto, TestPki};
+use rumqttc::{Client, Event, Publish, QoS};
 
-type Res<T> = Result<T, String>;
-
-const DAEMON: &str = env!("CARGO_BIN_EXE_edgesync");
 const DEVICE: &str = "bench-sync";
-/// Distinct keys in the generated changes.
-const KEYS: usize = 100;
-/// Length of every generated string value.
-const VALUE_LEN: usize = 100;
-const START_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(300);
-const MIB: f64 = 1024.0 * 1024.0;
 /// Latency samples discarded at the start (first publish after connect, cold caches).
 const WARMUP: usize = 20;
 
@@ -167,23 +163,7 @@ struct World {
 
 impl World {
     fn new(args: &Args) -> Res<World> {
-        let mut dir = tempfile::Builder::new()
-            .prefix("edgesync-syncbench-")
-            .tempdir()
-            .map_err(|e| format!("temp dir: {e}"))?;
-        let pki = TestPki::generate_for(&dir.path().join("pki"), DEVICE, "edgesync")
-            .map_err(|e| format!("pki: {e}"))?;
-        let mosq = Mosquitto::start(
-            &pki,
-            MosquittoOptions {
-                require_certificate: true,
-                // Batches are at most sync.batch_max_bytes (256 KiB by default).
-                max_payload: 16 * 1024 * 1024,
-                ..MosquittoOptions::default()
-            },
-        )
-        .map_err(|e| format!("mosquitto: {e}"))?
-        .ok_or("mosquitto is not installed (/usr/sbin/mosquitto)")?;
+        let (mut dir, pki, mosq) = pki_and_mosquitto("edgesync-syncbench-", DEVICE, Vec::new())?;
         if std::env::var_os("EDGESYNC_BENCH_KEEP").is_some() {
             // For digging into the daemon logs afterwards.
             eprintln!("keeping {}", dir.path().display());
@@ -217,208 +197,12 @@ impl World {
             cert = self.pki.client_cert,
             key = self.pki.client_key,
         );
-        let config = dir.join("edgesync.toml");
-        std::fs::write(&config, text).map_err(|e| format!("writing the config: {e}"))?;
-        Ok(Setup {
-            config,
-            socket,
-            log: dir.join("daemon.log"),
-        })
-    }
-}
-
-struct Setup {
-    config: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-// ---------------------------------------------------------------------------------------------
-// The daemon under test.
-
-struct Daemon {
-    child: Option<Child>,
-    /// Started under `EDGESYNC_BENCH_WRAPPER`.
-    wrapped: bool,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(s: &Setup, wrapped: bool) -> Res<Daemon> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&s.log)
-            .map_err(|e| format!("daemon log: {e}"))?;
-        let wrapper = if wrapped {
-            std::env::var("EDGESYNC_BENCH_WRAPPER").unwrap_or_default()
-        } else {
-            String::new()
-        };
-        let mut words = wrapper.split_whitespace();
-        let mut cmd = match words.next() {
-            Some(tool) => {
-                let mut c = Command::new(tool);
-                c.args(words).arg(DAEMON);
-                c
-            }
-            None => Command::new(DAEMON),
-        };
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&s.config)
-            .env_remove("EDGESYNC_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let t0 = Instant::now();
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {DAEMON}: {e}"))?;
-        let mut d = Daemon {
-            child: Some(child),
-            wrapped: !wrapper.is_empty(),
-            socket: s.socket.clone(),
-            log: s.log.clone(),
-        };
-        loop {
-            if StatusConn::connect(&d.socket)
-                .and_then(|mut c| c.get())
-                .is_ok()
-            {
-                return Ok(d);
-            }
-            if let Some(c) = d.child.as_mut()
-                && let Ok(Some(code)) = c.try_wait()
-            {
-                d.child = None;
-                return Err(format!(
-                    "daemon exited with {code} at start:\n{}",
-                    d.log_tail()
-                ));
-            }
-            if t0.elapsed() > START_TIMEOUT {
-                return Err(format!(
-                    "daemon did not answer in {START_TIMEOUT:?}:\n{}",
-                    d.log_tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// The daemon's PID. Under a wrapper (perf, strace: they fork it) its first child.
-    fn pid(&self) -> u32 {
-        let pid = self.child.as_ref().map_or(0, Child::id);
-        if !self.wrapped {
-            return pid;
-        }
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .ok()
-            .and_then(|s| s.split_whitespace().next()?.parse().ok())
-            .unwrap_or(pid)
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    /// SIGTERM and wait (so a wrapper like `perf record` can write its output).
-    fn stop(&mut self) -> Res<()> {
-        // Under a wrapper, the daemon itself gets the signal; the wrapper ends with it.
-        let daemon = self.pid();
-        let Some(mut child) = self.child.take() else {
-            return Ok(());
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(daemon.to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err("daemon ignored SIGTERM for 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let daemon = self.pid();
-        if let Some(mut c) = self.child.take() {
-            if daemon != c.id() && daemon != 0 {
-                // Wrapped: the daemon is the wrapper's child; do not leave it behind.
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(daemon.to_string())
-                    .status();
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
-
-/// One connection to the daemon's socket for repeated `status` requests.
-struct StatusConn {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    line: String,
-}
-
-impl StatusConn {
-    fn connect(socket: &Path) -> Res<StatusConn> {
-        let s = UnixStream::connect(socket).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))
-            .map_err(|e| e.to_string())?;
-        let writer = s.try_clone().map_err(|e| e.to_string())?;
-        Ok(StatusConn {
-            reader: BufReader::new(s),
-            writer,
-            line: String::new(),
-        })
-    }
-
-    fn get(&mut self) -> Res<serde_json::Value> {
-        self.writer
-            .write_all(b"{\"op\":\"status\"}\n")
-            .map_err(|e| e.to_string())?;
-        self.line.clear();
-        self.reader
-            .read_line(&mut self.line)
-            .map_err(|e| e.to_string())?;
-        let v: serde_json::Value = serde_json::from_str(&self.line).map_err(|e| e.to_string())?;
-        if v["ok"] != true {
-            return Err(format!("status failed: {}", self.line.trim_end()));
-        }
-        Ok(v)
+        Setup::write(&dir, socket, &text)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // /proc figures.
-
-/// A `kB` field of `/proc/<pid>/status`, in bytes.
-fn proc_status_kb(pid: u32, field: &str) -> Res<u64> {
-    let path = format!("/proc/{pid}/status");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kb| kb * 1024)
-        .ok_or_else(|| format!("no {field} in {path}"))
-}
 
 /// Where the RSS of a process is: anon/file totals and the largest mappings (debugging aid).
 fn rss_breakdown(pid: u32) -> String {
@@ -453,20 +237,6 @@ fn rss_breakdown(pid: u32) -> String {
 /// Resets the peak RSS (`VmHWM`) of a process to its current RSS. False if not allowed.
 fn reset_hwm(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// utime + stime of a process (all its threads, dead ones too), in clock ticks.
-fn cpu_ticks(pid: u32) -> Res<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
-    match (num(11), num(12)) {
-        (Some(u), Some(s)) => Ok(u + s),
-        _ => Err(format!("cannot parse {path}")),
-    }
 }
 
 /// CPU ns of the live threads of a process (`schedstat`), finer than ticks.
@@ -509,95 +279,24 @@ fn ctx_switches(pid: u32) -> u64 {
         .sum()
 }
 
-fn clock_ticks_per_sec() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
-}
-
 // ---------------------------------------------------------------------------------------------
 // The cloud: a subscriber on Mosquitto recording every message with its arrival time.
 
 struct Cloud {
     msgs: Arc<Mutex<Vec<(Instant, Publish)>>>,
-    client: Client,
-    thread: Option<JoinHandle<()>>,
-}
-
-fn mqtt_options(pki: &TestPki, port: u16, name: &str) -> Res<MqttOptions> {
-    let (cert, key) = pki
-        .issue_client(name, name)
-        .map_err(|e| format!("client cert: {e}"))?;
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key)))
-        .map_err(|e| format!("tls: {e}"))?;
-    let mut o = MqttOptions::new(name, "localhost", port);
-    o.set_transport(rumqttc::Transport::tls_with_config(
-        TlsConfiguration::Rustls(tls),
-    ));
-    o.set_keep_alive(Duration::from_secs(30));
-    o.set_clean_session(true);
-    o.set_max_packet_size(1 << 24, 1 << 20);
-    Ok(o)
-}
-
-fn nodelay(conn: &mut Connection) {
-    let mut n = conn.eventloop.network_options();
-    n.set_tcp_nodelay(true);
-    conn.eventloop.set_network_options(n);
+    _sub: Subscriber,
 }
 
 impl Cloud {
     fn start(pki: &TestPki, port: u16, filter: &str, name: &str) -> Res<Cloud> {
-        let (client, mut connection) = Client::new(mqtt_options(pki, port, name)?, 64);
-        nodelay(&mut connection);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .map_err(|e| format!("subscribe: {e}"))?;
         let msgs = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&msgs);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = std::thread::spawn(move || {
-            for ev in connection.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let at = Instant::now();
-                        if let Ok(mut m) = sink.lock() {
-                            m.push((at, p));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(Ok(()));
-                    }
-                    // Closed by `close()`: do not reconnect.
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e.to_string()));
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                }
+        let sub = Subscriber::start(mqtt_options(pki, port, name)?, filter, move |at, p| {
+            if let Ok(mut m) = sink.lock() {
+                m.push((at, p));
             }
-        });
-        let mut cloud = Cloud {
-            msgs,
-            client,
-            thread: Some(thread),
-        };
-        match ready_rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(Ok(())) => Ok(cloud),
-            Ok(Err(e)) => {
-                cloud.close();
-                Err(format!("cloud subscriber: {e}"))
-            }
-            Err(_) => {
-                cloud.close();
-                Err("cloud subscriber got no SUBACK in 20 s".into())
-            }
-        }
+        })?;
+        Ok(Cloud { msgs, _sub: sub })
     }
 
     /// Messages received so far (cheap clones: payloads are shared).
@@ -608,130 +307,6 @@ impl Cloud {
     fn len(&self) -> usize {
         self.msgs.lock().map(|m| m.len()).unwrap_or(0)
     }
-
-    fn close(&mut self) {
-        let _ = self.client.disconnect();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Just enough CBOR to read a change batch without decoding values.
-
-/// A head at `*i`: (major type, argument). Floats (major 7, 2/4/8 bytes) are read whole.
-fn cbor_head(b: &[u8], i: &mut usize) -> Option<(u8, u64)> {
-    let ib = *b.get(*i)?;
-    *i += 1;
-    let n = match ib & 0x1f {
-        v @ 0..=23 => return Some((ib >> 5, u64::from(v))),
-        24 => 1,
-        25 => 2,
-        26 => 4,
-        27 => 8,
-        _ => return None,
-    };
-    let bytes = b.get(*i..*i + n)?;
-    *i += n;
-    Some((
-        ib >> 5,
-        bytes.iter().fold(0u64, |a, &x| (a << 8) | u64::from(x)),
-    ))
-}
-
-fn cbor_text<'a>(b: &'a [u8], i: &mut usize) -> Option<&'a str> {
-    let (major, len) = cbor_head(b, i)?;
-    if major != 3 {
-        return None;
-    }
-    let s = b.get(*i..*i + usize::try_from(len).ok()?)?;
-    *i += s.len();
-    std::str::from_utf8(s).ok()
-}
-
-fn cbor_skip(b: &[u8], i: &mut usize) -> Option<()> {
-    let (major, v) = cbor_head(b, i)?;
-    match major {
-        2 | 3 => *i += usize::try_from(v).ok()?,
-        4 => (0..v).try_for_each(|_| cbor_skip(b, i))?,
-        5 => (0..v * 2).try_for_each(|_| cbor_skip(b, i))?,
-        6 => cbor_skip(b, i)?,
-        _ => {}
-    }
-    (*i <= b.len()).then_some(())
-}
-
-/// The (seq, string value) of every change of a CBOR change batch.
-fn batch_changes(b: &[u8]) -> Option<Vec<(u64, Option<&str>)>> {
-    let mut i = 0;
-    let (5, fields) = cbor_head(b, &mut i)? else {
-        return None;
-    };
-    let mut out = Vec::new();
-    for _ in 0..fields {
-        if cbor_text(b, &mut i)? != "changes" {
-            cbor_skip(b, &mut i)?;
-            continue;
-        }
-        let (4, n) = cbor_head(b, &mut i)? else {
-            return None;
-        };
-        for _ in 0..n {
-            let (5, pairs) = cbor_head(b, &mut i)? else {
-                return None;
-            };
-            let (mut seq, mut value) = (None, None);
-            for _ in 0..pairs {
-                match cbor_text(b, &mut i)? {
-                    "seq" => seq = Some(cbor_head(b, &mut i)?.1),
-                    "value" if b.get(i).is_some_and(|x| x >> 5 == 3) => {
-                        value = Some(cbor_text(b, &mut i)?);
-                    }
-                    _ => cbor_skip(b, &mut i)?,
-                }
-            }
-            out.push((seq?, value));
-        }
-    }
-    Some(out)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Workload.
-
-fn value(i: usize) -> String {
-    format!("reading-{i:0>width$}", width = VALUE_LEN - 8)
-}
-
-fn ndjson(n: usize) -> Vec<u8> {
-    let mut out = String::with_capacity(n * (VALUE_LEN + 40));
-    for i in 0..n {
-        let _ = writeln!(
-            out,
-            "{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}",
-            i % KEYS,
-            value(i)
-        );
-    }
-    out.into_bytes()
-}
-
-fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("runtime: {e}"))?;
-    let out = rt
-        .block_on(report_stream(socket, input))
-        .map_err(|e| format!("report_stream: {e}"))?;
-    Ok(out.queued)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -963,26 +538,6 @@ fn percentiles(mut ns: Vec<u64>) -> Lat {
     }
 }
 
-/// Sends `n` things on a fixed schedule (`send(i)` does one); returns each send instant.
-fn scheduled(
-    n: usize,
-    spacing: Duration,
-    mut send: impl FnMut(usize) -> Res<()>,
-) -> Res<Vec<Instant>> {
-    let mut sent = Vec::with_capacity(n);
-    let t0 = Instant::now() + Duration::from_millis(10);
-    for i in 0..n {
-        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-        sent.push(Instant::now());
-        send(i)?;
-    }
-    Ok(sent)
-}
-
 /// Waits until `count()` reaches `n` (or 10 s pass).
 fn wait_count(n: usize, count: impl Fn() -> usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -998,14 +553,7 @@ fn latency(args: &Args) -> Res<(Lat, Lat)> {
     let cloud = Cloud::start(&world.pki, world.mosq.tls_port, &topic, "cloud-lat")?;
     let setup = world.agent_config("latency", world.mosq.tls_port, "")?;
     let mut d = Daemon::start(&setup, true)?;
-    let mut status = StatusConn::connect(&d.socket)?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status.get()?["connection"]["state"] != "online" {
-        if Instant::now() > deadline {
-            return Err(format!("daemon not online: {}", d.log_tail()));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_online(&d)?;
 
     let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))
@@ -1206,70 +754,6 @@ fn offline(args: &Args) -> Res<Vec<Offline>> {
 // ---------------------------------------------------------------------------------------------
 // Report.
 
-fn machine() -> String {
-    let dir = std::env::temp_dir();
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map_or_else(
-            || "unknown".to_owned(),
-            |v| v.trim_start_matches([' ', '\t', ':']).to_owned(),
-        );
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / MIB));
-    let df = Command::new("df")
-        .arg("-T")
-        .arg(&dir)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let df: Vec<&str> = df.lines().nth(1).unwrap_or("").split_whitespace().collect();
-    let disk = match df.as_slice() {
-        [dev, fs, ..] => format!("{dev} ({fs})"),
-        _ => "unknown".into(),
-    };
-    let mosq = Command::new("/usr/sbin/mosquitto")
-        .arg("-h")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let mosq = mosq.lines().next().unwrap_or("?").trim().to_owned();
-    format!(
-        "cpu     {model}\ncores   {cores}\nmemory  {mem}\nkernel  Linux {}\ntemp    {} on {disk}\nbroker  {mosq}\n",
-        kernel.trim(),
-        dir.display(),
-    )
-}
-
-/// Load average (1, 5, 15 min) and CPU pressure (share of the last 60 s in which some
-/// runnable task waited for a CPU): how much else wanted this machine.
-fn loadavg() -> String {
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ");
-    let psi = std::fs::read_to_string("/proc/pressure/cpu")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("some"))?
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix("avg60="))
-                .map(str::to_owned)
-        })
-        .map_or_else(String::new, |p| format!(", CPU pressure {p} % (60 s)"));
-    format!("{load} (1/5/15 min){psi}")
-}
-
 #[derive(Clone, Copy)]
 enum Target {
     None,
@@ -1284,16 +768,6 @@ struct Figure {
     values: Vec<f64>,
     scale: f64,
     decimals: usize,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
 }
 
 impl Figure {
@@ -1352,10 +826,7 @@ impl Figure {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("sync bench failed: {e}");
-        std::process::exit(1);
-    }
+    common::main_of("sync", run);
 }
 
 fn run() -> Res<()> {

@@ -128,35 +128,23 @@ impl Netns {
 
     /// Drops every packet through the namespace's end of the pair, both ways.
     fn drop_all(&self) {
-        let n = self.name.as_str();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "iptables",
-            "-A",
-            "INPUT",
-            "-i",
-            &self.ns_if,
-            "-j",
-            "DROP",
-        ])
-        .unwrap();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            n,
-            "iptables",
-            "-A",
-            "OUTPUT",
-            "-o",
-            &self.ns_if,
-            "-j",
-            "DROP",
-        ])
-        .unwrap();
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let n = self.name.as_str();
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                n,
+                "iptables",
+                "-A",
+                chain,
+                dir,
+                &self.ns_if,
+                "-j",
+                "DROP",
+            ])
+            .unwrap();
+        }
     }
 
     fn restore(&self) {

@@ -12,50 +12,24 @@ use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::Agent;
-use common::cloud::{Cloud, DEADLINE, Msg, decode, pki, tls_agent, unique, wait};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
+use common::cloud::{DEADLINE, Msg, cbor, decode, unique, wait};
+use common::rig::{BrokerRig, exec_handler, extends_broker_rig, line_count as runs};
 use serde_json::{Value, json};
 
-/// A broker, a cloud client subscribed to everything of the device, and the agent.
+/// The shared rig (a broker, a cloud client subscribed to everything of the device, and the
+/// agent) with the command helpers of this file.
 struct Rig {
-    device: String,
-    cloud: Cloud,
-    agent: Agent,
-    _broker: RumqttdBroker,
-    _pki: TestPki,
-    _dir: tempfile::TempDir,
+    base: BrokerRig,
 }
+
+extends_broker_rig!(Rig);
 
 impl Rig {
     /// `extra` is appended to the agent's config (more sections).
     fn start(device: &str, extra: &str) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(dir.path(), device);
-        let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-        let cloud = Cloud::start(
-            &pki,
-            broker.tls_port,
-            &format!("edgesync/{device}/#"),
-            false,
-        );
-        let mut opts = tls_agent(&pki, broker.tls_port, "");
-        opts.extra_toml = extra.to_owned();
-        let agent = Agent::start(opts);
-        let rig = Rig {
-            device: device.to_owned(),
-            cloud,
-            agent,
-            _broker: broker,
-            _pki: pki,
-            _dir: dir,
-        };
-        rig.wait_ready();
-        rig
-    }
-
-    fn topic(&self, suffix: &str) -> String {
-        format!("edgesync/{}/{suffix}", self.device)
+        Rig {
+            base: BrokerRig::ready(device, extra),
+        }
     }
 
     /// Publishes raw bytes on `P/D/cmd/NAME`.
@@ -70,21 +44,6 @@ impl Rig {
 
     fn send_cbor(&self, name: &str, req: &Value) {
         self.send_raw(name, cbor(req));
-    }
-
-    /// Every response on `P/D/cmd/NAME/result` whose id is `id`, in arrival order.
-    fn responses(&self, name: &str, id: &Value) -> Vec<(Msg, Value)> {
-        let topic = self.topic(&format!("cmd/{name}/result"));
-        self.cloud
-            .messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .map(|m| {
-                let v = decode(&m.payload);
-                (m, v)
-            })
-            .filter(|(_, v)| &v["id"] == id)
-            .collect()
     }
 
     /// Waits for the `n`th response (from 1) to `id` of `name`.
@@ -116,28 +75,6 @@ impl Rig {
         self.answer(name, &id)
     }
 
-    /// The agent is online and subscribed: a ping comes back (the subscription follows the
-    /// CONNACK, so early pings may find none and are sent again).
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let id = format!("ready-{}", unique());
-            self.send("ping", &json!({"id": id}));
-            let until = Instant::now() + Duration::from_millis(500);
-            while Instant::now() < until {
-                if !self.responses("ping", &json!(id)).is_empty() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the agent never answered a ping; log:\n{}",
-                self.agent.log()
-            );
-        }
-    }
-
     fn restart_after_kill9(&mut self) {
         self.agent.kill9();
         self.agent.restart();
@@ -161,12 +98,6 @@ impl Rig {
     }
 }
 
-fn cbor(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).unwrap();
-    out
-}
-
 fn ok_result(v: &Value) -> &Value {
     assert_eq!(v["ok"], true, "expected success, got {v}");
     &v["result"]
@@ -188,17 +119,8 @@ fn counting_handler(dir: &std::path::Path) -> (String, PathBuf, PathBuf) {
         runs.display(),
         slow.display()
     );
-    let toml = format!(
-        "[[desired.handler]]\nkeys = \"led\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}]\ntimeout = \"60s\"\n",
-        Value::String(script)
-    );
+    let toml = exec_handler("led", &script, "60s");
     (toml, runs, slow)
-}
-
-fn runs(path: &std::path::Path) -> usize {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 #[test]

@@ -14,24 +14,22 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::Agent;
-use common::cloud::{Cloud, DEADLINE, Msg, decode, pki, tls_agent, unique, wait};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use common::chaos::cpu_ticks;
+use common::cloud::{Cloud, DEADLINE, cbor, client_options, wait};
+use common::rig::{BrokerRig, exec_handler, extends_broker_rig, line_count};
+use edgesync_testkit::TestPki;
+use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{Value, json};
 
-/// A broker, a cloud client subscribed to everything of the device, and the agent with an
-/// exec handler for `led` that appends a line to `runs` per run and waits while `slow`
-/// exists.
+/// The shared rig, with an exec handler for `led` that appends a line to `runs` per run and
+/// waits while `slow` exists.
 struct Rig {
-    device: String,
-    cloud: Cloud,
-    agent: Agent,
+    base: BrokerRig,
     runs: PathBuf,
     slow: PathBuf,
-    broker: RumqttdBroker,
-    pki: TestPki,
-    _dir: tempfile::TempDir,
 }
+
+extends_broker_rig!(Rig);
 
 impl Rig {
     fn start(device: &str, extra: &str) -> Rig {
@@ -41,120 +39,23 @@ impl Rig {
     /// Like [`Rig::start`]; `before` runs with the cloud and the device's topic prefix
     /// before the agent starts (e.g. to leave retained messages on the broker).
     fn start_after(device: &str, extra: &str, before: impl FnOnce(&Cloud, &str)) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(dir.path(), device);
-        let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-        let cloud = Cloud::start(
-            &pki,
-            broker.tls_port,
-            &format!("edgesync/{device}/#"),
-            false,
-        );
-        before(&cloud, &format!("edgesync/{device}/"));
-        let runs = dir.path().join("runs");
-        let slow = dir.path().join("slow");
-        let script = format!(
-            "echo run >> '{}'; while [ -e '{}' ]; do sleep 0.05; done",
-            runs.display(),
-            slow.display()
-        );
-        let mut opts = tls_agent(&pki, broker.tls_port, "");
-        opts.extra_toml = format!(
-            "{extra}\n[[desired.handler]]\nkeys = \"led\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}]\ntimeout = \"120s\"\n",
-            Value::String(script)
-        );
-        let agent = Agent::start(opts);
-        let rig = Rig {
-            device: device.to_owned(),
-            cloud,
-            agent,
-            runs,
-            slow,
-            broker,
-            pki,
-            _dir: dir,
-        };
-        rig.wait_ready();
-        rig
-    }
-
-    fn topic(&self, suffix: &str) -> String {
-        format!("edgesync/{}/{suffix}", self.device)
+        let base = BrokerRig::start(device, |dir, cloud, opts| {
+            before(cloud, &format!("edgesync/{device}/"));
+            let script = format!(
+                "echo run >> '{}'; while [ -e '{}' ]; do sleep 0.05; done",
+                dir.join("runs").display(),
+                dir.join("slow").display()
+            );
+            opts.extra_toml = format!("{extra}\n{}", exec_handler("led", &script, "120s"));
+        });
+        let runs = base.dir.path().join("runs");
+        let slow = base.dir.path().join("slow");
+        base.wait_ready();
+        Rig { base, runs, slow }
     }
 
     fn runs(&self) -> usize {
-        std::fs::read_to_string(&self.runs)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
-    /// Every message on `P/D/SUFFIX`, decoded.
-    fn on(&self, suffix: &str) -> Vec<(Msg, Value)> {
-        let topic = self.topic(suffix);
-        self.cloud
-            .messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .map(|m| {
-                let v = decode(&m.payload);
-                (m, v)
-            })
-            .collect()
-    }
-
-    /// Answers on `cmd/NAME/result` to `id`.
-    fn answers(&self, name: &str, id: &str) -> Vec<(Msg, Value)> {
-        self.on(&format!("cmd/{name}/result"))
-            .into_iter()
-            .filter(|(_, v)| v["id"] == id)
-            .collect()
-    }
-
-    /// A ping comes back (sent again until the subscription is in place).
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let id = format!("ready-{}", unique());
-            self.cloud.publish(
-                &self.topic("cmd/ping"),
-                json!({"id": id}).to_string(),
-                false,
-            );
-            let until = Instant::now() + Duration::from_millis(1000);
-            while Instant::now() < until {
-                if !self.answers("ping", &id).is_empty() {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ping answered; log:\n{}",
-                self.agent.log()
-            );
-        }
-    }
-
-    /// Sends a new ping and returns how long its answer took.
-    fn ping(&self) -> Duration {
-        let id = format!("p-{}", unique());
-        let started = Instant::now();
-        self.cloud.publish(
-            &self.topic("cmd/ping"),
-            json!({"id": id}).to_string(),
-            false,
-        );
-        wait(&format!("the answer to ping {id}"), DEADLINE * 2, || {
-            !self.answers("ping", &id).is_empty()
-        });
-        started.elapsed()
-    }
-
-    fn desired_results(&self) -> Vec<Value> {
-        self.on("desired/result")
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect()
+        line_count(&self.runs)
     }
 
     fn desired(&self, version: u64, state: Value) -> Value {
@@ -178,36 +79,14 @@ impl Rig {
     }
 
     fn proc_status(&self, field: &str) -> u64 {
-        proc_status(self.agent.pid(), field)
+        self.agent.proc_status_kib(field)
     }
-}
-
-/// A field of `/proc/PID/status` as a number (kB fields in KiB).
-fn proc_status(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// CPU time (user + system) the process used so far.
 fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 here.
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
     // CLK_TCK is 100 on every Linux this runs on.
-    Duration::from_millis(ticks * 10)
-}
-
-fn cbor(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).unwrap();
-    out
+    Duration::from_millis(cpu_ticks(pid) * 10)
 }
 
 /// A second cloud client that publishes many QoS 1 messages without waiting for each
@@ -219,12 +98,7 @@ struct Flood {
 
 impl Flood {
     fn connect(pki: &TestPki, port: u16) -> Flood {
-        let id = format!("flood-{}", unique());
-        let (cert, key) = pki.issue_client(&id, &id).expect("flood cert");
-        let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
-        let mut o = MqttOptions::new(id, "localhost", port);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        o.set_keep_alive(Duration::from_secs(5));
+        let mut o = client_options(pki, port, "flood");
         o.set_inflight(100);
         let (client, mut connection) = Client::new(o, 256);
         let acked = Arc::new(AtomicU64::new(0));

@@ -5,39 +5,30 @@
 
 mod common;
 
-use common::Agent;
-use common::cloud::{Cloud, decode, pki, tls_agent};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions};
+use common::cloud::decode;
+use common::rig::BrokerRig;
 use serde_json::{Value, json};
 
 #[test]
 fn keys_that_look_like_options_are_refused_unless_the_template_ends_options() {
-    let dir = tempfile::tempdir().unwrap();
     let device = "harden-argv";
-    let pki = pki(dir.path(), device);
-    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-    let cloud = Cloud::start(
-        &pki,
-        broker.tls_port,
-        &format!("edgesync/{device}/#"),
-        false,
-    );
-    let plain = dir.path().join("plain");
-    let ended = dir.path().join("ended");
     // Each run appends its arguments, one a line.
     let record = |file: &std::path::Path| {
         Value::String(format!("printf '%s\\n' \"$@\" >> '{}'", file.display()))
     };
-    let mut opts = tls_agent(&pki, broker.tls_port, "");
-    opts.extra_toml = format!(
-        "[[desired.handler]]\nkeys = \"-r*\"\ntype = \"exec\"\n\
-         command = [\"/bin/sh\", \"-c\", {}, \"sh\", \"--\", \"{{key}}\"]\n\
-         [[desired.handler]]\nkeys = \"*\"\ntype = \"exec\"\n\
-         command = [\"/bin/sh\", \"-c\", {}, \"sh\", \"{{key}}\"]\n",
-        record(&ended),
-        record(&plain)
-    );
-    let agent = Agent::start(opts);
+    let rig = BrokerRig::start(device, |dir, _, opts| {
+        opts.extra_toml = format!(
+            "[[desired.handler]]\nkeys = \"-r*\"\ntype = \"exec\"\n\
+             command = [\"/bin/sh\", \"-c\", {}, \"sh\", \"--\", \"{{key}}\"]\n\
+             [[desired.handler]]\nkeys = \"*\"\ntype = \"exec\"\n\
+             command = [\"/bin/sh\", \"-c\", {}, \"sh\", \"{{key}}\"]\n",
+            record(&dir.join("ended")),
+            record(&dir.join("plain"))
+        );
+    });
+    let cloud = &rig.cloud;
+    let plain = rig.dir.path().join("plain");
+    let ended = rig.dir.path().join("ended");
     let doc = json!({"version": 1, "state": {"-x": 1, "--version": 2, "led": 3}});
     let topic = format!("edgesync/{device}/desired");
     let result = cloud.publish_until(&topic, doc.to_string().as_bytes(), "the result", |m| {
@@ -64,5 +55,5 @@ fn keys_that_look_like_options_are_refused_unless_the_template_ends_options() {
     });
     assert_eq!(result["status"], "applied", "{result}");
     assert_eq!(std::fs::read_to_string(&ended).unwrap(), "--\n-rf\n");
-    drop(agent);
+    drop(rig);
 }

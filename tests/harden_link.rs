@@ -16,6 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::cloud::{Cloud, DEADLINE, decode, pki, tls_agent, unique, wait};
+use common::rig::wait_ping;
 use common::{Agent, report_req};
 use edgesync_testkit::{FaultProxy, RumqttdBroker, RumqttdOptions, TestPki};
 use rumqttc::{Client, Event, MqttOptions, Outgoing, QoS, TlsConfiguration, Transport};
@@ -144,27 +145,9 @@ impl Rig {
 
     /// A ping comes back (sent again until the subscription is in place).
     fn wait_ready(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let id = format!("ready-{}", unique());
-            self.results.publish(
-                &self.topic("cmd/ping"),
-                json!({"id": id}).to_string(),
-                false,
-            );
-            let until = Instant::now() + Duration::from_millis(1000);
-            while Instant::now() < until {
-                if self.pings(&id) > 0 {
-                    return;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ping answered; log:\n{}",
-                self.agent.log()
-            );
-        }
+        wait_ping(&self.results, &self.device, &self.agent, |id| {
+            self.pings(id) > 0
+        });
     }
 
     fn desired_results(&self) -> Vec<Value> {
@@ -199,13 +182,25 @@ impl Rig {
         }
     }
 
+    /// Before a flood of version 1: version 10 applied (so every flood document is stale)
+    /// and a report synced. Returns the agent's peak RSS (VmHWM, KiB) so far.
+    fn flood_baseline(&self) -> u64 {
+        self.results.publish(
+            &self.topic("desired"),
+            json!({"version": 10, "state": {"base": 1}}).to_string(),
+            false,
+        );
+        wait("version 10 applied", DEADLINE, || {
+            self.desired_results()
+                .iter()
+                .any(|r| r["version"] == 10 && r["status"] == "applied")
+        });
+        self.report_syncs("before", json!(1), DEADLINE);
+        self.rss_kib("VmHWM:")
+    }
+
     fn rss_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        self.agent.proc_status_kib(field)
     }
 }
 
@@ -424,18 +419,7 @@ fn a_qos0_flood_of_desired_documents_keeps_memory_bounded_and_reports_flowing() 
     const DOC: usize = 200_000;
     let rig = Rig::start_with("hl-flood", "", "", Via::Injector, |_, _| {});
     // Version 10 applied: every flood document (version 1) is stale.
-    rig.results.publish(
-        &rig.topic("desired"),
-        json!({"version": 10, "state": {"base": 1}}).to_string(),
-        false,
-    );
-    wait("version 10 applied", DEADLINE, || {
-        rig.desired_results()
-            .iter()
-            .any(|r| r["version"] == 10 && r["status"] == "applied")
-    });
-    rig.report_syncs("before", json!(1), DEADLINE);
-    let baseline = rig.rss_kib("VmHWM:");
+    let baseline = rig.flood_baseline();
 
     let doc = json!({"version": 1, "state": {"k": "z".repeat(DOC)}}).to_string();
     let packet = publish_qos0(&rig.topic("desired"), doc.as_bytes());
@@ -738,18 +722,7 @@ fn a_qos1_flood_beyond_the_intake_bound_is_deferred_to_the_broker_not_held() {
     const FLOOD: u16 = 2000;
     const DOC: usize = 200_000;
     let rig = Rig::start_with("hl-flood1", "", "", Via::Injector, |_, _| {});
-    rig.results.publish(
-        &rig.topic("desired"),
-        json!({"version": 10, "state": {"base": 1}}).to_string(),
-        false,
-    );
-    wait("version 10 applied", DEADLINE, || {
-        rig.desired_results()
-            .iter()
-            .any(|r| r["version"] == 10 && r["status"] == "applied")
-    });
-    rig.report_syncs("before", json!(1), DEADLINE);
-    let baseline = rig.rss_kib("VmHWM:");
+    let baseline = rig.flood_baseline();
     let doc = json!({"version": 1, "state": {"k": "z".repeat(DOC)}}).to_string();
     let injector = rig.injector.as_ref().unwrap();
     let started = Instant::now();

@@ -12,20 +12,10 @@ use common::chaos::cpu_ticks;
 use std::process::Stdio;
 
 use common::{
-    Agent, AgentOptions, Conn, assert_exit, cli_command, report_req, run_with_timeout, stderr,
-    wait_timeout, wait_until,
+    Agent, AgentOptions, Conn, assert_exit, cli_command, proc_status_kib, report_req,
+    run_with_timeout, stderr, wait_timeout, wait_until,
 };
 use serde_json::{Value, json};
-
-/// A field of `/proc/PID/status` in KiB (`VmRSS:`, `VmHWM:`).
-fn proc_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 /// Waits until `pid` has used (almost) no CPU for two seconds (at most 2 clock ticks, where
 /// a busy process, even starved by parallel tests, uses tens): it has done all the work it
@@ -65,7 +55,7 @@ fn clients_that_do_not_read_their_answers_cannot_grow_memory() {
         assert_eq!(r["ok"], true, "{r}");
     }
     let pid = agent.pid();
-    let before = proc_kib(pid, "VmHWM:");
+    let before = proc_status_kib(pid, "VmHWM:");
     // Even requests ask for the whole document (1.2 MB), odd ones for one key: the key
     // named in an answer shows its place in the order.
     let reqs: Vec<Value> = (0..GETS)
@@ -82,7 +72,7 @@ fn clients_that_do_not_read_their_answers_cannot_grow_memory() {
         c.send_all(&reqs).unwrap();
     }
     wait_quiet(pid, Duration::from_secs(120));
-    let peak = proc_kib(pid, "VmHWM:");
+    let peak = proc_status_kib(pid, "VmHWM:");
     eprintln!(
         "unread answers: 2 connections x {GETS} get of {KEYS} keys x 60 KB: peak RSS {peak} KiB \
          (before the attack {before} KiB)"
@@ -264,27 +254,18 @@ fn a_closed_stdout_pipe_ends_the_cli_quietly() {
 /// the handler never runs for them; an ordinary key in the same document is applied.
 #[test]
 fn option_like_keys_are_never_passed_to_exec_handlers() {
-    use common::cloud::{Cloud, DEADLINE, pki, tls_agent, wait};
-    use edgesync_testkit::{RumqttdBroker, RumqttdOptions};
+    use common::cloud::{DEADLINE, wait};
+    use common::rig::BrokerRig;
     let device = "hl-optkey";
-    let dir = tempfile::tempdir().unwrap();
-    let pki = pki(dir.path(), device);
-    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-    let cloud = Cloud::start(
-        &pki,
-        broker.tls_port,
-        &format!("edgesync/{device}/#"),
-        false,
-    );
-    let runs = dir.path().join("runs");
-    // Appends its first argument to `runs`.
-    let script = format!("printf '%s\\n' \"$1\" >> '{}'", runs.display());
-    let mut opts = tls_agent(&pki, broker.tls_port, "");
-    opts.extra_toml = format!(
-        "[[desired.handler]]\nkeys = \"*\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}, \"sh\", \"{{key}}\"]\n",
-        Value::String(script)
-    );
-    let agent = Agent::start(opts);
+    let rig = BrokerRig::start(device, |dir, _, opts| {
+        // Appends its first argument to `runs`.
+        let script = format!("printf '%s\\n' \"$1\" >> '{}'", dir.join("runs").display());
+        opts.extra_toml = format!(
+            "[[desired.handler]]\nkeys = \"*\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}, \"sh\", \"{{key}}\"]\n",
+            Value::String(script)
+        );
+    });
+    let (cloud, runs) = (&rig.cloud, rig.dir.path().join("runs"));
     let doc = json!({"version": 1, "state": {"-rf": 1, "--version": 2, "ok.key": 3}});
     let topic = format!("edgesync/{device}/desired");
     // Published again until the agent's subscription is in place.
@@ -311,7 +292,7 @@ fn option_like_keys_are_never_passed_to_exec_handlers() {
     wait("the ordinary key's run", DEADLINE, || runs.exists());
     let ran = std::fs::read_to_string(&runs).unwrap();
     assert_eq!(ran, "ok.key\n", "only the ordinary key ran the handler");
-    drop(agent);
+    drop(rig);
 }
 
 /// Item 1, the request side: 500 connections each send most of a 1 MiB request line and no
@@ -323,7 +304,7 @@ fn partial_request_lines_of_many_clients_cannot_grow_memory() {
     const CLIENTS: usize = 500;
     let agent = Agent::start(AgentOptions::default());
     let pid = agent.pid();
-    let before = proc_kib(pid, "VmHWM:");
+    let before = proc_status_kib(pid, "VmHWM:");
     let chunk = vec![b'x'; 64 * 1024];
     let mut conns: Vec<(std::os::unix::net::UnixStream, usize)> = (0..CLIENTS)
         .map(|_| {
@@ -364,7 +345,7 @@ fn partial_request_lines_of_many_clients_cannot_grow_memory() {
         assert!(Instant::now() < deadline, "the daemon kept reading");
     }
     let total: usize = conns.iter().map(|(_, n)| n).sum();
-    let peak = proc_kib(pid, "VmHWM:");
+    let peak = proc_status_kib(pid, "VmHWM:");
     eprintln!(
         "partial lines: {CLIENTS} clients pushed {} MiB of unfinished lines; peak RSS {peak} KiB \
          (before {before} KiB)",

@@ -14,6 +14,7 @@ use edgesync::change::{NewChange, Origin, encode_value};
 use edgesync::store::{Outbox, StoreError, StoreOptions, WhenFull};
 
 use common::cloud::{Cloud, DEADLINE, pki, tls_agent};
+use common::rig::broker_and_cloud;
 use common::{Agent, AgentOptions};
 use edgesync_testkit::{RumqttdBroker, RumqttdOptions};
 use serde_json::{Value, json};
@@ -290,42 +291,6 @@ fn queue_export_of_a_damaged_store_exits_1_and_run_refuses_it() {
     assert!(stderr.contains("damaged"), "stderr: {stderr}");
 }
 
-/// A tmpfs of a given size mounted for one test; unmounted (lazily) on drop. As in
-/// tests/store_faults.rs: skipped where mounting is impossible, unless
-/// `EDGESYNC_REQUIRE_TMPFS=1`.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs(dir.to_path_buf())),
-            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-            Err(e) => e.to_string(),
-        };
-        let required = std::env::var_os("EDGESYNC_REQUIRE_TMPFS").is_some_and(|v| v == "1");
-        assert!(
-            !required,
-            "EDGESYNC_REQUIRE_TMPFS=1 but mounting a tmpfs failed: {why}"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here ({why}); needs root or CAP_SYS_ADMIN");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Item 11: the disk fills while online, so deletes of broker-acknowledged changes fail.
 /// Before the fix a failed delete was logged and taken as done: those changes stayed
 /// queued (and were sent again) until the next reconnect. Now the delete is retried with
@@ -342,12 +307,9 @@ fn deletes_that_fail_on_a_full_disk_are_retried_until_space_returns() {
             .max_bytes("256MiB")
             .store_path("fs/store.redb"),
     );
-    let fs = agent.dir().join("fs");
-    let Some(_mount) = Tmpfs::mount(&fs, "2m") else {
+    let Some((_mount, ballast)) = common::half_full_store_fs(&agent) else {
         return;
     };
-    let ballast = fs.join("ballast");
-    std::fs::write(&ballast, vec![0xA5u8; 1 << 20]).unwrap();
     agent.launch();
     let deadline = std::time::Instant::now() + DEADLINE;
     while status(&agent)["connection"]["state"] != "online" {
@@ -539,13 +501,7 @@ fn desired_documents_with_new_keys_cannot_grow_the_store_past_max_bytes() {
     let device = "bound-desired";
     let pki = pki(dir.path(), device);
     let max: u64 = 4 << 20;
-    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-    let cloud = Cloud::start(
-        &pki,
-        broker.tls_port,
-        &format!("edgesync/{device}/#"),
-        false,
-    );
+    let (broker, cloud) = broker_and_cloud(&pki, device);
     let agent = Agent::start(tls_agent(&pki, broker.tls_port, "").max_bytes("4MiB"));
     common::wait_until("online", DEADLINE, || {
         status(&agent)["connection"]["state"] == "online"

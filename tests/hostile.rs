@@ -13,131 +13,35 @@
 mod common;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::Agent;
-use common::cloud::{Cloud, DEADLINE, Msg, decode, pki, tls_agent, unique, wait};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
+use common::cloud::{DEADLINE, decode, wait};
+use common::rig::{BrokerRig, exec_handler, extends_broker_rig, line_count};
 use serde_json::{Value, json};
 
+/// The shared rig, and the file the `led` handler appends a line to per run.
 struct Rig {
-    device: String,
-    cloud: Cloud,
-    agent: Agent,
+    base: BrokerRig,
     runs: PathBuf,
-    _broker: RumqttdBroker,
-    _pki: TestPki,
-    _dir: tempfile::TempDir,
 }
+
+extends_broker_rig!(Rig);
 
 impl Rig {
     /// The agent with `extra` appended to its config and an exec handler for `led` that
     /// appends a line to `runs` per run; returns once the agent answers a ping.
     fn start(device: &str, extra: &str) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(dir.path(), device);
-        let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-        let cloud = Cloud::start(
-            &pki,
-            broker.tls_port,
-            &format!("edgesync/{device}/#"),
-            false,
-        );
-        let runs = dir.path().join("runs");
-        let script = format!("echo run >> '{}'", runs.display());
-        let mut opts = tls_agent(&pki, broker.tls_port, "");
-        opts.extra_toml = format!(
-            "{extra}\n[[desired.handler]]\nkeys = \"led\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}]\ntimeout = \"60s\"\n",
-            Value::String(script)
-        );
-        let agent = Agent::start(opts);
-        let rig = Rig {
-            device: device.to_owned(),
-            cloud,
-            agent,
-            runs,
-            _broker: broker,
-            _pki: pki,
-            _dir: dir,
-        };
-        rig.wait_ready();
-        rig
-    }
-
-    fn topic(&self, suffix: &str) -> String {
-        format!("edgesync/{}/{suffix}", self.device)
+        let base = BrokerRig::start(device, |dir, _, opts| {
+            let script = format!("echo run >> '{}'", dir.join("runs").display());
+            opts.extra_toml = format!("{extra}\n{}", exec_handler("led", &script, "60s"));
+        });
+        let runs = base.dir.path().join("runs");
+        base.wait_ready();
+        Rig { base, runs }
     }
 
     fn runs(&self) -> usize {
-        std::fs::read_to_string(&self.runs)
-            .map(|s| s.lines().count())
-            .unwrap_or(0)
-    }
-
-    /// Every message on `P/D/SUFFIX`, decoded.
-    fn on(&self, suffix: &str) -> Vec<(Msg, Value)> {
-        let topic = self.topic(suffix);
-        self.cloud
-            .messages()
-            .into_iter()
-            .filter(|m| m.topic == topic)
-            .map(|m| {
-                let v = decode(&m.payload);
-                (m, v)
-            })
-            .collect()
-    }
-
-    fn pings(&self, id: &str) -> usize {
-        self.on("cmd/ping/result")
-            .iter()
-            .filter(|(_, v)| v["id"] == id)
-            .count()
-    }
-
-    /// A ping comes back (sent again until the subscription is in place).
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let id = format!("ready-{}", unique());
-            self.cloud.publish(
-                &self.topic("cmd/ping"),
-                json!({"id": id}).to_string(),
-                false,
-            );
-            let until = Instant::now() + Duration::from_millis(1000);
-            while Instant::now() < until {
-                if self.pings(&id) > 0 {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no ping answered; log:\n{}",
-                self.agent.log()
-            );
-        }
-    }
-
-    /// A new ping is answered: every message published before it was taken in.
-    fn ping(&self) {
-        let id = format!("p-{}", unique());
-        self.cloud.publish(
-            &self.topic("cmd/ping"),
-            json!({"id": id}).to_string(),
-            false,
-        );
-        wait(&format!("the answer to ping {id}"), DEADLINE, || {
-            self.pings(&id) > 0
-        });
-    }
-
-    fn desired_results(&self) -> Vec<Value> {
-        self.on("desired/result")
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect()
+        line_count(&self.runs)
     }
 
     fn result(&self, version: u64, status: &str) -> Value {
@@ -160,12 +64,7 @@ impl Rig {
     }
 
     fn rss_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.agent.pid())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+        self.agent.proc_status_kib(field)
     }
 }
 
@@ -175,13 +74,6 @@ fn replace_bytes(haystack: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
         Some(at) => [&haystack[..at], to, &haystack[at + from.len()..]].concat(),
         None => haystack.to_vec(),
     }
-}
-
-#[allow(dead_code)]
-fn cbor(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    ciborium::into_writer(v, &mut out).unwrap();
-    out
 }
 
 /// CBOR text string header + bytes (no UTF-8 check: the point is to send bad ones).

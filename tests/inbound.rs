@@ -17,13 +17,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::Agent;
-use common::cloud::{Cloud, DEADLINE, decode, pki, tls_agent, wait};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions, TestPki};
+use common::cloud::{DEADLINE, decode, wait};
+use common::rig::{BrokerRig, exec_handler, extends_broker_rig, read_lines};
 use serde_json::{Value, json};
 
 const DESIRED_POINTS: [&str; 3] = ["desired-received", "desired-taken", "desired-before-puback"];
@@ -36,50 +35,24 @@ fn cycles() -> usize {
         .unwrap_or(200)
 }
 
-/// A broker, the cloud subscribed to everything of the device, and the agent.
+/// The shared rig, and the file the handler appends each run's version to.
 struct Rig {
-    device: String,
-    cloud: Cloud,
-    agent: Agent,
+    base: BrokerRig,
     runs: PathBuf,
-    _broker: RumqttdBroker,
-    _pki: TestPki,
-    _dir: tempfile::TempDir,
 }
+
+extends_broker_rig!(Rig);
 
 impl Rig {
     /// The agent with an exec handler for `key` that appends `$EDGESYNC_VERSION` to `runs`.
     fn start(device: &str, key: &str) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = pki(dir.path(), device);
-        let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-        let cloud = Cloud::start(
-            &pki,
-            broker.tls_port,
-            &format!("edgesync/{device}/#"),
-            false,
-        );
-        let runs = dir.path().join("runs");
-        let script = format!("echo \"$EDGESYNC_VERSION\" >> '{}'", runs.display());
-        let mut opts = tls_agent(&pki, broker.tls_port, "");
-        opts.extra_toml = format!(
-            "[[desired.handler]]\nkeys = \"{key}\"\ntype = \"exec\"\ncommand = [\"/bin/sh\", \"-c\", {}]\ntimeout = \"60s\"\n",
-            Value::String(script)
-        );
-        let agent = Agent::start(opts);
-        Rig {
-            device: device.to_owned(),
-            cloud,
-            agent,
-            runs,
-            _broker: broker,
-            _pki: pki,
-            _dir: dir,
-        }
-    }
-
-    fn topic(&self, suffix: &str) -> String {
-        format!("edgesync/{}/{suffix}", self.device)
+        let base = BrokerRig::start(device, |dir, _, opts| {
+            let runs = dir.join("runs");
+            let script = format!("echo \"$EDGESYNC_VERSION\" >> '{}'", runs.display());
+            opts.extra_toml = exec_handler(key, &script, "60s");
+        });
+        let runs = base.dir.path().join("runs");
+        Rig { base, runs }
     }
 
     fn runs(&self) -> Vec<String> {
@@ -136,16 +109,9 @@ impl Rig {
             .append(true)
             .open(&self.agent.log_path)
             .unwrap();
-        let child = common::bin_command()
-            .arg("run")
-            .arg("--config")
-            .arg(&self.agent.config_path)
-            .env_remove("EDGESYNC_CONFIG")
-            .env_remove("EDGESYNC_LOG")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
+        let child = self
+            .agent
+            .run_command()
             .env(edgesync::crash::ENV, point)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -173,12 +139,6 @@ impl Drop for Armed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .map(|s| s.lines().map(str::to_owned).collect())
-        .unwrap_or_default()
 }
 
 /// The number of crashes at each point, from the agent's log.

@@ -11,13 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::cloud::{DEADLINE, pki, tls_agent, unique, wait};
+use common::cloud::{DEADLINE, Subscription, pki, subscriber, tls_agent, wait};
 use common::{Agent, AgentOptions, assert_exit, report_req, stderr, stdout};
 use edgesync_testkit::exposition::{self, samples_by_series};
 use edgesync_testkit::{
     FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, TestPki, free_port,
 };
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{Client, Event, Packet, QoS};
 use serde_json::{Value, json};
 
 /// A metrics document as the subscriber got it.
@@ -37,40 +37,23 @@ struct Subscriber {
 
 impl Subscriber {
     fn start(pki: &TestPki, port: u16, topic: &str) -> Subscriber {
-        let id = format!("ops-{}", unique());
-        let (cert, key) = pki.issue_client(&id, &id).unwrap();
-        let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).unwrap();
-        let mut o = MqttOptions::new(id, "localhost", port);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        o.set_keep_alive(Duration::from_secs(5));
-        let (client, mut connection) = Client::new(o, 16);
-        client.subscribe(topic, QoS::AtLeastOnce).unwrap();
         let got = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&got);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        thread::spawn(move || {
-            for ev in connection.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock().unwrap().push(Got {
-                            at: Instant::now(),
-                            qos: p.qos,
-                            retain: p.retain,
-                            doc: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
-                        });
-                    }
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
-                }
+        let how = Subscription {
+            role: "ops",
+            persistent: false,
+            suback: Duration::from_secs(20),
+        };
+        let (client, _) = subscriber(pki, port, topic, how, move |ev| {
+            if let Event::Incoming(Packet::Publish(p)) = ev {
+                sink.lock().unwrap().push(Got {
+                    at: Instant::now(),
+                    qos: p.qos,
+                    retain: p.retain,
+                    doc: serde_json::from_slice(&p.payload).unwrap_or(Value::Null),
+                });
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("no SUBACK");
         Subscriber { got, client }
     }
 

@@ -874,42 +874,6 @@ fn io_errors_and_full_disk_fail_only_their_commit_and_the_store_recovers() {
 // ---------------------------------------------------------------------------------------
 // A full file system under the real agent
 
-/// A tmpfs of a given size mounted for one test; unmounted (lazily) on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    /// Mounts, or returns `None` (with a message) where mounting is impossible, unless
-    /// `EDGESYNC_REQUIRE_TMPFS=1` makes that a failure.
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output();
-        let why = match out {
-            Ok(o) if o.status.success() => return Some(Tmpfs(dir.to_path_buf())),
-            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-            Err(e) => e.to_string(),
-        };
-        let required = std::env::var_os("EDGESYNC_REQUIRE_TMPFS").is_some_and(|v| v == "1");
-        assert!(
-            !required,
-            "EDGESYNC_REQUIRE_TMPFS=1 but mounting a tmpfs failed: {why}"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here ({why}); needs root or CAP_SYS_ADMIN");
-        None
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn full_disk_under_the_real_agent_answers_store_full_and_recovers() {
     use common::{Agent, AgentOptions, error_code, report_req, wait_until};
@@ -918,14 +882,10 @@ fn full_disk_under_the_real_agent_answers_store_full_and_recovers() {
             .max_bytes("256MiB")
             .store_path("fs/store.redb"),
     );
-    let fs = agent.dir().join("fs");
     // Declared after the agent: unmounted before the agent's directory goes.
-    let Some(_mount) = Tmpfs::mount(&fs, "2m") else {
+    let Some((_mount, ballast)) = common::half_full_store_fs(&agent) else {
         return;
     };
-    // Half the space, freed later: "space returns".
-    let ballast = fs.join("ballast");
-    std::fs::write(&ballast, vec![0xA5u8; 1 << 20]).unwrap();
     agent.launch();
 
     // key → value of every acknowledged change, and its seq.

@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::cloud::{Cloud, decode, pki, unique};
+use common::cloud::{decode, pki, unique};
+use common::rig::broker_and_cloud;
 use common::{Agent, AgentOptions, BIN, report_req, try_request, wait_timeout};
-use edgesync_testkit::{RumqttdBroker, RumqttdOptions};
 use serde_json::{Value, json};
 
 /// How long a notification may take to come.
@@ -740,13 +740,7 @@ fn hardened_unit_under_systemd() {
     let device = format!("sd-{}", unique());
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), &device);
-    let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();
-    let cloud = Cloud::start(
-        &pki,
-        broker.tls_port,
-        &format!("edgesync/{device}/#"),
-        false,
-    );
+    let (broker, cloud) = broker_and_cloud(&pki, &device);
     let config = format!(
         r#"[device]
 id = "{device}"

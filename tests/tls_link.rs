@@ -144,6 +144,25 @@ async fn assert_connects(host: &str, port: u16, config: Arc<ClientConfig>) {
     }
 }
 
+/// With the client certificate `cert` (and `key`), both brokers reject us and the line says so.
+async fn assert_client_cert_rejected(cert: &Path, key: &Path) {
+    let pki = pki();
+    let config = client_config(&pki.ca, Some((cert, key))).unwrap();
+    let port = shared().rumqttd.tls_port;
+    let line = failure("localhost", port, config.clone(), None, true).await;
+    assert!(
+        line.starts_with("broker rejected our client certificate ("),
+        "{line}"
+    );
+    if let Some(m) = mosquitto(ServerCert::Good) {
+        let line = failure("localhost", m.tls_port, config, None, true).await;
+        assert!(
+            line.starts_with("broker rejected our client certificate ("),
+            "{line}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The right configuration
 
@@ -297,47 +316,13 @@ async fn missing_client_cert_is_named() {
 #[tokio::test]
 async fn client_cert_of_another_ca_is_rejected_by_the_broker() {
     let pki = pki();
-    let config = client_config(
-        &pki.ca,
-        Some((&pki.wrong_ca_client_cert, &pki.wrong_ca_client_key)),
-    )
-    .unwrap();
-    let port = shared().rumqttd.tls_port;
-    let line = failure("localhost", port, config.clone(), None, true).await;
-    assert!(
-        line.starts_with("broker rejected our client certificate ("),
-        "{line}"
-    );
-    if let Some(m) = mosquitto(ServerCert::Good) {
-        let line = failure("localhost", m.tls_port, config, None, true).await;
-        assert!(
-            line.starts_with("broker rejected our client certificate ("),
-            "{line}"
-        );
-    }
+    assert_client_cert_rejected(&pki.wrong_ca_client_cert, &pki.wrong_ca_client_key).await;
 }
 
 #[tokio::test]
 async fn expired_client_cert_is_rejected_by_the_broker() {
     let pki = pki();
-    let config = client_config(
-        &pki.ca,
-        Some((&pki.expired_client_cert, &pki.expired_client_key)),
-    )
-    .unwrap();
-    let port = shared().rumqttd.tls_port;
-    let line = failure("localhost", port, config.clone(), None, true).await;
-    assert!(
-        line.starts_with("broker rejected our client certificate ("),
-        "{line}"
-    );
-    if let Some(m) = mosquitto(ServerCert::Good) {
-        let line = failure("localhost", m.tls_port, config, None, true).await;
-        assert!(
-            line.starts_with("broker rejected our client certificate ("),
-            "{line}"
-        );
-    }
+    assert_client_cert_rejected(&pki.expired_client_cert, &pki.expired_client_key).await;
 }
 
 // ---------------------------------------------------------------------------------------------

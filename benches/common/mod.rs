@@ -1,6 +1,6 @@
-//! Helpers shared by the benches that drive the real daemon (`benches/compare.rs`; the same
-//! code as `benches/sync.rs`, which predates this module): starting and stopping the daemon,
-//! its `status`, `/proc` figures, the generated workload, reading change batches, the
+//! The harness every bench shares (`benches/{compare,sync,ingest,desired}.rs`): starting and
+//! stopping the daemon, its `status`, `/proc` figures, MQTT clients with their own
+//! certificates and a subscriber thread, the generated workload, reading change batches, the
 //! machine description and medians.
 //!
 //! Every bench includes this with `mod common;` and uses only a part of it.
@@ -10,12 +10,14 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use edgesync::client::report_stream;
-use edgesync_testkit::TestPki;
-use rumqttc::{Connection, MqttOptions, TlsConfiguration};
+use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
+use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration};
+use tempfile::TempDir;
 
 pub type Res<T> = Result<T, String>;
 
@@ -37,16 +39,38 @@ pub struct Setup {
     pub log: PathBuf,
 }
 
+impl Setup {
+    /// Writes `config` to `DIR/edgesync.toml`; the daemon's log goes to `DIR/daemon.log`.
+    pub fn write(dir: &Path, socket: PathBuf, config: &str) -> Res<Setup> {
+        let path = dir.join("edgesync.toml");
+        std::fs::write(&path, config).map_err(|e| format!("writing the config: {e}"))?;
+        Ok(Setup {
+            config: path,
+            socket,
+            log: dir.join("daemon.log"),
+        })
+    }
+}
+
 pub struct Daemon {
     child: Option<Child>,
     /// Started under `EDGESYNC_BENCH_WRAPPER`.
     wrapped: bool,
     pub socket: PathBuf,
     log: PathBuf,
+    /// From the spawn to the first answered `status`.
+    pub started_in: Duration,
 }
 
 impl Daemon {
+    /// Starts `edgesync run` (under `EDGESYNC_BENCH_WRAPPER` when `wrapped`), its stderr
+    /// appended to the setup's log, and waits until it answers `status`.
     pub fn start(s: &Setup, wrapped: bool) -> Res<Daemon> {
+        Daemon::start_with(s, wrapped, &[])
+    }
+
+    /// [`Daemon::start`] with `env` set for the daemon (e.g. `EDGESYNC_LOG`).
+    pub fn start_with(s: &Setup, wrapped: bool, env: &[(&str, &str)]) -> Res<Daemon> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -70,6 +94,7 @@ impl Daemon {
             .arg("--config")
             .arg(&s.config)
             .env_remove("EDGESYNC_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -82,12 +107,11 @@ impl Daemon {
             wrapped: !wrapper.is_empty(),
             socket: s.socket.clone(),
             log: s.log.clone(),
+            started_in: Duration::ZERO,
         };
         loop {
-            if StatusConn::connect(&d.socket)
-                .and_then(|mut c| c.get())
-                .is_ok()
-            {
+            if status(&d.socket).is_ok() {
+                d.started_in = t0.elapsed();
                 return Ok(d);
             }
             if let Some(c) = d.child.as_mut()
@@ -105,7 +129,8 @@ impl Daemon {
                     d.log_tail()
                 ));
             }
-            std::thread::sleep(Duration::from_millis(1));
+            // Poll interval, not a settling delay: readiness is the answered status.
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -129,26 +154,49 @@ impl Daemon {
 
     /// SIGTERM and wait (so a wrapper like `perf record` can write its output).
     pub fn stop(&mut self) -> Res<()> {
+        self.terminate().map(|_| ())
+    }
+
+    /// [`Daemon::stop`], failing unless the daemon exited with status 0; returns how long
+    /// it took from the signal to the exit.
+    pub fn stop_clean(&mut self) -> Res<Duration> {
+        match self.terminate()? {
+            Some((code, _)) if !code.success() => {
+                Err(format!("daemon exited with {code}:\n{}", self.log_tail()))
+            }
+            Some((_, took)) => Ok(took),
+            None => Ok(Duration::ZERO),
+        }
+    }
+
+    /// SIGTERM and wait: the exit status and the time from the signal to the exit (`None`
+    /// when the daemon was not running).
+    fn terminate(&mut self) -> Res<Option<(ExitStatus, Duration)>> {
         // Under a wrapper, the daemon itself gets the signal; the wrapper ends with it.
         let daemon = self.pid();
         let Some(mut child) = self.child.take() else {
-            return Ok(());
+            return Ok(None);
         };
-        let _ = Command::new("kill")
+        let t0 = Instant::now();
+        let sent = Command::new("kill")
             .arg("-TERM")
             .arg(daemon.to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        if !sent.is_ok_and(|s| s.success()) {
+            let _ = child.kill();
+        }
+        let deadline = t0 + Duration::from_secs(30);
         loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                return Ok(());
+            if let Ok(Some(code)) = child.try_wait() {
+                return Ok(Some((code, t0.elapsed())));
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
                 return Err("daemon ignored SIGTERM for 30 s".into());
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Poll interval (the shutdown time is a figure of the ingest bench).
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -159,6 +207,7 @@ impl Daemon {
         let daemon = self.pid();
         if let Some(mut c) = self.child.take() {
             if daemon != c.id() && daemon != 0 {
+                // Wrapped: the daemon is the wrapper's child; do not leave it behind.
                 let _ = Command::new("kill")
                     .arg("-KILL")
                     .arg(daemon.to_string())
@@ -172,18 +221,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let daemon = self.pid();
-        if let Some(mut c) = self.child.take() {
-            if daemon != c.id() && daemon != 0 {
-                // Wrapped: the daemon is the wrapper's child; do not leave it behind.
-                let _ = Command::new("kill")
-                    .arg("-KILL")
-                    .arg(daemon.to_string())
-                    .status();
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.kill9();
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -222,6 +260,24 @@ impl StatusConn {
         }
         Ok(v)
     }
+}
+
+/// One `status` request on a new connection; the parsed reply.
+pub fn status(socket: &Path) -> Res<serde_json::Value> {
+    StatusConn::connect(socket)?.get()
+}
+
+/// Waits until the daemon reports its link online.
+pub fn wait_online(d: &Daemon) -> Res<()> {
+    let mut status = StatusConn::connect(&d.socket)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status.get()?["connection"]["state"] != "online" {
+        if Instant::now() > deadline {
+            return Err(format!("daemon not online: {}", d.log_tail()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -281,10 +337,110 @@ pub fn mqtt_options(pki: &TestPki, port: u16, name: &str) -> Res<MqttOptions> {
     Ok(o)
 }
 
+/// A temporary directory (`PREFIX…`) holding a fresh PKI for `device` in `pki/`, and the
+/// "cloud" Mosquitto on it: mutual TLS (`require_certificate`), 16 MiB messages, `extra`
+/// config lines.
+pub fn pki_and_mosquitto(
+    prefix: &str,
+    device: &str,
+    extra: Vec<String>,
+) -> Res<(TempDir, TestPki, Mosquitto)> {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let pki = TestPki::generate_for(&dir.path().join("pki"), device, "edgesync")
+        .map_err(|e| format!("pki: {e}"))?;
+    let mosq = Mosquitto::start(
+        &pki,
+        MosquittoOptions {
+            require_certificate: true,
+            // Batches are at most sync.batch_max_bytes (256 KiB by default).
+            max_payload: 16 * 1024 * 1024,
+            extra_config: extra,
+            ..MosquittoOptions::default()
+        },
+    )
+    .map_err(|e| format!("mosquitto: {e}"))?
+    .ok_or("mosquitto is not installed (/usr/sbin/mosquitto)")?;
+    Ok((dir, pki, mosq))
+}
+
 pub fn nodelay(conn: &mut Connection) {
     let mut n = conn.eventloop.network_options();
     n.set_tcp_nodelay(true);
     conn.eventloop.set_network_options(n);
+}
+
+/// An MQTT client subscribed to one filter, its event loop on a thread that hands every
+/// message to a callback with its arrival time. Disconnects (without reconnecting) on
+/// [`Subscriber::close`] and on drop.
+pub struct Subscriber {
+    client: Client,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Subscriber {
+    /// Connects with `opts` (TCP_NODELAY), subscribes to `filter` at QoS 1 and returns
+    /// once the SUBACK arrived (or fails after 20 s or on the first connection error).
+    pub fn start(
+        opts: MqttOptions,
+        filter: &str,
+        mut on_publish: impl FnMut(Instant, Publish) + Send + 'static,
+    ) -> Res<Subscriber> {
+        let (client, mut connection) = Client::new(opts, 64);
+        nodelay(&mut connection);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .map_err(|e| format!("subscribe: {e}"))?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            for ev in connection.iter() {
+                match ev {
+                    Ok(Event::Incoming(Packet::Publish(p))) => on_publish(Instant::now(), p),
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        let _ = ready_tx.send(Ok(()));
+                    }
+                    // Closed by `close()`: do not reconnect.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            }
+        });
+        let mut sub = Subscriber {
+            client,
+            thread: Some(thread),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(Ok(())) => Ok(sub),
+            Ok(Err(e)) => {
+                sub.close();
+                Err(format!("cloud subscriber: {e}"))
+            }
+            Err(_) => {
+                sub.close();
+                Err("cloud subscriber got no SUBACK in 20 s".into())
+            }
+        }
+    }
+
+    pub fn close(&mut self) {
+        let _ = self.client.disconnect();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -398,13 +554,45 @@ pub fn stream(socket: &Path, input: &[u8]) -> Res<u64> {
     Ok(out.queued)
 }
 
-// ---------------------------------------------------------------------------------------------
-// Figures 1 and 2: drain of a backlog.
+/// Sends `n` things on a fixed schedule (`send(i)` does one); returns each send instant.
+pub fn scheduled(
+    n: usize,
+    spacing: Duration,
+    mut send: impl FnMut(usize) -> Res<()>,
+) -> Res<Vec<Instant>> {
+    let mut sent = Vec::with_capacity(n);
+    let t0 = Instant::now() + Duration::from_millis(10);
+    for i in 0..n {
+        let due = t0 + spacing * u32::try_from(i).unwrap_or(u32::MAX);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        sent.push(Instant::now());
+        send(i)?;
+    }
+    Ok(sent)
+}
 
+// ---------------------------------------------------------------------------------------------
 // Report.
 
+/// A bench's `main`: runs `run`; on failure says so and exits with status 1.
+pub fn main_of(bench: &str, run: impl FnOnce() -> Res<()>) {
+    if let Err(e) = run() {
+        eprintln!("{bench} bench failed: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// The machine: CPU, cores, memory, kernel, the file system of the temporary directory and
+/// the Mosquitto version.
 pub fn machine() -> String {
-    let dir = std::env::temp_dir();
+    machine_in(&std::env::temp_dir())
+}
+
+/// [`machine`] with the file system of `dir`.
+pub fn machine_in(dir: &Path) -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()
@@ -423,7 +611,7 @@ pub fn machine() -> String {
         .map_or("?".into(), |kb| format!("{:.1} GiB", kb as f64 / MIB));
     let df = Command::new("df")
         .arg("-T")
-        .arg(&dir)
+        .arg(dir)
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();

@@ -18,10 +18,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use edgesync_testkit::TestPki;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use rumqttc::{Client, Event, Packet};
 use serde_json::{Value, json};
 
-use super::cloud::{decode, unique};
+use super::cloud::{Subscription, decode, subscriber, tls_options};
 use super::{AgentOptions, Conn, Rng};
 
 /// `NAME` from the environment as a number, else `default`.
@@ -50,18 +50,7 @@ pub fn seed(test: &str) -> u64 {
 /// Agent options for a TLS broker at `port` with the pki's client cert; `mqtt` is further
 /// `[mqtt]` lines (keep_alive, reconnect_* must be given here or left at their defaults).
 pub fn agent_options(pki: &TestPki, port: u16, mqtt: &str) -> AgentOptions {
-    AgentOptions {
-        device_id: pki.device_id.clone(),
-        mqtt_url: format!("mqtts://localhost:{port}"),
-        ca_pem: std::fs::read(&pki.ca).expect("read ca"),
-        mqtt_extra: format!(
-            "cert = {:?}\nkey = {:?}\n{mqtt}",
-            pki.client_cert, pki.client_key
-        ),
-        max_bytes: "256MiB".into(),
-        when_full: "reject".into(),
-        ..AgentOptions::default()
-    }
+    tls_options(pki, port, mqtt).max_bytes("256MiB")
 }
 
 /// One change as a (key, value) pair.
@@ -263,6 +252,39 @@ struct RecState {
     bad: Vec<String>,
 }
 
+impl RecState {
+    /// Takes in one batch as the broker delivered it.
+    fn record(&mut self, payload: &[u8], dup: bool, device: &str) {
+        self.batches += 1;
+        if dup {
+            self.dup_flag += 1;
+        }
+        let b = decode(payload);
+        if b["device"] != device {
+            self.bad.push(format!("batch for another device: {b}"));
+        }
+        let Some(changes) = b["changes"].as_array() else {
+            self.bad.push(format!("batch without changes: {b}"));
+            return;
+        };
+        for c in changes {
+            let (Some(seq), Some(key), Some(ts)) =
+                (c["seq"].as_u64(), c["key"].as_str(), c["ts"].as_u64())
+            else {
+                self.bad.push(format!("malformed change: {c}"));
+                continue;
+            };
+            self.seen.insert(seq);
+            self.changes.push(Delivered {
+                seq,
+                key: key.to_owned(),
+                value: c["value"].clone(),
+                ts,
+            });
+        }
+    }
+}
+
 /// A QoS 1 persistent subscriber (clean_session=false) on `P/D/reported` that decodes
 /// every batch as it arrives.
 pub struct Recorder {
@@ -274,81 +296,24 @@ pub struct Recorder {
 impl Recorder {
     /// Connects directly to the broker at `port` and returns once subscribed.
     pub fn start(pki: &TestPki, port: u16, device: &str) -> Recorder {
-        let id = format!("recorder-{}", unique());
-        let (cert, key) = pki.issue_client(&id, &id).expect("recorder cert");
-        let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
-        let mut o = MqttOptions::new(id, "localhost", port);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        o.set_keep_alive(Duration::from_secs(5));
-        o.set_clean_session(false);
-        o.set_max_packet_size(1 << 24, 1 << 24);
-        let (client, mut connection) = Client::new(o, 64);
         let filter = format!("edgesync/{device}/reported");
-        client
-            .subscribe(&filter, QoS::AtLeastOnce)
-            .expect("subscribe");
         let state = Arc::new(Mutex::new(RecState::default()));
-        let ready = Arc::new(AtomicU64::new(0));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let (state2, ready2, resub, device) = (
-            Arc::clone(&state),
-            Arc::clone(&ready),
-            client.clone(),
-            device.to_owned(),
-        );
-        thread::spawn(move || {
-            for ev in connection.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        ready2.fetch_add(1, Ordering::SeqCst);
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.session_present {
-                            ready2.fetch_add(1, Ordering::SeqCst);
-                        } else {
-                            let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let mut s = state2.lock().unwrap();
-                        s.batches += 1;
-                        if p.dup {
-                            s.dup_flag += 1;
-                        }
-                        let b = decode(&p.payload);
-                        if b["device"] != device.as_str() {
-                            s.bad.push(format!("batch for another device: {b}"));
-                        }
-                        let Some(changes) = b["changes"].as_array() else {
-                            s.bad.push(format!("batch without changes: {b}"));
-                            continue;
-                        };
-                        for c in changes {
-                            let (Some(seq), Some(key), Some(ts)) =
-                                (c["seq"].as_u64(), c["key"].as_str(), c["ts"].as_u64())
-                            else {
-                                s.bad.push(format!("malformed change: {c}"));
-                                continue;
-                            };
-                            s.seen.insert(seq);
-                            s.changes.push(Delivered {
-                                seq,
-                                key: key.to_owned(),
-                                value: c["value"].clone(),
-                                ts,
-                            });
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
+        let (state2, device) = (Arc::clone(&state), device.to_owned());
+        let (client, ready) = subscriber(
+            pki,
+            port,
+            &filter,
+            Subscription {
+                role: "recorder",
+                persistent: true,
+                suback: Duration::from_secs(30),
+            },
+            move |ev| {
+                if let Event::Incoming(Packet::Publish(p)) = ev {
+                    state2.lock().unwrap().record(&p.payload, p.dup, &device);
                 }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("recorder got no SUBACK");
+            },
+        );
         Recorder {
             state,
             ready,

@@ -29,15 +29,27 @@ pub fn pki(dir: &Path, device: &str) -> TestPki {
 
 /// Agent options for a TLS broker at `port` (usually a proxy) with the pki's client cert.
 pub fn tls_agent(pki: &TestPki, port: u16, extra: &str) -> AgentOptions {
+    tls_options(
+        pki,
+        port,
+        &format!(
+            "keep_alive = \"5s\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n{extra}"
+        ),
+    )
+    .max_bytes("64MiB")
+}
+
+/// Agent options for a TLS broker at `port` with the pki's client cert and CA, refusing
+/// changes when full; `mqtt` is further `[mqtt]` lines.
+pub fn tls_options(pki: &TestPki, port: u16, mqtt: &str) -> AgentOptions {
     AgentOptions {
         device_id: pki.device_id.clone(),
         mqtt_url: format!("mqtts://localhost:{port}"),
         ca_pem: std::fs::read(&pki.ca).expect("read ca"),
         mqtt_extra: format!(
-            "cert = {:?}\nkey = {:?}\nkeep_alive = \"5s\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n{extra}",
+            "cert = {:?}\nkey = {:?}\n{mqtt}",
             pki.client_cert, pki.client_key
         ),
-        max_bytes: "64MiB".into(),
         when_full: "reject".into(),
         ..AgentOptions::default()
     }
@@ -65,6 +77,90 @@ pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A payload encoded as CBOR.
+pub fn cbor(v: &impl serde::Serialize) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).unwrap();
+    out
+}
+
+/// Options of an MQTT client `ROLE-N` with its own client certificate (issued now), TLS to
+/// the broker at `port`, keep-alive 5 s.
+pub fn client_options(pki: &TestPki, port: u16, role: &str) -> MqttOptions {
+    let id = format!("{role}-{}", unique());
+    let (cert, key) = pki
+        .issue_client(&id, &id)
+        .unwrap_or_else(|e| panic!("{role} cert: {e}"));
+    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
+    let mut o = MqttOptions::new(id, "localhost", port);
+    o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    o.set_keep_alive(Duration::from_secs(5));
+    o
+}
+
+/// How a [`subscriber`] connects and subscribes.
+#[derive(Debug, Clone, Copy)]
+pub struct Subscription {
+    /// Names the client (`ROLE-N`, with its own certificate) and its failures.
+    pub role: &'static str,
+    /// A session kept across reconnects and broker restarts (clean_session = false).
+    pub persistent: bool,
+    /// How long the first SUBACK may take.
+    pub suback: Duration,
+}
+
+/// An MQTT client with its own client certificate connected to the broker at `port` (TLS),
+/// subscribed to `filter` at QoS 1, its event loop on a thread. Counts the subscription
+/// becoming active (SUBACK, or a resumed session) in the returned counter, subscribes again
+/// when the broker lost the session, and hands every other event to `on_event`. Returns
+/// once the first SUBACK arrived.
+pub fn subscriber(
+    pki: &TestPki,
+    port: u16,
+    filter: &str,
+    how: Subscription,
+    mut on_event: impl FnMut(Event) + Send + 'static,
+) -> (Client, Arc<AtomicU64>) {
+    let role = how.role;
+    let mut o = client_options(pki, port, role);
+    o.set_clean_session(!how.persistent);
+    o.set_max_packet_size(1 << 24, 1 << 24);
+    let (client, mut connection) = Client::new(o, 64);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .expect("subscribe");
+    let ready = Arc::new(AtomicU64::new(0));
+    let ready2 = Arc::clone(&ready);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let resub = client.clone();
+    let filter = filter.to_owned();
+    thread::spawn(move || {
+        for ev in connection.iter() {
+            match ev {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    ready2.fetch_add(1, Ordering::SeqCst);
+                    let _ = ready_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    if ack.session_present {
+                        ready2.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        // A broker that lost our session: subscribe again.
+                        let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                    }
+                }
+                Ok(ev) => on_event(ev),
+                Err(rumqttc::ConnectionError::RequestsDone) => return,
+                Err(_) => thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(how.suback)
+        .unwrap_or_else(|_| panic!("{role} got no SUBACK"));
+    (client, ready)
 }
 
 /// One published message as the cloud saw it.
@@ -99,68 +195,40 @@ impl Cloud {
     /// Connects with its own client certificate and subscribes to `filter`; returns once
     /// the SUBACK arrived. `persistent` keeps a session across broker restarts.
     pub fn start(pki: &TestPki, port: u16, filter: &str, persistent: bool) -> Cloud {
-        let id = format!("cloud-{}", unique());
-        let (cert, key) = pki.issue_client(&id, &id).expect("cloud cert");
-        let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
-        let mut o = MqttOptions::new(id, "localhost", port);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        o.set_keep_alive(Duration::from_secs(5));
-        o.set_clean_session(!persistent);
-        o.set_max_packet_size(1 << 24, 1 << 24);
-        let (client, mut connection) = Client::new(o, 64);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .expect("subscribe");
         let msgs = Arc::new(Mutex::new(Vec::new()));
-        let ready = Arc::new(AtomicU64::new(0));
         let pubs = Arc::new((Mutex::new(PubState::default()), Condvar::new()));
-        let ready2 = Arc::clone(&ready);
         let pubs2 = Arc::clone(&pubs);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&msgs);
-        let resub = client.clone();
-        let filter = filter.to_owned();
-        thread::spawn(move || {
-            for ev in connection.iter() {
-                match ev {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        ready2.fetch_add(1, Ordering::SeqCst);
-                        let _ = ready_tx.send(());
-                    }
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.session_present {
-                            ready2.fetch_add(1, Ordering::SeqCst);
-                        } else {
-                            // A broker that lost our session: subscribe again.
-                            let _ = resub.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock().unwrap().push(Msg {
-                            topic: p.topic.clone(),
-                            payload: p.payload.to_vec(),
-                            retain: p.retain,
-                        });
-                    }
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        let (state, changed) = &*pubs2;
-                        state.lock().unwrap().sent.push(pkid);
-                        changed.notify_all();
-                    }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                        let (state, changed) = &*pubs2;
-                        state.lock().unwrap().acked.insert(ack.pkid);
-                        changed.notify_all();
-                    }
-                    Ok(_) => {}
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
-                    Err(_) => thread::sleep(Duration::from_millis(50)),
+        let (client, ready) = subscriber(
+            pki,
+            port,
+            filter,
+            Subscription {
+                role: "cloud",
+                persistent,
+                suback: Duration::from_secs(20),
+            },
+            move |ev| match ev {
+                Event::Incoming(Packet::Publish(p)) => {
+                    sink.lock().unwrap().push(Msg {
+                        topic: p.topic.clone(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                    });
                 }
-            }
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("cloud subscriber got no SUBACK");
+                Event::Outgoing(Outgoing::Publish(pkid)) => {
+                    let (state, changed) = &*pubs2;
+                    state.lock().unwrap().sent.push(pkid);
+                    changed.notify_all();
+                }
+                Event::Incoming(Packet::PubAck(ack)) => {
+                    let (state, changed) = &*pubs2;
+                    state.lock().unwrap().acked.insert(ack.pkid);
+                    changed.notify_all();
+                }
+                _ => {}
+            },
+        );
         Cloud {
             msgs,
             ready,

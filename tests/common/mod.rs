@@ -17,6 +17,7 @@
 
 pub mod chaos;
 pub mod cloud;
+pub mod rig;
 
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -269,6 +270,18 @@ impl Agent {
             .open(&self.log_path)
             .expect("open daemon log");
         let log2 = log.try_clone().expect("clone log handle");
+        let mut cmd = self.run_command();
+        cmd.envs(self.opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        self.child = Some(cmd.spawn().expect("spawn edgesync run"));
+        self.wait_ready();
+    }
+
+    /// `edgesync run --config <this agent's config>` with a clean environment (not yet
+    /// spawned; without [`AgentOptions::env`]).
+    pub fn run_command(&self) -> Command {
         let mut cmd = bin_command();
         cmd.arg("run")
             .arg("--config")
@@ -279,13 +292,13 @@ impl Agent {
             // Not notifying a systemd that may run the tests (tests/systemd.rs sets them).
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
-            .env_remove("WATCHDOG_PID")
-            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
-        self.child = Some(cmd.spawn().expect("spawn edgesync run"));
-        self.wait_ready();
+            .env_remove("WATCHDOG_PID");
+        cmd
+    }
+
+    /// A field of the daemon's `/proc/PID/status` as a number (`VmRSS:`, `VmHWM:`: KiB).
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        proc_status_kib(self.pid(), field)
     }
 
     /// Polls until the socket answers `{"op":"status"}`; fails if the daemon exits first.
@@ -624,6 +637,56 @@ pub fn error_code(answer: &Value) -> &str {
     answer["error"]["code"].as_str().expect("error.code")
 }
 
+/// A tmpfs of a given size mounted for one test (tests of a full disk); unmounted (lazily) on
+/// drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts, or returns `None` (with a message) where mounting is impossible, unless
+    /// `EDGESYNC_REQUIRE_TMPFS=1` makes that a failure.
+    pub fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output();
+        let why = match out {
+            Ok(o) if o.status.success() => return Some(Tmpfs(dir.to_path_buf())),
+            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+            Err(e) => e.to_string(),
+        };
+        let required = std::env::var_os("EDGESYNC_REQUIRE_TMPFS").is_some_and(|v| v == "1");
+        assert!(
+            !required,
+            "EDGESYNC_REQUIRE_TMPFS=1 but mounting a tmpfs failed: {why}"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here ({why}); needs root or CAP_SYS_ADMIN");
+        None
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A full disk that can get space back: mounts a 2 MiB tmpfs on the directory of the (not yet
+/// launched) agent's store and fills half of it with a 1 MiB ballast file, whose path is
+/// returned with the mount (remove it: "space returns"). `None` where mounting is impossible
+/// (see [`Tmpfs::mount`]). Keep the mount in a variable declared after the agent: it is
+/// unmounted before the agent's directory goes.
+pub fn half_full_store_fs(agent: &Agent) -> Option<(Tmpfs, PathBuf)> {
+    let fs = agent.store_path.parent().expect("the store's directory");
+    let mount = Tmpfs::mount(fs, "2m")?;
+    let ballast = fs.join("ballast");
+    std::fs::write(&ballast, vec![0xA5u8; 1 << 20]).unwrap();
+    Some((mount, ballast))
+}
+
 /// A small deterministic PRNG (xorshift64*), so tests need no `rand`.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -646,6 +709,16 @@ impl Rng {
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next_u64() % (hi - lo + 1)
     }
+}
+
+/// A field of `/proc/PID/status` as a number (kB fields in KiB).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("a number in /proc/PID/status")
 }
 
 /// Stdout of a command as text.
