@@ -10,10 +10,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgesync::change::RawChange;
-use edgesync::client::Client;
-use edgesync::config::Config;
-use edgesync::local_api::protocol::{Doc, Request};
+use edgesync::Client;
+use edgesync::Config;
+use edgesync::RawChange;
+use edgesync::{Doc, Request};
 use edgesync_testkit::{FaultProxy, RumqttdBroker, RumqttdOptions, TestPki};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::{Value, json};
@@ -104,7 +104,7 @@ async fn demo() -> Result<bool, Error> {
     )?;
     let config = Config::load(&config_path).map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let agent = tokio::spawn(edgesync::agent::run_until(config, async move {
+    let agent = tokio::spawn(edgesync::run_until(config, async move {
         let _ = stop_rx.await;
         "demo finished"
     }));
@@ -323,7 +323,7 @@ async fn cloud_subscriber(
     received: &Arc<Mutex<Received>>,
     trace: &Trace,
 ) -> Result<(tokio::task::JoinHandle<()>, AsyncClient), Error> {
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((cert, key)))?;
+    let tls = edgesync::tls::client_config(&pki.ca, Some((cert, key)))?;
     let mut o = MqttOptions::new("demo-cloud", "localhost", port);
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     o.set_keep_alive(Duration::from_secs(10));

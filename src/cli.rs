@@ -357,7 +357,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
 }
 
 fn crate_default_peek_limit() -> usize {
-    edgesync::inspect::DEFAULT_PEEK
+    edgesync::queue::DEFAULT_PEEK
 }
 
 /// What is left to take for one subcommand.

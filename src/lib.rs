@@ -25,22 +25,82 @@
 //! | 8 | `link`, `local_api` | the MQTT session (engine, backoff, batch codec, TLS, the cloud profile); the Unix socket (protocol, server, the CLI's client, queue inspection) |
 //! | 9 | `agent` | wiring, shutdown and supervision (systemd status and watchdog) of the daemon |
 
-pub mod agent;
-pub mod config;
-pub mod control;
-pub mod desired;
-pub mod health;
-pub mod link;
-pub mod local_api;
-pub mod model;
-pub mod reload;
-pub mod store;
-pub mod sys;
+mod agent;
+mod config;
+mod control;
+mod desired;
+mod health;
+mod link;
+mod local_api;
+mod model;
+mod reload;
+mod store;
+mod sys;
 
-// Old paths, kept for the binary, tests, benches and fuzz targets until the facade.
-pub use health::{metrics, status};
-pub use link as sync;
-pub use link::codec;
-pub use local_api::{client, inspect};
-pub use model::{change, topics};
-pub use sys::{atomic_file, crash, fatal, notify};
+// # The facade
+// The modules above are private; this is everything the binary (src/main.rs), the tests,
+// the benches, examples/demo.rs and the fuzz targets use.
+
+pub use agent::{AgentError, Handles, run, run_until};
+pub use config::{
+    Config, ConfigErrors, Encoding, WhenFull, client_timeout, resolve_path, socket_path,
+};
+pub use health::metrics::prometheus;
+pub use health::status::{Status, render as render_status};
+pub use local_api::client::{Client, ClientError, report_stream, report_stream_within};
+pub use local_api::protocol::{Doc, Request};
+pub use model::change::{
+    NewChange, Origin, RawChange, decode_value, encode_value, now_ms, parse_assignment,
+    validate_key,
+};
+pub use model::command::CommandName;
+pub use model::glob::KeyGlob;
+pub use model::text::human_duration;
+pub use store::{Ack, Appended, Outbox, RECORD_OVERHEAD, SEQ_RESERVE, StoreError, StoreOptions};
+pub use sys::fatal::install_hook;
+pub use sys::log::{LogControl, check_log_level};
+
+/// Crash points of debug builds: `EDGESYNC_CRASH_AT` kills the process at a named point.
+pub mod crash {
+    pub use crate::sys::crash::{ENV, point};
+}
+
+/// `edgesync queue`: read-only inspection of the outbox.
+pub mod queue {
+    pub use crate::local_api::inspect::{
+        DEFAULT_PEEK, export_command, peek_command, stats_command,
+    };
+}
+
+/// The TLS client of the MQTT link and its error descriptions.
+pub mod tls {
+    pub use crate::link::tls::{DescribeCtx, client_config, describe};
+}
+
+/// Codecs and parsers of outside input, which the fuzz targets and tests drive directly.
+pub mod codec {
+    /// The desired document codec and payload encodings.
+    pub mod doc {
+        pub use crate::model::doc::*;
+    }
+    /// The outbox record codec.
+    pub mod record {
+        pub use crate::store::record::*;
+    }
+    /// Command requests (`P/D/cmd/NAME`) and their durable intake.
+    pub mod command {
+        pub use crate::control::request::*;
+        pub use crate::control::store::{Incoming, Intake, Limits, receive};
+        pub use crate::control::{Command, ErrorCode};
+        pub use crate::model::command::CommandName;
+    }
+    /// The local socket's request lines.
+    pub mod socket {
+        pub use crate::local_api::protocol::*;
+        pub use crate::local_api::{Line, MAX_LINE, decode_line, read_line};
+    }
+    /// The agent's topics.
+    pub mod topics {
+        pub use crate::model::topics::{Incoming, Topics};
+    }
+}

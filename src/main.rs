@@ -8,9 +8,9 @@ use std::process::ExitCode;
 mod cli;
 
 use cli::{Command, Doc, Parsed, QueueCommand};
-use edgesync::client::{Client, ClientError, report_stream_within};
-use edgesync::config::{self, Config};
-use edgesync::local_api::protocol::{self, Request};
+use edgesync::Config;
+use edgesync::Request;
+use edgesync::{Client, ClientError, report_stream_within};
 use serde_json::Value;
 
 /// `println!` through [`out`]: returns from the command when standard output is gone.
@@ -42,7 +42,7 @@ impl From<ClientError> for Failure {
 }
 
 fn main() -> ExitCode {
-    edgesync::sys::fatal::install_hook();
+    edgesync::install_hook();
     let cli = match cli::parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Run(c)) => c,
         Ok(Parsed::Help(text)) => return finish(out(&text)),
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config_path = config::resolve_path(cli.config.as_deref());
+    let config_path = edgesync::resolve_path(cli.config.as_deref());
     let result = match cli.command {
         Command::Run => run(&config_path),
         Command::CheckConfig => check_config(&config_path),
@@ -133,18 +133,17 @@ fn run(path: &Path) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?;
-    let handles = edgesync::agent::Handles { log: Some(log) };
-    rt.block_on(edgesync::agent::run(config, handles))
-        .map_err(|e| {
-            tracing::error!("{e}");
-            Failure::new(1, String::new())
-        })
+    let handles = edgesync::Handles { log: Some(log) };
+    rt.block_on(edgesync::run(config, handles)).map_err(|e| {
+        tracing::error!("{e}");
+        Failure::new(1, String::new())
+    })
 }
 
 /// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
 /// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
 /// be changed while running (the `log-level` command) through the returned handle.
-fn init_logging(level: &str) -> std::sync::Arc<edgesync::sys::log::LogControl> {
+fn init_logging(level: &str) -> std::sync::Arc<edgesync::LogControl> {
     use tracing_subscriber::filter::{LevelFilter, Targets};
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -152,7 +151,7 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::sys::log::LogControl> {
     // Targets, not EnvFilter: the same "info,edgesync=debug" syntax without a regex engine
     // (-260 KB on ARM).
     let parse = |s: &str| {
-        edgesync::sys::log::check_log_level(s).ok()?;
+        edgesync::check_log_level(s).ok()?;
         s.parse::<Targets>().ok()
     };
     let (filter, text) = std::env::var("EDGESYNC_LOG")
@@ -178,7 +177,7 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::sys::log::LogControl> {
     } else {
         registry.with(layer).init();
     }
-    std::sync::Arc::new(edgesync::sys::log::LogControl::new(handle, text))
+    std::sync::Arc::new(edgesync::LogControl::new(handle, text))
 }
 
 fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Result<(), Failure> {
@@ -191,14 +190,14 @@ fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Res
 
 /// Connects to the daemon of the config at `path`, with its `local.client_timeout`.
 async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
-    Client::connect_timeout(socket, config::client_timeout(path)).await
+    Client::connect_timeout(socket, edgesync::client_timeout(path)).await
 }
 
 async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
-    let socket = config::socket_path(path);
+    let socket = edgesync::socket_path(path);
     if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
-        let timeout = config::client_timeout(path);
+        let timeout = edgesync::client_timeout(path);
         return match report_stream_within(&socket, input, timeout).await {
             Ok(_) => Ok(()),
             Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
@@ -206,7 +205,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
     }
     let mut changes = Vec::with_capacity(args.len());
     for a in &args {
-        let c = edgesync::change::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
+        let c = edgesync::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
         changes.push(c);
     }
     let mut client = connect(path, &socket).await?;
@@ -215,7 +214,7 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
 }
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
-    let socket = config::socket_path(path);
+    let socket = edgesync::socket_path(path);
     let mut client = connect(path, &socket).await?;
     let mut reply = client.call(&Request::Status).await?;
     if let Value::Object(m) = &mut reply {
@@ -225,20 +224,17 @@ async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
         outln!("{}", pretty(&reply));
         return Ok(());
     }
-    let status: edgesync::status::Status = serde_json::from_value(reply)
+    let status: edgesync::Status = serde_json::from_value(reply)
         .map_err(|e| Failure::new(1, format!("unexpected status from the daemon: {e}")))?;
-    out(&edgesync::status::render(
-        &status,
-        edgesync::change::now_ms(),
-    ))?;
+    out(&edgesync::render_status(&status, edgesync::now_ms()))?;
     Ok(())
 }
 
 async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> {
-    let socket = config::socket_path(path);
+    let socket = edgesync::socket_path(path);
     let doc = match doc {
-        Doc::Desired => protocol::Doc::Desired,
-        Doc::Reported => protocol::Doc::Reported,
+        Doc::Desired => edgesync::Doc::Desired,
+        Doc::Reported => edgesync::Doc::Reported,
     };
     let doc_name = doc.name();
     let mut client = connect(path, &socket).await?;
@@ -264,7 +260,7 @@ async fn history(
     limit: Option<usize>,
     as_json: bool,
 ) -> Result<(), Failure> {
-    let socket = config::socket_path(path);
+    let socket = edgesync::socket_path(path);
     let mut client = connect(path, &socket).await?;
     let req = Request::History {
         key: key.clone(),
@@ -279,11 +275,11 @@ async fn history(
     if entries.is_empty() {
         outln!("{key}: no desired values recorded");
     }
-    let now = edgesync::change::now_ms();
+    let now = edgesync::now_ms();
     for e in entries {
         let ago = e["ts"]
             .as_u64()
-            .map(|t| edgesync::model::text::human_duration(now.saturating_sub(t)))
+            .map(|t| edgesync::human_duration(now.saturating_sub(t)))
             .unwrap_or_default();
         outln!(
             "version {:<8} {:<9} {:>8} ago  {}",
@@ -297,11 +293,11 @@ async fn history(
 }
 
 async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure> {
-    let socket = config::socket_path(path);
+    let socket = edgesync::socket_path(path);
     let mut client = connect(path, &socket).await?;
     // A rollback runs the key's handler: its answer may take the handler's timeout (at
     // most 1h) on top of the usual wait.
-    let after = config::client_timeout(path) + std::time::Duration::from_secs(3600);
+    let after = edgesync::client_timeout(path) + std::time::Duration::from_secs(3600);
     let reply = client
         .call_within(
             &Request::Rollback {
@@ -319,7 +315,7 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
 }
 
 async fn queue(path: &Path, what: QueueCommand) -> Result<(), Failure> {
-    use edgesync::inspect;
+    use edgesync::queue as inspect;
     let r = match what {
         QueueCommand::Stats { json } => inspect::stats_command(path, json).await,
         QueueCommand::Peek { from, limit, json } => {

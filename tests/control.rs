@@ -127,7 +127,7 @@ fn counting_handler(dir: &std::path::Path) -> (String, PathBuf, PathBuf) {
 fn ping_status_config_history_answer_in_the_encoding_of_the_request() {
     let rig = Rig::start("ctl-basic", "");
     // ping in JSON → JSON.
-    let before = edgesync::change::now_ms();
+    let before = edgesync::now_ms();
     rig.send("ping", &json!({"id": "p-json"}));
     let (msg, v) = rig.nth_answer("ping", &json!("p-json"), 1);
     assert_eq!(msg.payload.first(), Some(&b'{'));
@@ -255,12 +255,12 @@ fn every_error_code_is_reachable() {
     rig.send("purge", &json!({"id": "f3"}));
     assert_eq!(error_code(&rig.answer("purge", "f3")), "forbidden");
     // expired: not run.
-    let past = edgesync::change::now_ms() - 1000;
+    let past = edgesync::now_ms() - 1000;
     rig.send("ping", &json!({"id": "e1", "expires": past}));
     let v = rig.answer("ping", "e1");
     assert_eq!(error_code(&v), "expired");
     assert!(v.get("result").is_none());
-    let future = edgesync::change::now_ms() + 600_000;
+    let future = edgesync::now_ms() + 600_000;
     rig.send("ping", &json!({"id": "e2", "expires": future}));
     ok_result(&rig.answer("ping", "e2"));
     // failed: it ran and did not succeed.
@@ -546,14 +546,14 @@ fn a_request_received_but_not_started_before_a_crash_runs_after_restart() {
         .build()
         .unwrap()
         .block_on(async {
-            let outbox = edgesync::store::Outbox::open(&edgesync::store::StoreOptions {
+            let outbox = edgesync::Outbox::open(&edgesync::StoreOptions {
                 path: store,
                 max_bytes: 64 << 20,
-                when_full: edgesync::store::WhenFull::Reject,
+                when_full: edgesync::WhenFull::Reject,
                 cache_size: 1 << 20,
             })
             .unwrap();
-            let req = edgesync::control::store::Incoming {
+            let req = edgesync::codec::command::Incoming {
                 id: "only-received".into(),
                 name: "ping".into(),
                 json: false,
@@ -561,16 +561,15 @@ fn a_request_received_but_not_started_before_a_crash_runs_after_restart() {
                 expires: None,
                 refusal: None,
             };
-            let limits = edgesync::control::store::Limits {
+            let limits = edgesync::codec::command::Limits {
                 window_ms: 86_400_000,
                 max: 100,
                 clock: 0,
             };
-            let r =
-                edgesync::control::store::receive(&outbox, req, limits, edgesync::change::now_ms())
-                    .await
-                    .unwrap();
-            assert_eq!(r, edgesync::control::store::Intake::Accepted);
+            let r = edgesync::codec::command::receive(&outbox, req, limits, edgesync::now_ms())
+                .await
+                .unwrap();
+            assert_eq!(r, edgesync::codec::command::Intake::Accepted);
             outbox.shutdown().await;
         });
     rig.agent.restart();

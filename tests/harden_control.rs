@@ -326,7 +326,7 @@ fn retained_commands_are_ignored_and_counted() {
 }
 
 fn now_ms() -> u64 {
-    edgesync::change::now_ms()
+    edgesync::now_ms()
 }
 
 /// Item 13: a `ts` from the future cannot block the cloud under last-write-wins. A report

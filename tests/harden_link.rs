@@ -374,7 +374,7 @@ fn raw_client(
             (id, cert, key)
         }
     };
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
+    let tls = edgesync::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
     let mut o = MqttOptions::new(id, "localhost", port);
     if !plain {
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));

@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use edgesync::change::{NewChange, Origin, encode_value};
-use edgesync::store::{Outbox, StoreError, StoreOptions, WhenFull};
+use edgesync::{NewChange, Origin, encode_value};
+use edgesync::{Outbox, StoreError, StoreOptions, WhenFull};
 
 use common::cloud::{Cloud, DEADLINE, pki, tls_agent};
 use common::rig::broker_and_cloud;
@@ -367,7 +367,7 @@ fn an_emptied_store_file_never_reuses_seqs() {
     let old = report_marked(&agent, "em", 300);
     assert!(agent.stop().success());
     std::fs::write(&agent.store_path, b"").unwrap();
-    let before = edgesync::change::now_ms() * 1000;
+    let before = edgesync::now_ms() * 1000;
     agent.restart();
     let new = report_marked(&agent, "en", 10);
     assert!(new[0] >= before, "seqs restarted at {}", new[0]);

@@ -234,7 +234,7 @@ fn metrics_are_published_every_interval_while_online_and_match_status_and_the_te
     wait("offline", DEADLINE, || !online(&agent));
     thread::sleep(Duration::from_millis(2500));
     let restored_at = Instant::now();
-    let restored_ms = edgesync::change::now_ms();
+    let restored_ms = edgesync::now_ms();
     proxy.restore();
     wait("online again", DEADLINE, || online(&agent));
     wait("a document after the reconnect", DEADLINE, || {

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use edgesync::change::{NewChange, Origin, encode_value};
-use edgesync::store::{Ack, Appended, Outbox, RECORD_OVERHEAD, StoreError, StoreOptions, WhenFull};
+use edgesync::{Ack, Appended, Outbox, RECORD_OVERHEAD, StoreError, StoreOptions, WhenFull};
+use edgesync::{NewChange, Origin, encode_value};
 use redb::{StorageBackend, TableDefinition};
 use serde_json::{Value, json};
 
@@ -510,7 +510,7 @@ fn check_invariants(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger, what: &st
         }
         match present.get(seq) {
             Some(rec) => {
-                let r = edgesync::store::record::decode(rec).unwrap();
+                let r = edgesync::codec::record::decode(rec).unwrap();
                 assert_eq!(
                     (r.key, r.value),
                     (key.as_str(), &value[..]),

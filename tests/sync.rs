@@ -476,7 +476,7 @@ fn linger_gathers_changes_reported_one_by_one_into_one_batch() {
 /// hold), a clean stop gives the reservation back. Real store, real broker.
 #[test]
 fn seqs_skip_the_reservation_after_a_kill_and_continue_after_a_clean_stop() {
-    const SEQ_RESERVE: u64 = edgesync::store::SEQ_RESERVE;
+    const SEQ_RESERVE: u64 = edgesync::SEQ_RESERVE;
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), "sync-reserve");
     let broker = RumqttdBroker::start(&pki, RumqttdOptions::default()).unwrap();

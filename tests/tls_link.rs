@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use edgesync::link::tls::{DescribeCtx, client_config, describe};
+use edgesync::tls::{DescribeCtx, client_config, describe};
 use edgesync_testkit::{
     FaultProxy, Mosquitto, MosquittoOptions, RumqttdBroker, RumqttdOptions, ServerCert, TestPki,
     free_port,

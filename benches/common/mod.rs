@@ -14,7 +14,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edgesync::client::report_stream;
+use edgesync::report_stream;
 use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
 use rumqttc::{Client, Connection, Event, MqttOptions, Packet, Publish, QoS, TlsConfiguration};
 use tempfile::TempDir;
@@ -325,7 +325,7 @@ pub fn mqtt_options(pki: &TestPki, port: u16, name: &str) -> Res<MqttOptions> {
     let (cert, key) = pki
         .issue_client(name, name)
         .map_err(|e| format!("client cert: {e}"))?;
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key)))
+    let tls = edgesync::tls::client_config(&pki.ca, Some((&cert, &key)))
         .map_err(|e| format!("tls: {e}"))?;
     let mut o = MqttOptions::new(name, "localhost", port);
     o.set_transport(rumqttc::Transport::tls_with_config(

@@ -3,10 +3,10 @@
 //! `MAX_RESPONSE_BYTES` in both encodings.
 #![no_main]
 
-use edgesync::config::Encoding;
-use edgesync::control::request::{self, MAX_ID_CHARS, MAX_RESPONSE_BYTES};
-use edgesync::control::{Command, CommandName, ErrorCode};
-use edgesync::model::doc;
+use edgesync::Encoding;
+use edgesync::codec::command::{self as request, MAX_ID_CHARS, MAX_RESPONSE_BYTES};
+use edgesync::codec::command::{Command, CommandName, ErrorCode};
+use edgesync::codec::doc;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 

@@ -1,7 +1,7 @@
 //! Checks shared by the desired-document targets.
 
-use edgesync::config::Encoding;
-use edgesync::model::doc::{self, Limits};
+use edgesync::Encoding;
+use edgesync::codec::doc::{self, Limits};
 use serde_json::{Map, Value};
 
 /// The defaults of `[desired]` (max_document_bytes 64 KiB, max_depth 16).
@@ -33,7 +33,7 @@ pub fn check_decode(data: &[u8]) {
                 nesting(v) <= LIMITS.max_depth,
                 "accepted value too deep: {k}"
             );
-            edgesync::change::validate_key(k).expect("an accepted key is valid");
+            edgesync::validate_key(k).expect("an accepted key is valid");
             accepted.push((k.clone(), v.clone()));
         }
     }

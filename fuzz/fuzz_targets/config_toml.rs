@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use edgesync::config::Config;
+use edgesync::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,8 +1,8 @@
 //! The desired-document decoder on CBOR input (anything not starting with `{`).
 #![no_main]
 
-use edgesync::config::Encoding;
-use edgesync::model::doc;
+use edgesync::Encoding;
+use edgesync::codec::doc;
 use libfuzzer_sys::fuzz_target;
 
 mod common;

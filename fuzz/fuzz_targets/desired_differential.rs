@@ -8,7 +8,7 @@
 #![no_main]
 
 use ciborium::Value as Cbor;
-use edgesync::model::doc::{self, Limits};
+use edgesync::codec::doc::{self, Limits};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 

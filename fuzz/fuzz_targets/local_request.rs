@@ -5,8 +5,8 @@
 
 use std::sync::OnceLock;
 
-use edgesync::local_api::protocol::Request;
-use edgesync::local_api::{self, Line};
+use edgesync::Request;
+use edgesync::codec::socket::{self as local_api, Line};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::BufReader;
 use tokio::runtime::Runtime;
@@ -39,8 +39,8 @@ fn check_line(line: &[u8]) {
             assert!(!changes.is_empty(), "a report has changes");
             for c in changes {
                 if let Ok(c) = c.validate() {
-                    edgesync::change::validate_key(&c.key).expect("validated key");
-                    let back = edgesync::change::decode_value(&c.value).expect("value decodes");
+                    edgesync::validate_key(&c.key).expect("validated key");
+                    let back = edgesync::decode_value(&c.value).expect("value decodes");
                     let _ = back;
                 }
             }

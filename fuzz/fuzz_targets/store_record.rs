@@ -2,7 +2,7 @@
 //! of arbitrary records.
 #![no_main]
 
-use edgesync::store::record::{self, RecordRef};
+use edgesync::codec::record::{self, RecordRef};
 use libfuzzer_sys::arbitrary::{self, Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 

@@ -1,7 +1,7 @@
 //! The MQTT topic parser: what the agent acts on among the topics it receives.
 #![no_main]
 
-use edgesync::topics::{Incoming, Topics};
+use edgesync::codec::topics::{Incoming, Topics};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 

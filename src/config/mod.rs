@@ -38,7 +38,7 @@ mod values;
 
 pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
-pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull, parse_duration, parse_size};
+pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull};
 
 use std::ffi::OsString;
 use std::fmt;

@@ -1,6 +1,7 @@
 use super::validate::{Problems, RawConfig, RawStore, RawTable, SECTIONS, SUBTABLES};
 use super::values::{GIB, KIB, RawNumber, RawSize, fmt_size};
 use super::*;
+use crate::config::values::{parse_duration, parse_size};
 use crate::model::command::CommandName;
 use crate::model::glob::KeyGlob;
 use crate::model::rules::{Rule, UnknownKeys, ValueType};

@@ -61,7 +61,7 @@ use crate::model::doc;
 use crate::store::desired as dstore;
 use crate::store::{Outbox, StoreError};
 
-pub use crate::config::control::{ControlConfig, DEFAULT_REPLAY_MAX, DEFAULT_REPLAY_WINDOW};
+pub use crate::config::control::ControlConfig;
 pub use crate::model::command::CommandName;
 use crate::sys::log::LogControl;
 pub use request::ErrorCode;

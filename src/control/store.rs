@@ -435,6 +435,7 @@ pub fn lookup(outbox: &Outbox, id: &str) -> Result<Option<Entry>, StoreError> {
     }
 }
 
+#[cfg(test)]
 /// How many ids are recorded.
 pub fn count(outbox: &Outbox) -> Result<u64, StoreError> {
     let txn = outbox.read()?;

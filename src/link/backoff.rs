@@ -42,10 +42,6 @@ impl Backoff {
             self.attempt = 0;
         }
     }
-
-    pub fn attempt(&self) -> u32 {
-        self.attempt
-    }
 }
 
 /// A small xorshift64* generator: jitter needs spread, not cryptographic quality.

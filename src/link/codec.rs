@@ -70,11 +70,6 @@ impl BatchBuilder {
         self.first_seq.is_none()
     }
 
-    /// Changes added so far.
-    pub fn len(&self) -> usize {
-        self.changes
-    }
-
     /// True when no further change can be added.
     pub fn is_full(&self) -> bool {
         self.changes >= self.max_changes

@@ -191,16 +191,8 @@ impl Engine {
         self.inflight.len()
     }
 
-    /// Changes in those batches.
-    pub fn inflight_changes(&self) -> u64 {
-        self.inflight.iter().map(|b| b.changes).sum()
-    }
-
-    pub fn is_online(&self) -> bool {
-        self.online
-    }
-
     /// True when nothing is queued beyond what the broker acknowledged and deletes finished.
+    #[cfg(test)]
     pub fn is_drained(&self) -> bool {
         self.inflight.is_empty()
             && self.buffer.is_empty()

@@ -30,7 +30,7 @@ use thiserror::Error;
 
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
-use crate::local_api::protocol::{QueueQuery, Request, code};
+use crate::local_api::protocol::{QueueQuery, Request};
 use crate::store::{Outbox, StoreError, record};
 
 const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
@@ -335,6 +335,7 @@ pub fn answer_query(outbox: &Outbox, query: QueueQuery) -> Result<Value, Inspect
 
 /// [`answer_query`] for the fields of a `queue` request; `Err((code, message))` with a
 /// docs/PROTOCOL.md §6 code.
+#[cfg(test)]
 pub fn answer(
     outbox: &Outbox,
     what: Option<&str>,
@@ -343,7 +344,8 @@ pub fn answer(
 ) -> Result<Value, (&'static str, String)> {
     let query =
         QueueQuery::from_fields(what, from, limit).map_err(|e| (e.code(), e.to_string()))?;
-    answer_query(outbox, query).map_err(|e| (code::IO_ERROR, e.to_string()))
+    answer_query(outbox, query)
+        .map_err(|e| (crate::local_api::protocol::code::IO_ERROR, e.to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ pub fn find_rule<'a>(rules: &'a [Rule], key: &str) -> Option<&'a Rule> {
 }
 
 /// [`find_rule`] then [`check_value`].
+#[cfg(test)]
 pub fn check_key(
     rules: &[Rule],
     unknown: UnknownKeys,
@@ -162,6 +163,7 @@ pub fn check_value(rule: Option<&Rule>, unknown: UnknownKeys, value: &Value) -> 
 
 /// Nesting depth of arrays and objects: a scalar is 0, `[]` and `{}` are 1, `[[1]]` is 2,
 /// `{"a":[1]}` is 2. Iterative, so no input can exhaust the stack.
+#[cfg(test)]
 pub fn depth(value: &Value) -> usize {
     let mut deepest = 0;
     let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];

@@ -544,6 +544,7 @@ pub fn inbox(outbox: &Outbox) -> Result<Vec<InboxEntry>, StoreError> {
 }
 
 /// Results not yet published, oldest first.
+#[cfg(test)]
 pub fn pending_results(outbox: &Outbox) -> Result<Vec<PendingResult>, StoreError> {
     read_all(outbox, RESULT_OUTBOX)
 }

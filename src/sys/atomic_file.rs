@@ -18,6 +18,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// Mode of a file nobody else needs to read.
+#[cfg(test)]
 pub const PRIVATE: u32 = 0o600;
 /// Mode of a file that a collector running as another user reads.
 pub const PUBLIC: u32 = 0o644;

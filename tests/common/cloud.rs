@@ -93,7 +93,7 @@ pub fn client_options(pki: &TestPki, port: u16, role: &str) -> MqttOptions {
     let (cert, key) = pki
         .issue_client(&id, &id)
         .unwrap_or_else(|e| panic!("{role} cert: {e}"));
-    let tls = edgesync::link::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
+    let tls = edgesync::tls::client_config(&pki.ca, Some((&cert, &key))).expect("tls");
     let mut o = MqttOptions::new(id, "localhost", port);
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
     o.set_keep_alive(Duration::from_secs(5));

@@ -27,7 +27,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use edgesync::store::{Outbox, StoreOptions, WhenFull};
+use edgesync::{Outbox, StoreOptions, WhenFull};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -447,7 +447,7 @@ impl Agent {
                     seq: q.seq,
                     ts: r.ts,
                     key: r.key.to_owned(),
-                    value: edgesync::change::decode_value(r.value).expect("decode value"),
+                    value: edgesync::decode_value(r.value).expect("decode value"),
                 }
             })
             .collect()
