@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::handlers::{self, Outcome};
 use super::plan::{KeyPlan, believed, plan_key};
@@ -131,9 +132,9 @@ impl Applier {
     }
 
     /// Applies documents as they come, until `stop`.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let outbox = self.outbox.clone();
@@ -141,7 +142,7 @@ impl Applier {
             match pending {
                 Ok(Ok(docs)) => {
                     for d in docs {
-                        if *stop.borrow() {
+                        if stop.is_cancelled() {
                             return;
                         }
                         if let Err(e) = self.apply(d).await {
@@ -156,7 +157,7 @@ impl Applier {
             }
             tokio::select! {
                 () = self.wake.notified() => {}
-                _ = stop.changed() => {}
+                () = stop.cancelled() => {}
             }
         }
     }

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TelemetryConfig;
 use crate::health::status::{Identity, LinkFigures, LinkState, StatusBoard};
@@ -739,14 +740,14 @@ pub fn samples_by_series(samples: &[exposition::Sample]) -> BTreeMap<String, f64
 // The task.
 
 /// Samples rates every interval and, when telemetry is on, hands the document to the link
-/// (`feed`) and rewrites the text file; until `stop` turns true.
+/// (`feed`) and rewrites the text file; until `stop` is cancelled.
 pub async fn run(
     mut config: watch::Receiver<Arc<crate::config::Config>>,
     identity: Arc<Identity>,
     outbox: Outbox,
     board: StatusBoard,
     feed: watch::Sender<Option<Vec<u8>>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let ticker = |t: &TelemetryConfig| {
         let mut tick = tokio::time::interval(t.interval.unwrap_or(SAMPLE_WHEN_OFF));
@@ -759,7 +760,7 @@ pub async fn run(
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
             // A reload may change the interval or the text file.
             Ok(()) = config.changed() => {
                 let new = config.borrow_and_update().telemetry.clone();
