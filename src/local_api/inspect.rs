@@ -23,17 +23,15 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
-use redb::{ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
+use crate::store::tables::{META, OUTBOX};
 use crate::store::{Outbox, record};
-
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Changes `peek` shows by default.
 pub const DEFAULT_PEEK: usize = 20;
