@@ -478,12 +478,24 @@ fn trim_history(
     Ok(())
 }
 
+/// Why [`reset_version`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResetRefused {
+    #[error("{inbox_len} desired document(s) are being applied; try again when they are done")]
+    Applying { inbox_len: u64 },
+    #[error("version {to} is not below the current desired version {accepted}")]
+    NotBelow { to: u64, accepted: u64 },
+}
+
 /// Sets the accepted and applied versions back to `to` (the `desired-reset` command):
 /// documents above `to` are taken in again. `Ok(Err(why))` when refused: a document is
 /// being applied (its version is in the inbox), or `to` is not below the accepted version.
 /// Results kept for versions above `to` are dropped (they would answer a new document of
 /// that version as a duplicate). Returns the version it replaced.
-pub async fn reset_version(outbox: &Outbox, to: u64) -> Result<Result<u64, String>, StoreError> {
+pub async fn reset_version(
+    outbox: &Outbox,
+    to: u64,
+) -> Result<Result<u64, ResetRefused>, StoreError> {
     outbox
         .transact(move |ctx| {
             let inbox_len = {
@@ -491,16 +503,12 @@ pub async fn reset_version(outbox: &Outbox, to: u64) -> Result<Result<u64, Strin
                 redb::ReadableTableMetadata::len(&inbox)?
             };
             if inbox_len > 0 {
-                return Ok(Err(format!(
-                    "{inbox_len} desired document(s) are being applied; try again when they are done"
-                )));
+                return Ok(Err(ResetRefused::Applying { inbox_len }));
             }
             let mut meta = ctx.txn.open_table(META)?;
             let accepted = meta_get(&meta, "accepted")?.unwrap_or(0);
             if to >= accepted {
-                return Ok(Err(format!(
-                    "version {to} is not below the current desired version {accepted}"
-                )));
+                return Ok(Err(ResetRefused::NotBelow { to, accepted }));
             }
             meta.insert("accepted", to)?;
             meta.insert("applied", to)?;
@@ -646,7 +654,8 @@ pub fn local_change(outbox: &Outbox, key: &str) -> Result<Option<LocalChange>, S
     if rec.origin.is_some() {
         return Ok(None);
     }
-    let value = crate::model::change::decode_value(rec.value).map_err(StoreError::Io)?;
+    let value =
+        crate::model::change::decode_value(rec.value).map_err(|e| StoreError::Io(e.to_string()))?;
     Ok(Some(LocalChange {
         value,
         ts: rec.ts,

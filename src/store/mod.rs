@@ -776,7 +776,8 @@ impl Outbox {
             let mut out = std::collections::BTreeMap::new();
             let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
                 let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-                let value = crate::model::change::decode_value(r.value).map_err(StoreError::Io)?;
+                let value = crate::model::change::decode_value(r.value)
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
                 out.insert(
                     k.to_owned(),
                     ReportedValue {
