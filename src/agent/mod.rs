@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::{Controller, Services};
@@ -111,12 +111,14 @@ pub async fn run_until_with(
         config.mqtt.url,
     );
 
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // The one shutdown signal; also given if this future is dropped before it is.
+    let shutdown = CancellationToken::new();
+    let shutdown_on_drop = shutdown.clone().drop_guard();
     let board = StatusBoard::default();
     let config = Arc::new(config);
     let live = Live::new(Arc::clone(&config), handles.log.clone()).with_board(board.clone());
     let applier = Applier::new(outbox.clone(), live.subscribe(), Watchers::default());
-    let applying = tokio::spawn(applier.clone().run(stop_rx.clone()));
+    let applying = tokio::spawn(applier.clone().run(shutdown.clone()));
     let identity = Arc::new(Identity {
         device: config.device.id.to_string(),
         broker: config.mqtt.url.to_string(),
@@ -132,7 +134,7 @@ pub async fn run_until_with(
         },
         Arc::clone(&applier.results),
     );
-    let controlling = tokio::spawn(controller.clone().run(stop_rx.clone()));
+    let controlling = tokio::spawn(controller.clone().run(shutdown.clone()));
     // Health figures: sampled here, published by the link, also in every status.
     let (metrics_tx, metrics_feed) = crate::health::metrics::feed();
     let measuring = tokio::spawn(crate::health::metrics::run(
@@ -141,21 +143,21 @@ pub async fn run_until_with(
         outbox.clone(),
         board.clone(),
         metrics_tx,
-        stop_rx.clone(),
+        shutdown.clone(),
     ));
     let mut link_settings = LinkSettings::new(Arc::clone(&config));
     link_settings.metrics = Some(metrics_feed);
     link_settings.live = Some(live.subscribe());
     link_settings.heartbeat = health.link.clone();
     // SIGHUP: read the config again.
-    let reloading = tokio::spawn(reload_on_sighup(live.clone(), stop_rx.clone()));
+    let reloading = tokio::spawn(reload_on_sighup(live.clone(), shutdown.clone()));
     let link = tokio::spawn(crate::link::run(
         link_settings,
         outbox.clone(),
         applier.clone(),
         controller,
         board.clone(),
-        stop_rx.clone(),
+        shutdown.clone(),
     ));
     let ctx = Context {
         outbox: outbox.clone(),
@@ -164,7 +166,7 @@ pub async fn run_until_with(
         identity,
         idle_timeout: config.local.idle_timeout,
     };
-    let mut server = tokio::spawn(local_api::serve(listener, ctx, stop_rx.clone()));
+    let mut server = tokio::spawn(local_api::serve(listener, ctx, shutdown.clone()));
     // Store open, socket bound and served: READY=1, then status lines and watchdog pings.
     crate::agent::supervise::ready(&notifier, &outbox, &board, &health).await;
     let supervising = tokio::spawn(crate::agent::supervise::supervise(
@@ -172,7 +174,7 @@ pub async fn run_until_with(
         health,
         outbox.clone(),
         board,
-        stop_rx,
+        shutdown,
     ));
 
     let signal_name = tokio::select! {
@@ -186,7 +188,7 @@ pub async fn run_until_with(
     notifier.stopping(&format!(
         "stopping ({signal_name}): finishing requests and commits"
     ));
-    let _ = stop_tx.send(true);
+    drop(shutdown_on_drop); // cancels `shutdown`: every task sees the stop
     supervising.abort();
     reloading.abort();
     if !server.is_finished()
@@ -225,7 +227,7 @@ pub async fn run_until_with(
 }
 
 /// Reloads the config on every SIGHUP until `stop`.
-async fn reload_on_sighup(live: Live, mut stop: watch::Receiver<bool>) {
+async fn reload_on_sighup(live: Live, stop: CancellationToken) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; use the reload command instead");
         return;
@@ -237,7 +239,7 @@ async fn reload_on_sighup(live: Live, mut stop: watch::Receiver<bool>) {
                 let live = live.clone();
                 let _ = tokio::task::spawn_blocking(move || live.reload()).await;
             }
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
         }
     }
 }

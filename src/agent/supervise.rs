@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::health::status::{LinkFigures, LinkState, StatusBoard};
 use crate::store::{Outbox, QueueStats};
@@ -91,7 +91,7 @@ pub async fn supervise(
     health: Health,
     outbox: Outbox,
     board: StatusBoard,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     if !notifier.is_enabled() && health.watchdog.is_none() {
         return;
@@ -117,7 +117,7 @@ pub async fn supervise(
     let mut was_silent: Vec<&'static str> = Vec::new();
     loop {
         tokio::select! {
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             _ = status_every.tick() => {
                 let line = current_summary(&outbox, &board, &health).await;
                 if line != last_status && notifier.status(&line) {
@@ -150,10 +150,6 @@ pub async fn supervise(
     if let Some(p) = probe {
         p.abort();
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn tick(i: &mut Option<tokio::time::Interval>) {

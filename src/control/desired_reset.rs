@@ -35,7 +35,8 @@ impl DesiredReset {
     pub async fn run(&self, svc: &Services) -> Result<Value, String> {
         let was = dstore::reset_version(&svc.outbox, self.version)
             .await
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         tracing::warn!(
             was,
             version = self.version,

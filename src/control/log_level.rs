@@ -28,7 +28,7 @@ impl LogLevel {
         let Some(log) = &svc.log else {
             return Err("this process has no log filter that can be changed".into());
         };
-        let previous = log.set(&self.level)?;
+        let previous = log.set(&self.level).map_err(|e| e.to_string())?;
         tracing::info!(level = %self.level, %previous, "log filter changed by a command");
         Ok(json!({"level": self.level, "previous": previous}))
     }

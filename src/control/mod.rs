@@ -50,8 +50,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Encoding;
 use crate::desired::apply::Applier;
@@ -104,7 +105,7 @@ impl Command {
     }
 
     /// Runs the command: `Ok(result)` or `Err(why it failed)`.
-    pub async fn run(&self, svc: &Services, stop: watch::Receiver<bool>) -> Result<Value, String> {
+    pub async fn run(&self, svc: &Services, stop: CancellationToken) -> Result<Value, String> {
         match self {
             Command::Ping => Ok(ping::run()),
             Command::Status => status::run(svc).await,
@@ -307,11 +308,11 @@ impl Controller {
 
     /// Runs recorded requests as they come, each in its own task, until `stop`; then waits
     /// for those running (they see `stop` too: `sync` answers at once).
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         let mut running: HashSet<String> = HashSet::new();
         let mut tasks: JoinSet<(String, Result<(), StoreError>)> = JoinSet::new();
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 break;
             }
             let outbox = self.svc.outbox.clone();
@@ -333,11 +334,7 @@ impl Controller {
             }
             tokio::select! {
                 () = self.wake.notified() => {}
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                }
+                () = stop.cancelled() => {}
                 Some(done) = tasks.join_next(), if !tasks.is_empty() => {
                     if self.reap(done, &mut running) {
                         // Try again later rather than spin on a failing store.
@@ -380,7 +377,7 @@ impl Controller {
     async fn execute(
         &self,
         entry: store::Entry,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Result<(), StoreError> {
         let id = entry.id.clone();
         let name = entry.name.clone();

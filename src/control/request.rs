@@ -78,7 +78,7 @@ pub fn parse(payload: &[u8], encoding: Encoding) -> Result<Request, BadRequest> 
             ),
         ));
     }
-    let tree = doc::parse_tree(payload, encoding).map_err(|e| bad(None, e))?;
+    let tree = doc::parse_tree(payload, encoding).map_err(|e| bad(None, e.to_string()))?;
     let Cbor::Map(fields) = tree else {
         return Err(bad(None, "the request is not a map/object".into()));
     };

@@ -26,6 +26,9 @@ impl Rollback {
     }
 
     pub async fn run(&self, svc: &Services) -> Result<Value, String> {
-        svc.applier.rollback(&self.key, self.version).await
+        svc.applier
+            .rollback(&self.key, self.version)
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -21,7 +21,7 @@
 
 use std::time::Instant;
 
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableTable, ReadableTableMetadata};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -30,12 +30,9 @@ use super::{ControlConfig, result_topic};
 use crate::config::Encoding;
 use crate::model::doc;
 use crate::store::desired as dstore;
+use crate::store::tables::control::{META, ORDER, PENDING, REQUESTS};
+use crate::store::tables::{get_json, to_json};
 use crate::store::{Outbox, StoreError};
-
-const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("control_requests");
-const ORDER: TableDefinition<u64, &str> = TableDefinition::new("control_order");
-const PENDING: TableDefinition<u64, &str> = TableDefinition::new("control_pending");
-const META: TableDefinition<&str, u64> = TableDefinition::new("control_meta");
 
 /// Most entries a pruning pass looks at (beyond those it removes), so that one insert stays
 /// cheap even when many old entries are still running.
@@ -201,21 +198,12 @@ impl AgentClock {
     }
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| redb::Error::Corrupted(format!("control record: {e}")))
-}
-
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
 fn load(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &str,
 ) -> Result<Option<Entry>, redb::Error> {
     match table.get(id)? {
-        Some(v) => Ok(Some(get_json(v.value())?)),
+        Some(v) => Ok(Some(get_json("control", v.value())?)),
         None => Ok(None),
     }
 }

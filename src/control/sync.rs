@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::Services;
 use super::request::Args;
@@ -36,23 +36,19 @@ impl SyncQueue {
         Ok(Self { timeout })
     }
 
-    pub async fn run(&self, svc: &Services, mut stop: watch::Receiver<bool>) -> Value {
+    pub async fn run(&self, svc: &Services, stop: CancellationToken) -> Value {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
             let depth = svc.outbox.stats().depth;
             if depth == 0 {
                 return json!({"drained": true, "depth": 0});
             }
-            if tokio::time::Instant::now() >= deadline || *stop.borrow() {
+            if tokio::time::Instant::now() >= deadline || stop.is_cancelled() {
                 return json!({"drained": false, "depth": depth});
             }
             tokio::select! {
                 () = tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())) => {}
-                changed = stop.changed() => {
-                    if changed.is_err() {
-                        return json!({"drained": false, "depth": depth});
-                    }
-                }
+                () = stop.cancelled() => {}
             }
         }
     }

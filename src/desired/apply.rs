@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, Semaphore, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::handlers::{self, Outcome};
 use super::plan::{KeyPlan, believed, plan_key};
@@ -22,6 +23,33 @@ use crate::model::change::{Origin, now_ms};
 use crate::model::doc::{self, Limits};
 use crate::store::desired::{self as dstore, InboxEntry, KeyUpdate, Received};
 use crate::store::{Outbox, StoreError};
+
+/// Why [`Applier::rollback`] failed; the text is the command's and the socket's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    #[error("key {key} has no value of version {version} in its history (known: {known:?})")]
+    NoSuchVersion {
+        key: String,
+        version: u64,
+        known: Vec<u64>,
+    },
+    /// The handler failed or refused the value (its reason).
+    #[error("{0}")]
+    Handler(String),
+    #[error("rollback did not apply")]
+    NotApplied,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// The socket server hands the text on as it is.
+impl From<RollbackError> for String {
+    fn from(e: RollbackError) -> Self {
+        e.to_string()
+    }
+}
 
 /// Runs desired documents; cheap to clone.
 #[derive(Clone, Debug)]
@@ -131,9 +159,9 @@ impl Applier {
     }
 
     /// Applies documents as they come, until `stop`.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+    pub async fn run(self, stop: CancellationToken) {
         loop {
-            if *stop.borrow() {
+            if stop.is_cancelled() {
                 return;
             }
             let outbox = self.outbox.clone();
@@ -141,7 +169,7 @@ impl Applier {
             match pending {
                 Ok(Ok(docs)) => {
                     for d in docs {
-                        if *stop.borrow() {
+                        if stop.is_cancelled() {
                             return;
                         }
                         if let Err(e) = self.apply(d).await {
@@ -156,7 +184,7 @@ impl Applier {
             }
             tokio::select! {
                 () = self.wake.notified() => {}
-                _ = stop.changed() => {}
+                () = stop.cancelled() => {}
             }
         }
     }
@@ -326,19 +354,18 @@ impl Applier {
 
     /// Applies the value `key` had at `version` again, through the same handler path;
     /// recorded in history with origin `rollback` and reported.
-    pub async fn rollback(&self, key: &str, version: u64) -> Result<Value, String> {
+    pub async fn rollback(&self, key: &str, version: u64) -> Result<Value, RollbackError> {
         let outbox = self.outbox.clone();
         let k = key.to_owned();
-        let history = tokio::task::spawn_blocking(move || dstore::history(&outbox, &k))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let history = tokio::task::spawn_blocking(move || dstore::history(&outbox, &k)).await??;
         let Some(entry) = history.iter().rev().find(|h| h.version == version) else {
             let mut known: Vec<u64> = history.iter().map(|h| h.version).collect();
             known.dedup();
-            return Err(format!(
-                "key {key} has no value of version {version} in its history (known: {known:?})"
-            ));
+            return Err(RollbackError::NoSuchVersion {
+                key: key.to_owned(),
+                version,
+                known,
+            });
         };
         let (status, update) = self
             .execute(
@@ -354,12 +381,13 @@ impl Applier {
                 let history_len = self.cfg().history;
                 self.outbox
                     .transact(move |ctx| dstore::apply_updates(ctx, version, &[u], history_len))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 Ok(json!({"key": key, "version": version, "value": applied, "status": "applied"}))
             }
-            (KeyStatus::Failed(e), _) | (KeyStatus::Rejected(e), _) => Err(e),
-            _ => Err("rollback did not apply".into()),
+            (KeyStatus::Failed(e), _) | (KeyStatus::Rejected(e), _) => {
+                Err(RollbackError::Handler(e))
+            }
+            _ => Err(RollbackError::NotApplied),
         }
     }
 }

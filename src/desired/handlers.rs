@@ -29,7 +29,7 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -38,6 +38,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::time::Instant;
+
+use crate::sys::atomic_file;
 
 /// Bytes of stdout and of stderr kept per child; the rest is read and discarded.
 pub const CAPTURE_LIMIT: usize = 64 * 1024;
@@ -529,22 +531,13 @@ fn expand_path(template: &Path, key: &str) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// The directory holding `path` (`.` for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    }
-}
-
 fn sync_dir(dir: &Path) -> Result<(), String> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    atomic_file::sync_dir(dir)
         .map_err(|e| format!("cannot sync directory {}: {}", dir.display(), os_error(&e)))
 }
 
 fn write_file_atomically(path: &Path, value: &serde_json::Value) -> Result<(), String> {
-    let dir = parent_dir(path);
+    let dir = atomic_file::dir_of(path);
     path.file_name()
         .ok_or_else(|| format!("{} is not a file path", path.display()))?;
     if !dir.is_dir() {
@@ -560,23 +553,18 @@ fn write_file_atomically(path: &Path, value: &serde_json::Value) -> Result<(), S
                 )
             })?;
     }
-    let mode = match std::fs::metadata(path) {
-        Ok(meta) if meta.is_file() => meta.permissions().mode() & 0o7777,
-        _ => NEW_FILE_MODE,
-    };
     let mut contents = serde_json::to_vec_pretty(value)
         .map_err(|e| format!("cannot encode value for {}: {e}", path.display()))?;
     contents.push(b'\n');
 
-    // One atomic writer for the crate: new-only temporary (never follows a planted link),
-    // fsync, rename, directory fsync.
-    crate::sys::atomic_file::write_with_mode(path, &contents, mode)
+    // The crate's one atomic writer (see its guarantees); an existing target keeps its mode.
+    atomic_file::write_keeping_mode(path, &contents, NEW_FILE_MODE)
         .map_err(|e| format!("cannot write {}: {}", path.display(), os_error(&e)))
 }
 
 fn remove_file(path: &Path) -> Result<(), String> {
     match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(parent_dir(path)),
+        Ok(()) => sync_dir(atomic_file::dir_of(path)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!(
             "cannot remove {}: {}",
@@ -590,6 +578,7 @@ fn remove_file(path: &Path) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
     use std::time::Instant as StdInstant;
 
     fn sh(script: &str) -> Vec<String> {

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::TelemetryConfig;
 use crate::health::status::{Identity, LinkFigures, LinkState, StatusBoard};
@@ -530,14 +531,14 @@ pub fn escape_label(v: &str) -> String {
 // The task.
 
 /// Samples rates every interval and, when telemetry is on, hands the document to the link
-/// (`feed`) and rewrites the text file; until `stop` turns true.
+/// (`feed`) and rewrites the text file; until `stop` is cancelled.
 pub async fn run(
     mut config: watch::Receiver<Arc<crate::config::Config>>,
     identity: Arc<Identity>,
     outbox: Outbox,
     board: StatusBoard,
     feed: watch::Sender<Option<Vec<u8>>>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let ticker = |t: &TelemetryConfig| {
         let mut tick = tokio::time::interval(t.interval.unwrap_or(SAMPLE_WHEN_OFF));
@@ -550,7 +551,7 @@ pub async fn run(
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => break,
+            () = stop.cancelled() => break,
             // A reload may change the interval or the text file.
             Ok(()) = config.changed() => {
                 let new = config.borrow_and_update().telemetry.clone();

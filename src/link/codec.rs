@@ -105,8 +105,12 @@ impl BatchBuilder {
                 }
             }
             Encoding::Json => {
-                let value = crate::model::change::decode_value(rec.value)
-                    .map_err(|reason| CodecError::BadRecord { seq: q.seq, reason })?;
+                let value = crate::model::change::decode_value(rec.value).map_err(|e| {
+                    CodecError::BadRecord {
+                        seq: q.seq,
+                        reason: e.to_string(),
+                    }
+                })?;
                 if !self.body.is_empty() {
                     self.entry.push(b',');
                 }

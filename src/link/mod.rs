@@ -43,6 +43,7 @@ use rumqttc::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::control::Controller;
@@ -201,14 +202,14 @@ impl LinkSettings {
     }
 }
 
-/// Runs the link until `stop` turns true; then publishes the offline status and disconnects.
+/// Runs the link until `stop` is cancelled; then publishes the offline status and disconnects.
 pub async fn run(
     mut settings: LinkSettings,
     outbox: Outbox,
     applier: Applier,
     controller: Controller,
     board: StatusBoard,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     if !settings.config.mqtt.url.tls {
         tracing::warn!(
@@ -230,7 +231,7 @@ pub async fn run(
     // Why a filter is not subscribed (status `last_error` while it lasts).
     let mut hold_note: Option<String> = None;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             break;
         }
         if let Some(h) = &settings.heartbeat {
@@ -269,7 +270,7 @@ pub async fn run(
             unsubscribed: HashSet::new(),
             stray_logged: false,
         };
-        let end = session.run(&mut stop).await;
+        let end = session.run(&stop).await;
         if session.connected_at.is_some() {
             clean_next = false;
         }
@@ -314,13 +315,9 @@ pub async fn run(
         }
         tokio::select! {
             () = crate::sys::notify::sleep_beating(settings.heartbeat.as_ref(), delay) => {}
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
         }
     }
-}
-
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 enum SessionEnd {
@@ -424,7 +421,7 @@ impl Default for StoreRetry {
 }
 
 impl Session<'_> {
-    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> SessionEnd {
+    async fn run(&mut self, stop: &CancellationToken) -> SessionEnd {
         let options = match self.settings.mqtt_options(self.clean_session) {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
@@ -513,7 +510,7 @@ impl Session<'_> {
         events: &mut mpsc::Receiver<Polled>,
         intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
         gate: &IntakeGate,
-        stop: &mut watch::Receiver<bool>,
+        stop: &CancellationToken,
     ) -> SessionEnd {
         let results = Arc::clone(&self.applier.results);
         let mut appended = self.outbox.watch_appended();
@@ -565,7 +562,7 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 // Shutdown requested.
-                () = stopped(stop) => return SessionEnd::Stopped,
+                () = stop.cancelled() => return SessionEnd::Stopped,
                 // Network events, in the order rumqttc produced them.
                 ev = events.recv() => {
                     let Some(ev) = ev else {

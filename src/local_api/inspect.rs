@@ -23,7 +23,7 @@ use std::io;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 
-use redb::{ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadOnlyDatabase, ReadTransaction, ReadableDatabase, ReadableTable};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
@@ -31,10 +31,8 @@ use thiserror::Error;
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
 use crate::local_api::protocol::{QueueQuery, Request};
+use crate::store::tables::{META, OUTBOX};
 use crate::store::{Outbox, StoreError, record};
-
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Changes `peek` shows by default.
 pub const DEFAULT_PEEK: usize = 20;

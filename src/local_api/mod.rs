@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 use crate::health::status::{Identity, StatusBoard};
 use crate::model::change::{ChangeError, RawChange};
@@ -131,14 +132,14 @@ pub struct Context {
     pub idle_timeout: Duration,
 }
 
-/// Serves connections until `stop` turns true, then stops reading requests, lets every
+/// Serves connections until `stop` is cancelled, then stops reading requests, lets every
 /// connection answer what it has read, and returns.
 ///
 /// Admission is fair: with `MAX_CLIENTS` connections open, a new client is admitted by
 /// closing the connection that has waited longest for its client (idle: no request and no
 /// answer pending; or stalled: its client is not reading an answer), watching connections
 /// last. Only while every connection is busy does a new client wait in the listen backlog.
-pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiver<bool>) {
+pub async fn serve(listener: UnixListener, ctx: Context, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let budget = Budget {
         lines: Arc::new(Semaphore::new(LINE_BYTES)),
@@ -146,23 +147,22 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
         answers: Arc::new(Semaphore::new(ANSWER_BYTES)),
     };
     let registry = Registry::default();
-    let stop_conn = stop.clone();
     let mut conns = JoinSet::new();
     let mut next_id = 0u64;
     loop {
         tokio::select! {
             biased;
             // Shutdown: stop accepting.
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             // Reap finished connections so the set does not grow.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let Some(permit) = admit(&slots, &registry, &mut stop).await else { break };
+                    let Some(permit) = admit(&slots, &registry, &stop).await else { break };
                     next_id += 1;
                     let shared = Arc::new(Shared::new(next_id));
                     let ctx = ctx.clone();
-                    let stop = stop_conn.clone();
+                    let stop = stop.clone();
                     let budget = budget.clone();
                     let conn = Arc::clone(&shared);
                     let gone = registry.clone();
@@ -193,7 +193,7 @@ pub async fn serve(listener: UnixListener, ctx: Context, mut stop: watch::Receiv
 async fn admit(
     slots: &Arc<Semaphore>,
     registry: &Registry,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> Option<OwnedSemaphorePermit> {
     loop {
         if let Ok(p) = Arc::clone(slots).try_acquire_owned() {
@@ -202,7 +202,7 @@ async fn admit(
         let evicted = registry.evict_one();
         tokio::select! {
             biased;
-            () = stopped(stop) => return None,
+            () = stop.cancelled() => return None,
             p = Arc::clone(slots).acquire_owned() => return p.ok(),
             // Nobody to evict now: look again soon (a busy connection may become idle).
             () = tokio::time::sleep(EVICT_RETRY), if !evicted => {}
@@ -367,11 +367,6 @@ async fn write_step<F: std::future::Future<Output = io::Result<()>>>(
     })
 }
 
-/// Resolves once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
-}
-
 /// The byte budgets all connections share.
 #[derive(Debug, Clone)]
 struct Budget {
@@ -450,7 +445,7 @@ enum Pending {
 async fn connection(
     stream: UnixStream,
     ctx: Context,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     budget: Budget,
     shared: Arc<Shared>,
 ) -> io::Result<()> {
@@ -474,7 +469,7 @@ async fn connection(
 async fn read_requests(
     rd: tokio::net::unix::OwnedReadHalf,
     ctx: Context,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     budget: Budget,
     shared: &Shared,
     tx: mpsc::Sender<Pending>,
@@ -489,7 +484,7 @@ async fn read_requests(
         shared.lock().reading_since = Some(Instant::now());
         let started = tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             r = reader.fill_buf() => !r?.is_empty(),
             () = idle_for(shared, ctx.idle_timeout) => {
                 tracing::debug!("closing an idle local connection");
@@ -502,7 +497,7 @@ async fn read_requests(
         }
         let read = tokio::select! {
             biased;
-            () = stopped(&mut stop) => break,
+            () = stop.cancelled() => break,
             r = tokio::time::timeout(LINE_TIMEOUT, read_line_counted(
                 &mut reader,
                 &mut line,

@@ -247,9 +247,14 @@ pub fn encode_value(key: &str, value: &serde_json::Value) -> Result<Vec<u8>, Cha
     Ok(out)
 }
 
+/// A stored value that does not decode; its text is the CBOR decoder's.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DecodeError(#[from] ciborium::de::Error<std::io::Error>);
+
 /// Decodes a CBOR value written by [`encode_value`] back to JSON.
-pub fn decode_value(cbor: &[u8]) -> Result<serde_json::Value, String> {
-    ciborium::from_reader(cbor).map_err(|e| e.to_string())
+pub fn decode_value(cbor: &[u8]) -> Result<serde_json::Value, DecodeError> {
+    Ok(ciborium::from_reader(cbor)?)
 }
 
 /// Parses a CLI `KEY=VALUE` argument: VALUE as JSON, else as a string.

@@ -55,26 +55,41 @@ pub fn sniff(payload: &[u8]) -> Encoding {
     }
 }
 
+/// Why an incoming payload does not decode ([`parse_tree`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    #[error("invalid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid CBOR: truncated")]
+    Truncated,
+    #[error("invalid CBOR: syntax error at byte {0}")]
+    Syntax(usize),
+    #[error("invalid CBOR: {0}")]
+    Semantic(String),
+    #[error("invalid CBOR: nested too deep")]
+    TooDeep,
+    #[error("invalid CBOR: trailing bytes after the document")]
+    Trailing,
+}
+
 /// Decodes an incoming payload (a desired document or a command) to a generic tree.
-pub fn parse_tree(payload: &[u8], encoding: Encoding) -> Result<Cbor, String> {
+pub fn parse_tree(payload: &[u8], encoding: Encoding) -> Result<Cbor, ParseError> {
     match encoding {
-        Encoding::Json => {
-            serde_json::from_slice::<Cbor>(payload).map_err(|e| format!("invalid JSON: {e}"))
-        }
+        Encoding::Json => Ok(serde_json::from_slice::<Cbor>(payload)?),
         Encoding::Cbor => {
             let mut rest = payload;
             let v = ciborium::de::from_reader_with_recursion_limit::<Cbor, _>(&mut rest, 256)
                 .map_err(|e| {
                     use ciborium::de::Error as E;
                     match e {
-                        E::Io(_) => "invalid CBOR: truncated".to_owned(),
-                        E::Syntax(at) => format!("invalid CBOR: syntax error at byte {at}"),
-                        E::Semantic(_, m) => format!("invalid CBOR: {m}"),
-                        E::RecursionLimitExceeded => "invalid CBOR: nested too deep".to_owned(),
+                        E::Io(_) => ParseError::Truncated,
+                        E::Syntax(at) => ParseError::Syntax(at),
+                        E::Semantic(_, m) => ParseError::Semantic(m),
+                        E::RecursionLimitExceeded => ParseError::TooDeep,
                     }
                 })?;
             if !rest.is_empty() {
-                return Err("invalid CBOR: trailing bytes after the document".into());
+                return Err(ParseError::Trailing);
             }
             Ok(v)
         }
@@ -98,7 +113,7 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
             ),
         ));
     }
-    let tree = parse_tree(payload, encoding).map_err(|e| fail(None, e))?;
+    let tree = parse_tree(payload, encoding).map_err(|e| fail(None, e.to_string()))?;
     let Cbor::Map(fields) = tree else {
         return Err(fail(None, "the document is not a map/object".into()));
     };
@@ -155,7 +170,7 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
         }
         let value = crate::model::change::validate_key(&key)
             .map_err(|e| e.to_string())
-            .and_then(|()| to_json(v, 0, limits.max_depth))
+            .and_then(|()| to_json(v, 0, limits.max_depth).map_err(|e| e.to_string()))
             .and_then(|v| {
                 crate::model::change::encode_value(&key, &v)
                     .map(|_| v)
@@ -178,9 +193,30 @@ fn as_u64(v: &Cbor) -> Option<u64> {
     }
 }
 
+/// Why a value tree does not convert to JSON ([`to_json`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    #[error("integer {0} is out of the 64-bit range")]
+    OutOfRange(i128),
+    #[error("{0} is not a finite number")]
+    NotFinite(f64),
+    #[error("nested deeper than desired.max_depth ({0})")]
+    TooDeep(usize),
+    #[error("a map key is not text")]
+    KeyNotText,
+    #[error("key {} appears twice in a map", quote_short(.0))]
+    KeyTwice(String),
+    #[error("byte strings are not supported")]
+    Bytes,
+    #[error("CBOR tag {0} is not supported")]
+    Tag(u64),
+    #[error("unsupported CBOR value")]
+    Unsupported,
+}
+
 /// Converts a value tree to JSON under the rules in the module doc. `depth` is the nesting
 /// of `v` (0 for a top-level value).
-pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, String> {
+pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, ValueError> {
     Ok(match v {
         Cbor::Null => Value::Null,
         Cbor::Bool(b) => Value::Bool(b),
@@ -192,18 +228,16 @@ pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, String>
             } else if let Ok(s) = i64::try_from(i) {
                 Value::from(s)
             } else {
-                return Err(format!("integer {i} is out of the 64-bit range"));
+                return Err(ValueError::OutOfRange(i));
             }
         }
         Cbor::Float(f) => match serde_json::Number::from_f64(f) {
             Some(n) if f.is_finite() => Value::Number(n),
-            _ => return Err(format!("{f} is not a finite number")),
+            _ => return Err(ValueError::NotFinite(f)),
         },
         Cbor::Array(items) => {
             if depth >= max_depth {
-                return Err(format!(
-                    "nested deeper than desired.max_depth ({max_depth})"
-                ));
+                return Err(ValueError::TooDeep(max_depth));
             }
             let items: Result<Vec<_>, _> = items
                 .into_iter()
@@ -213,25 +247,23 @@ pub fn to_json(v: Cbor, depth: usize, max_depth: usize) -> Result<Value, String>
         }
         Cbor::Map(entries) => {
             if depth >= max_depth {
-                return Err(format!(
-                    "nested deeper than desired.max_depth ({max_depth})"
-                ));
+                return Err(ValueError::TooDeep(max_depth));
             }
             let mut m = serde_json::Map::new();
             for (k, v) in entries {
                 let Cbor::Text(k) = k else {
-                    return Err("a map key is not text".into());
+                    return Err(ValueError::KeyNotText);
                 };
                 let v = to_json(v, depth + 1, max_depth)?;
                 if m.insert(k.clone(), v).is_some() {
-                    return Err(format!("key {} appears twice in a map", quote_short(&k)));
+                    return Err(ValueError::KeyTwice(k));
                 }
             }
             Value::Object(m)
         }
-        Cbor::Bytes(_) => return Err("byte strings are not supported".into()),
-        Cbor::Tag(t, _) => return Err(format!("CBOR tag {t} is not supported")),
-        _ => return Err("unsupported CBOR value".into()),
+        Cbor::Bytes(_) => return Err(ValueError::Bytes),
+        Cbor::Tag(t, _) => return Err(ValueError::Tag(t)),
+        _ => return Err(ValueError::Unsupported),
     })
 }
 

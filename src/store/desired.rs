@@ -38,13 +38,10 @@ use crate::config::Encoding;
 use crate::model::change::{NewChange, Origin, now_ms};
 use crate::store::{Outbox, StoreError, row_cost};
 
-const META: TableDefinition<&str, u64> = TableDefinition::new("desired_meta");
-const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_inbox");
-const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_state");
-const HISTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("desired_history");
-const RESULTS: TableDefinition<u64, &[u8]> = TableDefinition::new("desired_results");
-const RESULT_OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("result_outbox");
-const RESERVED: TableDefinition<u64, u64> = TableDefinition::new("desired_reserved");
+use crate::store::tables::desired::{
+    HISTORY, INBOX, META, RESERVED, RESULT_OUTBOX, RESULTS, STATE,
+};
+use crate::store::tables::{get_json, to_json};
 
 /// Accounted bytes beyond a value's JSON for a state row or history entry whose version and
 /// ts are not known yet (20 digits each, field names) and an inbox row's header.
@@ -123,15 +120,6 @@ pub struct KeyUpdate {
     pub origin: Origin,
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, redb::Error> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| redb::Error::Corrupted(format!("desired record: {e}")))
-}
-
-fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
 fn meta_get(
     t: &impl ReadableTable<&'static str, u64>,
     k: &str,
@@ -164,7 +152,7 @@ pub async fn receive(
                     drop(meta);
                     // The stored result again, marked as the answer to a duplicate.
                     if let Some(bytes) = stored {
-                        let mut result: Value = get_json(&bytes)?;
+                        let mut result: Value = get_json("desired", &bytes)?;
                         result["status"] = Value::from("duplicate");
                         let payload = crate::model::doc::encode(&result, encoding);
                         queue_result(ctx.txn, "desired/result", &payload)?;
@@ -325,7 +313,7 @@ pub async fn begin(outbox: &Outbox, version: u64) -> Result<(), StoreError> {
             let mut inbox = ctx.txn.open_table(INBOX)?;
             let entry = inbox.get(version)?.map(|v| v.value().to_vec());
             if let Some(bytes) = entry {
-                let mut e: InboxEntry = get_json(&bytes)?;
+                let mut e: InboxEntry = get_json("desired", &bytes)?;
                 e.applying = true;
                 inbox.insert(version, to_json(&e).as_slice())?;
             }
@@ -417,7 +405,7 @@ pub fn apply_updates(
                 let old = history.get(key)?.map(|v| v.value().to_vec());
                 let old_cost = old.as_ref().map_or(0, |b| cost(key, b.len()));
                 let mut list: Vec<HistoryEntry> = match old {
-                    Some(b) => get_json(&b)?,
+                    Some(b) => get_json("desired", &b)?,
                     None => Vec::new(),
                 };
                 list.push(HistoryEntry {
@@ -473,7 +461,7 @@ fn trim_history(
     let Some(old) = history.get(key)?.map(|v| v.value().to_vec()) else {
         return Ok(());
     };
-    let mut list: Vec<HistoryEntry> = get_json(&old)?;
+    let mut list: Vec<HistoryEntry> = get_json("desired", &old)?;
     let mut len = old.len();
     while ctx.state_over(extra) && list.len() > 1 {
         list.remove(0);
@@ -490,12 +478,24 @@ fn trim_history(
     Ok(())
 }
 
+/// Why [`reset_version`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResetRefused {
+    #[error("{inbox_len} desired document(s) are being applied; try again when they are done")]
+    Applying { inbox_len: u64 },
+    #[error("version {to} is not below the current desired version {accepted}")]
+    NotBelow { to: u64, accepted: u64 },
+}
+
 /// Sets the accepted and applied versions back to `to` (the `desired-reset` command):
 /// documents above `to` are taken in again. `Ok(Err(why))` when refused: a document is
 /// being applied (its version is in the inbox), or `to` is not below the accepted version.
 /// Results kept for versions above `to` are dropped (they would answer a new document of
 /// that version as a duplicate). Returns the version it replaced.
-pub async fn reset_version(outbox: &Outbox, to: u64) -> Result<Result<u64, String>, StoreError> {
+pub async fn reset_version(
+    outbox: &Outbox,
+    to: u64,
+) -> Result<Result<u64, ResetRefused>, StoreError> {
     outbox
         .transact(move |ctx| {
             let inbox_len = {
@@ -503,16 +503,12 @@ pub async fn reset_version(outbox: &Outbox, to: u64) -> Result<Result<u64, Strin
                 redb::ReadableTableMetadata::len(&inbox)?
             };
             if inbox_len > 0 {
-                return Ok(Err(format!(
-                    "{inbox_len} desired document(s) are being applied; try again when they are done"
-                )));
+                return Ok(Err(ResetRefused::Applying { inbox_len }));
             }
             let mut meta = ctx.txn.open_table(META)?;
             let accepted = meta_get(&meta, "accepted")?.unwrap_or(0);
             if to >= accepted {
-                return Ok(Err(format!(
-                    "version {to} is not below the current desired version {accepted}"
-                )));
+                return Ok(Err(ResetRefused::NotBelow { to, accepted }));
             }
             meta.insert("accepted", to)?;
             meta.insert("applied", to)?;
@@ -565,7 +561,7 @@ pub fn results_from(
     let mut out = Vec::new();
     for item in table.range(from..)?.take(max) {
         let (_, v) = item?;
-        out.push(get_json(v.value())?);
+        out.push(get_json("desired", v.value())?);
     }
     Ok(out)
 }
@@ -583,7 +579,7 @@ fn read_all<T: for<'de> Deserialize<'de>>(
     let mut out = Vec::new();
     for item in table.iter()? {
         let (_, v) = item?;
-        out.push(get_json(v.value())?);
+        out.push(get_json("desired", v.value())?);
     }
     Ok(out)
 }
@@ -613,13 +609,13 @@ pub fn state(
     match key {
         Some(k) => {
             if let Some(v) = table.get(k)? {
-                out.insert(k.to_owned(), get_json(v.value())?);
+                out.insert(k.to_owned(), get_json("desired", v.value())?);
             }
         }
         None => {
             for item in table.iter()? {
                 let (k, v) = item?;
-                out.insert(k.value().to_owned(), get_json(v.value())?);
+                out.insert(k.value().to_owned(), get_json("desired", v.value())?);
             }
         }
     }
@@ -635,7 +631,7 @@ pub fn history(outbox: &Outbox, key: &str) -> Result<Vec<HistoryEntry>, StoreErr
         Err(e) => return Err(e.into()),
     };
     Ok(match table.get(key)? {
-        Some(v) => get_json(v.value())?,
+        Some(v) => get_json("desired", v.value())?,
         None => Vec::new(),
     })
 }
@@ -659,7 +655,8 @@ pub fn local_change(outbox: &Outbox, key: &str) -> Result<Option<LocalChange>, S
     if rec.origin.is_some() {
         return Ok(None);
     }
-    let value = crate::model::change::decode_value(rec.value).map_err(StoreError::Io)?;
+    let value =
+        crate::model::change::decode_value(rec.value).map_err(|e| StoreError::Io(e.to_string()))?;
     Ok(Some(LocalChange {
         value,
         ts: rec.ts,

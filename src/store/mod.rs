@@ -95,6 +95,7 @@
 pub mod record;
 
 pub mod desired;
+pub mod tables;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -104,10 +105,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use redb::{
-    Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageBackend,
-    TableDefinition,
-};
+use redb::{Database, DatabaseError, Durability, ReadableDatabase, ReadableTable, StorageBackend};
 use serde::Serialize;
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -115,9 +113,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use crate::config::WhenFull;
 use crate::model::change::{NewChange, now_ms};
 
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+use tables::{META, OUTBOX, REPORTED};
 
 /// Commits handed over before the fsync that may wait for the sync engine (each at most
 /// the hand-over threshold of records); beyond it the engine reads from the store.
@@ -780,7 +776,8 @@ impl Outbox {
             let mut out = std::collections::BTreeMap::new();
             let mut add = |k: &str, (seq, rec): (u64, &[u8])| -> Result<(), StoreError> {
                 let r = record::decode(rec).map_err(|e| StoreError::Io(e.to_string()))?;
-                let value = crate::model::change::decode_value(r.value).map_err(StoreError::Io)?;
+                let value = crate::model::change::decode_value(r.value)
+                    .map_err(|e| StoreError::Io(e.to_string()))?;
                 out.insert(
                     k.to_owned(),
                     ReportedValue {

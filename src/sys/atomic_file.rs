@@ -1,14 +1,35 @@
-//! Files replaced atomically: written to a temporary file in the same directory, fsync'ed,
-//! renamed over the target, and the directory fsync'ed. A reader (node_exporter's textfile
-//! collector, an operator's tools) sees the old file or the new one, never a part of one,
-//! and a crash leaves at most a stray temporary file (named `.NAME.tmp-…`, so collectors
-//! that read `*.prom` ignore it).
+//! The crate's one atomic file writer: files replaced atomically, written to a temporary
+//! file in the same directory, fsync'ed, renamed over the target, and the directory
+//! fsync'ed. A reader (node_exporter's textfile collector, an operator's tools, a program
+//! configured by the desired-state file handler) sees the old file or the new one, never a
+//! part of one, and a crash leaves at most a stray temporary file (named `.NAME.tmp-…`, so
+//! collectors that read `*.prom` ignore it).
 //!
 //! The directory may be writable by others (a textfile collector's directory often is), so
 //! the temporary file is created new-only under a random name: `O_CREAT|O_EXCL` never
 //! follows a planted symlink and never opens a file somebody else made, and the mode is set
 //! on the descriptor we created. The rename replaces the target's directory entry, never
 //! what a symlink there points to.
+//!
+//! # Guarantees
+//! - **Whole or nothing**: at every moment, also after a crash or a power cut, `path` holds
+//!   the old content or the new one (or is missing if it was), never a mix or a prefix.
+//! - **Durable on success**: when [`AtomicFile::commit`] (or [`write`],
+//!   [`write_with_mode`], [`write_keeping_mode`]) returns `Ok`, the content was fsync'ed
+//!   before the rename and the directory after it: the new file survives a power cut.
+//! - **Errors**: a failure before the rename (create, write, fsync, rename) leaves the
+//!   target untouched and removes the temporary file; the error is the OS's, unchanged. A
+//!   failure of the directory fsync after the rename is returned too: the new content is
+//!   in place, but the rename may not survive a power cut.
+//! - **Mode**: exactly the mode asked for (0644 by default), whatever the umask; the
+//!   temporary file is never readable by others before that ([`write_keeping_mode`] keeps
+//!   the permission bits of an existing regular file instead). Ownership is the writer's;
+//!   ACLs and extended attributes of a replaced file are not carried over.
+//! - **Not created**: the parent directory must exist; nothing here creates directories.
+//! - **No lock**: concurrent writers of one path each write their own temporary file; the
+//!   last rename wins, whole.
+//! - **Abandoned**: an [`AtomicFile`] dropped before `commit` removes its temporary file
+//!   and leaves the target alone.
 
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
@@ -99,7 +120,7 @@ impl AtomicFile {
             let _ = fs::remove_file(&self.tmp);
             return Err(e);
         }
-        File::open(dir_of(&self.path))?.sync_all()
+        sync_dir(dir_of(&self.path))
     }
 }
 
@@ -139,6 +160,21 @@ pub fn write_with_mode(path: &Path, contents: &[u8], mode: u32) -> io::Result<()
     f.commit()
 }
 
+/// Replaces `path` with `contents` atomically; an existing regular file (or one a symlink
+/// there points to) keeps its permission bits, a new one gets exactly `new_mode`.
+pub fn write_keeping_mode(path: &Path, contents: &[u8], new_mode: u32) -> io::Result<()> {
+    let mode = match fs::metadata(path) {
+        Ok(meta) if meta.is_file() => meta.permissions().mode() & 0o7777,
+        _ => new_mode,
+    };
+    write_with_mode(path, contents, mode)
+}
+
+/// Fsyncs the directory `dir`, so that a rename or removal of an entry in it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
 /// 64 unpredictable bits: std seeds each `RandomState` from the OS's random source.
 fn random() -> u64 {
     let mut h = RandomState::new().build_hasher();
@@ -150,7 +186,8 @@ fn random() -> u64 {
     h.finish()
 }
 
-fn dir_of(path: &Path) -> &Path {
+/// The directory holding `path` (`.` for a bare file name).
+pub fn dir_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

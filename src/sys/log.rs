@@ -52,6 +52,18 @@ pub fn check_log_level(filter: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why [`LogControl::set`] refused a filter or could not install it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetLogError {
+    /// Not `[log] level` syntax (the text of [`check_log_level`]).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("invalid log filter {filter:?}: {reason}")]
+    Unparsed { filter: String, reason: String },
+    #[error("cannot change the log filter: {0}")]
+    Reload(String),
+}
+
 /// The handle on the process's running log filter, made where logging is set up (the
 /// filter layer must sit directly on the [`Registry`]).
 #[derive(Debug)]
@@ -78,15 +90,16 @@ impl LogControl {
     }
 
     /// Replaces the filter; returns the previous one. The same syntax as `[log] level`.
-    pub fn set(&self, filter: &str) -> Result<String, String> {
-        check_log_level(filter)?;
-        let new: Targets = filter
-            .parse()
-            .map_err(|e| format!("invalid log filter {filter:?}: {e}"))?;
+    pub fn set(&self, filter: &str) -> Result<String, SetLogError> {
+        check_log_level(filter).map_err(SetLogError::Invalid)?;
+        let new: Targets = filter.parse().map_err(|e| SetLogError::Unparsed {
+            filter: filter.to_owned(),
+            reason: format!("{e}"),
+        })?;
         let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         self.handle
             .reload(new)
-            .map_err(|e| format!("cannot change the log filter: {e}"))?;
+            .map_err(|e| SetLogError::Reload(e.to_string()))?;
         Ok(std::mem::replace(&mut *current, filter.to_owned()))
     }
 }
