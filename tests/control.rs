@@ -1,4 +1,4 @@
-//! Commands over MQTT (SPEC §4, §5) against a real broker: the real binary, rumqttd
+//! Commands over MQTT (docs/PROTOCOL.md §4, §5) against a real broker: the real binary, rumqttd
 //! in-process, a "cloud" client publishing requests on `P/D/cmd/NAME` and reading the
 //! responses on `P/D/cmd/NAME/result`. Every command and every error code; replay of an id
 //! answered from the record without running again (also after a restart); `kill -9`

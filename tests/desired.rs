@@ -1,4 +1,4 @@
-//! Desired state end to end (issue 4, SPEC §4-§6): the real binary against a real broker
+//! Desired state end to end (issue 4, docs/PROTOCOL.md §4-§6): the real binary against a real broker
 //! (rumqttd in-process; Mosquitto where retained messages must come again on every
 //! subscription). "The cloud" publishes desired documents on `edgesync/<device>/desired`
 //! and reads `.../desired/result` and `.../reported`.
@@ -1393,7 +1393,7 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
 /// down for good.
 ///
 /// Fails today: the agent's rumqttc options allow incoming packets of at most 1 MiB
-/// (`set_max_packet_size(1 << 20, ..)` in `src/sync/mod.rs`), so a bigger desired document
+/// (`set_max_packet_size(1 << 20, ..)` in `src/link/mod.rs`), so a bigger desired document
 /// is a fatal connection error, before the applier could refuse it by
 /// `desired.max_document_bytes`. It is never PUBACKed, the broker delivers it again on every
 /// reconnect (persistent session), and the link flaps for ever: nothing is reported, no later

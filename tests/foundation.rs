@@ -1,5 +1,5 @@
 //! The foundation, end to end: the real `edgesync` binary with a real store and socket
-//! (SPEC §1 guarantees 1, 3, 4 and 7 on the local side, §2 command line, §6 local socket).
+//! (docs/PROTOCOL.md §1 guarantees 1, 3, 4 and 7 on the local side, §2 command line, §6 local socket).
 //! There is no broker yet, so nothing ever leaves the queue.
 
 // Test-only code: lets clippy's allow-unwrap/expect/panic-in-tests (clippy.toml) cover the

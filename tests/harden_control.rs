@@ -284,7 +284,7 @@ fn replays_of_a_running_command_cost_bounded_cpu_memory_and_threads() {
 /// Item 12: a retained command is never run. A broker keeps a retained message and sends it
 /// on every new subscription; the replay record forgets ids (`replay_max`, the window), so
 /// a retained request would run again after a later reconnect. Retained messages on command
-/// topics are ignored (SPEC §7), counted in status and metrics.
+/// topics are ignored (docs/PROTOCOL.md §7), counted in status and metrics.
 #[test]
 fn retained_commands_are_ignored_and_counted() {
     let ping = json!({"id": "retained-ping"});

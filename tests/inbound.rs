@@ -3,7 +3,7 @@
 //! Pass: nothing lost (the broker delivers the unacknowledged message again and it is taken
 //! in), nothing applied or run twice.
 //!
-//! The deaths come from the debug-build crash points of `src/crash.rs`
+//! The deaths come from the debug-build crash points of `src/sys/crash.rs`
 //! (`EDGESYNC_DEBUG_CRASH_AT`); a release build has none, so there these tests only say so and
 //! pass. Each cycle: start the agent with a crash point, publish one message, wait until the
 //! agent is dead, start it without one, wait for the answer, kill -9 it (quiescent). Handler

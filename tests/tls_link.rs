@@ -1,7 +1,7 @@
 //! The agent's TLS setup (`link::tls`) against real brokers: rumqttd in-process (rustls) and
 //! Mosquitto (OpenSSL; skipped with a notice when not installed, an error with
 //! `EDGESYNC_REQUIRE_MOSQUITTO=1`). Each broken setup must produce its one precise line from
-//! `describe` (SPEC §1.6, §1.7).
+//! `describe` (docs/PROTOCOL.md §1.6, §1.7).
 //!
 //! How each failure is provoked:
 //! - wrong CA: the client trusts `wrong_ca`, the broker presents the good certificate;
