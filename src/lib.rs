@@ -24,6 +24,14 @@
 //! | 7 | `control` | commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects |
 //! | 8 | `link`, `local_api` | the MQTT session (engine, backoff, batch codec, TLS, the cloud profile); the Unix socket (protocol, server, the CLI's client, queue inspection) |
 //! | 9 | `agent` | wiring, shutdown and supervision (systemd status and watchdog) of the daemon |
+//!
+//! # Where new code goes
+//! Where its types live: a wire vocabulary in `model`, a config key in `config` (with its
+//! section type), a table in `store::tables`, a socket operation in `local_api::protocol`.
+//! A cloud profile (AWS IoT Core, Azure IoT Hub) is a variant of `link::profile::Profile`:
+//! the mapping between the agent's messages (change batches, results, presence, metrics;
+//! desired documents, commands) and topics + payloads. The contract users read is
+//! `docs/PROTOCOL.md`.
 
 mod agent;
 mod config;
