@@ -56,12 +56,18 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run => run(&config_path),
         Command::CheckConfig => check_config(&config_path),
-        Command::Report { stdin, changes } => client_rt(report(&config_path, stdin, changes)),
-        Command::Status { json } => client_rt(status(&config_path, json)),
-        Command::Get { doc, key } => client_rt(get(&config_path, doc, key)),
-        Command::History { key, limit, json } => client_rt(history(&config_path, key, limit, json)),
-        Command::Rollback { key, version } => client_rt(rollback(&config_path, key, version)),
-        Command::Queue(what) => client_rt(queue(&config_path, what)),
+        Command::Report { stdin, changes } => {
+            client_rt(Box::pin(report(&config_path, stdin, changes)))
+        }
+        Command::Status { json } => client_rt(Box::pin(status(&config_path, json))),
+        Command::Get { doc, key } => client_rt(Box::pin(get(&config_path, doc, key))),
+        Command::History { key, limit, json } => {
+            client_rt(Box::pin(history(&config_path, key, limit, json)))
+        }
+        Command::Rollback { key, version } => {
+            client_rt(Box::pin(rollback(&config_path, key, version)))
+        }
+        Command::Queue(what) => client_rt(Box::pin(queue(&config_path, what))),
     };
     finish(result)
 }
@@ -180,7 +186,10 @@ fn init_logging(level: &str) -> std::sync::Arc<edgesync::LogControl> {
     std::sync::Arc::new(edgesync::LogControl::new(handle, text))
 }
 
-fn client_rt(fut: impl std::future::Future<Output = Result<(), Failure>>) -> Result<(), Failure> {
+/// `fut` boxed: one `block_on` in the binary for every command.
+fn client_rt(
+    fut: std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Failure>> + '_>>,
+) -> Result<(), Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -118,7 +118,7 @@ pub async fn run_until_with(
     let config = Arc::new(config);
     let live = Live::new(Arc::clone(&config), handles.log.clone()).with_board(board.clone());
     let applier = Applier::new(outbox.clone(), live.subscribe(), Watchers::default());
-    let applying = tokio::spawn(applier.clone().run(shutdown.clone()));
+    let applying = spawn_task(applier.clone().run(shutdown.clone()));
     let identity = Arc::new(Identity {
         device: config.device.id.to_string(),
         broker: config.mqtt.url.to_string(),
@@ -134,10 +134,10 @@ pub async fn run_until_with(
         },
         Arc::clone(&applier.results),
     );
-    let controlling = tokio::spawn(controller.clone().run(shutdown.clone()));
+    let controlling = spawn_task(controller.clone().run(shutdown.clone()));
     // Health figures: sampled here, published by the link, also in every status.
     let (metrics_tx, metrics_feed) = crate::health::metrics::feed();
-    let measuring = tokio::spawn(crate::health::metrics::run(
+    let measuring = spawn_task(crate::health::metrics::run(
         live.subscribe(),
         Arc::clone(&identity),
         outbox.clone(),
@@ -150,8 +150,8 @@ pub async fn run_until_with(
     link_settings.live = Some(live.subscribe());
     link_settings.heartbeat = health.link.clone();
     // SIGHUP: read the config again.
-    let reloading = tokio::spawn(reload_on_sighup(live.clone(), shutdown.clone()));
-    let link = tokio::spawn(crate::link::run(
+    let reloading = spawn_task(reload_on_sighup(live.clone(), shutdown.clone()));
+    let link = spawn_task(crate::link::run(
         link_settings,
         outbox.clone(),
         applier.clone(),
@@ -166,10 +166,10 @@ pub async fn run_until_with(
         identity,
         idle_timeout: config.local.idle_timeout,
     };
-    let mut server = tokio::spawn(local_api::serve(listener, ctx, shutdown.clone()));
+    let mut server = spawn_task(local_api::serve(listener, ctx, shutdown.clone()));
     // Store open, socket bound and served: READY=1, then status lines and watchdog pings.
     crate::agent::supervise::ready(&notifier, &outbox, &board, &health).await;
-    let supervising = tokio::spawn(crate::agent::supervise::supervise(
+    let supervising = spawn_task(crate::agent::supervise::supervise(
         notifier.clone(),
         health,
         outbox.clone(),
@@ -227,6 +227,15 @@ pub async fn run_until_with(
 }
 
 /// Reloads the config on every SIGHUP until `stop`.
+/// Spawns one of the agent's tasks, boxed: they all share one instance of tokio's task code
+/// (one per future type otherwise).
+fn spawn_task(
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = Box::pin(task);
+    tokio::spawn(task)
+}
+
 async fn reload_on_sighup(live: Live, stop: CancellationToken) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP; use the reload command instead");

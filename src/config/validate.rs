@@ -91,6 +91,7 @@ pub(super) struct Field<T> {
 
 impl<T: Clone> Field<T> {
     /// Read `table[name]`; `at` is the dotted name of the table.
+    #[inline(never)]
     fn read(table: &Table, at: &str, name: &str, p: &mut Problems) -> Self
     where
         T: FromValue,
@@ -224,6 +225,7 @@ macro_rules! raw_section {
             const KEYS: &'static [&'static str] =
                 &[$(key_name!($field $($key)?)),* $($(, stringify!($table))*)?];
 
+            #[inline(never)]
             fn collect(table: &Table, at: &str, p: &mut Problems) -> Self {
                 $name {
                     $($field: Field::read(table, at, key_name!($field $($key)?), p),)*
@@ -244,56 +246,78 @@ fn take_tables<T: RawTable>(
     key: &str,
     p: &mut Problems,
 ) -> Field<Vec<T>> {
-    let name = format!("{section}.{key}");
-    let value = table.get(key).and_then(|value| {
-        let Value::Array(items) = value else {
-            let hint = if value.is_table() {
-                format!(" (write [[{name}]], with double brackets, once per entry)")
-            } else {
-                String::new()
-            };
-            p.push(
-                name.as_str(),
-                format!(
-                    "expected an array of tables [[{name}]], found {}{hint}",
-                    describe(value)
-                ),
-            );
-            return None;
-        };
-        if items.len() > DESIRED_TABLES_MAX {
-            p.push(
-                name.as_str(),
-                format!(
-                    "expected at most {DESIRED_TABLES_MAX} [[{name}]] tables, found {}",
-                    items.len()
-                ),
-            );
-        }
-        let entries = items.iter().enumerate().map(|(i, item)| {
-            let entry = format!("{name}[{}]", i + 1);
-            match item {
-                Value::Table(fields) => {
-                    for field in fields.keys().filter(|f| !T::KEYS.contains(&f.as_str())) {
-                        p.push(
-                            format!("{entry}.{field}"),
-                            unknown_table_key(&name, field, T::KEYS),
-                        );
-                    }
-                    T::collect(fields, &entry, p)
-                }
-                other => {
-                    p.push(
-                        entry.as_str(),
-                        expected(&format!("a table [[{name}]]"), other),
-                    );
-                    T::empty(&entry)
-                }
-            }
-        });
-        Some(entries.collect())
+    let mut entries = Vec::new();
+    let (name, present) = take_entries(table, section, key, T::KEYS, p, &mut |fields, entry, p| {
+        entries.push(match fields {
+            Some(fields) => T::collect(fields, entry, p),
+            None => T::empty(entry),
+        })
     });
-    Field { key: name, value }
+    Field {
+        key: name,
+        value: present.then_some(entries),
+    }
+}
+
+/// The part of [`take_tables`] that does not depend on the entry type: checks
+/// `table[key]`, reports its problems and hands each entry to `entry` (its fields, or `None`
+/// when it is not a table, and its name). Returns the dotted name of the array and whether it
+/// is an array.
+fn take_entries(
+    table: &Table,
+    section: &str,
+    key: &str,
+    keys: &[&str],
+    p: &mut Problems,
+    entry: &mut dyn FnMut(Option<&Table>, &str, &mut Problems),
+) -> (String, bool) {
+    let name = format!("{section}.{key}");
+    let Some(value) = table.get(key) else {
+        return (name, false);
+    };
+    let Value::Array(items) = value else {
+        let hint = if value.is_table() {
+            format!(" (write [[{name}]], with double brackets, once per entry)")
+        } else {
+            String::new()
+        };
+        p.push(
+            name.as_str(),
+            format!(
+                "expected an array of tables [[{name}]], found {}{hint}",
+                describe(value)
+            ),
+        );
+        return (name, false);
+    };
+    if items.len() > DESIRED_TABLES_MAX {
+        p.push(
+            name.as_str(),
+            format!(
+                "expected at most {DESIRED_TABLES_MAX} [[{name}]] tables, found {}",
+                items.len()
+            ),
+        );
+    }
+    for (i, item) in items.iter().enumerate() {
+        let at = format!("{name}[{}]", i + 1);
+        match item {
+            Value::Table(fields) => {
+                for field in fields.keys().filter(|f| !keys.contains(&f.as_str())) {
+                    p.push(
+                        format!("{at}.{field}"),
+                        unknown_table_key(&name, field, keys),
+                    );
+                }
+                entry(Some(fields), &at, p)
+            }
+            other => {
+                p.push(at.as_str(), expected(&format!("a table [[{name}]]"), other));
+                entry(None, &at, p)
+            }
+        }
+    }
+    (name, true)
 }
 
 raw_section! {

@@ -752,53 +752,49 @@ async fn handle(
         Ok(r) => r,
         Err(answer) => return Pending::Ready(answer),
     };
-    match req {
+    let sized = match req {
         // Answers of these are small and of bounded size (PIPELINE_DEPTH of them at most).
-        Request::Report { changes } => match report(changes, ctx).await {
-            Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
-            other => other,
-        },
-        Request::Watch { keys } => Pending::Ready(watch_keys(keys, ctx, tx, answers, watching)),
-        Request::Ack(a) => Pending::Ready(ack(a, ctx)),
+        Request::Report { changes } => {
+            return match report(changes, ctx).await {
+                Pending::Store(rx) => Pending::Store(release_when_answered(rx, permit)),
+                other => other,
+            };
+        }
+        Request::Watch { keys } => {
+            return Pending::Ready(watch_keys(keys, ctx, tx, answers, watching));
+        }
+        Request::Ack(a) => return Pending::Ready(ack(a, ctx)),
         // Answers of unknown size.
-        Request::Status => sized(permit, answers, status(ctx)).await,
-        Request::Get { doc, key } => {
-            sized(permit, answers, async { get(doc, key.as_deref(), ctx) }).await
-        }
-        Request::History { key, limit } => {
-            sized(permit, answers, async { history(&key, limit, ctx) }).await
-        }
-        Request::Queue(query) => sized(permit, answers, queue(query, ctx)).await,
-        Request::Rollback { key, version } => match reserve(permit, answers).await {
-            Ok(held) => rollback(key, version, ctx, held),
-            Err(stopping) => stopping,
-        },
-    }
-}
-
-/// Gives back the request's `permit` and reserves a share of the answer budget for an
-/// answer of unknown size; `Err` is the answer when there is none to reserve.
-async fn reserve(permit: OwnedSemaphorePermit, answers: &AnswerBudget) -> Result<Held, Pending> {
-    drop(permit);
-    answers
-        .reserve()
-        .await
-        .ok_or_else(|| Pending::Ready(error_line(code::IO_ERROR, "the daemon is stopping")))
-}
-
-/// An answer of unknown size: `build` runs only once [`reserve`] has room for it.
-async fn sized(
-    permit: OwnedSemaphorePermit,
-    answers: &AnswerBudget,
-    build: impl std::future::Future<Output = String>,
-) -> Pending {
-    let held = match reserve(permit, answers).await {
-        Ok(held) => held,
-        Err(stopping) => return stopping,
+        Request::Status => Sized::Status,
+        Request::Get { doc, key } => Sized::Get(doc, key),
+        Request::History { key, limit } => Sized::History(key, limit),
+        Request::Queue(query) => Sized::Queue(query),
+        Request::Rollback { key, version } => Sized::Rollback(key, version),
     };
-    let line = build.await;
+    // Built only once a share of the answer budget is reserved (one place for every such
+    // request: each await point is code in the connection's future).
+    drop(permit);
+    let Some(held) = answers.reserve().await else {
+        return Pending::Ready(error_line(code::IO_ERROR, "the daemon is stopping"));
+    };
+    let line = match sized {
+        Sized::Status => status(ctx).await,
+        Sized::Get(doc, key) => get(doc, key.as_deref(), ctx),
+        Sized::History(key, limit) => history(&key, limit, ctx),
+        Sized::Queue(query) => queue(query, ctx).await,
+        Sized::Rollback(key, version) => return rollback(key, version, ctx, held),
+    };
     let held = held.shrink_to(line.len() + 1);
     Pending::Held(line, held)
+}
+
+/// The requests whose answers are of unknown size.
+enum Sized {
+    Status,
+    Get(Doc, Option<String>),
+    History(String, Option<usize>),
+    Queue(QueueQuery),
+    Rollback(String, u64),
 }
 
 /// Decodes one request line; `Err` is the error line to answer. Public for the fuzz targets.
