@@ -437,18 +437,9 @@ pub fn count(outbox: &Outbox) -> Result<u64, StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{StoreOptions, WhenFull};
     use serde_json::json;
 
-    fn open(dir: &std::path::Path) -> Outbox {
-        Outbox::open(&StoreOptions {
-            path: dir.join("s.redb"),
-            max_bytes: 1 << 20,
-            when_full: WhenFull::Reject,
-            cache_size: 1 << 20,
-        })
-        .unwrap()
-    }
+    use crate::store::test_outbox as open;
 
     fn incoming(id: &str, name: &str) -> Incoming {
         Incoming {

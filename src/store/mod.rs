@@ -1805,5 +1805,19 @@ fn op_changes(op: &Op) -> usize {
     }
 }
 
+/// A 1 MiB store in `dir` that refuses when full, for the unit tests of the modules that
+/// keep tables in it.
+#[cfg(test)]
+pub(crate) fn test_outbox(dir: &std::path::Path) -> Outbox {
+    #[allow(clippy::unwrap_used)]
+    Outbox::open(&StoreOptions {
+        path: dir.join("s.redb"),
+        max_bytes: 1 << 20,
+        when_full: WhenFull::Reject,
+        cache_size: 1 << 20,
+    })
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests;
