@@ -101,9 +101,10 @@ Commands:
   rollback      Apply a key's value of an earlier desired version again (through its handler)
   check-config  Validate the config file and the certificates it names
   queue         Inspect the queue of changes not yet acknowledged by the broker
+  help          Show this help, or a command's: help COMMAND
 
 Options:
-      --config PATH  Config file (default: $EDGESYNC_CONFIG, else /etc/edgesync/edgesync.toml)
+  -c, --config PATH  Config file (default: $EDGESYNC_CONFIG, else /etc/edgesync/edgesync.toml)
   -h, --help         Print help (COMMAND --help for a command's)
   -V, --version      Print version
 
@@ -209,16 +210,20 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
             break;
         };
         match arg {
-            Arg::Long("config") => {
+            // `-c PATH` and `-cPATH` are `--config PATH`.
+            Arg::Long("config") | Arg::Short('c') => {
+                let short = matches!(arg, Arg::Short(_));
+                let name = if short { "-c" } else { "--config" };
                 // Paths may be any bytes: taken as an OsString.
                 let value = match parser.optional_value() {
+                    Some(v) if short => v,
                     Some(v) => OsString::from(v.to_string_lossy().into_owned()),
                     None => parser
                         .value()
-                        .map_err(|_| top("--config needs a value: --config PATH".into()))?,
+                        .map_err(|_| top(format!("{name} needs a value: {name} PATH")))?,
                 };
                 if value.is_empty() {
-                    return Err(top("--config needs a non-empty PATH".into()));
+                    return Err(top(format!("{name} needs a non-empty PATH")));
                 }
                 config = Some(PathBuf::from(value));
             }
@@ -264,6 +269,21 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
         return Err(top(
             "a command is required (run, report, status, ...)".into()
         ));
+    };
+    // `help [COMMAND]` is `[COMMAND] --help`.
+    let (name, help) = if name == "help" {
+        match words.next() {
+            None => return Ok(Parsed::Help(MAIN_HELP.to_owned())),
+            Some(command) if words.len() == 0 => (command, true),
+            Some(_) => {
+                let extra = words.collect::<Vec<_>>().join(" ");
+                return Err(top(format!(
+                    "unexpected argument '{extra}' (help takes one COMMAND)"
+                )));
+            }
+        }
+    } else {
+        (name, help)
     };
     let Some(spec) = SPECS.iter().find(|s| s.name == name) else {
         return Err(top(format!("unknown command '{name}'")));
@@ -495,6 +515,13 @@ mod tests {
             Command::Queue(QueueCommand::Export { file: "-".into() })
         );
         assert_eq!(cmd(&["check-config"]).command, Command::CheckConfig);
+        // `-c` is `--config`, also attached.
+        let c = cmd(&["-c", "/z.toml", "status"]);
+        assert_eq!(c.config, Some(PathBuf::from("/z.toml")));
+        assert_eq!(
+            cmd(&["status", "-c/w.toml"]).config,
+            Some(PathBuf::from("/w.toml"))
+        );
     }
 
     #[test]
@@ -530,6 +557,9 @@ mod tests {
             (&["run", "--config"][..], "--config needs a value"),
             (&["status", "--json", "--json"][..], "given more than once"),
             (&["status", "-x"][..], "unexpected option '-x'"),
+            (&["run", "-c"][..], "-c needs a value: -c PATH"),
+            (&["help", "frobnicate"][..], "unknown command 'frobnicate'"),
+            (&["help", "run", "status"][..], "help takes one COMMAND"),
         ] {
             let e = p(args).unwrap_err();
             assert!(e.message.contains(want), "{args:?}: {e}");
@@ -542,6 +572,10 @@ mod tests {
         assert!(matches!(p(&["--help"]), Ok(Parsed::Help(h)) if h.contains("check-config")));
         assert!(matches!(p(&["report", "-h"]), Ok(Parsed::Help(h)) if h.contains("--stdin")));
         assert_eq!(p(&["-V"]), Ok(Parsed::Version));
+        // `help` and `help COMMAND` are `--help` and `COMMAND --help`.
+        assert_eq!(p(&["help"]), p(&["--help"]));
+        assert_eq!(p(&["help", "queue"]), p(&["queue", "--help"]));
+        assert!(matches!(p(&["help"]), Ok(Parsed::Help(h)) if h.contains("-c, --config PATH")));
         assert_eq!(p(&["status", "--version"]), Ok(Parsed::Version));
         // Every command has help naming its own usage.
         for s in SPECS {

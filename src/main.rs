@@ -224,8 +224,24 @@ async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failu
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
     let socket = edgesync::socket_path(path);
-    let mut client = connect(path, &socket).await?;
-    let mut reply = client.call(&Request::Status).await?;
+    let answer = match connect(path, &socket).await {
+        Ok(mut client) => client.call(&Request::Status).await,
+        Err(e) => Err(e),
+    };
+    let mut reply = match answer {
+        Ok(reply) => reply,
+        // A program reading `--json` gets a document also when the daemon is down (exit 3).
+        Err(e) if as_json && e.exit_code() == 3 => {
+            let down = serde_json::json!({
+                "running": false,
+                "socket": socket.display().to_string(),
+                "error": e.to_string(),
+            });
+            outln!("{}", pretty(&down));
+            return Err(Failure::new(3, e.to_string()));
+        }
+        Err(e) => return Err(e.into()),
+    };
     if let Value::Object(m) = &mut reply {
         m.remove("ok");
     }
