@@ -425,7 +425,7 @@ pub fn prometheus(m: &Metrics) -> String {
     );
     e.counter(
         "edgesync_intake_dropped_total",
-        "QoS 0 messages from the broker dropped because the intake was full, since start.",
+        "Messages from the broker dropped because the intake was full, since start.",
         m.inbound.intake_dropped,
     );
     e.counter(

@@ -56,7 +56,8 @@ pub struct LinkFigures {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Inbound {
-    /// QoS 0 messages dropped because the intake was full (bounded in bytes and count).
+    /// Messages dropped because the intake was full (bounded in bytes and count): QoS 0, and
+    /// QoS 1 beyond a clean session's hard bound.
     pub intake_dropped: u64,
     /// QoS 1 messages not acknowledged because the intake was full: the broker sends them
     /// again after the reconnect that follows once the intake has drained.

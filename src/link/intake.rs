@@ -14,6 +14,11 @@ use crate::health::status::StatusBoard;
 pub(super) const INTAKE_MAX_BYTES: usize = 8 << 20;
 /// Messages read and not yet taken in, at most (as [`INTAKE_MAX_BYTES`]).
 pub(super) const INTAKE_MAX_MESSAGES: usize = 256;
+/// On a clean session QoS 1 beyond [`INTAKE_MAX_MESSAGES`] / [`INTAKE_MAX_BYTES`] is still
+/// admitted (deferring would lose it), up to this many messages...
+pub(super) const INTAKE_HARD_MESSAGES: usize = 4 * INTAKE_MAX_MESSAGES;
+/// ...and bytes; beyond them it is acknowledged and dropped, counted.
+const INTAKE_HARD_BYTES: usize = 4 * INTAKE_MAX_BYTES;
 /// Per-message overhead counted on top of topic and payload.
 const INTAKE_OVERHEAD: usize = 128;
 
@@ -28,7 +33,11 @@ const INTAKE_OVERHEAD: usize = 128;
 ///   messages on a resumed session). The broker's in-flight window alone does not bound
 ///   them: it is 1,000 in rumqttd, and unlimited in Mosquitto with `max_inflight_messages 0`.
 ///   On a clean session (only right after an oversize message) they are admitted instead,
-///   as a clean session would lose them.
+///   as a clean session would lose them, up to a hard bound ([`INTAKE_HARD_MESSAGES`],
+///   4 × the bytes); beyond it a hostile flood is acknowledged and dropped, counted.
+///
+/// Every message read and not yet taken in holds a token, so at most
+/// [`INTAKE_HARD_MESSAGES`] are ever waiting: the intake channel has that capacity.
 #[derive(Clone)]
 pub(super) struct IntakeGate {
     load: Arc<std::sync::Mutex<IntakeLoad>>,
@@ -42,6 +51,8 @@ pub(super) enum Admission {
     Admitted(IntakeToken),
     /// QoS 0 beyond the bound.
     Dropped,
+    /// QoS 1 beyond the hard bound of a clean session: acknowledge it, it is dropped.
+    Refused,
     /// QoS 1 beyond the bound, or after one that was.
     Deferred,
 }
@@ -135,6 +146,22 @@ impl IntakeGate {
                 .update(|b| b.inbound.intake_dropped = b.inbound.intake_dropped.saturating_add(1));
             return Admission::Dropped;
         }
+        let beyond_hard = l.messages > 0
+            && (l.messages >= INTAKE_HARD_MESSAGES
+                || l.bytes.saturating_add(bytes) > INTAKE_HARD_BYTES);
+        if beyond_hard && !self.defer {
+            tracing::warn!(
+                topic = %p.topic,
+                "intake full on a clean session ({} messages, {} bytes waiting to be taken in): \
+                 QoS 1 message acknowledged and dropped (counted in status counters.intake_dropped)",
+                l.messages,
+                l.bytes
+            );
+            drop(l);
+            self.board
+                .update(|b| b.inbound.intake_dropped = b.inbound.intake_dropped.saturating_add(1));
+            return Admission::Refused;
+        }
         if p.qos != QoS::AtMostOnce && self.defer && (full || l.deferring) {
             if !l.deferring {
                 tracing::warn!(
@@ -173,7 +200,7 @@ mod tests {
     fn admitted(a: Admission) -> Option<IntakeToken> {
         match a {
             Admission::Admitted(t) => Some(t),
-            Admission::Dropped | Admission::Deferred => None,
+            Admission::Dropped | Admission::Deferred | Admission::Refused => None,
         }
     }
 
@@ -239,5 +266,43 @@ mod tests {
         let clean = IntakeGate::new(board, false);
         let _a = admitted(clean.admit(&publish(QoS::AtLeastOnce, INTAKE_MAX_BYTES))).unwrap();
         assert!(admitted(clean.admit(&publish(QoS::AtLeastOnce, 10))).is_some());
+    }
+
+    #[test]
+    fn a_qos1_flood_on_a_clean_session_stops_at_the_hard_bound() {
+        let board = StatusBoard::default();
+        let clean = IntakeGate::new(board.clone(), false);
+        // Count: never more than INTAKE_HARD_MESSAGES waiting, whatever the broker sends.
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..INTAKE_HARD_MESSAGES * 3 {
+            match clean.admit(&publish(QoS::AtLeastOnce, 10)) {
+                Admission::Admitted(t) => held.push(t),
+                Admission::Refused => refused += 1,
+                Admission::Dropped | Admission::Deferred => panic!("a clean session refuses"),
+            }
+        }
+        assert_eq!(held.len(), INTAKE_HARD_MESSAGES);
+        assert_eq!(refused, INTAKE_HARD_MESSAGES * 2);
+        assert_eq!(board.snapshot().inbound.intake_dropped, refused as u64);
+        // Taken in: room again.
+        held.clear();
+        assert!(admitted(clean.admit(&publish(QoS::AtLeastOnce, 10))).is_some());
+        // Bytes: at most 4 × INTAKE_MAX_BYTES (plus the one admitted into an empty intake).
+        let per = INTAKE_MAX_BYTES / 2;
+        let mut bytes = Vec::new();
+        while let Admission::Admitted(t) = clean.admit(&publish(QoS::AtLeastOnce, per)) {
+            bytes.push(t);
+        }
+        assert_eq!(bytes.len(), 7, "8 × 4 MiB would pass 32 MiB");
+        // A persistent session never refuses: it defers.
+        let persistent = IntakeGate::new(board, true);
+        let _t = admitted(persistent.admit(&publish(QoS::AtLeastOnce, 10))).unwrap();
+        for _ in 0..INTAKE_HARD_MESSAGES {
+            assert!(!matches!(
+                persistent.admit(&publish(QoS::AtLeastOnce, INTAKE_MAX_BYTES)),
+                Admission::Refused
+            ));
+        }
     }
 }

@@ -54,7 +54,7 @@ use crate::store::desired::{self as dstore, PendingResult};
 use crate::store::{Ack, Outbox, Queued};
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
-use intake::{Admission, IntakeGate, IntakeToken};
+use intake::{Admission, INTAKE_HARD_MESSAGES, IntakeGate, IntakeToken};
 use oversize::Filter;
 use profile::{Inbound, Outbound, Profile, Publication};
 
@@ -443,11 +443,12 @@ impl Session<'_> {
         // Deferring needs the broker to keep the session; a clean one would lose them.
         let gate = IntakeGate::new(self.board.clone(), !self.clean_session);
         let poller = tokio::spawn(poll_loop(eventloop, tx, gate.clone()));
-        // Not a bounded channel: the event path must never wait for the intake (which waits
-        // for rumqttc to take its PUBACK: a cycle). What it holds is bounded by the
-        // `IntakeGate` tokens instead: messages beyond the gate's bound are dropped (QoS 0)
-        // or deferred (QoS 1) before they get here.
-        let (intake_tx, intake_rx) = mpsc::unbounded_channel();
+        // The event path never waits for the intake (which waits for rumqttc to take its
+        // PUBACK: a cycle), so it only `try_send`s. Every message in the channel holds an
+        // `IntakeGate` token and the gate lets at most INTAKE_HARD_MESSAGES exist: the
+        // channel cannot be full (beyond the gate's bound messages are dropped, deferred
+        // or refused before they get here).
+        let (intake_tx, intake_rx) = mpsc::channel(INTAKE_HARD_MESSAGES);
         let intake = tokio::spawn(intake_loop(
             intake_rx,
             client.clone(),
@@ -508,7 +509,7 @@ impl Session<'_> {
         &mut self,
         client: &AsyncClient,
         events: &mut mpsc::Receiver<Polled>,
-        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
+        intake: &mpsc::Sender<(rumqttc::Publish, IntakeToken)>,
         gate: &IntakeGate,
         stop: &CancellationToken,
     ) -> SessionEnd {
@@ -575,6 +576,7 @@ impl Session<'_> {
                             | Polled::Publish(..)
                             | Polled::Dropped
                             | Polled::Deferred
+                            | Polled::Refused(_)
                     ) {
                         last_heard = Instant::now();
                     }
@@ -583,6 +585,10 @@ impl Session<'_> {
                             self.on_publish(client, intake, p, token).await;
                         }
                         Polled::Dropped | Polled::Deferred => {}
+                        // Acknowledged so that the broker does not hold it in flight.
+                        Polled::Refused(p) => {
+                            let _ = client.try_ack(&p);
+                        }
                         Polled::Event(ev) => {
                             if let Err(e) = self.on_event(client, ev) {
                                 return SessionEnd::Failed(e);
@@ -805,15 +811,17 @@ impl Session<'_> {
     async fn on_publish(
         &mut self,
         client: &AsyncClient,
-        intake: &mpsc::UnboundedSender<(rumqttc::Publish, IntakeToken)>,
+        intake: &mpsc::Sender<(rumqttc::Publish, IntakeToken)>,
         p: rumqttc::Publish,
         token: IntakeToken,
     ) {
         match self.settings.profile.inbound(&p.topic) {
             Some(Inbound::Desired | Inbound::Command(_)) => {
                 // Acked by the intake task once the document (or request) is durable.
-                if intake.send((p, token)).is_err() {
-                    tracing::error!("desired intake stopped");
+                // Never full (see `Session::run`); if it were, the message is not
+                // acknowledged and the broker sends it again.
+                if let Err(e) = intake.try_send((p, token)) {
+                    tracing::error!("desired intake did not take a message: {e}");
                 }
             }
             _ => {
@@ -1249,7 +1257,7 @@ async fn sleep_until(t: Option<Instant>) {
 /// Takes in desired documents and command requests one at a time, in arrival order, and
 /// acknowledges each once it is durable (or answered, if unreadable).
 async fn intake_loop(
-    mut rx: mpsc::UnboundedReceiver<(rumqttc::Publish, IntakeToken)>,
+    mut rx: mpsc::Receiver<(rumqttc::Publish, IntakeToken)>,
     client: AsyncClient,
     applier: Applier,
     controller: Controller,
@@ -1294,6 +1302,8 @@ enum Polled {
     Dropped,
     /// A QoS 1 message deferred at the gate: not acknowledged, not kept.
     Deferred,
+    /// A QoS 1 message refused at a clean session's hard bound: acknowledged, dropped.
+    Refused(rumqttc::Publish),
     Failed(ConnectionError),
 }
 
@@ -1303,6 +1313,7 @@ async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: Int
             Admission::Admitted(token) => Polled::Publish(p, token),
             Admission::Dropped => Polled::Dropped,
             Admission::Deferred => Polled::Deferred,
+            Admission::Refused => Polled::Refused(p),
         },
         ev => Polled::Event(ev),
     };
