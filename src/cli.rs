@@ -53,11 +53,8 @@ pub enum QueueCommand {
     Export { file: PathBuf },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Doc {
-    Desired,
-    Reported,
-}
+/// The document of `get`: the socket protocol's.
+pub use edgesync::Doc;
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]

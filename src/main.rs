@@ -257,10 +257,6 @@ async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
 
 async fn get(path: &Path, doc: Doc, key: Option<String>) -> Result<(), Failure> {
     let socket = edgesync::socket_path(path);
-    let doc = match doc {
-        Doc::Desired => edgesync::Doc::Desired,
-        Doc::Reported => edgesync::Doc::Reported,
-    };
     let doc_name = doc.name();
     let mut client = connect(path, &socket).await?;
     let req = Request::Get {

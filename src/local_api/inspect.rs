@@ -31,8 +31,8 @@ use thiserror::Error;
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
 use crate::local_api::protocol::{QueueQuery, Request};
-use crate::store::tables::{META, OUTBOX};
-use crate::store::{Outbox, StoreError, record};
+use crate::store::tables::OUTBOX;
+use crate::store::{Meta, Outbox, StoreError, record};
 
 /// Changes `peek` shows by default.
 pub const DEFAULT_PEEK: usize = 20;
@@ -171,31 +171,7 @@ pub fn summary(
     max_bytes: u64,
     now_ms: u64,
 ) -> Result<Summary, InspectError> {
-    let mut meta = [0u64; 8];
-    match txn.open_table(META) {
-        Ok(t) => {
-            for (name, v) in [
-                "next_seq",
-                "depth",
-                "bytes",
-                "reported",
-                "acked",
-                "dropped",
-                "rejected",
-                "state_bytes",
-            ]
-            .iter()
-            .zip(meta.iter_mut())
-            {
-                if let Some(x) = t.get(*name)? {
-                    *v = x.value();
-                }
-            }
-        }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
-    }
-    let [
+    let Meta {
         next_seq,
         depth,
         bytes,
@@ -204,7 +180,8 @@ pub fn summary(
         dropped,
         rejected,
         state_bytes,
-    ] = meta;
+        ..
+    } = Meta::read(txn)?;
     let (oldest, newest) = match txn.open_table(OUTBOX) {
         Ok(t) => {
             let end = |item: Option<(redb::AccessGuard<u64>, redb::AccessGuard<&[u8]>)>| {

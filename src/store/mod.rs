@@ -1034,23 +1034,40 @@ fn classify_open_error(path: &Path, e: redb::Error) -> StoreError {
 
 /// The `meta` table, mirrored in the writer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Meta {
-    next_seq: u64,
-    depth: u64,
-    bytes: u64,
-    reported: u64,
-    acked: u64,
-    dropped: u64,
-    rejected: u64,
-    corrupt: u64,
+pub struct Meta {
+    pub next_seq: u64,
+    pub depth: u64,
+    pub bytes: u64,
+    pub reported: u64,
+    pub acked: u64,
+    pub dropped: u64,
+    pub rejected: u64,
+    pub corrupt: u64,
     /// Seqs below it may have been handed to the sync engine before their commit: never
     /// reuse them (see "Sent while the fsync runs").
-    seq_reserved: u64,
+    pub seq_reserved: u64,
     /// Accounted bytes of the state tables (see "Bounds").
-    state_bytes: u64,
+    pub state_bytes: u64,
 }
 
 impl Meta {
+    /// The figures as committed in `txn`: zero for a field (or a store) without them.
+    pub fn read(txn: &redb::ReadTransaction) -> Result<Meta, redb::Error> {
+        let mut meta = Meta::default();
+        match txn.open_table(META) {
+            Ok(t) => {
+                for (name, field) in Self::FIELDS.iter().zip(meta.fields_mut()) {
+                    if let Some(v) = t.get(*name)? {
+                        *field = v.value();
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(meta)
+    }
+
     const FIELDS: [&'static str; 10] = [
         "next_seq",
         "depth",
