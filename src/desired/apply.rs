@@ -45,12 +45,6 @@ pub enum RollbackError {
 }
 
 /// The socket server hands the text on as it is.
-impl From<RollbackError> for String {
-    fn from(e: RollbackError) -> Self {
-        e.to_string()
-    }
-}
-
 /// Runs desired documents; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Applier {

@@ -950,7 +950,7 @@ fn rollback(key: String, version: u64, ctx: &Context, held: Held) -> Pending {
     tokio::spawn(async move {
         let line = match applier.rollback(&key, version).await {
             Ok(v) => ok_with(v),
-            Err(e) => error_line(code::FAILED, e),
+            Err(e) => error_line(code::FAILED, e.to_string()),
         };
         let held = held.shrink_to(line.len() + 1);
         let _ = done.send((line, held));
