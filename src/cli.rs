@@ -44,6 +44,7 @@ pub enum Command {
     },
     CheckConfig,
     Queue(QueueCommand),
+    Reconnect,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -98,6 +99,7 @@ Commands:
   rollback      Apply a key's value of an earlier desired version again (through its handler)
   check-config  Validate the config file and the certificates it names
   queue         Inspect the queue of changes not yet acknowledged by the broker
+  reconnect     Retry the broker now instead of waiting for the next try
   help          Show this help, or a command's: help COMMAND
 
 Options:
@@ -166,6 +168,12 @@ const SPECS: &[Spec] = &[
                newest change, counters\n  peek [--from SEQ] [--limit N] [--json] Queued \
                changes, oldest first (--json: NDJSON)\n  export FILE                           \
                Every queued change as NDJSON, in order, to FILE (atomically) or \"-\"",
+    },
+    Spec {
+        name: "reconnect",
+        usage: "edgesync reconnect [--config PATH]",
+        help: "Retry the broker now instead of waiting for the next try (when offline;\n\
+               a connection or a try under way is left alone).",
     },
 ];
 
@@ -302,6 +310,7 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
     let command = match name.as_str() {
         "run" => Command::Run,
         "check-config" => Command::CheckConfig,
+        "reconnect" => Command::Reconnect,
         "report" => {
             let stdin = p.flag("--stdin")?;
             let changes = std::mem::take(&mut p.words);
@@ -512,6 +521,7 @@ mod tests {
             Command::Queue(QueueCommand::Export { file: "-".into() })
         );
         assert_eq!(cmd(&["check-config"]).command, Command::CheckConfig);
+        assert_eq!(cmd(&["reconnect"]).command, Command::Reconnect);
         // `-c` is `--config`, also attached.
         let c = cmd(&["-c", "/z.toml", "status"]);
         assert_eq!(c.config, Some(PathBuf::from("/z.toml")));

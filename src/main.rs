@@ -68,6 +68,7 @@ fn main() -> ExitCode {
             client_rt(Box::pin(rollback(&config_path, key, version)))
         }
         Command::Queue(what) => client_rt(Box::pin(queue(&config_path, what))),
+        Command::Reconnect => client_rt(Box::pin(reconnect(&config_path))),
     };
     finish(result)
 }
@@ -331,6 +332,23 @@ async fn rollback(path: &Path, key: String, version: u64) -> Result<(), Failure>
     outln!(
         "{key}: value of version {version} applied again: {}",
         reply["value"]
+    );
+    Ok(())
+}
+
+async fn reconnect(path: &Path) -> Result<(), Failure> {
+    let socket = edgesync::socket_path(path);
+    let reply = connect(path, &socket)
+        .await?
+        .call(&Request::Reconnect)
+        .await?;
+    outln!(
+        "{}",
+        match reply["state"].as_str() {
+            Some("online") => "already connected: nothing to do",
+            Some("connecting") => "a connection attempt is under way",
+            _ => "retrying the broker now (edgesync status shows how it goes)",
+        }
     );
     Ok(())
 }

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
 use crate::health::metrics::{self, Metrics, RateMeter, Rates, Sample};
-use crate::model::text::{human_bytes, human_duration};
+use crate::model::text::{human_bytes, human_duration, human_rate};
 use crate::store::Outbox;
 
 /// Connection state as docs/PROTOCOL.md §2 names it.
@@ -30,6 +31,16 @@ pub struct LinkFigures {
     pub state: LinkState,
     /// Unix ms of the last change of `state`.
     pub since: Option<u64>,
+    /// Unix ms when the link went down (or the agent started unconnected); not moved by
+    /// retries; `None` while online.
+    #[serde(default)]
+    pub down_since: Option<u64>,
+    /// Connection attempts since then.
+    #[serde(default)]
+    pub attempts: u64,
+    /// Unix ms of the next attempt while waiting in the backoff.
+    #[serde(default)]
+    pub next_attempt_at: Option<u64>,
     pub last_error: Option<String>,
     /// Unix ms of the last acknowledged batch.
     pub last_sync: Option<u64>,
@@ -81,6 +92,8 @@ struct Board {
     rates: RateMeter,
     /// Changes of requests refused at the socket as `invalid-change`.
     invalid_changes: u64,
+    /// Bumped by `edgesync reconnect` while the link waits to retry (see [`StatusBoard::retry_now`]).
+    retry: watch::Sender<u64>,
 }
 
 impl Default for Board {
@@ -90,6 +103,7 @@ impl Default for Board {
             started: Instant::now(),
             rates: RateMeter::default(),
             invalid_changes: 0,
+            retry: watch::Sender::new(0),
         }
     }
 }
@@ -131,6 +145,21 @@ impl StatusBoard {
     pub fn invalid_changes(&self) -> u64 {
         self.lock().invalid_changes
     }
+
+    /// `edgesync reconnect`: ends the link's backoff wait if it is offline (a try under way
+    /// or a live connection is left alone). Returns the state it found.
+    pub fn retry_now(&self) -> LinkState {
+        let b = self.lock();
+        if b.link.state == LinkState::Offline {
+            b.retry.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        b.link.state
+    }
+
+    /// What the link waits on for [`Self::retry_now`].
+    pub fn retry_signal(&self) -> watch::Receiver<u64> {
+        self.lock().retry.subscribe()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -146,6 +175,34 @@ pub struct Status {
     /// The last config reload (SIGHUP or the `reload` command).
     #[serde(default)]
     pub reload: ReloadStatus,
+    /// Which `counters` are kept in the store file and which count since start.
+    #[serde(skip_deserializing)]
+    pub counter_scopes: CounterScopes,
+}
+
+/// The scope of each counter (docs/PROTOCOL.md §2.3), as the status document labels them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CounterScopes {
+    pub persistent: &'static [&'static str],
+    pub since_start: &'static [&'static str],
+}
+
+impl Default for CounterScopes {
+    fn default() -> Self {
+        CounterScopes {
+            persistent: &["reported", "acked", "dropped", "rejected", "corrupt"],
+            since_start: &[
+                "sent",
+                "resent",
+                "reconnects",
+                "retained_commands",
+                "intake_dropped",
+                "intake_deferred",
+                "oversize_refused",
+                "foreign_messages",
+            ],
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -163,6 +220,18 @@ pub struct Connection {
     pub last_error: Option<String>,
     pub last_sync: Option<u64>,
     pub inflight_batches: u64,
+    /// When the link went down; `null` while online.
+    #[serde(default)]
+    pub down_since: Option<u64>,
+    /// Connection attempts since `down_since`.
+    #[serde(default)]
+    pub attempts: u64,
+    /// Ms until the next attempt while waiting to retry, else `null`.
+    #[serde(default)]
+    pub next_attempt_in: Option<u64>,
+    /// When that is (Unix ms).
+    #[serde(default)]
+    pub next_attempt_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -242,6 +311,12 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             last_error: link.last_error,
             last_sync: link.last_sync,
             inflight_batches: link.inflight_batches,
+            down_since: link.down_since,
+            attempts: link.attempts,
+            next_attempt_in: link
+                .next_attempt_at
+                .map(|t| t.saturating_sub(inputs.now_ms)),
+            next_attempt_at: link.next_attempt_at,
         },
         queue: Queue {
             depth: q.depth,
@@ -270,6 +345,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
         },
         metrics: Some(metrics::build(inputs)),
         reload: link.reload.clone(),
+        counter_scopes: CounterScopes::default(),
     }
 }
 
@@ -284,14 +360,30 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         LinkState::Connecting => "connecting",
         LinkState::Offline => "offline",
     };
+    let c = &s.connection;
+    // Offline: how long the link has been down (not since the last retry) and what next.
+    let link = match (c.state, c.down_since) {
+        (LinkState::Online, _) | (_, None) => format!("since {}", ago(c.since)),
+        (_, Some(down)) => format!(
+            "down for {}, {} attempt(s), {}",
+            human_duration(now_ms.saturating_sub(down)),
+            c.attempts,
+            c.next_attempt_at.map_or_else(
+                || "trying now".to_owned(),
+                |t| format!(
+                    "next in {} (edgesync reconnect: now)",
+                    human_duration(t.saturating_sub(now_ms))
+                )
+            )
+        ),
+    };
     let mut out = format!(
         "edgesync {} · device {}\n\
-         connection  {state} to {} (since {}, last sync {})\n",
+         connection  {state} to {} ({link}, last sync {})\n",
         s.agent.version,
         s.agent.device,
-        s.connection.broker,
-        ago(s.connection.since),
-        ago(s.connection.last_sync),
+        c.broker,
+        ago(c.last_sync),
     );
     if !s.reload.problems.is_empty() {
         out.push_str(&format!(
@@ -318,22 +410,29 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             s.counters.corrupt
         ));
     }
+    // Counters by scope (docs/PROTOCOL.md §2.3); "rejected" with the error code as reason.
+    let k = &s.counters;
+    let invalid = s
+        .metrics
+        .as_ref()
+        .map_or(0, |m| m.changes.rejected.invalid_change);
     out.push_str(&format!(
         "queue       {} changes, {} of {} (oldest {}), next seq {}\n\
-         counters    reported {} · sent {} · acked {} · resent {} · dropped {} · rejected {} · reconnects {}\n\
+         store file  reported {} · acked {} · dropped {} · rejected store-full {}\n\
+         since start sent {} · resent {} · reconnects {} · rejected invalid-change {invalid}\n\
          desired     version {}\n",
         s.queue.depth,
         human_bytes(s.queue.bytes),
         human_bytes(s.queue.max_bytes),
         ago(s.queue.oldest_ts),
         s.queue.next_seq,
-        s.counters.reported,
-        s.counters.sent,
-        s.counters.acked,
-        s.counters.resent,
-        s.counters.dropped,
-        s.counters.rejected,
-        s.counters.reconnects,
+        k.reported,
+        k.acked,
+        k.dropped,
+        k.rejected,
+        k.sent,
+        k.resent,
+        k.reconnects,
         s.desired
             .version
             .map_or_else(|| "-".to_owned(), |v| v.to_string()),
@@ -352,12 +451,11 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         ));
     }
     if let Some(m) = &s.metrics {
-        let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r}/s"));
+        let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), human_rate);
         out.push_str(&format!(
-            "health      in {} · out {} · invalid {} · memory {} · up {}\n",
+            "health      in {} · out {} · memory {} · up {}\n",
             rate(m.changes.in_per_s),
             rate(m.changes.out_per_s),
-            m.changes.rejected.invalid_change,
             m.rss_bytes.map_or_else(|| "-".to_owned(), human_bytes),
             human_duration(m.uptime_s.saturating_mul(1000)),
         ));
@@ -395,6 +493,10 @@ mod tests {
                 last_error: None,
                 last_sync: None,
                 inflight_batches: 0,
+                down_since: Some(4_000),
+                attempts: 3,
+                next_attempt_in: Some(20_000),
+                next_attempt_at: Some(30_000),
             },
             queue: Queue {
                 depth: 1,
@@ -421,6 +523,7 @@ mod tests {
             desired: Desired { version: None },
             reload: Default::default(),
             metrics: None,
+            counter_scopes: CounterScopes::default(),
         };
         let v = serde_json::to_value(&s).unwrap();
         for path in [
@@ -444,8 +547,43 @@ mod tests {
             assert!(v.pointer(path).is_some(), "{path} missing");
         }
         assert_eq!(v["connection"]["state"], "offline");
+        assert_eq!(v["connection"]["down_since"], 4_000);
+        assert_eq!(v["connection"]["attempts"], 3);
+        assert_eq!(v["connection"]["next_attempt_in"], 20_000);
+        // Every counter is labelled with its scope, once.
+        let counters = v["counters"].as_object().unwrap();
+        let scopes = &v["counter_scopes"];
+        let mut labelled: Vec<&str> = ["persistent", "since_start"]
+            .iter()
+            .flat_map(|k| scopes[k].as_array().unwrap())
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        labelled.sort_unstable();
+        let mut names: Vec<&str> = counters.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(labelled, names);
         let text = render(&s, 10_000);
         assert!(text.contains("1 changes"), "{text}");
+        // Down for 6 s (not since the last try), the next try in 20 s.
+        assert!(
+            text.contains("offline to mqtts://b:8883 (down for 6s, 3 attempt(s), next in 20s"),
+            "{text}"
+        );
+        assert!(text.contains("store file  reported 1 · acked 0"), "{text}");
+        assert!(text.contains("since start sent 0 ·"), "{text}");
+        let mut online = s.clone();
+        online.connection.state = LinkState::Online;
+        online.connection.since = Some(9_000);
+        assert!(render(&online, 10_000).contains("online to mqtts://b:8883 (since 1s ago"));
+        // An older daemon's status (no counter_scopes, no down_since) still reads.
+        let mut old = v.clone();
+        old.as_object_mut().unwrap().remove("counter_scopes");
+        old["connection"]
+            .as_object_mut()
+            .unwrap()
+            .remove("down_since");
+        let old: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(old.connection.down_since, None);
     }
 
     #[test]
@@ -484,9 +622,10 @@ mod tests {
         assert_eq!(m.queue.oldest_age_ms, None);
         let text = render(&s, 10_000);
         assert!(
-            text.contains("health      in 2/s · out 1/s · invalid 3"),
+            text.contains("health      in 2.0/s · out 1.0/s · memory"),
             "{text}"
         );
+        assert!(text.contains("rejected invalid-change 3\n"), "{text}");
         assert!(!text.contains("inbound"), "{text}");
         let mut noisy = s.clone();
         noisy.counters.inbound.intake_dropped = 5;

@@ -23,6 +23,14 @@ impl Backoff {
         }
     }
 
+    /// New limits (a reloaded config: the keys are live); the attempt count stays.
+    pub fn set_limits(&mut self, initial: Duration, max: Duration, reset_after: Duration) {
+        *self = Self {
+            attempt: self.attempt,
+            ..Self::new(initial, max, reset_after)
+        };
+    }
+
     /// The ceiling of the next delay.
     pub fn ceiling(&self) -> Duration {
         let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
@@ -148,6 +156,26 @@ mod tests {
         assert_eq!(b.ceiling(), Duration::from_secs(32));
         b.connection_ended(Duration::from_secs(60));
         assert_eq!(b.ceiling(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn reloaded_limits_apply_to_the_next_delay() {
+        let mut b = b();
+        for _ in 0..3 {
+            b.next_delay(0.5);
+        }
+        b.set_limits(
+            Duration::from_secs(10),
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+        );
+        assert_eq!(b.ceiling(), Duration::from_secs(80), "attempts kept");
+        b.set_limits(
+            Duration::from_millis(100),
+            Duration::from_millis(200),
+            Duration::from_secs(60),
+        );
+        assert_eq!(b.ceiling(), Duration::from_millis(200), "capped at once");
     }
 
     #[test]

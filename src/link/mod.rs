@@ -27,6 +27,7 @@
 
 pub mod backoff;
 pub mod codec;
+mod drain;
 pub mod engine;
 mod intake;
 pub mod oversize;
@@ -230,6 +231,8 @@ pub async fn run(
     let mut guard = oversize::Guard::default();
     // Why a filter is not subscribed (status `last_error` while it lasts).
     let mut hold_note: Option<String> = None;
+    // `edgesync reconnect` (docs/PROTOCOL.md §6.8) cuts the backoff wait short.
+    let mut retry = board.retry_signal();
     loop {
         if stop.is_cancelled() {
             break;
@@ -238,10 +241,22 @@ pub async fn run(
             h.beat();
         }
         settings.refresh();
+        backoff.set_limits(
+            settings.backoff_initial,
+            settings.backoff_max,
+            settings.backoff_reset,
+        );
         engine.reconfigure(settings.engine_config());
         board.update(|b| {
+            // Under the board's lock: a request before this point was for the wait that
+            // just ended (`retry_now` only signals while offline).
+            retry.borrow_and_update();
+            let now = now_ms();
             b.state = LinkState::Connecting;
-            b.since = Some(now_ms());
+            b.since = Some(now);
+            b.down_since.get_or_insert(now);
+            b.attempts = b.attempts.saturating_add(1);
+            b.next_attempt_at = None;
         });
         if !guard.holding(Instant::now()) {
             hold_note = None;
@@ -269,6 +284,7 @@ pub async fn run(
             hold_note: hold_note.clone(),
             unsubscribed: HashSet::new(),
             stray_logged: false,
+            drain: drain::Drain::default(),
         };
         let end = session.run(&stop).await;
         if session.connected_at.is_some() {
@@ -280,8 +296,13 @@ pub async fn run(
         engine.handle_disconnected();
         let stopping = matches!(end, SessionEnd::Stopped);
         board.update(|b| {
+            let now = now_ms();
             b.state = LinkState::Offline;
-            b.since = Some(now_ms());
+            b.since = Some(now);
+            if connected_for.is_some() {
+                b.down_since = Some(now);
+                b.attempts = 0;
+            }
             b.inflight_batches = 0;
             if let SessionEnd::Failed(e) = &end {
                 b.last_error = Some(e.clone());
@@ -313,8 +334,11 @@ pub async fn run(
         if let SessionEnd::Failed(e) = &end {
             tracing::warn!("link down: {e}; retrying in {delay:.1?}");
         }
+        let at = now_ms().saturating_add(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX));
+        board.update(|b| b.next_attempt_at = Some(at));
         tokio::select! {
             () = crate::sys::notify::sleep_beating(settings.heartbeat.as_ref(), delay) => {}
+            Ok(()) = retry.changed() => tracing::info!("retrying now (edgesync reconnect)"),
             () = stop.cancelled() => break,
         }
     }
@@ -387,6 +411,8 @@ struct Session<'a> {
     stray_logged: bool,
     /// A store fault (failed read or delete) being retried; see [`StoreRetry`].
     retry: StoreRetry,
+    /// The backlog drain of this connection, for the log.
+    drain: drain::Drain,
 }
 
 /// Reads and deletes that failed (a full disk, a damaged page) are retried with backoff
@@ -502,6 +528,13 @@ impl Session<'_> {
                 self.engine.handle_ack_done(Instant::now());
             }
         }
+        let q = self.outbox.stats();
+        log_drain(
+            self.drain
+                .progress(now_ms(), q.depth, q.acked)
+                .filter(|l| matches!(l, drain::Line::Done { .. }))
+                .or_else(|| self.drain.disconnected(q.depth, q.acked)),
+        );
         end
     }
 
@@ -617,6 +650,8 @@ impl Session<'_> {
                         Ok(Done::Ack(Ok(()))) => {
                             self.store_ok();
                             self.engine.handle_ack_done(now);
+                            let q = self.outbox.stats();
+                            log_drain(self.drain.progress(now_ms(), q.depth, q.acked));
                         }
                         Ok(Done::Ack(Err((ack, e)))) => {
                             // Still pending in the engine until it lands.
@@ -720,6 +755,8 @@ impl Session<'_> {
                 self.board.update(|b| {
                     b.state = LinkState::Online;
                     b.since = Some(since);
+                    b.down_since = None;
+                    b.attempts = 0;
                     b.last_error = self.hold_note.clone();
                     if reconnect {
                         b.reconnects += 1;
@@ -746,6 +783,8 @@ impl Session<'_> {
                 self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
+                let q = self.outbox.stats();
+                log_drain(self.drain.connected(since, q.depth, q.acked));
             }
             Event::Incoming(Packet::SubAck(_)) => {
                 if let Some(&f) = self.filters.get(self.acked.len()) {
@@ -1245,6 +1284,13 @@ async fn on_oversize(
         }
     }
     note
+}
+
+/// One log line of the backlog drain ([`drain`]).
+fn log_drain(line: Option<drain::Line>) {
+    if let Some(l) = line {
+        tracing::info!("{l}");
+    }
 }
 
 async fn sleep_until(t: Option<Instant>) {

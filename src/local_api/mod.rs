@@ -764,6 +764,7 @@ async fn handle(
             return Pending::Ready(watch_keys(keys, ctx, tx, answers, watching));
         }
         Request::Ack(a) => return Pending::Ready(ack(a, ctx)),
+        Request::Reconnect => return Pending::Ready(reconnect(ctx)),
         // Answers of unknown size.
         Request::Status => Sized::Status,
         Request::Get { doc, key } => Sized::Get(doc, key),
@@ -904,6 +905,16 @@ fn watch_keys(
 }
 
 /// `{"op":"ack","id":N,"ok":true}` or `"ok":false,"error":"..."`: answers a watch event.
+/// `reconnect` (docs/PROTOCOL.md §6.8): the state found, and whether a backoff wait was
+/// cut short (only when offline; a connection or a try under way is left alone).
+fn reconnect(ctx: &Context) -> String {
+    let state = ctx.board.retry_now();
+    ok_with(serde_json::json!({
+        "state": state,
+        "retrying": state == crate::health::status::LinkState::Offline,
+    }))
+}
+
 fn ack(a: Ack, ctx: &Context) -> String {
     let id = a.id;
     if ctx.applier.watchers().ack(id, a.result()) {

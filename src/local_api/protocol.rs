@@ -39,6 +39,8 @@ pub enum Request {
         changes: Vec<RawChange>,
     },
     Status,
+    /// Ends the link's reconnect backoff wait: retry the broker now.
+    Reconnect,
     /// One key of the document, or all of it.
     Get {
         doc: Doc,
@@ -122,7 +124,7 @@ pub enum RequestError {
     #[error("malformed request: {0}")]
     Malformed(serde_json::Error),
     #[error(
-        "unknown op {0:?}; expected report, status, get, watch, ack, history, rollback or queue"
+        "unknown op {0:?}; expected report, status, get, watch, ack, history, rollback, queue or reconnect"
     )]
     UnknownOp(String),
     /// The op's required `fields` are missing.
@@ -205,6 +207,7 @@ impl Request {
                 Ok(Request::Report { changes })
             }
             "status" => Ok(Request::Status),
+            "reconnect" => Ok(Request::Reconnect),
             "get" => {
                 let doc = match w.doc.as_deref() {
                     Some("reported") => Doc::Reported,
@@ -251,7 +254,7 @@ impl Request {
         let mut line = Line::new(self.op());
         match self {
             Request::Report { changes } => line.raw("changes", &serde_json::to_string(changes)?),
-            Request::Status => {}
+            Request::Status | Request::Reconnect => {}
             Request::Get { doc, key } => {
                 line.str("doc", doc.name());
                 line.opt_str("key", key.as_deref());
@@ -295,6 +298,7 @@ impl Request {
         match self {
             Request::Report { .. } => "report",
             Request::Status => "status",
+            Request::Reconnect => "reconnect",
             Request::Get { .. } => "get",
             Request::History { .. } => "history",
             Request::Rollback { .. } => "rollback",
@@ -420,6 +424,7 @@ mod tests {
                 changes: vec![change],
             },
             Request::Status,
+            Request::Reconnect,
             Request::Get {
                 doc: Doc::Desired,
                 key: Some("led".into()),
@@ -488,7 +493,7 @@ mod tests {
             (
                 code::UNKNOWN_OP,
                 "unknown op \"nope\"; expected report, status, get, watch, ack, history, \
-                 rollback or queue"
+                 rollback, queue or reconnect"
                     .into()
             )
         );

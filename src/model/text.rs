@@ -40,6 +40,16 @@ pub fn human_duration(ms: u64) -> String {
     }
 }
 
+/// A rate for people: `0.5/s`, `12.3/s`, `1.2k/s`, `3.4M/s` (one decimal, no more).
+pub fn human_rate(per_s: f64) -> String {
+    let (v, unit) = match per_s {
+        r if r >= 999_950.0 => (r / 1e6, "M"),
+        r if r >= 999.95 => (r / 1e3, "k"),
+        r => (r.max(0.0), ""),
+    };
+    format!("{v:.1}{unit}/s")
+}
+
 /// The candidate closest to `word` if it is within edit distance 2 (ignoring case).
 pub fn suggest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     let word = word.to_lowercase();
@@ -65,4 +75,20 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
         std::mem::swap(&mut previous, &mut current);
     }
     previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_for_people() {
+        let r = super::human_rate;
+        assert_eq!(r(0.0), "0.0/s");
+        assert_eq!(r(0.333_333), "0.3/s");
+        assert_eq!(r(12.345), "12.3/s");
+        assert_eq!(r(999.9), "999.9/s");
+        assert_eq!(r(999.96), "1.0k/s");
+        assert_eq!(r(1234.5), "1.2k/s");
+        assert_eq!(r(3_456_789.0), "3.5M/s");
+        assert_eq!(r(-1.0), "0.0/s");
+    }
 }
