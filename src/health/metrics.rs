@@ -687,6 +687,9 @@ mod tests {
             link: LinkFigures {
                 state: LinkState::Online,
                 since: Some(1),
+                down_since: None,
+                attempts: 0,
+                next_attempt_at: None,
                 last_error: Some("broker said \"no\"".into()),
                 last_sync: None,
                 sent: 8,
