@@ -115,7 +115,11 @@ fn offline_is_explained_and_reconnect_retries_now() {
         assert!(attempts < 30, "{c}");
         let out = agent.cli(&["reconnect"]);
         assert_exit(&out, 0);
-        assert!(stdout(&out).contains("retrying the broker now"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("retrying the broker now"),
+            "{}",
+            stdout(&out)
+        );
         wait_until("the next failed attempt", DEADLINE, || {
             c = connection();
             waiting(&c) && c["attempts"].as_u64() > Some(attempts)
@@ -125,8 +129,10 @@ fn offline_is_explained_and_reconnect_retries_now() {
     }
     let text = stdout(&agent.cli(&["status"]));
     assert!(
-        text.contains(&format!("offline to mqtts://localhost:{} (down for ", proxy.port()))
-            && text.contains(&format!("{attempts} attempt(s), next in ")),
+        text.contains(&format!(
+            "offline to mqtts://localhost:{} (down for ",
+            proxy.port()
+        )) && text.contains(&format!("{attempts} attempt(s), next in ")),
         "{text}"
     );
 
@@ -153,7 +159,11 @@ fn offline_is_explained_and_reconnect_retries_now() {
     // Connected: `reconnect` says so and leaves the connection alone.
     let out = agent.cli(&["reconnect"]);
     assert_exit(&out, 0);
-    assert!(stdout(&out).contains("already connected"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("already connected"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(
         agent.request(&json!({"op": "reconnect"})),
         json!({"ok": true, "state": "online", "retrying": false})
