@@ -102,10 +102,6 @@ fn offline_is_explained_and_reconnect_retries_now() {
     });
     let down = c["down_since"].as_u64().unwrap_or_else(|| panic!("{c}"));
     assert!(c["attempts"].as_u64() >= Some(1), "{c}");
-    assert!(
-        c["next_attempt_at"].as_u64() > Some(down),
-        "next try as a time: {c}"
-    );
 
     // `reconnect` while the broker is away tries again at once; `down_since` stays where
     // it was while `attempts` grows. Until the wait drawn is long (at least 2 min, random up

@@ -229,9 +229,6 @@ pub struct Connection {
     /// Ms until the next attempt while waiting to retry, else `null`.
     #[serde(default)]
     pub next_attempt_in: Option<u64>,
-    /// When that is (Unix ms).
-    #[serde(default)]
-    pub next_attempt_at: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,7 +313,6 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             next_attempt_in: link
                 .next_attempt_at
                 .map(|t| t.saturating_sub(inputs.now_ms)),
-            next_attempt_at: link.next_attempt_at,
         },
         queue: Queue {
             depth: q.depth,
@@ -368,12 +364,9 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             "down for {}, {} attempt(s), {}",
             human_duration(now_ms.saturating_sub(down)),
             c.attempts,
-            c.next_attempt_at.map_or_else(
+            c.next_attempt_in.map_or_else(
                 || "trying now".to_owned(),
-                |t| format!(
-                    "next in {} (edgesync reconnect: now)",
-                    human_duration(t.saturating_sub(now_ms))
-                )
+                |t| format!("next in {} (edgesync reconnect: now)", human_duration(t))
             )
         ),
     };
@@ -496,7 +489,6 @@ mod tests {
                 down_since: Some(4_000),
                 attempts: 3,
                 next_attempt_in: Some(20_000),
-                next_attempt_at: Some(30_000),
             },
             queue: Queue {
                 depth: 1,
