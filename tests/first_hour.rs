@@ -36,7 +36,14 @@ fn help_is_a_command_and_dash_c_is_the_config_option() {
     assert_exit(&help, 0);
     assert_eq!(stdout(&help), stdout(&main));
     for command in [
-        "run", "report", "status", "get", "history", "rollback", "queue",
+        "run",
+        "report",
+        "status",
+        "get",
+        "history",
+        "rollback",
+        "queue",
+        "reconnect",
     ] {
         let a = bare(&["help", command]);
         let b = bare(&[command, "--help"]);
@@ -74,6 +81,8 @@ fn status_json_says_the_daemon_is_down_and_exits_3() {
             .contains("not reachable"),
         "{doc}"
     );
+    // `reconnect` needs the daemon too.
+    assert_exit(&agent.cli(&["reconnect"]), 3);
     // Without --json the text goes to stderr only, as before.
     let text = agent.cli(&["status"]);
     assert_exit(&text, 3);

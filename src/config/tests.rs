@@ -677,6 +677,33 @@ fn keep_alive_must_be_whole_seconds_from_5s_to_65535s() {
 }
 
 #[test]
+fn the_reconnect_backoff_cap_is_100ms_to_1h_and_not_below_the_first_ceiling() {
+    let config = valid(&plain("reconnect_max = \"10m\"", ""));
+    assert_eq!(config.mqtt.reconnect_max, Duration::from_secs(600));
+    let config = valid(&plain("", ""));
+    assert_eq!(
+        config.mqtt.reconnect_max,
+        Duration::from_secs(120),
+        "default"
+    );
+    for text in ["50ms", "2h"] {
+        let message = only_problem(
+            &plain(&format!("reconnect_max = {text:?}"), ""),
+            "mqtt.reconnect_max",
+        );
+        assert!(message.contains("100ms to 1h"), "{message}");
+    }
+    let message = only_problem(
+        &plain("reconnect_initial = \"10s\"\nreconnect_max = \"5s\"", ""),
+        "mqtt.reconnect_max",
+    );
+    assert!(
+        message.contains("must not be below mqtt.reconnect_initial"),
+        "{message}"
+    );
+}
+
+#[test]
 fn bad_duration_is_reported() {
     let message = only_problem(&plain("keep_alive = \"30 sec\"", ""), "mqtt.keep_alive");
     assert!(message.contains("unknown unit \"sec\""), "{message}");
