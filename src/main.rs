@@ -78,7 +78,8 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("edgesync: {}", f.message);
+                let line = format!("edgesync: {}", f.message);
+                eprintln!("{}", edgesync::log_for_stderr(3, &line));
             }
             ExitCode::from(f.code)
         }
@@ -106,7 +107,7 @@ fn out(text: &str) -> Result<(), Failure> {
 
 fn load_config(path: &Path) -> Result<Config, Failure> {
     Config::load(path).map_err(|errors| {
-        eprintln!("{errors}");
+        eprintln!("{}", edgesync::log_for_stderr(3, &errors.to_string()));
         Failure::new(
             2,
             format!(
@@ -139,51 +140,20 @@ fn run(path: &Path) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?;
-    let handles = edgesync::Handles { log: Some(log) };
+    let handles = edgesync::Handles { log };
     rt.block_on(edgesync::run(config, handles)).map_err(|e| {
         tracing::error!("{e}");
         Failure::new(1, String::new())
     })
 }
 
-/// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
-/// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
-/// be changed while running (the `log-level` command) through the returned handle.
-fn init_logging(level: &str) -> std::sync::Arc<edgesync::LogControl> {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{fmt, reload};
-    // Targets, not EnvFilter: the same "info,edgesync=debug" syntax without a regex engine
-    // (-260 KB on ARM).
-    let parse = |s: &str| {
-        edgesync::check_log_level(s).ok()?;
-        s.parse::<Targets>().ok()
-    };
-    let (filter, text) = std::env::var("EDGESYNC_LOG")
-        .ok()
-        .and_then(|s| parse(&s).map(|f| (f, s)))
-        .or_else(|| parse(level).map(|f| (f, level.to_owned())))
-        .unwrap_or_else(|| {
-            (
-                Targets::new().with_default(LevelFilter::INFO),
-                "info".to_owned(),
-            )
-        });
-    let (filter, handle) = reload::Layer::new(filter);
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let layer = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        // Plain text always (no "ansi" feature: smaller); journald wants no colours anyway.
-        .with_ansi(false);
-    let registry = tracing_subscriber::registry().with(filter);
-    if journal {
-        registry.with(layer.without_time()).init();
-    } else {
-        registry.with(layer).init();
-    }
-    std::sync::Arc::new(edgesync::LogControl::new(handle, text))
+/// Logs to stderr (src/sys/log.rs: priorities under journald, else timestamps).
+/// `EDGESYNC_LOG` overrides the configured level. The filter can be changed while running
+/// (the `log-level` command) through the returned handle.
+fn init_logging(level: &str) -> Option<std::sync::Arc<edgesync::LogControl>> {
+    let env = std::env::var("EDGESYNC_LOG").ok();
+    let candidates: Vec<&str> = env.as_deref().into_iter().chain([level]).collect();
+    edgesync::LogControl::install(&candidates).map(std::sync::Arc::new)
 }
 
 /// `fut` boxed: one `block_on` in the binary for every command.

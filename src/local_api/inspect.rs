@@ -31,6 +31,7 @@ use thiserror::Error;
 use crate::config;
 use crate::local_api::client::{Client, ClientError};
 use crate::local_api::protocol::{QueueQuery, Request};
+use crate::model::text::utc;
 use crate::store::tables::OUTBOX;
 use crate::store::{Meta, Outbox, StoreError, record};
 
@@ -600,30 +601,6 @@ pub fn peek_line(e: &Entry) -> String {
 /// One NDJSON line (without newline).
 pub fn ndjson_line(e: &Entry) -> String {
     serde_json::to_string(e).unwrap_or_default()
-}
-
-/// Unix ms as `2025-11-26T09:40:00.123Z`.
-pub fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = i64::try_from(secs / 86_400).unwrap_or(i64::MAX / 2);
-    let rem = secs % 86_400;
-    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60,
-        ms % 1000
-    )
 }
 
 // ---------------------------------------------------------------------------------------------
