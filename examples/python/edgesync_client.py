@@ -16,7 +16,8 @@
     Watcher("/run/edgesync/edgesync.sock", ["led.*"], apply).run()
 
 Command line: edgesync_client.py [--socket PATH] report KEY=VALUE... | get desired|reported [KEY]
-| status | watch GLOB...  (watch prints each event as a JSON line and acks it applied).
+| status | watch GLOB...  (watch prints {"watching": [...]} after each (re)connection, then
+each event as a JSON line, and acks it applied).
 
 Reconnecting after an agent restart: a watch lasts as long as its connection. When the agent
 stops (upgrade, restart, crash) the connection ends and the agent forgets the watch; Watcher
@@ -249,7 +250,10 @@ def main(argv):
                 print(json.dumps({"key": key, "value": value, "version": version}), flush=True)
                 return True
 
-            Watcher(path, args, show).run()
+            def watching():
+                print(json.dumps({"watching": args}), flush=True)
+
+            Watcher(path, args, show, on_watch=watching).run()
             return 0
         with Client(path) as c:
             if op == "report" and args and all("=" in a for a in args):
