@@ -164,3 +164,42 @@ fn check_config_says_how_to_make_the_store_and_socket_directories() {
         );
     }
 }
+
+/// The manual install (README "Use it": packaging/install.sh) lays out what
+/// systemd/edgesync.service expects.
+#[test]
+fn install_script_matches_the_systemd_unit() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{repo}/systemd/edgesync.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/bin/edgesync run --config /etc/edgesync/edgesync.toml",
+        "User=edgesync",
+        "Group=edgesync",
+        "StateDirectory=edgesync",
+        "RuntimeDirectory=edgesync",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(format!("{repo}/packaging/install.sh"));
+    cmd.arg(common::BIN).env("DESTDIR", root.path());
+    let out = run_with_timeout(cmd, None, CLI_DEADLINE);
+    assert_exit(&out, 0);
+    let mode = |p: &str| {
+        std::fs::metadata(root.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/edgesync"), 0o755);
+    assert_eq!(mode("var/lib/edgesync"), 0o750);
+    assert_eq!(mode("etc/edgesync/edgesync.toml"), 0o640);
+    let installed =
+        std::fs::read_to_string(root.path().join("etc/systemd/system/edgesync.service")).unwrap();
+    assert_eq!(installed, unit);
+    // The installed config names the unit's directories.
+    let config = std::fs::read_to_string(root.path().join("etc/edgesync/edgesync.toml")).unwrap();
+    assert!(config.contains("path = \"/var/lib/edgesync/edgesync.redb\""));
+    assert!(config.contains("socket = \"/run/edgesync/edgesync.sock\""));
+}
