@@ -456,7 +456,7 @@ impl Config {
             };
             if missing && UNIT_DIRS.iter().any(|u| dir == Path::new(u)) {
                 notes.push(format!(
-                    "{key}: note: {message} (edgesync.service makes it)"
+                    "{key}: note: {message} (not needed under systemd: edgesync.service makes it)"
                 ));
             } else {
                 problems.push(Problem {
@@ -468,10 +468,10 @@ impl Config {
         if let Err(e) = std::fs::OpenOptions::new().write(true).open(store)
             && e.kind() != std::io::ErrorKind::NotFound
         {
+            let f = store.display();
             let message = format!(
-                "cannot write \"{}\" as this user ({e}); give it to the agent's user: sudo chown edgesync:edgesync {}",
-                store.display(),
-                store.display()
+                "cannot write \"{f}\" as this user ({e}); give it to the agent's user: sudo \
+                 chown edgesync:edgesync {f}"
             );
             problems.push(Problem {
                 key: "store.path".into(),
@@ -514,30 +514,27 @@ fn dir_problem(dir: &Path) -> Option<(bool, String)> {
         .open(&probe)
     {
         Ok(_) => {
-            return std::fs::remove_file(&probe)
+            let removed = std::fs::remove_file(&probe);
+            return removed
                 .err()
-                .map(|e| (false, e.to_string()));
+                .map(|e| (false, format!("{}: {e}", probe.display())));
         }
         Err(e) if e.kind() == ErrorKind::AlreadyExists => return None,
         Err(e) => e,
     };
     let d = dir.display();
     Some(if base == dir {
-        let fix = format!("sudo chown edgesync:edgesync {d}");
-        (
-            false,
-            format!(
-                "directory \"{d}\" is not writable by this user ({err}); give it to the agent's user: {fix}"
-            ),
-        )
+        let msg = format!(
+            "directory \"{d}\" is not writable by this user ({err}); give it to the agent's \
+             user: sudo chown edgesync:edgesync {d}"
+        );
+        (false, msg)
     } else {
-        let fix = format!("sudo install -d -o edgesync -g edgesync -m 0750 {d}");
-        (
-            true,
-            format!(
-                "directory \"{d}\" does not exist and this user cannot create it ({err}); create it: {fix}"
-            ),
-        )
+        let msg = format!(
+            "directory \"{d}\" does not exist and this user cannot create it ({err}); create \
+             it: sudo install -d -o edgesync -g edgesync -m 0750 {d}"
+        );
+        (true, msg)
     })
 }
 
