@@ -8,9 +8,9 @@ use std::process::ExitCode;
 mod cli;
 
 use cli::{Command, Doc, Parsed, QueueCommand};
-use edgesync::Config;
 use edgesync::Request;
 use edgesync::{Client, ClientError, report_stream_within};
+use edgesync::{Config, ConfigErrors};
 use serde_json::Value;
 
 /// `println!` through [`out`]: returns from the command when standard output is gone.
@@ -106,21 +106,26 @@ fn out(text: &str) -> Result<(), Failure> {
 }
 
 fn load_config(path: &Path) -> Result<Config, Failure> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{}", edgesync::log_for_stderr(3, &errors.to_string()));
-        Failure::new(
-            2,
-            format!(
-                "{} problem(s) in {}",
-                errors.problems.len(),
-                errors.file.display()
-            ),
-        )
-    })
+    Config::load(path).map_err(invalid)
+}
+
+fn invalid(errors: ConfigErrors) -> Failure {
+    eprintln!("{}", edgesync::log_for_stderr(3, &errors.to_string()));
+    Failure::new(
+        2,
+        format!(
+            "{} problem(s) in {}",
+            errors.problems.len(),
+            errors.file.display()
+        ),
+    )
 }
 
 fn check_config(path: &Path) -> Result<(), Failure> {
     let c = load_config(path)?;
+    for note in c.check_dirs().map_err(invalid)? {
+        eprintln!("{}: {note}", path.display());
+    }
     outln!(
         "{}: valid (device {}, broker {}, store {})",
         path.display(),

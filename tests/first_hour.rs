@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
+
 use common::{
-    Agent, AgentOptions, CLI_DEADLINE, assert_exit, bin_command, run_with_timeout, stdout,
+    Agent, AgentOptions, CLI_DEADLINE, assert_exit, bin_command, run_with_timeout, stderr, stdout,
 };
 
 fn bare(args: &[&str]) -> std::process::Output {
@@ -71,4 +73,133 @@ fn status_json_says_the_daemon_is_down_and_exits_3() {
     let text = agent.cli(&["status"]);
     assert_exit(&text, 3);
     assert!(stdout(&text).is_empty(), "{}", stdout(&text));
+}
+
+/// `check-config` with the store and the socket in other directories than the agent's.
+fn check_dirs(store: &str, socket: &str) -> std::process::Output {
+    let agent = Agent::prepare(AgentOptions::default());
+    let text = std::fs::read_to_string(&agent.config_path)
+        .unwrap()
+        .replace("\"store/edgesync.redb\"", &format!("{store:?}"))
+        .replace(
+            &format!("{:?}", agent.socket.display().to_string()),
+            &format!("{socket:?}"),
+        );
+    let config = agent.write_file("dirs.toml", text);
+    agent.cli_at(&config, &["check-config"])
+}
+
+#[test]
+fn check_config_says_how_to_make_the_store_and_socket_directories() {
+    let tmp = tempfile::Builder::new()
+        .prefix("esdir")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = tmp.path().display().to_string();
+
+    // Missing directories this user can create: the agent makes them; nothing is made now.
+    let out = check_dirs(
+        &format!("{t}/new/store/s.redb"),
+        &format!("{t}/run/x/s.sock"),
+    );
+    assert_exit(&out, 0);
+    assert!(!tmp.path().join("new").exists() && !tmp.path().join("run").exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "probe left behind"
+    );
+
+    // A regular file where a directory must be: the message names it (any user).
+    std::fs::write(tmp.path().join("file"), "").unwrap();
+    let out = check_dirs(
+        &format!("{t}/file/store/s.redb"),
+        &format!("{t}/file/s.sock"),
+    );
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("store.path: \"{t}/file\" is not a directory")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("local.socket: \"{t}/file\" is not a directory")),
+        "{err}"
+    );
+
+    // A directory nobody may create (/proc refuses even root): exit 2 with the command to run.
+    let out = check_dirs("/proc/edgesync-none/s.redb", "/proc/edgesync-none/s.sock");
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    for key in ["store.path", "local.socket"] {
+        assert!(
+            err.contains(&format!(
+                "{key}: directory \"/proc/edgesync-none\" does not exist and this user cannot \
+                 create it"
+            )) && err.contains(
+                "create it: sudo install -d -o edgesync -g edgesync -m 0750 /proc/edgesync-none"
+            ),
+            "{err}"
+        );
+    }
+
+    // An existing directory this user cannot write: only meaningful without root, which
+    // writes anything (the probe tells which one runs this test).
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let root = std::fs::write(ro.join("probe"), "").is_ok();
+    let out = check_dirs(&format!("{t}/ro/s.redb"), &format!("{t}/ro/s.sock"));
+    if root {
+        assert_exit(&out, 0);
+        eprintln!("running as root: the unwritable-directory case is checked only as non-root");
+    } else {
+        assert_exit(&out, 2);
+        assert!(
+            stderr(&out).contains(&format!(
+                "store.path: directory \"{t}/ro\" is not writable by this user"
+            )) && stderr(&out).contains(&format!("sudo chown edgesync:edgesync {t}/ro")),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// The manual install (README "Use it": packaging/install.sh) lays out what
+/// systemd/edgesync.service expects.
+#[test]
+fn install_script_matches_the_systemd_unit() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{repo}/systemd/edgesync.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/bin/edgesync run --config /etc/edgesync/edgesync.toml",
+        "User=edgesync",
+        "Group=edgesync",
+        "StateDirectory=edgesync",
+        "RuntimeDirectory=edgesync",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(format!("{repo}/packaging/install.sh"));
+    cmd.arg(common::BIN).env("DESTDIR", root.path());
+    let out = run_with_timeout(cmd, None, CLI_DEADLINE);
+    assert_exit(&out, 0);
+    let mode = |p: &str| {
+        std::fs::metadata(root.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/edgesync"), 0o755);
+    assert_eq!(mode("var/lib/edgesync"), 0o750);
+    assert_eq!(mode("etc/edgesync/edgesync.toml"), 0o640);
+    let installed =
+        std::fs::read_to_string(root.path().join("etc/systemd/system/edgesync.service")).unwrap();
+    assert_eq!(installed, unit);
+    // The installed config names the unit's directories.
+    let config = std::fs::read_to_string(root.path().join("etc/edgesync/edgesync.toml")).unwrap();
+    assert!(config.contains("path = \"/var/lib/edgesync/edgesync.redb\""));
+    assert!(config.contains("socket = \"/run/edgesync/edgesync.sock\""));
 }
