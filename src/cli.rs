@@ -11,6 +11,10 @@ use std::path::PathBuf;
 
 use lexopt::Arg;
 
+/// The man page and the shell completions, generated from the help texts (test-only).
+#[cfg(test)]
+mod docs;
+
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, PartialEq, Eq)]
@@ -163,7 +167,7 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         name: "queue",
-        usage: "edgesync queue [--config PATH] <stats [--json]|peek [--from SEQ] [--limit N] [--json]|export FILE>",
+        usage: "edgesync queue [--config PATH] <stats|peek|export FILE> [--json] [--from SEQ] [--limit N]",
         help: "Inspect the queue of changes not yet acknowledged by the broker (read only;\n\
                through the daemon while it runs, else from the store file).\n\n\
                Commands:\n  \
