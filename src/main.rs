@@ -222,7 +222,11 @@ async fn report(path: &Path, stdin: bool, quiet: bool, args: Vec<String>) -> Res
         let count = changes.len() as u64;
         let mut client = connect(path, &socket).await?;
         let reply = client.call(&Request::Report { changes }).await?;
-        (count, reply["first_seq"].as_u64(), reply["last_seq"].as_u64())
+        (
+            count,
+            reply["first_seq"].as_u64(),
+            reply["last_seq"].as_u64(),
+        )
     };
     if !quiet {
         outln!("{}", queued_line(count, first, last));

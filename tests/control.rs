@@ -229,7 +229,11 @@ fn every_error_code_is_reachable() {
     // Text that is no JSON document is answered in JSON, which its sender reads (issue 15).
     rig.send_raw("ping", "[1, 2]");
     let (msg, v) = rig.nth_answer("ping", &Value::Null, 4);
-    assert_eq!(msg.payload.first(), Some(&b'{'), "text request, JSON answer");
+    assert_eq!(
+        msg.payload.first(),
+        Some(&b'{'),
+        "text request, JSON answer"
+    );
     assert_eq!(error_code(&v), "bad-request");
     // bad-request with an id: malformed envelope or arguments.
     rig.send("ping", &json!({"id": "b1", "args": [1]}));

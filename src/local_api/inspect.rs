@@ -701,8 +701,7 @@ pub async fn peek_command(
         }
         other => other.map(|_| ()),
     };
-    quiet_pipe(r)
-        .and_then(|()| quiet_pipe(io::Write::flush(&mut out).map_err(InspectError::Write)))
+    quiet_pipe(r).and_then(|()| quiet_pipe(io::Write::flush(&mut out).map_err(InspectError::Write)))
 }
 
 /// `edgesync queue export FILE|-`: every queued change as NDJSON, in seq order; a file is
