@@ -9,8 +9,11 @@ use std::fmt::Write as _;
 
 use super::{MAIN_HELP, SPECS};
 
+/// Makes a generated file's text.
+type Render = fn() -> String;
+
 /// The generated files, relative to the repository root.
-pub const FILES: &[(&str, fn() -> String)] = &[
+pub const FILES: &[(&str, Render)] = &[
     ("packaging/deb/edgesync.1", man_page),
     ("packaging/completions/edgesync.bash", bash),
     ("packaging/completions/_edgesync", zsh),
