@@ -56,9 +56,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run => run(&config_path),
         Command::CheckConfig => check_config(&config_path),
-        Command::Report { stdin, changes } => {
-            client_rt(Box::pin(report(&config_path, stdin, changes)))
-        }
+        Command::Report {
+            stdin,
+            quiet,
+            changes,
+        } => client_rt(Box::pin(report(&config_path, stdin, quiet, changes))),
         Command::Status { json } => client_rt(Box::pin(status(&config_path, json))),
         Command::Get { doc, key } => client_rt(Box::pin(get(&config_path, doc, key))),
         Command::History { key, limit, json } => {
@@ -177,24 +179,44 @@ async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
     Client::connect_timeout(socket, edgesync::client_timeout(path)).await
 }
 
-async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
+async fn report(path: &Path, stdin: bool, quiet: bool, args: Vec<String>) -> Result<(), Failure> {
     let socket = edgesync::socket_path(path);
-    if stdin {
+    let (count, first, last) = if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
         let timeout = edgesync::client_timeout(path);
-        return match report_stream_within(&socket, input, timeout).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
-        };
+        match report_stream_within(&socket, input, timeout).await {
+            Ok(o) => (o.queued, o.first_seq, o.last_seq),
+            Err(e) => return Err(Failure::new(e.error.exit_code(), e.to_string())),
+        }
+    } else {
+        let mut changes = Vec::with_capacity(args.len());
+        for a in &args {
+            let c = edgesync::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
+            changes.push(c);
+        }
+        let count = changes.len() as u64;
+        let mut client = connect(path, &socket).await?;
+        let reply = client.call(&Request::Report { changes }).await?;
+        (
+            count,
+            reply["first_seq"].as_u64(),
+            reply["last_seq"].as_u64(),
+        )
+    };
+    if !quiet {
+        outln!("{}", queued_line(count, first, last));
     }
-    let mut changes = Vec::with_capacity(args.len());
-    for a in &args {
-        let c = edgesync::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
-        changes.push(c);
-    }
-    let mut client = connect(path, &socket).await?;
-    client.call(&Request::Report { changes }).await?;
     Ok(())
+}
+
+/// What `report` prints: `queued 3 changes: seq 41-43` (the seqs the daemon answered).
+fn queued_line(count: u64, first: Option<u64>, last: Option<u64>) -> String {
+    let s = if count == 1 { "" } else { "s" };
+    match (first, last) {
+        (Some(a), Some(b)) if a == b => format!("queued {count} change{s}: seq {a}"),
+        (Some(a), Some(b)) => format!("queued {count} change{s}: seq {a}-{b}"),
+        _ => format!("queued {count} change{s}"),
+    }
 }
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
@@ -264,12 +286,16 @@ async fn history(
     };
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
+    // No entry is exit 1, as `get` of a key without value (docs/PROTOCOL.md §2.1); `--json`
+    // still prints the (empty) array.
+    let none = || Failure::new(1, format!("no desired values recorded for key {key}"));
     if as_json {
+        let empty = entries.is_empty();
         outln!("{}", pretty(&Value::Array(entries)));
-        return Ok(());
+        return if empty { Err(none()) } else { Ok(()) };
     }
     if entries.is_empty() {
-        outln!("{key}: no desired values recorded");
+        return Err(none());
     }
     let now = edgesync::now_ms();
     for e in entries {
@@ -324,4 +350,19 @@ async fn queue(path: &Path, what: QueueCommand) -> Result<(), Failure> {
 
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queued_line;
+
+    #[test]
+    fn report_says_how_many_changes_and_their_seqs() {
+        assert_eq!(
+            queued_line(3, Some(41), Some(43)),
+            "queued 3 changes: seq 41-43"
+        );
+        assert_eq!(queued_line(1, Some(7), Some(7)), "queued 1 change: seq 7");
+        assert_eq!(queued_line(0, None, None), "queued 0 changes");
+    }
 }

@@ -203,3 +203,115 @@ fn install_script_matches_the_systemd_unit() {
     assert!(config.contains("path = \"/var/lib/edgesync/edgesync.redb\""));
     assert!(config.contains("socket = \"/run/edgesync/edgesync.sock\""));
 }
+
+/// The command names of the real binary's `help` (its Commands section).
+fn help_commands() -> Vec<String> {
+    let out = bare(&["help"]);
+    assert_exit(&out, 0);
+    stdout(&out)
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_man_page_and_the_completions_know_every_command() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let man = read("packaging/deb/edgesync.1");
+    let bash = read("packaging/completions/edgesync.bash");
+    let zsh = read("packaging/completions/_edgesync");
+    let fish = read("packaging/completions/edgesync.fish");
+    let commands = help_commands();
+    assert!(commands.len() >= 9, "{commands:?}");
+    for c in &commands {
+        let roff = c.replace('-', "\\-");
+        assert!(man.contains(&format!(".SS \"{roff}\"")), "man page: {c}");
+        assert!(bash.contains(&format!(" {c}) words=")), "bash: {c}");
+        assert!(zsh.contains(&format!("'{c}:")), "zsh: {c}");
+        assert!(fish.contains(&format!(" -a {c} -d")), "fish: {c}");
+        // Every option of the command's help, too.
+        let help = stdout(&bare(&["help", c]));
+        for word in help.split(|ch: char| ch.is_whitespace() || "[]<>|".contains(ch)) {
+            if let Some(long) = word.strip_prefix("--").filter(|w| !w.is_empty()) {
+                assert!(man.contains(&format!("\\-\\-{long}")), "man: {c} --{long}");
+                assert!(fish.contains(&format!("-l {long}")), "fish: {c} --{long}");
+            }
+        }
+    }
+    // The help says how the files are made.
+    assert!(man.contains("do not edit"));
+}
+
+#[test]
+fn queue_help_is_aligned() {
+    let out = bare(&["queue", "--help"]);
+    assert_exit(&out, 0);
+    let columns: std::collections::BTreeSet<usize> = stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| {
+            let text = l.trim_start();
+            let gap = text.find("  ").unwrap();
+            l.len() - text.len() + gap + (text[gap..].len() - text[gap..].trim_start().len())
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "{}", stdout(&out));
+}
+
+#[test]
+fn report_prints_its_seqs_and_not_found_and_empty_results_say_so() {
+    let agent = Agent::start(AgentOptions::default());
+    // `report` says what it queued, with the seqs the daemon answered; -q says nothing.
+    let out = agent.cli(&["report", "a=1", "b=2", "c=3"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 3 changes: seq 1-3\n");
+    let out = agent.cli(&["report", "a=4"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 1 change: seq 4\n");
+    for quiet in ["-q", "--quiet"] {
+        let out = agent.cli(&["report", quiet, "a=5"]);
+        assert_exit(&out, 0);
+        assert_eq!(stdout(&out), "", "{quiet}");
+    }
+    let input = b"{\"key\":\"s\",\"value\":1}\n{\"key\":\"s\",\"value\":2}\n".to_vec();
+    let out = agent.cli_stdin(&["report", "--stdin"], input, CLI_DEADLINE);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 2 changes: seq 7-8\n");
+
+    // Not found is exit 1 with a message on stderr, for `get` and `history` alike.
+    let out = agent.cli(&["get", "reported", "nokey"]);
+    assert_exit(&out, 1);
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(
+        common::stderr(&out).contains("no reported value for key nokey"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = agent.cli(&["history", "nokey"]);
+    assert_exit(&out, 1);
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(
+        common::stderr(&out).contains("no desired values recorded for key nokey"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = agent.cli(&["history", "nokey", "--json"]);
+    assert_exit(&out, 1);
+    assert_eq!(stdout(&out).trim(), "[]");
+    // An empty document is an empty object, not a failure.
+    let out = agent.cli(&["get", "desired"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out).trim(), "{}");
+
+    // An empty peek says so (NDJSON stays empty).
+    let out = agent.cli(&["queue", "peek", "--from", "100"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queue empty (from seq 100)\n");
+    let out = agent.cli(&["queue", "peek", "--from", "100", "--json"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "");
+}

@@ -670,8 +670,15 @@ pub async fn peek_command(
             io::Write::write_all(&mut out, b"\n")
         })
         .await;
-    quiet_pipe(r.map(|_| ()))
-        .and_then(|()| quiet_pipe(io::Write::flush(&mut out).map_err(InspectError::Write)))
+    // Nothing to show says so (NDJSON stays empty: zero lines).
+    let r = match r {
+        Ok(w) if w.count == 0 && !as_json => {
+            let line = format!("queue empty (from seq {from})\n");
+            io::Write::write_all(&mut out, line.as_bytes()).map_err(InspectError::Write)
+        }
+        other => other.map(|_| ()),
+    };
+    quiet_pipe(r).and_then(|()| quiet_pipe(io::Write::flush(&mut out).map_err(InspectError::Write)))
 }
 
 /// `edgesync queue export FILE|-`: every queued change as NDJSON, in seq order; a file is
