@@ -11,6 +11,10 @@ use std::path::PathBuf;
 
 use lexopt::Arg;
 
+/// The man page and the shell completions, generated from the help texts (test-only).
+#[cfg(test)]
+mod docs;
+
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, PartialEq, Eq)]
@@ -24,6 +28,8 @@ pub enum Command {
     Run,
     Report {
         stdin: bool,
+        /// No line saying what was queued.
+        quiet: bool,
         changes: Vec<String>,
     },
     Status {
@@ -126,11 +132,11 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         name: "report",
-        usage: "edgesync report [--config PATH] <KEY=VALUE...|--stdin>",
+        usage: "edgesync report [--config PATH] [--quiet] <KEY=VALUE...|--stdin>",
         help: "Report changes to the running agent: KEY=VALUE (VALUE is JSON, else a string).\n\
-               Exits 0 only when every change is durably queued.\n\n\
-               Options:\n      --stdin  Read NDJSON changes {\"key\":..,\"value\":..} from \
-               standard input, one a line",
+               Exits 0 only when every change is durably queued, and prints their seqs.\n\n\
+               Options:\n      --stdin    Read NDJSON changes {\"key\":..,\"value\":..} from \
+               standard input, one a line\n  -q, --quiet    Print nothing on success",
     },
     Spec {
         name: "status",
@@ -141,12 +147,14 @@ const SPECS: &[Spec] = &[
     Spec {
         name: "get",
         usage: "edgesync get [--config PATH] <desired|reported> [KEY]",
-        help: "Show the desired or the last reported state, or one key of it.",
+        help: "Show the desired or the last reported state, or one key of it.\n\
+               Exits 1 when KEY has no value.",
     },
     Spec {
         name: "history",
         usage: "edgesync history [--config PATH] KEY [--limit N] [--json]",
-        help: "Show a key's recent desired values (version, time, origin), newest first.\n\n\
+        help: "Show a key's recent desired values (version, time, origin), newest first.\n\
+               Exits 1 when KEY has none.\n\n\
                Options:\n      --limit N  Most entries to show\n      --json     Print JSON",
     },
     Spec {
@@ -161,13 +169,17 @@ const SPECS: &[Spec] = &[
     },
     Spec {
         name: "queue",
-        usage: "edgesync queue [--config PATH] <stats|peek|export>",
+        usage: "edgesync queue [--config PATH] <stats|peek|export FILE> [--json] [--from SEQ] [--limit N]",
         help: "Inspect the queue of changes not yet acknowledged by the broker (read only;\n\
                through the daemon while it runs, else from the store file).\n\n\
-               Commands:\n  stats [--json]                        Depth, bytes, oldest and \
-               newest change, counters\n  peek [--from SEQ] [--limit N] [--json] Queued \
-               changes, oldest first (--json: NDJSON)\n  export FILE                           \
-               Every queued change as NDJSON, in order, to FILE (atomically) or \"-\"",
+               Commands:\n  \
+               stats            Depth, bytes, oldest and newest change, counters\n  \
+               peek             Queued changes, oldest first\n  \
+               export FILE      Every queued change as NDJSON, in order, to FILE or \"-\"\n\n\
+               Options:\n      \
+               --json       stats: print JSON; peek: print NDJSON\n      \
+               --from SEQ   peek: start at this seq (default 0)\n      \
+               --limit N    peek: most changes to show (default 20)",
     },
     Spec {
         name: "reconnect",
@@ -247,10 +259,11 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
                     None => options.push((name, None)),
                 }
             }
-            // Only `-h` and `-V` exist: `-hV` is not split into two.
+            // Only `-h`, `-V` and `-q` exist: `-hV` is not split into two.
             Arg::Short(c) => match (c, parser.optional_value()) {
                 ('h', None) => help = true,
                 ('V', None) => version = true,
+                ('q', None) => options.push(("--quiet".into(), None)),
                 (c, rest) => {
                     let rest = rest.unwrap_or_default();
                     return Err(top(format!(
@@ -313,13 +326,18 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
         "reconnect" => Command::Reconnect,
         "report" => {
             let stdin = p.flag("--stdin")?;
+            let quiet = p.flag("--quiet")?;
             let changes = std::mem::take(&mut p.words);
             match (stdin, changes.is_empty()) {
                 (true, false) => {
                     return Err(p.error("--stdin cannot be used with KEY=VALUE arguments"));
                 }
                 (false, true) => return Err(p.error("give KEY=VALUE changes or --stdin")),
-                _ => Command::Report { stdin, changes },
+                _ => Command::Report {
+                    stdin,
+                    quiet,
+                    changes,
+                },
             }
         }
         "status" => Command::Status {
@@ -483,6 +501,7 @@ mod tests {
             cmd(&["report", "temp=21.5", "mode=eco", "--config", "c"]).command,
             Command::Report {
                 stdin: false,
+                quiet: false,
                 changes: vec!["temp=21.5".into(), "mode=eco".into()]
             }
         );
@@ -532,11 +551,45 @@ mod tests {
     }
 
     #[test]
+    fn report_is_quiet_with_q_or_quiet_and_no_other_command_takes_it() {
+        for args in [&["report", "-q", "a=1"][..], &["report", "a=1", "--quiet"]] {
+            assert_eq!(
+                cmd(args).command,
+                Command::Report {
+                    stdin: false,
+                    quiet: true,
+                    changes: vec!["a=1".into()]
+                }
+            );
+        }
+        let e = p(&["status", "-q"]).unwrap_err();
+        assert!(e.message.contains("unexpected option '--quiet'"), "{e}");
+    }
+
+    // Issue 15: the columns of `queue --help` did not line up.
+    #[test]
+    fn help_columns_line_up() {
+        for s in SPECS {
+            let mut columns = Vec::new();
+            for line in s.help.lines().filter(|l| l.starts_with("  ")) {
+                let text = line.trim_start();
+                let gap = text.find("  ").unwrap_or_else(|| panic!("{line:?}"));
+                let desc = gap + text[gap..].len() - text[gap..].trim_start().len();
+                columns.push(line.len() - text.len() + desc);
+            }
+            columns.dedup();
+            // One column for the whole text, Commands and Options alike.
+            assert!(columns.len() <= 1, "{}: {columns:?}\n{}", s.name, s.help);
+        }
+    }
+
+    #[test]
     fn values_after_double_dash_are_positional() {
         assert_eq!(
             cmd(&["report", "--", "--odd=1"]).command,
             Command::Report {
                 stdin: false,
+                quiet: false,
                 changes: vec!["--odd=1".into()]
             }
         );

@@ -66,7 +66,7 @@ pub use model::glob::KeyGlob;
 pub use model::text::human_duration;
 pub use store::{Ack, Appended, Outbox, RECORD_OVERHEAD, SEQ_RESERVE, StoreError, StoreOptions};
 pub use sys::fatal::install_hook;
-pub use sys::log::{LogControl, check_log_level};
+pub use sys::log::{LogControl, check_log_level, for_stderr as log_for_stderr};
 
 /// Crash points of debug builds: `EDGESYNC_CRASH_AT` kills the process at a named point.
 pub mod crash {

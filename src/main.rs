@@ -8,9 +8,9 @@ use std::process::ExitCode;
 mod cli;
 
 use cli::{Command, Doc, Parsed, QueueCommand};
-use edgesync::Config;
 use edgesync::Request;
 use edgesync::{Client, ClientError, report_stream_within};
+use edgesync::{Config, ConfigErrors};
 use serde_json::Value;
 
 /// `println!` through [`out`]: returns from the command when standard output is gone.
@@ -56,9 +56,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run => run(&config_path),
         Command::CheckConfig => check_config(&config_path),
-        Command::Report { stdin, changes } => {
-            client_rt(Box::pin(report(&config_path, stdin, changes)))
-        }
+        Command::Report {
+            stdin,
+            quiet,
+            changes,
+        } => client_rt(Box::pin(report(&config_path, stdin, quiet, changes))),
         Command::Status { json } => client_rt(Box::pin(status(&config_path, json))),
         Command::Get { doc, key } => client_rt(Box::pin(get(&config_path, doc, key))),
         Command::History { key, limit, json } => {
@@ -79,7 +81,8 @@ fn finish(result: Result<(), Failure>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if !f.message.is_empty() {
-                eprintln!("edgesync: {}", f.message);
+                let line = format!("edgesync: {}", f.message);
+                eprintln!("{}", edgesync::log_for_stderr(3, &line));
             }
             ExitCode::from(f.code)
         }
@@ -106,21 +109,26 @@ fn out(text: &str) -> Result<(), Failure> {
 }
 
 fn load_config(path: &Path) -> Result<Config, Failure> {
-    Config::load(path).map_err(|errors| {
-        eprintln!("{errors}");
-        Failure::new(
-            2,
-            format!(
-                "{} problem(s) in {}",
-                errors.problems.len(),
-                errors.file.display()
-            ),
-        )
-    })
+    Config::load(path).map_err(invalid)
+}
+
+fn invalid(errors: ConfigErrors) -> Failure {
+    eprintln!("{}", edgesync::log_for_stderr(3, &errors.to_string()));
+    Failure::new(
+        2,
+        format!(
+            "{} problem(s) in {}",
+            errors.problems.len(),
+            errors.file.display()
+        ),
+    )
 }
 
 fn check_config(path: &Path) -> Result<(), Failure> {
     let c = load_config(path)?;
+    for note in c.check_dirs().map_err(invalid)? {
+        eprintln!("{}: {note}", path.display());
+    }
     outln!(
         "{}: valid (device {}, broker {}, store {})",
         path.display(),
@@ -140,51 +148,20 @@ fn run(path: &Path) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::new(1, format!("cannot start the runtime: {e}")))?;
-    let handles = edgesync::Handles { log: Some(log) };
+    let handles = edgesync::Handles { log };
     rt.block_on(edgesync::run(config, handles)).map_err(|e| {
         tracing::error!("{e}");
         Failure::new(1, String::new())
     })
 }
 
-/// Logs to stderr; under systemd (JOURNAL_STREAM set) without timestamps and colours, as
-/// the journal adds its own. `EDGESYNC_LOG` overrides the configured level. The filter can
-/// be changed while running (the `log-level` command) through the returned handle.
-fn init_logging(level: &str) -> std::sync::Arc<edgesync::LogControl> {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{fmt, reload};
-    // Targets, not EnvFilter: the same "info,edgesync=debug" syntax without a regex engine
-    // (-260 KB on ARM).
-    let parse = |s: &str| {
-        edgesync::check_log_level(s).ok()?;
-        s.parse::<Targets>().ok()
-    };
-    let (filter, text) = std::env::var("EDGESYNC_LOG")
-        .ok()
-        .and_then(|s| parse(&s).map(|f| (f, s)))
-        .or_else(|| parse(level).map(|f| (f, level.to_owned())))
-        .unwrap_or_else(|| {
-            (
-                Targets::new().with_default(LevelFilter::INFO),
-                "info".to_owned(),
-            )
-        });
-    let (filter, handle) = reload::Layer::new(filter);
-    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let layer = fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        // Plain text always (no "ansi" feature: smaller); journald wants no colours anyway.
-        .with_ansi(false);
-    let registry = tracing_subscriber::registry().with(filter);
-    if journal {
-        registry.with(layer.without_time()).init();
-    } else {
-        registry.with(layer).init();
-    }
-    std::sync::Arc::new(edgesync::LogControl::new(handle, text))
+/// Logs to stderr (src/sys/log.rs: priorities under journald, else timestamps).
+/// `EDGESYNC_LOG` overrides the configured level. The filter can be changed while running
+/// (the `log-level` command) through the returned handle.
+fn init_logging(level: &str) -> Option<std::sync::Arc<edgesync::LogControl>> {
+    let env = std::env::var("EDGESYNC_LOG").ok();
+    let candidates: Vec<&str> = env.as_deref().into_iter().chain([level]).collect();
+    edgesync::LogControl::install(&candidates).map(std::sync::Arc::new)
 }
 
 /// `fut` boxed: one `block_on` in the binary for every command.
@@ -203,24 +180,44 @@ async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
     Client::connect_timeout(socket, edgesync::client_timeout(path)).await
 }
 
-async fn report(path: &Path, stdin: bool, args: Vec<String>) -> Result<(), Failure> {
+async fn report(path: &Path, stdin: bool, quiet: bool, args: Vec<String>) -> Result<(), Failure> {
     let socket = edgesync::socket_path(path);
-    if stdin {
+    let (count, first, last) = if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
         let timeout = edgesync::client_timeout(path);
-        return match report_stream_within(&socket, input, timeout).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(Failure::new(e.error.exit_code(), e.to_string())),
-        };
+        match report_stream_within(&socket, input, timeout).await {
+            Ok(o) => (o.queued, o.first_seq, o.last_seq),
+            Err(e) => return Err(Failure::new(e.error.exit_code(), e.to_string())),
+        }
+    } else {
+        let mut changes = Vec::with_capacity(args.len());
+        for a in &args {
+            let c = edgesync::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
+            changes.push(c);
+        }
+        let count = changes.len() as u64;
+        let mut client = connect(path, &socket).await?;
+        let reply = client.call(&Request::Report { changes }).await?;
+        (
+            count,
+            reply["first_seq"].as_u64(),
+            reply["last_seq"].as_u64(),
+        )
+    };
+    if !quiet {
+        outln!("{}", queued_line(count, first, last));
     }
-    let mut changes = Vec::with_capacity(args.len());
-    for a in &args {
-        let c = edgesync::parse_assignment(a).map_err(|e| Failure::new(2, e))?;
-        changes.push(c);
-    }
-    let mut client = connect(path, &socket).await?;
-    client.call(&Request::Report { changes }).await?;
     Ok(())
+}
+
+/// What `report` prints: `queued 3 changes: seq 41-43` (the seqs the daemon answered).
+fn queued_line(count: u64, first: Option<u64>, last: Option<u64>) -> String {
+    let s = if count == 1 { "" } else { "s" };
+    match (first, last) {
+        (Some(a), Some(b)) if a == b => format!("queued {count} change{s}: seq {a}"),
+        (Some(a), Some(b)) => format!("queued {count} change{s}: seq {a}-{b}"),
+        _ => format!("queued {count} change{s}"),
+    }
 }
 
 async fn status(path: &Path, as_json: bool) -> Result<(), Failure> {
@@ -290,12 +287,16 @@ async fn history(
     };
     let reply = client.call(&req).await?;
     let entries = reply["history"].as_array().cloned().unwrap_or_default();
+    // No entry is exit 1, as `get` of a key without value (docs/PROTOCOL.md §2.1); `--json`
+    // still prints the (empty) array.
+    let none = || Failure::new(1, format!("no desired values recorded for key {key}"));
     if as_json {
+        let empty = entries.is_empty();
         outln!("{}", pretty(&Value::Array(entries)));
-        return Ok(());
+        return if empty { Err(none()) } else { Ok(()) };
     }
     if entries.is_empty() {
-        outln!("{key}: no desired values recorded");
+        return Err(none());
     }
     let now = edgesync::now_ms();
     for e in entries {
@@ -367,4 +368,19 @@ async fn queue(path: &Path, what: QueueCommand) -> Result<(), Failure> {
 
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::queued_line;
+
+    #[test]
+    fn report_says_how_many_changes_and_their_seqs() {
+        assert_eq!(
+            queued_line(3, Some(41), Some(43)),
+            "queued 3 changes: seq 41-43"
+        );
+        assert_eq!(queued_line(1, Some(7), Some(7)), "queued 1 change: seq 7");
+        assert_eq!(queued_line(0, None, None), "queued 0 changes");
+    }
 }

@@ -7,7 +7,7 @@
 //! new broker settings, or new certificate/key files at the same paths, make the link finish
 //! the batches in flight and reconnect with them — nothing lost, nothing sent twice. What
 //! needs a restart (`device.id`, `[store]`, `local.socket`) keeps its running value, with a
-//! warning.
+//! warning; a client id that follows the device id (the default) waits for the restart too.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -95,31 +95,7 @@ impl Live {
         };
         let old = self.current();
         let mut new = new;
-        // Settings only a restart applies keep their running values.
-        if new.device.id != old.device.id {
-            st.needs_restart.push("device.id".into());
-            new.device = old.device.clone();
-        }
-        if new.store.path != old.store.path
-            || new.store.max_bytes != old.store.max_bytes
-            || new.store.when_full != old.store.when_full
-            || new.store.cache_size != old.store.cache_size
-        {
-            st.needs_restart.push("[store]".into());
-            new.store = old.store.clone();
-        }
-        if new.local.socket != old.local.socket {
-            st.needs_restart.push("local.socket".into());
-            new.local.socket = old.local.socket.clone();
-        }
-        if new.local.idle_timeout != old.local.idle_timeout {
-            st.needs_restart.push("local.idle_timeout".into());
-            new.local.idle_timeout = old.local.idle_timeout;
-        }
-        if new.mqtt.topic_prefix != old.mqtt.topic_prefix {
-            st.needs_restart.push("mqtt.topic_prefix".into());
-            new.mqtt.topic_prefix = old.mqtt.topic_prefix.clone();
-        }
+        st.needs_restart = keep_until_restart(&old, &mut new);
         for k in &st.needs_restart {
             tracing::warn!("reload: {k} changed; it takes effect at the next restart");
         }
@@ -134,6 +110,42 @@ impl Live {
         self.record(&st);
         Ok(st)
     }
+}
+
+/// Gives `new` the running values of the settings only a restart applies; returns what
+/// changed among them (for `status` `reload.needs_restart`).
+fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
+    let mut later = Vec::new();
+    if new.device.id != old.device.id {
+        later.push("device.id".into());
+        // A client id that follows the device id (the default) follows it at the restart
+        // too: a new client id with the old topics would be a device half renamed.
+        if new.mqtt.client_id == new.device.id.as_str() {
+            new.mqtt.client_id.clone_from(&old.mqtt.client_id);
+        }
+        new.device = old.device.clone();
+    }
+    if new.store.path != old.store.path
+        || new.store.max_bytes != old.store.max_bytes
+        || new.store.when_full != old.store.when_full
+        || new.store.cache_size != old.store.cache_size
+    {
+        later.push("[store]".into());
+        new.store = old.store.clone();
+    }
+    if new.local.socket != old.local.socket {
+        later.push("local.socket".into());
+        new.local.socket = old.local.socket.clone();
+    }
+    if new.local.idle_timeout != old.local.idle_timeout {
+        later.push("local.idle_timeout".into());
+        new.local.idle_timeout = old.local.idle_timeout;
+    }
+    if new.mqtt.topic_prefix != old.mqtt.topic_prefix {
+        later.push("mqtt.topic_prefix".into());
+        new.mqtt.topic_prefix = old.mqtt.topic_prefix.clone();
+    }
+    later
 }
 
 /// A fingerprint of the link's settings and of the certificate files' contents: when it
@@ -155,4 +167,43 @@ pub fn link_fingerprint(c: &Config) -> u64 {
         std::fs::read(p).unwrap_or_default().hash(&mut h);
     }
     h.finish()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config(device: &str, mqtt: &str) -> Config {
+        let text = format!(
+            "[device]\nid = \"{device}\"\n[mqtt]\nurl = \"mqtt://localhost:1883\"\n\
+             allow_plaintext = true\n{mqtt}\n[local]\nsocket = \"/run/e/e.sock\"\n"
+        );
+        Config::from_toml_str(std::path::Path::new("/etc/e/e.toml"), &text).unwrap()
+    }
+
+    // Issue 15: a new device.id was kept for the restart, but the client id (its default)
+    // followed it at once, while the topics kept the old id.
+    #[test]
+    fn a_new_device_id_keeps_the_default_client_id_until_the_restart() {
+        let old = config("pump-1", "");
+        let mut new = config("pump-2", "");
+        assert_eq!(new.mqtt.client_id, "pump-2");
+        assert_eq!(keep_until_restart(&old, &mut new), ["device.id"]);
+        assert_eq!(new.device.id.as_str(), "pump-1");
+        assert_eq!(new.mqtt.client_id, "pump-1");
+        assert_eq!(link_fingerprint(&new), link_fingerprint(&old));
+    }
+
+    #[test]
+    fn an_explicit_client_id_stays_live() {
+        let old = config("pump-1", "client_id = \"a\"");
+        let mut new = config("pump-1", "client_id = \"b\"");
+        assert!(keep_until_restart(&old, &mut new).is_empty());
+        assert_eq!(new.mqtt.client_id, "b");
+        // Also beside a new device id: only a client id equal to the new id waits.
+        let mut new = config("pump-2", "client_id = \"b\"");
+        assert_eq!(keep_until_restart(&old, &mut new), ["device.id"]);
+        assert_eq!(new.mqtt.client_id, "b");
+    }
 }

@@ -226,6 +226,15 @@ fn every_error_code_is_reachable() {
     rig.send("ping", &json!({"id": "x".repeat(65)}));
     let (_, v) = rig.nth_answer("ping", &Value::Null, 3);
     assert_eq!(error_code(&v), "bad-request");
+    // Text that is no JSON document is answered in JSON, which its sender reads (issue 15).
+    rig.send_raw("ping", "[1, 2]");
+    let (msg, v) = rig.nth_answer("ping", &Value::Null, 4);
+    assert_eq!(
+        msg.payload.first(),
+        Some(&b'{'),
+        "text request, JSON answer"
+    );
+    assert_eq!(error_code(&v), "bad-request");
     // bad-request with an id: malformed envelope or arguments.
     rig.send("ping", &json!({"id": "b1", "args": [1]}));
     assert_eq!(error_code(&rig.answer("ping", "b1")), "bad-request");

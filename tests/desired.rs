@@ -269,12 +269,13 @@ fn json_and_cbor_documents_are_applied_reported_and_answered_in_their_encoding()
         Some(&b'{'),
         "a JSON document is answered in JSON"
     );
+    // No handler matches these keys: applied means only recorded, which each key says.
     assert_eq!(
         result,
         json!({"version": 1, "status": "applied", "keys": {
-            "setpoint": {"status": "applied"},
-            "led.mode": {"status": "applied"},
-            "cfg": {"status": "applied"},
+            "setpoint": {"status": "applied", "handler": "none"},
+            "led.mode": {"status": "applied", "handler": "none"},
+            "cfg": {"status": "applied", "handler": "none"},
         }})
     );
     assert_eq!(
@@ -311,9 +312,9 @@ fn json_and_cbor_documents_are_applied_reported_and_answered_in_their_encoding()
     assert_eq!(
         result,
         json!({"version": 2, "status": "applied", "keys": {
-            "setpoint": {"status": "applied"},
-            "led.mode": {"status": "applied"},
-            "extra": {"status": "applied"},
+            "setpoint": {"status": "applied", "handler": "none"},
+            "led.mode": {"status": "applied", "handler": "none"},
+            "extra": {"status": "applied", "handler": "none"},
         }})
     );
     assert_eq!(
@@ -764,7 +765,8 @@ deadline = "500ms"
         .call(&json!({"op": "ack", "id": ev["id"], "ok": false, "error": "device busy"}))
         .unwrap();
     assert_eq!(r["ok"], true, "{r}");
-    let r = env.result(2, "rejected");
+    // Its only key failed: the document is `failed` (SPEC §7, issue 15).
+    let r = env.result(2, "failed");
     assert_eq!(
         key_error(&r, "app.mode", "failed", "device busy"),
         "device busy"
@@ -974,7 +976,7 @@ fn a_document_interrupted_by_kill_9_is_finished_failed_after_restart_never_run_t
     );
 
     env.agent.restart();
-    let r = env.result(1, "rejected");
+    let r = env.result(1, "failed");
     let err = key_error(&r, "slow", "failed", "restart");
     assert!(err.contains("interrupted"), "{err}");
     assert_eq!(runs(&counter), ["run"], "the handler is not run again");
@@ -1179,13 +1181,15 @@ fn history_lists_values_with_origins_and_rollback_applies_an_earlier_one_again()
     assert!(stderr(&out).contains("nothing.here"), "{}", stderr(&out));
     assert_eq!(env.desired(), json!({"x": 1}));
     assert_eq!(history(None).len(), 3);
+    // No history is "not found", as `get` of a key without value: exit 1 (issue 15).
     let out = env.agent.cli(&["history", "nothing.here"]);
-    assert_exit(&out, 0);
+    assert_exit(&out, 1);
     assert!(
-        stdout(&out).contains("no desired values recorded"),
+        stderr(&out).contains("no desired values recorded for key nothing.here"),
         "{}",
-        stdout(&out)
+        stderr(&out)
     );
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
 
     // desired.history = 3: older values are forgotten, and cannot be rolled back to.
     for v in [3, 4, 5] {
@@ -1237,7 +1241,8 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
     env.result(1, "applied");
     let before = env.desired();
 
-    // Whole documents refused: a "rejected" result each, in the document's encoding.
+    // Whole documents refused: a "rejected" result each, in the document's encoding; text
+    // that is not a JSON document (`[1, 2]`, `hello`) is answered in JSON (issue 15).
     let oversize = json!({"version": 2, "state": {"big": "y".repeat(2000)}}).to_string();
     let bad: Vec<(Vec<u8>, &str, Value)> = vec![
         (b"\xff\x00garbage".to_vec(), "invalid CBOR", Value::Null),
@@ -1274,6 +1279,7 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
             json!(70),
         ),
         (br#"[1, 2]"#.to_vec(), "invalid CBOR", Value::Null),
+        (b"hello".to_vec(), "starts with '{'", Value::Null),
         (
             oversize.into_bytes(),
             "larger than desired.max_document_bytes",
@@ -1308,11 +1314,11 @@ fn bad_documents_change_nothing_and_never_stop_the_agent() {
         );
         assert_eq!(&r["version"], version, "document {i}: {r}");
         assert_eq!(r["keys"], json!({}), "document {i}: {r}");
-        let json_doc = payload.first() == Some(&b'{');
+        let text = !payload.is_empty() && std::str::from_utf8(payload).is_ok();
         assert_eq!(
             msg.payload.first() == Some(&b'{'),
-            json_doc,
-            "document {i}: answered in its encoding"
+            text,
+            "document {i}: text is answered in JSON, binary in CBOR"
         );
     }
     assert_eq!(env.desired(), before);

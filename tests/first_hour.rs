@@ -4,13 +4,14 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use common::cloud::{DEADLINE, pki, tls_options};
 use common::rig::broker_and_cloud;
 use common::{
     Agent, AgentOptions, CLI_DEADLINE, assert_exit, bin_command, report_req, run_with_timeout,
-    stdout, wait_until,
+    stderr, stdout, wait_until,
 };
 use edgesync_testkit::FaultProxy;
 use serde_json::{Value, json};
@@ -213,4 +214,245 @@ fn status_labels_counters_by_scope() {
         "{text}"
     );
     assert!(!text.contains("invalid 1"), "one word per meaning: {text}");
+}
+
+/// `check-config` with the store and the socket in other directories than the agent's.
+fn check_dirs(store: &str, socket: &str) -> std::process::Output {
+    let agent = Agent::prepare(AgentOptions::default());
+    let text = std::fs::read_to_string(&agent.config_path)
+        .unwrap()
+        .replace("\"store/edgesync.redb\"", &format!("{store:?}"))
+        .replace(
+            &format!("{:?}", agent.socket.display().to_string()),
+            &format!("{socket:?}"),
+        );
+    let config = agent.write_file("dirs.toml", text);
+    agent.cli_at(&config, &["check-config"])
+}
+
+#[test]
+fn check_config_says_how_to_make_the_store_and_socket_directories() {
+    let tmp = tempfile::Builder::new()
+        .prefix("esdir")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let t = tmp.path().display().to_string();
+
+    // Missing directories this user can create: the agent makes them; nothing is made now.
+    let out = check_dirs(
+        &format!("{t}/new/store/s.redb"),
+        &format!("{t}/run/x/s.sock"),
+    );
+    assert_exit(&out, 0);
+    assert!(!tmp.path().join("new").exists() && !tmp.path().join("run").exists());
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "probe left behind"
+    );
+
+    // A regular file where a directory must be: the message names it (any user).
+    std::fs::write(tmp.path().join("file"), "").unwrap();
+    let out = check_dirs(
+        &format!("{t}/file/store/s.redb"),
+        &format!("{t}/file/s.sock"),
+    );
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("store.path: \"{t}/file\" is not a directory")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("local.socket: \"{t}/file\" is not a directory")),
+        "{err}"
+    );
+
+    // A directory nobody may create (/proc refuses even root): exit 2 with the command to run.
+    let out = check_dirs("/proc/edgesync-none/s.redb", "/proc/edgesync-none/s.sock");
+    assert_exit(&out, 2);
+    let err = stderr(&out);
+    for key in ["store.path", "local.socket"] {
+        assert!(
+            err.contains(&format!(
+                "{key}: directory \"/proc/edgesync-none\" does not exist and this user cannot \
+                 create it"
+            )) && err.contains(
+                "create it: sudo install -d -o edgesync -g edgesync -m 0750 /proc/edgesync-none"
+            ),
+            "{err}"
+        );
+    }
+
+    // An existing directory this user cannot write: only meaningful without root, which
+    // writes anything (the probe tells which one runs this test).
+    let ro = tmp.path().join("ro");
+    std::fs::create_dir(&ro).unwrap();
+    std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let root = std::fs::write(ro.join("probe"), "").is_ok();
+    let out = check_dirs(&format!("{t}/ro/s.redb"), &format!("{t}/ro/s.sock"));
+    if root {
+        assert_exit(&out, 0);
+        eprintln!("running as root: the unwritable-directory case is checked only as non-root");
+    } else {
+        assert_exit(&out, 2);
+        assert!(
+            stderr(&out).contains(&format!(
+                "store.path: directory \"{t}/ro\" is not writable by this user"
+            )) && stderr(&out).contains(&format!("sudo chown edgesync:edgesync {t}/ro")),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+/// The manual install (README "Use it": packaging/install.sh) lays out what
+/// systemd/edgesync.service expects.
+#[test]
+fn install_script_matches_the_systemd_unit() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let unit = std::fs::read_to_string(format!("{repo}/systemd/edgesync.service")).unwrap();
+    for line in [
+        "ExecStart=/usr/bin/edgesync run --config /etc/edgesync/edgesync.toml",
+        "User=edgesync",
+        "Group=edgesync",
+        "StateDirectory=edgesync",
+        "RuntimeDirectory=edgesync",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "the unit lacks {line}");
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(format!("{repo}/packaging/install.sh"));
+    cmd.arg(common::BIN).env("DESTDIR", root.path());
+    let out = run_with_timeout(cmd, None, CLI_DEADLINE);
+    assert_exit(&out, 0);
+    let mode = |p: &str| {
+        std::fs::metadata(root.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("usr/bin/edgesync"), 0o755);
+    assert_eq!(mode("var/lib/edgesync"), 0o750);
+    assert_eq!(mode("etc/edgesync/edgesync.toml"), 0o640);
+    let installed =
+        std::fs::read_to_string(root.path().join("etc/systemd/system/edgesync.service")).unwrap();
+    assert_eq!(installed, unit);
+    // The installed config names the unit's directories.
+    let config = std::fs::read_to_string(root.path().join("etc/edgesync/edgesync.toml")).unwrap();
+    assert!(config.contains("path = \"/var/lib/edgesync/edgesync.redb\""));
+    assert!(config.contains("socket = \"/run/edgesync/edgesync.sock\""));
+}
+
+/// The command names of the real binary's `help` (its Commands section).
+fn help_commands() -> Vec<String> {
+    let out = bare(&["help"]);
+    assert_exit(&out, 0);
+    stdout(&out)
+        .lines()
+        .skip_while(|l| *l != "Commands:")
+        .skip(1)
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+#[test]
+fn the_man_page_and_the_completions_know_every_command() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let man = read("packaging/deb/edgesync.1");
+    let bash = read("packaging/completions/edgesync.bash");
+    let zsh = read("packaging/completions/_edgesync");
+    let fish = read("packaging/completions/edgesync.fish");
+    let commands = help_commands();
+    assert!(commands.len() >= 9, "{commands:?}");
+    for c in &commands {
+        let roff = c.replace('-', "\\-");
+        assert!(man.contains(&format!(".SS \"{roff}\"")), "man page: {c}");
+        assert!(bash.contains(&format!(" {c}) words=")), "bash: {c}");
+        assert!(zsh.contains(&format!("'{c}:")), "zsh: {c}");
+        assert!(fish.contains(&format!(" -a {c} -d")), "fish: {c}");
+        // Every option of the command's help, too.
+        let help = stdout(&bare(&["help", c]));
+        for word in help.split(|ch: char| ch.is_whitespace() || "[]<>|".contains(ch)) {
+            if let Some(long) = word.strip_prefix("--").filter(|w| !w.is_empty()) {
+                assert!(man.contains(&format!("\\-\\-{long}")), "man: {c} --{long}");
+                assert!(fish.contains(&format!("-l {long}")), "fish: {c} --{long}");
+            }
+        }
+    }
+    // The help says how the files are made.
+    assert!(man.contains("do not edit"));
+}
+
+#[test]
+fn queue_help_is_aligned() {
+    let out = bare(&["queue", "--help"]);
+    assert_exit(&out, 0);
+    let columns: std::collections::BTreeSet<usize> = stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| {
+            let text = l.trim_start();
+            let gap = text.find("  ").unwrap();
+            l.len() - text.len() + gap + (text[gap..].len() - text[gap..].trim_start().len())
+        })
+        .collect();
+    assert_eq!(columns.len(), 1, "{}", stdout(&out));
+}
+
+#[test]
+fn report_prints_its_seqs_and_not_found_and_empty_results_say_so() {
+    let agent = Agent::start(AgentOptions::default());
+    // `report` says what it queued, with the seqs the daemon answered; -q says nothing.
+    let out = agent.cli(&["report", "a=1", "b=2", "c=3"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 3 changes: seq 1-3\n");
+    let out = agent.cli(&["report", "a=4"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 1 change: seq 4\n");
+    for quiet in ["-q", "--quiet"] {
+        let out = agent.cli(&["report", quiet, "a=5"]);
+        assert_exit(&out, 0);
+        assert_eq!(stdout(&out), "", "{quiet}");
+    }
+    let input = b"{\"key\":\"s\",\"value\":1}\n{\"key\":\"s\",\"value\":2}\n".to_vec();
+    let out = agent.cli_stdin(&["report", "--stdin"], input, CLI_DEADLINE);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queued 2 changes: seq 7-8\n");
+
+    // Not found is exit 1 with a message on stderr, for `get` and `history` alike.
+    let out = agent.cli(&["get", "reported", "nokey"]);
+    assert_exit(&out, 1);
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(
+        common::stderr(&out).contains("no reported value for key nokey"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = agent.cli(&["history", "nokey"]);
+    assert_exit(&out, 1);
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(
+        common::stderr(&out).contains("no desired values recorded for key nokey"),
+        "{}",
+        common::stderr(&out)
+    );
+    let out = agent.cli(&["history", "nokey", "--json"]);
+    assert_exit(&out, 1);
+    assert_eq!(stdout(&out).trim(), "[]");
+    // An empty document is an empty object, not a failure.
+    let out = agent.cli(&["get", "desired"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out).trim(), "{}");
+
+    // An empty peek says so (NDJSON stays empty).
+    let out = agent.cli(&["queue", "peek", "--from", "100"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queue empty (from seq 100)\n");
+    let out = agent.cli(&["queue", "peek", "--from", "100", "--json"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "");
 }

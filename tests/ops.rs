@@ -498,7 +498,11 @@ fn queue_commands_without_daemon_or_store_fail_clearly() {
     let out = agent.cli(&["queue", "export", file.to_str().unwrap()]);
     assert_exit(&out, 0);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+    // An empty peek says so (issue 15); as NDJSON it is no line at all.
     let out = agent.cli(&["queue", "peek"]);
+    assert_exit(&out, 0);
+    assert_eq!(stdout(&out), "queue empty (from seq 0)\n");
+    let out = agent.cli(&["queue", "peek", "--json"]);
     assert_exit(&out, 0);
     assert_eq!(stdout(&out), "");
     // A file that cannot be written: exit 1, nothing left behind.

@@ -249,3 +249,151 @@ fn the_reload_command_reloads_too() {
             .contains("log.level")
     );
 }
+
+/// A plain TCP relay to the broker that reads the client id of every MQTT CONNECT it
+/// passes on, and can cut every connection (to force a reconnect).
+struct ConnectTap {
+    port: u16,
+    client_ids: Arc<std::sync::Mutex<Vec<String>>>,
+    open: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl ConnectTap {
+    fn start(upstream: std::net::SocketAddr) -> ConnectTap {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let client_ids = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (ids, conns) = (Arc::clone(&client_ids), Arc::clone(&open));
+        thread::spawn(move || {
+            for mut client in listener.incoming().flatten() {
+                let Some((packet, id)) = read_connect(&mut client) else {
+                    continue;
+                };
+                let Ok(mut server) = std::net::TcpStream::connect(upstream) else {
+                    continue;
+                };
+                ids.lock().unwrap().push(id);
+                if std::io::Write::write_all(&mut server, &packet).is_err() {
+                    continue;
+                }
+                conns.lock().unwrap().push(client.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        ConnectTap {
+            port,
+            client_ids,
+            open,
+        }
+    }
+
+    fn client_ids(&self) -> Vec<String> {
+        self.client_ids.lock().unwrap().clone()
+    }
+
+    fn cut(&self) {
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Reads an MQTT 3.1.1 CONNECT packet: its bytes and its client id.
+fn read_connect(s: &mut std::net::TcpStream) -> Option<(Vec<u8>, String)> {
+    use std::io::Read;
+    let mut packet = vec![0u8; 1];
+    s.read_exact(&mut packet).ok()?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).ok()?;
+        packet.push(b[0]);
+        len |= usize::from(b[0] & 0x7f) << shift;
+        shift += 7;
+        if b[0] & 0x80 == 0 || shift > 21 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    packet.extend_from_slice(&body);
+    // Protocol name (2 + 4), level, flags, keep-alive (2): the client id follows.
+    let at = 10;
+    let n = usize::from(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+    let id = String::from_utf8(body.get(at + 2..at + 2 + n)?.to_vec()).ok()?;
+    Some((packet, id))
+}
+
+// Issue 15: after a reload with a new device.id the client id followed the new id at once
+// (a reconnect right away), while the topics kept the old one until the restart.
+#[test]
+fn a_new_device_id_changes_client_id_and_topics_together_at_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "reload-id");
+    let broker = RumqttdBroker::start(
+        &pki,
+        RumqttdOptions {
+            plain_tcp: true,
+            ..RumqttdOptions::default()
+        },
+    )
+    .unwrap();
+    let cloud = Cloud::start(&pki, broker.tls_port, "edgesync/+/status", false);
+    let tap = ConnectTap::start(broker.tcp_addr().unwrap());
+    let online_on = |device: &str| {
+        cloud
+            .messages()
+            .iter()
+            .filter(|m| m.topic == format!("edgesync/{device}/status"))
+            .filter(|m| common::cloud::decode(&m.payload)["state"] == "online")
+            .count()
+    };
+    let mut agent = Agent::start(common::AgentOptions {
+        device_id: "reload-id".into(),
+        mqtt_url: format!("mqtt://127.0.0.1:{}", tap.port),
+        mqtt_extra: "allow_plaintext = true\nkeep_alive = \"5s\"\n\
+                     reconnect_initial = \"100ms\"\nreconnect_max = \"500ms\"\n"
+            .into(),
+        ..common::AgentOptions::default()
+    });
+    wait("online", DEADLINE, || online_on("reload-id") == 1);
+    assert_eq!(tap.client_ids(), ["reload-id"]);
+
+    let base = std::fs::read_to_string(&agent.config_path).unwrap();
+    let renamed = base.replace("id = \"reload-id\"", "id = \"reload-id-2\"");
+    assert_ne!(renamed, base);
+    reload_with(&agent, &renamed, "");
+    wait("reload recorded", DEADLINE, || {
+        agent.status()["reload"]["needs_restart"] == json!(["device.id"])
+    });
+    // A reconnect after the reload: the old client id, the old topics.
+    let reconnects = agent.status()["counters"]["reconnects"].as_u64().unwrap();
+    tap.cut();
+    wait("reconnected", DEADLINE, || {
+        agent.status()["counters"]["reconnects"].as_u64().unwrap() > reconnects && online(&agent)
+    });
+    wait("online again on the old topic", DEADLINE, || {
+        online_on("reload-id") == 2
+    });
+    let ids = tap.client_ids();
+    assert!(ids.iter().all(|id| id == "reload-id"), "{ids:?}");
+    assert_eq!(online_on("reload-id-2"), 0);
+
+    // The restart applies both.
+    agent.stop();
+    agent.restart();
+    wait("online on the new topic", DEADLINE, || {
+        online_on("reload-id-2") == 1
+    });
+    assert_eq!(tap.client_ids().last().unwrap(), "reload-id-2");
+    assert_eq!(agent.status()["agent"]["device"], "reload-id-2");
+}

@@ -350,7 +350,7 @@ fn pings_stop_when_the_link_is_stuck() {
 }
 
 /// Runs `edgesync run` on a pseudo-terminal (script(1)) for 3 s; returns what it printed.
-fn run_on_a_terminal(journal: bool) -> Option<String> {
+fn run_on_a_terminal() -> Option<String> {
     let agent = Agent::prepare(AgentOptions::default());
     let out = agent.dir().join("tty.out");
     let inner = format!(
@@ -364,14 +364,10 @@ fn run_on_a_terminal(journal: bool) -> Option<String> {
         .env_remove("EDGESYNC_LOG")
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
+        .env_remove("JOURNAL_STREAM")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    if journal {
-        cmd.env("JOURNAL_STREAM", "8:123456");
-    } else {
-        cmd.env_remove("JOURNAL_STREAM");
-    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -382,6 +378,40 @@ fn run_on_a_terminal(journal: bool) -> Option<String> {
     let status = wait_timeout(&mut child, Duration::from_secs(20)).expect("script finished");
     assert!(status.success(), "edgesync under script(1): {status}");
     Some(std::fs::read_to_string(&out).unwrap().replace('\r', ""))
+}
+
+/// Runs `edgesync run` for 3 s with stderr on a file, as journald's stream socket would be
+/// (`JOURNAL_STREAM` = the file's `DEVICE:INODE`, or another stream's when `inherited`).
+fn run_with_journal_stream(inherited: bool) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let agent = Agent::prepare(AgentOptions::default());
+    let path = agent.dir().join("stderr.out");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let ino = meta.ino() + u64::from(inherited);
+    let mut child = Command::new("timeout")
+        .args([
+            "--preserve-status",
+            "-s",
+            "TERM",
+            "3",
+            BIN,
+            "run",
+            "--config",
+        ])
+        .arg(&agent.config_path)
+        .env_remove("EDGESYNC_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env("JOURNAL_STREAM", format!("{}:{ino}", meta.dev()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut child, Duration::from_secs(20)).expect("agent finished");
+    assert!(status.success(), "edgesync run: {status}");
+    std::fs::read_to_string(&path).unwrap()
 }
 
 /// Removes SGR sequences (`ESC [ ... m`).
@@ -416,19 +446,12 @@ fn has_timestamps(log: &str) -> bool {
 }
 
 #[test]
-fn journal_stream_logs_have_no_timestamps_or_colours() {
-    let on_tty = thread::spawn(|| run_on_a_terminal(false));
-    let journal = run_on_a_terminal(true);
-    let (Some(tty), Some(journal)) = (on_tty.join().unwrap(), journal) else {
-        return;
-    };
-    // On a terminal without JOURNAL_STREAM: timestamped (so the check below looks at the
-    // right thing); plain text (the "ansi" feature is left out for the size budget).
-    assert!(tty.contains("serving device"), "{tty}");
-    assert!(!tty.contains("\x1b["), "colours on a terminal: {tty:?}");
-    assert!(has_timestamps(&tty), "no timestamps on a terminal: {tty:?}");
-    // Under systemd (JOURNAL_STREAM set), even on a terminal: plain lines, the journal adds
-    // time and priority.
+fn journal_stream_logs_have_priorities_and_no_timestamps_or_colours() {
+    let on_tty = thread::spawn(run_on_a_terminal);
+    let inherited = thread::spawn(|| run_with_journal_stream(true));
+    let journal = run_with_journal_stream(false);
+    // Under systemd (JOURNAL_STREAM names stderr): `<N>` syslog priorities, which journald
+    // strips and keeps (`journalctl -p`), no time (the journal adds it), no colours.
     assert!(journal.contains("serving device"), "{journal}");
     assert!(
         !journal.contains('\x1b'),
@@ -439,11 +462,29 @@ fn journal_stream_logs_have_no_timestamps_or_colours() {
         "timestamps under journald: {journal:?}"
     );
     assert!(
-        journal
-            .lines()
-            .any(|l| l.trim_start().starts_with("INFO edgesync ")),
+        journal.lines().any(|l| l.starts_with("<6>INFO edgesync ")),
         "{journal}"
     );
+    assert!(
+        journal.lines().all(|l| l.len() > 3
+            && l.starts_with('<')
+            && matches!(l.as_bytes()[1], b'3'..=b'7')
+            && l.as_bytes()[2] == b'>'),
+        "a line without a priority: {journal}"
+    );
+    // JOURNAL_STREAM inherited from a service but stderr elsewhere: ordinary lines.
+    let inherited = inherited.join().unwrap();
+    assert!(inherited.contains("serving device"), "{inherited}");
+    assert!(!inherited.contains("<6>"), "{inherited}");
+    assert!(has_timestamps(&inherited), "{inherited}");
+    // On a terminal without JOURNAL_STREAM: timestamped, plain text (the "ansi" feature is
+    // left out for the size budget).
+    if let Some(tty) = on_tty.join().unwrap() {
+        assert!(tty.contains("serving device"), "{tty}");
+        assert!(!tty.contains("\x1b["), "colours on a terminal: {tty:?}");
+        assert!(!tty.contains("<6>"), "{tty}");
+        assert!(has_timestamps(&tty), "no timestamps on a terminal: {tty:?}");
+    }
 }
 
 // --- The hardened unit, run by systemd ---------------------------------------------------
@@ -935,4 +976,31 @@ path = "{STATE}/desired/{{key}}.json"
     }
     drop(um);
     drop(cloud);
+}
+
+/// A command's failure printed outside the logger (here: a config that cannot be read) is
+/// an error (`<3>`) in the journal too, each line of it.
+#[test]
+fn failures_outside_the_logger_are_errors_in_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[device]\nid = 5\n[mqtt]\nurl = 1\n").unwrap();
+    let path = dir.path().join("stderr.out");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let status = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    let err = std::fs::read_to_string(&path).unwrap();
+    assert!(err.lines().count() >= 2, "{err}");
+    assert!(err.lines().all(|l| l.starts_with("<3>")), "{err}");
+    assert!(err.contains("problem(s) in"), "{err}");
 }

@@ -433,6 +433,111 @@ impl Config {
     }
 }
 
+/// The directories the unit makes itself (`StateDirectory=`, `RuntimeDirectory=` of
+/// systemd/edgesync.service): missing there is a note, not a problem.
+const UNIT_DIRS: [&str; 2] = ["/var/lib/edgesync", "/run/edgesync"];
+
+impl Config {
+    /// `check-config` only (docs/PROTOCOL.md §2): can the user running it create or write the
+    /// store's and the socket's directories, and write an existing store file? Tried for
+    /// real (a probe file, removed at once), so root, modes, ACLs and read-only mounts all
+    /// count as they will for the agent. `Ok` holds notes.
+    pub fn check_dirs(&self) -> Result<Vec<String>, ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut notes = Vec::new();
+        let store = &self.store.path;
+        for (key, file) in [("store.path", store), ("local.socket", &self.local.socket)] {
+            let dir = match file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let Some((missing, message)) = dir_problem(dir) else {
+                continue;
+            };
+            if missing && UNIT_DIRS.iter().any(|u| dir == Path::new(u)) {
+                notes.push(format!(
+                    "{key}: note: {message} (not needed under systemd: edgesync.service makes it)"
+                ));
+            } else {
+                problems.push(Problem {
+                    key: key.into(),
+                    message,
+                });
+            }
+        }
+        if let Err(e) = std::fs::OpenOptions::new().write(true).open(store)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            let f = store.display();
+            let message = format!(
+                "cannot write \"{f}\" as this user ({e}); give it to the agent's user: sudo \
+                 chown edgesync:edgesync {f}"
+            );
+            problems.push(Problem {
+                key: "store.path".into(),
+                message,
+            });
+        }
+        if problems.is_empty() {
+            Ok(notes)
+        } else {
+            Err(ConfigErrors {
+                file: self.source.clone(),
+                problems,
+            })
+        }
+    }
+}
+
+/// Why this user cannot use `dir` (`true`: it is missing), `None` when it can.
+fn dir_problem(dir: &Path) -> Option<(bool, String)> {
+    use std::io::ErrorKind;
+    // The nearest existing part of the path: the agent creates the rest.
+    let mut base = dir;
+    loop {
+        match std::fs::metadata(base) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                let msg = format!("\"{}\" is not a directory", base.display());
+                return Some((false, msg));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::NotADirectory) => {
+                base = base.parent().filter(|p| !p.as_os_str().is_empty())?;
+            }
+            Err(e) => return Some((false, format!("cannot reach \"{}\": {e}", base.display()))),
+        }
+    }
+    let probe = base.join(format!(".edgesync-check.{}", std::process::id()));
+    let err = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let removed = std::fs::remove_file(&probe);
+            return removed
+                .err()
+                .map(|e| (false, format!("{}: {e}", probe.display())));
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return None,
+        Err(e) => e,
+    };
+    let d = dir.display();
+    Some(if base == dir {
+        let msg = format!(
+            "directory \"{d}\" is not writable by this user ({err}); give it to the agent's \
+             user: sudo chown edgesync:edgesync {d}"
+        );
+        (false, msg)
+    } else {
+        let msg = format!(
+            "directory \"{d}\" does not exist and this user cannot create it ({err}); create \
+             it: sudo install -d -o edgesync -g edgesync -m 0750 {d}"
+        );
+        (true, msg)
+    })
+}
+
 /// The config file itself must not be writable by other users: whoever can write it
 /// chooses the broker, the CA and the handler programs the agent runs.
 fn config_file_mode(path: &Path) -> Option<String> {

@@ -210,7 +210,9 @@ impl Controller {
                 tracing::warn!(command = name, id = ?bad.id, "command refused: {}", bad.message);
                 let response =
                     request::error(bad.id.as_deref(), ErrorCode::BadRequest, &bad.message);
-                dstore::queue(&self.svc.outbox, &topic, doc::encode(&response, encoding)).await?;
+                // Text garbage is answered in JSON, which its sender can read.
+                let answer = doc::answer_encoding(payload);
+                dstore::queue(&self.svc.outbox, &topic, doc::encode(&response, answer)).await?;
                 self.results.notify_one();
                 return Ok(());
             }

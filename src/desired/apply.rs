@@ -61,10 +61,51 @@ pub struct Applier {
 /// One key's result in an apply result document.
 #[derive(Debug, Clone, PartialEq)]
 enum KeyStatus {
+    /// Its handler applied it.
     Applied,
+    /// No handler matches the key: only recorded (desired state, history, reported), which
+    /// counts as applied (docs/PROTOCOL.md §5.3).
+    Recorded,
     Rejected(String),
     Conflict,
     Failed(String),
+}
+
+impl KeyStatus {
+    /// The key's entry in the result's `keys`.
+    fn entry(&self) -> Value {
+        match self {
+            KeyStatus::Applied => json!({"status": "applied"}),
+            KeyStatus::Recorded => json!({"status": "applied", "handler": "none"}),
+            KeyStatus::Conflict => json!({"status": "conflict"}),
+            KeyStatus::Rejected(e) => json!({"status": "rejected", "error": e}),
+            KeyStatus::Failed(e) => json!({"status": "failed", "error": e}),
+        }
+    }
+
+    fn applied(&self) -> bool {
+        matches!(self, KeyStatus::Applied | KeyStatus::Recorded)
+    }
+}
+
+/// The document's `status` from its keys' (docs/PROTOCOL.md §5.3): `applied` when every key
+/// applied (or there was none), `partial` when some did, `failed` when every key failed,
+/// else (none applied, some rejected or conflicting) `rejected`.
+fn document_status<'a>(keys: impl IntoIterator<Item = &'a KeyStatus>) -> &'static str {
+    let (mut applied, mut failed, mut other) = (0usize, 0usize, 0usize);
+    for k in keys {
+        match k {
+            k if k.applied() => applied += 1,
+            KeyStatus::Failed(_) => failed += 1,
+            _ => other += 1,
+        }
+    }
+    match (applied, failed, other) {
+        (_, 0, 0) => "applied",
+        (0, _, 0) => "failed",
+        (0, _, _) => "rejected",
+        _ => "partial",
+    }
 }
 
 impl Applier {
@@ -201,36 +242,13 @@ impl Applier {
             dstore::begin(&self.outbox, version).await?;
             self.run_keys(&d).await?
         };
+        let status = document_status(statuses.iter().map(|(_, s, _)| s));
         let mut keys = Map::new();
         let mut updates = Vec::new();
-        let (mut applied, mut other) = (0, 0);
         for (key, status, update) in statuses {
-            let entry = match &status {
-                KeyStatus::Applied => {
-                    applied += 1;
-                    json!({"status": "applied"})
-                }
-                KeyStatus::Conflict => {
-                    other += 1;
-                    json!({"status": "conflict"})
-                }
-                KeyStatus::Rejected(e) => {
-                    other += 1;
-                    json!({"status": "rejected", "error": e})
-                }
-                KeyStatus::Failed(e) => {
-                    other += 1;
-                    json!({"status": "failed", "error": e})
-                }
-            };
-            keys.insert(key, entry);
+            keys.insert(key, status.entry());
             updates.extend(update);
         }
-        let status = match (applied, other) {
-            (_, 0) => "applied",
-            (0, _) => "rejected",
-            _ => "partial",
-        };
         let result = json!({"version": version, "status": status, "keys": keys});
         dstore::finish(
             &self.outbox,
@@ -318,24 +336,29 @@ impl Applier {
             },
         };
         match self.handle(key, &value, version).await {
-            Outcome::Applied(v) => (
-                KeyStatus::Applied,
+            (Outcome::Applied(v), handled) => (
+                if handled {
+                    KeyStatus::Applied
+                } else {
+                    KeyStatus::Recorded
+                },
                 Some(KeyUpdate {
                     key: key.to_owned(),
                     value: v,
                     origin,
                 }),
             ),
-            Outcome::Failed(e) => (KeyStatus::Failed(e), None),
+            (Outcome::Failed(e), _) => (KeyStatus::Failed(e), None),
         }
     }
 
-    /// Runs the key's handler (first match), or only records the value.
-    async fn handle(&self, key: &str, value: &Value, version: u64) -> Outcome {
+    /// Runs the key's handler (first match), or only records the value; `true` when a
+    /// handler ran.
+    async fn handle(&self, key: &str, value: &Value, version: u64) -> (Outcome, bool) {
         let cfg = self.cfg();
         let handler = cfg.handlers.iter().find(|h| h.keys.matches(key));
-        match handler.map(|h| &h.kind) {
-            None => Outcome::Applied(value.clone()),
+        let outcome = match handler.map(|h| &h.kind) {
+            None => return (Outcome::Applied(value.clone()), false),
             Some(HandlerKind::Exec { argv, timeout }) => {
                 handlers::run_exec(argv, *timeout, key, value, version).await
             }
@@ -343,7 +366,8 @@ impl Applier {
             Some(HandlerKind::Watch { deadline }) => {
                 self.watchers.deliver(key, value, version, *deadline).await
             }
-        }
+        };
+        (outcome, true)
     }
 
     /// Applies the value `key` had at `version` again, through the same handler path;
@@ -370,7 +394,7 @@ impl Applier {
             )
             .await;
         match (status, update) {
-            (KeyStatus::Applied, Some(u)) => {
+            (KeyStatus::Applied | KeyStatus::Recorded, Some(u)) => {
                 let applied = u.value.clone();
                 let history_len = self.cfg().history;
                 self.outbox
@@ -383,5 +407,48 @@ impl Applier {
             }
             _ => Err(RollbackError::NotApplied),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue 15: a document whose only key failed was `rejected`; SPEC §7 says `failed`.
+    #[test]
+    fn the_document_status_follows_its_keys() {
+        let ok = KeyStatus::Applied;
+        let rec = KeyStatus::Recorded;
+        let fail = KeyStatus::Failed("exit 1".into());
+        let rej = KeyStatus::Rejected("above the maximum".into());
+        let conflict = KeyStatus::Conflict;
+        for (keys, want) in [
+            (&[][..], "applied"),
+            (&[ok.clone(), rec.clone()][..], "applied"),
+            (&[rec.clone()][..], "applied"),
+            (&[fail.clone()][..], "failed"),
+            (&[fail.clone(), fail.clone()][..], "failed"),
+            (&[ok.clone(), fail.clone()][..], "partial"),
+            (&[rec.clone(), rej.clone()][..], "partial"),
+            (&[rej.clone()][..], "rejected"),
+            (&[conflict.clone()][..], "rejected"),
+            (&[fail.clone(), rej.clone()][..], "rejected"),
+        ] {
+            assert_eq!(document_status(keys), want, "{keys:?}");
+        }
+    }
+
+    // A key without a handler is only recorded: `applied`, marked `"handler": "none"`.
+    #[test]
+    fn a_key_without_a_handler_is_applied_and_says_it_was_only_recorded() {
+        assert_eq!(KeyStatus::Applied.entry(), json!({"status": "applied"}));
+        assert_eq!(
+            KeyStatus::Recorded.entry(),
+            json!({"status": "applied", "handler": "none"})
+        );
+        assert_eq!(
+            KeyStatus::Failed("x".into()).entry(),
+            json!({"status": "failed", "error": "x"})
+        );
     }
 }

@@ -55,6 +55,19 @@ pub fn sniff(payload: &[u8]) -> Encoding {
     }
 }
 
+/// The encoding of the answer to a payload that could not be read: that of [`sniff`], but
+/// JSON also for any other non-empty UTF-8 text (`[1, 2]`, `hello`): its sender writes text,
+/// and a CBOR map is never UTF-8 (its first byte, 0xa0-0xbf, is a continuation byte), so a
+/// readable CBOR document never takes this path (docs/PROTOCOL.md §4).
+pub fn answer_encoding(payload: &[u8]) -> Encoding {
+    match sniff(payload) {
+        Encoding::Cbor if payload.is_empty() || std::str::from_utf8(payload).is_err() => {
+            Encoding::Cbor
+        }
+        _ => Encoding::Json,
+    }
+}
+
 /// Why an incoming payload does not decode ([`parse_tree`]).
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
@@ -98,10 +111,11 @@ pub fn parse_tree(payload: &[u8], encoding: Encoding) -> Result<Cbor, ParseError
 
 pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
     let encoding = sniff(payload);
+    let answer = answer_encoding(payload);
     let fail = |version, reason: String| DocError {
         version,
         reason,
-        encoding,
+        encoding: answer,
     };
     if payload.len() > limits.max_bytes {
         return Err(fail(
@@ -113,7 +127,13 @@ pub fn decode(payload: &[u8], limits: Limits) -> Result<Document, DocError> {
             ),
         ));
     }
-    let tree = parse_tree(payload, encoding).map_err(|e| fail(None, e.to_string()))?;
+    let tree = parse_tree(payload, encoding).map_err(|e| {
+        let mut why = e.to_string();
+        if answer != encoding {
+            why.push_str(" (text is read as JSON only when it starts with '{')");
+        }
+        fail(None, why)
+    })?;
     let Cbor::Map(fields) = tree else {
         return Err(fail(None, "the document is not a map/object".into()));
     };
@@ -428,6 +448,34 @@ mod tests {
         assert_eq!(sniff(b"  \n{"), Encoding::Json);
         assert_eq!(sniff(&[0xa2]), Encoding::Cbor);
         assert_eq!(sniff(b""), Encoding::Cbor);
+    }
+
+    // Issue 15: garbage that looks like text was answered in CBOR, which its sender (writing
+    // text) cannot read.
+    #[test]
+    fn unreadable_text_is_answered_in_json_and_binary_in_cbor() {
+        for (payload, want) in [
+            (&b"{nope"[..], Encoding::Json),
+            (b" [1, 2]", Encoding::Json),
+            (b"hello", Encoding::Json),
+            (b"42", Encoding::Json),
+            ("café".as_bytes(), Encoding::Json),
+            (b"", Encoding::Cbor),
+            (b"\xff\x00garbage", Encoding::Cbor),
+            (&[0xa1, 0x61, b'x'], Encoding::Cbor),
+        ] {
+            assert_eq!(answer_encoding(payload), want, "{payload:?}");
+            let e = decode(payload, L).unwrap_err();
+            assert_eq!(e.encoding, want, "{payload:?}: {e}");
+        }
+        let e = decode(b"[1, 2]", L).unwrap_err();
+        assert!(e.reason.contains("starts with '{'"), "{e}");
+        // A readable CBOR document with a bad field is still answered in CBOR.
+        let doc = cbor(&Cbor::Map(vec![(
+            Cbor::Text("version".into()),
+            Cbor::Text("7".into()),
+        )]));
+        assert_eq!(decode(&doc, L).unwrap_err().encoding, Encoding::Cbor);
     }
 
     // Regression (fuzzing, issue 7): messages quoted whole names from the payload, so a

@@ -68,7 +68,9 @@ pub fn install_hook() {
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()));
-        eprintln!("{}", describe(&message, location, current()));
+        // Priority 2 (critical) in the journal.
+        let line = describe(&message, location, current());
+        eprintln!("{}", crate::sys::log::for_stderr(2, &line));
     }));
 }
 

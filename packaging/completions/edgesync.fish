@@ -1,0 +1,28 @@
+# fish completion for edgesync; generated from `edgesync help` by `EDGESYNC_BLESS=1 cargo test --bin edgesync generated` (src/cli/docs.rs); do not edit.
+
+complete -c edgesync -f
+complete -c edgesync -s c -l config -r -F -d 'Config file (default: $EDGESYNC_CONFIG, else /etc/edgesync/edgesync.toml)'
+complete -c edgesync -s h -l help -d 'Print help (COMMAND --help for a command\'s)'
+complete -c edgesync -s V -l version -d 'Print version'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a run -d 'Run the agent (the daemon)'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a report -d 'Report changes to the running agent: KEY=VALUE (VALUE is JSON, else a string)'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a status -d 'Show connection, queue and counters'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a get -d 'Show the desired or the last reported state, or one key of it'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a history -d 'Show a key\'s recent desired values (version, time, origin), newest first'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a rollback -d 'Apply a key\'s value of an earlier desired version again (through its handler)'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a check-config -d 'Validate the config file and the certificates it names'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a queue -d 'Inspect the queue of changes not yet acknowledged by the broker'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a reconnect -d 'Retry the broker now instead of waiting for the next try'
+complete -c edgesync -n 'not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect help' -a help -d 'Show this help, or a command\'s: help COMMAND'
+complete -c edgesync -n '__fish_seen_subcommand_from report' -l stdin -d 'Read NDJSON changes {"key":..,"value":..} from standard input, one a line'
+complete -c edgesync -n '__fish_seen_subcommand_from report' -s q -l quiet -d 'Print nothing on success'
+complete -c edgesync -n '__fish_seen_subcommand_from status' -l json -d 'Print the status document as JSON'
+complete -c edgesync -n '__fish_seen_subcommand_from get && not __fish_seen_subcommand_from desired reported' -a 'desired reported'
+complete -c edgesync -n '__fish_seen_subcommand_from history' -l limit -x -d 'Most entries to show'
+complete -c edgesync -n '__fish_seen_subcommand_from history' -l json -d 'Print JSON'
+complete -c edgesync -n '__fish_seen_subcommand_from queue' -l json -d 'stats: print JSON; peek: print NDJSON'
+complete -c edgesync -n '__fish_seen_subcommand_from queue' -l from -x -d 'peek: start at this seq (default 0)'
+complete -c edgesync -n '__fish_seen_subcommand_from queue' -l limit -x -d 'peek: most changes to show (default 20)'
+complete -c edgesync -n '__fish_seen_subcommand_from queue && not __fish_seen_subcommand_from stats peek export' -a 'stats peek export'
+complete -c edgesync -n '__fish_seen_subcommand_from help && not __fish_seen_subcommand_from run report status get history rollback check-config queue reconnect' -a 'run report status get history rollback check-config queue reconnect'
+complete -c edgesync -n '__fish_seen_subcommand_from export' -F
