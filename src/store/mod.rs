@@ -95,6 +95,7 @@
 pub mod record;
 
 pub mod desired;
+pub mod journal;
 pub mod tables;
 
 use std::collections::HashMap;
@@ -147,6 +148,16 @@ const TAIL_MAX: usize = 1024;
 /// Requests that may wait for the writer before submitters are made to wait.
 const CHANNEL_DEPTH: usize = 4096;
 /// First and longest wait before the writer reopens the store after an I/O error.
+/// A commit of at least this many changes is a checkpoint (a durable redb commit): its
+/// fixed cost is spread over them, and it would make a large journal record.
+pub const JOURNAL_MAX_CHANGES: usize = 256;
+/// Acknowledged changes whose journal record may stay unsynced; more are synced at once.
+/// Bounds what a crash can send again (module docs, "Journal").
+pub const ACK_SYNC: u64 = 1024;
+/// A checkpoint at least this often while the journal holds records.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// A checkpoint after this many journal records.
+const JOURNAL_RECORDS_MAX: u64 = 4096;
 const REOPEN_MIN: Duration = Duration::from_millis(50);
 const REOPEN_MAX: Duration = Duration::from_secs(2);
 
@@ -369,6 +380,8 @@ enum Op {
     Heartbeat {
         reply: oneshot::Sender<()>,
     },
+    /// A checkpoint if the journal holds records (sent by the store's timer).
+    Checkpoint,
     Shutdown,
 }
 
@@ -504,14 +517,33 @@ impl Outbox {
     pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
         prepare_path(opts)?;
         let floor = seq_floor_for(&opts.path);
+        let journal_path = journal_path(&opts.path);
+        // A new store: a journal left beside an earlier one is not its journal.
+        if std::fs::metadata(&opts.path).map_or(true, |m| m.len() == 0) {
+            let _ = std::fs::remove_file(&journal_path);
+        }
         create_private(&opts.path)?;
         let path = opts.path.clone();
         let opener: Opener = Arc::new(move |b: &redb::Builder| b.create(&path));
-        match Self::open_with_floor(opts, Arc::clone(&opener), floor) {
+        let journal = || -> Option<Box<dyn StorageBackend>> {
+            match journal::JournalFile::open(&journal_path) {
+                Ok(f) => Some(Box::new(f)),
+                Err(e) => {
+                    tracing::warn!(
+                        path = %journal_path.display(),
+                        "cannot open the store journal ({e}): every commit is a durable \
+                         store commit (more writes to flash)"
+                    );
+                    None
+                }
+            }
+        };
+        match Self::open_with_floor(opts, Arc::clone(&opener), floor, journal()) {
             Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
                 // It never held a commit, so it never handed out a seq: no floor needed.
+                let _ = std::fs::remove_file(&journal_path);
                 create_private(&opts.path)?;
-                Self::open_with_floor(opts, opener, floor)
+                Self::open_with_floor(opts, opener, floor, journal())
             }
             r => r,
         }
@@ -525,14 +557,27 @@ impl Outbox {
         backend: B,
         opts: &StoreOptions,
     ) -> Result<Outbox, StoreError> {
-        Self::open_with(
+        Self::open_with_floor(
             opts,
             Arc::new(move |b: &redb::Builder| b.create_with_backend(backend.clone())),
+            None,
+            None,
         )
     }
 
-    fn open_with(opts: &StoreOptions, opener: Opener) -> Result<Outbox, StoreError> {
-        Self::open_with_floor(opts, opener, None)
+    /// [`Self::open_with_backend`] with the journal on a backend of its own (every commit
+    /// is durable without one).
+    pub fn open_with_backends<B: StorageBackend + Clone, J: StorageBackend>(
+        backend: B,
+        journal: J,
+        opts: &StoreOptions,
+    ) -> Result<Outbox, StoreError> {
+        Self::open_with_floor(
+            opts,
+            Arc::new(move |b: &redb::Builder| b.create_with_backend(backend.clone())),
+            None,
+            Some(Box::new(journal)),
+        )
     }
 
     /// `floor`: where a new store's seqs start, if not at 1 (see [`seq_floor_for`]).
@@ -540,6 +585,7 @@ impl Outbox {
         opts: &StoreOptions,
         opener: Opener,
         floor: Option<u64>,
+        journal: Option<Box<dyn StorageBackend>>,
     ) -> Result<Outbox, StoreError> {
         let path = opts.path.clone();
         let db = open_db(opts, &opener)?;
@@ -563,7 +609,8 @@ impl Outbox {
             writer: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let writer = Writer {
+        let (timer_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let mut writer = Writer {
             shared: Arc::clone(&shared),
             durable_reserved: meta.seq_reserved,
             tail_buf: Vec::new(),
@@ -577,12 +624,33 @@ impl Outbox {
             opener,
             broken: None,
             pending_rows: HashMap::new(),
+            journal: None,
+            last_checkpoint: Instant::now(),
+            replaying: false,
+            _timer_stop: timer_stop,
         };
+        if let Some(backend) = journal {
+            let opened = journal::Journal::open(backend, meta.wal_epoch);
+            let (j, records) = opened.map_err(|e| StoreError::Open {
+                path: journal_path(&opts.path),
+                detail: format!("cannot read the store journal: {e}"),
+            })?;
+            writer.journal = Some(j);
+            writer
+                .replay(records)
+                .map_err(|e| classify_open_error(&opts.path, e))?;
+            *lock(&shared.stats) = writer.meta.stats(opts.max_bytes);
+            shared.appended.send_replace(writer.meta.next_seq);
+        }
+        let writer_has_journal = writer.journal.is_some();
         let handle = std::thread::Builder::new()
             .name("edgesync-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?;
         *lock(&shared.writer) = Some(handle);
+        if writer_has_journal {
+            spawn_checkpoint_timer(tx.downgrade(), stopped);
+        }
         Ok(Outbox { shared, tx })
     }
 
@@ -856,6 +924,33 @@ fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<
     }
 }
 
+/// The journal beside the store file: `PATH.journal`.
+pub fn journal_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".journal");
+    PathBuf::from(p)
+}
+
+/// Asks the writer for a checkpoint every [`CHECKPOINT_EVERY`] (it skips it with nothing
+/// journaled), so an idle store does not keep records in its journal; ends with the writer.
+fn spawn_checkpoint_timer(tx: mpsc::WeakSender<Op>, stopped: std::sync::mpsc::Receiver<()>) {
+    let _ = std::thread::Builder::new()
+        .name("edgesync-store-timer".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                match tx.upgrade() {
+                    Some(tx) => {
+                        // Full: the writer is busy, and busy commits check the age themselves.
+                        let _ = tx.try_send(Op::Checkpoint);
+                    }
+                    None => break,
+                }
+            }
+        });
+}
+
 fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
     let path = &opts.path;
     if path.is_dir() {
@@ -1048,6 +1143,11 @@ pub struct Meta {
     pub seq_reserved: u64,
     /// Accounted bytes of the state tables (see "Bounds").
     pub state_bytes: u64,
+    /// Checkpoints so far: journal records of this epoch follow the last one.
+    pub wal_epoch: u64,
+    /// Journal records of this epoch whose commits this state includes (redb persists the
+    /// non-durable commits when it closes): a replay skips them.
+    pub wal_records: u64,
 }
 
 impl Meta {
@@ -1068,7 +1168,7 @@ impl Meta {
         Ok(meta)
     }
 
-    const FIELDS: [&'static str; 10] = [
+    const FIELDS: [&'static str; 12] = [
         "next_seq",
         "depth",
         "bytes",
@@ -1079,9 +1179,11 @@ impl Meta {
         "seq_reserved",
         "corrupt",
         "state_bytes",
+        "wal_epoch",
+        "wal_records",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 10] {
+    fn fields_mut(&mut self) -> [&mut u64; 12] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -1093,6 +1195,8 @@ impl Meta {
             &mut self.seq_reserved,
             &mut self.corrupt,
             &mut self.state_bytes,
+            &mut self.wal_epoch,
+            &mut self.wal_records,
         ]
     }
 
@@ -1127,7 +1231,15 @@ impl Meta {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
-                    None if matches!(*name, "seq_reserved" | "corrupt") => {}
+                    None if matches!(*name, "seq_reserved" | "corrupt" | "wal_records") => {}
+                    // A new store: an epoch from the clock, so that a journal left by an
+                    // earlier store at this path never matches it.
+                    None if *name == "wal_epoch" => {
+                        if fresh {
+                            *field = now_ms();
+                            changed = true;
+                        }
+                    }
                     None => {
                         state_missing |= *name == "state_bytes";
                         changed = true;
@@ -1247,6 +1359,14 @@ struct Writer {
     /// Accounted cost of each `reported` row as this transaction leaves it (its rows are
     /// written at its end).
     pending_rows: HashMap<String, u64>,
+    /// Small commits are journal records plus non-durable redb commits; `None`: every
+    /// commit is durable (no journal file could be made, or a test backend without one).
+    journal: Option<journal::Journal>,
+    last_checkpoint: Instant,
+    /// Applying journal records at open: what was acknowledged is never refused again.
+    replaying: bool,
+    /// Dropped with the writer: ends the checkpoint timer.
+    _timer_stop: std::sync::mpsc::Sender<()>,
 }
 
 struct Broken {
@@ -1281,6 +1401,10 @@ impl Writer {
                 }
             }
             let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
+            // A checkpoint is due only with something in the journal.
+            if self.journal.as_ref().is_none_or(journal::Journal::is_empty) {
+                batch.retain(|op| !matches!(op, Op::Checkpoint));
+            }
             // Heartbeats need no transaction; answered once the rest is committed.
             let probes: Vec<Op> = batch
                 .extract_if(.., |op| matches!(op, Op::Heartbeat { .. }))
@@ -1302,13 +1426,17 @@ impl Writer {
     }
 
     /// On a clean stop, nothing handed over early is in doubt: give the reserved seqs back,
-    /// so that a restart continues without a gap. Best effort (a gap is harmless).
+    /// so that a restart continues without a gap, in a checkpoint, so that a restart has no
+    /// journal to replay. Best effort (a gap is harmless; the journal is replayed).
     fn release_reservation(&mut self) {
-        if self.broken.is_some() || self.meta.seq_reserved <= self.meta.next_seq {
+        let journaled = self.journal.as_ref().is_some_and(|j| !j.is_empty());
+        if self.broken.is_some() || (self.meta.seq_reserved <= self.meta.next_seq && !journaled) {
             return;
         }
         let before = self.meta;
         self.meta.seq_reserved = self.meta.next_seq;
+        self.meta.wal_epoch += 1;
+        self.meta.wal_records = 0;
         let db = self
             .shared
             .db
@@ -1324,9 +1452,17 @@ impl Writer {
             txn.commit()?;
             Ok(())
         });
-        if let Some(Err(e)) = done {
-            tracing::debug!("releasing the reserved seqs failed: {e}");
-            self.meta = before;
+        match done {
+            Some(Err(e)) => {
+                tracing::debug!("releasing the reserved seqs failed: {e}");
+                self.meta = before;
+            }
+            Some(Ok(())) => {
+                if let Some(j) = &mut self.journal {
+                    j.restart(self.meta.wal_epoch);
+                }
+            }
+            None => {}
         }
     }
 
@@ -1361,6 +1497,22 @@ impl Writer {
                 // What is on disk is the truth now (a failed commit may or may not be there).
                 self.meta = meta;
                 self.durable_reserved = meta.seq_reserved;
+                // The journal's records since the checkpoint now on disk, again.
+                let records = match &mut self.journal {
+                    Some(j) => j.reread(meta.wal_epoch).map_err(redb::Error::Io),
+                    None => Ok(Vec::new()),
+                };
+                let replayed = records.and_then(|records| self.replay(records));
+                if let Err(e) = replayed {
+                    let error = StoreError::from(e);
+                    tracing::warn!(error = %error, "replaying the store journal failed; retrying later");
+                    self.broken = Some(Broken {
+                        error: error.clone(),
+                        retry_at: Instant::now() + REOPEN_MAX,
+                        delay: REOPEN_MAX,
+                    });
+                    return Err(error);
+                }
                 self.publish_stats();
                 Ok(())
             }
@@ -1408,7 +1560,7 @@ impl Writer {
                 Op::Transact { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
                 }
-                Op::Heartbeat { .. } | Op::Shutdown => {}
+                Op::Heartbeat { .. } | Op::Checkpoint | Op::Shutdown => {}
             }
         }
     }
@@ -1419,6 +1571,7 @@ impl Writer {
             return;
         }
         let before = self.meta;
+        let mark = self.journal.as_ref().map(journal::Journal::mark);
         self.tail_sent = false;
         // redb may panic on a damaged page (e.g. deleting acked changes): a store fault
         // like a failed commit (reopened, retried), not a dead writer thread.
@@ -1432,9 +1585,19 @@ impl Writer {
             ))
         });
         let outcomes = match result {
-            Ok(outcomes) => outcomes,
+            Ok((outcomes, durable)) => {
+                if durable {
+                    self.durable_reserved = self.meta.seq_reserved;
+                }
+                outcomes
+            }
             Err(e) => {
                 self.meta = before;
+                // Its journal record (if written) is overwritten by the next one: later
+                // records follow the state without it.
+                if let (Some(j), Some(mark)) = (&mut self.journal, mark) {
+                    j.rollback(mark);
+                }
                 if self.tail_sent {
                     // Its records may be at the broker already: never reuse their seqs.
                     self.meta.next_seq = self.meta.next_seq.max(self.durable_reserved);
@@ -1454,7 +1617,6 @@ impl Writer {
             }
         };
         self.shared.commits.fetch_add(1, Ordering::Relaxed);
-        self.durable_reserved = self.meta.seq_reserved;
         self.publish_stats();
         let mut outcomes = outcomes.into_iter();
         for op in batch.drain(..) {
@@ -1473,8 +1635,26 @@ impl Writer {
         }
     }
 
+    /// Whether this batch can be a journal record plus a non-durable redb commit rather
+    /// than a checkpoint: small, no caller transaction (the desired state's tables are
+    /// written durably), and the journal neither full nor due for a checkpoint.
+    fn journal_fits(&self, batch: &[Op], appends: usize) -> bool {
+        let Some(journal) = &self.journal else {
+            return false;
+        };
+        appends < JOURNAL_MAX_CHANGES
+            && journal.records < JOURNAL_RECORDS_MAX
+            && journal.used() < journal::CAPACITY / 2
+            && self.last_checkpoint.elapsed() < CHECKPOINT_EVERY
+            && batch
+                .iter()
+                .all(|op| matches!(op, Op::Append { .. } | Op::Ack { .. }))
+    }
+
     /// Applies a batch in one write transaction; one outcome per non-shutdown op, in order.
-    fn apply(&mut self, batch: &[Op]) -> Result<Vec<Outcome>, redb::Error> {
+    /// Returns whether what it did is durable now (a checkpoint, or a synced journal record):
+    /// only then is its seq reservation on disk.
+    fn apply(&mut self, batch: &[Op]) -> Result<(Vec<Outcome>, bool), redb::Error> {
         let mut txn = {
             let db = self
                 .shared
@@ -1486,7 +1666,6 @@ impl Writer {
                 None => return Err(redb::Error::DatabaseClosed),
             }
         };
-        txn.set_durability(Durability::Immediate)?;
         let sink = lock(&self.shared.tail)
             .as_ref()
             .filter(|t| !t.is_closed())
@@ -1501,18 +1680,25 @@ impl Writer {
                 _ => 0,
             })
             .sum();
+        let mut light = self.journal_fits(batch, appends);
         self.collect_tail = sink.is_some() && appends <= TAIL_MAX;
         self.pending_rows.clear();
         let mut outcomes = Vec::with_capacity(batch.len());
+        let mut record = journal::Record::default();
+        let mut acked = 0u64;
+        let light_write;
         {
             let mut outbox = txn.open_table(OUTBOX)?;
             let mut reported = txn.open_table(REPORTED)?;
             // Latest value per key in this batch: one `reported` write per key.
             let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
             let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
+            // The changes queued by this batch, for its journal record.
+            let mut queued: Vec<(&NewChange, u64)> = Vec::new();
             for op in batch {
                 match op {
                     Op::Append { changes, .. } => {
+                        let from = queued.len();
                         let r = self.append(&mut outbox, &reported, changes, |c, seq, ts| {
                             latest.insert(
                                 &c.key,
@@ -1523,11 +1709,40 @@ impl Writer {
                                     origin: c.origin.tag(),
                                 },
                             );
+                            if light {
+                                queued.push((c, ts));
+                            }
                         })?;
+                        if light {
+                            record.entries.push(match &r {
+                                Ok(a) => journal::Entry::Append {
+                                    first_seq: a.first_seq,
+                                    records: queued[from..]
+                                        .iter()
+                                        .map(|(c, ts)| {
+                                            let mut buf = Vec::new();
+                                            record::encode_with_origin(
+                                                &mut buf,
+                                                *ts,
+                                                &c.key,
+                                                &c.value,
+                                                c.origin.tag(),
+                                            );
+                                            buf
+                                        })
+                                        .collect(),
+                                },
+                                Err(_) => journal::Entry::Rejected(changes.len() as u64),
+                            });
+                        }
                         outcomes.push(Outcome::Appended(r));
                     }
                     Op::Ack { ack, .. } => {
                         let a = self.ack(&mut outbox, ack)?;
+                        acked += a.changes;
+                        if light {
+                            record.entries.push(journal::Entry::Ack(ack.clone()));
+                        }
                         outcomes.push(Outcome::Acked(a));
                     }
                     Op::Transact { f, .. } => {
@@ -1544,7 +1759,7 @@ impl Writer {
                         }
                         outcomes.push(Outcome::Done);
                     }
-                    Op::Heartbeat { .. } | Op::Shutdown => {}
+                    Op::Heartbeat { .. } | Op::Checkpoint | Op::Shutdown => {}
                 }
             }
             // As early as possible: the rest of the transaction only adds the latest values
@@ -1552,34 +1767,181 @@ impl Writer {
             if let Some(sink) = &sink {
                 self.hand_over_tail(sink);
             }
-            if !latest.is_empty() || !owned.is_empty() {
-                // Where both kinds touched a key, the higher seq is the newer.
-                let newer_owned = |key: &str, seq: u64| owned.get(key).is_some_and(|o| o.seq > seq);
-                for (key, l) in &latest {
-                    if newer_owned(key, l.seq) {
-                        continue;
-                    }
-                    record::encode_with_origin(&mut self.buf, l.ts, key, l.value, l.origin);
-                    reported.insert(*key, (l.seq, self.buf.as_slice()))?;
-                }
-                for (key, l) in &owned {
-                    if latest.get(key.as_str()).is_some_and(|b| b.seq > l.seq) {
-                        continue;
-                    }
-                    record::encode_with_origin(&mut self.buf, l.ts, key, &l.value, l.origin);
-                    reported.insert(key.as_str(), (l.seq, self.buf.as_slice()))?;
-                }
-            }
+            self.write_latest(&mut reported, &latest, &owned)?;
             // Reserve seqs ahead only while someone takes records early; release otherwise.
             self.meta.seq_reserved = match sink {
                 Some(_) => self.meta.next_seq + SEQ_RESERVE,
                 None => self.meta.next_seq,
             };
+            record.seq_reserved = self.meta.seq_reserved;
+            // A record is written when it holds appends (they are answered once durable)
+            // or enough acknowledgements wait; otherwise they wait in memory.
+            let write = appends > 0
+                || self
+                    .journal
+                    .as_ref()
+                    .is_some_and(|j| j.pending_acks + acked >= ACK_SYNC);
+            if light && write {
+                light = self.journal.as_mut().is_some_and(|j| j.prepare(&record));
+            }
+            if !light {
+                self.meta.wal_epoch += 1;
+                self.meta.wal_records = 0;
+            } else if write {
+                self.meta.wal_records += 1;
+            }
             let mut meta = txn.open_table(META)?;
             self.meta.store(&mut meta)?;
+            light_write = (light, write);
+        }
+        let (light, write) = light_write;
+        let mut durable = !light;
+        match (&mut self.journal, light) {
+            (Some(journal), true) => {
+                txn.set_durability(Durability::None)?;
+                if write {
+                    // The record first: if it cannot be written, nothing happened.
+                    journal.write().map_err(redb::Error::Io)?;
+                    durable = true;
+                } else {
+                    journal.defer(std::mem::take(&mut record.entries), acked);
+                }
+            }
+            _ => txn.set_durability(Durability::Immediate)?,
         }
         txn.commit()?;
-        Ok(outcomes)
+        if !light {
+            if let Some(journal) = &mut self.journal {
+                journal.restart(self.meta.wal_epoch);
+            }
+            self.last_checkpoint = Instant::now();
+        }
+        Ok((outcomes, durable))
+    }
+
+    /// Writes this transaction's latest value of each key to `reported`; where both plain
+    /// appends and a caller's transaction touched a key, the higher seq is the newer.
+    fn write_latest(
+        &mut self,
+        reported: &mut redb::Table<&'static str, (u64, &'static [u8])>,
+        latest: &HashMap<&str, Latest<&[u8]>>,
+        owned: &HashMap<String, Latest<Vec<u8>>>,
+    ) -> Result<(), redb::Error> {
+        let newer_owned = |key: &str, seq: u64| owned.get(key).is_some_and(|o| o.seq > seq);
+        for (key, l) in latest {
+            if newer_owned(key, l.seq) {
+                continue;
+            }
+            record::encode_with_origin(&mut self.buf, l.ts, key, l.value, l.origin);
+            reported.insert(*key, (l.seq, self.buf.as_slice()))?;
+        }
+        for (key, l) in owned {
+            if latest.get(key.as_str()).is_some_and(|b| b.seq > l.seq) {
+                continue;
+            }
+            record::encode_with_origin(&mut self.buf, l.ts, key, &l.value, l.origin);
+            reported.insert(key.as_str(), (l.seq, self.buf.as_slice()))?;
+        }
+        Ok(())
+    }
+
+    /// Applies the journal's records (the commits since the last checkpoint) again, in
+    /// order, to the state redb holds, in one checkpoint. What was acknowledged is not
+    /// refused again, whatever the bounds say now.
+    fn replay(&mut self, records: Vec<journal::Record>) -> Result<(), redb::Error> {
+        // Only records past those this state includes; none: no write at open.
+        if records.len() as u64 <= self.meta.wal_records {
+            return Ok(());
+        }
+        let (n_records, mut changes, mut acks) = (records.len(), 0usize, 0u64);
+        let txn = {
+            let db = self
+                .shared
+                .db
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            match db.as_ref() {
+                Some(db) => db.begin_write()?,
+                None => return Err(redb::Error::DatabaseClosed),
+            }
+        };
+        self.collect_tail = false;
+        self.pending_rows.clear();
+        self.replaying = true;
+        let result = (|| -> Result<(), redb::Error> {
+            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut reported = txn.open_table(REPORTED)?;
+            let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
+            let done = usize::try_from(self.meta.wal_records).unwrap_or(usize::MAX);
+            for rec in records.into_iter().skip(done) {
+                for entry in rec.entries {
+                    match entry {
+                        journal::Entry::Append { first_seq, records } => {
+                            let mut batch = Vec::with_capacity(records.len());
+                            for r in &records {
+                                let r = record::decode(r).map_err(|e| {
+                                    redb::Error::Corrupted(format!("journal record: {e}"))
+                                })?;
+                                batch.push(NewChange {
+                                    key: r.key.to_owned(),
+                                    value: r.value.to_vec(),
+                                    ts: Some(r.ts),
+                                    origin: crate::model::change::Origin::from_tag(r.origin),
+                                });
+                            }
+                            // The seqs it was given, whatever a reservation moved since.
+                            self.meta.next_seq = first_seq;
+                            let last = outbox.last()?.map(|(k, _)| k.value());
+                            if last.is_some_and(|l| l >= first_seq) {
+                                return Err(redb::Error::Corrupted(format!(
+                                    "journal record for seq {first_seq} behind the queue"
+                                )));
+                            }
+                            changes += batch.len();
+                            let _ = self.append(&mut outbox, &reported, &batch, |c, seq, ts| {
+                                owned.insert(
+                                    c.key.clone(),
+                                    Latest {
+                                        seq,
+                                        ts,
+                                        value: c.value.clone(),
+                                        origin: c.origin.tag(),
+                                    },
+                                );
+                            })?;
+                        }
+                        journal::Entry::Rejected(n) => self.meta.rejected += n,
+                        journal::Entry::Ack(a) => acks += self.ack(&mut outbox, &a)?.changes,
+                    }
+                }
+                self.meta.seq_reserved = self.meta.seq_reserved.max(rec.seq_reserved);
+            }
+            self.write_latest(&mut reported, &HashMap::new(), &owned)?;
+            // Seqs up to the reservation may be at the broker: continue after them.
+            self.meta.next_seq = self.meta.next_seq.max(self.meta.seq_reserved);
+            self.meta.seq_reserved = self.meta.next_seq;
+            self.meta.wal_epoch += 1;
+            self.meta.wal_records = 0;
+            let mut meta = txn.open_table(META)?;
+            self.meta.store(&mut meta)?;
+            Ok(())
+        })();
+        self.replaying = false;
+        result?;
+        txn.commit()?;
+        if let Some(journal) = &mut self.journal {
+            journal.restart(self.meta.wal_epoch);
+        }
+        self.durable_reserved = self.meta.seq_reserved;
+        self.last_checkpoint = Instant::now();
+        tracing::info!(
+            records = n_records,
+            changes,
+            acked = acks,
+            next_seq = self.meta.next_seq,
+            "replayed the store journal (the commits since the last checkpoint)"
+        );
+        Ok(())
     }
 
     /// Hands this commit's new records to the sync engine before the fsync, if every seq is
@@ -1669,7 +2031,7 @@ impl Writer {
         let state = self.meta.state_bytes + added;
         let state = state.saturating_sub(removed);
         let allowance = state_allowance(self.max_bytes);
-        if state > allowance && state > self.meta.state_bytes {
+        if state > allowance && state > self.meta.state_bytes && !self.replaying {
             self.meta.rejected += n;
             return Ok(Err(StoreError::StateFull {
                 needed: state - self.meta.state_bytes,
@@ -1685,17 +2047,19 @@ impl Writer {
             max: self.max_bytes,
             state: self.meta.state_bytes,
         };
-        if needed > room {
+        if needed > room && !self.replaying {
             self.meta.rejected += n;
             return Ok(Err(full));
         }
         if self.meta.bytes + needed > room {
             match self.when_full {
+                // Replaying: acknowledged once, so taken over the bound.
+                WhenFull::Reject if self.replaying => {}
                 WhenFull::Reject => {
                     self.meta.rejected += n;
                     return Ok(Err(full));
                 }
-                WhenFull::DropOldest => self.evict_to(outbox, room - needed)?,
+                WhenFull::DropOldest => self.evict_to(outbox, room.saturating_sub(needed))?,
             }
         }
         self.meta.state_bytes = state;
@@ -1818,7 +2182,11 @@ impl Writer {
 fn op_changes(op: &Op) -> usize {
     match op {
         Op::Append { changes, .. } => changes.len().max(1),
-        Op::Ack { .. } | Op::Transact { .. } | Op::Heartbeat { .. } | Op::Shutdown => 1,
+        Op::Ack { .. }
+        | Op::Transact { .. }
+        | Op::Heartbeat { .. }
+        | Op::Checkpoint
+        | Op::Shutdown => 1,
     }
 }
 
