@@ -64,7 +64,10 @@ pub use model::change::{
 pub use model::command::CommandName;
 pub use model::glob::KeyGlob;
 pub use model::text::human_duration;
-pub use store::{Ack, Appended, Outbox, RECORD_OVERHEAD, SEQ_RESERVE, StoreError, StoreOptions};
+pub use store::{
+    ACK_SYNC, Ack, Appended, Outbox, RECORD_OVERHEAD, SEQ_RESERVE, StoreError, StoreOptions,
+    journal_path,
+};
 pub use sys::fatal::install_hook;
 pub use sys::log::{LogControl, check_log_level, for_stderr as log_for_stderr};
 

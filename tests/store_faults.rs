@@ -57,30 +57,41 @@ struct Fault {
     sticky: bool,
 }
 
-#[derive(Debug, Default)]
-struct DiskState {
+/// One file of the disk.
+#[derive(Debug, Default, Clone)]
+struct FileState {
     /// The file as the process sees it (page cache).
     live: Vec<u8>,
     /// What a completed sync made durable.
     durable: Vec<u8>,
     /// Changes since the last completed sync, in order.
     pending: Vec<Pending>,
+}
+
+/// The disk: the store file and its journal (`PATH.journal`), one power supply, one
+/// count of syncs and one fault plan for both.
+#[derive(Debug, Default)]
+struct DiskState {
+    files: [FileState; 2],
     syncs: u64,
     /// Power is cut when sync number `cut_at` starts.
     cut_at: Option<u64>,
-    /// After the cut: the images the disk may hold, and every call fails.
-    cut_images: Option<Vec<(&'static str, Vec<u8>)>>,
+    /// After the cut: the images (store, journal) the disk may hold; every call fails.
+    cut_images: Option<Vec<Image>>,
     fault: Option<Fault>,
     writes_since_arm: u64,
     syncs_since_arm: u64,
     faults_hit: u64,
 }
 
+/// What the disk may hold after a cut: a name, the store file and the journal.
+type Image = (String, Vec<u8>, Vec<u8>);
+
 fn apply(image: &mut Vec<u8>, op: &Pending) {
     match op {
         Pending::SetLen(len) => image.resize(*len as usize, 0),
-        Pending::Write(off, data) => {
-            let off = *off as usize;
+        Pending::Write(offset, data) => {
+            let off = *offset as usize;
             if image.len() < off + data.len() {
                 image.resize(off + data.len(), 0);
             }
@@ -89,8 +100,8 @@ fn apply(image: &mut Vec<u8>, op: &Pending) {
     }
 }
 
-impl DiskState {
-    /// What the disk may hold after a cut now: writes since the last sync reach it in
+impl FileState {
+    /// What the file may hold after a cut now: writes since the last sync reach it in
     /// order, all, some or none of them, and the last one may be torn.
     fn images(&self) -> Vec<(&'static str, Vec<u8>)> {
         let with = |n: usize| {
@@ -101,23 +112,6 @@ impl DiskState {
             img
         };
         let n = self.pending.len();
-        if std::env::var_os("SIMDISK_DEBUG").is_some() {
-            for op in &self.pending {
-                match op {
-                    Pending::Write(o, d) => eprintln!(
-                        "  write {o} len {} nonzero {}",
-                        d.len(),
-                        d.iter().filter(|b| **b != 0).count()
-                    ),
-                    Pending::SetLen(l) => eprintln!("  set_len {l}"),
-                }
-            }
-            eprintln!(
-                "  durable len {} nonzero {}",
-                self.durable.len(),
-                self.durable.iter().filter(|b| **b != 0).count()
-            );
-        }
         let mut out = vec![("lost", with(0))];
         if n >= 2 {
             out.push(("half", with(n / 2)));
@@ -138,6 +132,19 @@ impl DiskState {
         out.retain(|(_, img)| seen.insert(img.clone()));
         out
     }
+}
+
+impl DiskState {
+    /// Every combination of what each file may hold.
+    fn images(&self) -> Vec<Image> {
+        let mut out = Vec::new();
+        for (sv, store) in self.files[0].images() {
+            for (jv, journal) in self.files[1].images() {
+                out.push((format!("store {sv}, journal {jv}"), store.clone(), journal));
+            }
+        }
+        out
+    }
 
     fn dead(&self) -> bool {
         self.cut_images.is_some()
@@ -145,22 +152,35 @@ impl DiskState {
 }
 
 /// A redb backend over memory with power cuts and injected errors; clones share the disk.
+/// `SimDisk(_, 0)` is the store file, [`SimDisk::journal`] its journal.
 #[derive(Debug, Clone, Default)]
-struct SimDisk(Arc<Mutex<DiskState>>);
+struct SimDisk(Arc<Mutex<DiskState>>, usize);
 
 fn power_off() -> std::io::Error {
     std::io::Error::other("simulated power cut")
 }
 
 impl SimDisk {
-    fn from_image(image: &[u8]) -> SimDisk {
+    fn from_images(store: &[u8], journal: &[u8]) -> SimDisk {
         let d = SimDisk::default();
         {
             let mut s = d.0.lock().unwrap();
-            s.live = image.to_vec();
-            s.durable = image.to_vec();
+            for (f, img) in s.files.iter_mut().zip([store, journal]) {
+                f.live = img.to_vec();
+                f.durable = img.to_vec();
+            }
         }
         d
+    }
+
+    /// The journal's file on the same disk.
+    fn journal(&self) -> SimDisk {
+        SimDisk(Arc::clone(&self.0), 1)
+    }
+
+    /// Opens the store on this disk, with its journal.
+    fn open(&self, o: &StoreOptions) -> Result<Outbox, StoreError> {
+        Outbox::open_with_backends(self.clone(), self.journal(), o)
     }
 
     fn cut_at(&self, sync: u64) {
@@ -171,7 +191,7 @@ impl SimDisk {
         self.0.lock().unwrap().syncs
     }
 
-    fn cut_images(&self) -> Option<Vec<(&'static str, Vec<u8>)>> {
+    fn cut_images(&self) -> Option<Vec<Image>> {
         self.0.lock().unwrap().cut_images.clone()
     }
 
@@ -195,9 +215,10 @@ impl SimDisk {
         (s.writes_since_arm, s.syncs_since_arm)
     }
 
-    /// The file after a clean shutdown: everything written.
-    fn live(&self) -> Vec<u8> {
-        self.0.lock().unwrap().live.clone()
+    /// The files after a clean shutdown: everything written.
+    fn live(&self) -> (Vec<u8>, Vec<u8>) {
+        let s = self.0.lock().unwrap();
+        (s.files[0].live.clone(), s.files[1].live.clone())
     }
 
     fn inject(s: &mut DiskState, op: FaultOp) -> Result<(), std::io::Error> {
@@ -228,7 +249,7 @@ impl StorageBackend for SimDisk {
         if s.dead() {
             return Err(power_off());
         }
-        Ok(s.live.len() as u64)
+        Ok(s.files[self.1].live.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
@@ -237,7 +258,7 @@ impl StorageBackend for SimDisk {
             return Err(power_off());
         }
         let off = offset as usize;
-        let Some(src) = s.live.get(off..off + out.len()) else {
+        let Some(src) = s.files[self.1].live.get(off..off + out.len()) else {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         };
         out.copy_from_slice(src);
@@ -250,8 +271,9 @@ impl StorageBackend for SimDisk {
             return Err(power_off());
         }
         // Growing a file allocates on write (sparse), so a full disk fails the writes.
-        s.live.resize(len as usize, 0);
-        s.pending.push(Pending::SetLen(len));
+        let f = &mut s.files[self.1];
+        f.live.resize(len as usize, 0);
+        f.pending.push(Pending::SetLen(len));
         Ok(())
     }
 
@@ -268,8 +290,9 @@ impl StorageBackend for SimDisk {
         // A failed fsync: nothing is known to be durable (what Linux does with the dirty
         // pages is the limit stated in the docs).
         Self::inject(&mut s, FaultOp::Sync)?;
-        s.durable = s.live.clone();
-        s.pending.clear();
+        let f = &mut s.files[self.1];
+        f.durable = f.live.clone();
+        f.pending.clear();
         Ok(())
     }
 
@@ -279,8 +302,9 @@ impl StorageBackend for SimDisk {
             return Err(power_off());
         }
         Self::inject(&mut s, FaultOp::Write)?;
-        apply(&mut s.live, &Pending::Write(offset, data.to_vec()));
-        s.pending.push(Pending::Write(offset, data.to_vec()));
+        let f = &mut s.files[self.1];
+        apply(&mut f.live, &Pending::Write(offset, data.to_vec()));
+        f.pending.push(Pending::Write(offset, data.to_vec()));
         Ok(())
     }
 }
@@ -500,12 +524,20 @@ fn check_invariants(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger, what: &st
     let present: HashMap<u64, &[u8]> = rows.iter().map(|q| (q.seq, &q.record[..])).collect();
     let min_row = seqs.first().copied().unwrap_or(u64::MAX);
     let mut evicted = 0;
+    let mut back = 0;
     for (seq, (key, value)) in &ledger.appended {
         if ledger.deleted.contains(seq) {
-            assert!(
-                !present.contains_key(seq),
-                "{what}: acked seq {seq} is back"
-            );
+            // An acknowledgement is durable with the next journal record or checkpoint: a
+            // crash before it sends that change again (at least once), a bounded number.
+            if let Some(rec) = present.get(seq) {
+                let r = edgesync::codec::record::decode(rec).unwrap();
+                assert_eq!(
+                    (r.key, r.value),
+                    (key.as_str(), &value[..]),
+                    "{what}: seq {seq}"
+                );
+                back += 1;
+            }
             continue;
         }
         match present.get(seq) {
@@ -526,6 +558,10 @@ fn check_invariants(outbox: &Outbox, plan: &Plan, ledger: &mut Ledger, what: &st
     assert!(
         stats.dropped >= evicted,
         "{what}: {evicted} gone, {stats:?}"
+    );
+    assert!(
+        back <= edgesync::ACK_SYNC,
+        "{what}: {back} acknowledged changes back, more than ACK_SYNC"
     );
     // The latest reported value is at least as new as the last acknowledged change.
     let mut newest: HashMap<&str, u64> = HashMap::new();
@@ -573,19 +609,21 @@ fn scratch() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-/// Opens a crash image as the next boot would (the real file path) and checks it.
-fn boot_image(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str) {
+/// Opens a crash image (the store file and its journal) as the next boot would (the real
+/// file paths) and checks it.
+fn boot_image(dir: &Path, image: &[u8], journal: &[u8], plan: &Plan, ledger: &Ledger, what: &str) {
     let path: PathBuf = dir.join("store.redb");
     let _ = std::fs::remove_file(&path);
     let mut aside = path.clone().into_os_string();
     aside.push(".incomplete");
     let _ = std::fs::remove_file(&aside);
     std::fs::write(&path, image).unwrap();
+    std::fs::write(edgesync::journal_path(&path), journal).unwrap();
     // redb's own check first, on a copy (an image of an unfinished creation is no redb
     // file yet: the store sets it aside).
     if bootable(image) {
         let mut db = redb::Database::builder()
-            .create_with_backend(SimDisk::from_image(image))
+            .create_with_backend(SimDisk::from_images(image, &[]))
             .unwrap_or_else(|e| panic!("{what}: redb cannot open the image: {e}"));
         db.check_integrity()
             .unwrap_or_else(|e| panic!("{what}: integrity: {e}"));
@@ -611,7 +649,7 @@ fn run_cut(plan: &Plan, cut: u64) -> (SimDisk, Ledger, bool) {
     }
     let mut ledger = Ledger::default();
     let o = store_opts(Path::new("sim.redb"), plan);
-    let Ok(outbox) = Outbox::open_with_backend(disk.clone(), &o) else {
+    let Ok(outbox) = disk.open(&o) else {
         return (disk, ledger, false);
     };
     rt().block_on(workload(&outbox, plan, &mut ledger));
@@ -646,13 +684,13 @@ fn sweep(plan: Plan, second_every: u64) -> (u64, u64, u64) {
             continue;
         };
         cuts += 1;
-        for (variant, image) in &imgs {
+        for (variant, image, journal) in &imgs {
             images += 1;
             let what = format!("{plan:?} cut at sync {cut}/{total} ({variant})");
-            boot_image(dir.path(), image, &plan, &ledger, &what);
+            boot_image(dir.path(), image, journal, &plan, &ledger, &what);
             // A second cut while the first recovery runs.
             if second_every > 0 && cut % second_every == 0 && bootable(image) {
-                second += second_cuts(dir.path(), image, &plan, &ledger, &what);
+                second += second_cuts(dir.path(), (image, journal), &plan, &ledger, &what);
             }
         }
     }
@@ -660,33 +698,39 @@ fn sweep(plan: Plan, second_every: u64) -> (u64, u64, u64) {
 }
 
 /// Replays the recovery of `image` (open + one append), cutting at each of its syncs.
-fn second_cuts(dir: &Path, image: &[u8], plan: &Plan, ledger: &Ledger, what: &str) -> u64 {
+fn second_cuts(
+    dir: &Path,
+    (image, journal): (&[u8], &[u8]),
+    plan: &Plan,
+    ledger: &Ledger,
+    what: &str,
+) -> u64 {
     let o = store_opts(Path::new("sim.redb"), plan);
     let recover = |disk: &SimDisk, ledger: &mut Ledger| {
-        if let Ok(outbox) = Outbox::open_with_backend(disk.clone(), &o) {
+        if let Ok(outbox) = disk.open(&o) {
             let c = vec![change("recovery", json!(true))];
             let r = rt().block_on(outbox.append(c.clone()));
             ledger.appended(&c, r);
             outbox.shutdown_blocking();
         }
     };
-    let probe = SimDisk::from_image(image);
+    let probe = SimDisk::from_images(image, journal);
     recover(&probe, &mut ledger.clone());
     let syncs = probe.syncs();
     let stride = if full_sweep() { 1 } else { 2 };
     let mut n = 0;
     for j in (1..=syncs).step_by(stride) {
-        let disk = SimDisk::from_image(image);
+        let disk = SimDisk::from_images(image, journal);
         disk.cut_at(j);
         let mut l = ledger.clone();
         recover(&disk, &mut l);
         let Some(imgs) = disk.cut_images() else {
             continue;
         };
-        for (variant, img2) in imgs {
+        for (variant, img2, journal2) in imgs {
             n += 1;
             let what = format!("{what}, then again at recovery sync {j}/{syncs} ({variant})");
-            boot_image(dir, &img2, plan, &l, &what);
+            boot_image(dir, &img2, &journal2, plan, &l, &what);
         }
     }
     n
@@ -736,7 +780,7 @@ fn power_cut_while_the_store_file_is_created_leaves_a_usable_store() {
     let mut set_aside = 0;
     for cut in 1..=creation_syncs {
         let (disk, _, _) = run_cut(&plan, cut);
-        for (variant, image) in disk.cut_images().unwrap_or_default() {
+        for (variant, image, _) in disk.cut_images().unwrap_or_default() {
             let what = format!("creation cut at sync {cut}/{creation_syncs} ({variant})");
             let path = dir.path().join("store.redb");
             let aside = dir.path().join("store.redb.incomplete");
@@ -772,7 +816,7 @@ const EDQUOT: i32 = 122;
 fn fault_run(plan: &Plan, fault: Fault) -> bool {
     let disk = SimDisk::default();
     let o = store_opts(Path::new("sim.redb"), plan);
-    let outbox = Outbox::open_with_backend(disk.clone(), &o).unwrap();
+    let outbox = disk.open(&o).unwrap();
     disk.arm(fault);
     let mut ledger = Ledger::default();
     let rt = rt();
@@ -811,7 +855,8 @@ fn fault_run(plan: &Plan, fault: Fault) -> bool {
     check_invariants(&outbox, plan, &mut ledger, &format!("{what}, live"));
     outbox.shutdown_blocking();
     drop(outbox);
-    let restarted = Outbox::open_with_backend(SimDisk::from_image(&disk.live()), &o).unwrap();
+    let (store, journal) = disk.live();
+    let restarted = SimDisk::from_images(&store, &journal).open(&o).unwrap();
     check_invariants(&restarted, plan, &mut ledger, &format!("{what}, restarted"));
     restarted.shutdown_blocking();
     hit
@@ -830,7 +875,7 @@ fn io_errors_and_full_disk_fail_only_their_commit_and_the_store_recovers() {
     // How many writes and syncs the workload makes.
     let disk = SimDisk::default();
     let o = store_opts(Path::new("sim.redb"), &plan);
-    let outbox = Outbox::open_with_backend(disk.clone(), &o).unwrap();
+    let outbox = disk.open(&o).unwrap();
     disk.arm(Fault {
         op: FaultOp::Write,
         nth: u64::MAX,

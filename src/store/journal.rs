@@ -34,13 +34,23 @@ use redb::StorageBackend;
 
 use crate::store::Ack;
 
-/// Bytes of the journal file.
-pub const CAPACITY: u64 = 1 << 20;
+/// Bytes of the journal file: a checkpoint comes when half is used (or every minute), and
+/// it takes room from the store's file system.
+pub const CAPACITY: u64 = 256 << 10;
 /// A commit whose record would be larger goes through a checkpoint instead.
-pub const RECORD_MAX: usize = 256 << 10;
+pub const RECORD_MAX: usize = 64 << 10;
 const HEAD: usize = 16;
 /// Writes cover whole blocks of this size, at offsets of it.
 pub const BLOCK: usize = 4096;
+
+/// Why [`Journal::open`] failed.
+#[derive(Debug)]
+pub enum OpenError {
+    /// The file could not be made full size (it never held a record).
+    Make(std::io::Error),
+    /// An existing journal could not be read: its records may be needed.
+    Read(std::io::Error),
+}
 
 /// The journal's position, to go back to (see [`Journal::rollback`]).
 #[derive(Debug)]
@@ -92,13 +102,15 @@ impl Journal {
     pub fn open(
         backend: Box<dyn StorageBackend>,
         epoch: u64,
-    ) -> std::io::Result<(Journal, Vec<Record>)> {
-        let len = backend.len()?;
+    ) -> Result<(Option<Journal>, Vec<Record>), OpenError> {
+        let len = backend.len().map_err(OpenError::Read)?;
         if len < CAPACITY {
             let from = len - len % BLOCK as u64;
             let zeros = vec![0u8; usize::try_from(CAPACITY - from).unwrap_or(0)];
-            backend.write(from, &zeros)?;
-            backend.sync_data()?;
+            backend
+                .write(from, &zeros)
+                .and_then(|()| backend.sync_data())
+                .map_err(OpenError::Make)?;
         }
         let mut journal = Journal {
             backend,
@@ -109,8 +121,8 @@ impl Journal {
             pending_acks: 0,
             buf: Vec::new(),
         };
-        let records = journal.reread(epoch)?;
-        Ok((journal, records))
+        let records = journal.reread(epoch).map_err(OpenError::Read)?;
+        Ok((Some(journal), records))
     }
 
     /// Reads the records that follow the checkpoint of `epoch` again (after redb was
@@ -473,6 +485,11 @@ impl StorageBackend for JournalFile {
 mod tests {
     use super::*;
 
+    fn open(b: Box<dyn StorageBackend>, epoch: u64) -> (Journal, Vec<Record>) {
+        let (j, r) = Journal::open(b, epoch).unwrap();
+        (j.unwrap(), r)
+    }
+
     #[derive(Debug, Clone, Default)]
     struct Mem(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
 
@@ -549,28 +566,28 @@ mod tests {
     #[test]
     fn replay_returns_the_records_of_the_epoch_up_to_a_torn_one() {
         let disk = Mem::default();
-        let (mut j, old) = Journal::open(Box::new(disk.clone()), 3).unwrap();
+        let (mut j, old) = open(Box::new(disk.clone()), 3);
         assert!(old.is_empty());
         assert_eq!(disk.len().unwrap(), CAPACITY);
         for n in 0..3 {
             assert!(j.prepare(&sample(n)));
             j.write().unwrap();
         }
-        let (_, got) = Journal::open(Box::new(disk.clone()), 3).unwrap();
+        let (_, got) = open(Box::new(disk.clone()), 3);
         assert_eq!(got, vec![sample(0), sample(1), sample(2)]);
         // Another epoch: nothing to replay.
-        let (_, got) = Journal::open(Box::new(disk.clone()), 4).unwrap();
+        let (_, got) = open(Box::new(disk.clone()), 4);
         assert!(got.is_empty());
         // A checkpoint, then one record of the new epoch over the old ones.
-        let (mut j, _) = Journal::open(Box::new(disk.clone()), 3).unwrap();
+        let (mut j, _) = open(Box::new(disk.clone()), 3);
         j.restart(4);
         assert!(j.prepare(&sample(9)));
         j.write().unwrap();
-        let (_, got) = Journal::open(Box::new(disk.clone()), 4).unwrap();
+        let (_, got) = open(Box::new(disk.clone()), 4);
         assert_eq!(got, vec![sample(9)]);
         // A torn third record: the first two only.
         let disk = Mem::default();
-        let (mut j, _) = Journal::open(Box::new(disk.clone()), 1).unwrap();
+        let (mut j, _) = open(Box::new(disk.clone()), 1);
         let mut ends = Vec::new();
         for n in 0..3 {
             assert!(j.prepare(&sample(n)));
@@ -578,18 +595,18 @@ mod tests {
             ends.push(j.used());
         }
         disk.0.lock().unwrap()[ends[2] as usize - 1] ^= 0xff;
-        let (_, got) = Journal::open(Box::new(disk), 1).unwrap();
+        let (_, got) = open(Box::new(disk), 1);
         assert_eq!(got, vec![sample(0), sample(1)]);
     }
 
     #[test]
     fn a_full_journal_refuses_the_record() {
-        let (mut j, _) = Journal::open(Box::new(Mem::default()), 1).unwrap();
+        let (mut j, _) = open(Box::new(Mem::default()), 1);
         let big = Record {
             seq_reserved: 0,
             entries: vec![Entry::Append {
                 first_seq: 1,
-                records: vec![vec![0u8; 200_000]],
+                records: vec![vec![0u8; 60_000]],
             }],
         };
         let mut n = 0;
@@ -597,7 +614,7 @@ mod tests {
             j.write().unwrap();
             n += 1;
         }
-        assert_eq!(n, 5);
+        assert_eq!(n, 4, "256 KiB holds four records of 60 KB");
         let huge = Record {
             seq_reserved: 0,
             entries: vec![Entry::Append {
@@ -632,7 +649,7 @@ mod tests {
             }
         }
         let disk = Log::default();
-        let (mut j, _) = Journal::open(Box::new(disk.clone()), 1).unwrap();
+        let (mut j, _) = open(Box::new(disk.clone()), 1);
         disk.1.lock().unwrap().clear();
         j.defer(vec![Entry::Ack(Ack::Through(3))], 3);
         assert_eq!(j.pending_acks, 3);
@@ -656,7 +673,7 @@ mod tests {
                 .all(|(o, l)| o % BLOCK as u64 == 0 && l % BLOCK == 0),
             "{writes:?}"
         );
-        let (_, got) = Journal::open(Box::new(disk.0.clone()), 1).unwrap();
+        let (_, got) = open(Box::new(disk.0.clone()), 1);
         let mut first = append.clone();
         first.entries.insert(0, Entry::Ack(Ack::Through(3)));
         assert_eq!(got, vec![first, append.clone(), append]);

@@ -630,15 +630,43 @@ impl Outbox {
             _timer_stop: timer_stop,
         };
         if let Some(backend) = journal {
-            let opened = journal::Journal::open(backend, meta.wal_epoch);
-            let (j, records) = opened.map_err(|e| StoreError::Open {
-                path: journal_path(&opts.path),
-                detail: format!("cannot read the store journal: {e}"),
-            })?;
-            writer.journal = Some(j);
-            writer
-                .replay(records)
-                .map_err(|e| classify_open_error(&opts.path, e))?;
+            let (j, records) = match journal::Journal::open(backend, meta.wal_epoch) {
+                Ok(opened) => opened,
+                // Not made yet (e.g. a full disk): it never held a record.
+                Err(journal::OpenError::Make(e)) => {
+                    tracing::warn!(
+                        path = %journal_path(&opts.path).display(),
+                        "cannot make the store journal ({e}): every commit is a durable \
+                         store commit (more writes to flash) until the next start"
+                    );
+                    (None, Vec::new())
+                }
+                Err(journal::OpenError::Read(e)) => {
+                    return Err(StoreError::Open {
+                        path: journal_path(&opts.path),
+                        detail: format!("cannot read the store journal: {e}"),
+                    });
+                }
+            };
+            writer.journal = j;
+            match writer.replay(records) {
+                Ok(()) => {}
+                // A full disk (or an I/O fault) cannot take the checkpoint now: the records
+                // stay in the journal, and the writer answers with the fault and replays
+                // them when it reopens the store (as after a failed commit).
+                Err(
+                    e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::Backend(_)),
+                ) => {
+                    let error = StoreError::from(e);
+                    tracing::warn!(error = %error, "the store journal cannot be replayed yet; retrying");
+                    writer.broken = Some(Broken {
+                        error,
+                        retry_at: Instant::now() + REOPEN_MIN,
+                        delay: REOPEN_MIN,
+                    });
+                }
+                Err(e) => return Err(classify_open_error(&opts.path, e)),
+            }
             *lock(&shared.stats) = writer.meta.stats(opts.max_bytes);
             shared.appended.send_replace(writer.meta.next_seq);
         }
