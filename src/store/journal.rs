@@ -37,8 +37,10 @@ use crate::store::Ack;
 /// Bytes of the journal file: a checkpoint comes when half is used (or every minute), and
 /// it takes room from the store's file system.
 pub const CAPACITY: u64 = 256 << 10;
-/// A commit whose record would be larger goes through a checkpoint instead.
-pub const RECORD_MAX: usize = 64 << 10;
+/// A commit whose record would be larger goes through a checkpoint instead: large values
+/// cost many blocks either way, and non-durable commits of them would grow the store file
+/// (redb reuses the pages they free only after the next durable commit).
+pub const RECORD_MAX: usize = 16 << 10;
 const HEAD: usize = 16;
 /// Writes cover whole blocks of this size, at offsets of it.
 pub const BLOCK: usize = 4096;
@@ -606,7 +608,7 @@ mod tests {
             seq_reserved: 0,
             entries: vec![Entry::Append {
                 first_seq: 1,
-                records: vec![vec![0u8; 60_000]],
+                records: vec![vec![0u8; 15_000]],
             }],
         };
         let mut n = 0;
@@ -614,7 +616,7 @@ mod tests {
             j.write().unwrap();
             n += 1;
         }
-        assert_eq!(n, 4, "256 KiB holds four records of 60 KB");
+        assert_eq!(n, 17, "256 KiB holds 17 records of 15 KB");
         let huge = Record {
             seq_reserved: 0,
             entries: vec![Entry::Append {
