@@ -297,7 +297,7 @@ fn readme_quick_start_runs_as_written() {
                 Quickstart::wait_message(&sub_log(), &format!("{TOPIC}/desired/result"), |_| true);
             assert_eq!(
                 result,
-                json!({"version": 1, "status": "applied", "keys": {"setpoint": {"status": "applied"}}})
+                json!({"version": 1, "status": "applied", "keys": {"setpoint": {"status": "applied", "handler": "none"}}})
             );
         } else if line.ends_with(" get desired") {
             let out = qs.run(line);
@@ -423,7 +423,8 @@ fn example_handlers_and_the_python_watcher_apply_desired_values() {
 
     // Out of range: the exec handler fails the key with its message.
     let failed = publish(json!({"setpoint": 99}));
-    assert_eq!(failed["status"], "rejected", "{failed}");
+    // Its only key failed: the document failed (docs/PROTOCOL.md §5.3).
+    assert_eq!(failed["status"], "failed", "{failed}");
     assert_eq!(failed["keys"]["setpoint"]["status"], "failed", "{failed}");
     assert!(
         failed["keys"]["setpoint"]["error"]
