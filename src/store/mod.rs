@@ -11,9 +11,19 @@
 //!
 //! # Invariants
 //! - **Durable before acknowledged.** A caller of [`Outbox::append`] is answered only after the
-//!   write transaction holding its changes has committed with `Durability::Immediate` (fsync).
-//!   A crash after the answer loses nothing; a crash before it may lose the request, which the
-//!   caller then never saw acknowledged.
+//!   write transaction holding its changes is durable: committed with
+//!   `Durability::Immediate` (fsync), or, for a small commit, recorded in the journal (one
+//!   fsync'ed block) and committed without durability. A crash after the answer loses
+//!   nothing; a crash before it may lose the request, which the caller then never saw
+//!   acknowledged.
+//! - **Journal** ([`journal`], flash wear). Small commits of appends and acks are journal
+//!   records plus non-durable redb commits; a checkpoint (a durable commit: caller
+//!   transactions, [`JOURNAL_MAX_CHANGES`] changes or more, a record past
+//!   [`journal::RECORD_MAX`], the journal half full, [`CHECKPOINT_EVERY`], a clean stop)
+//!   persists them all and bumps `meta.wal_epoch`. Open replays the records of the current
+//!   epoch past `meta.wal_records` (those redb already holds) in one checkpoint, with the
+//!   seqs they were given and without refusing what was acknowledged. Acks alone write
+//!   nothing until [`ACK_SYNC`] changes or the next record: a crash sends those again.
 //! - **Group commit.** One writer thread owns all writes. It takes every request waiting in
 //!   its channel (up to [`MAX_TXN_CHANGES`] changes) into one transaction and one fsync, so load
 //!   makes batches by itself and an idle store adds no delay to a lone request.
