@@ -1076,3 +1076,63 @@ fn full_disk_under_the_real_agent_answers_store_full_and_recovers() {
         stored.len()
     );
 }
+
+/// After a power cut, acknowledged changes come back (to be sent again) only while their
+/// deletion was not durable yet: fewer than `ACK_SYNC`, whatever the number acknowledged.
+#[test]
+fn a_power_cut_sends_fewer_than_ack_sync_acknowledged_changes_again() {
+    let plan = Plan {
+        rounds: 0,
+        when_full: WhenFull::DropOldest,
+        max_bytes: 1 << 30,
+        stop_on_error: true,
+        tail: false,
+    };
+    let disk = SimDisk::default();
+    let o = store_opts(Path::new("sim.redb"), &plan);
+    let outbox = disk.open(&o).unwrap();
+    let rt = rt();
+    let mut ledger = Ledger::default();
+    let total = 3 * edgesync::ACK_SYNC + 100;
+    rt.block_on(async {
+        // A backlog, then each change acknowledged on its own: acknowledgements alone
+        // write nothing until ACK_SYNC of them wait.
+        let mut seqs = Vec::new();
+        for i in 0..total {
+            let c = vec![change("k", json!(i))];
+            let a = outbox.append(c.clone()).await;
+            ledger.appended(&c, a.clone());
+            seqs.push(a.unwrap().first_seq);
+        }
+        for seq in seqs {
+            outbox.ack(Ack::Seqs(vec![seq])).await.unwrap();
+            ledger.deleted.insert(seq);
+        }
+    });
+    // The power goes at the next sync: a report after the last acknowledgements.
+    disk.cut_at(disk.syncs() + 1);
+    let _ = rt.block_on(outbox.append(vec![change("last", json!(1))]));
+    let images = disk.cut_images().expect("the cut happened");
+    drop(outbox);
+    let dir = scratch();
+    let mut most = 0;
+    for (variant, image, journal) in &images {
+        let path = dir.path().join("store.redb");
+        std::fs::write(&path, image).unwrap();
+        std::fs::write(edgesync::journal_path(&path), journal).unwrap();
+        let outbox = Outbox::open(&store_opts(&path, &plan)).unwrap();
+        let back = outbox.read_from(0, usize::MAX, usize::MAX).unwrap();
+        let back = back
+            .iter()
+            .filter(|q| ledger.deleted.contains(&q.seq))
+            .count() as u64;
+        eprintln!("{total} acknowledged one by one, power cut ({variant}): {back} come back");
+        assert!(back < edgesync::ACK_SYNC, "{variant}: {back} come back");
+        most = most.max(back);
+        let mut l = ledger.clone();
+        check_invariants(&outbox, &plan, &mut l, variant);
+        outbox.shutdown_blocking();
+    }
+    // The deletions not yet durable: the last `total % ACK_SYNC`.
+    assert_eq!(most, total % edgesync::ACK_SYNC);
+}
