@@ -5,6 +5,8 @@
 //! cargo bench --bench compare -- --quick      # smoke run: 1 repeat, backlogs 10^4 and 10^5
 //! cargo bench --bench compare -- --only 1 --sizes 1000000 --budget 300
 //! cargo bench --bench compare -- --only 1,3 --repeats 5 --sizes 1000000
+//! cargo bench --bench compare -- --only 1 --sizes 1000000 --no-peer   # edgesync's peak RSS holding and draining
+//! EDGESYNC_BENCH_DAEMON=target/ship/edgesync cargo bench --bench compare -- --only 1 --no-peer
 //! ```
 //!
 //! Both systems take changes from a local publisher while the "cloud" is unreachable, keep
