@@ -5,6 +5,8 @@
 //! cargo bench --bench compare -- --quick      # smoke run: 1 repeat, backlogs 10^4 and 10^5
 //! cargo bench --bench compare -- --only 1 --sizes 1000000 --budget 300
 //! cargo bench --bench compare -- --only 1,3 --repeats 5 --sizes 1000000
+//! cargo bench --bench compare -- --only 1 --sizes 1000000 --no-peer   # edgesync's peak RSS holding and draining
+//! EDGESYNC_BENCH_DAEMON=target/ship/edgesync cargo bench --bench compare -- --only 1 --no-peer
 //! ```
 //!
 //! Both systems take changes from a local publisher while the "cloud" is unreachable, keep
@@ -61,7 +63,7 @@ const WARMUP: usize = 20;
 
 const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4]
        [--sizes 10000,100000,1000000,10000000] [--budget S] [--kill N] [--samples N]
-       [--inflight N] [--svg PATH]
+       [--inflight N] [--svg PATH] [--no-peer] [--store-extra LINE]
 
   --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG,
                 peer budget 30 s (also what `cargo test --benches` runs)
@@ -75,7 +77,13 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats 
   --kill N      backlog at the kill -9 (default 100000)
   --samples N   latency samples (default 1000, every 2 ms)
   --inflight N  the peer publisher's QoS 1 window (default 10000: the fastest of 100/1000/10000 here)
-  --svg PATH    chart output (default docs/compare.svg on a full run of groups 1 and 3)";
+  --svg PATH    chart output (default docs/compare.svg on a full run of groups 1 and 3)
+  --no-peer     group 1 runs edgesync only and prints its medians per size (for A/B runs of
+                edgesync settings; no comparison table)
+  --store-extra LINE  a TOML line added to edgesync's [store] section in group 1, e.g.
+                'cache_size = \"1MiB\"'
+env EDGESYNC_BENCH_DAEMON=PATH starts that edgesync binary (e.g. target/ship/edgesync, the
+                build devices run) instead of the bench profile's";
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -89,6 +97,8 @@ struct Args {
     spacing: Duration,
     inflight: u16,
     svg: Option<PathBuf>,
+    no_peer: bool,
+    store_extra: String,
 }
 
 fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Res<T> {
@@ -118,6 +128,8 @@ fn parse_args() -> Res<Args> {
     let mut samples = None;
     let mut inflight = 10_000u16;
     let mut svg = None;
+    let mut no_peer = false;
+    let mut store_extra = String::new();
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -138,6 +150,10 @@ fn parse_args() -> Res<Args> {
             "--samples" => samples = Some(num::<usize>("--samples", it.next())?.max(10)),
             "--inflight" => inflight = num::<u16>("--inflight", it.next())?.max(1),
             "--svg" => svg = Some(PathBuf::from(it.next().ok_or("--svg needs a path")?)),
+            "--no-peer" => no_peer = true,
+            "--store-extra" => {
+                store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
+            }
             // `cargo bench` passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
@@ -164,7 +180,7 @@ fn parse_args() -> Res<Args> {
     if sizes.is_empty() {
         return Err("--sizes: no size".into());
     }
-    let full = !quick && only.contains(&1) && only.contains(&3);
+    let full = !quick && !no_peer && only.contains(&1) && only.contains(&3);
     Ok(Args {
         quick,
         repeats: repeats.unwrap_or(if quick { 1 } else { 3 }),
@@ -179,6 +195,8 @@ fn parse_args() -> Res<Args> {
         svg: svg.or_else(|| {
             full.then(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/compare.svg"))
         }),
+        no_peer,
+        store_extra,
     })
 }
 
@@ -521,6 +539,10 @@ struct Run {
     drain: f64,
     /// Restore → the cloud holds every change.
     total_ms: f64,
+    /// `VmHWM` once every change is acknowledged, before the cloud comes back: the peak
+    /// while taking in and holding the backlog.
+    held_rss: f64,
+    /// `VmHWM` at the end: the peak of the whole run, the drain included.
     peak_rss: f64,
     /// Bytes the backlog's file takes on disk (allocated blocks, what `du` shows), per change.
     disk_per_change: f64,
@@ -646,7 +668,7 @@ fn finish_drain(
     Ok(())
 }
 
-fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
+fn edgesync_backlog(n: usize, input: &[u8], store_extra: &str) -> Res<Run> {
     let mut r = Run::default();
     let w = World::new()?;
     w.proxy.cut();
@@ -657,11 +679,16 @@ fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
         Format::Batch,
         n,
     )?;
-    let setup = w.agent(
+    let mut setup = w.agent(
         "backlog",
         "reconnect_initial = \"100ms\"\nreconnect_max = \"100ms\"",
         "",
     )?;
+    if !store_extra.is_empty() {
+        let text = std::fs::read_to_string(&setup.config).map_err(|e| e.to_string())?;
+        let text = text.replacen("[store]\n", &format!("[store]\n{store_extra}\n"), 1);
+        setup = Setup::write(&w.dir.path().join("backlog"), setup.socket, &text)?;
+    }
     trace("daemon");
     let mut d = Daemon::start(&setup, true)?;
     let pid = d.pid();
@@ -681,6 +708,7 @@ fn edgesync_backlog(n: usize, input: &[u8]) -> Res<Run> {
     let store = w.dir.path().join("backlog/edgesync.redb");
     r.disk_per_change = disk_bytes(&store) as f64 / n as f64;
     r.file_per_change = file_size(&store) as f64 / n as f64;
+    r.held_rss = proc_status_kb(pid, "VmHWM")? as f64;
     trace("drain");
     let restore = Instant::now();
     w.proxy.restore();
@@ -742,6 +770,7 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
             cpu: ticks_to_s(c1 - c0),
         });
         r.peak_rss = proc_status_kb(pid, "VmHWM")? as f64;
+        r.held_rss = r.peak_rss;
         r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / acked.max(1) as f64;
         for f in [
             &mut r.first_ms,
@@ -759,6 +788,7 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
         return Ok(r);
     }
     r.cpu_ingest = ticks_to_s(c1 - c0) * 1e6 / n as f64;
+    r.held_rss = proc_status_kb(pid, "VmHWM")? as f64;
     publisher.close();
     // What the backlog takes on disk once saved: SIGUSR1 makes Mosquitto save now (by
     // default it would only at the 1800 s autosave or at a clean shutdown).
@@ -836,9 +866,10 @@ fn run_line(x: &Run) -> String {
     }
     let _ = write!(
         o,
-        " ({} msgs) · peak RSS {:.1} MiB · disk {:.1} B/change (file size {:.1}) · CPU s/10^6: ingest {:.2} drain {:.2}",
+        " ({} msgs) · peak RSS {:.1} MiB (holding the backlog {:.1}) · disk {:.1} B/change (file size {:.1}) · CPU s/10^6: ingest {:.2} drain {:.2}",
         x.messages,
         x.peak_rss / MIB,
+        x.held_rss / MIB,
         x.disk_per_change,
         x.file_per_change,
         x.cpu_ingest,
@@ -1596,6 +1627,7 @@ fn run() -> Res<()> {
          samples every {:?}; {} repeats; peer publisher QoS 1 window {}",
         args.sizes, args.kill, args.samples, args.spacing, args.repeats, args.inflight
     );
+    println!("daemon  {}", common::daemon_path());
     println!("load    {} at start\n", loadavg());
     let mut table = Vec::new();
     let mut per_size: BTreeMap<usize, Pair> = BTreeMap::new();
@@ -1610,7 +1642,8 @@ fn run() -> Res<()> {
         for &n in &args.sizes {
             let input = ndjson(n);
             for r in 0..args.repeats {
-                let e = edgesync_backlog(n, &input).map_err(|e| format!("edgesync: {e}"))?;
+                let e = edgesync_backlog(n, &input, &args.store_extra)
+                    .map_err(|e| format!("edgesync: {e}"))?;
                 println!(
                     "backlog {n} {}/{} edgesync: {} · load {}",
                     r + 1,
@@ -1619,7 +1652,7 @@ fn run() -> Res<()> {
                     loadavg()
                 );
                 per_size.entry(n).or_default().0.push(e);
-                if peer_cut && r > 0 {
+                if args.no_peer || (peer_cut && r > 0) {
                     continue;
                 }
                 // One retry: a failed peer run is printed, not hidden.
@@ -1638,6 +1671,20 @@ fn run() -> Res<()> {
                 );
                 peer_cut |= p.cut().is_some();
                 per_size.entry(n).or_default().1.push(p);
+            }
+        }
+        if args.no_peer {
+            for (n, (e, _)) in &per_size {
+                let m = |f: fn(&Run) -> f64| median(&e.iter().map(f).collect::<Vec<f64>>());
+                println!(
+                    "backlog {n} edgesync medians of {}: ingest {:.0}/s · drain {:.0}/s · \
+                     peak RSS holding {:.1} MiB · peak RSS draining {:.1} MiB",
+                    e.len(),
+                    m(|r| r.ingest),
+                    m(|r| r.drain),
+                    m(|r| r.held_rss / MIB),
+                    m(|r| r.peak_rss / MIB),
+                );
             }
         }
         // The headline: the largest size at which every peer run completed.
@@ -1687,6 +1734,14 @@ fn run() -> Res<()> {
                 &col(p, |r| r.peak_rss / MIB),
                 "≤ 0.5× peer",
                 Some(ratio(|r| r.peak_rss) <= 0.5),
+            ));
+            table.push(row(
+                "  peak RSS holding the backlog (before the cloud comes back)",
+                "MiB",
+                &col(e, |r| r.held_rss / MIB),
+                &col(p, |r| r.held_rss / MIB),
+                "-",
+                None,
             ));
             table.push(row(
                 "on disk per queued change (allocated blocks)",

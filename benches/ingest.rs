@@ -38,8 +38,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{
-    DAEMON, Daemon, KEYS, MIB, Res, VALUE_LEN, loadavg, machine_in, median, ndjson, proc_status_kb,
-    status, stream, value,
+    Daemon, KEYS, MIB, Res, VALUE_LEN, loadavg, machine_in, median, ndjson, proc_status_kb, status,
+    stream, value,
 };
 
 const CLIENTS: usize = 8;
@@ -505,7 +505,7 @@ fn run() -> Res<()> {
     );
     print!("{}", machine_in(&args.dir));
     println!("load    {} at start", loadavg());
-    println!("daemon  {DAEMON}");
+    println!("daemon  {}", common::daemon_path());
     println!(
         "work    fig.1 {} changes, fig.2 {CLIENTS}×{}, fig.3 {} req/s for {} s; {KEYS} keys, \
          {VALUE_LEN}-char string values; {} repeats{}\n",

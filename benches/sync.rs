@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    DAEMON, Daemon, KEYS, MIB, Res, Setup, StatusConn, Subscriber, VALUE_LEN, batch_changes,
+    Daemon, KEYS, MIB, Res, Setup, StatusConn, Subscriber, VALUE_LEN, batch_changes,
     clock_ticks_per_sec, cpu_ticks, loadavg, machine, median, mqtt_options, ndjson, nodelay,
     pki_and_mosquitto, proc_status_kb, scheduled, stream, value, wait_online,
 };
@@ -837,7 +837,7 @@ fn run() -> Res<()> {
         if args.quick { " (--quick)" } else { "" }
     );
     print!("{}", machine());
-    println!("daemon  {DAEMON}");
+    println!("daemon  {}", common::daemon_path());
     println!(
         "work    fig.1 {} changes ({KEYS} keys, {VALUE_LEN}-char values) drained to Mosquitto \
          over mTLS; fig.3 {} samples every {:?}; fig.4 {:?} offline; {} repeats",

@@ -22,6 +22,12 @@ use tempfile::TempDir;
 pub type Res<T> = Result<T, String>;
 
 pub const DAEMON: &str = env!("CARGO_BIN_EXE_edgesync");
+
+/// The daemon the benches start: `EDGESYNC_BENCH_DAEMON` if set (e.g. the `ship` build that
+/// devices run, `target/ship/edgesync`), else [`DAEMON`], the bench profile's build.
+pub fn daemon_path() -> String {
+    std::env::var("EDGESYNC_BENCH_DAEMON").unwrap_or_else(|_| DAEMON.to_owned())
+}
 /// Distinct keys in the generated changes.
 pub const KEYS: usize = 100;
 /// Length of every generated string value.
@@ -82,13 +88,14 @@ impl Daemon {
             String::new()
         };
         let mut words = wrapper.split_whitespace();
+        let daemon = daemon_path();
         let mut cmd = match words.next() {
             Some(tool) => {
                 let mut c = Command::new(tool);
-                c.args(words).arg(DAEMON);
+                c.args(words).arg(&daemon);
                 c
             }
-            None => Command::new(DAEMON),
+            None => Command::new(&daemon),
         };
         cmd.arg("run")
             .arg("--config")
@@ -101,7 +108,7 @@ impl Daemon {
         let t0 = Instant::now();
         let child = cmd
             .spawn()
-            .map_err(|e| format!("cannot start {DAEMON}: {e}"))?;
+            .map_err(|e| format!("cannot start {daemon}: {e}"))?;
         let mut d = Daemon {
             child: Some(child),
             wrapped: !wrapper.is_empty(),

@@ -82,7 +82,9 @@ impl Default for StoreConfig {
             path: PathBuf::from(DEFAULT_STORE_PATH),
             max_bytes: DEFAULT_MAX_BYTES,
             when_full: WhenFull::DropOldest,
-            cache_size: 4 * MIB,
+            // The outbox is written at its tail and read once from its head: a larger cache
+            // mostly holds pages not read again, and costs RSS (docs/BENCHMARKS.md, "Memory").
+            cache_size: MIB,
         }
     }
 }

@@ -90,7 +90,7 @@ fn defaults_apply_when_optional_keys_are_omitted() {
     );
     assert_eq!(config.store.max_bytes, 256 * MIB);
     assert_eq!(config.store.when_full, WhenFull::DropOldest);
-    assert_eq!(config.store.cache_size, 4 * MIB);
+    assert_eq!(config.store.cache_size, MIB);
     assert_eq!(config.sync.encoding, Encoding::Cbor);
     assert_eq!(config.sync.batch_max_changes, 1000);
     assert_eq!(config.sync.batch_max_bytes, 256 * KIB);
@@ -107,7 +107,7 @@ fn every_key_can_be_set() {
         "topic_prefix = \"acme/fleet\"\nkeep_alive = \"1m\"\nclient_id = \"pump-0042-a\"\n\
              username = \"pump\"",
         "[store]\npath = \"/data/q.redb\"\nmax_bytes = \"1GiB\"\nwhen_full = \"reject\"\n\
-             cache_size = 1048576\n\
+             cache_size = 2097152\n\
              [sync]\nencoding = \"json\"\nbatch_max_changes = 50\nbatch_max_bytes = \"1MB\"\n\
              linger = \"250ms\"\nmax_inflight = 1\n\
              [local]\nsocket = \"/run/es.sock\"\n\
@@ -120,7 +120,7 @@ fn every_key_can_be_set() {
     assert_eq!(config.store.path, Path::new("/data/q.redb"));
     assert_eq!(config.store.max_bytes, GIB);
     assert_eq!(config.store.when_full, WhenFull::Reject);
-    assert_eq!(config.store.cache_size, MIB);
+    assert_eq!(config.store.cache_size, 2 * MIB);
     assert_eq!(config.sync.encoding, Encoding::Json);
     assert_eq!(config.sync.batch_max_changes, 50);
     assert_eq!(config.sync.batch_max_bytes, 1_000_000);

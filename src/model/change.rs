@@ -233,7 +233,13 @@ impl RawChange {
 
 /// CBOR-encodes a value, enforcing the size limit.
 pub fn encode_value(key: &str, value: &serde_json::Value) -> Result<Vec<u8>, ChangeError> {
-    let mut out = Vec::with_capacity(16);
+    // Sized for a string (the usual value: its bytes and a CBOR head of at most 9), so it
+    // is not grown by doubling: reports in flight take less memory (issue 16).
+    let cap = match value {
+        serde_json::Value::String(s) => s.len() + 9,
+        _ => 16,
+    };
+    let mut out = Vec::with_capacity(cap);
     ciborium::into_writer(value, &mut out).map_err(|e| ChangeError::Encode {
         key: key.to_owned(),
         reason: e.to_string(),
