@@ -482,6 +482,9 @@ struct Shared {
     /// Where the writer hands each commit's new records before its fsync ([`Outbox::tail`]).
     tail: Mutex<Option<mpsc::Sender<Vec<Queued>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// `meta.written_bytes` at open, and this process's bytes written as last noted.
+    written_base: u64,
+    written_noted: AtomicU64,
 }
 
 /// Handle to the outbox; cheap to clone. See the module docs for its guarantees.
@@ -561,6 +564,8 @@ impl Outbox {
             appended: watch::Sender::new(stats.next_seq),
             tail: Mutex::new(None),
             writer: Mutex::new(None),
+            written_base: meta.written_bytes,
+            written_noted: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let writer = Writer {
@@ -1048,6 +1053,8 @@ pub struct Meta {
     pub seq_reserved: u64,
     /// Accounted bytes of the state tables (see "Bounds").
     pub state_bytes: u64,
+    /// Bytes this agent has written over the store's life (see [`Outbox::note_written`]).
+    pub written_bytes: u64,
 }
 
 impl Meta {
@@ -1068,7 +1075,7 @@ impl Meta {
         Ok(meta)
     }
 
-    const FIELDS: [&'static str; 10] = [
+    const FIELDS: [&'static str; 11] = [
         "next_seq",
         "depth",
         "bytes",
@@ -1079,9 +1086,10 @@ impl Meta {
         "seq_reserved",
         "corrupt",
         "state_bytes",
+        "written_bytes",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 10] {
+    fn fields_mut(&mut self) -> [&mut u64; 11] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -1093,6 +1101,7 @@ impl Meta {
             &mut self.seq_reserved,
             &mut self.corrupt,
             &mut self.state_bytes,
+            &mut self.written_bytes,
         ]
     }
 
@@ -1127,7 +1136,7 @@ impl Meta {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
-                    None if matches!(*name, "seq_reserved" | "corrupt") => {}
+                    None if matches!(*name, "seq_reserved" | "corrupt" | "written_bytes") => {}
                     None => {
                         state_missing |= *name == "state_bytes";
                         changed = true;
@@ -1219,6 +1228,29 @@ impl Meta {
             state_bytes: self.state_bytes,
             max_state_bytes: state_allowance(max_bytes),
         }
+    }
+}
+
+// Bytes written (issue 16): the agent's own `write_bytes` (/proc/self/io), kept over the
+// store's life in `meta.written_bytes`. Persisted only by commits made anyway: a commit of
+// its own would itself wear the card.
+
+impl Outbox {
+    /// Notes `process_total`, this process's bytes written so far; returns the lifetime
+    /// total (what earlier runs persisted, plus it). The writer's next commit persists it.
+    pub fn note_written(&self, process_total: u64) -> u64 {
+        self.shared
+            .written_noted
+            .fetch_max(process_total, Ordering::Relaxed);
+        self.shared.written_lifetime()
+    }
+}
+
+impl Shared {
+    /// Absolute, not a delta: a failed commit loses nothing, the next one writes it again.
+    fn written_lifetime(&self) -> u64 {
+        self.written_base
+            .saturating_add(self.written_noted.load(Ordering::Relaxed))
     }
 }
 
@@ -1575,6 +1607,8 @@ impl Writer {
                 Some(_) => self.meta.next_seq + SEQ_RESERVE,
                 None => self.meta.next_seq,
             };
+            // Bytes written ride along (issue 16): never a commit of their own.
+            self.meta.written_bytes = self.shared.written_lifetime();
             let mut meta = txn.open_table(META)?;
             self.meta.store(&mut meta)?;
         }
