@@ -1499,7 +1499,13 @@ struct WearPeer<'a> {
     m: Mosquitto,
     publisher: Publisher,
     pid: u32,
+    /// PUBACKs that did not come within [`WEAR_ACK_WAIT`].
+    missing: u64,
 }
+
+/// How long a report of the peer waits for its PUBACKs. One went missing once in about
+/// 70,000 (while the bridge was cut): the figure is bytes written, so the run goes on.
+const WEAR_ACK_WAIT: Duration = Duration::from_secs(10);
 
 impl WearTarget for WearPeer<'_> {
     fn pid(&self) -> u32 {
@@ -1519,7 +1525,23 @@ impl WearTarget for WearPeer<'_> {
                 )
                 .map_err(|e| format!("publish {k}: {e}"))?;
         }
-        self.publisher.wait_acks((i + n) as u64).map(|_| ())
+        let want = (i + n) as u64 - self.missing;
+        let deadline = Instant::now() + WEAR_ACK_WAIT;
+        loop {
+            let a = self.publisher.acks.load(Ordering::SeqCst);
+            if a >= want {
+                return Ok(());
+            }
+            if let Some(e) = self.publisher.failed.lock().ok().and_then(|f| f.clone()) {
+                return Err(format!("publisher: {e} after {a} PUBACKs"));
+            }
+            if Instant::now() > deadline {
+                println!("wear peer: {} PUBACK(s) missing after {a}", want - a);
+                self.missing += want - a;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     fn go_offline(&mut self) -> Res<()> {
@@ -1568,6 +1590,7 @@ fn peer_wear(args: &Args) -> Res<Vec<(f64, u64)>> {
         m,
         publisher,
         pid,
+        missing: 0,
     };
     let out = wear_run(&mut t, args.wear_secs, args.wear_warmup);
     t.publisher.close();
