@@ -7,6 +7,7 @@
 //! cargo bench --bench compare -- --only 1,3 --repeats 5 --sizes 1000000
 //! cargo bench --bench compare -- --only 1 --sizes 1000000 --no-peer   # edgesync's peak RSS holding and draining
 //! EDGESYNC_BENCH_DAEMON=target/ship/edgesync cargo bench --bench compare -- --only 1 --no-peer
+//! cargo bench --bench compare -- --only 5                 # flash wear, about 6 min a repeat
 //! ```
 //!
 //! Both systems take changes from a local publisher while the "cloud" is unreachable, keep
@@ -26,7 +27,9 @@
 //! Groups: 1 = backlog runs per size (ingest while offline, drain, time to first message,
 //! peak RSS, bytes on disk, CPU); 2 = kill -9 with a backlog, lost acknowledged changes;
 //! 3 = online latency; 4 = slow link (250 kB/s and 200 ms round trip through the proxy's
-//! delay line: backlog drains over batch size and window, online latency over linger).
+//! delay line: backlog drains over batch size and window, online latency over linger);
+//! 5 = flash wear (bytes written per change, `write_bytes` of /proc/PID/io, in the cases of
+//! issue 16; only with `--only 5`: it spends minutes of wall clock at 1 report/s).
 
 mod common;
 
@@ -61,14 +64,16 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Latency samples discarded at the start (first publish after connect, cold caches).
 const WARMUP: usize = 20;
 
-const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4]
+const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4,5]
        [--sizes 10000,100000,1000000,10000000] [--budget S] [--kill N] [--samples N]
-       [--inflight N] [--svg PATH] [--no-peer] [--store-extra LINE]
+       [--inflight N] [--svg PATH] [--no-peer] [--store-extra LINE] [--wear-secs S]
+       [--wear-warmup S]
 
   --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG,
                 peer budget 30 s (also what `cargo test --benches` runs)
   --repeats N   repeats of every figure (default 3)
-  --only LIST   groups: 1 backlog (ingest, drain, RSS, disk, CPU), 2 kill -9, 3 latency, 4 slow link
+  --only LIST   groups: 1 backlog (ingest, drain, RSS, disk, CPU), 2 kill -9, 3 latency, 4 slow link,
+                5 flash wear (not run unless listed)
   --sizes LIST  backlog sizes of group 1 (default 10000,100000,1000000,10000000); the headline
                 is the largest size the peer completed
   --budget S    seconds the peer may take for its ingest and for its drain at one size (default
@@ -78,6 +83,8 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats 
   --samples N   latency samples (default 1000, every 2 ms)
   --inflight N  the peer publisher's QoS 1 window (default 10000: the fastest of 100/1000/10000 here)
   --svg PATH    chart output (default docs/compare.svg on a full run of groups 1 and 3)
+  --wear-secs S   length of each measured case of group 5 (default 30, 5 with --quick)
+  --wear-warmup S warm-up of each case of group 5, not measured (default 5, 2 with --quick)
   --no-peer     group 1 runs edgesync only and prints its medians per size (for A/B runs of
                 edgesync settings; no comparison table)
   --store-extra LINE  a TOML line added to edgesync's [store] section in group 1, e.g.
@@ -99,6 +106,8 @@ struct Args {
     svg: Option<PathBuf>,
     no_peer: bool,
     store_extra: String,
+    wear_secs: u64,
+    wear_warmup: u64,
 }
 
 fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Res<T> {
@@ -130,6 +139,8 @@ fn parse_args() -> Res<Args> {
     let mut svg = None;
     let mut no_peer = false;
     let mut store_extra = String::new();
+    let mut wear_secs = None;
+    let mut wear_warmup = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -140,8 +151,8 @@ fn parse_args() -> Res<Args> {
                     .into_iter()
                     .map(|g| u8::try_from(g).unwrap_or(0))
                     .collect();
-                if only.iter().any(|g| !(1..=4).contains(g)) {
-                    return Err("--only: groups are 1 to 4".into());
+                if only.iter().any(|g| !(1..=5).contains(g)) {
+                    return Err("--only: groups are 1 to 5".into());
                 }
             }
             "--sizes" => sizes = Some(list("--sizes", it.next())?),
@@ -154,6 +165,8 @@ fn parse_args() -> Res<Args> {
             "--store-extra" => {
                 store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
             }
+            "--wear-secs" => wear_secs = Some(num::<u64>("--wear-secs", it.next())?.max(1)),
+            "--wear-warmup" => wear_warmup = Some(num::<u64>("--wear-warmup", it.next())?),
             // `cargo bench` passes --bench to every bench target.
             "--bench" => {}
             "-h" | "--help" => {
@@ -197,6 +210,8 @@ fn parse_args() -> Res<Args> {
         }),
         no_peer,
         store_extra,
+        wear_secs: wear_secs.unwrap_or(if quick { 5 } else { 30 }),
+        wear_warmup: wear_warmup.unwrap_or(if quick { 2 } else { 5 }),
     })
 }
 
@@ -1312,6 +1327,310 @@ fn slow_median<T: Clone>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T>
 }
 
 // ---------------------------------------------------------------------------------------------
+// Group 5: flash wear (issue 16). Bytes the local component makes the kernel write
+// (`write_bytes` of /proc/PID/io: page-granular, counted when a page is dirtied) per change,
+// each system on one process for every case, measured over the case after a warm-up.
+
+/// One case of group 5: `per_report` changes in each report, `per_sec` reports a second.
+struct WearCase {
+    name: &'static str,
+    per_report: usize,
+    per_sec: u32,
+    online: bool,
+    /// The issue's target: bytes per change (for idle: bytes over the whole case).
+    target: f64,
+    target_label: &'static str,
+}
+
+const WEAR_CASES: [WearCase; 5] = [
+    WearCase {
+        name: "online, 1 report/s",
+        per_report: 1,
+        per_sec: 1,
+        online: true,
+        target: 12.0 * 1024.0,
+        target_label: "≤ 12 KiB",
+    },
+    WearCase {
+        name: "online, 10 reports/s",
+        per_report: 1,
+        per_sec: 10,
+        online: true,
+        target: 8.0 * 1024.0,
+        target_label: "≤ 8 KiB",
+    },
+    WearCase {
+        name: "online, bursts of 1,000 changes in one report, 1/s",
+        per_report: 1000,
+        per_sec: 1,
+        online: true,
+        target: 100.0,
+        target_label: "≤ 100 B",
+    },
+    WearCase {
+        name: "idle, no report",
+        per_report: 0,
+        per_sec: 0,
+        online: true,
+        target: 0.0,
+        target_label: "0",
+    },
+    // Last: the link stays cut.
+    WearCase {
+        name: "offline (cloud cut), 1 report/s",
+        per_report: 1,
+        per_sec: 1,
+        online: false,
+        target: 8.0 * 1024.0,
+        target_label: "≤ 8 KiB",
+    },
+];
+
+/// Key `sensor.<i % 100>` and a 32-byte value: about 40 bytes, the issue's change.
+fn wear_value(i: usize) -> String {
+    format!("w-{i:030}")
+}
+
+/// `write_bytes` of /proc/PID/io.
+fn write_bytes(pid: u32) -> Res<u64> {
+    let path = format!("/proc/{pid}/io");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("no write_bytes in {path}"))
+}
+
+/// What one system needs for group 5: its process, one report of `n` changes from `i` on,
+/// the cut of its link.
+trait WearTarget {
+    fn pid(&self) -> u32;
+    fn report(&mut self, i: usize, n: usize) -> Res<()>;
+    /// Cuts the cloud and waits until the local component noticed.
+    fn go_offline(&mut self) -> Res<()>;
+    /// Waits until what was reported so far has left (edgesync: queue empty).
+    fn settle(&mut self) -> Res<()>;
+}
+
+/// Bytes written per change (idle: bytes in all) in every case, in `WEAR_CASES` order.
+fn wear_run(t: &mut dyn WearTarget, secs: u64, warmup: u64) -> Res<Vec<(f64, u64)>> {
+    let mut next = 0usize;
+    let mut out = Vec::new();
+    for c in &WEAR_CASES {
+        if !c.online {
+            t.go_offline()?;
+        }
+        let mut run = |t: &mut dyn WearTarget, s: u64| -> Res<usize> {
+            if c.per_sec == 0 {
+                std::thread::sleep(Duration::from_secs(s));
+                return Ok(0);
+            }
+            let n = usize::try_from(s * u64::from(c.per_sec)).unwrap_or(usize::MAX);
+            let spacing = Duration::from_secs(1) / c.per_sec;
+            let t0 = Instant::now();
+            scheduled(n, spacing, |_| {
+                t.report(next, c.per_report)?;
+                next += c.per_report;
+                Ok(())
+            })?;
+            // The window is n whole periods: the last report's writes fall inside it.
+            let end = t0 + spacing * u32::try_from(n).unwrap_or(u32::MAX);
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            Ok(n * c.per_report)
+        };
+        if c.per_sec == 0 {
+            t.settle()?;
+        }
+        run(t, warmup)?;
+        let b0 = write_bytes(t.pid())?;
+        let changes = run(t, secs)?;
+        let bytes = write_bytes(t.pid())? - b0;
+        let per = if changes == 0 {
+            bytes as f64
+        } else {
+            bytes as f64 / changes as f64
+        };
+        trace(&format!(
+            "wear {}: {bytes} bytes, {changes} changes",
+            c.name
+        ));
+        out.push((per, bytes));
+    }
+    Ok(out)
+}
+
+struct WearEdgesync<'a> {
+    w: &'a World,
+    d: Daemon,
+    conn: UnixStream,
+    replies: BufReader<UnixStream>,
+    line: String,
+    status: StatusConn,
+}
+
+impl WearTarget for WearEdgesync<'_> {
+    fn pid(&self) -> u32 {
+        self.d.pid()
+    }
+
+    fn report(&mut self, i: usize, n: usize) -> Res<()> {
+        let mut req = String::with_capacity(32 + n * 64);
+        req.push_str("{\"op\":\"report\",\"changes\":[");
+        for k in i..i + n {
+            if k > i {
+                req.push(',');
+            }
+            let _ = write!(
+                req,
+                "{{\"key\":\"sensor.{}\",\"value\":\"{}\"}}",
+                k % KEYS,
+                wear_value(k)
+            );
+        }
+        req.push_str("]}\n");
+        self.conn
+            .write_all(req.as_bytes())
+            .map_err(|e| format!("send: {e}"))?;
+        // One report at a time: at most 10/s, the answer is quick.
+        self.line.clear();
+        self.replies
+            .read_line(&mut self.line)
+            .map_err(|e| format!("answer: {e}"))?;
+        if !self.line.starts_with("{\"ok\":true") {
+            return Err(format!("report failed: {}", self.line.trim_end()));
+        }
+        Ok(())
+    }
+
+    fn go_offline(&mut self) -> Res<()> {
+        self.w.proxy.cut();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.status.get()?["connection"]["state"] == "online" {
+            if Instant::now() > deadline {
+                return Err("still online 30 s after the cut".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Res<()> {
+        let deadline = Instant::now() + DRAIN_STALL;
+        while self.status.get()?["queue"]["depth"] != 0 {
+            if Instant::now() > deadline {
+                return Err("the queue did not empty".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+struct WearPeer<'a> {
+    w: &'a World,
+    m: Mosquitto,
+    publisher: Publisher,
+    pid: u32,
+    /// PUBACKs that did not come within [`WEAR_ACK_WAIT`].
+    missing: u64,
+}
+
+/// How long a report of the peer waits for its PUBACKs. One went missing once in about
+/// 70,000 (while the bridge was cut): the figure is bytes written, so the run goes on.
+const WEAR_ACK_WAIT: Duration = Duration::from_secs(10);
+
+impl WearTarget for WearPeer<'_> {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// MQTT has no batch: a report of n changes is n publishes, all acknowledged.
+    fn report(&mut self, i: usize, n: usize) -> Res<()> {
+        for k in i..i + n {
+            self.publisher
+                .client
+                .publish(
+                    peer_topic(k),
+                    QoS::AtLeastOnce,
+                    false,
+                    wear_value(k).into_bytes(),
+                )
+                .map_err(|e| format!("publish {k}: {e}"))?;
+        }
+        let want = (i + n) as u64 - self.missing;
+        let deadline = Instant::now() + WEAR_ACK_WAIT;
+        loop {
+            let a = self.publisher.acks.load(Ordering::SeqCst);
+            if a >= want {
+                return Ok(());
+            }
+            if let Some(e) = self.publisher.failed.lock().ok().and_then(|f| f.clone()) {
+                return Err(format!("publisher: {e} after {a} PUBACKs"));
+            }
+            if Instant::now() > deadline {
+                println!("wear peer: {} PUBACK(s) missing after {a}", want - a);
+                self.missing += want - a;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    fn go_offline(&mut self) -> Res<()> {
+        // The cut closes the bridge's connection: Mosquitto sees it at once.
+        self.w.proxy.cut();
+        Ok(())
+    }
+
+    fn settle(&mut self) -> Res<()> {
+        Ok(())
+    }
+}
+
+fn edgesync_wear(args: &Args) -> Res<Vec<(f64, u64)>> {
+    let w = World::new()?;
+    let setup = w.agent("wear", "", "")?;
+    let d = Daemon::start(&setup, true)?;
+    wait_online(&d)?;
+    let conn = UnixStream::connect(&d.socket).map_err(|e| format!("connect: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let replies = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    let status = StatusConn::connect(&d.socket)?;
+    let mut t = WearEdgesync {
+        w: &w,
+        d,
+        conn,
+        replies,
+        line: String::new(),
+        status,
+    };
+    let out = wear_run(&mut t, args.wear_secs, args.wear_warmup);
+    t.d.stop()?;
+    out
+}
+
+fn peer_wear(args: &Args) -> Res<Vec<(f64, u64)>> {
+    let w = World::new()?;
+    let m = w.peer(None)?;
+    wait_bridge(&w)?;
+    let port = m.tcp_port.ok_or("no plain listener")?;
+    let pid = m.pid().ok_or("peer mosquitto not running")?;
+    let publisher = Publisher::connect(port, args.inflight)?;
+    let mut t = WearPeer {
+        w: &w,
+        m,
+        publisher,
+        pid,
+        missing: 0,
+    };
+    let out = wear_run(&mut t, args.wear_secs, args.wear_warmup);
+    t.publisher.close();
+    let _ = t.m.stop();
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
 // The chart: hand-written SVG.
 
 fn esc(s: &str) -> String {
@@ -1939,6 +2258,51 @@ fn run() -> Res<()> {
             );
         }
         println!("load    {} after the slow link", loadavg());
+    }
+
+    if args.only.contains(&5) {
+        println!(
+            "flash wear: write_bytes of /proc/PID/io of the agent / the local Mosquitto \
+             (persistence true, autosave_interval 1800: no fsync per message), {} s per case \
+             after {} s of warm-up, one ~40-byte change per report",
+            args.wear_secs, args.wear_warmup
+        );
+        let (mut we, mut wp) = (Vec::new(), Vec::new());
+        for r in 0..args.repeats {
+            let e = edgesync_wear(&args).map_err(|e| format!("edgesync: {e}"))?;
+            let p = peer_wear(&args).map_err(|e| format!("peer: {e}"))?;
+            for (c, (e, p)) in WEAR_CASES.iter().zip(e.iter().zip(&p)) {
+                println!(
+                    "wear {}/{} {}: edgesync {:.0} ({} bytes) · peer {:.0} ({} bytes) · load {}",
+                    r + 1,
+                    args.repeats,
+                    c.name,
+                    e.0,
+                    e.1,
+                    p.0,
+                    p.1,
+                    loadavg()
+                );
+            }
+            we.push(e);
+            wp.push(p);
+        }
+        for (k, c) in WEAR_CASES.iter().enumerate() {
+            let col = |v: &[Vec<(f64, u64)>]| v.iter().map(|r| r[k].0).collect::<Vec<f64>>();
+            let unit = if c.per_sec == 0 {
+                "bytes in the case"
+            } else {
+                "bytes/change"
+            };
+            table.push(row(
+                &format!("flash wear: {}", c.name),
+                unit,
+                &col(&we),
+                &col(&wp),
+                c.target_label,
+                Some(median(&col(&we)) <= c.target),
+            ));
+        }
     }
 
     if !per_size.is_empty() {

@@ -515,3 +515,85 @@ fn queue_commands_without_daemon_or_store_fail_clearly() {
     assert!(stderr(&out).contains("cannot write"), "{}", stderr(&out));
     agent.stop();
 }
+
+/// Issue 16: the agent's own bytes written (`/proc/self/io`) move with its commits in
+/// `status --json` (lifetime in `counters`, rate and projection in `metrics`) and the text
+/// file, and the lifetime total survives a restart (kept in the store, no commit of its own).
+#[test]
+fn bytes_written_move_with_reports_and_survive_a_restart() {
+    if std::fs::metadata("/proc/self/io").is_err() {
+        return; // a kernel without task I/O accounting: the figures are null
+    }
+    let mut agent = Agent::prepare(AgentOptions {
+        extra_toml: "[telemetry]\ninterval = \"1s\"\ntextfile = \"prom/edgesync.prom\"\n"
+            .to_owned(),
+        ..AgentOptions::default()
+    });
+    std::fs::create_dir_all(agent.dir().join("prom")).unwrap();
+    agent.launch();
+    let status_json = |agent: &Agent| -> Value {
+        let out = agent.cli(&["status", "--json"]);
+        assert_exit(&out, 0);
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let written = |s: &Value| s["counters"]["written_bytes"].as_u64();
+    let first = status_json(&agent);
+    assert!(
+        first["counter_scopes"]["persistent"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("written_bytes"))
+    );
+    let w0 = written(&first).expect("counters.written_bytes");
+    assert_eq!(first["metrics"]["written_bytes"], w0);
+
+    // Every report is a durable commit: keep reporting until a rate window saw them.
+    let mut i = 0;
+    let mut moved = Value::Null;
+    wait("a rate window with bytes written", DEADLINE, || {
+        i += 1;
+        let r = agent.request(&report_req([("wear.probe", json!(i))]));
+        assert_eq!(r["ok"], true, "{r}");
+        let s = status_json(&agent);
+        let busy = s["metrics"]["written_bytes_per_s"]
+            .as_f64()
+            .is_some_and(|r| r > 0.0);
+        if busy {
+            moved = s;
+        }
+        busy
+    });
+    let m = &moved["metrics"];
+    let per_s = m["written_bytes_per_s"].as_f64().unwrap();
+    let per_day = m["written_gb_per_day"].as_f64().unwrap();
+    // The projection is the rate over a day, in 10^9 bytes (rounded to 0.001).
+    assert!((per_day - per_s * 86_400.0 / 1e9).abs() <= 0.001, "{m:#}");
+    let w1 = written(&moved).unwrap();
+    assert!(w1 > w0, "{w0} -> {w1}");
+    let out = agent.cli(&["status"]);
+    assert!(stdout(&out).contains("written     "), "{}", stdout(&out));
+
+    // The text file carries the same figures.
+    let prom = agent.dir().join("prom/edgesync.prom");
+    wait("written bytes in the text file", DEADLINE, || {
+        std::fs::read_to_string(&prom).is_ok_and(|t| t.contains("edgesync_written_bytes_total{"))
+    });
+    let text = std::fs::read_to_string(&prom).unwrap();
+    let by = samples_by_series(&exposition::parse(&text).unwrap());
+    assert!(by["edgesync_written_bytes_total"] >= w0 as f64, "{text}");
+    assert!(
+        by.contains_key("edgesync_written_bytes_per_second"),
+        "{text}"
+    );
+    assert!(by.contains_key("edgesync_written_gb_per_day"), "{text}");
+
+    // A status notes the figure; the next commit (a report) persists it with the counters.
+    let noted = written(&agent.status()).unwrap();
+    let r = agent.request(&report_req([("wear.probe", json!(-1))]));
+    assert_eq!(r["ok"], true, "{r}");
+    agent.stop();
+    agent.restart();
+    let after = written(&status_json(&agent)).unwrap();
+    assert!(after >= noted, "lifetime went back: {noted} -> {after}");
+    agent.stop();
+}

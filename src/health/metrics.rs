@@ -18,6 +18,12 @@
 //! `dropped` counts `drop-oldest` evictions and `rejected` counts `store-full` refusals
 //! (both persistent, from the store); `rejected.invalid-change` counts the changes of
 //! requests the socket refused as invalid (since the daemon started).
+//!
+//! # Bytes written (issue 16)
+//! The agent's own `write_bytes` of `/proc/self/io` (a black box, as the bench measures it;
+//! the store is the only big writer): per second over the rate window, projected to GB a
+//! day, and over the store's life (kept in the store's `meta`, see
+//! [`Outbox::note_written`]). `null` where the kernel does not count it.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -54,6 +60,8 @@ pub struct Sample {
     pub reported: u64,
     /// Changes acknowledged by the broker so far (persistent counter).
     pub acked: u64,
+    /// Bytes this process has written so far (`/proc/self/io`), if known.
+    pub written: Option<u64>,
 }
 
 /// Changes per second over one window between two samples.
@@ -62,6 +70,9 @@ pub struct Rates {
     pub in_per_s: f64,
     pub out_per_s: f64,
     pub window_ms: u64,
+    /// Bytes written per second, when both samples know them.
+    #[serde(default)]
+    pub written_per_s: Option<f64>,
 }
 
 /// Turns successive samples into rates.
@@ -89,6 +100,11 @@ impl RateMeter {
                         in_per_s: round3(i as f64 / secs),
                         out_per_s: round3(o as f64 / secs),
                         window_ms,
+                        written_per_s: s
+                            .written
+                            .zip(prev.written)
+                            .and_then(|(now, then)| now.checked_sub(then))
+                            .map(|w| round3(w as f64 / secs)),
                     }),
                     _ => None,
                 };
@@ -107,6 +123,11 @@ impl RateMeter {
 
 fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
+}
+
+/// GB (10^9 bytes, as card makers count) a day at `bytes_per_s`.
+pub fn gb_per_day(bytes_per_s: f64) -> f64 {
+    round3(bytes_per_s * 86_400.0 / 1e9)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -138,6 +159,15 @@ pub struct Metrics {
     /// Incoming messages the link refused or dropped, since start.
     #[serde(default)]
     pub inbound: crate::health::status::Inbound,
+    /// Bytes the agent wrote over the store's life; `null` where `/proc` cannot tell.
+    #[serde(default)]
+    pub written_bytes: Option<u64>,
+    /// Bytes written per second over the rate window.
+    #[serde(default)]
+    pub written_bytes_per_s: Option<f64>,
+    /// GB a day at that rate.
+    #[serde(default)]
+    pub written_gb_per_day: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -207,6 +237,8 @@ pub struct Inputs {
     pub desired_version: Option<u64>,
     pub rss_bytes: Option<u64>,
     pub uptime: Duration,
+    /// Bytes written over the store's life.
+    pub written_bytes: Option<u64>,
 }
 
 /// Reads the inputs: queue figures (no I/O), the oldest change's time and the desired
@@ -231,6 +263,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
             .flatten(),
         rss_bytes: rss_bytes(),
         uptime: board.started().elapsed(),
+        written_bytes: write_bytes().map(|b| outbox.note_written(b)),
     }
 }
 
@@ -273,6 +306,9 @@ pub fn build(i: &Inputs) -> Metrics {
         desired_version: i.desired_version,
         retained_commands: i.link.retained_commands,
         inbound: i.link.inbound,
+        written_bytes: i.written_bytes,
+        written_bytes_per_s: i.rates.and_then(|r| r.written_per_s),
+        written_gb_per_day: i.rates.and_then(|r| r.written_per_s).map(gb_per_day),
     }
 }
 
@@ -284,6 +320,20 @@ pub fn collect(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Met
 /// `VmRSS` of this process, in bytes.
 pub fn rss_bytes() -> Option<u64> {
     parse_vm_rss(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// `write_bytes` of this process (`/proc/self/io`): bytes it made the kernel write.
+pub fn write_bytes() -> Option<u64> {
+    parse_write_bytes(&std::fs::read_to_string("/proc/self/io").ok()?)
+}
+
+/// `write_bytes: 1234` of a `/proc/PID/io` text.
+pub fn parse_write_bytes(io: &str) -> Option<u64> {
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `VmRSS:   1234 kB` of a `/proc/PID/status` text, in bytes.
@@ -459,6 +509,30 @@ pub fn prometheus(m: &Metrics) -> String {
     if let Some(v) = m.rss_bytes {
         e.sample("edgesync_resident_memory_bytes", &[], v);
     }
+    e.family(
+        "edgesync_written_bytes_total",
+        "counter",
+        "Bytes the agent wrote to storage over the store file's life (/proc/self/io).",
+    );
+    if let Some(v) = m.written_bytes {
+        e.sample("edgesync_written_bytes_total", &[], v);
+    }
+    e.family(
+        "edgesync_written_bytes_per_second",
+        "gauge",
+        "Bytes the agent wrote per second over the last interval.",
+    );
+    if let Some(v) = m.written_bytes_per_s {
+        e.sample("edgesync_written_bytes_per_second", &[], v);
+    }
+    e.family(
+        "edgesync_written_gb_per_day",
+        "gauge",
+        "GB (10^9 bytes) a day the agent writes at the rate of the last interval.",
+    );
+    if let Some(v) = m.written_gb_per_day {
+        e.sample("edgesync_written_gb_per_day", &[], v);
+    }
     e.gauge(
         "edgesync_uptime_seconds",
         "Seconds since the agent started.",
@@ -565,10 +639,15 @@ pub async fn run(
         }
         let stats = outbox.stats();
         let at_ms = u64::try_from(board.started().elapsed().as_millis()).unwrap_or(u64::MAX);
+        let written = write_bytes();
+        if let Some(b) = written {
+            outbox.note_written(b);
+        }
         board.observe(Sample {
             at_ms,
             reported: stats.reported,
             acked: stats.acked,
+            written,
         });
         if telemetry.interval.is_none() {
             continue;
@@ -618,7 +697,38 @@ mod tests {
             at_ms,
             reported,
             acked,
+            written: None,
         }
+    }
+
+    #[test]
+    fn bytes_written_per_second_and_per_day() {
+        let mut m = RateMeter::default();
+        let w = |at_ms, written| Sample {
+            written,
+            ..sample(at_ms, 0, 0)
+        };
+        assert_eq!(m.observe(w(0, Some(1_000))), None);
+        // 600 KB over 60 s: 10 kB/s, 0.864 GB a day.
+        let r = m.observe(w(60_000, Some(601_000))).unwrap();
+        assert_eq!(r.written_per_s, Some(10_000.0));
+        assert_eq!(gb_per_day(10_000.0), 0.864);
+        // Idle: zero, not unknown.
+        let r = m.observe(w(120_000, Some(601_000))).unwrap();
+        assert_eq!(r.written_per_s, Some(0.0));
+        assert_eq!(gb_per_day(0.0), 0.0);
+        // Unknown on either side (no /proc/self/io): no rate, the change rates stand.
+        let r = m.observe(w(180_000, None)).unwrap();
+        assert_eq!((r.written_per_s, r.in_per_s), (None, 0.0));
+        assert_eq!(m.observe(w(240_000, Some(5))).unwrap().written_per_s, None);
+        // 57 KB per change at 1 change/s (issue 16's before): ~4.9 GB a day.
+        assert_eq!(gb_per_day(57_000.0), 4.925);
+        assert_eq!(
+            parse_write_bytes("rchar: 1\nwrite_bytes: 4096\ncancelled_write_bytes: 0\n"),
+            Some(4096)
+        );
+        assert_eq!(parse_write_bytes("rchar: 1\n"), None);
+        assert_eq!(parse_write_bytes("write_bytes: x\n"), None);
     }
 
     #[test]
@@ -710,11 +820,13 @@ mod tests {
                 in_per_s: 1.5,
                 out_per_s: 0.25,
                 window_ms: 60_000,
+                written_per_s: Some(2_500.0),
             }),
             invalid_changes: 5,
             desired_version: Some(7),
             rss_bytes: Some(4 << 20),
             uptime: Duration::from_secs(61),
+            written_bytes: Some(7 << 20),
         }
     }
 
@@ -743,6 +855,9 @@ mod tests {
         assert_eq!(v["inbound"]["intake_deferred"], 14);
         assert_eq!(v["inbound"]["oversize_refused"], 12);
         assert_eq!(v["inbound"]["foreign_messages"], 13);
+        assert_eq!(v["written_bytes"], 7 << 20);
+        assert_eq!(v["written_bytes_per_s"], 2_500.0);
+        assert_eq!(v["written_gb_per_day"], 0.216);
         let back: Metrics = serde_json::from_value(v).unwrap();
         assert_eq!(back, m);
     }
@@ -780,6 +895,9 @@ mod tests {
             ("edgesync_desired_version", 7.0),
             ("edgesync_resident_memory_bytes", f64::from(4u32 << 20)),
             ("edgesync_uptime_seconds", 61.0),
+            ("edgesync_written_bytes_total", f64::from(7u32 << 20)),
+            ("edgesync_written_bytes_per_second", 2_500.0),
+            ("edgesync_written_gb_per_day", 0.216),
         ] {
             assert_eq!(by.get(series), Some(&want), "{series}\n{text}");
         }
@@ -790,12 +908,15 @@ mod tests {
         i.desired_version = None;
         i.rss_bytes = None;
         i.rates = None;
+        i.written_bytes = None;
         i.oldest_ts = None;
         i.link.state = LinkState::Offline;
         let text = prometheus(&build(&i));
         let by = samples_by_series(&exposition::parse(&text).unwrap());
         assert!(!by.contains_key("edgesync_desired_version"));
         assert!(!by.contains_key("edgesync_resident_memory_bytes"));
+        assert!(!by.contains_key("edgesync_written_bytes_total"));
+        assert!(!by.contains_key("edgesync_written_gb_per_day"));
         assert_eq!(by["edgesync_connected"], 0.0);
         assert_eq!(by["edgesync_oldest_queued_age_seconds"], 0.0);
     }

@@ -190,7 +190,14 @@ pub struct CounterScopes {
 impl Default for CounterScopes {
     fn default() -> Self {
         CounterScopes {
-            persistent: &["reported", "acked", "dropped", "rejected", "corrupt"],
+            persistent: &[
+                "reported",
+                "acked",
+                "dropped",
+                "rejected",
+                "corrupt",
+                "written_bytes",
+            ],
             since_start: &[
                 "sent",
                 "resent",
@@ -266,6 +273,9 @@ pub struct Counters {
     pub corrupt: u64,
     #[serde(flatten)]
     pub inbound: Inbound,
+    /// Bytes the agent wrote over the store's life (persistent); `null` where unknown.
+    #[serde(default)]
+    pub written_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -335,6 +345,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             retained_commands: link.retained_commands,
             corrupt: q.corrupt,
             inbound: link.inbound,
+            written_bytes: inputs.written_bytes,
         },
         desired: Desired {
             version: inputs.desired_version,
@@ -452,6 +463,16 @@ pub fn render(s: &Status, now_ms: u64) -> String {
             m.rss_bytes.map_or_else(|| "-".to_owned(), human_bytes),
             human_duration(m.uptime_s.saturating_mul(1000)),
         ));
+        if let Some(w) = m.written_bytes {
+            out.push_str(&format!("written     {} (store file)", human_bytes(w)));
+            if let (Some(r), Some(d)) = (m.written_bytes_per_s, m.written_gb_per_day) {
+                out.push_str(&format!(
+                    " · {}/s now · {d:.2} GB/day at this rate",
+                    human_bytes(r as u64)
+                ));
+            }
+            out.push('\n');
+        }
     }
     out
 }
@@ -511,6 +532,7 @@ mod tests {
                 retained_commands: 0,
                 corrupt: 0,
                 inbound: Inbound::default(),
+                written_bytes: None,
             },
             desired: Desired { version: None },
             reload: Default::default(),
@@ -594,11 +616,13 @@ mod tests {
             at_ms: 0,
             reported: 0,
             acked: 0,
+            written: Some(0),
         });
         board.observe(Sample {
             at_ms: 2_000,
             reported: 4,
             acked: 2,
+            written: Some(16_384),
         });
         let identity = Identity {
             device: "d".into(),
@@ -618,6 +642,14 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("rejected invalid-change 3\n"), "{text}");
+        // 8 KiB/s: 0.71 GB a day. This process's own bytes written, where /proc tells.
+        if let Some(w) = s.counters.written_bytes {
+            assert_eq!(m.written_bytes, Some(w));
+            assert!(
+                text.contains(" (store file) · 8.0 KiB/s now · 0.71 GB/day at this rate\n"),
+                "{text}"
+            );
+        }
         assert!(!text.contains("inbound"), "{text}");
         let mut noisy = s.clone();
         noisy.counters.inbound.intake_dropped = 5;

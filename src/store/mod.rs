@@ -505,6 +505,9 @@ struct Shared {
     /// Where the writer hands each commit's new records before its fsync ([`Outbox::tail`]).
     tail: Mutex<Option<mpsc::Sender<Vec<Queued>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// `meta.written_bytes` at open, and this process's bytes written as last noted.
+    written_base: u64,
+    written_noted: AtomicU64,
 }
 
 /// Handle to the outbox; cheap to clone. See the module docs for its guarantees.
@@ -617,6 +620,8 @@ impl Outbox {
             appended: watch::Sender::new(stats.next_seq),
             tail: Mutex::new(None),
             writer: Mutex::new(None),
+            written_base: meta.written_bytes,
+            written_noted: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
         let (timer_stop, stopped) = std::sync::mpsc::channel::<()>();
@@ -1186,6 +1191,8 @@ pub struct Meta {
     /// Journal records of this epoch whose commits this state includes (redb persists the
     /// non-durable commits when it closes): a replay skips them.
     pub wal_records: u64,
+    /// Bytes this agent has written over the store's life (see [`Outbox::note_written`]).
+    pub written_bytes: u64,
 }
 
 impl Meta {
@@ -1206,7 +1213,7 @@ impl Meta {
         Ok(meta)
     }
 
-    const FIELDS: [&'static str; 12] = [
+    const FIELDS: [&'static str; 13] = [
         "next_seq",
         "depth",
         "bytes",
@@ -1219,9 +1226,10 @@ impl Meta {
         "state_bytes",
         "wal_epoch",
         "wal_records",
+        "written_bytes",
     ];
 
-    fn fields_mut(&mut self) -> [&mut u64; 12] {
+    fn fields_mut(&mut self) -> [&mut u64; 13] {
         [
             &mut self.next_seq,
             &mut self.depth,
@@ -1235,6 +1243,7 @@ impl Meta {
             &mut self.state_bytes,
             &mut self.wal_epoch,
             &mut self.wal_records,
+            &mut self.written_bytes,
         ]
     }
 
@@ -1269,7 +1278,10 @@ impl Meta {
                 match table.get(*name)? {
                     Some(v) => *field = v.value(),
                     // Stores of earlier versions have none; the next commit writes it.
-                    None if matches!(*name, "seq_reserved" | "corrupt" | "wal_records") => {}
+                    None if matches!(
+                        *name,
+                        "seq_reserved" | "corrupt" | "wal_records" | "written_bytes"
+                    ) => {}
                     // A new store: an epoch from the clock, so that a journal left by an
                     // earlier store at this path never matches it.
                     None if *name == "wal_epoch" => {
@@ -1369,6 +1381,29 @@ impl Meta {
             state_bytes: self.state_bytes,
             max_state_bytes: state_allowance(max_bytes),
         }
+    }
+}
+
+// Bytes written (issue 16): the agent's own `write_bytes` (/proc/self/io), kept over the
+// store's life in `meta.written_bytes`. Persisted only by commits made anyway: a commit of
+// its own would itself wear the card.
+
+impl Outbox {
+    /// Notes `process_total`, this process's bytes written so far; returns the lifetime
+    /// total (what earlier runs persisted, plus it). The writer's next commit persists it.
+    pub fn note_written(&self, process_total: u64) -> u64 {
+        self.shared
+            .written_noted
+            .fetch_max(process_total, Ordering::Relaxed);
+        self.shared.written_lifetime()
+    }
+}
+
+impl Shared {
+    /// Absolute, not a delta: a failed commit loses nothing, the next one writes it again.
+    fn written_lifetime(&self) -> u64 {
+        self.written_base
+            .saturating_add(self.written_noted.load(Ordering::Relaxed))
     }
 }
 
@@ -1811,6 +1846,8 @@ impl Writer {
                 Some(_) => self.meta.next_seq + SEQ_RESERVE,
                 None => self.meta.next_seq,
             };
+            // Bytes written ride along (issue 16): never a commit of their own.
+            self.meta.written_bytes = self.shared.written_lifetime();
             record.seq_reserved = self.meta.seq_reserved;
             // A record is written when it holds appends (they are answered once durable)
             // or enough acknowledgements wait; otherwise they wait in memory.

@@ -679,3 +679,42 @@ fn an_older_store_counts_its_state_once_at_open() {
     assert_eq!(outbox.stats().state_bytes, before);
     outbox.shutdown_blocking();
 }
+
+#[test]
+fn bytes_written_ride_along_with_commits_made_anyway_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 20, WhenFull::Reject);
+    let rt = rt();
+    let outbox = Outbox::open(&o).unwrap();
+    let commits = outbox.commits();
+    assert_eq!(outbox.note_written(1_000), 1_000);
+    // A process total never goes back: a late, lower note changes nothing.
+    assert_eq!(outbox.note_written(900), 1_000);
+    assert_eq!(outbox.commits(), commits, "noting must not commit");
+    rt.block_on(outbox.append(vec![change("k", json!(1))]))
+        .unwrap();
+    outbox.shutdown_blocking();
+    drop(outbox);
+
+    // A new process starts at 0 and adds to what the last commit persisted.
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.note_written(0), 1_000);
+    assert_eq!(outbox.note_written(500), 1_500);
+    let read = outbox.read().unwrap();
+    assert_eq!(
+        Meta::read(&read).unwrap().written_bytes,
+        1_000,
+        "not before a commit"
+    );
+    drop(read);
+    // The clean stop's last commit carries it.
+    outbox.shutdown_blocking();
+    drop(outbox);
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(outbox.note_written(0), 1_500);
+    let read = outbox.read().unwrap();
+    assert_eq!(Meta::read(&read).unwrap().written_bytes, 1_500);
+    drop(read);
+    outbox.shutdown_blocking();
+    drop(outbox);
+}
