@@ -19,7 +19,9 @@
 //! - **Journal** ([`journal`], flash wear). Small commits of appends and acks are journal
 //!   records plus non-durable redb commits; a checkpoint (a durable commit: caller
 //!   transactions, [`JOURNAL_MAX_CHANGES`] changes or more, a record past
-//!   [`journal::RECORD_MAX`], the journal half full, [`CHECKPOINT_EVERY`], a clean stop)
+//!   [`journal::RECORD_MAX`] or a change of more than [`JOURNAL_VALUE_MAX`], the journal
+//!   half full or [`JOURNAL_RECORDS_MAX`] records, a clean stop; never by time, so an idle
+//!   store writes nothing)
 //!   persists them all and bumps `meta.wal_epoch`. Open replays the records of the current
 //!   epoch past `meta.wal_records` (those redb already holds) in one checkpoint, with the
 //!   seqs they were given and without refusing what was acknowledged. Acks alone write
@@ -160,14 +162,16 @@ const CHANNEL_DEPTH: usize = 4096;
 /// First and longest wait before the writer reopens the store after an I/O error.
 /// A commit of at least this many changes is a checkpoint (a durable redb commit): its
 /// fixed cost is spread over them, and it would make a large journal record.
-pub const JOURNAL_MAX_CHANGES: usize = 256;
+pub const JOURNAL_MAX_CHANGES: usize = 2048;
 /// Acknowledged changes whose journal record may stay unsynced; more are synced at once.
 /// Bounds what a crash can send again (module docs, "Journal").
 pub const ACK_SYNC: u64 = 1024;
-/// A checkpoint at least this often while the journal holds records.
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(60);
+/// A change with a larger value makes its commit a checkpoint: it costs blocks either way,
+/// and non-durable commits of large values grow the store file (redb reuses the pages they
+/// free only after the next durable commit).
+pub const JOURNAL_VALUE_MAX: usize = 4096;
 /// A checkpoint after this many journal records.
-const JOURNAL_RECORDS_MAX: u64 = 4096;
+pub const JOURNAL_RECORDS_MAX: u64 = 4096;
 const REOPEN_MIN: Duration = Duration::from_millis(50);
 const REOPEN_MAX: Duration = Duration::from_secs(2);
 
@@ -390,8 +394,6 @@ enum Op {
     Heartbeat {
         reply: oneshot::Sender<()>,
     },
-    /// A checkpoint if the journal holds records (sent by the store's timer).
-    Checkpoint,
     Shutdown,
 }
 
@@ -624,7 +626,6 @@ impl Outbox {
             written_noted: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-        let (timer_stop, stopped) = std::sync::mpsc::channel::<()>();
         let mut writer = Writer {
             shared: Arc::clone(&shared),
             durable_reserved: meta.seq_reserved,
@@ -640,9 +641,7 @@ impl Outbox {
             broken: None,
             pending_rows: HashMap::new(),
             journal: None,
-            last_checkpoint: Instant::now(),
             replaying: false,
-            _timer_stop: timer_stop,
         };
         if let Some(backend) = journal {
             let (j, records) = match journal::Journal::open(backend, meta.wal_epoch) {
@@ -685,15 +684,11 @@ impl Outbox {
             *lock(&shared.stats) = writer.meta.stats(opts.max_bytes);
             shared.appended.send_replace(writer.meta.next_seq);
         }
-        let writer_has_journal = writer.journal.is_some();
         let handle = std::thread::Builder::new()
             .name("edgesync-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError::Io(format!("cannot start the store writer: {e}")))?;
         *lock(&shared.writer) = Some(handle);
-        if writer_has_journal {
-            spawn_checkpoint_timer(tx.downgrade(), stopped);
-        }
         Ok(Outbox { shared, tx })
     }
 
@@ -972,26 +967,6 @@ pub fn journal_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".journal");
     PathBuf::from(p)
-}
-
-/// Asks the writer for a checkpoint every [`CHECKPOINT_EVERY`] (it skips it with nothing
-/// journaled), so an idle store does not keep records in its journal; ends with the writer.
-fn spawn_checkpoint_timer(tx: mpsc::WeakSender<Op>, stopped: std::sync::mpsc::Receiver<()>) {
-    let _ = std::thread::Builder::new()
-        .name("edgesync-store-timer".into())
-        .spawn(move || {
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_EVERY)
-            {
-                match tx.upgrade() {
-                    Some(tx) => {
-                        // Full: the writer is busy, and busy commits check the age themselves.
-                        let _ = tx.try_send(Op::Checkpoint);
-                    }
-                    None => break,
-                }
-            }
-        });
 }
 
 fn prepare_path(opts: &StoreOptions) -> Result<(), StoreError> {
@@ -1435,11 +1410,8 @@ struct Writer {
     /// Small commits are journal records plus non-durable redb commits; `None`: every
     /// commit is durable (no journal file could be made, or a test backend without one).
     journal: Option<journal::Journal>,
-    last_checkpoint: Instant,
     /// Applying journal records at open: what was acknowledged is never refused again.
     replaying: bool,
-    /// Dropped with the writer: ends the checkpoint timer.
-    _timer_stop: std::sync::mpsc::Sender<()>,
 }
 
 struct Broken {
@@ -1474,10 +1446,6 @@ impl Writer {
                 }
             }
             let stop = batch.iter().any(|op| matches!(op, Op::Shutdown));
-            // A checkpoint is due only with something in the journal.
-            if self.journal.as_ref().is_none_or(journal::Journal::is_empty) {
-                batch.retain(|op| !matches!(op, Op::Checkpoint));
-            }
             // Heartbeats need no transaction; answered once the rest is committed.
             let probes: Vec<Op> = batch
                 .extract_if(.., |op| matches!(op, Op::Heartbeat { .. }))
@@ -1633,7 +1601,7 @@ impl Writer {
                 Op::Transact { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
                 }
-                Op::Heartbeat { .. } | Op::Checkpoint | Op::Shutdown => {}
+                Op::Heartbeat { .. } | Op::Shutdown => {}
             }
         }
     }
@@ -1718,10 +1686,13 @@ impl Writer {
         appends < JOURNAL_MAX_CHANGES
             && journal.records < JOURNAL_RECORDS_MAX
             && journal.used() < journal::CAPACITY / 2
-            && self.last_checkpoint.elapsed() < CHECKPOINT_EVERY
-            && batch
-                .iter()
-                .all(|op| matches!(op, Op::Append { .. } | Op::Ack { .. }))
+            && batch.iter().all(|op| match op {
+                Op::Append { changes, .. } => {
+                    changes.iter().all(|c| c.value.len() <= JOURNAL_VALUE_MAX)
+                }
+                Op::Ack { .. } => true,
+                _ => false,
+            })
     }
 
     /// Applies a batch in one write transaction; one outcome per non-shutdown op, in order.
@@ -1832,7 +1803,7 @@ impl Writer {
                         }
                         outcomes.push(Outcome::Done);
                     }
-                    Op::Heartbeat { .. } | Op::Checkpoint | Op::Shutdown => {}
+                    Op::Heartbeat { .. } | Op::Shutdown => {}
                 }
             }
             // As early as possible: the rest of the transaction only adds the latest values
@@ -1889,7 +1860,6 @@ impl Writer {
             if let Some(journal) = &mut self.journal {
                 journal.restart(self.meta.wal_epoch);
             }
-            self.last_checkpoint = Instant::now();
         }
         Ok((outcomes, durable))
     }
@@ -2008,7 +1978,6 @@ impl Writer {
             journal.restart(self.meta.wal_epoch);
         }
         self.durable_reserved = self.meta.seq_reserved;
-        self.last_checkpoint = Instant::now();
         tracing::info!(
             records = n_records,
             changes,
@@ -2257,11 +2226,7 @@ impl Writer {
 fn op_changes(op: &Op) -> usize {
     match op {
         Op::Append { changes, .. } => changes.len().max(1),
-        Op::Ack { .. }
-        | Op::Transact { .. }
-        | Op::Heartbeat { .. }
-        | Op::Checkpoint
-        | Op::Shutdown => 1,
+        Op::Ack { .. } | Op::Transact { .. } | Op::Heartbeat { .. } | Op::Shutdown => 1,
     }
 }
 
