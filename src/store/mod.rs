@@ -1856,10 +1856,8 @@ impl Writer {
             _ => txn.set_durability(Durability::Immediate)?,
         }
         txn.commit()?;
-        if !light {
-            if let Some(journal) = &mut self.journal {
-                journal.restart(self.meta.wal_epoch);
-            }
+        if !light && let Some(journal) = &mut self.journal {
+            journal.restart(self.meta.wal_epoch);
         }
         Ok((outcomes, durable))
     }
