@@ -297,7 +297,8 @@ fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
                 put(out, *first_seq);
                 put(out, records.len() as u64);
                 for r in records {
-                    put(out, r.len() as u64);
+                    // u32: a record is far below 4 GiB (RECORD_MAX bounds the whole).
+                    out.extend_from_slice(&(r.len() as u32).to_le_bytes());
                     out.extend_from_slice(r);
                 }
             }
@@ -363,13 +364,13 @@ pub fn decode(mut data: &[u8]) -> Option<Record> {
             APPEND => {
                 let first_seq = num(&mut data)?;
                 let n = usize::try_from(num(&mut data)?).ok()?;
-                if n > data.len() / 8 {
+                if n > data.len() / 4 {
                     return None;
                 }
                 let mut records = Vec::with_capacity(n);
                 for _ in 0..n {
-                    let len = usize::try_from(num(&mut data)?).ok()?;
-                    records.push(take(&mut data, len)?.to_vec());
+                    let len = u32::from_le_bytes(take(&mut data, 4)?.try_into().ok()?);
+                    records.push(take(&mut data, len as usize)?.to_vec());
                 }
                 Entry::Append { first_seq, records }
             }

@@ -20,8 +20,8 @@
 //!   records plus non-durable redb commits; a checkpoint (a durable commit: caller
 //!   transactions, [`JOURNAL_MAX_CHANGES`] changes or more, a record past
 //!   [`journal::RECORD_MAX`] or a change of more than [`JOURNAL_VALUE_MAX`], the journal
-//!   half full or [`JOURNAL_RECORDS_MAX`] records, a clean stop; never by time, so an idle
-//!   store writes nothing)
+//!   full, or half full at a commit of acknowledgements alone, [`JOURNAL_RECORDS_MAX`]
+//!   records, a clean stop; never by time, so an idle store writes nothing)
 //!   persists them all and bumps `meta.wal_epoch`. Open replays the records of the current
 //!   epoch past `meta.wal_records` (those redb already holds) in one checkpoint, with the
 //!   seqs they were given and without refusing what was acknowledged. Acks alone write
@@ -1683,9 +1683,12 @@ impl Writer {
         let Some(journal) = &self.journal else {
             return false;
         };
+        // Past half the journal, the next commit of acknowledgements alone is the
+        // checkpoint: the queue is short then, so it writes few pages. Appends go on into the
+        // journal while they fit (a checkpoint with them would write their pages).
         appends < JOURNAL_MAX_CHANGES
             && journal.records < JOURNAL_RECORDS_MAX
-            && journal.used() < journal::CAPACITY / 2
+            && (appends > 0 || journal.used() < journal::CAPACITY / 2)
             && batch.iter().all(|op| match op {
                 Op::Append { changes, .. } => {
                     changes.iter().all(|c| c.value.len() <= JOURNAL_VALUE_MAX)
