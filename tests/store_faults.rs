@@ -1135,5 +1135,8 @@ fn a_power_cut_sends_fewer_than_ack_sync_acknowledged_changes_again() {
     }
     // Some deletions were not durable yet (those after the last record or checkpoint):
     // the bound is what this shows, not an exact count (checkpoints move the boundary).
-    assert!(most > 0, "no image had a deletion to lose: the bound is not exercised");
+    assert!(
+        most > 0,
+        "no image had a deletion to lose: the bound is not exercised"
+    );
 }

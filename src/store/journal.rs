@@ -34,9 +34,11 @@ use redb::StorageBackend;
 
 use crate::store::Ack;
 
-/// Bytes of the journal file: a checkpoint comes when half is used (or every minute), and
-/// it takes room from the store's file system.
-pub const CAPACITY: u64 = 256 << 10;
+/// Bytes of the journal file: a checkpoint comes when it is full, or half full at a commit
+/// of acknowledgements alone; the larger, the fewer checkpoints (each about 100 KB).
+pub const CAPACITY: u64 = 1 << 20;
+/// Reads and the first fill go in pieces of this size (memory at open).
+const CHUNK: usize = 64 << 10;
 /// A commit whose record would be larger goes through a checkpoint instead (a burst of
 /// 1,000 small changes fits: its records take about 60 KB).
 pub const RECORD_MAX: usize = 96 << 10;
@@ -106,12 +108,19 @@ impl Journal {
     ) -> Result<(Option<Journal>, Vec<Record>), OpenError> {
         let len = backend.len().map_err(OpenError::Read)?;
         if len < CAPACITY {
-            let from = len - len % BLOCK as u64;
-            let zeros = vec![0u8; usize::try_from(CAPACITY - from).unwrap_or(0)];
-            backend
-                .write(from, &zeros)
-                .and_then(|()| backend.sync_data())
-                .map_err(OpenError::Make)?;
+            let zeros = vec![0u8; CHUNK];
+            let mut at = len - len % BLOCK as u64;
+            let mut made = Ok(());
+            while at < CAPACITY && made.is_ok() {
+                let n = usize::try_from(CAPACITY - at).unwrap_or(CHUNK).min(CHUNK);
+                made = backend.write(at, &zeros[..n]);
+                at += n as u64;
+            }
+            if let Err(e) = made.and_then(|()| backend.sync_data()) {
+                // Give the space back (e.g. a full disk): the store needs it more.
+                let _ = backend.set_len(0);
+                return Err(OpenError::Make(e));
+            }
         }
         let mut journal = Journal {
             backend,
@@ -129,13 +138,26 @@ impl Journal {
     /// Reads the records that follow the checkpoint of `epoch` again (after redb was
     /// reopened), and continues after them.
     pub fn reread(&mut self, epoch: u64) -> std::io::Result<Vec<Record>> {
-        let mut data = vec![0u8; usize::try_from(CAPACITY).unwrap_or(0)];
-        self.backend.read(0, &mut data)?;
+        // In pieces, as far as the records go (usually a few blocks).
+        let capacity = usize::try_from(CAPACITY).unwrap_or(usize::MAX);
+        let mut data = Vec::new();
         let mut records = Vec::new();
         let mut at = 0usize;
-        while let Some((record, next)) = read_record(&data, at, epoch) {
-            records.push(record);
-            at = next;
+        loop {
+            match read_record(&data, at, epoch) {
+                Some((record, next)) => {
+                    records.push(record);
+                    at = next;
+                }
+                // Incomplete in what is read so far: read on, unless all is read.
+                None if data.len() < capacity && needs_more(&data, at) => {
+                    let from = data.len();
+                    let n = CHUNK.min(capacity - from);
+                    data.resize(from + n, 0);
+                    self.backend.read(from as u64, &mut data[from..])?;
+                }
+                None => break,
+            }
         }
         self.epoch = epoch;
         self.end = at as u64;
@@ -151,6 +173,12 @@ impl Journal {
     pub fn defer(&mut self, entries: Vec<Entry>, acked: u64) {
         self.pending.extend(entries);
         self.pending_acks += acked;
+    }
+
+    /// The entries waiting for the next record (to apply again after a reopen).
+    pub fn take_pending(&mut self) -> Vec<Entry> {
+        self.pending_acks = 0;
+        std::mem::take(&mut self.pending)
     }
 
     /// Whether anything is journaled or waiting to be (a checkpoint is then worth it).
@@ -241,6 +269,17 @@ impl Journal {
     /// Bytes of records written since the last checkpoint.
     pub fn used(&self) -> u64 {
         self.end
+    }
+}
+
+/// Whether the record at `at` may go past what `data` holds (read more before judging).
+fn needs_more(data: &[u8], at: usize) -> bool {
+    match data.get(at..at + HEAD) {
+        None => true,
+        Some(head) => {
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            len <= RECORD_MAX && at + HEAD + len > data.len()
+        }
     }
 }
 
@@ -616,7 +655,7 @@ mod tests {
             j.write().unwrap();
             n += 1;
         }
-        assert_eq!(n, 17, "256 KiB holds 17 records of 15 KB");
+        assert_eq!(n, 69, "1 MiB holds 69 records of 15 KB");
         let huge = Record {
             seq_reserved: 0,
             entries: vec![Entry::Append {

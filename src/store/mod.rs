@@ -1539,8 +1539,23 @@ impl Writer {
                 self.meta = meta;
                 self.durable_reserved = meta.seq_reserved;
                 // The journal's records since the checkpoint now on disk, again.
+                // Deletions that waited in memory are lost with the old handle's state:
+                // applied again after the journal's records, so that acknowledged changes
+                // still leave the queue on this connection.
                 let records = match &mut self.journal {
-                    Some(j) => j.reread(meta.wal_epoch).map_err(redb::Error::Io),
+                    Some(j) => {
+                        let waiting = j.take_pending();
+                        j.reread(meta.wal_epoch).map(|mut r| {
+                            if !waiting.is_empty() {
+                                r.push(journal::Record {
+                                    seq_reserved: 0,
+                                    entries: waiting,
+                                });
+                            }
+                            r
+                        })
+                    }
+                    .map_err(redb::Error::Io),
                     None => Ok(Vec::new()),
                 };
                 let replayed = records.and_then(|records| self.replay(records));
