@@ -60,6 +60,7 @@ pub enum OpenError {
 pub struct Mark {
     end: u64,
     records: u64,
+    changes: u64,
     tail: Vec<u8>,
     pending: Vec<Entry>,
     pending_acks: u64,
@@ -92,11 +93,15 @@ pub struct Journal {
     end: u64,
     /// Records written since the last checkpoint.
     pub records: u64,
+    /// Changes queued by them: redb holds their pages in memory until the checkpoint.
+    pub changes: u64,
     /// Entries of commits not written yet (acknowledgements), and their changes.
     pending: Vec<Entry>,
     pub pending_acks: u64,
     /// The next write: the bytes of the block `end` is in, up to `end`, then the record.
     buf: Vec<u8>,
+    /// Changes of the prepared record.
+    prepared_changes: u64,
 }
 
 impl Journal {
@@ -127,9 +132,11 @@ impl Journal {
             epoch,
             end: 0,
             records: 0,
+            changes: 0,
             pending: Vec::new(),
             pending_acks: 0,
             buf: Vec::new(),
+            prepared_changes: 0,
         };
         let records = journal.reread(epoch).map_err(OpenError::Read)?;
         Ok((Some(journal), records))
@@ -162,6 +169,14 @@ impl Journal {
         self.epoch = epoch;
         self.end = at as u64;
         self.records = records.len() as u64;
+        self.changes = records
+            .iter()
+            .flat_map(|r| &r.entries)
+            .map(|e| match e {
+                Entry::Append { records, .. } => records.len() as u64,
+                _ => 0,
+            })
+            .sum();
         self.pending.clear();
         self.pending_acks = 0;
         self.buf.clear();
@@ -194,7 +209,11 @@ impl Journal {
         let at = self.buf.len();
         self.buf.extend_from_slice(&[0u8; HEAD]);
         put(&mut self.buf, record.seq_reserved);
+        self.prepared_changes = 0;
         for e in self.pending.iter().chain(&record.entries) {
+            if let Entry::Append { records, .. } = e {
+                self.prepared_changes += records.len() as u64;
+            }
             encode_entry(e, &mut self.buf);
         }
         let len = self.buf.len() - at - HEAD;
@@ -226,6 +245,7 @@ impl Journal {
         result?;
         self.end = end;
         self.records += 1;
+        self.changes += self.prepared_changes;
         self.pending.clear();
         self.pending_acks = 0;
         // The block the next record starts in.
@@ -240,6 +260,7 @@ impl Journal {
         self.epoch = epoch;
         self.end = 0;
         self.records = 0;
+        self.changes = 0;
         self.pending.clear();
         self.pending_acks = 0;
         self.buf.clear();
@@ -250,6 +271,7 @@ impl Journal {
         Mark {
             end: self.end,
             records: self.records,
+            changes: self.changes,
             tail: self.buf[..usize::try_from(self.end % BLOCK as u64).unwrap_or(0)].to_vec(),
             pending: self.pending.clone(),
             pending_acks: self.pending_acks,
@@ -261,6 +283,7 @@ impl Journal {
     pub fn rollback(&mut self, mark: Mark) {
         self.end = mark.end;
         self.records = mark.records;
+        self.changes = mark.changes;
         self.buf = mark.tail;
         self.pending = mark.pending;
         self.pending_acks = mark.pending_acks;

@@ -21,7 +21,7 @@
 //!   transactions, [`JOURNAL_MAX_CHANGES`] changes or more, a record past
 //!   [`journal::RECORD_MAX`] or a change of more than [`JOURNAL_VALUE_MAX`], the journal
 //!   full, or half full at a commit of acknowledgements alone, [`JOURNAL_RECORDS_MAX`]
-//!   records, a clean stop; never by time, so an idle store writes nothing)
+//!   records or [`JOURNAL_CHANGES_MAX`] changes in them, a clean stop; never by time, so an idle store writes nothing)
 //!   persists them all and bumps `meta.wal_epoch`. Open replays the records of the current
 //!   epoch past `meta.wal_records` (those redb already holds) in one checkpoint, with the
 //!   seqs they were given and without refusing what was acknowledged. Acks alone write
@@ -172,6 +172,9 @@ pub const ACK_SYNC: u64 = 1024;
 pub const JOURNAL_VALUE_MAX: usize = 4096;
 /// A checkpoint after this many journal records.
 pub const JOURNAL_RECORDS_MAX: u64 = 4096;
+/// A checkpoint once the journal's records queued this many changes: redb keeps the pages
+/// of non-durable commits in memory until then (peak RSS while taking a backlog).
+pub const JOURNAL_CHANGES_MAX: u64 = 8192;
 const REOPEN_MIN: Duration = Duration::from_millis(50);
 const REOPEN_MAX: Duration = Duration::from_secs(2);
 
@@ -1703,6 +1706,7 @@ impl Writer {
         // journal while they fit (a checkpoint with them would write their pages).
         appends < JOURNAL_MAX_CHANGES
             && journal.records < JOURNAL_RECORDS_MAX
+            && journal.changes + appends as u64 <= JOURNAL_CHANGES_MAX
             && (appends > 0 || journal.used() < journal::CAPACITY / 2)
             && batch.iter().all(|op| match op {
                 Op::Append { changes, .. } => {
