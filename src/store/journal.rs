@@ -352,49 +352,47 @@ pub fn encode(record: &Record, out: &mut Vec<u8>) {
 }
 
 fn encode_entry(e: &Entry, out: &mut Vec<u8>) {
-    {
-        match e {
-            Entry::Append { first_seq, records } => {
-                out.push(APPEND);
-                put(out, *first_seq);
-                put(out, records.len() as u64);
-                for r in records {
-                    // u32: a record is far below 4 GiB (RECORD_MAX bounds the whole).
-                    out.extend_from_slice(&(r.len() as u32).to_le_bytes());
-                    out.extend_from_slice(r);
-                }
+    match e {
+        Entry::Append { first_seq, records } => {
+            out.push(APPEND);
+            put(out, *first_seq);
+            put(out, records.len() as u64);
+            for r in records {
+                // u32: a record is far below 4 GiB (RECORD_MAX bounds the whole).
+                out.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                out.extend_from_slice(r);
             }
-            Entry::Rejected(n) => {
-                out.push(REJECTED);
-                put(out, *n);
-            }
-            Entry::Ack(Ack::Through(n)) => {
-                out.push(THROUGH);
-                put(out, *n);
-            }
-            Entry::Ack(Ack::Range { first, last }) => {
-                out.push(RANGE);
-                put(out, *first);
-                put(out, *last);
-            }
-            Entry::Ack(Ack::Seqs(seqs)) => {
-                out.push(SEQS);
-                put_seqs(out, seqs);
-            }
-            Entry::Ack(Ack::Corrupt(seqs)) => {
-                out.push(CORRUPT);
-                put_seqs(out, seqs);
-            }
-            Entry::Ack(Ack::RangeSkipping {
-                first,
-                last,
-                corrupt,
-            }) => {
-                out.push(RANGE_SKIPPING);
-                put(out, *first);
-                put(out, *last);
-                put_seqs(out, corrupt);
-            }
+        }
+        Entry::Rejected(n) => {
+            out.push(REJECTED);
+            put(out, *n);
+        }
+        Entry::Ack(Ack::Through(n)) => {
+            out.push(THROUGH);
+            put(out, *n);
+        }
+        Entry::Ack(Ack::Range { first, last }) => {
+            out.push(RANGE);
+            put(out, *first);
+            put(out, *last);
+        }
+        Entry::Ack(Ack::Seqs(seqs)) => {
+            out.push(SEQS);
+            put_seqs(out, seqs);
+        }
+        Entry::Ack(Ack::Corrupt(seqs)) => {
+            out.push(CORRUPT);
+            put_seqs(out, seqs);
+        }
+        Entry::Ack(Ack::RangeSkipping {
+            first,
+            last,
+            corrupt,
+        }) => {
+            out.push(RANGE_SKIPPING);
+            put(out, *first);
+            put(out, *last);
+            put_seqs(out, corrupt);
         }
     }
 }

@@ -1694,6 +1694,19 @@ impl Writer {
         }
     }
 
+    /// A write transaction on the open store (none while it is being reopened).
+    fn begin_write(&self) -> Result<redb::WriteTransaction, redb::Error> {
+        let db = self
+            .shared
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match db.as_ref() {
+            Some(db) => Ok(db.begin_write()?),
+            None => Err(redb::Error::DatabaseClosed),
+        }
+    }
+
     /// Whether this batch can be a journal record plus a non-durable redb commit rather
     /// than a checkpoint: small, no caller transaction (the desired state's tables are
     /// written durably), and the journal neither full nor due for a checkpoint.
@@ -1721,17 +1734,7 @@ impl Writer {
     /// Returns whether what it did is durable now (a checkpoint, or a synced journal record):
     /// only then is its seq reservation on disk.
     fn apply(&mut self, batch: &[Op]) -> Result<(Vec<Outcome>, bool), redb::Error> {
-        let mut txn = {
-            let db = self
-                .shared
-                .db
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            match db.as_ref() {
-                Some(db) => db.begin_write()?,
-                None => return Err(redb::Error::DatabaseClosed),
-            }
-        };
+        let mut txn = self.begin_write()?;
         let sink = lock(&self.shared.tail)
             .as_ref()
             .filter(|t| !t.is_closed())
@@ -1919,17 +1922,7 @@ impl Writer {
             return Ok(());
         }
         let (n_records, mut changes, mut acks) = (records.len(), 0usize, 0u64);
-        let txn = {
-            let db = self
-                .shared
-                .db
-                .read()
-                .unwrap_or_else(PoisonError::into_inner);
-            match db.as_ref() {
-                Some(db) => db.begin_write()?,
-                None => return Err(redb::Error::DatabaseClosed),
-            }
-        };
+        let txn = self.begin_write()?;
         self.collect_tail = false;
         self.pending_rows.clear();
         self.replaying = true;
