@@ -20,6 +20,11 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::cloud::{
+    AWS_KEEP_ALIVE_MAX, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
+    aws_topic, check_aws_name,
+};
 use super::values::{
     BrokerUrl, DeviceId, Encoding, FromValue, GIB, KIB, MIB, RawDuration, RawNames, RawNumber,
     RawSize, WhenFull, check_client_id, check_command, check_path_template, check_topic_prefix,
@@ -401,6 +406,36 @@ raw_section! {
 }
 
 raw_section! {
+    /// `[cloud]`
+    struct RawCloud {
+        profile: String,
+    }
+}
+
+raw_section! {
+    /// `[aws]`
+    struct RawAws {
+        thing: String,
+        shadow: String,
+        telemetry_topic: String,
+        presence_topic: String,
+        metrics_topic: String,
+        nested: bool,
+    }
+    tables {
+        shadow_map: RawShadowMap,
+    }
+}
+
+raw_section! {
+    /// `[[aws.shadow_map]]`
+    struct RawShadowMap {
+        keys: Vec<String>,
+        shadow: String,
+    }
+}
+
+raw_section! {
     /// `[desired]`
     struct RawDesired {
         max_document_bytes: RawSize,
@@ -466,6 +501,8 @@ pub(super) struct RawConfig {
     pub(super) telemetry: RawTelemetry,
     pub(super) desired: RawDesired,
     pub(super) control: RawControl,
+    pub(super) cloud: RawCloud,
+    pub(super) aws: Option<RawAws>,
 }
 
 /// The known sections and their keys, in file order.
@@ -479,6 +516,8 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("telemetry", RawTelemetry::KEYS),
     ("desired", RawDesired::KEYS),
     ("control", RawControl::KEYS),
+    ("cloud", RawCloud::KEYS),
+    ("aws", RawAws::KEYS),
 ];
 
 /// The known arrays of tables: section, key, and the keys of one entry.
@@ -486,6 +525,7 @@ pub(super) const SUBTABLES: &[(&str, &str, &[&str])] = &[
     ("desired", "rule", RawRule::KEYS),
     ("desired", "conflict", RawConflict::KEYS),
     ("desired", "handler", RawHandler::KEYS),
+    ("aws", "shadow_map", RawShadowMap::KEYS),
 ];
 
 impl RawConfig {
@@ -514,6 +554,8 @@ impl RawConfig {
             telemetry: known(root, "telemetry", p),
             desired: known(root, "desired", p),
             control: known(root, "control", p),
+            cloud: known(root, "cloud", p),
+            aws: section(root, "aws", p),
         }
     }
 }
@@ -732,6 +774,36 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
     let desired = desired(&raw.desired, dir, p);
     let telemetry = telemetry(&raw.telemetry, dir, p);
     let control = control(&raw.control, p);
+    let aws = cloud(raw, device.as_ref(), p);
+    let mut sync = sync;
+    if let (Some(Some(_)), Some(s)) = (&aws, &mut sync) {
+        // The change history batch must fit in one AWS IoT Core message.
+        match raw.sync.batch_max_bytes.value {
+            None => s.batch_max_bytes = AWS_MAX_PAYLOAD,
+            Some(_) if s.batch_max_bytes > AWS_MAX_PAYLOAD => raw.sync.batch_max_bytes.report(
+                p,
+                format!(
+                    "expected at most {AWS_MAX_PAYLOAD} bytes with [cloud] profile = \"aws-iot\" \
+                     (AWS IoT Core takes messages of at most 128 KB), found {} bytes",
+                    s.batch_max_bytes
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
+    if let (Some(Some(_)), Some(m)) = (&aws, &mqtt)
+        && m.keep_alive.as_secs() > AWS_KEEP_ALIVE_MAX
+        && let Some(raw_mqtt) = &raw.mqtt
+    {
+        raw_mqtt.keep_alive.report(
+            p,
+            format!(
+                "expected at most {AWS_KEEP_ALIVE_MAX}s with [cloud] profile = \"aws-iot\" \
+                 (AWS IoT Core's limit), found {}s",
+                m.keep_alive.as_secs()
+            ),
+        );
+    }
     Some(Config {
         source: source.to_path_buf(),
         device: device?,
@@ -743,7 +815,107 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
         desired: desired?,
         telemetry: telemetry?,
         control: control?,
+        aws: aws?,
     })
+}
+
+/// `[cloud]` and `[aws]`: `Some(None)` for the `edgesync` profile. `[aws]` is checked with
+/// either profile (so a prepared section is ready), and used only with `aws-iot`.
+fn cloud(
+    raw: &RawConfig,
+    device: Option<&DeviceConfig>,
+    p: &mut Problems,
+) -> Option<Option<AwsConfig>> {
+    let aws_profile = raw.cloud.profile.or(p, false, |s| match s.as_str() {
+        "edgesync" => Ok(false),
+        "aws-iot" => Ok(true),
+        other => Err(one_of(other, PROFILES)),
+    });
+    let empty = RawAws::empty("aws");
+    let aws = match (&raw.aws, aws_profile) {
+        (None, Some(false)) => return Some(None),
+        (a, _) => aws(a.as_ref().unwrap_or(&empty), device, p),
+    };
+    if aws_profile? {
+        aws.map(Some)
+    } else {
+        Some(None)
+    }
+}
+
+fn aws(raw: &RawAws, device: Option<&DeviceConfig>, p: &mut Problems) -> Option<AwsConfig> {
+    let thing = match &raw.thing.value {
+        Some(t) => raw.thing.check(
+            p,
+            check_aws_name(t, AWS_THING_MAX, "thing name").map(|()| t.clone()),
+        ),
+        None => {
+            let id = device?.id.as_str();
+            raw.thing.check(
+                p,
+                check_aws_name(id, AWS_THING_MAX, "thing name")
+                    .map(|()| id.to_owned())
+                    .map_err(|e| {
+                        format!(
+                            "not set, and device.id is not a valid thing name ({e}); set aws.thing"
+                        )
+                    }),
+            )
+        }
+    };
+    let shadow_name = |s: String| {
+        if s.is_empty() {
+            Ok(s)
+        } else {
+            check_aws_name(&s, AWS_SHADOW_MAX, "shadow name").map(|()| s)
+        }
+    };
+    let shadow = raw.shadow.or(p, String::new(), shadow_name);
+    let nested = raw.nested.value.unwrap_or(true);
+    let topic = |f: &Field<String>, default: &str, p: &mut Problems| {
+        let t = thing.as_deref()?;
+        f.or_checked(p, default.to_owned(), |s| aws_topic(&s, t))
+    };
+    let telemetry_topic = topic(&raw.telemetry_topic, DEFAULT_TELEMETRY_TOPIC, p);
+    let presence_topic = topic(&raw.presence_topic, DEFAULT_PRESENCE_TOPIC, p);
+    let metrics_topic = topic(&raw.metrics_topic, DEFAULT_METRICS_TOPIC, p);
+    let shadow_map = entries(&raw.shadow_map, p, |m, p| {
+        let keys = m
+            .keys
+            .require(p, "a list of key globs such as [\"net.*\"]", |keys| {
+                if keys.is_empty() {
+                    return Err("expected at least one key glob, found an empty list".to_owned());
+                }
+                keys.iter().map(|k| KeyGlob::new(k)).collect()
+            });
+        let shadow = m.shadow.require(
+            p,
+            "a shadow name (\"\" for the classic shadow)",
+            shadow_name,
+        );
+        Some(ShadowMap {
+            keys: keys?,
+            shadow: shadow?,
+        })
+    });
+    let c = AwsConfig {
+        thing: thing?,
+        shadow: shadow?,
+        telemetry_topic: telemetry_topic?,
+        presence_topic: presence_topic?,
+        metrics_topic: metrics_topic?,
+        shadow_map: shadow_map?,
+        nested,
+    };
+    let n = c.shadows().len();
+    if n > AWS_SHADOWS_MAX {
+        raw.shadow_map.report(
+            p,
+            format!("expected at most {AWS_SHADOWS_MAX} shadows in all, found {n}"),
+        );
+        return None;
+    }
+    Some(c)
 }
 
 fn device(raw: &RawDevice, p: &mut Problems) -> Option<DeviceConfig> {
