@@ -32,6 +32,7 @@ pub mod engine;
 mod intake;
 pub mod oversize;
 pub mod profile;
+pub mod shadow;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};

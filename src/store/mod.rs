@@ -108,6 +108,7 @@ pub mod record;
 
 pub mod desired;
 pub mod journal;
+pub mod shadow;
 pub mod tables;
 
 use std::collections::HashMap;
