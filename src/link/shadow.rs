@@ -282,8 +282,12 @@ impl Reporter {
         }
     }
 
-    /// The update in flight timed out at `now`: it goes again (`true`), as after a retry.
-    pub fn check_timeout(&mut self, now: Instant) -> bool {
+    /// At `now`: a retry that is due is cleared (the reporter is ready again); an update
+    /// in flight past [`RESPONSE_TIMEOUT`] is forgotten, to go again (`true`).
+    pub fn tick(&mut self, now: Instant) -> bool {
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+        }
         let late = self
             .inflight
             .as_ref()
@@ -292,12 +296,6 @@ impl Reporter {
             self.inflight = None;
         }
         late
-    }
-
-    /// The connection ended: what was in flight goes again on the next one.
-    pub fn disconnected(&mut self) {
-        self.inflight = None;
-        self.retry_at = None;
     }
 
     /// The next update from `latest` (`(key, seq, value)` of this shadow's keys, any order;
@@ -525,6 +523,8 @@ mod tests {
             assert!(!r.ready(now));
             assert!(r.ready(now + d));
             assert_eq!(r.wake_at(), Some(now + d));
+            assert!(!r.tick(now + d));
+            assert_eq!(r.wake_at(), None);
             r.next(l.clone(), true, "t1", now + d);
         }
         // 400 for two keys: one at a time; then 413 for "a" drops it, "b" goes on.
@@ -549,12 +549,10 @@ mod tests {
             )
             .unwrap_or_else(|| panic!());
         assert_eq!(u.keys, 2);
-        // No answer: sent again after the timeout; a disconnect forgets it.
-        assert!(!r.check_timeout(now));
-        assert!(r.check_timeout(now + RESPONSE_TIMEOUT));
-        assert!(r.ready(now));
-        r.next(latest(&[("a", 7, json!(1))]), true, "t5", now);
-        r.disconnected();
+        // No answer: sent again after the timeout.
+        assert!(!r.tick(now));
+        assert!(r.tick(now + RESPONSE_TIMEOUT));
+        assert_eq!(r.wake_at(), None);
         assert!(r.ready(now));
     }
 

@@ -1,0 +1,316 @@
+//! The session driver's side of the Device Shadow (`aws-iot` profile): publishes what
+//! [`super::shadow`] decides and routes the shadow's answers back to it. Reads of the latest
+//! values run off the event path, one at a time; watermarks are persisted after each
+//! accepted update.
+
+use std::time::Instant;
+
+use rumqttc::AsyncClient;
+use tokio::sync::mpsc;
+
+use super::backoff::{Backoff, Jitter};
+use super::intake::IntakeToken;
+use super::profile::{Outbound, ShadowMsg};
+use super::shadow::{self, Desired, Rejected, Reporter};
+use super::{Done, Session, Tag};
+use crate::health::status::ShadowFigures;
+use crate::model::change::now_ms;
+use crate::store::desired as dstore;
+use crate::store::shadow as sstore;
+
+/// The shadows of one connection.
+pub(super) struct Shadows {
+    reporters: Vec<Reporter>,
+    /// Client tokens: unique per run (start time) and per request.
+    token_base: u64,
+    tokens: u64,
+    /// Values may have changed since the last read.
+    dirty: bool,
+    reading: bool,
+    jitter: Jitter,
+}
+
+impl Shadows {
+    fn token(&mut self) -> String {
+        self.tokens += 1;
+        format!("es-{:x}-{}", self.token_base, self.tokens)
+    }
+
+    /// When a reporter needs the loop: a retry or a timeout.
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        self.reporters.iter().filter_map(Reporter::wake_at).min()
+    }
+}
+
+impl Session<'_> {
+    /// The shadows of this connection, their watermarks from the store (`None` with the
+    /// `edgesync` profile).
+    pub(super) fn shadows(&self) -> Option<Shadows> {
+        let aws = self.settings.profile.aws()?;
+        let marks = sstore::watermarks(self.outbox).unwrap_or_else(|e| {
+            tracing::error!(
+                "reading the shadow watermarks failed (reporting every value again): {e}"
+            );
+            Default::default()
+        });
+        let s = &self.settings;
+        let reporters = aws
+            .shadows()
+            .into_iter()
+            .map(|name| {
+                let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
+                Reporter::new(name.to_owned(), marks.get(name).copied().unwrap_or(0), b)
+            })
+            .collect();
+        Some(Shadows {
+            reporters,
+            token_base: now_ms(),
+            tokens: 0,
+            dirty: true,
+            reading: false,
+            jitter: Jitter::from_entropy(),
+        })
+    }
+
+    fn figures(&self, f: impl FnOnce(&mut ShadowFigures)) {
+        self.board
+            .update(|b| f(b.shadow.get_or_insert_with(Default::default)));
+    }
+
+    /// Connected: ask for the shadow (deltas sent while offline), then report.
+    pub(super) fn shadow_connected(&mut self, client: &AsyncClient) -> Result<(), String> {
+        let Some(sh) = &mut self.shadows else {
+            return Ok(());
+        };
+        let token = sh.token();
+        self.shadow_get(client, token)?;
+        self.shadow_pump();
+        Ok(())
+    }
+
+    fn shadow_get(&mut self, client: &AsyncClient, token: String) -> Result<(), String> {
+        let Some(aws) = self.settings.profile.aws() else {
+            return Ok(());
+        };
+        let body = serde_json::json!({ "clientToken": token })
+            .to_string()
+            .into_bytes();
+        let m = self.settings.profile.outbound(
+            Outbound::Shadow {
+                shadow: &aws.shadow,
+                op: "get",
+            },
+            body,
+        );
+        self.publish(client, m, Tag::Shadow)
+    }
+
+    /// Values changed (or an update ended): read them if a shadow can take an update.
+    pub(super) fn shadow_changed(&mut self) {
+        if let Some(sh) = &mut self.shadows {
+            sh.dirty = true;
+        }
+        self.shadow_pump();
+    }
+
+    fn shadow_pump(&mut self) {
+        let now = Instant::now();
+        let Some(sh) = &mut self.shadows else { return };
+        if self.connected_at.is_none() || sh.reading || !sh.dirty {
+            return;
+        }
+        let Some(from) = sh
+            .reporters
+            .iter()
+            .filter(|r| r.ready(now))
+            .map(|r| r.watermark)
+            .min()
+        else {
+            return;
+        };
+        sh.reading = true;
+        sh.dirty = false;
+        let outbox = self.outbox.clone();
+        self.tasks.spawn_blocking(move || {
+            Done::Shadow(sstore::latest_after(&outbox, from).map_err(|e| e.to_string()))
+        });
+    }
+
+    /// The latest values read: the next update of every shadow that can take one.
+    pub(super) fn shadow_read(
+        &mut self,
+        client: &AsyncClient,
+        latest: Result<Vec<(String, u64, serde_json::Value)>, String>,
+    ) -> Result<(), String> {
+        let Some(aws) = self.settings.profile.aws() else {
+            return Ok(());
+        };
+        let Some(mut sh) = self.shadows.take() else {
+            return Ok(());
+        };
+        sh.reading = false;
+        let latest = match latest {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!("reading the latest values for the shadow failed: {e}");
+                self.shadows = Some(sh);
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        let mut out = Ok(());
+        for i in 0..sh.reporters.len() {
+            if !sh.reporters[i].ready(now) || self.connected_at.is_none() {
+                continue;
+            }
+            let name = sh.reporters[i].shadow.clone();
+            let mine: Vec<_> = latest
+                .iter()
+                .filter(|(k, ..)| aws.shadow_of(k) == name)
+                .cloned()
+                .collect();
+            let token = sh.token();
+            let Some(u) = sh.reporters[i].next(mine, aws.nested, &token, now) else {
+                continue;
+            };
+            // More may be dirty than fit in one update.
+            sh.dirty = true;
+            for (key, why) in &u.dropped {
+                tracing::warn!(key, shadow = %name, "not reported to the shadow: {why}");
+            }
+            let n = u.dropped.len() as u64;
+            if n > 0 {
+                self.figures(|f| f.dropped_keys += n);
+            }
+            match u.payload {
+                Some(p) => {
+                    let m = self.settings.profile.outbound(
+                        Outbound::Shadow {
+                            shadow: &name,
+                            op: "update",
+                        },
+                        p,
+                    );
+                    if let Err(e) = self.publish(client, m, Tag::Shadow) {
+                        out = Err(e);
+                        break;
+                    }
+                }
+                None => self.persist(name, u.top),
+            }
+        }
+        self.shadows = Some(sh);
+        out
+    }
+
+    fn persist(&mut self, shadow: String, seq: u64) {
+        let outbox = self.outbox.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = sstore::advance(&outbox, shadow, seq).await {
+                tracing::error!("recording the shadow watermark failed: {e}");
+            }
+            Done::ResultDeleted
+        });
+    }
+
+    /// A retry is due or an update went unanswered.
+    pub(super) fn shadow_tick(&mut self) {
+        let now = Instant::now();
+        let Some(sh) = &mut self.shadows else { return };
+        let mut late = 0;
+        for r in &mut sh.reporters {
+            late += u64::from(r.tick(now));
+        }
+        if late > 0 {
+            self.figures(|f| f.retried += late);
+        }
+        self.shadow_changed();
+    }
+
+    /// A message on a shadow topic: acknowledged here, or handed to the intake (a desired
+    /// document made from a delta, acknowledged once durable).
+    pub(super) fn on_shadow(
+        &mut self,
+        client: &AsyncClient,
+        intake: &mpsc::Sender<(rumqttc::Publish, IntakeToken)>,
+        mut p: rumqttc::Publish,
+        token: IntakeToken,
+        shadow: &str,
+        msg: ShadowMsg,
+    ) -> Result<(), String> {
+        let nested = self.settings.profile.aws().is_some_and(|a| a.nested);
+        let from_get = msg == ShadowMsg::GetAccepted;
+        match msg {
+            ShadowMsg::Delta | ShadowMsg::GetAccepted => {
+                match shadow::desired(&p.payload, from_get, nested) {
+                    Desired::Apply(doc, version) => {
+                        // Shadow versions grow with every update: a delta at or below the version
+                        // taken in is one seen already (the pipeline would answer `duplicate`).
+                        let taken = dstore::accepted_version(self.outbox).ok().flatten();
+                        if taken.is_none_or(|t| version > t) {
+                            self.figures(|f| f.deltas += 1);
+                            p.payload = doc.into();
+                            if let Err(e) = intake.try_send((p, token)) {
+                                tracing::error!("desired intake did not take a delta: {e}");
+                            }
+                            return Ok(());
+                        }
+                        tracing::debug!(version, "shadow delta already taken in");
+                    }
+                    Desired::Get => {
+                        let Some(sh) = &mut self.shadows else {
+                            return Ok(());
+                        };
+                        let t = sh.token();
+                        self.shadow_get(client, t)?;
+                    }
+                    Desired::Nothing => {}
+                }
+            }
+            ShadowMsg::GetRejected => {
+                let (_, code, message) = shadow::response(&p.payload);
+                tracing::debug!(code, "shadow get rejected: {message}");
+            }
+            ShadowMsg::UpdateAccepted | ShadowMsg::UpdateRejected => {
+                self.on_update_answer(shadow, msg == ShadowMsg::UpdateAccepted, &p.payload);
+            }
+        }
+        let _ = client.try_ack(&p);
+        drop(token);
+        Ok(())
+    }
+
+    fn on_update_answer(&mut self, shadow: &str, accepted: bool, payload: &[u8]) {
+        let (token, code, message) = shadow::response(payload);
+        let Some(sh) = &mut self.shadows else { return };
+        let Some(token) = token else { return };
+        let Some(r) = sh.reporters.iter_mut().find(|r| r.shadow == shadow) else {
+            return;
+        };
+        if accepted {
+            if let Some(mark) = r.accepted(&token) {
+                self.figures(|f| f.accepted += 1);
+                self.persist(shadow.to_owned(), mark);
+                self.shadow_changed();
+            }
+            return;
+        }
+        let unit = sh.jitter.unit();
+        let what = format!("shadow {shadow:?}: update rejected {code} {message}");
+        match r.rejected(&token, code, Instant::now(), unit) {
+            Rejected::Unknown => return,
+            Rejected::Retry(d) => {
+                tracing::debug!("{what}; retrying in {d:.1?}");
+                self.figures(|f| f.retried += 1);
+            }
+            Rejected::Split => tracing::warn!("{what}; sending its keys one at a time"),
+            Rejected::Dropped(mark) => {
+                tracing::warn!("{what}; the key is dropped (counted in shadow.dropped_keys)");
+                self.figures(|f| f.dropped_keys += 1);
+                self.persist(shadow.to_owned(), mark);
+            }
+        }
+        self.figures(|f| f.last_rejection = Some(what));
+        self.shadow_changed();
+    }
+}
