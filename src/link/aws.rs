@@ -28,6 +28,8 @@ pub(super) struct Shadows {
     dirty: bool,
     reading: bool,
     jitter: Jitter,
+    /// The state of the last delta handed to the pipeline on this connection.
+    last_delta: serde_json::Value,
 }
 
 impl Shadows {
@@ -69,6 +71,7 @@ impl Session<'_> {
             dirty: true,
             reading: false,
             jitter: Jitter::from_entropy(),
+            last_delta: serde_json::Value::Null,
         })
     }
 
@@ -160,7 +163,11 @@ impl Session<'_> {
         let now = Instant::now();
         let mut out = Ok(());
         for i in 0..sh.reporters.len() {
-            if !sh.reporters[i].ready(now) || self.connected_at.is_none() {
+            let busy = sh.reporters.iter().filter(|r| r.busy()).count();
+            if busy >= shadow::INFLIGHT_MAX || self.connected_at.is_none() {
+                break;
+            }
+            if !sh.reporters[i].ready(now) {
                 continue;
             }
             let name = sh.reporters[i].shadow.clone();
@@ -243,13 +250,21 @@ impl Session<'_> {
         match msg {
             ShadowMsg::Delta | ShadowMsg::GetAccepted => {
                 match shadow::desired(&p.payload, from_get, nested) {
-                    Desired::Apply(doc, version) => {
-                        // Shadow versions grow with every update: a delta at or below the version
-                        // taken in is one seen already (the pipeline would answer `duplicate`).
+                    Desired::Apply(doc) => {
+                        // Shadow versions grow with every update: a delta at or below the
+                        // version taken in is one seen already (the pipeline would answer
+                        // `duplicate`), and so is the same delta again under a newer version.
+                        let version = doc["version"].as_u64().unwrap_or(0);
                         let taken = dstore::accepted_version(self.outbox).ok().flatten();
-                        if taken.is_none_or(|t| version > t) {
+                        let Some(sh) = &mut self.shadows else {
+                            return Ok(());
+                        };
+                        if taken.is_none_or(|t| version > t)
+                            && !shadow::seen(&sh.last_delta, &doc["state"])
+                        {
+                            sh.last_delta = doc["state"].clone();
                             self.figures(|f| f.deltas += 1);
-                            p.payload = doc.into();
+                            p.payload = doc.to_string().into_bytes().into();
                             if let Err(e) = intake.try_send((p, token)) {
                                 tracing::error!("desired intake did not take a delta: {e}");
                             }

@@ -35,6 +35,9 @@ pub const STATE_MAX: usize = 8192;
 pub const DEPTH_MAX: usize = 6;
 /// An update not answered within this is sent again.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most updates in flight at once over all shadows: AWS IoT Core answers 429 beyond 10
+/// requests in flight on a connection, and `/get` and apply results need room too.
+pub const INFLIGHT_MAX: usize = 8;
 /// Room for `{"reported":{}}` and the per-key estimate's slack.
 const STATE_SLACK: usize = 64;
 
@@ -115,8 +118,8 @@ pub fn flatten(
 /// What a delta or a `/get/accepted` asks for.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Desired {
-    /// A desired document (docs/PROTOCOL.md §5.2, JSON) for the pipeline, and its version.
-    Apply(Vec<u8>, u64),
+    /// A desired document (docs/PROTOCOL.md §5.2) for the pipeline.
+    Apply(Value),
     /// Publish `/get`: the delta does not hold whole values (an object, with `nested` off).
     Get,
     /// Nothing to apply (no delta, or not a shadow document).
@@ -165,7 +168,17 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
     if let Some(t) = body.get("timestamp").and_then(Value::as_u64) {
         doc["ts"] = Value::from(t.saturating_mul(1000));
     }
-    Desired::Apply(doc.to_string().into_bytes(), version)
+    Desired::Apply(doc)
+}
+
+/// Whether every key of `new` has the same value in `last` (a delta taken in already: the
+/// shadow publishes the delta again after every update while desired and reported differ,
+/// e.g. for a key the pipeline rejected).
+pub fn seen(last: &Value, new: &Value) -> bool {
+    let (Some(last), Some(new)) = (last.as_object(), new.as_object()) else {
+        return false;
+    };
+    new.iter().all(|(k, v)| last.get(k) == Some(v))
 }
 
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
@@ -272,6 +285,11 @@ impl Reporter {
     /// Whether an update may be sent at `now` (none in flight, no backoff running).
     pub fn ready(&self, now: Instant) -> bool {
         self.inflight.is_none() && self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    /// Whether an update is in flight.
+    pub fn busy(&self) -> bool {
+        self.inflight.is_some()
     }
 
     /// When something is due: a retry, or the timeout of the update in flight.
@@ -559,10 +577,9 @@ mod tests {
     #[test]
     fn deltas_become_desired_documents() {
         let d = desired(br#"{"version": 12, "timestamp": 1700000000, "state": {"led": {"mode": "blink"}, "setpoint": 20}}"#, false, true);
-        let Desired::Apply(doc, 12) = d else {
+        let Desired::Apply(doc) = d else {
             panic!("{d:?}")
         };
-        let doc: Value = serde_json::from_slice(&doc).unwrap_or_default();
         assert_eq!(
             doc,
             json!({"version": 12, "ts": 1_700_000_000_000u64, "state": {"led.mode": "blink", "setpoint": 20}})
@@ -577,16 +594,19 @@ mod tests {
             Desired::Get
         );
         let get = br#"{"version": 9, "state": {"desired": {"cfg": {"a": 1, "b": 2}, "x": 1}, "reported": {"x": 1}, "delta": {"cfg": {"b": 2}}}}"#;
-        let Desired::Apply(doc, 9) = desired(get, true, false) else {
+        let Desired::Apply(doc) = desired(get, true, false) else {
             panic!()
         };
-        let doc: Value = serde_json::from_slice(&doc).unwrap_or_default();
+        assert_eq!(doc["version"], 9);
         assert_eq!(doc["state"], json!({"cfg": {"a": 1, "b": 2}}));
-        let Desired::Apply(doc, 9) = desired(get, true, true) else {
+        let Desired::Apply(doc) = desired(get, true, true) else {
             panic!()
         };
-        let doc: Value = serde_json::from_slice(&doc).unwrap_or_default();
         assert_eq!(doc["state"], json!({"cfg.b": 2}));
+        // The same delta again (after an update while a key still differs) is seen.
+        assert!(seen(&json!({"cfg.b": 2, "x": 1}), &doc["state"]));
+        assert!(!seen(&json!({"cfg.b": 3}), &doc["state"]));
+        assert!(!seen(&Value::Null, &doc["state"]));
         // No delta, no version, not JSON: nothing.
         for p in [
             &br#"{"version": 4, "state": {"desired": {"x": 1}}}"#[..],
