@@ -35,10 +35,14 @@
 //!   (as the ErrorResponse page says).
 //! - Time is whole seconds since the epoch.
 //!
+//! Besides the two services, [`Options::capture`] keeps what arrives on other topics (the
+//! change history an IoT rule would route), optionally through a persistent session.
+//!
 //! Bounds (test-tool caps): 10,000 shadows ([`ShadowLimits::max_shadows`], an update creating
 //! one more is a 500), 1,000 things with jobs and 1,000 jobs per thing ([`JobLimits`],
 //! `create_job` fails), 1,024 held requests with a response delay (beyond: 429 /
-//! `RequestThrottled`), 4,096 queued outgoing messages (beyond: dropped and counted in
+//! `RequestThrottled`), [`CAPTURE_CAP`] captured messages by default (beyond: counted in
+//! [`Stats::captured_dropped`]), 4,096 queued outgoing messages (beyond: dropped and counted in
 //! [`Stats::responses_dropped`]).
 
 pub mod jobs;
@@ -71,6 +75,9 @@ use crate::{Context, Mosquitto, Result, TestPki};
 const HELD_CAP: usize = 1024;
 /// Outgoing messages queued in the MQTT client.
 const OUTGOING_CAP: usize = 4096;
+/// Default of [`Options::capture_cap`]: captured messages kept; later ones are counted, not
+/// kept.
+pub const CAPTURE_CAP: usize = 100_000;
 
 /// Where the emulator connects.
 #[derive(Debug, Clone)]
@@ -139,6 +146,14 @@ pub struct Options {
     pub response_delay: Duration,
     /// In-flight requests per thing (AWS: 10); only with a response delay. 0 means 10.
     pub max_in_flight: usize,
+    /// Other topic filters to subscribe to and keep what arrives (what an IoT rule on the
+    /// change-history topic would see), e.g. `"edgesync/+/changes"`; see [`AwsIot::captured`].
+    pub capture: Vec<String>,
+    /// Connect with `clean_session = false`, so that the broker queues captured messages
+    /// while the emulator is away (across a broker restart only with Mosquitto persistence).
+    pub persistent_session: bool,
+    /// Captured messages kept; 0 means [`CAPTURE_CAP`].
+    pub capture_cap: usize,
 }
 
 /// What the emulator saw and did since it started.
@@ -156,6 +171,8 @@ pub struct Stats {
     pub connects: u64,
     /// Messages not published because the client's queue was full.
     pub responses_dropped: u64,
+    /// Messages received on [`Options::capture`] topics beyond the cap (not kept).
+    pub captured_dropped: u64,
 }
 
 /// A request topic, parsed.
@@ -216,6 +233,8 @@ struct State {
     stats: Stats,
     /// Held requests per thing (with a response delay).
     held: HashMap<String, usize>,
+    /// Messages on capture topics, in arrival order.
+    captured: Vec<(String, Vec<u8>)>,
 }
 
 struct Shared {
@@ -377,7 +396,7 @@ impl AwsIot {
         let n = INSTANCE.fetch_add(1, Ordering::Relaxed);
         let id = format!("aws-iot-emulator-{}-{n}", std::process::id());
         let mut opts = MqttOptions::new(id, c.host.clone(), c.port);
-        opts.set_clean_session(true);
+        opts.set_clean_session(!options.persistent_session);
         opts.set_keep_alive(Duration::from_secs(30));
         // Requests up to the 128 KB broker limit and a bit more (413 must be answerable).
         opts.set_max_packet_size(1 << 20, 1 << 20);
@@ -399,6 +418,7 @@ impl AwsIot {
                 jobs: JobStore::new(options.job_limits.clone()),
                 stats: Stats::default(),
                 held: HashMap::new(),
+                captured: Vec::new(),
             }),
             client,
             ready: AtomicBool::new(false),
@@ -559,6 +579,12 @@ impl AwsIot {
         self.shared.lock().jobs.executions(thing)
     }
 
+    /// Messages received so far on the [`Options::capture`] topics: `(topic, payload)`, in
+    /// arrival order (the first [`Options::capture_cap`]).
+    pub fn captured(&self) -> Vec<(String, Vec<u8>)> {
+        self.shared.lock().captured.clone()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> Stats {
         let mut s = self.shared.lock().stats.clone();
@@ -643,7 +669,9 @@ async fn run(mut eventloop: EventLoop, shared: Arc<Shared>, mut stop: watch::Rec
                 shared.lock().stats.connects += 1;
                 let filters = REQUEST_FILTERS
                     .iter()
-                    .map(|f| SubscribeFilter::new((*f).to_owned(), QoS::AtLeastOnce));
+                    .map(|f| (*f).to_owned())
+                    .chain(shared.options.capture.iter().cloned())
+                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
                 if let Err(e) = shared.client.try_subscribe_many(filters) {
                     set_error(&shared, format!("subscribe: {e}"));
                 }
@@ -664,6 +692,16 @@ async fn run(mut eventloop: EventLoop, shared: Arc<Shared>, mut stop: watch::Rec
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Some(route) = parse_topic(&p.topic) else {
+                    let mut st = shared.lock();
+                    let cap = match shared.options.capture_cap {
+                        0 => CAPTURE_CAP,
+                        n => n,
+                    };
+                    if st.captured.len() < cap {
+                        st.captured.push((p.topic.clone(), p.payload.to_vec()));
+                    } else {
+                        st.stats.captured_dropped += 1;
+                    }
                     continue;
                 };
                 {

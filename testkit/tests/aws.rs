@@ -528,3 +528,43 @@ fn wrong_expected_version_and_updates_of_terminal_jobs_are_rejected() {
     assert_eq!(st.jobs.rejected.get("VersionMismatch"), Some(&1));
     assert_eq!(st.jobs.rejected.get("InvalidStateTransition"), Some(&1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Capture (what an IoT rule on the change-history topic would see)
+
+#[test]
+fn other_topics_are_captured_up_to_the_cap() {
+    let Some(s) = setup_with(Options {
+        capture: vec!["edgesync/+/changes".into()],
+        persistent_session: true,
+        capture_cap: 3,
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let dev = Device::connect(&s);
+    for i in 0..5 {
+        dev.client
+            .publish(
+                format!("edgesync/{THING}/changes"),
+                QoS::AtLeastOnce,
+                false,
+                format!("batch-{i}"),
+            )
+            .unwrap();
+    }
+    s.emu
+        .wait_for(WAIT, |e| e.stats().captured_dropped == 2)
+        .unwrap();
+    let got: Vec<String> = s
+        .emu
+        .captured()
+        .into_iter()
+        .map(|(t, p)| {
+            assert_eq!(t, format!("edgesync/{THING}/changes"));
+            String::from_utf8(p).unwrap()
+        })
+        .collect();
+    assert_eq!(got, ["batch-0", "batch-1", "batch-2"]);
+    assert_eq!(s.emu.stats().shadow_messages_received, 0);
+}

@@ -559,7 +559,8 @@ fn full_document(doc: &Doc, version: u64, now: u64) -> Value {
     json!({"state": state, "metadata": meta, "version": version, "timestamp": now})
 }
 
-/// Counts of what the shadow service did, by operation and code.
+/// Counts of the shadow service's answers to device requests, by operation and code (cloud
+/// calls such as [`super::AwsIot::update_desired`] are not requests; their deltas count).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShadowCounts {
     pub updates_accepted: u64,
