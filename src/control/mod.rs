@@ -184,6 +184,49 @@ impl Controller {
         payload: &[u8],
         retain: bool,
     ) -> Result<(), StoreError> {
+        self.take_in(name, payload, retain, None).await
+    }
+
+    /// Takes in a request for command `name` that came another way than `P/D/cmd/NAME` (an
+    /// AWS IoT job): the same checks, replay record and runner as [`Controller::receive`],
+    /// its one answer queued under `reply` in the result outbox.
+    pub async fn receive_for(
+        &self,
+        name: &str,
+        payload: &[u8],
+        reply: &str,
+    ) -> Result<(), StoreError> {
+        self.take_in(name, payload, false, Some(reply)).await
+    }
+
+    /// Answers `id` with an error under `reply`, nothing recorded (a job document that names
+    /// no command).
+    pub async fn refuse(
+        &self,
+        reply: &str,
+        id: &str,
+        code: ErrorCode,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        tracing::warn!(%id, code = code.as_str(), "command refused: {message}");
+        let response = request::error(Some(id), code, message);
+        dstore::queue(
+            &self.svc.outbox,
+            reply,
+            doc::encode(&response, Encoding::Json),
+        )
+        .await?;
+        self.results.notify_one();
+        Ok(())
+    }
+
+    async fn take_in(
+        &self,
+        name: &str,
+        payload: &[u8],
+        retain: bool,
+        reply: Option<&str>,
+    ) -> Result<(), StoreError> {
         if retain {
             self.svc
                 .board
@@ -203,7 +246,7 @@ impl Controller {
         }
         let now = now_ms();
         let encoding = doc::sniff(payload);
-        let topic = result_topic(name);
+        let topic = reply.map_or_else(|| result_topic(name), str::to_owned);
         let req = match request::parse(payload, encoding) {
             Ok(r) => r,
             Err(bad) => {
@@ -218,7 +261,7 @@ impl Controller {
             }
         };
         tracing::debug!(command = name, id = %req.id, "command received");
-        if self.repeat_owed(name, &req.id, encoding).await? {
+        if reply.is_none() && self.repeat_owed(name, &req.id, encoding).await? {
             tracing::debug!(command = name, id = %req.id, "command id repeated while it runs: its answer follows");
             return Ok(());
         }
@@ -235,7 +278,8 @@ impl Controller {
             refusal,
         };
         let limits = store::Limits::new(&self.cfg(), self.clock.now());
-        let outcome = store::receive(&self.svc.outbox, incoming, limits, now).await?;
+        let reply = reply.map(str::to_owned);
+        let outcome = store::receive_to(&self.svc.outbox, incoming, reply, limits, now).await?;
         // Recorded, not yet run, no PUBACK yet.
         crate::sys::crash::point("command-taken");
         let id = req.id;
@@ -416,6 +460,8 @@ impl Controller {
         };
         let response = request::bounded(response, &id);
         store::finish(&self.svc.outbox, &id, response, now_ms()).await?;
+        // Answered and queued, not yet published.
+        crate::sys::crash::point("command-answered");
         tracing::debug!(command = %name, %id, "command answered");
         self.results.notify_one();
         Ok(())

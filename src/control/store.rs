@@ -79,6 +79,10 @@ pub struct Entry {
     /// written before this bound may hold one per repeat: read, and deduplicated when done).
     #[serde(default)]
     pub waiting: Vec<bool>,
+    /// Where its answer goes in the result outbox when not `cmd/NAME/result` (an AWS IoT
+    /// job's update, [`receive_to`]); the latest delivery's, answered once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply: Option<String>,
 }
 
 impl Entry {
@@ -215,11 +219,25 @@ pub async fn receive(
     limits: Limits,
     now: u64,
 ) -> Result<Intake, StoreError> {
+    receive_to(outbox, req, None, limits, now).await
+}
+
+/// [`receive`], with the answers under `reply` instead of `cmd/NAME/result` when set (an AWS
+/// IoT job: its update topic and execution version). A delivery of an id taken in and not
+/// answered yet replaces the entry's `reply` (the newest execution version) and owes no
+/// further answer: the one answer goes there.
+pub async fn receive_to(
+    outbox: &Outbox,
+    req: Incoming,
+    reply: Option<String>,
+    limits: Limits,
+    now: u64,
+) -> Result<Intake, StoreError> {
     outbox
         .transact(move |ctx| {
             let txn = ctx.txn;
             let encoding = req.encoding();
-            let topic = result_topic(&req.name);
+            let topic = reply.clone().unwrap_or_else(|| result_topic(&req.name));
             let mut requests = txn.open_table(REQUESTS)?;
             if let Some(first) = load(&requests, &req.id)? {
                 drop(requests);
@@ -236,6 +254,15 @@ pub async fn receive(
                     Some(response) if first.state == State::Done => {
                         dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
                         Intake::Replayed
+                    }
+                    _ if reply.is_some() => {
+                        if first.reply != reply {
+                            let mut first = first;
+                            first.reply = reply;
+                            txn.open_table(REQUESTS)?
+                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        }
+                        Intake::InProgress
                     }
                     _ => {
                         // Answered (once more per encoding) when the first one is done; a
@@ -278,6 +305,7 @@ pub async fn receive(
                 response: None,
                 answered: None,
                 waiting: Vec::new(),
+                reply,
             };
             requests.insert(req.id.as_str(), to_json(&entry).as_slice())?;
             let mut order = txn.open_table(ORDER)?;
@@ -365,7 +393,10 @@ pub async fn finish(
             if entry.state == State::Done {
                 return Ok(());
             }
-            let topic = result_topic(&entry.name);
+            let topic = entry
+                .reply
+                .clone()
+                .unwrap_or_else(|| result_topic(&entry.name));
             // The first answer in the request's encoding, then one per encoding of repeats.
             let mut payloads = vec![doc::encode(&response, entry.encoding())];
             payloads.extend(entry.owed().map(|e| doc::encode(&response, e)));
@@ -579,6 +610,41 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(dstore::pending_results(&o).unwrap().len(), 3);
+        o.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn a_reply_topic_takes_the_answers_once_and_the_latest_delivery_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path());
+        let to = |t: &str| Some(t.to_owned());
+        let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/2"), L, 1);
+        assert_eq!(r.await.unwrap(), Intake::Accepted);
+        // Delivered again while not answered (a reconnect): the newer reply, no extra answer.
+        let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/3"), L, 2);
+        assert_eq!(r.await.unwrap(), Intake::InProgress);
+        let entry = lookup(&o, "j1").unwrap().unwrap();
+        assert_eq!(entry.reply.as_deref(), Some("jobs/j1/3"));
+        assert!(entry.waiting.is_empty());
+        assert!(begin(&o, "j1").await.unwrap());
+        let resp = request::ok("j1", json!({"pong": true}));
+        finish(&o, "j1", resp.clone(), 3).await.unwrap();
+        assert_eq!(results(&o), vec![("jobs/j1/3".into(), resp.clone())]);
+        // Delivered after the answer: the recorded answer, to this delivery's reply.
+        let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/4"), L, 4);
+        assert_eq!(r.await.unwrap(), Intake::Replayed);
+        assert_eq!(results(&o)[1], ("jobs/j1/4".into(), resp));
+        // Refusals go there too; entries without a reply keep their JSON unchanged.
+        let mut bad = incoming("j2", "nope");
+        bad.refusal = Some((
+            ErrorCode::UnknownCommand,
+            request::error(Some("j2"), ErrorCode::UnknownCommand, "m"),
+        ));
+        receive_to(&o, bad, to("jobs/j2/2"), L, 5).await.unwrap();
+        assert_eq!(results(&o)[2].0, "jobs/j2/2");
+        receive(&o, incoming("c1", "ping"), L, 6).await.unwrap();
+        let plain = to_json(&lookup(&o, "c1").unwrap().unwrap());
+        assert!(!String::from_utf8_lossy(&plain).contains("reply"));
         o.shutdown().await;
     }
 

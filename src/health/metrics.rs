@@ -171,6 +171,9 @@ pub struct Metrics {
     /// The Device Shadow (`aws-iot` profile only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::health::status::ShadowFigures>,
+    /// AWS IoT Jobs (`aws-iot` profile only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<crate::health::status::JobFigures>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,6 +316,7 @@ pub fn build(i: &Inputs) -> Metrics {
         written_bytes_per_s: i.rates.and_then(|r| r.written_per_s),
         written_gb_per_day: i.rates.and_then(|r| r.written_per_s).map(gb_per_day),
         shadow: i.link.shadow.clone(),
+        jobs: i.link.jobs.clone(),
     }
 }
 
@@ -820,6 +824,7 @@ mod tests {
                     foreign_messages: 13,
                 },
                 shadow: None,
+                jobs: None,
             },
             rates: Some(Rates {
                 in_per_s: 1.5,

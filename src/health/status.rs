@@ -63,6 +63,30 @@ pub struct LinkFigures {
     /// The Device Shadow of the `aws-iot` profile; `None` with the `edgesync` profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<ShadowFigures>,
+    /// AWS IoT Jobs of the `aws-iot` profile; `None` with the `edgesync` profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<JobFigures>,
+}
+
+/// AWS IoT Jobs of the `aws-iot` profile, since start (metrics `jobs`, also in the status
+/// document's `metrics`; docs/PROTOCOL.md §7.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobFigures {
+    /// Executions taken from `start-next` and handed to the commands (a job that comes back
+    /// counts again; it runs once).
+    pub taken: u64,
+    /// Updates accepted: `SUCCEEDED`, `FAILED`.
+    pub succeeded: u64,
+    pub failed: u64,
+    /// `start-next` sent again: after a passing rejection, or an answer overdue.
+    pub retried: u64,
+    /// Jobs left after a final rejection of their update (or too many passing ones).
+    pub left: u64,
+    /// Rejections of a repeated answer of a job that had ended already.
+    pub repeats_refused: u64,
+    /// The last rejection: job, code and message.
+    pub last_rejection: Option<String>,
 }
 
 /// The Device Shadow of the `aws-iot` profile, since start (metrics `shadow`, also in the

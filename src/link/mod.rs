@@ -26,11 +26,13 @@
 //! watchdog's heartbeat, when there is one: [`crate::sys::notify`]).
 
 mod aws;
+mod aws_jobs;
 pub mod backoff;
 pub mod codec;
 mod drain;
 pub mod engine;
 mod intake;
+pub mod jobs;
 pub mod oversize;
 pub mod profile;
 pub mod shadow;
@@ -79,6 +81,8 @@ enum Tag {
     Metrics,
     /// A Device Shadow request (its answer, not its PUBACK, counts).
     Shadow,
+    /// A Jobs request (likewise).
+    Jobs,
 }
 
 /// Everything the link needs from the config.
@@ -233,6 +237,8 @@ pub async fn run(
     // Set after a message too large to read: the next connection drops the session.
     let mut clean_next = false;
     let mut guard = oversize::Guard::default();
+    // AWS IoT Jobs (`aws-iot`): kept across connections (the jobs left).
+    let mut jobs = settings.profile.aws().map(|_| jobs::Jobs::new(now_ms()));
     // Why a filter is not subscribed (status `last_error` while it lasts).
     let mut hold_note: Option<String> = None;
     // `edgesync reconnect` (docs/PROTOCOL.md §6.8) cuts the backoff wait short.
@@ -286,6 +292,7 @@ pub async fn run(
             filters: guard.filters(Instant::now()),
             sub_packets: Vec::new(),
             shadows: None,
+            jobs: &mut jobs,
             acked: Vec::new(),
             hold_note: hold_note.clone(),
             unsubscribed: HashSet::new(),
@@ -413,6 +420,8 @@ struct Session<'a> {
     sub_packets: Vec<Filter>,
     /// The Device Shadow (`aws-iot` profile).
     shadows: Option<aws::Shadows>,
+    /// AWS IoT Jobs (`aws-iot` profile).
+    jobs: &'a mut Option<jobs::Jobs>,
     /// Of those, the ones whose SUBACK came, in order.
     acked: Vec<Filter>,
     /// Kept in `last_error` while a filter is held.
@@ -613,6 +622,7 @@ impl Session<'_> {
             };
             let linger = self.engine.poll_timeout();
             let shadow_wake = self.shadows.as_ref().and_then(aws::Shadows::wake_at);
+            let jobs_wake = self.jobs_wake();
             tokio::select! {
                 biased;
                 // Shutdown requested.
@@ -717,6 +727,12 @@ impl Session<'_> {
                 }
                 // A shadow update to retry, or unanswered.
                 () = sleep_until(shadow_wake), if shadow_wake.is_some() => self.shadow_tick(),
+                // A job request to send again, or unanswered.
+                () = sleep_until(jobs_wake), if jobs_wake.is_some() => {
+                    if let Err(e) = self.jobs_tick(client) {
+                        return SessionEnd::Failed(e);
+                    }
+                }
                 // A metrics document: QoS 0, only while online, dropped otherwise.
                 doc = next_metrics(&mut metrics) => {
                     if self.connected_at.is_some() {
@@ -821,6 +837,7 @@ impl Session<'_> {
                 self.load_results();
                 self.engine.handle_connected(now);
                 self.shadow_connected(client)?;
+                self.jobs_connected(client)?;
                 let q = self.outbox.stats();
                 log_drain(self.drain.connected(since, q.depth, q.acked));
             }
@@ -853,7 +870,8 @@ impl Session<'_> {
                     self.results_unacked = self.results_unacked.saturating_sub(1);
                     self.load_results();
                 }
-                Some(Tag::Status | Tag::Goodbye | Tag::Metrics | Tag::Shadow) | None => {}
+                Some(Tag::Status | Tag::Goodbye | Tag::Metrics | Tag::Shadow | Tag::Jobs)
+                | None => {}
             },
             _ => {}
         }
@@ -905,6 +923,12 @@ impl Session<'_> {
                 let shadow = shadow.to_owned();
                 if let Err(e) = self.on_shadow(client, intake, p, token, &shadow, msg) {
                     tracing::warn!("shadow request not sent: {e}");
+                }
+            }
+            Some(Inbound::Job { job, msg }) => {
+                let job = job.to_owned();
+                if let Err(e) = self.on_job(client, intake, p, token, &job, msg) {
+                    tracing::warn!("jobs request not sent: {e}");
                 }
             }
             None => {
@@ -1026,6 +1050,7 @@ impl Session<'_> {
             }
             if r.n >= self.results_next {
                 self.results_next = r.n + 1;
+                self.job_published(&r.topic);
                 let m = self
                     .settings
                     .profile
@@ -1362,6 +1387,11 @@ async fn intake_loop(
                     controller.receive(name, &p.payload, p.retain).await,
                     "command",
                 )
+            }
+            // An AWS IoT job the session took (`aws_jobs`): the same intake as a command.
+            Some(Inbound::Job { .. }) => {
+                crate::sys::crash::point("command-received");
+                (aws_jobs::take_in(&controller, &p.payload).await, "command")
             }
             _ => {
                 crate::sys::crash::point("desired-received");

@@ -8,12 +8,14 @@
 //! payloads as built by the engine and the result outbox; and `aws-iot` (§7.3): the same
 //! batches on a telemetry topic, presence and metrics on topics of their own, and the
 //! Device Shadow (`$aws/things/T/shadow[/name/S]/...`, see [`super::shadow`]) for the
-//! latest values, desired state and apply results. Topics:
+//! latest values, desired state and apply results; commands are AWS IoT Jobs (see
+//! [`super::jobs`]). Topics:
 //! <https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-mqtt.html>.
 //! Decisions only, no I/O: unit tests drive it.
 
 use rumqttc::QoS;
 
+use super::jobs::JobMsg;
 use super::oversize::Filter;
 use crate::config::AwsConfig;
 use crate::model::topics::{Incoming, Topics};
@@ -35,6 +37,8 @@ pub enum Outbound<'a> {
     /// A Device Shadow request (`op`: `update` or `get`) of shadow `shadow` (`""`: the
     /// classic shadow), built by [`super::shadow`]; `aws-iot` only.
     Shadow { shadow: &'a str, op: &'a str },
+    /// A Jobs request (`op`: `start-next`), built by [`super::jobs`]; `aws-iot` only.
+    Jobs { op: &'a str },
 }
 
 /// What the agent acts on, recognised from an incoming topic.
@@ -46,6 +50,11 @@ pub enum Inbound<'a> {
     Shadow {
         shadow: &'a str,
         msg: ShadowMsg,
+    },
+    /// A Jobs message (`job`: the job id of an update's answer, else `""`); `aws-iot` only.
+    Job {
+        job: &'a str,
+        msg: JobMsg,
     },
 }
 
@@ -124,7 +133,9 @@ impl Profile {
             Outbound::Online { since } => (t.status(), QoS::AtLeastOnce, true, online(since)),
             Outbound::Offline => (t.status(), QoS::AtLeastOnce, true, OFFLINE.to_vec()),
             Outbound::Metrics => (t.metrics(), QoS::AtMostOnce, false, payload),
-            Outbound::Shadow { op, .. } => (t.under(op), QoS::AtLeastOnce, false, payload),
+            Outbound::Shadow { op, .. } | Outbound::Jobs { op } => {
+                (t.under(op), QoS::AtLeastOnce, false, payload)
+            }
         };
         Publication {
             topic,
@@ -144,8 +155,8 @@ impl Profile {
         match (self, f) {
             (Profile::Edgesync(t), Filter::Commands) => vec![t.command_filter()],
             (Profile::Edgesync(t), Filter::Desired) => vec![t.desired()],
-            // Jobs (issue 17 item 4) plug in here.
-            (Profile::AwsIot(_), Filter::Commands) => Vec::new(),
+            // Commands are AWS IoT Jobs.
+            (Profile::AwsIot(a), Filter::Commands) => super::jobs::filters(&a.thing),
             // The main shadow's five topics, then the responses of the mapped shadows.
             (Profile::AwsIot(a), Filter::Desired) => {
                 let mut out: Vec<String> = ShadowMsg::ALL
@@ -173,6 +184,9 @@ impl Profile {
             }
             Profile::AwsIot(a) => a,
         };
+        if let Some((msg, job)) = super::jobs::parse_topic(&a.thing, topic) {
+            return Some(Inbound::Job { job, msg });
+        }
         let rest = topic
             .strip_prefix("$aws/things/")?
             .strip_prefix(a.thing.as_str())?
@@ -194,7 +208,8 @@ impl Profile {
         match self {
             Profile::Edgesync(t) => t.stray_filters(topic),
             Profile::AwsIot(_) => {
-                let own = self.filters(Filter::Desired);
+                let mut own = self.filters(Filter::Desired);
+                own.extend(self.filters(Filter::Commands));
                 let mut f = Topics::new("", "").stray_filters(topic);
                 f.retain(|f| !own.contains(f));
                 f
@@ -226,6 +241,17 @@ pub fn shadow_topic(a: &AwsConfig, shadow: &str, op: &str) -> String {
 }
 
 fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
+    // A command answer to a job: the job's update (`jobs::reply_topic`).
+    if let Outbound::Result { topic } = msg
+        && let Some((job, version)) = super::jobs::parse_reply(topic)
+    {
+        return Publication {
+            topic: super::jobs::topic(&a.thing, &format!("{job}/update")),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            payload: super::jobs::update(version, &payload),
+        };
+    }
     let (topic, qos, retain, payload) = match msg {
         Outbound::Batch => (a.telemetry_topic.clone(), QoS::AtLeastOnce, false, payload),
         // Apply results go to the main shadow's `reported.edgesync.desired_result`.
@@ -237,7 +263,7 @@ fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publicati
             false,
             super::shadow::result_update(&payload),
         ),
-        // Command answers (Jobs answer jobs; these are left from the edgesync profile).
+        // Command answers recorded with the edgesync profile (jobs answer jobs, above).
         Outbound::Result { topic } => (
             format!("edgesync/{}/{topic}", a.thing),
             QoS::AtLeastOnce,
@@ -259,6 +285,12 @@ fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publicati
         Outbound::Metrics => (a.metrics_topic.clone(), QoS::AtMostOnce, false, payload),
         Outbound::Shadow { shadow, op } => (
             shadow_topic(a, shadow, op),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ),
+        Outbound::Jobs { op } => (
+            super::jobs::topic(&a.thing, op),
             QoS::AtLeastOnce,
             false,
             payload,
@@ -406,7 +438,7 @@ mod tests {
     #[test]
     fn the_aws_profile_subscribes_and_recognises_its_shadow_topics() {
         let p = aws();
-        assert!(p.filters(Filter::Commands).is_empty());
+        assert_eq!(p.filters(Filter::Commands).len(), 5, "the jobs topics");
         let f = p.filters(Filter::Desired);
         assert_eq!(
             f,
@@ -452,5 +484,50 @@ mod tests {
         let stray = p.stray_filters("$aws/things/pump-1/shadow/update/documents");
         assert!(stray.contains(&"#".to_owned()), "{stray:?}");
         assert!(stray.iter().all(|s| !f.contains(s)), "{stray:?}");
+    }
+
+    #[test]
+    fn the_aws_profile_takes_commands_as_jobs_and_answers_with_the_job_update() {
+        let p = aws();
+        let f = p.filters(Filter::Commands);
+        assert_eq!(f[0], "$aws/things/pump-1/jobs/notify-next");
+        for t in f.iter().map(|t| t.replace('+', "j-1")) {
+            assert!(matches!(p.inbound(&t), Some(Inbound::Job { .. })), "{t}");
+        }
+        assert_eq!(
+            p.inbound("$aws/things/pump-1/jobs/j-1/update/accepted"),
+            Some(Inbound::Job {
+                job: "j-1",
+                msg: JobMsg::UpdateAccepted
+            })
+        );
+        assert_eq!(p.inbound("$aws/things/pump-1/jobs/notify"), None);
+        let sn = p.outbound(Outbound::Jobs { op: "start-next" }, b"{}".to_vec());
+        assert_eq!(
+            (sn.topic.as_str(), sn.qos, sn.retain),
+            (
+                "$aws/things/pump-1/jobs/start-next",
+                QoS::AtLeastOnce,
+                false
+            )
+        );
+        let r = p.outbound(
+            Outbound::Result {
+                topic: &super::super::jobs::reply_topic("j-1", 2),
+            },
+            br#"{"id":"j-1","ok":true,"result":{"pong":true}}"#.to_vec(),
+        );
+        assert_eq!(r.topic, "$aws/things/pump-1/jobs/j-1/update");
+        let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        assert_eq!(doc["status"], "SUCCEEDED");
+        assert_eq!(doc["expectedVersion"], 2);
+        // Stray messages never unsubscribe the jobs filters.
+        let stray = p.stray_filters("$aws/things/pump-1/jobs/notify");
+        assert!(stray.iter().all(|s| !f.contains(s)), "{stray:?}");
+        // The edgesync profile has no jobs.
+        assert_eq!(
+            Profile::edgesync("p", "d").inbound("$aws/things/d/jobs/notify-next"),
+            None
+        );
     }
 }

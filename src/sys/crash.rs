@@ -6,7 +6,8 @@
 //! never read the variable.
 //!
 //! Points: `desired-received`, `desired-taken`, `desired-before-puback`,
-//! `command-received`, `command-taken`, `command-before-puback`.
+//! `command-received`, `command-taken`, `command-before-puback`, `command-answered` (the
+//! answer recorded and queued, not yet published).
 
 /// The environment variable naming the crash point.
 pub const ENV: &str = "EDGESYNC_DEBUG_CRASH_AT";
