@@ -83,6 +83,10 @@ pub struct Entry {
     /// job's update, [`receive_to`]); the latest delivery's, answered once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply: Option<String>,
+    /// With `reply`: the result-outbox number of the answer queued there last (a delivery
+    /// to the same `reply` while it waits to be published queues nothing more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
 }
 
 impl Entry {
@@ -251,6 +255,27 @@ pub async fn receive_to(
                     return Ok(Intake::Conflict { first: first.name });
                 }
                 return Ok(match &first.response {
+                    Some(_) if reply.is_some() && first.state == State::Done => {
+                        // Its answer to this very reply still waits to be published.
+                        let waiting = first.reply == reply
+                            && match first.queued {
+                                Some(n) => dstore::result_queued(txn, n)?,
+                                None => false,
+                            };
+                        if !waiting {
+                            let mut first = first;
+                            let response = first.response.clone().unwrap_or_default();
+                            let n = dstore::queue_result(
+                                txn,
+                                &topic,
+                                &doc::encode(&response, encoding),
+                            )?;
+                            (first.reply, first.queued) = (reply, Some(n));
+                            txn.open_table(REQUESTS)?
+                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                        }
+                        Intake::Replayed
+                    }
                     Some(response) if first.state == State::Done => {
                         dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
                         Intake::Replayed
@@ -306,6 +331,7 @@ pub async fn receive_to(
                 answered: None,
                 waiting: Vec::new(),
                 reply,
+                queued: None,
             };
             requests.insert(req.id.as_str(), to_json(&entry).as_slice())?;
             let mut order = txn.open_table(ORDER)?;
@@ -405,12 +431,16 @@ pub async fn finish(
             entry.answered = Some(now);
             entry.args = Map::new();
             entry.waiting = Vec::new();
+            let mut first = None;
+            for payload in &payloads {
+                first = first.or(Some(dstore::queue_result(txn, &topic, payload)?));
+            }
+            if entry.reply.is_some() {
+                entry.queued = first;
+            }
             requests.insert(id.as_str(), to_json(&entry).as_slice())?;
             drop(requests);
             txn.open_table(PENDING)?.remove(entry.n)?;
-            for payload in &payloads {
-                dstore::queue_result(txn, &topic, payload)?;
-            }
             Ok(())
         })
         .await
@@ -630,7 +660,17 @@ mod tests {
         let resp = request::ok("j1", json!({"pong": true}));
         finish(&o, "j1", resp.clone(), 3).await.unwrap();
         assert_eq!(results(&o), vec![("jobs/j1/3".into(), resp.clone())]);
-        // Delivered after the answer: the recorded answer, to this delivery's reply.
+        // Delivered again to the same reply while its answer waits: nothing more queued.
+        let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/3"), L, 4);
+        assert_eq!(r.await.unwrap(), Intake::Replayed);
+        assert_eq!(results(&o).len(), 1);
+        // Published, delivered again: queued again.
+        let n = dstore::pending_results(&o).unwrap()[0].n;
+        dstore::published(&o, n).await.unwrap();
+        let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/3"), L, 4);
+        assert_eq!(r.await.unwrap(), Intake::Replayed);
+        assert_eq!(results(&o), vec![("jobs/j1/3".into(), resp.clone())]);
+        // To another reply (a newer execution version): the recorded answer there.
         let r = receive_to(&o, incoming("j1", "ping"), to("jobs/j1/4"), L, 4);
         assert_eq!(r.await.unwrap(), Intake::Replayed);
         assert_eq!(results(&o)[1], ("jobs/j1/4".into(), resp));

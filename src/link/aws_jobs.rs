@@ -103,10 +103,10 @@ impl Session<'_> {
 
     /// A result is being published: if it is a job's update, its answer is due.
     pub(super) fn job_published(&mut self, topic: &str) {
-        if let Some((job, _)) = jobs::parse_reply(topic)
+        if let Some((job, version)) = jobs::parse_reply(topic)
             && let Some(j) = self.jobs.as_mut()
         {
-            j.published(job, Instant::now());
+            j.published(job, version, Instant::now());
         }
     }
 
@@ -136,6 +136,10 @@ impl Session<'_> {
                 Started::Run(e) => {
                     tracing::info!(job = %e.job_id, version = e.version, "job execution taken");
                     Then::Run
+                }
+                Started::Answering(id) => {
+                    tracing::debug!(job = %id, "job next: its answer is on its way");
+                    Then::Nothing
                 }
                 Started::Stale => {
                     tracing::debug!("start-next answer of an earlier request ignored");

@@ -321,6 +321,9 @@ pub enum Started {
     Bad(String),
     /// Take it in: the job document's command runs (or its recorded answer is reported).
     Run(Execution),
+    /// Its answer to this version was published on this connection and is not answered
+    /// yet: waited for, not taken in again.
+    Answering(String),
 }
 
 /// What `update/rejected` of a job means.
@@ -358,7 +361,13 @@ pub struct Jobs {
     retry_at: Option<Instant>,
     delay: Duration,
     left: VecDeque<String>,
+    /// Updates published on this connection and not answered: `(job, version)`, at most
+    /// [`SENT_MAX`] (the oldest forgotten).
+    sent: VecDeque<(String, u64)>,
 }
+
+/// Unanswered updates remembered (the link's window of results in flight).
+const SENT_MAX: usize = 32;
 
 impl Jobs {
     pub fn new(token_base: u64) -> Jobs {
@@ -371,6 +380,7 @@ impl Jobs {
             retry_at: None,
             delay: RETRY_MIN,
             left: VecDeque::new(),
+            sent: VecDeque::new(),
         }
     }
 
@@ -387,6 +397,7 @@ impl Jobs {
     /// A new connection: whatever was outstanding is asked for anew.
     pub fn connected(&mut self, now: Instant) -> Vec<u8> {
         self.current = None;
+        self.sent.clear();
         self.ask(now)
     }
 
@@ -430,14 +441,21 @@ impl Jobs {
                 if self.left.contains(&e.job_id) {
                     return Started::Left(e.job_id);
                 }
-                if self.attempts.as_ref().is_none_or(|(j, _)| *j != e.job_id) {
-                    self.attempts = Some((e.job_id.clone(), 0));
-                }
+                let answering = self
+                    .sent
+                    .iter()
+                    .any(|(j, v)| *j == e.job_id && *v == e.version);
                 self.current = Some(Current {
                     job: e.job_id.clone(),
                     since: now,
-                    published: None,
+                    published: answering.then_some(now),
                 });
+                if answering {
+                    return Started::Answering(e.job_id);
+                }
+                if self.attempts.as_ref().is_none_or(|(j, _)| *j != e.job_id) {
+                    self.attempts = Some((e.job_id.clone(), 0));
+                }
                 Started::Run(e)
             }
         }
@@ -462,8 +480,14 @@ impl Jobs {
         d
     }
 
-    /// The update of `job` was handed to the MQTT client: its answer is due.
-    pub fn published(&mut self, job: &str, now: Instant) {
+    /// The update of `job` for `version` was handed to the MQTT client: its answer is due.
+    pub fn published(&mut self, job: &str, version: u64, now: Instant) {
+        if !self.sent.iter().any(|(j, v)| j == job && *v == version) {
+            if self.sent.len() >= SENT_MAX {
+                self.sent.pop_front();
+            }
+            self.sent.push_back((job.to_owned(), version));
+        }
         if let Some(c) = &mut self.current
             && c.job == job
         {
@@ -473,6 +497,7 @@ impl Jobs {
 
     /// `JOBID/update/accepted`: the job ended; the next one is asked for.
     pub fn update_accepted(&mut self, job: &str, now: Instant) -> Option<Vec<u8>> {
+        self.sent.retain(|(j, _)| j != job);
         if self.current.as_ref().is_none_or(|c| c.job != job) {
             return None;
         }
@@ -489,6 +514,7 @@ impl Jobs {
         code: &str,
         now: Instant,
     ) -> (Refused, Option<Vec<u8>>) {
+        self.sent.retain(|(j, _)| j != job);
         if self.current.as_ref().is_none_or(|c| c.job != job) {
             return (Refused::Stale, None);
         }
@@ -728,7 +754,7 @@ mod tests {
         };
         assert_eq!((e.job_id.as_str(), e.version), ("j1", 2));
         assert_eq!(j.wake_at(), Some(now + RUN_TIMEOUT));
-        j.published("j1", now);
+        j.published("j1", 2, now);
         assert_eq!(j.wake_at(), Some(now + ANSWER_TIMEOUT));
         assert_eq!(j.update_accepted("j0", now), None, "another job");
         let next = j.update_accepted("j1", now).unwrap();
@@ -742,6 +768,26 @@ mod tests {
         // Idle: a notify-next with a job asks, one without does not.
         assert_eq!(j.notify_next(br#"{"timestamp":1}"#, now), None);
         assert!(j.notify_next(&note, now).is_some());
+    }
+
+    #[test]
+    fn a_job_whose_answer_was_just_published_is_waited_for_not_taken_again() {
+        let now = Instant::now();
+        let mut j = Jobs::new(1);
+        let ask = j.connected(now);
+        // After a restart the recorded answer goes out before start-next is answered.
+        j.published("j1", 2, now);
+        let doc = json!({"command": "ping"});
+        let out = j.start_next_accepted(&accepted(&token(&ask), Some(exec("j1", 2, doc))), now);
+        assert_eq!(out, Started::Answering("j1".into()));
+        assert_eq!(j.wake_at(), Some(now + ANSWER_TIMEOUT));
+        assert!(j.update_accepted("j1", now).is_some(), "then the next one");
+        // Another version (the answer went out for an older one): taken in.
+        j.published("j2", 2, now);
+        let ask = j.ask(now);
+        let out =
+            j.start_next_accepted(&accepted(&token(&ask), Some(exec("j2", 3, json!({})))), now);
+        assert!(matches!(out, Started::Run(_)), "{out:?}");
     }
 
     #[test]

@@ -298,6 +298,11 @@ pub fn queue_result(
     Ok(n)
 }
 
+/// Whether result `n` still waits to be published.
+pub fn result_queued(txn: &redb::WriteTransaction, n: u64) -> Result<bool, redb::Error> {
+    Ok(txn.open_table(RESULT_OUTBOX)?.get(n)?.is_some())
+}
+
 /// Queues a result (e.g. for a document that could not be read at all).
 pub async fn queue(outbox: &Outbox, topic: &str, payload: Vec<u8>) -> Result<u64, StoreError> {
     let topic = topic.to_owned();
