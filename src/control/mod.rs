@@ -20,6 +20,10 @@
 //!    results) until the broker acknowledged them. The link reads them incrementally (from
 //!    the last one handed out, as many as its window of 32 has room for), one read at a time.
 //!
+//! Requests that come another way (an AWS IoT job, `crate::link::jobs`) go the same path
+//! through [`Controller::receive_for`]: the job id is the `id`, the answer is queued under
+//! the job's reply topic instead of `cmd/NAME/result`.
+//!
 //! # At most once across crashes
 //! A request found *started* after a restart may have had its effect: it is answered
 //! `failed` ("interrupted by a restart; not run again") and never run. One found only
