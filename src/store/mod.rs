@@ -427,7 +427,7 @@ impl TxnCtx<'_, '_> {
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
         self.writer
-            .append(self.outbox, self.reported, changes, |c, seq, ts| {
+            .append(self.outbox, self.reported, changes, |c, seq, ts, _| {
                 latest.insert(
                     c.key.clone(),
                     Latest {
@@ -1762,44 +1762,31 @@ impl Writer {
             // Latest value per key in this batch: one `reported` write per key.
             let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
             let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
-            // The changes queued by this batch, for its journal record.
-            let mut queued: Vec<(&NewChange, u64)> = Vec::new();
             for op in batch {
                 match op {
                     Op::Append { changes, .. } => {
-                        let from = queued.len();
-                        let r = self.append(&mut outbox, &reported, changes, |c, seq, ts| {
-                            latest.insert(
-                                &c.key,
-                                Latest {
-                                    seq,
-                                    ts,
-                                    value: &c.value,
-                                    origin: c.origin.tag(),
-                                },
-                            );
-                            if light {
-                                queued.push((c, ts));
-                            }
-                        })?;
+                        let mut records = Vec::new();
+                        let r =
+                            self.append(&mut outbox, &reported, changes, |c, seq, ts, rec| {
+                                latest.insert(
+                                    &c.key,
+                                    Latest {
+                                        seq,
+                                        ts,
+                                        value: &c.value,
+                                        origin: c.origin.tag(),
+                                    },
+                                );
+                                // The journal keeps the record as the outbox got it.
+                                if light {
+                                    records.push(rec.to_vec());
+                                }
+                            })?;
                         if light {
                             record.entries.push(match &r {
                                 Ok(a) => journal::Entry::Append {
                                     first_seq: a.first_seq,
-                                    records: queued[from..]
-                                        .iter()
-                                        .map(|(c, ts)| {
-                                            let mut buf = Vec::new();
-                                            record::encode_with_origin(
-                                                &mut buf,
-                                                *ts,
-                                                &c.key,
-                                                &c.value,
-                                                c.origin.tag(),
-                                            );
-                                            buf
-                                        })
-                                        .collect(),
+                                    records,
                                 },
                                 Err(_) => journal::Entry::Rejected(changes.len() as u64),
                             });
@@ -1956,17 +1943,18 @@ impl Writer {
                                 )));
                             }
                             changes += batch.len();
-                            let _ = self.append(&mut outbox, &reported, &batch, |c, seq, ts| {
-                                owned.insert(
-                                    c.key.clone(),
-                                    Latest {
-                                        seq,
-                                        ts,
-                                        value: c.value.clone(),
-                                        origin: c.origin.tag(),
-                                    },
-                                );
-                            })?;
+                            let _ =
+                                self.append(&mut outbox, &reported, &batch, |c, seq, ts, _| {
+                                    owned.insert(
+                                        c.key.clone(),
+                                        Latest {
+                                            seq,
+                                            ts,
+                                            value: c.value.clone(),
+                                            origin: c.origin.tag(),
+                                        },
+                                    );
+                                })?;
                         }
                         journal::Entry::Rejected(n) => self.meta.rejected += n,
                         journal::Entry::Ack(a) => acks += self.ack(&mut outbox, &a)?.changes,
@@ -2056,7 +2044,7 @@ impl Writer {
         outbox: &mut redb::Table<u64, &[u8]>,
         reported: &redb::Table<&'static str, (u64, &'static [u8])>,
         changes: &'b [NewChange],
-        mut inserted: impl FnMut(&'b NewChange, u64, u64),
+        mut inserted: impl FnMut(&'b NewChange, u64, u64, &[u8]),
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let n = changes.len() as u64;
         if n == 0 {
@@ -2143,7 +2131,7 @@ impl Writer {
             self.meta.next_seq += 1;
             self.meta.depth += 1;
             self.meta.bytes += cost(self.buf.len());
-            inserted(c, seq, ts);
+            inserted(c, seq, ts, &self.buf);
         }
         self.meta.reported += n;
         Ok(Ok(Appended {
