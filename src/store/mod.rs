@@ -428,15 +428,7 @@ impl TxnCtx<'_, '_> {
         let latest = &mut *self.latest;
         self.writer
             .append(self.outbox, self.reported, changes, |c, seq, ts, _| {
-                latest.insert(
-                    c.key.clone(),
-                    Latest {
-                        seq,
-                        ts,
-                        value: c.value.clone(),
-                        origin: c.origin.tag(),
-                    },
-                );
+                Latest::keep(latest, c, seq, ts);
             })
     }
 
@@ -493,6 +485,21 @@ struct Latest<V> {
     ts: u64,
     value: V,
     origin: Option<&'static str>,
+}
+
+impl Latest<Vec<u8>> {
+    /// Records `c` (queued as `seq`, stamped `ts`) as its key's latest value in `map`.
+    fn keep(map: &mut HashMap<String, Latest<Vec<u8>>>, c: &NewChange, seq: u64, ts: u64) {
+        map.insert(
+            c.key.clone(),
+            Latest {
+                seq,
+                ts,
+                value: c.value.clone(),
+                origin: c.origin.tag(),
+            },
+        );
+    }
 }
 
 /// Opens the database (again): the file at `StoreOptions::path`, or a test backend.
@@ -1945,15 +1952,7 @@ impl Writer {
                             changes += batch.len();
                             let _ =
                                 self.append(&mut outbox, &reported, &batch, |c, seq, ts, _| {
-                                    owned.insert(
-                                        c.key.clone(),
-                                        Latest {
-                                            seq,
-                                            ts,
-                                            value: c.value.clone(),
-                                            origin: c.origin.tag(),
-                                        },
-                                    );
+                                    Latest::keep(&mut owned, c, seq, ts);
                                 })?;
                         }
                         journal::Entry::Rejected(n) => self.meta.rejected += n,
