@@ -846,12 +846,12 @@ path = "{STATE}/desired/{{key}}.json"
     assert_eq!(proc_status(&pid, "Seccomp"), "2", "seccomp filter mode");
     assert_eq!(proc_status(&pid, "CapEff"), "0000000000000000");
     assert_eq!(proc_status(&pid, "CapBnd"), "0000000000000000");
-    // One malloc arena (issue 16: the memory bound holding a large queue).
+    // Two malloc arenas (issue 16: the memory bounds holding and draining a large queue).
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
     assert!(
         environ
             .split(|b| *b == 0)
-            .any(|v| v == b"MALLOC_ARENA_MAX=1"),
+            .any(|v| v == b"MALLOC_ARENA_MAX=2"),
         "the unit's Environment= is not in the agent's environment"
     );
 
