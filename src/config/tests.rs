@@ -2785,6 +2785,15 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         "mqtt.keep_alive",
     );
     assert!(m.contains("1200s"), "{m}");
+    // Every problem at once, also when the thing name is wrong.
+    let p = problems(&aws(
+        "[sync]\nbatch_max_bytes = \"256KiB\"\n[aws]\nthing = \"a.b\"\nmetrics_topic = \"+\"",
+    ));
+    assert_eq!(
+        keys(&p),
+        ["sync.batch_max_bytes", "aws.thing", "aws.metrics_topic"],
+        "{p:#?}"
+    );
     // The edgesync profile keeps its own limits.
     assert_eq!(
         valid(&plain("", "[sync]\nbatch_max_bytes = \"256KiB\""))

@@ -774,9 +774,10 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
     let desired = desired(&raw.desired, dir, p);
     let telemetry = telemetry(&raw.telemetry, dir, p);
     let control = control(&raw.control, p);
+    let aws_profile = raw.cloud.profile.value.as_deref() == Some("aws-iot");
     let aws = cloud(raw, device.as_ref(), p);
     let mut sync = sync;
-    if let (Some(Some(_)), Some(s)) = (&aws, &mut sync) {
+    if let (true, Some(s)) = (aws_profile, &mut sync) {
         // The change history batch must fit in one AWS IoT Core message.
         match raw.sync.batch_max_bytes.value {
             None => s.batch_max_bytes = AWS_MAX_PAYLOAD,
@@ -791,7 +792,7 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
             Some(_) => {}
         }
     }
-    if let (Some(Some(_)), Some(m)) = (&aws, &mqtt)
+    if let (true, Some(m)) = (aws_profile, &mqtt)
         && m.keep_alive.as_secs() > AWS_KEEP_ALIVE_MAX
         && let Some(raw_mqtt) = &raw.mqtt
     {
@@ -872,9 +873,11 @@ fn aws(raw: &RawAws, device: Option<&DeviceConfig>, p: &mut Problems) -> Option<
     };
     let shadow = raw.shadow.or(p, String::new(), shadow_name);
     let nested = raw.nested.value.unwrap_or(true);
+    // Checked with a stand-in thing when the thing itself is wrong (reported already).
     let topic = |f: &Field<String>, default: &str, p: &mut Problems| {
-        let t = thing.as_deref()?;
+        let t = thing.as_deref().unwrap_or("thing");
         f.or_checked(p, default.to_owned(), |s| aws_topic(&s, t))
+            .filter(|_| thing.is_some())
     };
     let telemetry_topic = topic(&raw.telemetry_topic, DEFAULT_TELEMETRY_TOPIC, p);
     let presence_topic = topic(&raw.presence_topic, DEFAULT_PRESENCE_TOPIC, p);
