@@ -299,6 +299,10 @@ impl Session<'_> {
         let (token, code, message) = shadow::response(payload);
         let Some(sh) = &mut self.shadows else { return };
         let Some(token) = token else { return };
+        if !accepted && token == "edgesync-result" {
+            tracing::warn!("shadow {shadow:?}: the apply result was rejected: {code} {message}");
+            return;
+        }
         let Some(r) = sh.reporters.iter_mut().find(|r| r.shadow == shadow) else {
             return;
         };
