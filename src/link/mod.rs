@@ -8,8 +8,8 @@
 //! Each connection attempt builds a fresh rumqttc client and event loop. rumqttc would
 //! otherwise replay its in-memory pending list on a resumed session (or drop it on a clean
 //! one); the outbox is the only truth, so after every CONNACK the engine resends everything
-//! unacknowledged from the store. The event loop runs in its own task and hands events over
-//! a channel, so nothing here ever blocks `poll()`.
+//! unacknowledged from the store. The event loop is polled in the session's own task (no
+//! hand-over on the online path); a poll in progress always runs to its end ([`Net`]).
 //!
 //! # Incoming messages
 //! Desired documents and commands go to the intake (taken in one at a time, acknowledged
@@ -478,10 +478,9 @@ impl Session<'_> {
         let (client, mut eventloop) = AsyncClient::new(options, capacity);
         // Small packets (PUBACKs, single changes) must not wait for Nagle's algorithm.
         eventloop.network_options.set_tcp_nodelay(true);
-        let (tx, mut events) = mpsc::channel(256);
         // Deferring needs the broker to keep the session; a clean one would lose them.
         let gate = IntakeGate::new(self.board.clone(), !self.clean_session);
-        let poller = tokio::spawn(poll_loop(eventloop, tx, gate.clone()));
+        let mut events = Net::new(eventloop, gate.clone());
         // The event path never waits for the intake (which waits for rumqttc to take its
         // PUBACK: a cycle), so it only `try_send`s. Every message in the channel holds an
         // `IntakeGate` token and the gate lets at most INTAKE_HARD_MESSAGES exist: the
@@ -499,8 +498,15 @@ impl Session<'_> {
             .drive(&client, &mut events, &intake_tx, &gate, stop)
             .await;
         drop(intake_tx);
-        // Documents already read are taken in (and acked) before the link goes.
-        let _ = tokio::time::timeout(Duration::from_secs(5), intake).await;
+        // Documents already read are taken in (and acked) before the link goes; meanwhile
+        // the event loop writes their PUBACKs.
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tokio::select! {
+                _ = intake => {}
+                () = events.read_ahead() => {}
+            }
+        })
+        .await;
         if matches!(end, SessionEnd::Stopped) && self.connected_at.is_some() {
             self.goodbye(&client, &mut events).await;
         }
@@ -509,7 +515,7 @@ impl Session<'_> {
             // writes them first, so those messages are not sent again.
             if client.try_disconnect().is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                    while let Some(ev) = events.recv().await {
+                    while let Some(ev) = events.next().await {
                         if matches!(
                             ev,
                             Polled::Event(Event::Outgoing(Outgoing::Disconnect))
@@ -522,7 +528,7 @@ impl Session<'_> {
                 .await;
             }
         }
-        poller.abort();
+        drop(events);
         self.engine.handle_disconnected();
         // Deletes still asked for are carried out; reads are moot now.
         while let Some(action) = self.engine.poll_action() {
@@ -554,7 +560,7 @@ impl Session<'_> {
     async fn drive(
         &mut self,
         client: &AsyncClient,
-        events: &mut mpsc::Receiver<Polled>,
+        events: &mut Net,
         intake: &mpsc::Sender<(rumqttc::Publish, IntakeToken)>,
         gate: &IntakeGate,
         stop: &CancellationToken,
@@ -612,7 +618,7 @@ impl Session<'_> {
                 // Shutdown requested.
                 () = stop.cancelled() => return SessionEnd::Stopped,
                 // Network events, in the order rumqttc produced them.
-                ev = events.recv() => {
+                ev = events.next() => {
                     let Some(ev) = ev else {
                         return SessionEnd::Failed("MQTT event loop ended".into());
                     };
@@ -1105,7 +1111,7 @@ impl Session<'_> {
 
     /// Clean shutdown: replace the retained status with "offline" ourselves (the will is
     /// only for unclean ends), wait briefly for its PUBACK, disconnect.
-    async fn goodbye(&mut self, client: &AsyncClient, events: &mut mpsc::Receiver<Polled>) {
+    async fn goodbye(&mut self, client: &AsyncClient, events: &mut Net) {
         let offline = self
             .settings
             .profile
@@ -1116,7 +1122,7 @@ impl Session<'_> {
         let deadline = tokio::time::Instant::now() + GOODBYE_TIMEOUT;
         let mut goodbye_pkid = None;
         loop {
-            let ev = tokio::time::timeout_at(deadline, events.recv()).await;
+            let ev = tokio::time::timeout_at(deadline, events.next()).await;
             let Ok(Some(Polled::Event(ev))) = ev else {
                 match ev {
                     Ok(Some(Polled::Publish(..) | Polled::Dropped | Polled::Deferred)) => continue,
@@ -1148,7 +1154,7 @@ impl Session<'_> {
         }
         let _ = client.try_disconnect();
         // Let the event loop write the DISCONNECT.
-        let _ = tokio::time::timeout(Duration::from_millis(500), events.recv()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
     }
 }
 
@@ -1377,7 +1383,7 @@ async fn intake_loop(
     }
 }
 
-/// What the poller hands to the session.
+/// What the event loop hands to the session.
 enum Polled {
     Event(Event),
     /// An incoming message, admitted by the intake gate.
@@ -1391,36 +1397,103 @@ enum Polled {
     Failed(ConnectionError),
 }
 
-async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Polled>, gate: IntakeGate) {
-    let polled = |ev: Event| match ev {
-        Event::Incoming(Packet::Publish(p)) => match gate.admit(&p) {
-            Admission::Admitted(token) => Polled::Publish(p, token),
-            Admission::Dropped => Polled::Dropped,
-            Admission::Deferred => Polled::Deferred,
-            Admission::Refused => Polled::Refused(p),
-        },
-        ev => Polled::Event(ev),
-    };
-    loop {
-        match eventloop.poll().await {
-            Ok(ev) => {
-                if tx.send(polled(ev)).await.is_err() {
-                    return;
-                }
+/// A poll of the event loop in progress: it owns the loop and gives it back when done.
+type Polling = std::pin::Pin<
+    Box<dyn Future<Output = (Box<EventLoop>, Result<Event, ConnectionError>)> + Send>,
+>;
+
+/// Most events read ahead while the session waits for something else (the intake at the
+/// end of a session): the bound the poller task's channel had.
+const READ_AHEAD: usize = 256;
+
+/// The MQTT event loop, polled inside the session task (issue 16: a hand-over to a task of
+/// its own cost ~50-80 µs of online latency per change). `EventLoop::poll` is not
+/// cancel-safe (a write could be cut in the middle), so a poll in progress is kept, owning
+/// the loop, across `select!` rounds and runs to its end: [`Net::next`] is cancel-safe.
+struct Net {
+    idle: Option<Box<EventLoop>>,
+    busy: Option<Polling>,
+    gate: IntakeGate,
+    /// Events already polled: read ahead, or queued in rumqttc before a failure.
+    ahead: VecDeque<Polled>,
+    /// A failure was handed out: nothing follows it.
+    ended: bool,
+}
+
+impl Net {
+    fn new(eventloop: EventLoop, gate: IntakeGate) -> Self {
+        Self {
+            idle: Some(Box::new(eventloop)),
+            busy: None,
+            gate,
+            ahead: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    /// The next event; `None` once a failure was handed out.
+    async fn next(&mut self) -> Option<Polled> {
+        if let Some(ev) = self.ahead.pop_front() {
+            return Some(ev);
+        }
+        self.poll().await
+    }
+
+    /// Polls without handing out: keeps up to [`READ_AHEAD`] events for [`Net::next`], then
+    /// waits for ever (for use beside another future in `select!`).
+    async fn read_ahead(&mut self) {
+        while self.ahead.len() < READ_AHEAD {
+            match self.poll().await {
+                Some(ev) => self.ahead.push_back(ev),
+                None => break,
             }
+        }
+        std::future::pending::<()>().await;
+    }
+
+    async fn poll(&mut self) -> Option<Polled> {
+        if self.ended {
+            return None;
+        }
+        if self.busy.is_none() {
+            let mut eventloop = self.idle.take()?;
+            self.busy = Some(Box::pin(async move {
+                let r = eventloop.poll().await;
+                (eventloop, r)
+            }));
+        }
+        let busy = self.busy.as_mut()?;
+        let (mut eventloop, r) = busy.await;
+        self.busy = None;
+        let polled = match r {
+            Ok(ev) => self.admit(ev),
             Err(e) => {
                 // Packets read before the failure (SUBACKs, PUBACKs) are still queued in
-                // rumqttc: hand them over first (the SUBACKs tell `oversize` which filter
-                // the failing message came with).
+                // rumqttc: hand them over first (the SUBACKs tell `oversize` which filter the
+                // failing message came with).
                 let read: Vec<Event> = eventloop.state.events.drain(..).collect();
                 for ev in read {
-                    if tx.send(polled(ev)).await.is_err() {
-                        return;
-                    }
+                    let p = self.admit(ev);
+                    self.ahead.push_back(p);
                 }
-                let _ = tx.send(Polled::Failed(e)).await;
-                return;
+                self.ahead.push_back(Polled::Failed(e));
+                self.ended = true;
+                self.ahead.pop_front()?
             }
+        };
+        self.idle = Some(eventloop);
+        Some(polled)
+    }
+
+    fn admit(&self, ev: Event) -> Polled {
+        match ev {
+            Event::Incoming(Packet::Publish(p)) => match self.gate.admit(&p) {
+                Admission::Admitted(token) => Polled::Publish(p, token),
+                Admission::Dropped => Polled::Dropped,
+                Admission::Deferred => Polled::Deferred,
+                Admission::Refused => Polled::Refused(p),
+            },
+            ev => Polled::Event(ev),
         }
     }
 }

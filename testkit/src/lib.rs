@@ -12,11 +12,14 @@
 //! - [`proxy`]: a fault-injecting TCP proxy: cut, blackhole, reset, delay, bandwidth,
 //!   fragmentation, drop after N bytes.
 //! - [`port`]: free loopback ports; [`wait`]: polling with a deadline.
+//! - [`aws`]: an AWS IoT Core emulator (Device Shadow and Jobs on `$aws/things/...`),
+//!   an MQTT client of the test broker, written from the AWS documentation.
 //! - [`exposition`]: a strict reader of the Prometheus text format, to check the agent's
 //!   metrics text file.
 //!
 //! Every fallible function returns [`Result`] with a message that names what failed.
 
+pub mod aws;
 pub mod exposition;
 pub mod mosquitto;
 pub mod pki;
