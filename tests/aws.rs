@@ -10,7 +10,7 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::Path;
 
 use common::cloud::{DEADLINE, decode, pki, tls_agent, wait};
 use common::{Agent, report_req};
@@ -145,7 +145,7 @@ fn reported_values_converge_to_the_shadow_and_every_change_to_the_telemetry_topi
 }
 
 /// A handler that appends `$EDGESYNC_VERSION` and the value to `file` (its run log).
-fn counting_handler(keys: &str, file: &PathBuf) -> String {
+fn counting_handler(keys: &str, file: &Path) -> String {
     let script = format!(
         "echo \"$EDGESYNC_VERSION $EDGESYNC_VALUE\" >> {}",
         file.display()
@@ -156,7 +156,7 @@ fn counting_handler(keys: &str, file: &PathBuf) -> String {
     )
 }
 
-fn runs(file: &PathBuf) -> Vec<String> {
+fn runs(file: &Path) -> Vec<String> {
     std::fs::read_to_string(file)
         .unwrap_or_default()
         .lines()
