@@ -193,9 +193,14 @@ impl Profile {
     pub fn stray_filters(&self, topic: &str) -> Vec<String> {
         match self {
             Profile::Edgesync(t) => t.stray_filters(topic),
+            // The topic and its first levels followed by `#` (`#` alone does not match
+            // topics starting with `$`).
             Profile::AwsIot(_) => {
                 let own = self.filters(Filter::Desired);
-                let mut f = Topics::new("", "").stray_filters(topic);
+                let mut f = vec!["#".to_owned(), topic.to_owned()];
+                for (i, _) in topic.match_indices('/').take(4) {
+                    f.push(format!("{}/#", &topic[..i]));
+                }
                 f.retain(|f| !own.contains(f));
                 f
             }

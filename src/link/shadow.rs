@@ -25,7 +25,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::backoff::Backoff;
 
@@ -89,7 +89,7 @@ fn insert(
 /// An upper bound of what `key` = `value` adds to a state document (each path segment as
 /// if not shared).
 fn cost(key: &str, value: &Value) -> usize {
-    let v = serde_json::to_vec(value).map_or(0, |b| b.len());
+    let v = value.to_string().len();
     v + key.len() + 6 * key.split('.').count()
 }
 
@@ -131,7 +131,7 @@ pub enum Desired {
 /// when `nested`; else each top-level key with its whole desired value, which only
 /// `/get/accepted` has), `ts` the message's `timestamp` (seconds) in ms.
 pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(payload) else {
+    let Value::Object(body) = parse(payload) else {
         return Desired::Nothing;
     };
     let Some(version) = body.get("version").and_then(Value::as_u64) else {
@@ -164,11 +164,22 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
     if keys.is_empty() {
         return Desired::Nothing;
     }
-    let mut doc = json!({"version": version, "state": keys});
+    let mut doc = Map::new();
+    doc.insert("version".into(), Value::from(version));
+    doc.insert("state".into(), Value::Object(keys));
     if let Some(t) = body.get("timestamp").and_then(Value::as_u64) {
-        doc["ts"] = Value::from(t.saturating_mul(1000));
+        doc.insert("ts".into(), Value::from(t.saturating_mul(1000)));
     }
-    Desired::Apply(doc)
+    Desired::Apply(Value::Object(doc))
+}
+
+/// A JSON payload (`Null` when it is not JSON), with the desired documents' parser.
+fn parse(payload: &[u8]) -> Value {
+    use crate::model::doc;
+    doc::parse_tree(payload, doc::Encoding::Json)
+        .ok()
+        .and_then(|t| doc::to_json(t, 0, 128).ok())
+        .unwrap_or_default()
 }
 
 /// Whether every key of `new` has the same value in `last` (a delta taken in already: the
@@ -185,11 +196,9 @@ pub fn seen(last: &Value, new: &Value) -> bool {
 /// `reported.edgesync.desired_result`; within 8 KB (else without its `keys`, counted in
 /// `keys_omitted`).
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
-    let mut r: Value = serde_json::from_slice(payload)
-        .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(payload).into_owned()));
+    let mut r = parse(payload);
     let doc = |r: &Value| {
-        json!({"state": {"reported": {"edgesync": {"desired_result": r}}}, "clientToken": "edgesync-result"})
-            .to_string()
+        format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
             .into_bytes()
     };
     let out = doc(&r);
@@ -197,14 +206,14 @@ pub fn result_update(payload: &[u8]) -> Vec<u8> {
         return out;
     }
     let n = r.get("keys").and_then(Value::as_object).map_or(0, Map::len);
-    r["keys"] = json!({});
+    r["keys"] = Value::Object(Map::new());
     r["keys_omitted"] = Value::from(n);
     doc(&r)
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
 pub fn response(payload: &[u8]) -> (Option<String>, u64, String) {
-    let v: Value = serde_json::from_slice(payload).unwrap_or_default();
+    let v = parse(payload);
     let token = v
         .get("clientToken")
         .and_then(Value::as_str)
@@ -327,12 +336,13 @@ impl Reporter {
         now: Instant,
     ) -> Option<Update> {
         latest.retain(|(_, s, _)| *s > self.watermark);
-        latest.sort_unstable_by_key(|(_, s, _)| *s);
         let budget = STATE_MAX - STATE_SLACK;
         let mut reported = Map::new();
         let (mut used, mut keys, mut top) = (0, 0, None);
         let mut dropped = Vec::new();
-        for (key, seq, value) in latest {
+        // In seq order: the oldest left each time (an update holds few keys; no sort code).
+        while let Some(i) = (0..latest.len()).min_by_key(|&i| latest[i].1) {
+            let (key, seq, value) = latest.swap_remove(i);
             let c = cost(&key, &value);
             if keys > 0 && (used + c > budget || seq <= self.single_until) {
                 break;
@@ -362,9 +372,8 @@ impl Reporter {
                 sent: now,
             });
             self.retry_at = None;
-            json!({"state": {"reported": reported}, "clientToken": token})
-                .to_string()
-                .into_bytes()
+            let reported = Value::Object(std::mem::take(&mut reported));
+            format!(r#"{{"state":{{"reported":{reported}}},"clientToken":"{token}"}}"#).into_bytes()
         });
         if payload.is_none() {
             self.watermark = self.watermark.max(top);
@@ -407,6 +416,7 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn reporter() -> Reporter {
         let b = Backoff::new(

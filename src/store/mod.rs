@@ -762,6 +762,21 @@ impl Outbox {
         v.ok_or(StoreError::Closed)
     }
 
+    /// Hands `f` to the writer's next transaction without waiting for it (no future to
+    /// spawn); `false` when the writer's queue is full or closed, and then `f` does not run.
+    pub fn transact_later(
+        &self,
+        f: impl FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Send + 'static,
+    ) -> bool {
+        let (reply, _) = oneshot::channel();
+        let f: TxnFn = Box::new(f);
+        let op = Op::Transact {
+            f: Mutex::new(Some(f)),
+            reply,
+        };
+        self.tx.try_send(op).is_ok()
+    }
+
     /// Round-trips the writer thread without a transaction or fsync: answers once the writer
     /// took it, i.e. after the commits of everything submitted before it. A writer stuck
     /// (e.g. in an fsync that never returns) never answers: the systemd watchdog's probe

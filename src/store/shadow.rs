@@ -27,18 +27,18 @@ pub fn watermarks(outbox: &Outbox) -> Result<HashMap<String, u64>, StoreError> {
     Ok(out)
 }
 
-/// Raises `shadow`'s watermark to `seq` (never lowers it: writes may land out of order).
-pub async fn advance(outbox: &Outbox, shadow: String, seq: u64) -> Result<(), StoreError> {
-    outbox
-        .transact(move |ctx| {
-            let mut t = ctx.txn.open_table(SHADOW)?;
-            let old = t.get(shadow.as_str())?.map_or(0, |v| v.value());
-            if seq > old {
-                t.insert(shadow.as_str(), seq)?;
-            }
-            Ok(())
-        })
-        .await
+/// Raises `shadow`'s watermark to `seq` (never lowers it: writes may land out of order)
+/// with the writer's next transaction, not waited for: a watermark lost to a full queue or
+/// a crash only makes values go to the shadow once more. `false` if it was not queued.
+pub fn advance(outbox: &Outbox, shadow: String, seq: u64) -> bool {
+    outbox.transact_later(move |ctx| {
+        let mut t = ctx.txn.open_table(SHADOW)?;
+        let old = t.get(shadow.as_str())?.map_or(0, |v| v.value());
+        if seq > old {
+            t.insert(shadow.as_str(), seq)?;
+        }
+        Ok(())
+    })
 }
 
 /// The latest value of every key reported after `seq`: `(key, seq, value)`.
