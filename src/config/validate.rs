@@ -21,7 +21,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::cloud::{
-    AWS_KEEP_ALIVE_MAX, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
     DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
     aws_topic, check_aws_name,
 };
@@ -792,19 +792,6 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
             Some(_) => {}
         }
     }
-    if let (true, Some(m)) = (aws_profile, &mqtt)
-        && m.keep_alive.as_secs() > AWS_KEEP_ALIVE_MAX
-        && let Some(raw_mqtt) = &raw.mqtt
-    {
-        raw_mqtt.keep_alive.report(
-            p,
-            format!(
-                "expected at most {AWS_KEEP_ALIVE_MAX}s with [cloud] profile = \"aws-iot\" \
-                 (AWS IoT Core's limit), found {}s",
-                m.keep_alive.as_secs()
-            ),
-        );
-    }
     Some(Config {
         source: source.to_path_buf(),
         device: device?,
@@ -826,7 +813,7 @@ fn cloud(
     raw: &RawConfig,
     device: Option<&DeviceConfig>,
     p: &mut Problems,
-) -> Option<Option<AwsConfig>> {
+) -> Option<Option<std::sync::Arc<AwsConfig>>> {
     let aws_profile = raw.cloud.profile.or(p, false, |s| match s.as_str() {
         "edgesync" => Ok(false),
         "aws-iot" => Ok(true),
@@ -838,7 +825,7 @@ fn cloud(
         (a, _) => aws(a.as_ref().unwrap_or(&empty), device, p),
     };
     if aws_profile? {
-        aws.map(Some)
+        aws.map(|a| Some(std::sync::Arc::new(a)))
     } else {
         Some(None)
     }

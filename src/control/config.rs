@@ -15,34 +15,36 @@ use crate::config::{HandlerKind, Policy};
 use crate::model::rules::{UnknownKeys, ValueType};
 
 pub fn run(svc: &Services) -> Value {
-    let mut v = effective(&svc.live.current());
+    let c = svc.live.current();
+    let mut v = effective(&c);
+    if let Some(a) = &c.aws {
+        aws(a, &mut v);
+    }
     if let Some(log) = &svc.log {
         v["log"]["running"] = Value::from(log.current());
     }
     v
 }
 
-/// The configuration as JSON, without secrets.
-pub fn effective(c: &Config) -> Value {
-    let mut v = sections(c);
-    // Only with the aws-iot profile: the default profile's answer stays as it was.
-    if let Some(a) = &c.aws {
-        let map: Vec<Value> = a
-            .shadow_map
-            .iter()
-            .map(|m| json!({"keys": m.keys.iter().map(|g| g.as_str()).collect::<Vec<_>>(), "shadow": m.shadow}))
-            .collect();
-        v["cloud"] = json!({"profile": "aws-iot"});
-        v["aws"] = json!({
-            "thing": a.thing, "shadow": a.shadow, "telemetry_topic": a.telemetry_topic,
-            "presence_topic": a.presence_topic, "metrics_topic": a.metrics_topic,
-            "nested": a.nested, "shadow_map": map,
-        });
-    }
-    v
+/// `[cloud]` and `[aws]`, only with the aws-iot profile: the default profile's answer stays
+/// as it was.
+#[inline(never)]
+fn aws(a: &crate::config::AwsConfig, v: &mut Value) {
+    let map: Vec<Value> = a
+        .shadow_map
+        .iter()
+        .map(|m| json!({"keys": m.keys, "shadow": m.shadow}))
+        .collect();
+    v["cloud"] = json!({"profile": "aws-iot"});
+    v["aws"] = json!({
+        "thing": a.thing, "shadow": a.shadow, "telemetry_topic": a.telemetry_topic,
+        "presence_topic": a.presence_topic, "metrics_topic": a.metrics_topic,
+        "nested": a.nested, "shadow_map": map,
+    });
 }
 
-fn sections(c: &Config) -> Value {
+/// The configuration as JSON, without secrets.
+pub fn effective(c: &Config) -> Value {
     let m = &c.mqtt;
     let d = &c.desired;
     let rules: Vec<Value> = d

@@ -12,7 +12,6 @@ use super::intake::IntakeToken;
 use super::profile::{Outbound, ShadowMsg};
 use super::shadow::{self, Desired, Rejected, Reporter};
 use super::{Job, Session, Tag};
-use crate::health::status::ShadowFigures;
 use crate::model::change::now_ms;
 use crate::store::desired as dstore;
 use crate::store::shadow as sstore;
@@ -46,17 +45,16 @@ impl Shadows {
 impl Session<'_> {
     /// The shadows of this connection, their watermarks from the store (`None` with the
     /// `edgesync` profile).
+    #[inline(never)]
     pub(super) fn shadows(&self) -> Option<Shadows> {
         let aws = self.settings.profile.aws()?;
-        // Unreadable: every value goes to the shadow again.
-        let marks = sstore::watermarks(self.outbox).unwrap_or_default();
         let s = &self.settings;
         let reporters = aws
             .shadows()
             .into_iter()
             .map(|name| {
                 let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
-                Reporter::new(name.to_owned(), marks.get(name).copied().unwrap_or(0), b)
+                Reporter::new(name.to_owned(), sstore::watermark(self.outbox, name), b)
             })
             .collect();
         Some(Shadows {
@@ -70,12 +68,23 @@ impl Session<'_> {
         })
     }
 
-    fn figures(&self, f: impl FnOnce(&mut ShadowFigures)) {
-        self.board
-            .update(|b| f(b.shadow.get_or_insert_with(Default::default)));
+    /// Adds to the counters: `[accepted, retried, dropped_keys, deltas]`.
+    #[inline(never)]
+    fn count(&self, n: [u64; 4], rejection: Option<String>) {
+        self.board.update(|b| {
+            let f = b.shadow.get_or_insert_with(Default::default);
+            f.accepted += n[0];
+            f.retried += n[1];
+            f.dropped_keys += n[2];
+            f.deltas += n[3];
+            if rejection.is_some() {
+                f.last_rejection = rejection;
+            }
+        });
     }
 
     /// Connected: ask for the shadow (deltas sent while offline), then report.
+    #[inline(never)]
     pub(super) fn shadow_connected(&mut self, client: &AsyncClient) -> Result<(), String> {
         let Some(sh) = &mut self.shadows else {
             return Ok(());
@@ -115,25 +124,20 @@ impl Session<'_> {
         if self.connected_at.is_none() || sh.reading || !sh.dirty {
             return;
         }
-        let Some(from) = sh
-            .reporters
-            .iter()
-            .filter(|r| r.ready(now))
-            .map(|r| r.watermark)
-            .min()
-        else {
+        if !sh.reporters.iter().any(|r| r.ready(now)) {
             return;
-        };
+        }
         sh.reading = true;
         sh.dirty = false;
-        self.spawn_job(Job::Latest(from));
+        self.spawn_job(Job::Latest);
     }
 
     /// The latest values read: the next update of every shadow that can take one.
+    #[inline(never)]
     pub(super) fn shadow_read(
         &mut self,
         client: &AsyncClient,
-        latest: Result<Vec<(String, u64, serde_json::Value)>, String>,
+        latest: Result<std::collections::BTreeMap<String, crate::store::ReportedValue>, String>,
     ) -> Result<(), String> {
         let Some(aws) = self.settings.profile.aws() else {
             return Ok(());
@@ -154,20 +158,22 @@ impl Session<'_> {
         };
         let now = Instant::now();
         let mut out = Ok(());
-        for i in 0..sh.reporters.len() {
-            let busy = sh.reporters.iter().filter(|r| r.busy()).count();
-            if busy >= shadow::INFLIGHT_MAX || self.connected_at.is_none() {
+        // Each key to its shadow's bucket (moved, not copied).
+        let mut buckets: Vec<Vec<_>> = sh.reporters.iter().map(|_| Vec::new()).collect();
+        for (key, r) in latest {
+            let to = aws.shadow_of(&key);
+            if let Some(i) = sh.reporters.iter().position(|r| r.shadow == to) {
+                buckets[i].push((key, r.seq, r.value));
+            }
+        }
+        for (i, mine) in buckets.into_iter().enumerate() {
+            if self.connected_at.is_none() {
                 break;
             }
             if !sh.reporters[i].ready(now) {
                 continue;
             }
             let name = sh.reporters[i].shadow.clone();
-            let mine: Vec<_> = latest
-                .iter()
-                .filter(|(k, ..)| aws.shadow_of(k) == name)
-                .cloned()
-                .collect();
             let token = sh.token();
             let Some(u) = sh.reporters[i].next(mine, aws.nested, &token, now) else {
                 continue;
@@ -179,7 +185,7 @@ impl Session<'_> {
             }
             let n = u.dropped.len() as u64;
             if n > 0 {
-                self.figures(&|f: &mut ShadowFigures| f.dropped_keys += n);
+                self.count([0, 0, n, 0], None);
             }
             match u.payload {
                 Some(p) => {
@@ -208,6 +214,7 @@ impl Session<'_> {
     }
 
     /// A retry is due or an update went unanswered.
+    #[inline(never)]
     pub(super) fn shadow_tick(&mut self) {
         let now = Instant::now();
         let Some(sh) = &mut self.shadows else { return };
@@ -216,13 +223,14 @@ impl Session<'_> {
             late += u64::from(r.tick(now));
         }
         if late > 0 {
-            self.figures(&|f: &mut ShadowFigures| f.retried += late);
+            self.count([0, late, 0, 0], None);
         }
         self.shadow_changed();
     }
 
     /// A message on a shadow topic: acknowledged here, or given back to go to the intake (a
     /// desired document made from a delta, acknowledged once durable).
+    #[inline(never)]
     pub(super) fn on_shadow(
         &mut self,
         client: &AsyncClient,
@@ -247,7 +255,7 @@ impl Session<'_> {
                             && !shadow::seen(&sh.last_delta, &doc["state"])
                         {
                             sh.last_delta = doc["state"].clone();
-                            self.figures(&|f: &mut ShadowFigures| f.deltas += 1);
+                            self.count([0, 0, 0, 1], None);
                             p.payload = doc.to_string().into_bytes().into();
                             return Some((p, token));
                         }
@@ -271,6 +279,7 @@ impl Session<'_> {
         None
     }
 
+    #[inline(never)]
     fn on_update_answer(&mut self, shadow: &str, accepted: bool, payload: &[u8]) {
         let (token, code, message) = shadow::response(payload);
         let Some(sh) = &mut self.shadows else { return };
@@ -288,7 +297,7 @@ impl Session<'_> {
             None => return,
             Some(r) if accepted => {
                 if let Some(mark) = r.accepted(&token) {
-                    self.figures(&|f: &mut ShadowFigures| f.accepted += 1);
+                    self.count([1, 0, 0, 0], None);
                     self.persist(shadow.to_owned(), mark);
                     self.shadow_changed();
                 }
@@ -298,12 +307,12 @@ impl Session<'_> {
                 Rejected::Unknown => return,
                 // Counted, not logged: 409 and 429 pass.
                 Rejected::Retry(_) => {
-                    self.figures(&|f: &mut ShadowFigures| f.retried += 1);
+                    self.count([0, 1, 0, 0], None);
                     ""
                 }
                 Rejected::Split => "sending its keys one at a time",
                 Rejected::Dropped(mark) => {
-                    self.figures(&|f: &mut ShadowFigures| f.dropped_keys += 1);
+                    self.count([0, 0, 1, 0], None);
                     self.persist(shadow.to_owned(), mark);
                     "the key is dropped (counted in shadow.dropped_keys)"
                 }
@@ -312,7 +321,7 @@ impl Session<'_> {
         if !action.is_empty() {
             tracing::warn!("{what}; {action}");
         }
-        self.figures(&|f: &mut ShadowFigures| f.last_rejection = Some(what.clone()));
+        self.count([0; 4], Some(what));
         self.shadow_changed();
     }
 }

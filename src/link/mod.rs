@@ -379,7 +379,7 @@ enum Done {
     /// A result's PUBACK was recorded.
     ResultDeleted,
     /// The latest values for the Device Shadow (`aws-iot`).
-    Shadow(Result<Vec<(String, u64, serde_json::Value)>, String>),
+    Shadow(Result<std::collections::BTreeMap<String, crate::store::ReportedValue>, String>),
 }
 
 struct Session<'a> {
@@ -1165,8 +1165,8 @@ impl Session<'_> {
 enum Job {
     /// Results waiting to be published: from `from`, at most `room`.
     Results { from: u64, room: usize },
-    /// The latest value of every key reported after a seq (the Device Shadow).
-    Latest(u64),
+    /// The latest value of every key (the Device Shadow).
+    Latest,
 }
 
 impl Session<'_> {
@@ -1176,9 +1176,7 @@ impl Session<'_> {
             Job::Results { from, room } => {
                 Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
             }
-            Job::Latest(from) => Done::Shadow(
-                crate::store::shadow::latest_after(&outbox, from).map_err(|e| e.to_string()),
-            ),
+            Job::Latest => Done::Shadow(outbox.reported(None).map_err(|e| e.to_string())),
         });
     }
 }

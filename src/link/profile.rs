@@ -87,7 +87,7 @@ pub enum Profile {
     /// The agent's own topics under `{prefix}/{device}`.
     Edgesync(Topics),
     /// AWS IoT Core (`[aws]`).
-    AwsIot(Box<AwsConfig>),
+    AwsIot(std::sync::Arc<AwsConfig>),
 }
 
 impl Profile {
@@ -98,7 +98,7 @@ impl Profile {
     /// The profile of a config.
     pub fn of(config: &crate::config::Config) -> Profile {
         match &config.aws {
-            Some(a) => Profile::AwsIot(Box::new(a.clone())),
+            Some(a) => Profile::AwsIot(std::sync::Arc::clone(a)),
             None => Profile::edgesync(&config.mqtt.topic_prefix, config.device.id.as_str()),
         }
     }
@@ -182,10 +182,8 @@ impl Profile {
             None => ("", rest),
         };
         let (msg, _) = ShadowMsg::ALL.into_iter().find(|(_, o)| *o == op)?;
-        let main = shadow == a.shadow;
-        let ours = main
-            || (a.shadows().contains(&shadow)
-                && matches!(msg, ShadowMsg::UpdateAccepted | ShadowMsg::UpdateRejected));
+        // Only what the agent subscribed (the main shadow's five, the others' answers).
+        let ours = self.filters(Filter::Desired).iter().any(|f| f == topic);
         ours.then_some(Inbound::Shadow { shadow, msg })
     }
 
@@ -320,7 +318,7 @@ mod tests {
 
     fn aws() -> Profile {
         let glob = |s: &str| crate::model::glob::KeyGlob::new(s).unwrap_or_else(|e| panic!("{e}"));
-        Profile::AwsIot(Box::new(AwsConfig {
+        Profile::AwsIot(std::sync::Arc::new(AwsConfig {
             thing: "pump-1".into(),
             shadow: String::new(),
             telemetry_topic: "edgesync/pump-1/changes".into(),

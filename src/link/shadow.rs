@@ -35,9 +35,6 @@ pub const STATE_MAX: usize = 8192;
 pub const DEPTH_MAX: usize = 6;
 /// An update not answered within this is sent again.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most updates in flight at once over all shadows: AWS IoT Core answers 429 beyond 10
-/// requests in flight on a connection, and `/get` and apply results need room too.
-pub const INFLIGHT_MAX: usize = 8;
 /// Room for `{"reported":{}}` and the per-key estimate's slack.
 const STATE_SLACK: usize = 64;
 
@@ -45,6 +42,7 @@ const STATE_SLACK: usize = 64;
 /// most as deep as the shadow allows (the rest of the key stays dotted in the innermost
 /// member). `Err` when the value alone nests too deep. A later key replaces an earlier
 /// value on its path, as the shadow's own merge does.
+#[inline(never)]
 fn insert(
     reported: &mut Map<String, Value>,
     key: &str,
@@ -130,6 +128,7 @@ pub enum Desired {
 /// `version` is the shadow's version, `state` the delta's keys (flattened to dotted keys
 /// when `nested`; else each top-level key with its whole desired value, which only
 /// `/get/accepted` has), `ts` the message's `timestamp` (seconds) in ms.
+#[inline(never)]
 pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
     let Value::Object(body) = parse(payload) else {
         return Desired::Nothing;
@@ -195,6 +194,7 @@ pub fn seen(last: &Value, new: &Value) -> bool {
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
 /// `reported.edgesync.desired_result`; within 8 KB (else without its `keys`, counted in
 /// `keys_omitted`).
+#[inline(never)]
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
     let mut r = parse(payload);
     let doc = |r: &Value| {
@@ -212,6 +212,7 @@ pub fn result_update(payload: &[u8]) -> Vec<u8> {
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
+#[inline(never)]
 pub fn response(payload: &[u8]) -> (Option<String>, u64, String) {
     let v = parse(payload);
     let token = v
@@ -296,11 +297,6 @@ impl Reporter {
         self.inflight.is_none() && self.retry_at.is_none_or(|t| now >= t)
     }
 
-    /// Whether an update is in flight.
-    pub fn busy(&self) -> bool {
-        self.inflight.is_some()
-    }
-
     /// When something is due: a retry, or the timeout of the update in flight.
     pub fn wake_at(&self) -> Option<Instant> {
         match &self.inflight {
@@ -328,6 +324,7 @@ impl Reporter {
     /// The next update from `latest` (`(key, seq, value)` of this shadow's keys, any order;
     /// those at or below the watermark are skipped), sent with `token`; `None` when no key
     /// is dirty.
+    #[inline(never)]
     pub fn next(
         &mut self,
         mut latest: Vec<(String, u64, Value)>,
@@ -395,6 +392,7 @@ impl Reporter {
     }
 
     /// `/update/rejected` with `token` and `code` at `now`; `unit` is the jitter.
+    #[inline(never)]
     pub fn rejected(&mut self, token: &str, code: u64, now: Instant, unit: f64) -> Rejected {
         let Some(i) = self.inflight.take_if(|i| i.token == token) else {
             return Rejected::Unknown;
