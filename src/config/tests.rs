@@ -2744,7 +2744,7 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         &plain("", "[cloud]\nprofile = \"aws-iot\"").replace("pump-0042", "pump.1"),
         "aws.thing",
     );
-    assert!(m.contains("device.id is not a valid thing name"), "{m}");
+    assert!(m.contains("(device.id; set aws.thing)"), "{m}");
     let m = only_problem(
         &aws(&format!("[aws]\nshadow = \"{}\"", "s".repeat(65))),
         "aws.shadow",

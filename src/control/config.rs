@@ -30,11 +30,10 @@ pub fn run(svc: &Services) -> Value {
 /// as it was.
 #[inline(never)]
 fn aws(a: &crate::config::AwsConfig, v: &mut Value) {
-    let map: Vec<Value> = a
-        .shadow_map
-        .iter()
-        .map(|m| json!({"keys": m.keys, "shadow": m.shadow}))
-        .collect();
+    let mut map = Vec::new();
+    for m in &a.shadow_map {
+        map.push(json!({"keys": m.keys, "shadow": m.shadow}));
+    }
     v["cloud"] = json!({"profile": "aws-iot"});
     v["aws"] = json!({
         "thing": a.thing, "shadow": a.shadow, "telemetry_topic": a.telemetry_topic,

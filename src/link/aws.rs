@@ -49,14 +49,12 @@ impl Session<'_> {
     pub(super) fn shadows(&self) -> Option<Shadows> {
         let aws = self.settings.profile.aws()?;
         let s = &self.settings;
-        let reporters = aws
-            .shadows()
-            .into_iter()
-            .map(|name| {
-                let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
-                Reporter::new(name.to_owned(), sstore::watermark(self.outbox, name), b)
-            })
-            .collect();
+        let mut reporters = Vec::new();
+        for name in aws.shadows() {
+            let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
+            let mark = sstore::watermark(self.outbox, name);
+            reporters.push(Reporter::new(name.to_owned(), mark, b));
+        }
         Some(Shadows {
             reporters,
             token_base: now_ms(),
@@ -159,7 +157,7 @@ impl Session<'_> {
         let now = Instant::now();
         let mut out = Ok(());
         // Each key to its shadow's bucket (moved, not copied).
-        let mut buckets: Vec<Vec<_>> = sh.reporters.iter().map(|_| Vec::new()).collect();
+        let mut buckets: Vec<Vec<_>> = vec![Vec::new(); sh.reporters.len()];
         for (key, r) in latest {
             let to = aws.shadow_of(&key);
             if let Some(i) = sh.reporters.iter().position(|r| r.shadow == to) {

@@ -148,10 +148,10 @@ impl Profile {
             (Profile::AwsIot(_), Filter::Commands) => Vec::new(),
             // The main shadow's five topics, then the responses of the mapped shadows.
             (Profile::AwsIot(a), Filter::Desired) => {
-                let mut out: Vec<String> = ShadowMsg::ALL
-                    .iter()
-                    .map(|(_, op)| shadow_topic(a, &a.shadow, op))
-                    .collect();
+                let mut out = Vec::new();
+                for (_, op) in ShadowMsg::ALL {
+                    out.push(shadow_topic(a, &a.shadow, op));
+                }
                 for s in a.shadows().into_iter().skip(1) {
                     for op in ["update/accepted", "update/rejected"] {
                         out.push(shadow_topic(a, s, op));
