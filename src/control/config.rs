@@ -15,31 +15,11 @@ use crate::config::{HandlerKind, Policy};
 use crate::model::rules::{UnknownKeys, ValueType};
 
 pub fn run(svc: &Services) -> Value {
-    let c = svc.live.current();
-    let mut v = effective(&c);
-    if let Some(a) = &c.aws {
-        aws(a, &mut v);
-    }
+    let mut v = effective(&svc.live.current());
     if let Some(log) = &svc.log {
         v["log"]["running"] = Value::from(log.current());
     }
     v
-}
-
-/// `[cloud]` and `[aws]`, only with the aws-iot profile: the default profile's answer stays
-/// as it was.
-#[inline(never)]
-fn aws(a: &crate::config::AwsConfig, v: &mut Value) {
-    let mut map = Vec::new();
-    for m in &a.shadow_map {
-        map.push(json!({"keys": m.keys, "shadow": m.shadow}));
-    }
-    v["cloud"] = json!({"profile": "aws-iot"});
-    v["aws"] = json!({
-        "thing": a.thing, "shadow": a.shadow, "telemetry_topic": a.telemetry_topic,
-        "presence_topic": a.presence_topic, "metrics_topic": a.metrics_topic,
-        "nested": a.nested, "shadow_map": map,
-    });
 }
 
 /// The configuration as JSON, without secrets.

@@ -191,17 +191,8 @@ impl Profile {
     pub fn stray_filters(&self, topic: &str) -> Vec<String> {
         match self {
             Profile::Edgesync(t) => t.stray_filters(topic),
-            // The topic and its first levels followed by `#` (`#` alone does not match
-            // topics starting with `$`).
-            Profile::AwsIot(_) => {
-                let own = self.filters(Filter::Desired);
-                let mut f = vec!["#".to_owned(), topic.to_owned()];
-                for (i, _) in topic.match_indices('/').take(4) {
-                    f.push(format!("{}/#", &topic[..i]));
-                }
-                f.retain(|f| !own.contains(f));
-                f
-            }
+            // The topic itself: the agent subscribes exact topics only.
+            Profile::AwsIot(_) => vec![topic.to_owned()],
         }
     }
 }
@@ -453,7 +444,6 @@ mod tests {
             assert_eq!(p.inbound(other), None, "{other}");
         }
         let stray = p.stray_filters("$aws/things/pump-1/shadow/update/documents");
-        assert!(stray.contains(&"#".to_owned()), "{stray:?}");
-        assert!(stray.iter().all(|s| !f.contains(s)), "{stray:?}");
+        assert_eq!(stray, ["$aws/things/pump-1/shadow/update/documents"]);
     }
 }

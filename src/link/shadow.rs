@@ -192,23 +192,11 @@ pub fn seen(last: &Value, new: &Value) -> bool {
 }
 
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
-/// `reported.edgesync.desired_result`; within 8 KB (else without its `keys`, counted in
-/// `keys_omitted`).
-#[inline(never)]
+/// `reported.edgesync.desired_result`.
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
-    let mut r = parse(payload);
-    let doc = |r: &Value| {
-        format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
-            .into_bytes()
-    };
-    let out = doc(&r);
-    if out.len() <= STATE_MAX {
-        return out;
-    }
-    let n = r.get("keys").and_then(Value::as_object).map_or(0, Map::len);
-    r["keys"] = Value::Object(Map::new());
-    r["keys_omitted"] = Value::from(n);
-    doc(&r)
+    let r = parse(payload);
+    format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
+        .into_bytes()
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
@@ -626,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn results_go_under_reported_edgesync_within_8_kb() {
+    fn results_go_under_reported_edgesync() {
         let r = br#"{"version": 7, "status": "applied", "keys": {"a": {"status": "applied"}}}"#;
         let u: Value = serde_json::from_slice(&result_update(r)).unwrap_or_default();
         assert_eq!(
@@ -634,17 +622,6 @@ mod tests {
             "applied"
         );
         assert!(crate::model::rules::depth(&u["state"]) <= DEPTH_MAX);
-        let keys: Map<String, Value> = (0..400)
-            .map(|i| (format!("key{i}"), json!({"status": "applied"})))
-            .collect();
-        let big = json!({"version": 8, "status": "applied", "keys": keys}).to_string();
-        let u = result_update(big.as_bytes());
-        assert!(u.len() <= STATE_MAX);
-        let u: Value = serde_json::from_slice(&u).unwrap_or_default();
-        assert_eq!(
-            u["state"]["reported"]["edgesync"]["desired_result"]["keys_omitted"],
-            400
-        );
         assert_eq!(
             response(br#"{"code": 409, "message": "Version conflict", "clientToken": "t"}"#),
             (Some("t".into()), 409, "Version conflict".into())
