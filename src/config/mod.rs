@@ -31,11 +31,13 @@
 //! `[[desired.handler]]`. Their entries are named by their position in the file, counted from
 //! 1: `desired.rule[2].max` is the `max` key of the second `[[desired.rule]]`.
 
+pub mod cloud;
 pub mod control;
 pub mod desired;
 mod validate;
 mod values;
 
+pub use cloud::AwsConfig;
 pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
 pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull};
@@ -228,6 +230,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// `[control]`: commands over MQTT; `ControlConfig::default()` without the section.
     pub control: ControlConfig,
+    /// `[aws]`: set exactly when `[cloud] profile = "aws-iot"` (else the `edgesync` profile).
+    pub aws: Option<std::sync::Arc<AwsConfig>>,
 }
 
 /// `[device]`

@@ -2671,3 +2671,129 @@ fn suggestions_are_within_edit_distance_two() {
     );
     assert_eq!(suggest("zzz", &["encoding", "linger"]), None);
 }
+
+// --- [cloud] and [aws] ------------------------------------------------------------------
+
+#[test]
+fn the_default_profile_is_edgesync_and_aws_keys_need_the_aws_profile() {
+    assert_eq!(valid(&plain("", "")).aws, None);
+    assert_eq!(
+        valid(&plain("", "[cloud]\nprofile = \"edgesync\"")).aws,
+        None
+    );
+    let m = only_problem(&plain("", "[cloud]\nprofile = \"aws\""), "cloud.profile");
+    assert!(m.contains("\"edgesync\" or \"aws-iot\""), "{m}");
+    // [aws] is checked, and unused, with the edgesync profile.
+    assert_eq!(valid(&plain("", "[aws]\nthing = \"t\"")).aws, None);
+    only_problem(&plain("", "[aws]\nthing = \"t.1\""), "aws.thing");
+}
+
+#[test]
+fn the_aws_profile_has_documented_defaults() {
+    let c = valid(&plain("", "[cloud]\nprofile = \"aws-iot\""));
+    let a = c.aws.unwrap();
+    assert_eq!(a.thing, "pump-0042");
+    assert_eq!(a.shadow, "");
+    assert_eq!(a.telemetry_topic, "edgesync/pump-0042/changes");
+    assert_eq!(a.presence_topic, "edgesync/pump-0042/presence");
+    assert_eq!(a.metrics_topic, "edgesync/pump-0042/metrics");
+    assert!(a.nested);
+    assert!(a.shadow_map.is_empty());
+    // The change history batch fits in one AWS IoT Core message.
+    assert_eq!(c.sync.batch_max_bytes, 128_000);
+}
+
+#[test]
+fn every_aws_key_can_be_set() {
+    let c = valid(&plain(
+        "",
+        "[cloud]\nprofile = \"aws-iot\"\n[sync]\nbatch_max_bytes = \"100KiB\"\n\
+         [aws]\nthing = \"pump:42\"\nshadow = \"edge\"\ntelemetry_topic = \"$aws/rules/hist/{thing}\"\n\
+         presence_topic = \"p/{thing}\"\nmetrics_topic = \"m/{thing}\"\nnested = false\n\
+         [[aws.shadow_map]]\nkeys = [\"net.*\", \"gps.*\"]\nshadow = \"geo\"\n\
+         [[aws.shadow_map]]\nkeys = [\"classic.*\"]\nshadow = \"\"\n",
+    ));
+    let a = c.aws.unwrap();
+    assert_eq!((a.thing.as_str(), a.shadow.as_str()), ("pump:42", "edge"));
+    assert_eq!(a.telemetry_topic, "$aws/rules/hist/pump:42");
+    assert_eq!(
+        (a.presence_topic.as_str(), a.metrics_topic.as_str()),
+        ("p/pump:42", "m/pump:42")
+    );
+    assert!(!a.nested);
+    assert_eq!(a.shadow_of("gps.lat"), "geo");
+    assert_eq!(a.shadow_of("classic.x"), "");
+    assert_eq!(a.shadow_of("temp"), "edge");
+    assert_eq!(c.sync.batch_max_bytes, 100 * KIB);
+}
+
+#[test]
+fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
+    let aws = |extra: &str| plain("", &format!("[cloud]\nprofile = \"aws-iot\"\n{extra}"));
+    let m = only_problem(
+        &aws("[sync]\nbatch_max_bytes = \"256KiB\""),
+        "sync.batch_max_bytes",
+    );
+    assert!(
+        m.contains("at most 128000 bytes") && m.contains("128 KB"),
+        "{m}"
+    );
+    let m = only_problem(&aws("[aws]\nthing = \"a.b\""), "aws.thing");
+    assert!(m.contains("[a-zA-Z0-9:_-]"), "{m}");
+    let m = only_problem(
+        &plain("", "[cloud]\nprofile = \"aws-iot\"").replace("pump-0042", "pump.1"),
+        "aws.thing",
+    );
+    assert!(m.contains("(device.id; set aws.thing)"), "{m}");
+    let m = only_problem(
+        &aws(&format!("[aws]\nshadow = \"{}\"", "s".repeat(65))),
+        "aws.shadow",
+    );
+    assert!(m.contains("1-64"), "{m}");
+    let m = only_problem(
+        &aws("[aws]\ntelemetry_topic = \"a/b/c/d/e/f/g/h/{thing}\""),
+        "aws.telemetry_topic",
+    );
+    assert!(m.contains("AWS IoT Core's limits"), "{m}");
+    let m = only_problem(
+        &aws("[aws]\npresence_topic = \"$aws/things/x\""),
+        "aws.presence_topic",
+    );
+    assert!(m.contains("AWS IoT Core's limits"), "{m}");
+    let m = only_problem(
+        &aws("[[aws.shadow_map]]\nkeys = []\nshadow = \"x\""),
+        "aws.shadow_map[1].keys",
+    );
+    assert!(m.contains("at least one"), "{m}");
+    let m = only_problem(
+        &aws("[[aws.shadow_map]]\nkeys = [\"a\"]"),
+        "aws.shadow_map[1].shadow",
+    );
+    assert!(m.contains("missing"), "{m}");
+    let m = only_problem(
+        &aws("[[aws.shadow_map]]\nkeys = [\"a\"]\nshadow = \"x\"\nbogus = 1"),
+        "aws.shadow_map[1].bogus",
+    );
+    assert!(m.contains("expected one of keys, shadow"), "{m}");
+    let many: String = (0..16)
+        .map(|i| format!("[[aws.shadow_map]]\nkeys = [\"k{i}\"]\nshadow = \"s{i}\"\n"))
+        .collect();
+    let m = only_problem(&aws(&many), "aws.shadow_map");
+    assert!(m.contains("at most 16 shadows"), "{m}");
+    // Every problem at once, also when the thing name is wrong.
+    let p = problems(&aws(
+        "[sync]\nbatch_max_bytes = \"256KiB\"\n[aws]\nthing = \"a.b\"\nmetrics_topic = \"+\"",
+    ));
+    assert_eq!(
+        keys(&p),
+        ["sync.batch_max_bytes", "aws.thing", "aws.metrics_topic"],
+        "{p:#?}"
+    );
+    // The edgesync profile keeps its own limits.
+    assert_eq!(
+        valid(&plain("", "[sync]\nbatch_max_bytes = \"256KiB\""))
+            .sync
+            .batch_max_bytes,
+        256 * KIB
+    );
+}

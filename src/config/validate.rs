@@ -20,6 +20,11 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::cloud::{
+    AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
+    aws_topic, check_aws_name,
+};
 use super::values::{
     BrokerUrl, DeviceId, Encoding, FromValue, GIB, KIB, MIB, RawDuration, RawNames, RawNumber,
     RawSize, WhenFull, check_client_id, check_command, check_path_template, check_topic_prefix,
@@ -401,6 +406,36 @@ raw_section! {
 }
 
 raw_section! {
+    /// `[cloud]`
+    struct RawCloud {
+        profile: String,
+    }
+}
+
+raw_section! {
+    /// `[aws]`
+    struct RawAws {
+        thing: String,
+        shadow: String,
+        telemetry_topic: String,
+        presence_topic: String,
+        metrics_topic: String,
+        nested: bool,
+    }
+    tables {
+        shadow_map: RawShadowMap,
+    }
+}
+
+raw_section! {
+    /// `[[aws.shadow_map]]`
+    struct RawShadowMap {
+        keys: Vec<String>,
+        shadow: String,
+    }
+}
+
+raw_section! {
     /// `[desired]`
     struct RawDesired {
         max_document_bytes: RawSize,
@@ -466,6 +501,8 @@ pub(super) struct RawConfig {
     pub(super) telemetry: RawTelemetry,
     pub(super) desired: RawDesired,
     pub(super) control: RawControl,
+    pub(super) cloud: RawCloud,
+    pub(super) aws: Option<RawAws>,
 }
 
 /// The known sections and their keys, in file order.
@@ -479,6 +516,8 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("telemetry", RawTelemetry::KEYS),
     ("desired", RawDesired::KEYS),
     ("control", RawControl::KEYS),
+    ("cloud", RawCloud::KEYS),
+    ("aws", RawAws::KEYS),
 ];
 
 /// The known arrays of tables: section, key, and the keys of one entry.
@@ -486,6 +525,7 @@ pub(super) const SUBTABLES: &[(&str, &str, &[&str])] = &[
     ("desired", "rule", RawRule::KEYS),
     ("desired", "conflict", RawConflict::KEYS),
     ("desired", "handler", RawHandler::KEYS),
+    ("aws", "shadow_map", RawShadowMap::KEYS),
 ];
 
 impl RawConfig {
@@ -514,6 +554,8 @@ impl RawConfig {
             telemetry: known(root, "telemetry", p),
             desired: known(root, "desired", p),
             control: known(root, "control", p),
+            cloud: known(root, "cloud", p),
+            aws: section(root, "aws", p),
         }
     }
 }
@@ -732,6 +774,24 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
     let desired = desired(&raw.desired, dir, p);
     let telemetry = telemetry(&raw.telemetry, dir, p);
     let control = control(&raw.control, p);
+    let aws_profile = raw.cloud.profile.value.as_deref() == Some("aws-iot");
+    let aws = cloud(raw, device.as_ref(), p);
+    let mut sync = sync;
+    if let (true, Some(s)) = (aws_profile, &mut sync) {
+        // The change history batch must fit in one AWS IoT Core message.
+        match raw.sync.batch_max_bytes.value {
+            None => s.batch_max_bytes = AWS_MAX_PAYLOAD,
+            Some(_) if s.batch_max_bytes > AWS_MAX_PAYLOAD => raw.sync.batch_max_bytes.report(
+                p,
+                format!(
+                    "expected at most {AWS_MAX_PAYLOAD} bytes with [cloud] profile = \"aws-iot\" \
+                     (AWS IoT Core takes messages of at most 128 KB), found {} bytes",
+                    s.batch_max_bytes
+                ),
+            ),
+            Some(_) => {}
+        }
+    }
     Some(Config {
         source: source.to_path_buf(),
         device: device?,
@@ -743,7 +803,107 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
         desired: desired?,
         telemetry: telemetry?,
         control: control?,
+        aws: aws?,
     })
+}
+
+/// `[cloud]` and `[aws]`: `Some(None)` for the `edgesync` profile. `[aws]` is checked with
+/// either profile (so a prepared section is ready), and used only with `aws-iot`.
+fn cloud(
+    raw: &RawConfig,
+    device: Option<&DeviceConfig>,
+    p: &mut Problems,
+) -> Option<Option<std::sync::Arc<AwsConfig>>> {
+    let aws_profile = raw.cloud.profile.or(p, false, |s| match s.as_str() {
+        "edgesync" => Ok(false),
+        "aws-iot" => Ok(true),
+        other => Err(one_of(other, PROFILES)),
+    });
+    let empty = RawAws::empty("aws");
+    let aws = match (&raw.aws, aws_profile) {
+        (None, Some(false)) => return Some(None),
+        (a, _) => aws(a.as_ref().unwrap_or(&empty), device, p),
+    };
+    if aws_profile? {
+        aws.map(|a| Some(std::sync::Arc::new(a)))
+    } else {
+        Some(None)
+    }
+}
+
+fn aws(raw: &RawAws, device: Option<&DeviceConfig>, p: &mut Problems) -> Option<AwsConfig> {
+    // Written out (not through the generic `Field` helpers): each instantiation costs code.
+    let before = p.0.len();
+    let thing = raw
+        .thing
+        .value
+        .clone()
+        .or_else(|| device.map(|d| d.id.as_str().to_owned()))?;
+    if let Err(e) = check_aws_name(&thing, AWS_THING_MAX, "thing name") {
+        let hint = if raw.thing.is_set() {
+            ""
+        } else {
+            " (device.id; set aws.thing)"
+        };
+        raw.thing.report(p, format!("{e}{hint}"));
+    }
+    let name = |f: &Field<String>, s: &str, p: &mut Problems| {
+        if !s.is_empty()
+            && let Err(e) = check_aws_name(s, AWS_SHADOW_MAX, "shadow name")
+        {
+            f.report(p, e);
+        }
+    };
+    let shadow = raw.shadow.value.clone().unwrap_or_default();
+    name(&raw.shadow, &shadow, p);
+    let mut topic = |f: &Field<String>, default: &str| {
+        aws_topic(f.value.as_deref().unwrap_or(default), &thing).unwrap_or_else(|e| {
+            f.report(p, e);
+            String::new()
+        })
+    };
+    let telemetry_topic = topic(&raw.telemetry_topic, DEFAULT_TELEMETRY_TOPIC);
+    let presence_topic = topic(&raw.presence_topic, DEFAULT_PRESENCE_TOPIC);
+    let metrics_topic = topic(&raw.metrics_topic, DEFAULT_METRICS_TOPIC);
+    let mut shadow_map = Vec::new();
+    for m in raw.shadow_map.value.iter().flatten() {
+        let mut keys = Vec::new();
+        for k in m.keys.value.iter().flatten() {
+            match KeyGlob::new(k) {
+                Ok(g) => keys.push(g),
+                Err(e) => m.keys.report(p, e),
+            }
+        }
+        if m.keys.value.as_ref().is_none_or(Vec::is_empty) {
+            m.keys
+                .missing(p, "expected at least one key glob, such as [\"net.*\"]");
+        }
+        let shadow = m.shadow.value.clone().unwrap_or_default();
+        if m.shadow.is_set() {
+            name(&m.shadow, &shadow, p);
+        } else {
+            m.shadow.missing(
+                p,
+                "missing required key; expected a shadow name (\"\" for the classic shadow)",
+            );
+        }
+        shadow_map.push(ShadowMap { keys, shadow });
+    }
+    let c = AwsConfig {
+        thing,
+        shadow,
+        telemetry_topic,
+        presence_topic,
+        metrics_topic,
+        shadow_map,
+        nested: raw.nested.value.unwrap_or(true),
+    };
+    let n = c.shadows().len();
+    if n > AWS_SHADOWS_MAX {
+        let m = format!("expected at most {AWS_SHADOWS_MAX} shadows in all, found {n}");
+        raw.shadow_map.report(p, m);
+    }
+    (p.0.len() == before).then_some(c)
 }
 
 fn device(raw: &RawDevice, p: &mut Problems) -> Option<DeviceConfig> {

@@ -168,6 +168,9 @@ pub struct Metrics {
     /// GB a day at that rate.
     #[serde(default)]
     pub written_gb_per_day: Option<f64>,
+    /// The Device Shadow (`aws-iot` profile only); not read back (no code for it).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::health::status::ShadowFigures>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +312,7 @@ pub fn build(i: &Inputs) -> Metrics {
         written_bytes: i.written_bytes,
         written_bytes_per_s: i.rates.and_then(|r| r.written_per_s),
         written_gb_per_day: i.rates.and_then(|r| r.written_per_s).map(gb_per_day),
+        shadow: i.link.shadow.clone(),
     }
 }
 
@@ -815,6 +819,7 @@ mod tests {
                     oversize_refused: 12,
                     foreign_messages: 13,
                 },
+                shadow: None,
             },
             rates: Some(Rates {
                 in_per_s: 1.5,

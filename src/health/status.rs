@@ -60,6 +60,26 @@ pub struct LinkFigures {
     /// Incoming messages refused or dropped by the link, since start.
     #[serde(default)]
     pub inbound: Inbound,
+    /// The Device Shadow of the `aws-iot` profile; `None` with the `edgesync` profile.
+    #[serde(skip)]
+    pub shadow: Option<ShadowFigures>,
+}
+
+/// The Device Shadow of the `aws-iot` profile, since start (metrics `shadow`, also in the
+/// status document's `metrics`; docs/PROTOCOL.md §7.3).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ShadowFigures {
+    /// Updates of reported values accepted.
+    pub accepted: u64,
+    /// Updates sent again: rejected with 409, 429, 5xx or another passing code, or not
+    /// answered within 30 s.
+    pub retried: u64,
+    /// Reported keys dropped: rejected for good (400, 413), or too large or deep for a shadow.
+    pub dropped_keys: u64,
+    /// Deltas (and `/get` answers) handed to the desired-state pipeline.
+    pub deltas: u64,
+    /// The last rejection: shadow, code and message.
+    pub last_rejection: Option<String>,
 }
 
 /// Incoming messages the link refused or dropped, since start (status `counters`, metrics

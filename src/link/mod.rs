@@ -25,6 +25,7 @@
 //! with full jitter. While offline the task sleeps: no timers tick (but the systemd
 //! watchdog's heartbeat, when there is one: [`crate::sys::notify`]).
 
+mod aws;
 pub mod backoff;
 pub mod codec;
 mod drain;
@@ -32,6 +33,7 @@ pub mod engine;
 mod intake;
 pub mod oversize;
 pub mod profile;
+pub mod shadow;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -75,6 +77,8 @@ enum Tag {
     Result(u64),
     /// A metrics document (QoS 0: rumqttc reports it as `Outgoing::Publish(0)`, no PUBACK).
     Metrics,
+    /// A Device Shadow request (its answer, not its PUBACK, counts).
+    Shadow,
 }
 
 /// Everything the link needs from the config.
@@ -97,7 +101,7 @@ pub struct LinkSettings {
 
 impl LinkSettings {
     pub fn new(config: Arc<Config>) -> Self {
-        let profile = Profile::edgesync(&config.mqtt.topic_prefix, config.device.id.as_str());
+        let profile = Profile::of(&config);
         Self {
             profile,
             backoff_initial: config.mqtt.reconnect_initial,
@@ -280,6 +284,8 @@ pub async fn run(
             reader: None,
             retry: StoreRetry::default(),
             filters: guard.filters(Instant::now()),
+            sub_packets: Vec::new(),
+            shadows: None,
             acked: Vec::new(),
             hold_note: hold_note.clone(),
             unsubscribed: HashSet::new(),
@@ -372,6 +378,8 @@ enum Done {
     Results(Result<Vec<PendingResult>, String>),
     /// A result's PUBACK was recorded.
     ResultDeleted,
+    /// The latest values for the Device Shadow (`aws-iot`).
+    Shadow(Result<std::collections::BTreeMap<String, crate::store::ReportedValue>, String>),
 }
 
 struct Session<'a> {
@@ -401,6 +409,10 @@ struct Session<'a> {
     reader: Option<ReadThread>,
     /// What to subscribe, in order ([`oversize::Guard::filters`]).
     filters: Vec<Filter>,
+    /// The filter of each SUBSCRIBE sent, in order (a filter of many topics takes several).
+    sub_packets: Vec<Filter>,
+    /// The Device Shadow (`aws-iot` profile).
+    shadows: Option<aws::Shadows>,
     /// Of those, the ones whose SUBACK came, in order.
     acked: Vec<Filter>,
     /// Kept in `last_error` while a filter is held.
@@ -448,6 +460,7 @@ impl Default for StoreRetry {
 
 impl Session<'_> {
     async fn run(&mut self, stop: &CancellationToken) -> SessionEnd {
+        self.shadows = self.shadows();
         let options = match self.settings.mqtt_options(self.clean_session) {
             Ok(o) => o,
             Err(e) => return SessionEnd::Failed(e),
@@ -599,6 +612,7 @@ impl Session<'_> {
                 connect_timeout
             };
             let linger = self.engine.poll_timeout();
+            let shadow_wake = self.shadows.as_ref().and_then(aws::Shadows::wake_at);
             tokio::select! {
                 biased;
                 // Shutdown requested.
@@ -681,6 +695,11 @@ impl Session<'_> {
                             tracing::error!("reading results failed: {e}");
                         }
                         Ok(Done::ResultDeleted) => {}
+                        Ok(Done::Shadow(latest)) => {
+                            if let Err(e) = self.shadow_read(client, latest) {
+                                return SessionEnd::Failed(e);
+                            }
+                        }
                         Err(e) => return SessionEnd::Failed(format!("internal task failed: {e}")),
                     }
                 }
@@ -694,7 +713,10 @@ impl Session<'_> {
                 Ok(()) = appended.changed() => {
                     let next = *appended.borrow_and_update();
                     self.engine.handle_appended(next, Instant::now());
+                    self.shadow_changed();
                 }
+                // A shadow update to retry, or unanswered.
+                () = sleep_until(shadow_wake), if shadow_wake.is_some() => self.shadow_tick(),
                 // A metrics document: QoS 0, only while online, dropped otherwise.
                 doc = next_metrics(&mut metrics) => {
                     if self.connected_at.is_some() {
@@ -778,22 +800,32 @@ impl Session<'_> {
                     .profile
                     .outbound(Outbound::Online { since }, Vec::new());
                 self.publish(client, online, Tag::Status)?;
-                // One SUBSCRIBE each, commands first: the SUBACKs tell which filter a
-                // message too large to read came with (see `oversize`).
+                // One SUBSCRIBE each (a filter of many topics: of at most SUBSCRIBE_MAX),
+                // commands first: the SUBACKs tell which filter a message too large to read
+                // came with (see `oversize`).
+                self.sub_packets.clear();
                 for f in &self.filters {
-                    client
-                        .try_subscribe(self.settings.topic_of(*f), QoS::AtLeastOnce)
-                        .map_err(|e| format!("cannot subscribe: {e}"))?;
+                    let topics = self.settings.profile.filters(*f);
+                    for chunk in topics.chunks(profile::SUBSCRIBE_MAX) {
+                        let many = chunk
+                            .iter()
+                            .map(|t| rumqttc::SubscribeFilter::new(t.clone(), QoS::AtLeastOnce));
+                        client
+                            .try_subscribe_many(many)
+                            .map_err(|e| format!("cannot subscribe: {e}"))?;
+                        self.sub_packets.push(*f);
+                    }
                 }
                 self.results_next = 0;
                 self.results_unacked = 0;
                 self.load_results();
                 self.engine.handle_connected(now);
+                self.shadow_connected(client)?;
                 let q = self.outbox.stats();
                 log_drain(self.drain.connected(since, q.depth, q.acked));
             }
             Event::Incoming(Packet::SubAck(_)) => {
-                if let Some(&f) = self.filters.get(self.acked.len()) {
+                if let Some(&f) = self.sub_packets.get(self.acked.len()) {
                     self.acked.push(f);
                 }
             }
@@ -821,7 +853,7 @@ impl Session<'_> {
                     self.results_unacked = self.results_unacked.saturating_sub(1);
                     self.load_results();
                 }
-                Some(Tag::Status | Tag::Goodbye | Tag::Metrics) | None => {}
+                Some(Tag::Status | Tag::Goodbye | Tag::Metrics | Tag::Shadow) | None => {}
             },
             _ => {}
         }
@@ -860,20 +892,28 @@ impl Session<'_> {
         p: rumqttc::Publish,
         token: IntakeToken,
     ) {
-        match self.settings.profile.inbound(&p.topic) {
-            Some(Inbound::Desired | Inbound::Command(_)) => {
-                // Acked by the intake task once the document (or request) is durable.
-                // Never full (see `Session::run`); if it were, the message is not
-                // acknowledged and the broker sends it again.
-                if let Err(e) = intake.try_send((p, token)) {
-                    tracing::error!("desired intake did not take a message: {e}");
+        let (p, token) = match self.settings.profile.inbound(&p.topic) {
+            Some(Inbound::Desired | Inbound::Command(_)) => (p, token),
+            // A delta made a desired document, or handled there.
+            Some(Inbound::Shadow { shadow, msg }) => {
+                let shadow = shadow.to_owned();
+                match self.on_shadow(client, p, token, &shadow, msg) {
+                    Some(taken) => taken,
+                    None => return,
                 }
             }
-            _ => {
+            None => {
                 let _ = client.try_ack(&p);
                 drop(token);
                 self.on_stray(client, &p.topic);
+                return;
             }
+        };
+        // Acked by the intake task once the document (or request) is durable.
+        // Never full (see `Session::run`); if it were, the message is not
+        // acknowledged and the broker sends it again.
+        if let Err(e) = intake.try_send((p, token)) {
+            tracing::error!("desired intake did not take a message: {e}");
         }
     }
 
@@ -966,9 +1006,9 @@ impl Session<'_> {
             return; // the next PUBACK asks again
         }
         self.results_loading = Loading::Busy;
-        let (outbox, from) = (self.outbox.clone(), self.results_next);
-        self.tasks.spawn_blocking(move || {
-            Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
+        self.spawn_job(Job::Results {
+            from: self.results_next,
+            room,
         });
     }
 
@@ -1117,6 +1157,27 @@ impl Session<'_> {
         let _ = client.try_disconnect();
         // Let the event loop write the DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    }
+}
+
+/// A read of the session's own tables, off the event path (one closure type for all:
+/// each costs code).
+enum Job {
+    /// Results waiting to be published: from `from`, at most `room`.
+    Results { from: u64, room: usize },
+    /// The latest value of every key (the Device Shadow).
+    Latest,
+}
+
+impl Session<'_> {
+    fn spawn_job(&mut self, job: Job) {
+        let outbox = self.outbox.clone();
+        self.tasks.spawn_blocking(move || match job {
+            Job::Results { from, room } => {
+                Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
+            }
+            Job::Latest => Done::Shadow(outbox.reported(None).map_err(|e| e.to_string())),
+        });
     }
 }
 

@@ -4,13 +4,18 @@
 //! Durability, ordering, batching, backoff, TLS and the local API are the same code for
 //! every profile (docs/PROTOCOL.md §7).
 //!
-//! Today there is one profile, `edgesync` (docs/PROTOCOL.md §4 and §5): the agent's own
-//! topics `P/D/...`, payloads as built by the engine and the result outbox. Decisions only,
-//! no I/O: unit tests drive it.
+//! Two profiles: `edgesync` (docs/PROTOCOL.md §4 and §5), the agent's own topics `P/D/...`,
+//! payloads as built by the engine and the result outbox; and `aws-iot` (§7.3): the same
+//! batches on a telemetry topic, presence and metrics on topics of their own, and the
+//! Device Shadow (`$aws/things/T/shadow[/name/S]/...`, see [`super::shadow`]) for the
+//! latest values, desired state and apply results. Topics:
+//! <https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-mqtt.html>.
+//! Decisions only, no I/O: unit tests drive it.
 
 use rumqttc::QoS;
 
 use super::oversize::Filter;
+use crate::config::AwsConfig;
 use crate::model::topics::{Incoming, Topics};
 
 /// What the agent sends.
@@ -27,10 +32,45 @@ pub enum Outbound<'a> {
     Offline,
     /// A metrics document (QoS 0, best effort).
     Metrics,
+    /// A Device Shadow request (`op`: `update` or `get`) of shadow `shadow` (`""`: the
+    /// classic shadow), built by [`super::shadow`]; `aws-iot` only.
+    Shadow { shadow: &'a str, op: &'a str },
 }
 
 /// What the agent acts on, recognised from an incoming topic.
-pub type Inbound<'a> = Incoming<'a>;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    Desired,
+    Command(&'a str),
+    /// A Device Shadow message of shadow `shadow` (`""`: classic); `aws-iot` only.
+    Shadow {
+        shadow: &'a str,
+        msg: ShadowMsg,
+    },
+}
+
+/// The Device Shadow topics the agent subscribes, under `.../shadow[/name/S]/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowMsg {
+    Delta,
+    GetAccepted,
+    GetRejected,
+    UpdateAccepted,
+    UpdateRejected,
+}
+
+impl ShadowMsg {
+    const ALL: [(ShadowMsg, &'static str); 5] = [
+        (ShadowMsg::Delta, "update/delta"),
+        (ShadowMsg::GetAccepted, "get/accepted"),
+        (ShadowMsg::GetRejected, "get/rejected"),
+        (ShadowMsg::UpdateAccepted, "update/accepted"),
+        (ShadowMsg::UpdateRejected, "update/rejected"),
+    ];
+}
+
+/// Most topic filters in one SUBSCRIBE (AWS IoT Core takes 8).
+pub const SUBSCRIBE_MAX: usize = 8;
 
 /// One message ready for the MQTT client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,11 +81,13 @@ pub struct Publication {
     pub payload: Vec<u8>,
 }
 
-/// A cloud profile: `[cloud] profile` (docs/PROTOCOL.md §7); `edgesync` until others exist.
+/// A cloud profile: `[cloud] profile` (docs/PROTOCOL.md §3.11).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Profile {
     /// The agent's own topics under `{prefix}/{device}`.
     Edgesync(Topics),
+    /// AWS IoT Core (`[aws]`).
+    AwsIot(std::sync::Arc<AwsConfig>),
 }
 
 impl Profile {
@@ -53,33 +95,36 @@ impl Profile {
         Profile::Edgesync(Topics::new(prefix, device))
     }
 
+    /// The profile of a config.
+    pub fn of(config: &crate::config::Config) -> Profile {
+        match &config.aws {
+            Some(a) => Profile::AwsIot(std::sync::Arc::clone(a)),
+            None => Profile::edgesync(&config.mqtt.topic_prefix, config.device.id.as_str()),
+        }
+    }
+
+    /// The `[aws]` settings of the `aws-iot` profile.
+    pub fn aws(&self) -> Option<&AwsConfig> {
+        match self {
+            Profile::AwsIot(a) => Some(a),
+            Profile::Edgesync(_) => None,
+        }
+    }
+
     /// The message `msg` with `payload` (empty for presence, which the profile builds) as
     /// the client publishes it.
     pub fn outbound(&self, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
-        let Profile::Edgesync(t) = self;
+        let t = match self {
+            Profile::Edgesync(t) => t,
+            Profile::AwsIot(a) => return aws_outbound(a, msg, payload),
+        };
         let (topic, qos, retain, payload) = match msg {
             Outbound::Batch => (t.reported(), QoS::AtLeastOnce, false, payload),
             Outbound::Result { topic } => (t.under(topic), QoS::AtLeastOnce, false, payload),
-            Outbound::Online { since } => {
-                let online = serde_json::json!({
-                    "state": "online",
-                    "since": since,
-                    "agent": format!("edgesync {}", env!("CARGO_PKG_VERSION")),
-                });
-                (
-                    t.status(),
-                    QoS::AtLeastOnce,
-                    true,
-                    online.to_string().into_bytes(),
-                )
-            }
-            Outbound::Offline => (
-                t.status(),
-                QoS::AtLeastOnce,
-                true,
-                br#"{"state":"offline"}"#.to_vec(),
-            ),
+            Outbound::Online { since } => (t.status(), QoS::AtLeastOnce, true, online(since)),
+            Outbound::Offline => (t.status(), QoS::AtLeastOnce, true, OFFLINE.to_vec()),
             Outbound::Metrics => (t.metrics(), QoS::AtMostOnce, false, payload),
+            Outbound::Shadow { op, .. } => (t.under(op), QoS::AtLeastOnce, false, payload),
         };
         Publication {
             topic,
@@ -89,25 +134,135 @@ impl Profile {
         }
     }
 
-    /// The topic filter of `f`.
+    /// The topic filter that names `f` (in messages): its first one, `""` if none.
     pub fn filter(&self, f: Filter) -> String {
-        let Profile::Edgesync(t) = self;
-        match f {
-            Filter::Commands => t.command_filter(),
-            Filter::Desired => t.desired(),
+        self.filters(f).into_iter().next().unwrap_or_default()
+    }
+
+    /// The topic filters of `f` (none: nothing to subscribe).
+    pub fn filters(&self, f: Filter) -> Vec<String> {
+        match (self, f) {
+            (Profile::Edgesync(t), Filter::Commands) => vec![t.command_filter()],
+            (Profile::Edgesync(t), Filter::Desired) => vec![t.desired()],
+            // Jobs (issue 17 item 4) plug in here.
+            (Profile::AwsIot(_), Filter::Commands) => Vec::new(),
+            // The main shadow's five topics, then the responses of the mapped shadows.
+            (Profile::AwsIot(a), Filter::Desired) => {
+                let mut out = Vec::new();
+                for (_, op) in ShadowMsg::ALL {
+                    out.push(shadow_topic(a, &a.shadow, op));
+                }
+                for s in a.shadows().into_iter().skip(1) {
+                    for op in ["update/accepted", "update/rejected"] {
+                        out.push(shadow_topic(a, s, op));
+                    }
+                }
+                out
+            }
         }
     }
 
     /// What an incoming topic is; `None` for anything the agent does not act on.
     pub fn inbound<'a>(&self, topic: &'a str) -> Option<Inbound<'a>> {
-        let Profile::Edgesync(t) = self;
-        t.parse(topic)
+        let a = match self {
+            Profile::Edgesync(t) => {
+                return t.parse(topic).map(|i| match i {
+                    Incoming::Desired => Inbound::Desired,
+                    Incoming::Command(n) => Inbound::Command(n),
+                });
+            }
+            Profile::AwsIot(a) => a,
+        };
+        let rest = topic
+            .strip_prefix("$aws/things/")?
+            .strip_prefix(a.thing.as_str())?
+            .strip_prefix("/shadow/")?;
+        let (shadow, op) = match rest.strip_prefix("name/") {
+            Some(named) => named.split_once('/')?,
+            None => ("", rest),
+        };
+        let (msg, _) = ShadowMsg::ALL.into_iter().find(|(_, o)| *o == op)?;
+        // Only what the agent subscribed (the main shadow's five, the others' answers).
+        let ours = self.filters(Filter::Desired).iter().any(|f| f == topic);
+        ours.then_some(Inbound::Shadow { shadow, msg })
     }
 
     /// Filters that may have delivered `topic`, which the agent does not act on.
     pub fn stray_filters(&self, topic: &str) -> Vec<String> {
-        let Profile::Edgesync(t) = self;
-        t.stray_filters(topic)
+        match self {
+            Profile::Edgesync(t) => t.stray_filters(topic),
+            // The topic itself: the agent subscribes exact topics only.
+            Profile::AwsIot(_) => vec![topic.to_owned()],
+        }
+    }
+}
+
+const OFFLINE: &[u8] = br#"{"state":"offline"}"#;
+
+/// The retained presence on connect.
+fn online(since: u64) -> Vec<u8> {
+    serde_json::json!({
+        "state": "online",
+        "since": since,
+        "agent": format!("edgesync {}", env!("CARGO_PKG_VERSION")),
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// `$aws/things/T/shadow[/name/S]/{op}`.
+pub fn shadow_topic(a: &AwsConfig, shadow: &str, op: &str) -> String {
+    if shadow.is_empty() {
+        format!("$aws/things/{}/shadow/{op}", a.thing)
+    } else {
+        format!("$aws/things/{}/shadow/name/{shadow}/{op}", a.thing)
+    }
+}
+
+fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
+    let (topic, qos, retain, payload) = match msg {
+        Outbound::Batch => (a.telemetry_topic.clone(), QoS::AtLeastOnce, false, payload),
+        // Apply results go to the main shadow's `reported.edgesync.desired_result`.
+        Outbound::Result {
+            topic: "desired/result",
+        } => (
+            shadow_topic(a, &a.shadow, "update"),
+            QoS::AtLeastOnce,
+            false,
+            super::shadow::result_update(&payload),
+        ),
+        // Command answers (Jobs answer jobs; these are left from the edgesync profile).
+        Outbound::Result { topic } => (
+            format!("edgesync/{}/{topic}", a.thing),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ),
+        Outbound::Online { since } => (
+            a.presence_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            online(since),
+        ),
+        Outbound::Offline => (
+            a.presence_topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            OFFLINE.to_vec(),
+        ),
+        Outbound::Metrics => (a.metrics_topic.clone(), QoS::AtMostOnce, false, payload),
+        Outbound::Shadow { shadow, op } => (
+            shadow_topic(a, shadow, op),
+            QoS::AtLeastOnce,
+            false,
+            payload,
+        ),
+    };
+    Publication {
+        topic,
+        qos,
+        retain,
+        payload,
     }
 }
 
@@ -150,5 +305,145 @@ mod tests {
         assert_eq!(p.inbound("p/d/desired"), Some(Inbound::Desired));
         assert_eq!(p.inbound("p/d/cmd/ping"), Some(Inbound::Command("ping")));
         assert_eq!(p.inbound("p/d/reported"), None);
+    }
+
+    fn aws() -> Profile {
+        let glob = |s: &str| crate::model::glob::KeyGlob::new(s).unwrap_or_else(|e| panic!("{e}"));
+        Profile::AwsIot(std::sync::Arc::new(AwsConfig {
+            thing: "pump-1".into(),
+            shadow: String::new(),
+            telemetry_topic: "edgesync/pump-1/changes".into(),
+            presence_topic: "edgesync/pump-1/presence".into(),
+            metrics_topic: "edgesync/pump-1/metrics".into(),
+            shadow_map: vec![crate::config::cloud::ShadowMap {
+                keys: vec![glob("net.*")],
+                shadow: "net".into(),
+            }],
+            nested: true,
+        }))
+    }
+
+    #[test]
+    fn the_aws_profile_maps_messages_to_its_topics_and_the_shadow() {
+        let p = aws();
+        let batch = p.outbound(Outbound::Batch, b"x".to_vec());
+        assert_eq!(
+            batch,
+            Publication {
+                topic: "edgesync/pump-1/changes".into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                payload: b"x".to_vec(),
+            }
+        );
+        let on = p.outbound(Outbound::Online { since: 7 }, Vec::new());
+        assert_eq!(
+            (on.topic.as_str(), on.retain, on.qos),
+            ("edgesync/pump-1/presence", true, QoS::AtLeastOnce)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&on.payload).unwrap_or_default();
+        assert_eq!(
+            (doc["state"].as_str(), doc["since"].as_u64()),
+            (Some("online"), Some(7))
+        );
+        let off = p.outbound(Outbound::Offline, Vec::new());
+        assert_eq!(
+            (off.topic.as_str(), off.retain, off.payload.as_slice()),
+            (
+                "edgesync/pump-1/presence",
+                true,
+                &br#"{"state":"offline"}"#[..]
+            )
+        );
+        let m = p.outbound(Outbound::Metrics, b"m".to_vec());
+        assert_eq!(
+            (m.topic.as_str(), m.qos),
+            ("edgesync/pump-1/metrics", QoS::AtMostOnce)
+        );
+        let r = p.outbound(
+            Outbound::Result {
+                topic: "desired/result",
+            },
+            br#"{"version":3,"status":"applied","keys":{}}"#.to_vec(),
+        );
+        assert_eq!(
+            (r.topic.as_str(), r.qos),
+            ("$aws/things/pump-1/shadow/update", QoS::AtLeastOnce)
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+        assert_eq!(
+            doc["state"]["reported"]["edgesync"]["desired_result"]["version"],
+            3
+        );
+        let u = p.outbound(
+            Outbound::Shadow {
+                shadow: "net",
+                op: "update",
+            },
+            b"{}".to_vec(),
+        );
+        assert_eq!(u.topic, "$aws/things/pump-1/shadow/name/net/update");
+        let g = p.outbound(
+            Outbound::Shadow {
+                shadow: "",
+                op: "get",
+            },
+            b"{}".to_vec(),
+        );
+        assert_eq!(g.topic, "$aws/things/pump-1/shadow/get");
+        // Every message is QoS 0 or 1 (AWS IoT Core has no QoS 2).
+        for x in [batch, on, off, m, r, u, g] {
+            assert_ne!(x.qos, QoS::ExactlyOnce);
+        }
+    }
+
+    #[test]
+    fn the_aws_profile_subscribes_and_recognises_its_shadow_topics() {
+        let p = aws();
+        assert!(p.filters(Filter::Commands).is_empty());
+        let f = p.filters(Filter::Desired);
+        assert_eq!(
+            f,
+            [
+                "$aws/things/pump-1/shadow/update/delta",
+                "$aws/things/pump-1/shadow/get/accepted",
+                "$aws/things/pump-1/shadow/get/rejected",
+                "$aws/things/pump-1/shadow/update/accepted",
+                "$aws/things/pump-1/shadow/update/rejected",
+                "$aws/things/pump-1/shadow/name/net/update/accepted",
+                "$aws/things/pump-1/shadow/name/net/update/rejected",
+            ]
+        );
+        assert_eq!(p.filter(Filter::Desired), f[0]);
+        for t in &f {
+            assert!(matches!(p.inbound(t), Some(Inbound::Shadow { .. })), "{t}");
+        }
+        assert_eq!(
+            p.inbound("$aws/things/pump-1/shadow/update/delta"),
+            Some(Inbound::Shadow {
+                shadow: "",
+                msg: ShadowMsg::Delta
+            })
+        );
+        assert_eq!(
+            p.inbound("$aws/things/pump-1/shadow/name/net/update/rejected"),
+            Some(Inbound::Shadow {
+                shadow: "net",
+                msg: ShadowMsg::UpdateRejected
+            })
+        );
+        for other in [
+            "$aws/things/pump-1/shadow/name/net/update/delta",
+            "$aws/things/pump-1/shadow/name/x/update/accepted",
+            "$aws/things/pump-2/shadow/update/delta",
+            "$aws/things/pump-1/shadow/update/documents",
+            "$aws/things/pump-1/shadow/update",
+            "edgesync/pump-1/changes",
+            "edgesync/pump-1/desired",
+        ] {
+            assert_eq!(p.inbound(other), None, "{other}");
+        }
+        let stray = p.stray_filters("$aws/things/pump-1/shadow/update/documents");
+        assert_eq!(stray, ["$aws/things/pump-1/shadow/update/documents"]);
     }
 }

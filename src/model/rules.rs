@@ -163,7 +163,6 @@ pub fn check_value(rule: Option<&Rule>, unknown: UnknownKeys, value: &Value) -> 
 
 /// Nesting depth of arrays and objects: a scalar is 0, `[]` and `{}` are 1, `[[1]]` is 2,
 /// `{"a":[1]}` is 2. Iterative, so no input can exhaust the stack.
-#[cfg(test)]
 pub fn depth(value: &Value) -> usize {
     let mut deepest = 0;
     let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];

@@ -586,9 +586,18 @@ fn read_all<T: for<'de> Deserialize<'de>>(
 
 /// The last applied version.
 pub fn applied_version(outbox: &Outbox) -> Result<Option<u64>, StoreError> {
+    meta_version(outbox, "applied")
+}
+
+/// The highest version taken in (applied, or waiting to be applied).
+pub fn accepted_version(outbox: &Outbox) -> Result<Option<u64>, StoreError> {
+    meta_version(outbox, "accepted")
+}
+
+fn meta_version(outbox: &Outbox, name: &str) -> Result<Option<u64>, StoreError> {
     let txn = outbox.read()?;
     match txn.open_table(META) {
-        Ok(t) => Ok(meta_get(&t, "applied")?),
+        Ok(t) => Ok(meta_get(&t, name)?),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
         Err(e) => Err(e.into()),
     }

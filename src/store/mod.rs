@@ -108,6 +108,7 @@ pub mod record;
 
 pub mod desired;
 pub mod journal;
+pub mod shadow;
 pub mod tables;
 
 use std::collections::HashMap;
@@ -766,6 +767,21 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))?;
         let v = lock(&slot).take();
         v.ok_or(StoreError::Closed)
+    }
+
+    /// Hands `f` to the writer's next transaction without waiting for it (no future to
+    /// spawn); `false` when the writer's queue is full or closed, and then `f` does not run.
+    pub fn transact_later(
+        &self,
+        f: impl FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Send + 'static,
+    ) -> bool {
+        let (reply, _) = oneshot::channel();
+        let f: TxnFn = Box::new(f);
+        let op = Op::Transact {
+            f: Mutex::new(Some(f)),
+            reply,
+        };
+        self.tx.try_send(op).is_ok()
     }
 
     /// Round-trips the writer thread without a transaction or fsync: answers once the writer

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// key → (seq, encoded value): the latest reported value of each key.
 pub const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
+/// Shadow name (`""`: classic) → watermark seq, of the `aws-iot` profile ([`super::shadow`]).
+pub const SHADOW: TableDefinition<&str, u64> = TableDefinition::new("shadow_reported");
 /// Counter name → value (`next_seq`, `depth`, `bytes`, …).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 

@@ -1,0 +1,177 @@
+//! Configuration types of the cloud profile (`[cloud]`, `[aws]`, docs/PROTOCOL.md §3.11),
+//! produced by the validation in this module's parent, and the AWS IoT Core limits they are
+//! checked against:
+//! <https://docs.aws.amazon.com/general/latest/gr/iot-core.html> (message broker and
+//! protocol limits: 128 KB payload, 7 slashes in a topic, 256-byte topics, 8 filters per
+//! SUBSCRIBE; thing names 128 bytes, shadow names 64 bytes of
+//! `[a-zA-Z0-9:_-]`) and
+//! <https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-mqtt.html>.
+
+use crate::model::glob::KeyGlob;
+
+/// `[cloud] profile` values, in documented order.
+pub const PROFILES: &[&str] = &["edgesync", "aws-iot"];
+/// Largest MQTT payload AWS IoT Core takes: 128 KB, counted as 128,000 bytes to be safe.
+/// The change history batch must fit: `sync.batch_max_bytes` defaults to it and may not
+/// exceed it in the `aws-iot` profile.
+pub const AWS_MAX_PAYLOAD: u64 = 128_000;
+/// Longest topic, in bytes.
+pub const AWS_TOPIC_MAX: usize = 256;
+/// Most `/` in a topic (beyond the `$aws/rules/NAME/` prefix of Basic Ingest).
+pub const AWS_TOPIC_SLASHES: usize = 7;
+/// Longest thing name.
+pub const AWS_THING_MAX: usize = 128;
+/// Longest shadow name.
+pub const AWS_SHADOW_MAX: usize = 64;
+/// Most shadows (the main one and those of `[[aws.shadow_map]]`): each costs two
+/// subscriptions of the 50 a connection may have.
+pub const AWS_SHADOWS_MAX: usize = 16;
+
+pub const DEFAULT_TELEMETRY_TOPIC: &str = "edgesync/{thing}/changes";
+pub const DEFAULT_PRESENCE_TOPIC: &str = "edgesync/{thing}/presence";
+pub const DEFAULT_METRICS_TOPIC: &str = "edgesync/{thing}/metrics";
+
+/// `[aws]`, with the profile `aws-iot`: topics already have `{thing}` replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsConfig {
+    /// The thing name (default `device.id`).
+    pub thing: String,
+    /// The main shadow: reported keys no `[[aws.shadow_map]]` entry matches, desired state
+    /// and apply results. Empty: the classic (unnamed) shadow.
+    pub shadow: String,
+    pub telemetry_topic: String,
+    pub presence_topic: String,
+    pub metrics_topic: String,
+    /// Keys reported to other shadows; the first matching entry wins.
+    pub shadow_map: Vec<ShadowMap>,
+    /// `led.mode` ↔ `{"led": {"mode": ..}}` in shadow documents.
+    pub nested: bool,
+}
+
+/// `[[aws.shadow_map]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShadowMap {
+    pub keys: Vec<KeyGlob>,
+    /// Empty: the classic shadow.
+    pub shadow: String,
+}
+
+impl AwsConfig {
+    /// The shadow a reported key goes to.
+    pub fn shadow_of(&self, key: &str) -> &str {
+        self.shadow_map
+            .iter()
+            .find(|m| m.keys.iter().any(|g| g.matches(key)))
+            .map_or(self.shadow.as_str(), |m| m.shadow.as_str())
+    }
+
+    /// Every shadow reported to, the main one first, each once.
+    pub fn shadows(&self) -> Vec<&str> {
+        let mut out = vec![self.shadow.as_str()];
+        for m in &self.shadow_map {
+            if !out.contains(&m.shadow.as_str()) {
+                out.push(&m.shadow);
+            }
+        }
+        out
+    }
+}
+
+/// A thing or shadow name: 1 to `max` bytes of `[a-zA-Z0-9:_-]`.
+pub fn check_aws_name(name: &str, max: usize, what: &str) -> Result<(), String> {
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b':' | b'_' | b'-'));
+    if name.is_empty() || name.len() > max || !ok {
+        return Err(format!(
+            "expected a {what} of 1-{max} characters of [a-zA-Z0-9:_-], found {:?}",
+            crate::model::text::shorten(name)
+        ));
+    }
+    Ok(())
+}
+
+/// A topic template of `[aws]`: `{thing}` replaced, then within AWS IoT Core's limits. Only
+/// `$aws/rules/RULE/...` (Basic Ingest) may start with `$`.
+pub fn aws_topic(template: &str, thing: &str) -> Result<String, String> {
+    let t = template.replace("{thing}", thing);
+    // Basic Ingest's `$aws/rules/RULE/` does not count.
+    let counted = match t.strip_prefix("$aws/rules/") {
+        Some(rest) => rest.split_once('/').map_or("", |(_, r)| r),
+        None => &t,
+    };
+    let bad = t.is_empty()
+        || t.len() > AWS_TOPIC_MAX
+        || counted.matches('/').count() > AWS_TOPIC_SLASHES
+        || (t.starts_with('$') && counted.len() == t.len())
+        || t.starts_with('/')
+        || t.ends_with('/')
+        || t.contains("//")
+        || t.contains(['+', '#', '\0', '{', '}']);
+    if bad {
+        return Err(format!(
+            "expected a topic within AWS IoT Core's limits (docs/PROTOCOL.md §3.11), found {:?}",
+            crate::model::text::shorten(&t)
+        ));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_are_checked_against_the_aws_limits() {
+        assert_eq!(
+            aws_topic(DEFAULT_TELEMETRY_TOPIC, "pump-1").as_deref(),
+            Ok("edgesync/pump-1/changes")
+        );
+        assert!(aws_topic("a/b/c/d/e/f/g/h", "t").is_ok());
+        assert!(aws_topic("a/b/c/d/e/f/g/h/i", "t").is_err());
+        assert!(aws_topic("$aws/rules/r/a/b/c/d/e/f/g/h", "t").is_ok());
+        assert!(
+            aws_topic("$aws/things/t/x", "t")
+                .unwrap_err()
+                .contains("limits")
+        );
+        assert!(aws_topic("a/{device}", "t").unwrap_err().contains("limits"));
+        assert!(aws_topic("a/+/b", "t").is_err());
+        assert!(aws_topic("a//b", "t").is_err());
+        assert!(
+            aws_topic(&"x".repeat(257), "t")
+                .unwrap_err()
+                .contains("limits")
+        );
+    }
+
+    #[test]
+    fn names_and_the_shadow_of_a_key() {
+        assert!(check_aws_name("pump:1_a-b", 128, "thing name").is_ok());
+        assert!(check_aws_name("pump.1", 128, "thing name").is_err());
+        assert!(check_aws_name(&"a".repeat(65), 64, "shadow name").is_err());
+        let glob = |s: &str| KeyGlob::new(s).unwrap_or_else(|e| panic!("{e}"));
+        let c = AwsConfig {
+            thing: "t".into(),
+            shadow: String::new(),
+            telemetry_topic: String::new(),
+            presence_topic: String::new(),
+            metrics_topic: String::new(),
+            shadow_map: vec![
+                ShadowMap {
+                    keys: vec![glob("net.*")],
+                    shadow: "net".into(),
+                },
+                ShadowMap {
+                    keys: vec![glob("net.*"), glob("gps.*")],
+                    shadow: "geo".into(),
+                },
+            ],
+            nested: true,
+        };
+        assert_eq!(c.shadow_of("net.ip"), "net");
+        assert_eq!(c.shadow_of("gps.lat"), "geo");
+        assert_eq!(c.shadow_of("temp"), "");
+        assert_eq!(c.shadows(), ["", "net", "geo"]);
+    }
+}
