@@ -1946,7 +1946,11 @@ fn run() -> Res<()> {
          samples every {:?}; {} repeats; peer publisher QoS 1 window {}",
         args.sizes, args.kill, args.samples, args.spacing, args.repeats, args.inflight
     );
-    println!("daemon  {}", common::daemon_path());
+    println!(
+        "daemon  {} (environment of systemd/edgesync.service: {:?})",
+        common::daemon_path(),
+        common::unit_env()
+    );
     println!("load    {} at start\n", loadavg());
     let mut table = Vec::new();
     let mut per_size: BTreeMap<usize, Pair> = BTreeMap::new();

@@ -145,10 +145,6 @@ fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
         later.push("mqtt.topic_prefix".into());
         new.mqtt.topic_prefix = old.mqtt.topic_prefix.clone();
     }
-    if new.aws != old.aws {
-        later.push("[cloud] and [aws]".into());
-        new.aws.clone_from(&old.aws);
-    }
     later
 }
 

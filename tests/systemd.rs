@@ -846,6 +846,14 @@ path = "{STATE}/desired/{{key}}.json"
     assert_eq!(proc_status(&pid, "Seccomp"), "2", "seccomp filter mode");
     assert_eq!(proc_status(&pid, "CapEff"), "0000000000000000");
     assert_eq!(proc_status(&pid, "CapBnd"), "0000000000000000");
+    // Two malloc arenas (issue 16: the memory bounds holding and draining a large queue).
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|v| v == b"MALLOC_ARENA_MAX=2"),
+        "the unit's Environment= is not in the agent's environment"
+    );
 
     // A report through the socket in the RuntimeDirectory reaches the broker over TLS.
     let o = um.ns(&[

@@ -28,6 +28,16 @@ pub const DAEMON: &str = env!("CARGO_BIN_EXE_edgesync");
 pub fn daemon_path() -> String {
     std::env::var("EDGESYNC_BENCH_DAEMON").unwrap_or_else(|_| DAEMON.to_owned())
 }
+
+/// The `Environment=` settings of the shipped systemd unit: the daemon runs with them, as
+/// it does on a device.
+pub fn unit_env() -> Vec<(&'static str, &'static str)> {
+    include_str!("../../systemd/edgesync.service")
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .collect()
+}
 /// Distinct keys in the generated changes.
 pub const KEYS: usize = 100;
 /// Length of every generated string value.
@@ -101,6 +111,7 @@ impl Daemon {
             .arg("--config")
             .arg(&s.config)
             .env_remove("EDGESYNC_LOG")
+            .envs(unit_env())
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -231,7 +231,7 @@ pub struct Config {
     /// `[control]`: commands over MQTT; `ControlConfig::default()` without the section.
     pub control: ControlConfig,
     /// `[aws]`: set exactly when `[cloud] profile = "aws-iot"` (else the `edgesync` profile).
-    pub aws: Option<AwsConfig>,
+    pub aws: Option<std::sync::Arc<AwsConfig>>,
 }
 
 /// `[device]`

@@ -2744,7 +2744,7 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         &plain("", "[cloud]\nprofile = \"aws-iot\"").replace("pump-0042", "pump.1"),
         "aws.thing",
     );
-    assert!(m.contains("device.id is not a valid thing name"), "{m}");
+    assert!(m.contains("(device.id; set aws.thing)"), "{m}");
     let m = only_problem(
         &aws(&format!("[aws]\nshadow = \"{}\"", "s".repeat(65))),
         "aws.shadow",
@@ -2754,12 +2754,12 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         &aws("[aws]\ntelemetry_topic = \"a/b/c/d/e/f/g/h/{thing}\""),
         "aws.telemetry_topic",
     );
-    assert!(m.contains("at most 7"), "{m}");
+    assert!(m.contains("AWS IoT Core's limits"), "{m}");
     let m = only_problem(
         &aws("[aws]\npresence_topic = \"$aws/things/x\""),
         "aws.presence_topic",
     );
-    assert!(m.contains("reserved"), "{m}");
+    assert!(m.contains("AWS IoT Core's limits"), "{m}");
     let m = only_problem(
         &aws("[[aws.shadow_map]]\nkeys = []\nshadow = \"x\""),
         "aws.shadow_map[1].keys",
@@ -2780,11 +2780,15 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         .collect();
     let m = only_problem(&aws(&many), "aws.shadow_map");
     assert!(m.contains("at most 16 shadows"), "{m}");
-    let m = only_problem(
-        &plain("keep_alive = \"1h\"", "[cloud]\nprofile = \"aws-iot\""),
-        "mqtt.keep_alive",
+    // Every problem at once, also when the thing name is wrong.
+    let p = problems(&aws(
+        "[sync]\nbatch_max_bytes = \"256KiB\"\n[aws]\nthing = \"a.b\"\nmetrics_topic = \"+\"",
+    ));
+    assert_eq!(
+        keys(&p),
+        ["sync.batch_max_bytes", "aws.thing", "aws.metrics_topic"],
+        "{p:#?}"
     );
-    assert!(m.contains("1200s"), "{m}");
     // The edgesync profile keeps its own limits.
     assert_eq!(
         valid(&plain("", "[sync]\nbatch_max_bytes = \"256KiB\""))

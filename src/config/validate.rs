@@ -21,7 +21,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::cloud::{
-    AWS_KEEP_ALIVE_MAX, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
     DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
     aws_topic, check_aws_name,
 };
@@ -774,9 +774,10 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
     let desired = desired(&raw.desired, dir, p);
     let telemetry = telemetry(&raw.telemetry, dir, p);
     let control = control(&raw.control, p);
+    let aws_profile = raw.cloud.profile.value.as_deref() == Some("aws-iot");
     let aws = cloud(raw, device.as_ref(), p);
     let mut sync = sync;
-    if let (Some(Some(_)), Some(s)) = (&aws, &mut sync) {
+    if let (true, Some(s)) = (aws_profile, &mut sync) {
         // The change history batch must fit in one AWS IoT Core message.
         match raw.sync.batch_max_bytes.value {
             None => s.batch_max_bytes = AWS_MAX_PAYLOAD,
@@ -790,19 +791,6 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
             ),
             Some(_) => {}
         }
-    }
-    if let (Some(Some(_)), Some(m)) = (&aws, &mqtt)
-        && m.keep_alive.as_secs() > AWS_KEEP_ALIVE_MAX
-        && let Some(raw_mqtt) = &raw.mqtt
-    {
-        raw_mqtt.keep_alive.report(
-            p,
-            format!(
-                "expected at most {AWS_KEEP_ALIVE_MAX}s with [cloud] profile = \"aws-iot\" \
-                 (AWS IoT Core's limit), found {}s",
-                m.keep_alive.as_secs()
-            ),
-        );
     }
     Some(Config {
         source: source.to_path_buf(),
@@ -825,7 +813,7 @@ fn cloud(
     raw: &RawConfig,
     device: Option<&DeviceConfig>,
     p: &mut Problems,
-) -> Option<Option<AwsConfig>> {
+) -> Option<Option<std::sync::Arc<AwsConfig>>> {
     let aws_profile = raw.cloud.profile.or(p, false, |s| match s.as_str() {
         "edgesync" => Ok(false),
         "aws-iot" => Ok(true),
@@ -837,85 +825,85 @@ fn cloud(
         (a, _) => aws(a.as_ref().unwrap_or(&empty), device, p),
     };
     if aws_profile? {
-        aws.map(Some)
+        aws.map(|a| Some(std::sync::Arc::new(a)))
     } else {
         Some(None)
     }
 }
 
 fn aws(raw: &RawAws, device: Option<&DeviceConfig>, p: &mut Problems) -> Option<AwsConfig> {
-    let thing = match &raw.thing.value {
-        Some(t) => raw.thing.check(
-            p,
-            check_aws_name(t, AWS_THING_MAX, "thing name").map(|()| t.clone()),
-        ),
-        None => {
-            let id = device?.id.as_str();
-            raw.thing.check(
-                p,
-                check_aws_name(id, AWS_THING_MAX, "thing name")
-                    .map(|()| id.to_owned())
-                    .map_err(|e| {
-                        format!(
-                            "not set, and device.id is not a valid thing name ({e}); set aws.thing"
-                        )
-                    }),
-            )
-        }
-    };
-    let shadow_name = |s: String| {
-        if s.is_empty() {
-            Ok(s)
+    // Written out (not through the generic `Field` helpers): each instantiation costs code.
+    let before = p.0.len();
+    let thing = raw
+        .thing
+        .value
+        .clone()
+        .or_else(|| device.map(|d| d.id.as_str().to_owned()))?;
+    if let Err(e) = check_aws_name(&thing, AWS_THING_MAX, "thing name") {
+        let hint = if raw.thing.is_set() {
+            ""
         } else {
-            check_aws_name(&s, AWS_SHADOW_MAX, "shadow name").map(|()| s)
+            " (device.id; set aws.thing)"
+        };
+        raw.thing.report(p, format!("{e}{hint}"));
+    }
+    let name = |f: &Field<String>, s: &str, p: &mut Problems| {
+        if !s.is_empty()
+            && let Err(e) = check_aws_name(s, AWS_SHADOW_MAX, "shadow name")
+        {
+            f.report(p, e);
         }
     };
-    let shadow = raw.shadow.or(p, String::new(), shadow_name);
-    let nested = raw.nested.value.unwrap_or(true);
-    let topic = |f: &Field<String>, default: &str, p: &mut Problems| {
-        let t = thing.as_deref()?;
-        f.or_checked(p, default.to_owned(), |s| aws_topic(&s, t))
-    };
-    let telemetry_topic = topic(&raw.telemetry_topic, DEFAULT_TELEMETRY_TOPIC, p);
-    let presence_topic = topic(&raw.presence_topic, DEFAULT_PRESENCE_TOPIC, p);
-    let metrics_topic = topic(&raw.metrics_topic, DEFAULT_METRICS_TOPIC, p);
-    let shadow_map = entries(&raw.shadow_map, p, |m, p| {
-        let keys = m
-            .keys
-            .require(p, "a list of key globs such as [\"net.*\"]", |keys| {
-                if keys.is_empty() {
-                    return Err("expected at least one key glob, found an empty list".to_owned());
-                }
-                keys.iter().map(|k| KeyGlob::new(k)).collect()
-            });
-        let shadow = m.shadow.require(
-            p,
-            "a shadow name (\"\" for the classic shadow)",
-            shadow_name,
-        );
-        Some(ShadowMap {
-            keys: keys?,
-            shadow: shadow?,
+    let shadow = raw.shadow.value.clone().unwrap_or_default();
+    name(&raw.shadow, &shadow, p);
+    let mut topic = |f: &Field<String>, default: &str| {
+        aws_topic(f.value.as_deref().unwrap_or(default), &thing).unwrap_or_else(|e| {
+            f.report(p, e);
+            String::new()
         })
-    });
+    };
+    let telemetry_topic = topic(&raw.telemetry_topic, DEFAULT_TELEMETRY_TOPIC);
+    let presence_topic = topic(&raw.presence_topic, DEFAULT_PRESENCE_TOPIC);
+    let metrics_topic = topic(&raw.metrics_topic, DEFAULT_METRICS_TOPIC);
+    let mut shadow_map = Vec::new();
+    for m in raw.shadow_map.value.iter().flatten() {
+        let mut keys = Vec::new();
+        for k in m.keys.value.iter().flatten() {
+            match KeyGlob::new(k) {
+                Ok(g) => keys.push(g),
+                Err(e) => m.keys.report(p, e),
+            }
+        }
+        if m.keys.value.as_ref().is_none_or(Vec::is_empty) {
+            m.keys
+                .missing(p, "expected at least one key glob, such as [\"net.*\"]");
+        }
+        let shadow = m.shadow.value.clone().unwrap_or_default();
+        if m.shadow.is_set() {
+            name(&m.shadow, &shadow, p);
+        } else {
+            m.shadow.missing(
+                p,
+                "missing required key; expected a shadow name (\"\" for the classic shadow)",
+            );
+        }
+        shadow_map.push(ShadowMap { keys, shadow });
+    }
     let c = AwsConfig {
-        thing: thing?,
-        shadow: shadow?,
-        telemetry_topic: telemetry_topic?,
-        presence_topic: presence_topic?,
-        metrics_topic: metrics_topic?,
-        shadow_map: shadow_map?,
-        nested,
+        thing,
+        shadow,
+        telemetry_topic,
+        presence_topic,
+        metrics_topic,
+        shadow_map,
+        nested: raw.nested.value.unwrap_or(true),
     };
     let n = c.shadows().len();
     if n > AWS_SHADOWS_MAX {
-        raw.shadow_map.report(
-            p,
-            format!("expected at most {AWS_SHADOWS_MAX} shadows in all, found {n}"),
-        );
-        return None;
+        let m = format!("expected at most {AWS_SHADOWS_MAX} shadows in all, found {n}");
+        raw.shadow_map.report(p, m);
     }
-    Some(c)
+    (p.0.len() == before).then_some(c)
 }
 
 fn device(raw: &RawDevice, p: &mut Problems) -> Option<DeviceConfig> {

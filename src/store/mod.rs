@@ -428,16 +428,8 @@ impl TxnCtx<'_, '_> {
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
         self.writer
-            .append(self.outbox, self.reported, changes, |c, seq, ts| {
-                latest.insert(
-                    c.key.clone(),
-                    Latest {
-                        seq,
-                        ts,
-                        value: c.value.clone(),
-                        origin: c.origin.tag(),
-                    },
-                );
+            .append(self.outbox, self.reported, changes, |c, seq, ts, _| {
+                Latest::keep(latest, c, seq, ts);
             })
     }
 
@@ -494,6 +486,21 @@ struct Latest<V> {
     ts: u64,
     value: V,
     origin: Option<&'static str>,
+}
+
+impl Latest<Vec<u8>> {
+    /// Records `c` (queued as `seq`, stamped `ts`) as its key's latest value in `map`.
+    fn keep(map: &mut HashMap<String, Latest<Vec<u8>>>, c: &NewChange, seq: u64, ts: u64) {
+        map.insert(
+            c.key.clone(),
+            Latest {
+                seq,
+                ts,
+                value: c.value.clone(),
+                origin: c.origin.tag(),
+            },
+        );
+    }
 }
 
 /// Opens the database (again): the file at `StoreOptions::path`, or a test backend.
@@ -760,6 +767,21 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))?;
         let v = lock(&slot).take();
         v.ok_or(StoreError::Closed)
+    }
+
+    /// Hands `f` to the writer's next transaction without waiting for it (no future to
+    /// spawn); `false` when the writer's queue is full or closed, and then `f` does not run.
+    pub fn transact_later(
+        &self,
+        f: impl FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Send + 'static,
+    ) -> bool {
+        let (reply, _) = oneshot::channel();
+        let f: TxnFn = Box::new(f);
+        let op = Op::Transact {
+            f: Mutex::new(Some(f)),
+            reply,
+        };
+        self.tx.try_send(op).is_ok()
     }
 
     /// Round-trips the writer thread without a transaction or fsync: answers once the writer
@@ -1763,44 +1785,31 @@ impl Writer {
             // Latest value per key in this batch: one `reported` write per key.
             let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
             let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
-            // The changes queued by this batch, for its journal record.
-            let mut queued: Vec<(&NewChange, u64)> = Vec::new();
             for op in batch {
                 match op {
                     Op::Append { changes, .. } => {
-                        let from = queued.len();
-                        let r = self.append(&mut outbox, &reported, changes, |c, seq, ts| {
-                            latest.insert(
-                                &c.key,
-                                Latest {
-                                    seq,
-                                    ts,
-                                    value: &c.value,
-                                    origin: c.origin.tag(),
-                                },
-                            );
-                            if light {
-                                queued.push((c, ts));
-                            }
-                        })?;
+                        let mut records = Vec::new();
+                        let r =
+                            self.append(&mut outbox, &reported, changes, |c, seq, ts, rec| {
+                                latest.insert(
+                                    &c.key,
+                                    Latest {
+                                        seq,
+                                        ts,
+                                        value: &c.value,
+                                        origin: c.origin.tag(),
+                                    },
+                                );
+                                // The journal keeps the record as the outbox got it.
+                                if light {
+                                    records.push(rec.to_vec());
+                                }
+                            })?;
                         if light {
                             record.entries.push(match &r {
                                 Ok(a) => journal::Entry::Append {
                                     first_seq: a.first_seq,
-                                    records: queued[from..]
-                                        .iter()
-                                        .map(|(c, ts)| {
-                                            let mut buf = Vec::new();
-                                            record::encode_with_origin(
-                                                &mut buf,
-                                                *ts,
-                                                &c.key,
-                                                &c.value,
-                                                c.origin.tag(),
-                                            );
-                                            buf
-                                        })
-                                        .collect(),
+                                    records,
                                 },
                                 Err(_) => journal::Entry::Rejected(changes.len() as u64),
                             });
@@ -1957,17 +1966,10 @@ impl Writer {
                                 )));
                             }
                             changes += batch.len();
-                            let _ = self.append(&mut outbox, &reported, &batch, |c, seq, ts| {
-                                owned.insert(
-                                    c.key.clone(),
-                                    Latest {
-                                        seq,
-                                        ts,
-                                        value: c.value.clone(),
-                                        origin: c.origin.tag(),
-                                    },
-                                );
-                            })?;
+                            let _ =
+                                self.append(&mut outbox, &reported, &batch, |c, seq, ts, _| {
+                                    Latest::keep(&mut owned, c, seq, ts);
+                                })?;
                         }
                         journal::Entry::Rejected(n) => self.meta.rejected += n,
                         journal::Entry::Ack(a) => acks += self.ack(&mut outbox, &a)?.changes,
@@ -2057,7 +2059,7 @@ impl Writer {
         outbox: &mut redb::Table<u64, &[u8]>,
         reported: &redb::Table<&'static str, (u64, &'static [u8])>,
         changes: &'b [NewChange],
-        mut inserted: impl FnMut(&'b NewChange, u64, u64),
+        mut inserted: impl FnMut(&'b NewChange, u64, u64, &[u8]),
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let n = changes.len() as u64;
         if n == 0 {
@@ -2144,7 +2146,7 @@ impl Writer {
             self.meta.next_seq += 1;
             self.meta.depth += 1;
             self.meta.bytes += cost(self.buf.len());
-            inserted(c, seq, ts);
+            inserted(c, seq, ts, &self.buf);
         }
         self.meta.reported += n;
         Ok(Ok(Appended {
