@@ -188,46 +188,26 @@ impl Controller {
         payload: &[u8],
         retain: bool,
     ) -> Result<(), StoreError> {
-        self.take_in(name, payload, retain, None).await
+        self.take_in(name, Ok(payload), retain, None).await
     }
 
     /// Takes in a request for command `name` that came another way than `P/D/cmd/NAME` (an
-    /// AWS IoT job): the same checks, replay record and runner as [`Controller::receive`],
-    /// its one answer queued under `reply` in the result outbox.
+    /// AWS IoT job), or why there is none (answered `bad-request`): the same checks, replay
+    /// record and runner as [`Controller::receive`], its one answer queued under `reply` in
+    /// the result outbox.
     pub async fn receive_for(
         &self,
         name: &str,
-        payload: &[u8],
+        request: Result<&[u8], request::BadRequest>,
         reply: &str,
     ) -> Result<(), StoreError> {
-        self.take_in(name, payload, false, Some(reply)).await
-    }
-
-    /// Answers `id` with an error under `reply`, nothing recorded (a job document that names
-    /// no command).
-    pub async fn refuse(
-        &self,
-        reply: &str,
-        id: &str,
-        code: ErrorCode,
-        message: &str,
-    ) -> Result<(), StoreError> {
-        tracing::warn!(%id, code = code.as_str(), "command refused: {message}");
-        let response = request::error(Some(id), code, message);
-        dstore::queue(
-            &self.svc.outbox,
-            reply,
-            doc::encode(&response, Encoding::Json),
-        )
-        .await?;
-        self.results.notify_one();
-        Ok(())
+        self.take_in(name, request, false, Some(reply)).await
     }
 
     async fn take_in(
         &self,
         name: &str,
-        payload: &[u8],
+        request: Result<&[u8], request::BadRequest>,
         retain: bool,
         reply: Option<&str>,
     ) -> Result<(), StoreError> {
@@ -249,9 +229,11 @@ impl Controller {
             return Ok(());
         }
         let now = now_ms();
+        // A refusal made by the caller is answered in JSON.
+        let payload = *request.as_ref().unwrap_or(&&b"{}"[..]);
         let encoding = doc::sniff(payload);
         let topic = reply.map_or_else(|| result_topic(name), str::to_owned);
-        let req = match request::parse(payload, encoding) {
+        let req = match request.and_then(|p| request::parse(p, encoding)) {
             Ok(r) => r,
             Err(bad) => {
                 tracing::warn!(command = name, id = ?bad.id, "command refused: {}", bad.message);

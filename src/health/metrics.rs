@@ -171,8 +171,8 @@ pub struct Metrics {
     /// The Device Shadow (`aws-iot` profile only); not read back (no code for it).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::health::status::ShadowFigures>,
-    /// AWS IoT Jobs (`aws-iot` profile only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// AWS IoT Jobs (`aws-iot` profile only); not read back (no code for it).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<crate::health::status::JobFigures>,
 }
 

@@ -64,14 +64,13 @@ pub struct LinkFigures {
     #[serde(skip)]
     pub shadow: Option<ShadowFigures>,
     /// AWS IoT Jobs of the `aws-iot` profile; `None` with the `edgesync` profile.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip)]
     pub jobs: Option<JobFigures>,
 }
 
 /// AWS IoT Jobs of the `aws-iot` profile, since start (metrics `jobs`, also in the status
 /// document's `metrics`; docs/PROTOCOL.md §7.3).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct JobFigures {
     /// Executions taken from `start-next` and handed to the commands (a job that comes back
     /// counts again; it runs once).

@@ -7,6 +7,7 @@
 use std::time::Instant;
 
 use rumqttc::AsyncClient;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::intake::IntakeToken;
@@ -14,45 +15,56 @@ use super::jobs::{self, JobMsg, Refused, Started};
 use super::oversize::Filter;
 use super::profile::Outbound;
 use super::{Session, Tag};
-use crate::control::{Controller, ErrorCode};
-use crate::health::status::JobFigures;
+use crate::control::Controller;
+use crate::control::request::BadRequest;
 use crate::store::StoreError;
 
 /// Takes in the execution of a `start-next/accepted` message the session handed over:
 /// durable (or answered) when it returns, then the message is acknowledged.
 pub(super) async fn take_in(controller: &Controller, payload: &[u8]) -> Result<(), StoreError> {
     // The session read it already: an unreadable one never gets here.
-    let Ok(jobs::Answer {
-        execution: Some(exec),
-        ..
-    }) = jobs::answer(payload)
-    else {
+    let v: Value = serde_json::from_slice(payload).unwrap_or_default();
+    let Ok(Some(exec)) = jobs::execution(&v) else {
         return Ok(());
     };
     let reply = jobs::reply_topic(&exec.job_id, exec.version);
-    match jobs::command(&exec) {
-        Ok((name, request)) => controller.receive_for(&name, &request, &reply).await,
-        Err(message) => {
-            controller
-                .refuse(&reply, &exec.job_id, ErrorCode::BadRequest, &message)
-                .await
-        }
-    }
+    let command = jobs::command(&exec);
+    let (name, request) = match &command {
+        Ok((name, request)) => (*name, Ok(request.as_slice())),
+        Err(message) => (
+            "",
+            Err(BadRequest {
+                id: Some(exec.job_id.clone()),
+                message: (*message).to_owned(),
+            }),
+        ),
+    };
+    controller.receive_for(name, request, &reply).await
 }
 
-/// What a Jobs message led to, acted on once the state machine is released.
-enum Then {
-    Nothing,
-    Run,
-    Accepted(Option<String>),
-    Rejected(String, Refused),
-    StartRejected(String),
+fn str_of(v: &Value) -> &str {
+    v.as_str().unwrap_or("?")
 }
+
+/// Figures counted: `[taken, succeeded, failed, retried, left, repeats_refused]`.
+type Counts = [u64; 6];
 
 impl Session<'_> {
-    fn job_figures(&self, f: impl FnOnce(&mut JobFigures)) {
-        self.board
-            .update(|b| f(b.jobs.get_or_insert_with(Default::default)));
+    /// Adds to the jobs figures; `rejection` replaces the last one.
+    #[inline(never)]
+    fn job_count(&self, n: Counts, rejection: Option<String>) {
+        self.board.update(|b| {
+            let f = b.jobs.get_or_insert_with(Default::default);
+            f.taken += n[0];
+            f.succeeded += n[1];
+            f.failed += n[2];
+            f.retried += n[3];
+            f.left += n[4];
+            f.repeats_refused += n[5];
+            if rejection.is_some() {
+                f.last_rejection = rejection;
+            }
+        });
     }
 
     fn start_next(&mut self, client: &AsyncClient, body: Vec<u8>) -> Result<(), String> {
@@ -64,17 +76,18 @@ impl Session<'_> {
     }
 
     /// Connected: ask for the next job (also the one in progress, whose answer may be lost).
+    #[inline(never)]
     pub(super) fn jobs_connected(&mut self, client: &AsyncClient) -> Result<(), String> {
         // Without the subscription (held after an oversize message) no answer would come.
-        if self.jobs.is_none() || !self.filters.contains(&Filter::Commands) {
+        if !self.filters.contains(&Filter::Commands) {
             return Ok(());
         }
-        // Shown (zeros) from the first connection on.
-        self.job_figures(|_| {});
         let Some(j) = self.jobs.as_mut() else {
             return Ok(());
         };
         let ask = j.connected(Instant::now());
+        // Shown (zeros) from the first connection on.
+        self.job_count([0; 6], None);
         self.start_next(client, ask)
     }
 
@@ -85,6 +98,7 @@ impl Session<'_> {
     }
 
     /// A backoff ended or an answer is overdue.
+    #[inline(never)]
     pub(super) fn jobs_tick(&mut self, client: &AsyncClient) -> Result<(), String> {
         let Some(j) = self.jobs.as_mut() else {
             return Ok(());
@@ -92,26 +106,21 @@ impl Session<'_> {
         let Some((ask, lost)) = j.tick(Instant::now()) else {
             return Ok(());
         };
-        if lost {
-            tracing::debug!(
-                "no answer from the Jobs service in time: asking for the next job again"
-            );
-            self.job_figures(|f| f.retried += 1);
-        }
+        // A lost exchange is counted, not logged.
+        self.job_count([0, 0, 0, u64::from(lost), 0, 0], None);
         self.start_next(client, ask)
     }
 
     /// A result is being published: if it is a job's update, its answer is due.
     pub(super) fn job_published(&mut self, topic: &str) {
-        if let Some((job, version)) = jobs::parse_reply(topic)
-            && let Some(j) = self.jobs.as_mut()
-        {
-            j.published(job, version, Instant::now());
+        if let Some(j) = self.jobs.as_mut() {
+            j.published(topic, Instant::now());
         }
     }
 
     /// A message on a Jobs topic: acknowledged here, or (an execution to take in) by the
     /// intake once durable.
+    #[inline(never)]
     pub(super) fn on_job(
         &mut self,
         client: &AsyncClient,
@@ -126,124 +135,95 @@ impl Session<'_> {
             let _ = client.try_ack(&p);
             return Ok(());
         };
+        let v: Value = serde_json::from_slice(&p.payload).unwrap_or_default();
         let mut ask = None;
-        let then = match msg {
-            JobMsg::NotifyNext => {
-                ask = j.notify_next(&p.payload, now);
-                Then::Nothing
-            }
-            JobMsg::StartNextAccepted => match j.start_next_accepted(&p.payload, now) {
+        let mut n: Counts = [0; 6];
+        // What to log (a warning when `warn`) and whether it is the last rejection.
+        let mut note = None;
+        let (mut warn, mut rejection) = (false, false);
+        match msg {
+            JobMsg::NotifyNext => ask = j.notify_next(&v, now),
+            JobMsg::StartNextAccepted => match j.start_next_accepted(&v, now) {
                 Started::Run(e) => {
                     tracing::info!(job = %e.job_id, version = e.version, "job execution taken");
-                    Then::Run
-                }
-                Started::Answering(id) => {
-                    tracing::debug!(job = %id, "job next: its answer is on its way");
-                    Then::Nothing
-                }
-                Started::Stale => {
-                    tracing::debug!("start-next answer of an earlier request ignored");
-                    Then::Nothing
-                }
-                Started::Empty => {
-                    tracing::debug!("no job pending");
-                    Then::Nothing
+                    self.job_count([1, 0, 0, 0, 0, 0], None);
+                    // Acknowledged by the intake once the job is taken in; never full (see
+                    // `Session::run`), else the broker sends it again.
+                    if let Err(e) = intake.try_send((p, token)) {
+                        tracing::error!("command intake did not take a job: {e}");
+                    }
+                    return Ok(());
                 }
                 Started::Left(id) => {
-                    tracing::info!(
-                        job = %id,
-                        "the next job is one left after a final rejection: not answered again \
-                         (cancel its execution to let the queue go on)"
-                    );
-                    Then::Nothing
+                    note = Some(format!(
+                        "the next job, {id}, is one left after a final rejection: not answered \
+                         again (cancel its execution to let the queue go on)"
+                    ));
                 }
-                Started::Bad(e) => {
-                    tracing::warn!("unreadable start-next answer ({e}): asking again later");
-                    Then::Nothing
+                Started::Bad(why) => {
+                    warn = true;
+                    note = Some(format!(
+                        "unreadable start-next answer ({why}): asking again later"
+                    ));
                 }
+                Started::Nothing => {}
             },
-            JobMsg::StartNextRejected => match j.start_next_rejected(&p.payload, now) {
-                Some(r) => {
-                    Then::StartRejected(format!("start-next rejected {} {}", r.code, r.message))
+            JobMsg::StartNextRejected => {
+                if j.start_next_rejected(&v, now) {
+                    n[3] = 1;
+                    (warn, rejection) = (true, true);
+                    note = Some(format!(
+                        "start-next rejected {} {}",
+                        str_of(&v["code"]),
+                        str_of(&v["message"])
+                    ));
                 }
-                None => Then::Nothing,
-            },
+            }
             JobMsg::UpdateAccepted => {
                 ask = j.update_accepted(job, now);
-                let state: serde_json::Value =
-                    serde_json::from_slice(&p.payload).unwrap_or_default();
-                match ask {
-                    Some(_) => Then::Accepted(
-                        state["executionState"]["status"]
-                            .as_str()
-                            .map(str::to_owned),
-                    ),
-                    None => Then::Nothing,
+                if ask.is_some() {
+                    let status = v["executionState"]["status"].as_str().unwrap_or("?");
+                    n[1] = u64::from(status == "SUCCEEDED");
+                    n[2] = u64::from(status == "FAILED");
+                    note = Some(format!("job {job} answered: {status}"));
                 }
             }
             JobMsg::UpdateRejected => {
-                let r = jobs::rejection(&p.payload);
-                let (refused, a) = j.update_rejected(job, &r.code, now);
+                let code = v["code"].as_str().unwrap_or("unreadable");
+                let (refused, a) = j.update_rejected(job, code, now);
                 ask = a;
-                let mut what = format!("job {job}: update rejected {} {}", r.code, r.message);
-                if let Some(s) = r.status {
-                    what.push_str(&format!(" (execution {s})"));
-                }
-                Then::Rejected(what, refused)
-            }
-        };
-        match then {
-            Then::Run => {
-                self.job_figures(|f| f.taken += 1);
-                // Acknowledged by the intake once the job is taken in; never full (see
-                // `Session::run`), else the broker sends it again.
-                if let Err(e) = intake.try_send((p, token)) {
-                    tracing::error!("command intake did not take a job: {e}");
-                }
-                return Ok(());
-            }
-            Then::Nothing => {}
-            Then::Accepted(status) => {
-                tracing::info!(
-                    job,
-                    status = status.as_deref().unwrap_or("?"),
-                    "job answered"
+                let what = format!(
+                    "job {job}: update rejected {code} {} (execution {})",
+                    str_of(&v["message"]),
+                    str_of(&v["executionState"]["status"])
                 );
-                match status.as_deref() {
-                    Some("SUCCEEDED") => self.job_figures(|f| f.succeeded += 1),
-                    Some("FAILED") => self.job_figures(|f| f.failed += 1),
-                    _ => {}
-                }
-            }
-            Then::StartRejected(what) => {
-                tracing::warn!("{what}; asking again after a backoff");
-                self.job_figures(|f| {
-                    f.retried += 1;
-                    f.last_rejection = Some(what);
-                });
-            }
-            Then::Rejected(what, refused) => {
-                match refused {
+                let then = match refused {
                     Refused::Stale => {
-                        tracing::info!(
-                            "{what}: a repeated answer of a job that had ended (counted in \
-                             jobs.repeats_refused)"
-                        );
-                        self.job_figures(|f| f.repeats_refused += 1);
+                        n[5] = 1;
+                        "a repeated answer of a job that had ended (counted in jobs.repeats_refused)"
+                            .to_owned()
                     }
                     Refused::Left => {
-                        tracing::warn!(
-                            "{what}; the job is left, not answered again (counted in jobs.left)"
-                        );
-                        self.job_figures(|f| f.left += 1);
+                        n[4] = 1;
+                        warn = true;
+                        "the job is left, not answered again (counted in jobs.left)".to_owned()
                     }
                     Refused::Retry(d) => {
-                        tracing::info!("{what}; asking for it again in {d:.1?}");
-                        self.job_figures(|f| f.retried += 1);
+                        n[3] = 1;
+                        format!("asking for it again in {d:.1?}")
                     }
-                }
-                self.job_figures(|f| f.last_rejection = Some(what));
+                };
+                rejection = true;
+                note = Some(format!("{what}; {then}"));
             }
+        }
+        if let Some(what) = note {
+            if warn {
+                tracing::warn!("{what}");
+            } else {
+                tracing::info!("{what}");
+            }
+            self.job_count(n, rejection.then_some(what));
         }
         let _ = client.try_ack(&p);
         drop(token);

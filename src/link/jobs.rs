@@ -39,10 +39,9 @@
 //! after a backoff (1 s doubling to 60 s), which returns the same job, answered again from
 //! the record; after [`ATTEMPTS_MAX`] such rejections of one job it is left too.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 /// An answer (`update/accepted` or `/rejected`, `start-next/...`) not received within this
 /// long after the request: asked again.
@@ -80,16 +79,17 @@ pub fn topic(thing: &str, op: &str) -> String {
 
 /// The filters the agent subscribes (through a broker a device gets only what it subscribed).
 pub fn filters(thing: &str) -> Vec<String> {
-    [
+    let mut out = Vec::new();
+    for op in [
         "notify-next",
         "start-next/accepted",
         "start-next/rejected",
         "+/update/accepted",
         "+/update/rejected",
-    ]
-    .iter()
-    .map(|op| topic(thing, op))
-    .collect()
+    ] {
+        out.push(topic(thing, op));
+    }
+    out
 }
 
 /// What a topic of `thing`'s jobs is: the message and, for an update's answer, the job id.
@@ -98,19 +98,21 @@ pub fn parse_topic<'a>(thing: &str, topic: &'a str) -> Option<(JobMsg, &'a str)>
         .strip_prefix("$aws/things/")?
         .strip_prefix(thing)?
         .strip_prefix("/jobs/")?;
-    match rest {
-        "notify-next" => return Some((JobMsg::NotifyNext, "")),
-        "start-next/accepted" => return Some((JobMsg::StartNextAccepted, "")),
-        "start-next/rejected" => return Some((JobMsg::StartNextRejected, "")),
-        _ => {}
-    }
-    let (job, answer) = rest.split_once('/')?;
-    let msg = match answer {
-        "update/accepted" => JobMsg::UpdateAccepted,
-        "update/rejected" => JobMsg::UpdateRejected,
-        _ => return None,
+    let msg = match rest {
+        "notify-next" => JobMsg::NotifyNext,
+        "start-next/accepted" => JobMsg::StartNextAccepted,
+        "start-next/rejected" => JobMsg::StartNextRejected,
+        _ => {
+            let (job, answer) = rest.split_once('/')?;
+            let msg = match answer {
+                "update/accepted" => JobMsg::UpdateAccepted,
+                "update/rejected" => JobMsg::UpdateRejected,
+                _ => return None,
+            };
+            return valid_job_id(job).then_some((msg, job));
+        }
     };
-    valid_job_id(job).then_some((msg, job))
+    Some((msg, ""))
 }
 
 /// Job ids: 1-64 characters of `[a-zA-Z0-9_-]`.
@@ -130,7 +132,8 @@ pub fn reply_topic(job_id: &str, version: u64) -> String {
 /// The job id and version of a [`reply_topic`].
 pub fn parse_reply(topic: &str) -> Option<(&str, u64)> {
     let (job, version) = topic.strip_prefix("jobs/")?.split_once('/')?;
-    Some((job, version.parse().ok()?)).filter(|(j, _)| valid_job_id(j))
+    let version = version.parse().ok()?;
+    valid_job_id(job).then_some((job, version))
 }
 
 /// A job execution, as `start-next/accepted` carries it.
@@ -141,158 +144,104 @@ pub struct Execution {
     pub document: Value,
 }
 
-/// An answer of the Jobs service: its `clientToken` and `execution` (none: no pending job).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Answer {
-    pub token: Option<String>,
-    pub execution: Option<Execution>,
-}
-
-/// Reads `start-next/accepted` or `notify-next`.
-pub fn answer(payload: &[u8]) -> Result<Answer, String> {
-    let v: Value =
-        serde_json::from_slice(payload).map_err(|e| format!("not a JSON document: {e}"))?;
-    let Some(o) = v.as_object() else {
-        return Err("not a JSON object".into());
-    };
-    let token = o
-        .get("clientToken")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    let execution = match o.get("execution") {
-        None | Some(Value::Null) => None,
-        Some(e) => {
-            let job_id = e["jobId"]
-                .as_str()
-                .filter(|j| valid_job_id(j))
-                .ok_or("execution.jobId is missing or not a job id")?;
-            let version = e["versionNumber"]
-                .as_u64()
-                .ok_or("execution.versionNumber is missing")?;
-            Some(Execution {
-                job_id: job_id.to_owned(),
-                version,
-                document: e.get("jobDocument").cloned().unwrap_or(Value::Null),
-            })
-        }
-    };
-    Ok(Answer { token, execution })
+/// The `execution` of `start-next/accepted` or `notify-next` (`Ok(None)`: no pending job).
+pub fn execution(v: &Value) -> Result<Option<Execution>, &'static str> {
+    if !v.is_object() {
+        return Err("not a JSON object");
+    }
+    let e = &v["execution"];
+    if e.is_null() {
+        return Ok(None);
+    }
+    match (e["jobId"].as_str(), e["versionNumber"].as_u64()) {
+        (Some(job), Some(version)) if valid_job_id(job) => Ok(Some(Execution {
+            job_id: job.to_owned(),
+            version,
+            document: e["jobDocument"].clone(),
+        })),
+        _ => Err("execution without a valid jobId and versionNumber"),
+    }
 }
 
 /// The command a job document names: its name and the request (`{"id": JOBID, "args":
 /// ..}`, §5.4) for the controller; `Err` is the message of a `bad-request`.
-pub fn command(exec: &Execution) -> Result<(String, Vec<u8>), String> {
-    let Some(doc) = exec.document.as_object() else {
-        return Err(
-            "the job document is not a JSON object (expected {\"command\": NAME, \"args\": {...}})"
-                .into(),
-        );
-    };
-    let name = match doc.get("command") {
-        Some(Value::String(n)) if !n.is_empty() && n.chars().count() <= NAME_MAX => n,
-        Some(Value::String(_)) => {
-            return Err(format!("command must be 1-{NAME_MAX} characters"));
+pub fn command(exec: &Execution) -> Result<(&str, Vec<u8>), &'static str> {
+    let doc = &exec.document;
+    let name = match doc["command"].as_str() {
+        Some(n) if !n.is_empty() && n.chars().count() <= NAME_MAX => n,
+        _ => {
+            return Err(
+                "the job document is not {\"command\": NAME of 1-64 characters, \"args\": {...}}",
+            );
         }
-        Some(_) => return Err("command must be a string".into()),
-        None => return Err("the job document has no \"command\"".into()),
     };
-    let mut req = Map::new();
-    req.insert("id".into(), Value::String(exec.job_id.clone()));
+    // Job ids need no JSON escaping.
+    let mut req = format!(r#"{{"id":"{}""#, exec.job_id);
     if let Some(args) = doc.get("args") {
-        req.insert("args".into(), args.clone());
+        req.push_str(",\"args\":");
+        req.push_str(&args.to_string());
     }
-    Ok((name.clone(), Value::Object(req).to_string().into_bytes()))
+    req.push('}');
+    Ok((name, req.into_bytes()))
 }
 
 /// The update of a job (`jobs/JOBID/update`) for a command response (§5.5): `SUCCEEDED`
 /// with `{"result": JSON}` or `FAILED` with `{"error_code", "error_message"}`, and
 /// `expectedVersion`. A value over [`DETAIL_MAX`] characters is cut, and
-/// `{key}_truncated` says how long it was.
+/// `{key}_truncated` says how long it was. The state in the answer tells which status was
+/// taken (counted).
+#[inline(never)]
 pub fn update(version: u64, response: &[u8]) -> Vec<u8> {
-    let (status, details) = match serde_json::from_slice::<Value>(response) {
-        Ok(r) => status_details(&r),
-        Err(e) => {
-            let mut d = Map::new();
-            detail(&mut d, "error_code", "failed");
-            detail(&mut d, "error_message", &format!("unreadable answer: {e}"));
-            ("FAILED", d)
-        }
+    let r: Value = serde_json::from_slice(response).unwrap_or_default();
+    let mut d = Map::new();
+    let status = if r["ok"] == Value::Bool(true) {
+        detail(&mut d, "result", &r["result"].to_string());
+        "SUCCEEDED"
+    } else {
+        let e = &r["error"];
+        let code = e["code"].as_str().unwrap_or("failed");
+        let message = e["message"].as_str().unwrap_or("unreadable answer");
+        detail(&mut d, "error_code", code);
+        detail(&mut d, "error_message", message);
+        "FAILED"
     };
-    // The state in the answer tells which status was taken (counted).
-    json!({"status": status, "statusDetails": details, "expectedVersion": version,
-           "includeJobExecutionState": true})
-    .to_string()
+    format!(
+        r#"{{"status":"{status}","statusDetails":{},"expectedVersion":{version},"includeJobExecutionState":true}}"#,
+        Value::Object(d)
+    )
     .into_bytes()
 }
 
-/// The status and `statusDetails` of a command response.
-pub fn status_details(response: &Value) -> (&'static str, Map<String, Value>) {
-    let mut d = Map::new();
-    if response["ok"] == Value::Bool(true) {
-        detail(&mut d, "result", &response["result"].to_string());
-        return ("SUCCEEDED", d);
-    }
-    let e = &response["error"];
-    detail(&mut d, "error_code", e["code"].as_str().unwrap_or("failed"));
-    detail(&mut d, "error_message", e["message"].as_str().unwrap_or(""));
-    ("FAILED", d)
-}
-
-/// Puts `text` under `key`, within the documented value rules.
+/// Puts `text` under `key`, within the documented value rules: 1-1,024 characters, none of
+/// Unicode category C. All but printable ASCII becomes a JSON escape `\uXXXX` (so compact
+/// JSON stays valid JSON; the character tables to tell category C apart cost more).
 fn detail(d: &mut Map<String, Value>, key: &str, text: &str) {
-    let mut clean = printable(text);
+    use std::fmt::Write;
+    let mut clean = String::with_capacity(text.len());
+    for c in text.chars() {
+        if (' '..='~').contains(&c) {
+            clean.push(c);
+        } else {
+            for u in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(clean, "\\u{u:04x}");
+            }
+        }
+    }
     if clean.is_empty() {
         clean.push('-');
     }
-    let n = clean.chars().count();
+    // ASCII now: bytes are characters.
+    let n = clean.len();
     if n > DETAIL_MAX {
         let shown = DETAIL_MAX - 3;
-        clean = clean.chars().take(shown).chain("...".chars()).collect();
+        clean.truncate(shown);
+        clean.push_str("...");
         d.insert(
             format!("{key}_truncated"),
             Value::String(format!("{n} characters, the first {shown} shown")),
         );
     }
     d.insert(key.to_owned(), Value::String(clean));
-}
-
-/// `text` without characters of Unicode category C (control, format, private use,
-/// unassigned): printable ASCII and non-ASCII letters and digits stay, anything else becomes
-/// a JSON escape `\uXXXX` (so compact JSON stays valid JSON).
-fn printable(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if (' '..='~').contains(&c) || (!c.is_ascii() && c.is_alphanumeric()) {
-            out.push(c);
-        } else {
-            let mut units = [0u16; 2];
-            for u in c.encode_utf16(&mut units) {
-                out.push_str(&format!("\\u{u:04x}"));
-            }
-        }
-    }
-    out
-}
-
-/// A rejection (`start-next/rejected`, `update/rejected`): token, code, message and the
-/// execution's status when given.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    pub token: Option<String>,
-    pub code: String,
-    pub message: String,
-    pub status: Option<String>,
-}
-
-pub fn rejection(payload: &[u8]) -> Rejection {
-    let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
-    let s = |x: &Value| x.as_str().map(str::to_owned);
-    Rejection {
-        token: s(&v["clientToken"]),
-        code: s(&v["code"]).unwrap_or_else(|| "unreadable".into()),
-        message: s(&v["message"]).unwrap_or_default(),
-        status: s(&v["executionState"]["status"]),
-    }
 }
 
 /// Codes after which answering the job again cannot help.
@@ -311,23 +260,19 @@ fn is_final(code: &str) -> bool {
 /// What `start-next/accepted` means.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Started {
-    /// Not the answer to this run's outstanding request: acknowledged, nothing else.
-    Stale,
-    /// No job pending.
-    Empty,
+    /// Nothing to do: not the answer to this run's outstanding request, no job pending, or
+    /// its answer to this version was published on this connection and is awaited.
+    Nothing,
     /// The next job is one left before: not answered again (a `notify-next` wakes the agent).
     Left(String),
     /// Unreadable: asked again after a backoff.
-    Bad(String),
+    Bad(&'static str),
     /// Take it in: the job document's command runs (or its recorded answer is reported).
     Run(Execution),
-    /// Its answer to this version was published on this connection and is not answered
-    /// yet: waited for, not taken in again.
-    Answering(String),
 }
 
 /// What `update/rejected` of a job means.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// Not the job in progress (a repeated answer of a job already ended).
     Stale,
@@ -335,15 +280,6 @@ pub enum Refused {
     Left,
     /// Asked again after this backoff.
     Retry(Duration),
-}
-
-/// The job being answered.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Current {
-    job: String,
-    since: Instant,
-    /// When its update was handed to the MQTT client.
-    published: Option<Instant>,
 }
 
 /// The state machine of a device's job queue. Every method that returns a payload wants it
@@ -355,19 +291,29 @@ pub struct Jobs {
     tokens: u64,
     /// The outstanding `start-next`: its token and when it was sent.
     asking: Option<(String, Instant)>,
-    current: Option<Current>,
+    /// The job being answered: id, when taken, when its update was handed to the client.
+    current: Option<(String, Instant, Option<Instant>)>,
     /// Passing rejections of the last job answered.
     attempts: Option<(String, u32)>,
     retry_at: Option<Instant>,
     delay: Duration,
-    left: VecDeque<String>,
-    /// Updates published on this connection and not answered: `(job, version)`, at most
+    /// Jobs left, at most [`LEFT_MAX`], oldest first.
+    left: Vec<String>,
+    /// Updates published on this connection and not answered, as [`reply_topic`]s; at most
     /// [`SENT_MAX`] (the oldest forgotten).
-    sent: VecDeque<(String, u64)>,
+    sent: Vec<String>,
 }
 
 /// Unanswered updates remembered (the link's window of results in flight).
 const SENT_MAX: usize = 32;
+
+/// Pushes `s` to a bounded list, the oldest out first.
+fn push_bounded(list: &mut Vec<String>, s: String, max: usize) {
+    if list.len() >= max {
+        list.remove(0);
+    }
+    list.push(s);
+}
 
 impl Jobs {
     pub fn new(token_base: u64) -> Jobs {
@@ -379,8 +325,8 @@ impl Jobs {
             attempts: None,
             retry_at: None,
             delay: RETRY_MIN,
-            left: VecDeque::new(),
-            sent: VecDeque::new(),
+            left: Vec::new(),
+            sent: Vec::new(),
         }
     }
 
@@ -388,7 +334,7 @@ impl Jobs {
     pub fn ask(&mut self, now: Instant) -> Vec<u8> {
         self.tokens += 1;
         let token = format!("es-{:x}-{}", self.token_base, self.tokens);
-        let body = json!({ "clientToken": token }).to_string().into_bytes();
+        let body = format!(r#"{{"clientToken":"{token}"}}"#).into_bytes();
         self.asking = Some((token, now));
         self.retry_at = None;
         body
@@ -401,76 +347,64 @@ impl Jobs {
         self.ask(now)
     }
 
-    fn busy(&self) -> bool {
-        self.asking.is_some() || self.current.is_some() || self.retry_at.is_some()
+    /// Whether `v` answers the outstanding request (then it no longer is).
+    fn ours(&mut self, v: &Value) -> bool {
+        let ours = self
+            .asking
+            .as_ref()
+            .is_some_and(|(t, _)| v["clientToken"].as_str() == Some(t.as_str()));
+        if ours {
+            self.asking = None;
+        }
+        ours
     }
 
     /// `notify-next`: ask when idle and a job (not one left) is next.
-    pub fn notify_next(&mut self, payload: &[u8], now: Instant) -> Option<Vec<u8>> {
-        let next = answer(payload).ok()?.execution?;
-        if self.busy() || self.left.contains(&next.job_id) {
+    pub fn notify_next(&mut self, v: &Value, now: Instant) -> Option<Vec<u8>> {
+        let next = execution(v).ok()??;
+        let busy = self.asking.is_some() || self.current.is_some() || self.retry_at.is_some();
+        if busy || self.left.contains(&next.job_id) {
             return None;
         }
         Some(self.ask(now))
     }
 
     /// `start-next/accepted`.
-    pub fn start_next_accepted(&mut self, payload: &[u8], now: Instant) -> Started {
-        let a = answer(payload);
-        let ours = match (&a, &self.asking) {
-            (Ok(a), Some((t, _))) => a.token.as_deref() == Some(t.as_str()),
-            // Unreadable: its token is unknown; taken as the answer only if one is awaited.
-            (Err(_), asking) => asking.is_some(),
-            (Ok(_), None) => false,
-        };
-        if !ours {
-            return Started::Stale;
+    pub fn start_next_accepted(&mut self, v: &Value, now: Instant) -> Started {
+        // Unreadable: its token is unknown; taken as the answer only if one is awaited.
+        let e = execution(v);
+        if !(self.ours(v) || e.is_err() && self.asking.take().is_some()) {
+            return Started::Nothing;
         }
-        self.asking = None;
-        match a {
-            Err(e) => {
+        let e = match e {
+            Err(why) => {
                 self.backoff(now);
-                Started::Bad(e)
+                return Started::Bad(why);
             }
-            Ok(Answer {
-                execution: None, ..
-            }) => Started::Empty,
-            Ok(Answer {
-                execution: Some(e), ..
-            }) => {
-                if self.left.contains(&e.job_id) {
-                    return Started::Left(e.job_id);
-                }
-                let answering = self
-                    .sent
-                    .iter()
-                    .any(|(j, v)| *j == e.job_id && *v == e.version);
-                self.current = Some(Current {
-                    job: e.job_id.clone(),
-                    since: now,
-                    published: answering.then_some(now),
-                });
-                if answering {
-                    return Started::Answering(e.job_id);
-                }
-                if self.attempts.as_ref().is_none_or(|(j, _)| *j != e.job_id) {
-                    self.attempts = Some((e.job_id.clone(), 0));
-                }
-                Started::Run(e)
-            }
+            Ok(None) => return Started::Nothing,
+            Ok(Some(e)) => e,
+        };
+        if self.left.contains(&e.job_id) {
+            return Started::Left(e.job_id);
         }
+        let answering = self.sent.contains(&reply_topic(&e.job_id, e.version));
+        self.current = Some((e.job_id.clone(), now, answering.then_some(now)));
+        if answering {
+            return Started::Nothing;
+        }
+        if self.attempts.as_ref().is_none_or(|(j, _)| *j != e.job_id) {
+            self.attempts = Some((e.job_id.clone(), 0));
+        }
+        Started::Run(e)
     }
 
-    /// `start-next/rejected`: asked again after a backoff; `None` if not ours.
-    pub fn start_next_rejected(&mut self, payload: &[u8], now: Instant) -> Option<Rejection> {
-        let r = rejection(payload);
-        let (t, _) = self.asking.as_ref()?;
-        if r.token.as_deref() != Some(t.as_str()) {
-            return None;
+    /// `start-next/rejected`: asked again after a backoff; `false` if not ours.
+    pub fn start_next_rejected(&mut self, v: &Value, now: Instant) -> bool {
+        let ours = self.ours(v);
+        if ours {
+            self.backoff(now);
         }
-        self.asking = None;
-        self.backoff(now);
-        Some(r)
+        ours
     }
 
     fn backoff(&mut self, now: Instant) -> Duration {
@@ -480,28 +414,39 @@ impl Jobs {
         d
     }
 
-    /// The update of `job` for `version` was handed to the MQTT client: its answer is due.
-    pub fn published(&mut self, job: &str, version: u64, now: Instant) {
-        if !self.sent.iter().any(|(j, v)| j == job && *v == version) {
-            if self.sent.len() >= SENT_MAX {
-                self.sent.pop_front();
-            }
-            self.sent.push_back((job.to_owned(), version));
-        }
+    /// A result is handed to the MQTT client: if it is the update of a job ([`reply_topic`]),
+    /// its answer is due.
+    pub fn published(&mut self, reply: &str, now: Instant) {
+        let Some((job, _)) = parse_reply(reply) else {
+            return;
+        };
         if let Some(c) = &mut self.current
-            && c.job == job
+            && c.0 == job
         {
-            c.published = Some(now);
+            c.2 = Some(now);
         }
+        if !self.sent.iter().any(|s| s == reply) {
+            push_bounded(&mut self.sent, reply.to_owned(), SENT_MAX);
+        }
+    }
+
+    /// The answer of `job`'s update came: it is no longer awaited; whether it is the job
+    /// in progress (then not any more).
+    fn answered(&mut self, job: &str) -> bool {
+        self.sent
+            .retain(|s| parse_reply(s).is_none_or(|(j, _)| j != job));
+        let current = self.current.as_ref().is_some_and(|c| c.0 == job);
+        if current {
+            self.current = None;
+        }
+        current
     }
 
     /// `JOBID/update/accepted`: the job ended; the next one is asked for.
     pub fn update_accepted(&mut self, job: &str, now: Instant) -> Option<Vec<u8>> {
-        self.sent.retain(|(j, _)| j != job);
-        if self.current.as_ref().is_none_or(|c| c.job != job) {
+        if !self.answered(job) {
             return None;
         }
-        self.current = None;
         self.attempts = None;
         self.delay = RETRY_MIN;
         Some(self.ask(now))
@@ -514,11 +459,9 @@ impl Jobs {
         code: &str,
         now: Instant,
     ) -> (Refused, Option<Vec<u8>>) {
-        self.sent.retain(|(j, _)| j != job);
-        if self.current.as_ref().is_none_or(|c| c.job != job) {
+        if !self.answered(job) {
             return (Refused::Stale, None);
         }
-        self.current = None;
         let tries = match &mut self.attempts {
             Some((j, n)) if j == job => {
                 *n += 1;
@@ -530,10 +473,7 @@ impl Jobs {
             }
         };
         if is_final(code) || tries >= ATTEMPTS_MAX {
-            if self.left.len() >= LEFT_MAX {
-                self.left.pop_front();
-            }
-            self.left.push_back(job.to_owned());
+            push_bounded(&mut self.left, job.to_owned(), LEFT_MAX);
             self.attempts = None;
             return (Refused::Left, Some(self.ask(now)));
         }
@@ -543,11 +483,15 @@ impl Jobs {
     /// When [`Jobs::tick`] has something to do.
     pub fn wake_at(&self) -> Option<Instant> {
         let asking = self.asking.as_ref().map(|(_, t)| *t + ANSWER_TIMEOUT);
-        let current = self.current.as_ref().map(|c| match c.published {
+        let current = self.current.as_ref().map(|c| match c.2 {
             Some(t) => t + ANSWER_TIMEOUT,
-            None => c.since + RUN_TIMEOUT,
+            None => c.1 + RUN_TIMEOUT,
         });
-        [asking, current, self.retry_at].into_iter().flatten().min()
+        let mut at = self.retry_at;
+        for t in [asking, current].into_iter().flatten() {
+            at = Some(at.map_or(t, |a| a.min(t)));
+        }
+        at
     }
 
     /// A backoff ended or an answer is overdue: the `start-next` to publish, and whether it
@@ -565,12 +509,9 @@ impl Jobs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const T: &str = "pump-1";
-
-    fn body(v: Value) -> Vec<u8> {
-        v.to_string().into_bytes()
-    }
 
     fn token(payload: &[u8]) -> String {
         let v: Value = serde_json::from_slice(payload).unwrap();
@@ -582,12 +523,12 @@ mod tests {
                "executionNumber": 1, "jobDocument": doc, "queuedAt": 1, "lastUpdatedAt": 1})
     }
 
-    fn accepted(token: &str, execution: Option<Value>) -> Vec<u8> {
+    fn accepted(token: &str, execution: Option<Value>) -> Value {
         let mut v = json!({"timestamp": 1, "clientToken": token});
         if let Some(e) = execution {
             v["execution"] = e;
         }
-        body(v)
+        v
     }
 
     #[test]
@@ -639,15 +580,14 @@ mod tests {
             version: 2,
             document: doc,
         };
-        let (name, req) = command(&e(json!({"command": "history", "args": {"key": "a"}}))).unwrap();
+        let history = e(json!({"command": "history", "args": {"key": "a"}}));
+        let (name, req) = command(&history).unwrap();
         assert_eq!(name, "history");
         let req: Value = serde_json::from_slice(&req).unwrap();
         assert_eq!(req, json!({"id": "j1", "args": {"key": "a"}}));
-        let (name, req) = command(&e(json!({"command": "ping"}))).unwrap();
-        assert_eq!(
-            (name.as_str(), req.as_slice()),
-            ("ping", &br#"{"id":"j1"}"#[..])
-        );
+        let ping = e(json!({"command": "ping"}));
+        let (name, req) = command(&ping).unwrap();
+        assert_eq!((name, req.as_slice()), ("ping", &br#"{"id":"j1"}"#[..]));
         // Unknown names pass (the controller answers unknown-command), bad documents do not.
         assert!(command(&e(json!({"command": "reboot"}))).is_ok());
         for bad in [
@@ -664,19 +604,14 @@ mod tests {
 
     #[test]
     fn answers_are_read_with_their_execution() {
-        let a = answer(&accepted(
-            "t",
-            Some(exec("j1", 2, json!({"command": "ping"}))),
-        ))
-        .unwrap();
-        assert_eq!(a.token.as_deref(), Some("t"));
-        let e = a.execution.unwrap();
+        let a = accepted("t", Some(exec("j1", 2, json!({"command": "ping"}))));
+        let e = execution(&a).unwrap().unwrap();
         assert_eq!((e.job_id.as_str(), e.version), ("j1", 2));
         assert_eq!(e.document["command"], "ping");
-        assert_eq!(answer(br#"{"timestamp":1}"#).unwrap().execution, None);
-        assert!(answer(b"nope").is_err());
-        assert!(answer(br#"{"execution":{"jobId":"j1"}}"#).is_err());
-        assert!(answer(br#"{"execution":{"jobId":"a/b","versionNumber":1}}"#).is_err());
+        assert_eq!(execution(&json!({"timestamp": 1})), Ok(None));
+        assert!(execution(&Value::Null).is_err());
+        assert!(execution(&json!({"execution": {"jobId": "j1"}})).is_err());
+        assert!(execution(&json!({"execution": {"jobId": "a/b", "versionNumber": 1}})).is_err());
     }
 
     #[test]
@@ -694,7 +629,7 @@ mod tests {
         assert_eq!(u["status"], "FAILED");
         assert_eq!(u["statusDetails"]["error_code"], "unknown-command");
         assert_eq!(u["statusDetails"]["error_message"], "unknown command \"x\"");
-        // Large answers are cut and say so; every value is 1-1024 chars without category C.
+        // Large answers are cut and say so; every value is 1-1024 chars of printable ASCII.
         let big = json!({"id": "j1", "ok": true,
                          "result": {"text": "é\u{200b}\u{7}".repeat(2000), "empty": ""}});
         let u: Value = serde_json::from_slice(&update(2, big.to_string().as_bytes())).unwrap();
@@ -714,13 +649,13 @@ mod tests {
             );
             let v = v.as_str().unwrap();
             assert!((1..=DETAIL_MAX).contains(&v.chars().count()));
-            assert!(v.chars().all(|c| !c.is_control() && c != '\u{200b}'), "{v}");
+            assert!(v.bytes().all(|b| (b' '..=b'~').contains(&b)), "{v}");
         }
         assert!(
             d["result"]
                 .as_str()
                 .unwrap()
-                .starts_with("{\"empty\":\"\",\"text\":\"é\\u200b\\u0007")
+                .starts_with("{\"empty\":\"\",\"text\":\"\\u00e9\\u200b\\u0007")
         );
         // An empty message still has a value; an unreadable answer fails the job.
         let empty = json!({"id": "j", "ok": false, "error": {"code": "failed", "message": ""}});
@@ -729,7 +664,9 @@ mod tests {
         let u: Value = serde_json::from_slice(&update(1, b"\xa1")).unwrap();
         assert_eq!(u["status"], "FAILED");
         // An astral character becomes a surrogate pair escape (valid JSON).
-        assert_eq!(printable("a\u{1F600}"), "a\\ud83d\\ude00");
+        let mut d = Map::new();
+        detail(&mut d, "k", "a\u{1F600}");
+        assert_eq!(d["k"], "a\\ud83d\\ude00");
     }
 
     #[test]
@@ -740,13 +677,13 @@ mod tests {
         let t = token(&ask);
         assert!(t.starts_with("es-ab-"));
         // Busy: a notify-next asks nothing more.
-        let note = body(json!({"execution": exec("j1", 1, json!({}))}));
+        let note = json!({"execution": exec("j1", 1, json!({}))});
         assert_eq!(j.notify_next(&note, now), None);
         // Another run's answer (redelivered by the broker) is not ours.
         let doc = json!({"command": "ping"});
         assert_eq!(
             j.start_next_accepted(&accepted("old", Some(exec("j1", 2, doc.clone()))), now),
-            Started::Stale
+            Started::Nothing
         );
         let Started::Run(e) = j.start_next_accepted(&accepted(&t, Some(exec("j1", 2, doc))), now)
         else {
@@ -754,7 +691,7 @@ mod tests {
         };
         assert_eq!((e.job_id.as_str(), e.version), ("j1", 2));
         assert_eq!(j.wake_at(), Some(now + RUN_TIMEOUT));
-        j.published("j1", 2, now);
+        j.published(&reply_topic("j1", 2), now);
         assert_eq!(j.wake_at(), Some(now + ANSWER_TIMEOUT));
         assert_eq!(j.update_accepted("j0", now), None, "another job");
         let next = j.update_accepted("j1", now).unwrap();
@@ -762,11 +699,11 @@ mod tests {
         assert_ne!(t, t2);
         assert_eq!(
             j.start_next_accepted(&accepted(&t2, None), now),
-            Started::Empty
+            Started::Nothing
         );
         assert_eq!(j.wake_at(), None);
         // Idle: a notify-next with a job asks, one without does not.
-        assert_eq!(j.notify_next(br#"{"timestamp":1}"#, now), None);
+        assert_eq!(j.notify_next(&json!({"timestamp": 1}), now), None);
         assert!(j.notify_next(&note, now).is_some());
     }
 
@@ -776,14 +713,14 @@ mod tests {
         let mut j = Jobs::new(1);
         let ask = j.connected(now);
         // After a restart the recorded answer goes out before start-next is answered.
-        j.published("j1", 2, now);
+        j.published(&reply_topic("j1", 2), now);
         let doc = json!({"command": "ping"});
         let out = j.start_next_accepted(&accepted(&token(&ask), Some(exec("j1", 2, doc))), now);
-        assert_eq!(out, Started::Answering("j1".into()));
+        assert_eq!(out, Started::Nothing, "its answer is on its way");
         assert_eq!(j.wake_at(), Some(now + ANSWER_TIMEOUT));
         assert!(j.update_accepted("j1", now).is_some(), "then the next one");
         // Another version (the answer went out for an older one): taken in.
-        j.published("j2", 2, now);
+        j.published(&reply_topic("j2", 2), now);
         let ask = j.ask(now);
         let out =
             j.start_next_accepted(&accepted(&token(&ask), Some(exec("j2", 3, json!({})))), now);
@@ -811,10 +748,10 @@ mod tests {
         let t = token(&ask.unwrap());
         let out = j.start_next_accepted(&accepted(&t, Some(exec("j1", 3, json!({})))), now);
         assert_eq!(out, Started::Left("j1".into()));
-        let note = body(json!({"execution": exec("j1", 3, json!({}))}));
+        let note = json!({"execution": exec("j1", 3, json!({}))});
         assert_eq!(j.notify_next(&note, now), None, "still j1 next");
         // Throttled: start-next again after 1 s, 2 s, ...; left after ATTEMPTS_MAX.
-        let ask = j.notify_next(&body(json!({"execution": exec("j2", 1, json!({}))})), now);
+        let ask = j.notify_next(&json!({"execution": exec("j2", 1, json!({}))}), now);
         run(&mut j, &ask.unwrap(), "j2");
         let mut at = now;
         for i in 0..ATTEMPTS_MAX - 1 {
@@ -843,15 +780,12 @@ mod tests {
         assert!(lost);
         assert_ne!(token(&first), token(&again));
         // A rejected start-next: backoff, then asked again (not counted as lost).
-        let rej =
-            body(json!({"clientToken": token(&again), "code": "RequestThrottled", "message": "m"}));
-        assert_eq!(
-            j.start_next_rejected(b"{}", now),
-            None,
+        let rej = json!({"clientToken": token(&again), "code": "RequestThrottled", "message": "m"});
+        assert!(
+            !j.start_next_rejected(&json!({}), now),
             "no token: not ours"
         );
-        let r = j.start_next_rejected(&rej, now).unwrap();
-        assert_eq!(r.code, "RequestThrottled");
+        assert!(j.start_next_rejected(&rej, now));
         let (_, lost) = j.tick(j.wake_at().unwrap()).unwrap();
         assert!(!lost);
         for i in 0..LEFT_MAX + 3 {
@@ -862,16 +796,6 @@ mod tests {
             j.update_rejected(&job, "TerminalStateReached", now);
         }
         assert_eq!(j.left.len(), LEFT_MAX);
-        assert_eq!(j.left.front().map(String::as_str), Some("j3"));
-        assert_eq!(
-            rejection(&body(json!({"code": "VersionMismatch", "message": "m",
-                                    "executionState": {"status": "SUCCEEDED"}}))),
-            Rejection {
-                token: None,
-                code: "VersionMismatch".into(),
-                message: "m".into(),
-                status: Some("SUCCEEDED".into())
-            }
-        );
+        assert_eq!(j.left.first().map(String::as_str), Some("j3"));
     }
 }
