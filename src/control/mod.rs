@@ -21,8 +21,8 @@
 //!    the last one handed out, as many as its window of 32 has room for), one read at a time.
 //!
 //! Requests that come another way (an AWS IoT job, `crate::link::jobs`) go the same path
-//! through [`Controller::receive_for`]: the job id is the `id`, the answer is queued under
-//! the job's reply topic instead of `cmd/NAME/result`.
+//! through [`Controller::receive`] with a `reply`: the job id is the `id`, the answer is
+//! queued under the job's reply topic instead of `cmd/NAME/result`.
 //!
 //! # At most once across crashes
 //! A request found *started* after a restart may have had its effect: it is answered
@@ -175,9 +175,11 @@ impl Controller {
         self.svc.live.current().control.clone()
     }
 
-    /// Takes in a request from `P/D/cmd/NAME`. Returns once what must be durable is: the
-    /// caller acknowledges the message (PUBACK) only after `Ok`. Every request is consumed:
-    /// those refused are answered, never left to be redelivered forever.
+    /// Takes in a request for command `name`: from `P/D/cmd/NAME`, or another way (an AWS
+    /// IoT job: `Err` when there is none, answered `bad-request`; its one answer queued under
+    /// `reply` in the result outbox, not `cmd/NAME/result`). Returns once what must be
+    /// durable is: the caller acknowledges the message (PUBACK) only after `Ok`. Every
+    /// request is consumed: those refused are answered, never left to be redelivered forever.
     ///
     /// A retained message (`retain`: the broker sent it because of a new subscription) is
     /// ignored, counted and not answered (docs/PROTOCOL.md §7): the broker would send it again on every
@@ -185,29 +187,7 @@ impl Controller {
     pub async fn receive(
         &self,
         name: &str,
-        payload: &[u8],
-        retain: bool,
-    ) -> Result<(), StoreError> {
-        self.take_in(name, Ok(payload), retain, None).await
-    }
-
-    /// Takes in a request for command `name` that came another way than `P/D/cmd/NAME` (an
-    /// AWS IoT job), or why there is none (answered `bad-request`): the same checks, replay
-    /// record and runner as [`Controller::receive`], its one answer queued under `reply` in
-    /// the result outbox.
-    pub async fn receive_for(
-        &self,
-        name: &str,
-        request: Result<&[u8], request::BadRequest>,
-        reply: &str,
-    ) -> Result<(), StoreError> {
-        self.take_in(name, request, false, Some(reply)).await
-    }
-
-    async fn take_in(
-        &self,
-        name: &str,
-        request: Result<&[u8], request::BadRequest>,
+        request: Result<&[u8], &request::BadRequest>,
         retain: bool,
         reply: Option<&str>,
     ) -> Result<(), StoreError> {
@@ -230,10 +210,19 @@ impl Controller {
         }
         let now = now_ms();
         // A refusal made by the caller is answered in JSON.
-        let payload = *request.as_ref().unwrap_or(&&b"{}"[..]);
+        let payload = request.unwrap_or(b"{}");
         let encoding = doc::sniff(payload);
         let topic = reply.map_or_else(|| result_topic(name), str::to_owned);
-        let req = match request.and_then(|p| request::parse(p, encoding)) {
+        let parsed;
+        let req = match request.map(|p| request::parse(p, encoding)) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(bad)) => {
+                parsed = bad;
+                Err(&parsed)
+            }
+            Err(bad) => Err(bad),
+        };
+        let req = match req {
             Ok(r) => r,
             Err(bad) => {
                 tracing::warn!(command = name, id = ?bad.id, "command refused: {}", bad.message);

@@ -254,54 +254,47 @@ pub async fn receive_to(
                     dstore::queue_result(txn, &topic, &doc::encode(&response, encoding))?;
                     return Ok(Intake::Conflict { first: first.name });
                 }
-                return Ok(match &first.response {
-                    Some(_) if reply.is_some() && first.state == State::Done => {
-                        // Its answer to this very reply still waits to be published.
-                        let waiting = first.reply == reply
+                let job = reply.is_some();
+                let json = encoding == Encoding::Json;
+                let mut first = first;
+                let mut queued = None;
+                let (intake, changed) = match &first.response {
+                    Some(response) if first.state == State::Done => {
+                        // A job's answer to this very reply that still waits to be published
+                        // is not queued again.
+                        let waiting = job
+                            && first.reply == reply
                             && match first.queued {
                                 Some(n) => dstore::result_queued(txn, n)?,
                                 None => false,
                             };
                         if !waiting {
-                            let mut first = first;
-                            let response = first.response.clone().unwrap_or_default();
                             let n = dstore::queue_result(
                                 txn,
                                 &topic,
-                                &doc::encode(&response, encoding),
+                                &doc::encode(response, encoding),
                             )?;
-                            (first.reply, first.queued) = (reply, Some(n));
-                            txn.open_table(REQUESTS)?
-                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                            queued = Some(n);
                         }
-                        Intake::Replayed
+                        (Intake::Replayed, job && !waiting)
                     }
-                    Some(response) if first.state == State::Done => {
-                        dstore::queue_result(txn, &topic, &doc::encode(response, encoding))?;
-                        Intake::Replayed
+                    // A job's one answer goes to the newest reply.
+                    _ if job => (Intake::InProgress, first.reply != reply),
+                    // Answered (once more per encoding) when the first one is done; a repeat
+                    // in an encoding already owed an answer changes nothing.
+                    _ => (Intake::InProgress, !first.waits(json)),
+                };
+                if changed {
+                    if job {
+                        first.reply = reply;
+                        first.queued = queued.or(first.queued);
+                    } else {
+                        first.waiting.push(json);
                     }
-                    _ if reply.is_some() => {
-                        if first.reply != reply {
-                            let mut first = first;
-                            first.reply = reply;
-                            txn.open_table(REQUESTS)?
-                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
-                        }
-                        Intake::InProgress
-                    }
-                    _ => {
-                        // Answered (once more per encoding) when the first one is done; a
-                        // repeat in an encoding already owed an answer changes nothing.
-                        let json = encoding == Encoding::Json;
-                        if !first.waits(json) {
-                            let mut first = first;
-                            first.waiting.push(json);
-                            txn.open_table(REQUESTS)?
-                                .insert(req.id.as_str(), to_json(&first).as_slice())?;
-                        }
-                        Intake::InProgress
-                    }
-                });
+                    txn.open_table(REQUESTS)?
+                        .insert(req.id.as_str(), to_json(&first).as_slice())?;
+                }
+                return Ok(intake);
             }
             if let Some((code, response)) = req.refusal {
                 drop(requests);

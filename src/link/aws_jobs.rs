@@ -1,6 +1,6 @@
 //! The session driver's side of AWS IoT Jobs (`aws-iot` profile): publishes the `start-next`
 //! requests [`super::jobs::Jobs`] asks for, hands the executions it takes to the intake
-//! ([`take_in`]: the controller, as `P/D/cmd/NAME` requests are), and counts what the Jobs
+//! ([`command`]: to the controller, as `P/D/cmd/NAME` requests are), and counts what the Jobs
 //! service answered. The answers themselves are results (the result outbox, published as
 //! the job's update by the profile).
 
@@ -15,31 +15,23 @@ use super::jobs::{self, JobMsg, Refused, Started};
 use super::oversize::Filter;
 use super::profile::Outbound;
 use super::{Session, Tag};
-use crate::control::Controller;
 use crate::control::request::BadRequest;
-use crate::store::StoreError;
 
-/// Takes in the execution of a `start-next/accepted` message the session handed over:
-/// durable (or answered) when it returns, then the message is acknowledged.
-pub(super) async fn take_in(controller: &Controller, payload: &[u8]) -> Result<(), StoreError> {
-    // The session read it already: an unreadable one never gets here.
+/// The command of the execution in a `start-next/accepted` message the session handed to
+/// the intake: its name, its request or why there is none, and the reply topic. The session
+/// read it already: `None` (unreadable) never comes.
+pub(super) fn command(payload: &[u8]) -> Option<(String, Result<Vec<u8>, BadRequest>, String)> {
     let v: Value = serde_json::from_slice(payload).unwrap_or_default();
-    let Ok(Some(exec)) = jobs::execution(&v) else {
-        return Ok(());
-    };
+    let exec = jobs::execution(&v).ok()??;
     let reply = jobs::reply_topic(&exec.job_id, exec.version);
-    let command = jobs::command(&exec);
-    let (name, request) = match &command {
-        Ok((name, request)) => (*name, Ok(request.as_slice())),
-        Err(message) => (
-            "",
-            Err(BadRequest {
-                id: Some(exec.job_id.clone()),
-                message: (*message).to_owned(),
-            }),
-        ),
-    };
-    controller.receive_for(name, request, &reply).await
+    Some(match jobs::command(&exec) {
+        Ok((name, request)) => (name.to_owned(), Ok(request), reply),
+        Err(message) => {
+            let id = Some(exec.job_id);
+            let message = message.to_owned();
+            (String::new(), Err(BadRequest { id, message }), reply)
+        }
+    })
 }
 
 fn str_of(v: &Value) -> &str {

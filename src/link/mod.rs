@@ -1404,19 +1404,29 @@ async fn intake_loop(
 ) {
     // The token goes when the message is taken in: its bytes leave the intake's load.
     while let Some((p, _token)) = rx.recv().await {
-        let (taken, kind) = match profile.inbound(&p.topic) {
-            Some(Inbound::Command(name)) => {
+        let inbound = profile.inbound(&p.topic);
+        // An AWS IoT job the session took (`aws_jobs`): the same intake as a command.
+        let job = match inbound {
+            Some(Inbound::Job { .. }) => aws_jobs::command(&p.payload),
+            _ => None,
+        };
+        let command = match (inbound, &job) {
+            (Some(Inbound::Command(name)), _) => Some((name, Ok(&p.payload[..]), p.retain, None)),
+            (_, Some((name, request, reply))) => Some((
+                name.as_str(),
+                request.as_deref(),
+                false,
+                Some(reply.as_str()),
+            )),
+            _ => None,
+        };
+        let (taken, kind) = match (inbound, command) {
+            (_, Some((name, request, retain, reply))) => {
                 crate::sys::crash::point("command-received");
-                (
-                    controller.receive(name, &p.payload, p.retain).await,
-                    "command",
-                )
+                let taken = controller.receive(name, request, retain, reply).await;
+                (taken, "command")
             }
-            // An AWS IoT job the session took (`aws_jobs`): the same intake as a command.
-            Some(Inbound::Job { .. }) => {
-                crate::sys::crash::point("command-received");
-                (aws_jobs::take_in(&controller, &p.payload).await, "command")
-            }
+            (Some(Inbound::Job { .. }), None) => (Ok(()), "command"),
             _ => {
                 crate::sys::crash::point("desired-received");
                 (applier.receive(&p.payload).await, "desired")
