@@ -16,7 +16,7 @@ use std::process::Stdio;
 
 use common::cloud::{self, DEADLINE};
 use common::{Agent, AgentOptions};
-use edgesync_testkit::aws::{AwsIot, Connect, JobExecution, JobStatus};
+use edgesync_testkit::aws::{AwsIot, Connect, JobExecution, JobStatus, Options};
 use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -34,10 +34,16 @@ struct Rig {
 impl Rig {
     /// `None` when Mosquitto is not installed.
     fn new(thing: &str) -> Option<Rig> {
+        Rig::with(thing, Options::default())
+    }
+
+    /// With the emulator's `options`.
+    fn with(thing: &str, options: Options) -> Option<Rig> {
         let dir = tempfile::tempdir().unwrap();
         let pki: TestPki = cloud::pki(&dir.path().join("pki"), thing);
         let broker = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap()?;
-        let emu = AwsIot::start(&Connect::mosquitto(&broker, &pki).unwrap()).unwrap();
+        let connect = Connect::mosquitto(&broker, &pki).unwrap();
+        let emu = AwsIot::start_with(&connect, options).unwrap();
         let mut opts: AgentOptions = cloud::tls_agent(&pki, broker.tls_port, "");
         opts.extra_toml = "[cloud]\nprofile = \"aws-iot\"\n".into();
         Some(Rig {
@@ -192,6 +198,54 @@ fn jobs_queued_while_the_agent_is_down_run_in_order_after_it_starts() {
     let mut all = ids.to_vec();
     all.push("q-6");
     assert_eq!(rig.run_order(), all);
+}
+
+#[test]
+fn canceled_jobs_are_not_run_and_an_update_rejected_for_good_leaves_the_job() {
+    // Every request held 4 s: the job is canceled while its update waits (after its run is
+    // seen in the log, well within the hold).
+    let options = Options {
+        response_delay: std::time::Duration::from_secs(4),
+        ..Options::default()
+    };
+    let Some(mut rig) = Rig::with("jobs-cancel", options) else {
+        return;
+    };
+    // Canceled while queued: never taken.
+    rig.create("c-0", json!({"command": "ping"}));
+    rig.emu.cancel_job(&rig.thing, "c-0").unwrap();
+    rig.create("c-1", json!({"command": "ping"}));
+    rig.create("c-2", json!({"command": "ping"}));
+    rig.agent.launch();
+    cloud::wait("c-1 run", DEADLINE, || rig.runs("c-1") == 1);
+    rig.emu.cancel_job(&rig.thing, "c-1").unwrap();
+    // Its update is rejected (InvalidStateTransition, final): the job is left, the queue
+    // goes on.
+    assert_eq!(rig.ended("c-2").status, JobStatus::Succeeded);
+    assert_eq!(
+        rig.emu.job(&rig.thing, "c-1").unwrap().status,
+        JobStatus::Canceled
+    );
+    assert_eq!(
+        rig.emu.job(&rig.thing, "c-0").unwrap().status,
+        JobStatus::Canceled
+    );
+    assert_eq!(rig.run_order(), ["c-1", "c-2"], "once each, c-0 never");
+    cloud::wait("jobs.left", DEADLINE, || {
+        let s = rig.agent.status();
+        let jobs = &s["metrics"]["jobs"];
+        let last = jobs["last_rejection"].as_str().unwrap_or("");
+        jobs["left"] == 1
+            && jobs["succeeded"] == 1
+            && last.contains("c-1")
+            && last.contains("InvalidStateTransition")
+    });
+    let st = rig.emu.stats();
+    assert_eq!(
+        st.jobs.rejected.get("InvalidStateTransition"),
+        Some(&1),
+        "answered once, not again: {st:?}"
+    );
 }
 
 /// Points where a kill -9 leaves a job in progress at AWS: taken in and not run, taken in
