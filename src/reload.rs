@@ -145,6 +145,25 @@ fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
         later.push("mqtt.topic_prefix".into());
         new.mqtt.topic_prefix = old.mqtt.topic_prefix.clone();
     }
+    // The link's profile is made at start (its topics, subscriptions, shadows, jobs).
+    if new.aws != old.aws {
+        let what = if new.aws.is_some() == old.aws.is_some() {
+            "[aws]"
+        } else {
+            "[cloud]"
+        };
+        later.push(what.into());
+        new.aws.clone_from(&old.aws);
+    }
+    // Until then the running aws-iot profile keeps AWS IoT Core's limits, which a file of
+    // the other profile was not checked against.
+    if old.aws.is_some() {
+        use crate::config::cloud::{AWS_KEEP_ALIVE, AWS_MAX_PAYLOAD};
+        let s = &mut new.sync.batch_max_bytes;
+        *s = (*s).min(AWS_MAX_PAYLOAD);
+        let k = &mut new.mqtt.keep_alive;
+        *k = (*k).clamp(*AWS_KEEP_ALIVE.start(), *AWS_KEEP_ALIVE.end());
+    }
     later
 }
 
@@ -205,5 +224,30 @@ mod tests {
         let mut new = config("pump-2", "client_id = \"b\"");
         assert_eq!(keep_until_restart(&old, &mut new), ["device.id"]);
         assert_eq!(new.mqtt.client_id, "b");
+    }
+
+    // Issue 17: the profile and [aws] are read at start; a reload says they wait.
+    #[test]
+    fn a_new_profile_or_aws_section_waits_for_the_restart() {
+        let aws = |thing: &str| format!("[cloud]\nprofile = \"aws-iot\"\n[aws]\nthing = \"{thing}\"");
+        let old = config("pump-1", "");
+        let mut new = config("pump-1", &aws("t1"));
+        assert_eq!(keep_until_restart(&old, &mut new), ["[cloud]"]);
+        assert!(new.aws.is_none());
+        let old = config("pump-1", &aws("t1"));
+        let mut new = config("pump-1", &aws("t2"));
+        assert_eq!(keep_until_restart(&old, &mut new), ["[aws]"]);
+        assert_eq!(new.aws.as_ref().map(|a| a.thing.as_str()), Some("t1"));
+        let mut same = config("pump-1", &aws("t1"));
+        assert!(keep_until_restart(&old, &mut same).is_empty());
+        // Back to the edgesync profile: AWS IoT Core's limits hold until the restart.
+        let mut new = config(
+            "pump-1",
+            "keep_alive = \"2000s\"\n[sync]\nbatch_max_bytes = 200000",
+        );
+        assert_eq!(keep_until_restart(&old, &mut new), ["[cloud]"]);
+        assert!(new.aws.is_some());
+        assert_eq!(new.sync.batch_max_bytes, 128_000);
+        assert_eq!(new.mqtt.keep_alive, std::time::Duration::from_secs(1200));
     }
 }

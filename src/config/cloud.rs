@@ -15,6 +15,10 @@ pub const PROFILES: &[&str] = &["edgesync", "aws-iot"];
 /// The change history batch must fit: `sync.batch_max_bytes` defaults to it and may not
 /// exceed it in the `aws-iot` profile.
 pub const AWS_MAX_PAYLOAD: u64 = 128_000;
+/// The MQTT keep-alive AWS IoT Core takes (a shorter one counts as 30 s; the broker's own
+/// default and most is 1200 s): `mqtt.keep_alive` must be within it in the `aws-iot` profile.
+pub const AWS_KEEP_ALIVE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(30)..=std::time::Duration::from_secs(1200);
 /// Longest topic, in bytes.
 pub const AWS_TOPIC_MAX: usize = 256;
 /// Most `/` in a topic (beyond the `$aws/rules/NAME/` prefix of Basic Ingest).

@@ -2797,3 +2797,25 @@ fn aws_keys_are_checked_against_the_aws_iot_core_limits() {
         256 * KIB
     );
 }
+
+#[test]
+fn the_aws_profile_keeps_the_keep_alive_within_aws_iot_cores_range() {
+    let aws = |k: &str| {
+        plain(
+            &format!("keep_alive = \"{k}\""),
+            "[cloud]\nprofile = \"aws-iot\"",
+        )
+    };
+    for (ok, secs) in [("30s", 30), ("20m", 1200), ("1200s", 1200)] {
+        assert_eq!(valid(&aws(ok)).mqtt.keep_alive, Duration::from_secs(secs));
+    }
+    for bad in ["29s", "1201s", "1h"] {
+        let m = only_problem(&aws(bad), "mqtt.keep_alive");
+        assert!(m.contains("30s to 1200s") && m.contains("aws-iot"), "{bad}: {m}");
+    }
+    // The edgesync profile keeps its own range.
+    assert_eq!(
+        valid(&plain("keep_alive = \"1h\"", "")).mqtt.keep_alive,
+        Duration::from_secs(3600)
+    );
+}

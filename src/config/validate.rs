@@ -21,7 +21,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::cloud::{
-    AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    AWS_KEEP_ALIVE, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
     DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
     aws_topic, check_aws_name,
 };
@@ -791,6 +791,18 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
             ),
             Some(_) => {}
         }
+    }
+    if let (true, Some(m), Some(r)) = (aws_profile, &mqtt, &raw.mqtt)
+        && !AWS_KEEP_ALIVE.contains(&m.keep_alive)
+    {
+        r.keep_alive.report(
+            p,
+            format!(
+                "expected 30s to 1200s with [cloud] profile = \"aws-iot\" (AWS IoT Core's \
+                 keep-alive range), found {}s",
+                m.keep_alive.as_secs()
+            ),
+        );
     }
     Some(Config {
         source: source.to_path_buf(),

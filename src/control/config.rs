@@ -68,6 +68,26 @@ pub fn effective(c: &Config) -> Value {
             }),
         })
         .collect();
+    // The `aws-iot` profile's `[aws]`, topics with `{thing}` replaced; `null` otherwise.
+    let aws = c.aws.as_deref().map(|a| {
+        let map: Vec<Value> = a
+            .shadow_map
+            .iter()
+            .map(|m| {
+                let keys: Vec<&str> = m.keys.iter().map(|g| g.as_str()).collect();
+                json!({"keys": keys, "shadow": m.shadow})
+            })
+            .collect();
+        json!({
+            "thing": a.thing,
+            "shadow": a.shadow,
+            "telemetry_topic": a.telemetry_topic,
+            "presence_topic": a.presence_topic,
+            "metrics_topic": a.metrics_topic,
+            "nested": a.nested,
+            "shadow_map": map,
+        })
+    });
     json!({
         "source": path_str(&c.source),
         "device": {"id": c.device.id.as_str()},
@@ -131,6 +151,8 @@ pub fn effective(c: &Config) -> Value {
             "replay_window": duration(c.control.replay_window),
             "replay_max": c.control.replay_max,
         },
+        "cloud": {"profile": if aws.is_some() { "aws-iot" } else { "edgesync" }},
+        "aws": aws,
     })
 }
 
@@ -223,5 +245,31 @@ mod tests {
         assert_eq!(v["desired"]["handler"][0]["command"], json!(["/bin/true"]));
         assert_eq!(v["sync"]["encoding"], "cbor");
         assert_eq!(v["mqtt"]["keep_alive"], "30s");
+        assert_eq!(v["cloud"]["profile"], "edgesync");
+        assert_eq!(v["aws"], Value::Null);
+    }
+
+    #[test]
+    fn the_aws_profile_shows_cloud_and_aws() {
+        let text = "[device]\nid = \"pump-1\"\n[mqtt]\nurl = \"mqtt://b:1883\"\n\
+             allow_plaintext = true\n[local]\nsocket = \"/tmp/x.sock\"\n\
+             [cloud]\nprofile = \"aws-iot\"\n[aws]\nshadow = \"cfg\"\n\
+             [[aws.shadow_map]]\nkeys = [\"net.*\"]\nshadow = \"net\"\n";
+        let c = Config::from_toml_str(Path::new("/etc/e/e.toml"), text).unwrap();
+        let v = effective(&c);
+        assert_eq!(v["cloud"]["profile"], "aws-iot");
+        assert_eq!(
+            v["aws"],
+            json!({
+                "thing": "pump-1",
+                "shadow": "cfg",
+                "telemetry_topic": "edgesync/pump-1/changes",
+                "presence_topic": "edgesync/pump-1/presence",
+                "metrics_topic": "edgesync/pump-1/metrics",
+                "nested": true,
+                "shadow_map": [{"keys": ["net.*"], "shadow": "net"}],
+            })
+        );
+        assert_eq!(v["sync"]["batch_max_bytes"], 128_000);
     }
 }
