@@ -191,12 +191,51 @@ pub fn seen(last: &Value, new: &Value) -> bool {
     new.iter().all(|(k, v)| last.get(k) == Some(v))
 }
 
+/// Most bytes of an apply result in the main shadow: a quarter of its 8 KB of state, the
+/// rest left to desired and reported values.
+pub const RESULT_MAX: usize = 2048;
+
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
-/// `reported.edgesync.desired_result`.
+/// `reported.edgesync.desired_result`, within [`RESULT_MAX`] (see [`trim_result`]).
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
-    let r = parse(payload);
+    let mut r = parse(payload);
+    trim_result(&mut r, RESULT_MAX);
+    // The shadow merges: `null` removes what an earlier result left.
+    if let Value::Object(m) = &mut r {
+        for k in ["error", "trimmed"] {
+            m.entry(k).or_insert(Value::Null);
+        }
+    }
     format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
         .into_bytes()
+}
+
+/// Keeps an apply result within `max` bytes of JSON: per-key entries of `keys` that do not
+/// fit are left out (in order, the first that fit stay), their number in `trimmed`; the
+/// other members (`version`, `status`, `error`) stay.
+#[inline(never)]
+fn trim_result(r: &mut Value, max: usize) {
+    if r.to_string().len() <= max {
+        return;
+    }
+    let Some(Value::Object(keys)) = r.get_mut("keys").map(std::mem::take) else {
+        return;
+    };
+    let total = keys.len();
+    r["keys"] = Value::Object(Map::new());
+    r["trimmed"] = Value::from(total);
+    let mut used = r.to_string().len();
+    let mut kept = Map::new();
+    for (k, v) in keys {
+        // `"k":v,`
+        let c = k.len() + v.to_string().len() + 4;
+        if used + c <= max {
+            used += c;
+            kept.insert(k, v);
+        }
+    }
+    r["trimmed"] = Value::from(total - kept.len());
+    r["keys"] = Value::Object(kept);
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
@@ -622,9 +661,37 @@ mod tests {
             "applied"
         );
         assert!(crate::model::rules::depth(&u["state"]) <= DEPTH_MAX);
+        let d = &u["state"]["reported"]["edgesync"]["desired_result"];
+        assert_eq!((&d["trimmed"], &d["error"]), (&Value::Null, &Value::Null));
         assert_eq!(
             response(br#"{"code": 409, "message": "Version conflict", "clientToken": "t"}"#),
             (Some("t".into()), 409, "Version conflict".into())
         );
+    }
+
+    #[test]
+    fn a_large_result_is_trimmed_within_its_share_of_the_shadow() {
+        let keys: Map<String, Value> = (0..500)
+            .map(|i| {
+                let e = json!({"status": "rejected", "error": format!("key {i}: expected an integer")});
+                (format!("setting.{i:03}"), e)
+            })
+            .collect();
+        let r = json!({"version": 41, "status": "partial", "keys": keys}).to_string();
+        let u = result_update(r.as_bytes());
+        let d: Value = serde_json::from_slice(&u).unwrap_or_default();
+        let d = &d["state"]["reported"]["edgesync"]["desired_result"];
+        // Within its share, with the `"error":null` that clears an earlier one.
+        assert!(d.to_string().len() <= RESULT_MAX + 13, "{}", d.to_string().len());
+        assert_eq!((d["version"].clone(), d["status"].clone()), (json!(41), json!("partial")));
+        let kept = d["keys"].as_object().map_or(0, Map::len);
+        assert!(kept > 10, "{kept}");
+        assert_eq!(d["trimmed"], json!(500 - kept));
+        // The first keys stay, with their detail.
+        assert_eq!(d["keys"]["setting.000"]["status"], "rejected");
+        // Without a `keys` object, nothing to trim: left as it is.
+        let mut v = json!({"version": 1, "status": "rejected", "error": "x".repeat(3000)});
+        trim_result(&mut v, RESULT_MAX);
+        assert!(v.get("trimmed").is_none());
     }
 }
