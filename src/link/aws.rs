@@ -28,6 +28,8 @@ pub(super) struct Shadows {
     jitter: Jitter,
     /// The state of the last delta handed to the pipeline on this connection.
     last_delta: serde_json::Value,
+    /// The shadow whose turn is first at the next read (fair under the in-flight cap).
+    start: usize,
 }
 
 impl Shadows {
@@ -63,6 +65,7 @@ impl Session<'_> {
             reading: false,
             jitter: Jitter::from_entropy(),
             last_delta: serde_json::Value::Null,
+            start: 0,
         })
     }
 
@@ -122,7 +125,7 @@ impl Session<'_> {
         if self.connected_at.is_none() || sh.reading || !sh.dirty {
             return;
         }
-        if !sh.reporters.iter().any(|r| r.ready(now)) {
+        if !sh.reporters.iter().any(|r| r.ready(now)) || !shadow::room(&sh.reporters) {
             return;
         }
         sh.reading = true;
@@ -164,13 +167,17 @@ impl Session<'_> {
                 buckets[i].push((key, r.seq, r.value));
             }
         }
-        for (i, mine) in buckets.into_iter().enumerate() {
-            if self.connected_at.is_none() {
+        // Each shadow in turn, while the thing has room for one more update in flight (an
+        // answer frees it and reads again).
+        let (n, start) = (buckets.len(), sh.start);
+        for i in (0..n).map(|j| (start + j) % n) {
+            if self.connected_at.is_none() || !shadow::room(&sh.reporters) {
                 break;
             }
             if !sh.reporters[i].ready(now) {
                 continue;
             }
+            let mine = std::mem::take(&mut buckets[i]);
             let name = sh.reporters[i].shadow.clone();
             let token = sh.token();
             let Some(u) = sh.reporters[i].next(mine, aws.nested, &token, now) else {
@@ -202,6 +209,7 @@ impl Session<'_> {
                 None => self.persist(name, u.top),
             }
         }
+        sh.start = (start + 1) % n.max(1);
         self.shadows = Some(sh);
         out
     }

@@ -35,6 +35,11 @@ pub const STATE_MAX: usize = 8192;
 pub const DEPTH_MAX: usize = 6;
 /// An update not answered within this is sent again.
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most updates in flight per thing across all its shadows. The Device Shadow service takes
+/// 10 requests in flight per thing and answers 429 beyond them
+/// (<https://docs.aws.amazon.com/general/latest/gr/iot-core.html>, "Device Shadow error
+/// messages"); two are left for the `/get` and the apply result.
+pub const IN_FLIGHT_MAX: usize = 8;
 /// Room for `{"reported":{}}` and the per-key estimate's slack.
 const STATE_SLACK: usize = 64;
 
@@ -294,6 +299,11 @@ struct Inflight {
     sent: Instant,
 }
 
+/// Whether the thing may have one more update in flight ([`IN_FLIGHT_MAX`]).
+pub fn room(reporters: &[Reporter]) -> bool {
+    reporters.iter().filter(|r| r.in_flight()).count() < IN_FLIGHT_MAX
+}
+
 /// The reported side of one shadow (see the module docs).
 #[derive(Debug)]
 pub struct Reporter {
@@ -322,6 +332,10 @@ impl Reporter {
     /// Whether an update may be sent at `now` (none in flight, no backoff running).
     pub fn ready(&self, now: Instant) -> bool {
         self.inflight.is_none() && self.retry_at.is_none_or(|t| now >= t)
+    }
+
+    pub fn in_flight(&self) -> bool {
+        self.inflight.is_some()
     }
 
     /// When something is due: a retry, or the timeout of the update in flight.
@@ -693,5 +707,43 @@ mod tests {
         let mut v = json!({"version": 1, "status": "rejected", "error": "x".repeat(3000)});
         trim_result(&mut v, RESULT_MAX);
         assert!(v.get("trimmed").is_none());
+    }
+
+    #[test]
+    fn at_most_eight_updates_are_in_flight_across_the_shadows() {
+        let now = Instant::now();
+        let mut rs: Vec<Reporter> = (0..16)
+            .map(|i| {
+                let mut r = reporter();
+                r.shadow = format!("s{i}");
+                r
+            })
+            .collect();
+        // As the session sends: each shadow in turn while there is room.
+        let send = |rs: &mut Vec<Reporter>, start: usize| {
+            let mut sent = Vec::new();
+            let n = rs.len();
+            for i in (0..n).map(|j| (start + j) % n) {
+                if !room(rs) {
+                    break;
+                }
+                if rs[i].ready(now) {
+                    let l = latest(&[("k", 1, json!(1))]);
+                    if rs[i].next(l, true, &format!("t{i}"), now).is_some() {
+                        sent.push(i);
+                    }
+                }
+            }
+            sent
+        };
+        assert_eq!(send(&mut rs, 0), (0..8).collect::<Vec<_>>());
+        assert_eq!(rs.iter().filter(|r| r.in_flight()).count(), IN_FLIGHT_MAX);
+        assert!(send(&mut rs, 1).is_empty());
+        // An answer (or a timeout) makes room for one more: the next shadow's turn.
+        assert_eq!(rs[3].accepted("t3"), Some(1));
+        assert_eq!(send(&mut rs, 8), [8]);
+        assert!(rs[5].tick(now + RESPONSE_TIMEOUT));
+        assert_eq!(send(&mut rs, 9), [9]);
+        assert!(!room(&rs));
     }
 }
