@@ -229,7 +229,8 @@ mod tests {
     // Issue 17: the profile and [aws] are read at start; a reload says they wait.
     #[test]
     fn a_new_profile_or_aws_section_waits_for_the_restart() {
-        let aws = |thing: &str| format!("[cloud]\nprofile = \"aws-iot\"\n[aws]\nthing = \"{thing}\"");
+        let aws =
+            |thing: &str| format!("[cloud]\nprofile = \"aws-iot\"\n[aws]\nthing = \"{thing}\"");
         let old = config("pump-1", "");
         let mut new = config("pump-1", &aws("t1"));
         assert_eq!(keep_until_restart(&old, &mut new), ["[cloud]"]);

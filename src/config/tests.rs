@@ -2811,7 +2811,10 @@ fn the_aws_profile_keeps_the_keep_alive_within_aws_iot_cores_range() {
     }
     for bad in ["29s", "1201s", "1h"] {
         let m = only_problem(&aws(bad), "mqtt.keep_alive");
-        assert!(m.contains("30s to 1200s") && m.contains("aws-iot"), "{bad}: {m}");
+        assert!(
+            m.contains("30s to 1200s") && m.contains("aws-iot"),
+            "{bad}: {m}"
+        );
     }
     // The edgesync profile keeps its own range.
     assert_eq!(

@@ -687,7 +687,8 @@ mod tests {
     fn a_large_result_is_trimmed_within_its_share_of_the_shadow() {
         let keys: Map<String, Value> = (0..500)
             .map(|i| {
-                let e = json!({"status": "rejected", "error": format!("key {i}: expected an integer")});
+                let e =
+                    json!({"status": "rejected", "error": format!("key {i}: expected an integer")});
                 (format!("setting.{i:03}"), e)
             })
             .collect();
@@ -696,8 +697,15 @@ mod tests {
         let d: Value = serde_json::from_slice(&u).unwrap_or_default();
         let d = &d["state"]["reported"]["edgesync"]["desired_result"];
         // Within its share, with the `"error":null` that clears an earlier one.
-        assert!(d.to_string().len() <= RESULT_MAX + 13, "{}", d.to_string().len());
-        assert_eq!((d["version"].clone(), d["status"].clone()), (json!(41), json!("partial")));
+        assert!(
+            d.to_string().len() <= RESULT_MAX + 13,
+            "{}",
+            d.to_string().len()
+        );
+        assert_eq!(
+            (d["version"].clone(), d["status"].clone()),
+            (json!(41), json!("partial"))
+        );
         let kept = d["keys"].as_object().map_or(0, Map::len);
         assert!(kept > 10, "{kept}");
         assert_eq!(d["trimmed"], json!(500 - kept));
