@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::cloud::{DEADLINE, decode, pki, tls_agent, wait};
+use common::cloud::{DEADLINE, aws_agent, decode, pki, tls_agent, wait};
 use common::{Agent, report_req};
 use edgesync_testkit::aws::{AwsIot, Connect, Options};
 use edgesync_testkit::{FaultProxy, Mosquitto, MosquittoOptions, TestPki};
@@ -47,7 +47,7 @@ fn rig(thing: &str, aws: &str, rest: &str, persistence: bool) -> Option<Rig> {
     };
     let emu = AwsIot::start_with(&Connect::mosquitto(&mosq, &pki).unwrap(), options).unwrap();
     emu.wait_for(DEADLINE, AwsIot::is_ready).unwrap();
-    let mut opts = tls_agent(&pki, mosq.tls_port, "");
+    let mut opts = aws_agent(&pki, mosq.tls_port);
     opts.extra_toml = format!("[cloud]\nprofile = \"aws-iot\"\n[aws]\n{aws}\n{rest}\n");
     let agent = Agent::start(opts);
     let rig = Rig {
@@ -295,7 +295,7 @@ fn the_change_history_loses_nothing_across_broker_restarts_mid_drain() {
     // The agent reconnects through a proxy that holds it back while the broker restarts.
     let proxy = FaultProxy::start(r.mosq.tls_addr()).unwrap();
     r.agent.stop();
-    let mut opts = tls_agent(&r.pki, proxy.port(), "");
+    let mut opts = aws_agent(&r.pki, proxy.port());
     opts.extra_toml = "[cloud]\nprofile = \"aws-iot\"\n".into();
     r.agent.opts = opts;
     std::fs::write(&r.agent.config_path, r.agent.opts.to_toml(r.agent.dir())).unwrap();

@@ -44,7 +44,7 @@ impl Rig {
         let broker = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap()?;
         let connect = Connect::mosquitto(&broker, &pki).unwrap();
         let emu = AwsIot::start_with(&connect, options).unwrap();
-        let mut opts: AgentOptions = cloud::tls_agent(&pki, broker.tls_port, "");
+        let mut opts: AgentOptions = cloud::aws_agent(&pki, broker.tls_port);
         opts.extra_toml = "[cloud]\nprofile = \"aws-iot\"\n".into();
         Some(Rig {
             emu,

@@ -39,6 +39,16 @@ pub fn tls_agent(pki: &TestPki, port: u16, extra: &str) -> AgentOptions {
     .max_bytes("64MiB")
 }
 
+/// [`tls_agent`] for the `aws-iot` profile, whose check holds `mqtt.keep_alive` within AWS
+/// IoT Core's 30-1200 s (the tests cut links by closing them, so a short one is not needed).
+pub fn aws_agent(pki: &TestPki, port: u16) -> AgentOptions {
+    let mut o = tls_agent(pki, port, "");
+    o.mqtt_extra = o
+        .mqtt_extra
+        .replace("keep_alive = \"5s\"", "keep_alive = \"30s\"");
+    o
+}
+
 /// Agent options for a TLS broker at `port` with the pki's client cert and CA, refusing
 /// changes when full; `mqtt` is further `[mqtt]` lines.
 pub fn tls_options(pki: &TestPki, port: u16, mqtt: &str) -> AgentOptions {
