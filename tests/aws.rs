@@ -221,6 +221,34 @@ fn desired_state_set_while_the_agent_is_down_is_applied_once_after_reconnect() {
 }
 
 #[test]
+fn an_apply_result_names_only_its_own_keys_in_the_shadow() {
+    // Per-key entries are an array, which the shadow replaces whole: results for many
+    // different keys do not pile up towards the shadow's 8 KB.
+    let work = tempfile::tempdir().unwrap();
+    let log = work.path().join("runs");
+    let Some(r) = rig("aws-result", "", &counting_handler("led.*", &log), false) else {
+        return;
+    };
+    let mut v = 0;
+    for (i, key) in ["a", "b"].into_iter().enumerate() {
+        v = r
+            .emu
+            .update_desired(&r.thing, None, json!({"led": {key: "on"}}))
+            .unwrap();
+        wait("applied", DEADLINE, || runs(&log).len() == i + 1);
+    }
+    r.wait_reported(None, "second result", |rep| {
+        rep["edgesync"]["desired_result"]["version"] == v
+    });
+    let d = &r.reported(None)["edgesync"]["desired_result"];
+    assert_eq!(
+        d["keys"],
+        json!([{"key": "led.b", "status": "applied"}]),
+        "{d}"
+    );
+}
+
+#[test]
 fn a_409_conflict_is_retried_until_accepted() {
     let Some(r) = rig("aws-conflict", "", "", false) else {
         return;

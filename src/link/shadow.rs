@@ -201,9 +201,27 @@ pub fn seen(last: &Value, new: &Value) -> bool {
 pub const RESULT_MAX: usize = 2048;
 
 /// The update that puts an apply result (docs/PROTOCOL.md §5.3, JSON) under
-/// `reported.edgesync.desired_result`, within [`RESULT_MAX`] (see [`trim_result`]).
+/// `reported.edgesync.desired_result`, within [`RESULT_MAX`] (see [`trim_result`]). The
+/// per-key entries go as an array, `[{"key": K, ...entry}]`: the shadow merges objects, so
+/// an object of keys would keep every earlier result's keys and grow the shadow towards
+/// 8 KB; arrays replace whole ("Device Shadow service documents",
+/// https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-document.html).
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
     let mut r = parse(payload);
+    if let Some(Value::Object(keys)) = r.get_mut("keys").map(std::mem::take) {
+        let entries = keys.into_iter().map(|(k, v)| {
+            let mut e = Map::new();
+            e.insert("key".into(), Value::String(k));
+            match v {
+                Value::Object(m) => e.extend(m),
+                v => {
+                    e.insert("status".into(), v);
+                }
+            }
+            Value::Object(e)
+        });
+        r["keys"] = Value::Array(entries.collect());
+    }
     trim_result(&mut r, RESULT_MAX);
     // The shadow merges: `null` removes what an earlier result left.
     if let Value::Object(m) = &mut r {
@@ -215,32 +233,32 @@ pub fn result_update(payload: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Keeps an apply result within `max` bytes of JSON: per-key entries of `keys` that do not
-/// fit are left out (in order, the first that fit stay), their number in `trimmed`; the
+/// Keeps an apply result within `max` bytes of JSON: entries of the `keys` array that do
+/// not fit are left out (in order, the first that fit stay), their number in `trimmed`; the
 /// other members (`version`, `status`, `error`) stay.
 #[inline(never)]
 fn trim_result(r: &mut Value, max: usize) {
     if r.to_string().len() <= max {
         return;
     }
-    let Some(Value::Object(keys)) = r.get_mut("keys").map(std::mem::take) else {
+    let Some(Value::Array(keys)) = r.get_mut("keys").map(std::mem::take) else {
         return;
     };
     let total = keys.len();
-    r["keys"] = Value::Object(Map::new());
+    r["keys"] = Value::Array(Vec::new());
     r["trimmed"] = Value::from(total);
     let mut used = r.to_string().len();
-    let mut kept = Map::new();
-    for (k, v) in keys {
-        // `"k":v,`
-        let c = k.len() + v.to_string().len() + 4;
+    let mut kept = Vec::new();
+    for v in keys {
+        // `v,`
+        let c = v.to_string().len() + 1;
         if used + c <= max {
             used += c;
-            kept.insert(k, v);
+            kept.push(v);
         }
     }
     r["trimmed"] = Value::from(total - kept.len());
-    r["keys"] = Value::Object(kept);
+    r["keys"] = Value::Array(kept);
 }
 
 /// A response's `clientToken`, and for `/rejected` its `code` and `message`.
@@ -684,6 +702,27 @@ mod tests {
     }
 
     #[test]
+    fn a_later_result_replaces_the_per_key_entries_of_an_earlier_one() {
+        // AWS merges objects but replaces arrays: drive the emulator's shadow with both.
+        use edgesync_testkit::aws::{ShadowKey, ShadowOp, ShadowStore};
+        let (mut s, k) = (ShadowStore::default(), ShadowKey::new("pump", None));
+        for r in [
+            br#"{"version": 3, "status": "partial", "keys": {"a": {"status": "applied"}, "c": {"status": "rejected", "error": "x"}}}"#.as_slice(),
+            br#"{"version": 5, "status": "applied", "keys": {"b": {"status": "applied"}}}"#,
+        ] {
+            let out = s.handle(&k, ShadowOp::Update, &result_update(r), 1, true);
+            assert!(out.replies.iter().any(|(t, _)| *t == "update/accepted"));
+        }
+        let doc = s.document(&k, 2).unwrap_or_default();
+        let d = &doc["state"]["reported"]["edgesync"]["desired_result"];
+        assert_eq!(d["keys"], json!([{"key": "b", "status": "applied"}]), "{d}");
+        assert_eq!(
+            (&d["version"], &d["status"]),
+            (&json!(5), &json!("applied"))
+        );
+    }
+
+    #[test]
     fn a_large_result_is_trimmed_within_its_share_of_the_shadow() {
         let keys: Map<String, Value> = (0..500)
             .map(|i| {
@@ -706,12 +745,15 @@ mod tests {
             (d["version"].clone(), d["status"].clone()),
             (json!(41), json!("partial"))
         );
-        let kept = d["keys"].as_object().map_or(0, Map::len);
+        let kept = d["keys"].as_array().map_or(0, Vec::len);
         assert!(kept > 10, "{kept}");
         assert_eq!(d["trimmed"], json!(500 - kept));
         // The first keys stay, with their detail.
-        assert_eq!(d["keys"]["setting.000"]["status"], "rejected");
-        // Without a `keys` object, nothing to trim: left as it is.
+        assert_eq!(
+            (&d["keys"][0]["key"], &d["keys"][0]["status"]),
+            (&json!("setting.000"), &json!("rejected"))
+        );
+        // Without `keys`, nothing to trim: left as it is.
         let mut v = json!({"version": 1, "status": "rejected", "error": "x".repeat(3000)});
         trim_result(&mut v, RESULT_MAX);
         assert!(v.get("trimmed").is_none());
