@@ -11,7 +11,10 @@
 //!    update (coalescing);
 //! 2. bytes per change of those reports: on the change-history topic (payload bytes /
 //!    changes) and on the shadow topics (request bytes the emulator received / changes);
-//! 3. latency: 50 desired deltas, one key at a time, from just before the emulator's
+//! 3. sustained shadow updates: reports paced at 2,000/s for 4 s (more than one update can
+//!    take in, so every update is followed by the next at once); updates accepted per second
+//!    over the middle 2 s (the update round trip bounds it: one request in flight per shadow);
+//! 4. latency: 50 desired deltas, one key at a time, from just before the emulator's
 //!    `update_desired` to the start of an exec handler (`date +%s%N` appended to a file).
 
 mod common;
@@ -32,6 +35,9 @@ const THING: &str = "bench-aws";
 const REPORTS: usize = 5000;
 const KEYS: usize = 100;
 const DELTAS: usize = 50;
+/// Reports per second and seconds of the paced phase.
+const PACE: u32 = 2000;
+const PACE_SECS: u32 = 4;
 const DEADLINE: Duration = Duration::from_secs(120);
 
 fn main() -> Result<(), Error> {
@@ -152,7 +158,56 @@ fn main() -> Result<(), Error> {
     let shadow_bytes = after.shadow_bytes_received - before.shadow_bytes_received;
     let shadow_msgs = after.shadow_messages_received - before.shadow_messages_received;
 
-    // 3. Delta → handler start, one key at a time, each from idle (its result in the shadow).
+    // 3. Sustained updates: reports paced faster than updates can follow; the count of
+    // updates accepted is sampled at 1 s and at 3 s of the phase.
+    let conn = UnixStream::connect(&socket)?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let paced = (PACE * PACE_SECS) as usize;
+    let (hist0, shadow0) = (history(&emu), emu.stats().shadow_bytes_received);
+    let answers = thread::spawn(move || -> Result<usize, String> {
+        let (mut line, mut ok) = (String::new(), 0);
+        for _ in 0..paced {
+            line.clear();
+            reader.read_line(&mut line).map_err(|e| e.to_string())?;
+            ok += usize::from(line.contains("\"ok\":true"));
+        }
+        Ok(ok)
+    });
+    let mut writer = &conn;
+    let spacing = Duration::from_secs(1) / PACE;
+    let t1 = Instant::now();
+    let mut marks = [None, None];
+    for i in 0..paced {
+        let due = t1 + spacing * u32::try_from(i)?;
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+        let at = t1.elapsed();
+        for (k, mark) in marks.iter_mut().enumerate() {
+            if mark.is_none() && at >= Duration::from_secs(1 + 2 * k as u64) {
+                *mark = Some((at, emu.stats().shadow.updates_accepted));
+            }
+        }
+        let r =
+            json!({"op": "report", "changes": [{"key": format!("k{:03}", i % KEYS), "value": i}]});
+        writer.write_all(format!("{r}\n").as_bytes())?;
+    }
+    let ok = answers.join().map_err(|_| "reader panicked")??;
+    if ok != paced {
+        return Err(format!("{ok} of {paced} paced reports answered ok").into());
+    }
+    let sustained = match marks {
+        [Some((a, n)), Some((b, m))] => (m - n) as f64 / (b - a).as_secs_f64(),
+        _ => return Err("the paced phase was too short to sample".into()),
+    };
+    emu.wait_for(DEADLINE, |e| history(e).0 >= hist0.0 + paced)?;
+    let hist1 = history(&emu);
+    let paced_hist = (hist1.1 - hist0.1) as f64 / (hist1.0 - hist0.0).max(1) as f64;
+    let paced_shadow = (emu.stats().shadow_bytes_received - shadow0) as f64 / paced as f64;
+    let paced_rejected: u64 = emu.stats().shadow.updates_rejected.values().sum::<u64>() - rejected;
+
+    // 4. Delta → handler start, one key at a time, each from idle (its result in the shadow).
     let mut lat = Vec::with_capacity(DELTAS);
     for i in 0..DELTAS {
         let start_ns = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos();
@@ -179,8 +234,14 @@ fn main() -> Result<(), Error> {
         REPORTS as f64 / queued
     );
     println!(
-        "shadow updates accepted, sustained (until converged)   {:8.1} updates/s ({updates} in {secs:.2} s, {rejected} rejected)",
+        "shadow updates accepted, burst (until converged)       {:8.1} updates/s ({updates} in {secs:.2} s, {rejected} rejected)",
         updates as f64 / secs
+    );
+    println!(
+        "shadow updates accepted, sustained (paced {PACE}/s reports) {sustained:8.1} updates/s ({paced_rejected} rejected)"
+    );
+    println!(
+        "paced: change history / shadow bytes per change        {paced_hist:8.1} B / {paced_shadow:.1} B"
     );
     if let Some(p) = peak {
         println!("shadow updates accepted, best 1 s window              {p:8} updates/s");
