@@ -407,7 +407,9 @@ impl AwsIot {
                 Arc::new(config),
             )));
         }
-        let (client, eventloop) = AsyncClient::new(opts, OUTGOING_CAP);
+        let (client, mut eventloop) = AsyncClient::new(opts, OUTGOING_CAP);
+        // Answers and deltas are small packets: they must not wait for Nagle's algorithm.
+        eventloop.network_options.set_tcp_nodelay(true);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
