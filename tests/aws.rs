@@ -229,17 +229,17 @@ fn an_apply_result_names_only_its_own_keys_in_the_shadow() {
     let Some(r) = rig("aws-result", "", &counting_handler("led.*", &log), false) else {
         return;
     };
-    let mut v = 0;
-    for (i, key) in ["a", "b"].into_iter().enumerate() {
-        v = r
+    // Each value reported before the next is set: the next delta then holds only its key.
+    for key in ["a", "b"] {
+        let v = r
             .emu
             .update_desired(&r.thing, None, json!({"led": {key: "on"}}))
             .unwrap();
-        wait("applied", DEADLINE, || runs(&log).len() == i + 1);
+        r.wait_reported(None, "applied and reported", |rep| {
+            rep["led"][key] == "on" && rep["edgesync"]["desired_result"]["version"] == v
+        });
     }
-    r.wait_reported(None, "second result", |rep| {
-        rep["edgesync"]["desired_result"]["version"] == v
-    });
+    assert_eq!(runs(&log).len(), 2, "{:?}", runs(&log));
     let d = &r.reported(None)["edgesync"]["desired_result"];
     assert_eq!(
         d["keys"],
