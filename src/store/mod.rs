@@ -394,6 +394,13 @@ enum Op {
         f: Mutex<Option<TxnFn>>,
         reply: Reply<()>,
     },
+    /// Raises a Device Shadow watermark (`shadow::advance`) in whatever commit comes next,
+    /// journaled or not: never a checkpoint of its own (issue 16), and not in the journal
+    /// record, so a crash may lose it (values then go to the shadow once more).
+    ShadowMark {
+        shadow: String,
+        seq: u64,
+    },
     /// Answered by the writer thread without a transaction (see [`Outbox::heartbeat`]).
     Heartbeat {
         reply: oneshot::Sender<()>,
@@ -767,21 +774,6 @@ impl Outbox {
         rx.await.unwrap_or(Err(StoreError::Closed))?;
         let v = lock(&slot).take();
         v.ok_or(StoreError::Closed)
-    }
-
-    /// Hands `f` to the writer's next transaction without waiting for it (no future to
-    /// spawn); `false` when the writer's queue is full or closed, and then `f` does not run.
-    pub fn transact_later(
-        &self,
-        f: impl FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Send + 'static,
-    ) -> bool {
-        let (reply, _) = oneshot::channel();
-        let f: TxnFn = Box::new(f);
-        let op = Op::Transact {
-            f: Mutex::new(Some(f)),
-            reply,
-        };
-        self.tx.try_send(op).is_ok()
     }
 
     /// Round-trips the writer thread without a transaction or fsync: answers once the writer
@@ -1642,7 +1634,7 @@ impl Writer {
                 Op::Transact { reply, .. } => {
                     let _ = reply.send(Err(err.clone()));
                 }
-                Op::Heartbeat { .. } | Op::Shutdown => {}
+                Op::ShadowMark { .. } | Op::Heartbeat { .. } | Op::Shutdown => {}
             }
         }
     }
@@ -1748,7 +1740,7 @@ impl Writer {
                 Op::Append { changes, .. } => {
                     changes.iter().all(|c| c.value.len() <= JOURNAL_VALUE_MAX)
                 }
-                Op::Ack { .. } => true,
+                Op::Ack { .. } | Op::ShadowMark { .. } => true,
                 _ => false,
             })
     }
@@ -1835,6 +1827,14 @@ impl Writer {
                                 latest: &mut owned,
                             };
                             f(&mut ctx)?;
+                        }
+                        outcomes.push(Outcome::Done);
+                    }
+                    Op::ShadowMark { shadow, seq } => {
+                        let mut t = txn.open_table(tables::SHADOW)?;
+                        let old = t.get(shadow.as_str())?.map_or(0, |v| v.value());
+                        if *seq > old {
+                            t.insert(shadow.as_str(), *seq)?;
                         }
                         outcomes.push(Outcome::Done);
                     }
@@ -2242,7 +2242,11 @@ impl Writer {
 fn op_changes(op: &Op) -> usize {
     match op {
         Op::Append { changes, .. } => changes.len().max(1),
-        Op::Ack { .. } | Op::Transact { .. } | Op::Heartbeat { .. } | Op::Shutdown => 1,
+        Op::Ack { .. }
+        | Op::Transact { .. }
+        | Op::ShadowMark { .. }
+        | Op::Heartbeat { .. }
+        | Op::Shutdown => 1,
     }
 }
 

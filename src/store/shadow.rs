@@ -3,10 +3,8 @@
 //! rejection). A key whose latest `reported` seq is above its shadow's watermark is still
 //! to be reported, also after a restart.
 
-use redb::ReadableTable;
-
 use crate::store::tables::SHADOW;
-use crate::store::{Outbox, StoreError};
+use crate::store::{Op, Outbox, StoreError};
 
 /// A shadow's watermark (0 for a new shadow, or when it cannot be read: its values then go
 /// to the shadow again).
@@ -22,15 +20,9 @@ pub fn watermark(outbox: &Outbox, shadow: &str) -> u64 {
 }
 
 /// Raises `shadow`'s watermark to `seq` (never lowers it: writes may land out of order)
-/// with the writer's next transaction, not waited for: a watermark lost to a full queue or
-/// a crash only makes values go to the shadow once more. `false` if it was not queued.
+/// with the writer's next commit, not waited for and never a commit of its own: a
+/// watermark lost to a full queue or a crash only makes values go to the shadow once more.
+/// `false` if it was not queued.
 pub fn advance(outbox: &Outbox, shadow: String, seq: u64) -> bool {
-    outbox.transact_later(move |ctx| {
-        let mut t = ctx.txn.open_table(SHADOW)?;
-        let old = t.get(shadow.as_str())?.map_or(0, |v| v.value());
-        if seq > old {
-            t.insert(shadow.as_str(), seq)?;
-        }
-        Ok(())
-    })
+    outbox.tx.try_send(Op::ShadowMark { shadow, seq }).is_ok()
 }

@@ -718,3 +718,33 @@ fn bytes_written_ride_along_with_commits_made_anyway_and_survive_reopen() {
     outbox.shutdown_blocking();
     drop(outbox);
 }
+
+#[test]
+fn a_shadow_watermark_rides_along_without_a_checkpoint() {
+    // The aws-iot profile notes a watermark per accepted shadow update: a checkpoint (a
+    // durable redb commit) for each would bring back the wear issue 16 removed.
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 1 << 20, WhenFull::Reject);
+    let rt = rt();
+    let outbox = Outbox::open(&o).unwrap();
+    rt.block_on(outbox.append(vec![change("k", json!(1))]))
+        .unwrap();
+    let epoch = |o: &Outbox| Meta::read(&o.read().unwrap()).unwrap().wal_epoch;
+    let before = epoch(&outbox);
+    for seq in [5, 3, 7] {
+        assert!(shadow::advance(&outbox, "main".into(), seq));
+        rt.block_on(outbox.heartbeat()).unwrap();
+    }
+    assert_eq!(
+        epoch(&outbox),
+        before,
+        "a watermark must not be a checkpoint"
+    );
+    assert_eq!(shadow::watermark(&outbox, "main"), 7, "raised only");
+    // The clean stop's checkpoint makes it durable.
+    outbox.shutdown_blocking();
+    drop(outbox);
+    let outbox = Outbox::open(&o).unwrap();
+    assert_eq!(shadow::watermark(&outbox, "main"), 7);
+    outbox.shutdown_blocking();
+}
