@@ -155,6 +155,29 @@ fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
         later.push(what.into());
         new.aws.clone_from(&old.aws);
     }
+    if new.azure != old.azure {
+        let what = if new.azure.is_some() == old.azure.is_some() {
+            "[azure]"
+        } else {
+            "[cloud]"
+        };
+        if !later.iter().any(|l| l == what) {
+            later.push(what.into());
+        }
+        new.azure.clone_from(&old.azure);
+    }
+    // The running azure-iot-hub profile keeps its identity: user name and client id.
+    if old.azure.is_some() || new.azure.is_some() {
+        new.mqtt.username.clone_from(&old.mqtt.username);
+        new.mqtt.client_id.clone_from(&old.mqtt.client_id);
+    }
+    if old.azure.is_some() {
+        use crate::config::cloud::{AZURE_KEEP_ALIVE, AZURE_MAX_PAYLOAD};
+        let s = &mut new.sync.batch_max_bytes;
+        *s = (*s).min(AZURE_MAX_PAYLOAD);
+        let k = &mut new.mqtt.keep_alive;
+        *k = (*k).clamp(*AZURE_KEEP_ALIVE.start(), *AZURE_KEEP_ALIVE.end());
+    }
     // Until then the running aws-iot profile keeps AWS IoT Core's limits, which a file of
     // the other profile was not checked against.
     if old.aws.is_some() {

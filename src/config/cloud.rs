@@ -1,4 +1,5 @@
-//! Configuration types of the cloud profile (`[cloud]`, `[aws]`, docs/PROTOCOL.md §3.11),
+//! Configuration types of the cloud profile (`[cloud]`, `[aws]`, `[azure]`, docs/PROTOCOL.md
+//! §3.11),
 //! produced by the validation in this module's parent, and the AWS IoT Core limits they are
 //! checked against:
 //! <https://docs.aws.amazon.com/general/latest/gr/iot-core.html> (message broker and
@@ -10,7 +11,7 @@
 use crate::model::glob::KeyGlob;
 
 /// `[cloud] profile` values, in documented order.
-pub const PROFILES: &[&str] = &["edgesync", "aws-iot"];
+pub const PROFILES: &[&str] = &["edgesync", "aws-iot", "azure-iot-hub"];
 /// Largest MQTT payload AWS IoT Core takes: 128 KB, counted as 128,000 bytes to be safe.
 /// The change history batch must fit: `sync.batch_max_bytes` defaults to it and may not
 /// exceed it in the `aws-iot` profile.
@@ -81,6 +82,77 @@ impl AwsConfig {
     }
 }
 
+/// Largest device-to-cloud message IoT Hub takes is 256 KB, system and application properties
+/// included ("IoT Hub quotas and throttling",
+/// <https://learn.microsoft.com/azure/iot-hub/iot-hub-devguide-quotas-throttling>): the change
+/// history batch must fit with 4 KiB left for the topic's property bag.
+pub const AZURE_MAX_PAYLOAD: u64 = 256 * 1024 - 4096;
+/// IoT Hub's keep-alive: at most 1,767 s (29.45 minutes); a longer one is cut to it
+/// ("Communicate with an IoT hub using the MQTT protocol", "Default keep-alive timeout",
+/// <https://learn.microsoft.com/azure/iot/iot-mqtt-connect-to-iot-hub>).
+pub const AZURE_KEEP_ALIVE: std::ops::RangeInclusive<std::time::Duration> =
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(1767);
+/// The generally available IoT Hub API version of the MQTT user name (`?api-version=`).
+pub const AZURE_API_VERSION: &str = "2021-04-12";
+/// Longest IoT hub host name checked (a DNS name).
+pub const AZURE_HUB_MAX: usize = 253;
+
+/// `[azure]`, with the profile `azure-iot-hub`. The device id is `device.id` (IoT Hub's
+/// device identity, the MQTT client id); the user name is made from these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AzureConfig {
+    /// The IoT hub's host name, `{name}.azure-devices.net`.
+    pub hub: String,
+    /// The device id (`device.id`).
+    pub device: String,
+    pub api_version: String,
+}
+
+impl AzureConfig {
+    /// The MQTT user name IoT Hub requires: `{hub}/{device}/?api-version={v}`.
+    pub fn username(&self) -> String {
+        format!(
+            "{}/{}/?api-version={}",
+            self.hub, self.device, self.api_version
+        )
+    }
+}
+
+/// An IoT hub host name: a DNS name (letters, digits, `-`, dots between labels).
+pub fn check_hub(hub: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if hub.is_empty() || hub.len() > AZURE_HUB_MAX || !hub.split('.').all(label_ok) {
+        return Err(format!(
+            "expected the IoT hub's host name, such as \"my-hub.azure-devices.net\", found {:?}",
+            crate::model::text::shorten(hub)
+        ));
+    }
+    Ok(())
+}
+
+/// An `api-version`: `YYYY-MM-DD`, optionally `-preview`.
+pub fn check_api_version(v: &str) -> Result<(), String> {
+    let date = v.strip_suffix("-preview").unwrap_or(v);
+    let ok = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if !ok {
+        return Err(format!(
+            "expected an IoT Hub API version such as \"{AZURE_API_VERSION}\", found {:?}",
+            crate::model::text::shorten(v)
+        ));
+    }
+    Ok(())
+}
+
 /// A thing or shadow name: 1 to `max` bytes of `[a-zA-Z0-9:_-]`.
 pub fn check_aws_name(name: &str, max: usize, what: &str) -> Result<(), String> {
     let ok = name
@@ -146,6 +218,28 @@ mod tests {
             aws_topic(&"x".repeat(257), "t")
                 .unwrap_err()
                 .contains("limits")
+        );
+    }
+
+    #[test]
+    fn azure_hub_names_api_versions_and_the_user_name() {
+        assert!(check_hub("my-hub.azure-devices.net").is_ok());
+        for bad in ["", "a..b", "-a.b", "a b", "hub/x", "a_b.net"] {
+            assert!(check_hub(bad).is_err(), "{bad}");
+        }
+        assert!(check_api_version(AZURE_API_VERSION).is_ok());
+        assert!(check_api_version("2020-10-01-preview").is_ok());
+        for bad in ["", "2021-4-12", "latest", "2021-04-12x"] {
+            assert!(check_api_version(bad).is_err(), "{bad}");
+        }
+        let c = AzureConfig {
+            hub: "h.azure-devices.net".into(),
+            device: "pump-1".into(),
+            api_version: AZURE_API_VERSION.into(),
+        };
+        assert_eq!(
+            c.username(),
+            "h.azure-devices.net/pump-1/?api-version=2021-04-12"
         );
     }
 

@@ -37,7 +37,7 @@ pub mod desired;
 mod validate;
 mod values;
 
-pub use cloud::AwsConfig;
+pub use cloud::{AwsConfig, AzureConfig};
 pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
 pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull};
@@ -232,6 +232,8 @@ pub struct Config {
     pub control: ControlConfig,
     /// `[aws]`: set exactly when `[cloud] profile = "aws-iot"` (else the `edgesync` profile).
     pub aws: Option<std::sync::Arc<AwsConfig>>,
+    /// `[azure]`: set exactly when `[cloud] profile = "azure-iot-hub"`.
+    pub azure: Option<std::sync::Arc<AzureConfig>>,
 }
 
 /// `[device]`

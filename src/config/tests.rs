@@ -2682,10 +2682,77 @@ fn the_default_profile_is_edgesync_and_aws_keys_need_the_aws_profile() {
         None
     );
     let m = only_problem(&plain("", "[cloud]\nprofile = \"aws\""), "cloud.profile");
-    assert!(m.contains("\"edgesync\" or \"aws-iot\""), "{m}");
+    assert!(
+        m.contains("\"edgesync\" or \"aws-iot\" or \"azure-iot-hub\""),
+        "{m}"
+    );
     // [aws] is checked, and unused, with the edgesync profile.
     assert_eq!(valid(&plain("", "[aws]\nthing = \"t\"")).aws, None);
     only_problem(&plain("", "[aws]\nthing = \"t.1\""), "aws.thing");
+}
+
+#[test]
+fn the_azure_profile_needs_the_hub_and_sets_the_user_name() {
+    let azure = |extra: &str| {
+        plain(
+            "",
+            &format!("[cloud]\nprofile = \"azure-iot-hub\"\n{extra}"),
+        )
+    };
+    let m = only_problem(&azure(""), "azure.hub");
+    assert!(m.contains("missing required key"), "{m}");
+    let c = valid(&azure("[azure]\nhub = \"h1.azure-devices.net\""));
+    let a = c.azure.clone().unwrap();
+    assert_eq!(
+        (a.hub.as_str(), a.device.as_str(), a.api_version.as_str()),
+        ("h1.azure-devices.net", "pump-0042", "2021-04-12")
+    );
+    assert_eq!(c.aws, None);
+    assert_eq!(
+        c.mqtt.username.as_deref(),
+        Some("h1.azure-devices.net/pump-0042/?api-version=2021-04-12")
+    );
+    assert_eq!(c.mqtt.client_id, "pump-0042");
+    // The change history batch fits in one IoT Hub message, properties included.
+    assert_eq!(c.sync.batch_max_bytes, 256 * KIB - 4096);
+    let c = valid(&azure(
+        "[azure]\nhub = \"h\"\napi_version = \"2020-10-01-preview\"",
+    ));
+    assert_eq!(c.azure.unwrap().api_version, "2020-10-01-preview");
+    // [azure] is checked, and unused, with another profile.
+    assert_eq!(valid(&plain("", "[azure]\nhub = \"h\"")).azure, None);
+    only_problem(&plain("", "[azure]\nhub = \"h/x\""), "azure.hub");
+}
+
+#[test]
+fn azure_keys_are_checked_against_the_iot_hub_limits() {
+    let azure = |mqtt: &str, extra: &str| {
+        plain(
+            mqtt,
+            &format!("[cloud]\nprofile = \"azure-iot-hub\"\n[azure]\nhub = \"h\"\n{extra}"),
+        )
+    };
+    let m = only_problem(&azure("", "api_version = \"latest\""), "azure.api_version");
+    assert!(m.contains("2021-04-12"), "{m}");
+    let m = only_problem(
+        &azure("", "[sync]\nbatch_max_bytes = \"256KiB\""),
+        "sync.batch_max_bytes",
+    );
+    assert!(
+        m.contains("at most 258048 bytes") && m.contains("256 KB"),
+        "{m}"
+    );
+    let m = only_problem(&azure("keep_alive = \"30m\"", ""), "mqtt.keep_alive");
+    assert!(m.contains("1s to 1767s"), "{m}");
+    let m = only_problem(&azure("client_id = \"other\"", ""), "mqtt.client_id");
+    assert!(m.contains("must be the device id"), "{m}");
+    let m = only_problem(&azure("username = \"me\"", ""), "mqtt.username");
+    assert!(m.contains("h/pump-0042/?api-version=2021-04-12"), "{m}");
+    // The user name it would set anyway is accepted.
+    valid(&azure(
+        "username = \"h/pump-0042/?api-version=2021-04-12\"\nclient_id = \"pump-0042\"",
+        "",
+    ));
 }
 
 #[test]

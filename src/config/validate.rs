@@ -21,9 +21,10 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::cloud::{
-    AWS_KEEP_ALIVE, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX, AwsConfig,
+    AWS_KEEP_ALIVE, AWS_MAX_PAYLOAD, AWS_SHADOW_MAX, AWS_SHADOWS_MAX, AWS_THING_MAX,
+    AZURE_API_VERSION, AZURE_KEEP_ALIVE, AZURE_MAX_PAYLOAD, AwsConfig, AzureConfig,
     DEFAULT_METRICS_TOPIC, DEFAULT_PRESENCE_TOPIC, DEFAULT_TELEMETRY_TOPIC, PROFILES, ShadowMap,
-    aws_topic, check_aws_name,
+    aws_topic, check_api_version, check_aws_name, check_hub,
 };
 use super::values::{
     BrokerUrl, DeviceId, Encoding, FromValue, GIB, KIB, MIB, RawDuration, RawNames, RawNumber,
@@ -428,6 +429,14 @@ raw_section! {
 }
 
 raw_section! {
+    /// `[azure]`
+    struct RawAzure {
+        hub: String,
+        api_version: String,
+    }
+}
+
+raw_section! {
     /// `[[aws.shadow_map]]`
     struct RawShadowMap {
         keys: Vec<String>,
@@ -503,6 +512,7 @@ pub(super) struct RawConfig {
     pub(super) control: RawControl,
     pub(super) cloud: RawCloud,
     pub(super) aws: Option<RawAws>,
+    pub(super) azure: Option<RawAzure>,
 }
 
 /// The known sections and their keys, in file order.
@@ -518,6 +528,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("control", RawControl::KEYS),
     ("cloud", RawCloud::KEYS),
     ("aws", RawAws::KEYS),
+    ("azure", RawAzure::KEYS),
 ];
 
 /// The known arrays of tables: section, key, and the keys of one entry.
@@ -556,6 +567,7 @@ impl RawConfig {
             control: known(root, "control", p),
             cloud: known(root, "cloud", p),
             aws: section(root, "aws", p),
+            azure: section(root, "azure", p),
         }
     }
 }
@@ -774,35 +786,78 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
     let desired = desired(&raw.desired, dir, p);
     let telemetry = telemetry(&raw.telemetry, dir, p);
     let control = control(&raw.control, p);
-    let aws_profile = raw.cloud.profile.value.as_deref() == Some("aws-iot");
-    let aws = cloud(raw, device.as_ref(), p);
+    let (aws, azure) = cloud(raw, device.as_ref(), p).unzip();
     let mut sync = sync;
-    if let (true, Some(s)) = (aws_profile, &mut sync) {
-        // The change history batch must fit in one AWS IoT Core message.
+    let mut mqtt = mqtt;
+    // The cloud's own limits: (profile, largest batch, keep-alive range, whose, its message
+    // limit).
+    let limits = match raw.cloud.profile.value.as_deref() {
+        Some("aws-iot") => Some((
+            "aws-iot",
+            AWS_MAX_PAYLOAD,
+            AWS_KEEP_ALIVE,
+            "AWS IoT Core",
+            "128 KB",
+        )),
+        Some("azure-iot-hub") => Some((
+            "azure-iot-hub",
+            AZURE_MAX_PAYLOAD,
+            AZURE_KEEP_ALIVE,
+            "Azure IoT Hub",
+            "256 KB, properties included",
+        )),
+        _ => None,
+    };
+    if let (Some((name, max, _, whose, kb)), Some(s)) = (&limits, &mut sync) {
+        let max = *max;
+        // The change history batch must fit in one message of the cloud.
         match raw.sync.batch_max_bytes.value {
-            None => s.batch_max_bytes = AWS_MAX_PAYLOAD,
-            Some(_) if s.batch_max_bytes > AWS_MAX_PAYLOAD => raw.sync.batch_max_bytes.report(
+            None => s.batch_max_bytes = s.batch_max_bytes.min(max),
+            Some(_) if s.batch_max_bytes > max => raw.sync.batch_max_bytes.report(
                 p,
                 format!(
-                    "expected at most {AWS_MAX_PAYLOAD} bytes with [cloud] profile = \"aws-iot\" \
-                     (AWS IoT Core takes messages of at most 128 KB), found {} bytes",
+                    "expected at most {max} bytes with [cloud] profile = \"{name}\" \
+                     ({whose} takes messages of at most {kb}), found {} bytes",
                     s.batch_max_bytes
                 ),
             ),
             Some(_) => {}
         }
     }
-    if let (true, Some(m), Some(r)) = (aws_profile, &mqtt, &raw.mqtt)
-        && !AWS_KEEP_ALIVE.contains(&m.keep_alive)
+    if let (Some((name, _, range, whose, _)), Some(m), Some(r)) = (&limits, &mqtt, &raw.mqtt)
+        && !range.contains(&m.keep_alive)
     {
         r.keep_alive.report(
             p,
             format!(
-                "expected 30s to 1200s with [cloud] profile = \"aws-iot\" (AWS IoT Core's \
+                "expected {}s to {}s with [cloud] profile = \"{name}\" ({whose}'s \
                  keep-alive range), found {}s",
+                range.start().as_secs(),
+                range.end().as_secs(),
                 m.keep_alive.as_secs()
             ),
         );
+    }
+    // IoT Hub: the client id is the device id, the user name made from [azure].
+    if let (Some(Some(a)), Some(m), Some(r)) = (&azure, &mut mqtt, &raw.mqtt) {
+        if m.client_id != a.device {
+            r.client_id.report(
+                p,
+                format!(
+                    "must be the device id ({:?}) with [cloud] profile = \"azure-iot-hub\"; \
+                     remove it",
+                    a.device
+                ),
+            );
+        }
+        let user = a.username();
+        match &m.username {
+            Some(u) if *u != user => r.username.report(
+                p,
+                format!("is set by [cloud] profile = \"azure-iot-hub\" to {user:?}; remove it"),
+            ),
+            _ => m.username = Some(user),
+        }
     }
     Some(Config {
         source: source.to_path_buf(),
@@ -816,31 +871,85 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
         telemetry: telemetry?,
         control: control?,
         aws: aws?,
+        azure: azure?,
     })
 }
 
-/// `[cloud]` and `[aws]`: `Some(None)` for the `edgesync` profile. `[aws]` is checked with
-/// either profile (so a prepared section is ready), and used only with `aws-iot`.
+/// `[cloud]`, `[aws]` and `[azure]`: `(None, None)` for the `edgesync` profile. A cloud's
+/// section is checked with any profile (so a prepared section is ready), and used only with
+/// its own profile.
+#[allow(clippy::type_complexity)]
 fn cloud(
     raw: &RawConfig,
     device: Option<&DeviceConfig>,
     p: &mut Problems,
-) -> Option<Option<std::sync::Arc<AwsConfig>>> {
-    let aws_profile = raw.cloud.profile.or(p, false, |s| match s.as_str() {
-        "edgesync" => Ok(false),
-        "aws-iot" => Ok(true),
+) -> Option<(
+    Option<std::sync::Arc<AwsConfig>>,
+    Option<std::sync::Arc<AzureConfig>>,
+)> {
+    let profile = raw.cloud.profile.or(p, 0, |s| match s.as_str() {
+        "edgesync" => Ok(0),
+        "aws-iot" => Ok(1),
+        "azure-iot-hub" => Ok(2),
         other => Err(one_of(other, PROFILES)),
     });
     let empty = RawAws::empty("aws");
-    let aws = match (&raw.aws, aws_profile) {
-        (None, Some(false)) => return Some(None),
-        (a, _) => aws(a.as_ref().unwrap_or(&empty), device, p),
+    let aws = match (&raw.aws, profile) {
+        (None, Some(0 | 2)) => None,
+        (a, _) => Some(aws(a.as_ref().unwrap_or(&empty), device, p)),
     };
-    if aws_profile? {
-        aws.map(|a| Some(std::sync::Arc::new(a)))
-    } else {
-        Some(None)
+    let empty = RawAzure::empty("azure");
+    let azure = match (&raw.azure, profile) {
+        (None, p) if p != Some(2) => None,
+        (a, profile) => Some(azure(
+            a.as_ref().unwrap_or(&empty),
+            device,
+            profile == Some(2),
+            p,
+        )),
+    };
+    match profile? {
+        1 => Some((Some(std::sync::Arc::new(aws.flatten()?)), None)),
+        2 => Some((None, Some(std::sync::Arc::new(azure.flatten()?)))),
+        _ => Some((None, None)),
     }
+}
+
+/// `[azure]`; `hub` is required only when the profile is used.
+fn azure(
+    raw: &RawAzure,
+    device: Option<&DeviceConfig>,
+    used: bool,
+    p: &mut Problems,
+) -> Option<AzureConfig> {
+    let before = p.0.len();
+    let hub = raw.hub.value.clone().unwrap_or_default();
+    if !raw.hub.is_set() {
+        if !used {
+            return None;
+        }
+        raw.hub.missing(
+            p,
+            "missing required key; expected the IoT hub's host name, such as \
+             \"my-hub.azure-devices.net\"",
+        );
+    } else if let Err(e) = check_hub(&hub) {
+        raw.hub.report(p, e);
+    }
+    let api_version = raw
+        .api_version
+        .value
+        .clone()
+        .unwrap_or_else(|| AZURE_API_VERSION.to_owned());
+    if let Err(e) = check_api_version(&api_version) {
+        raw.api_version.report(p, e);
+    }
+    let c = AzureConfig {
+        hub,
+        device: device?.id.as_str().to_owned(),
+        api_version,
+    };
+    (p.0.len() == before).then_some(c)
 }
 
 fn aws(raw: &RawAws, device: Option<&DeviceConfig>, p: &mut Problems) -> Option<AwsConfig> {

@@ -32,6 +32,7 @@ pub mod codec;
 mod drain;
 pub mod engine;
 mod intake;
+pub mod iothub;
 pub mod jobs;
 pub mod oversize;
 pub mod profile;
@@ -919,6 +920,12 @@ impl Session<'_> {
                     Some(taken) => taken,
                     None => return,
                 }
+            }
+            // Azure IoT Hub: taken in by the twin, methods and cloud-to-device handlers.
+            Some(Inbound::Hub(_)) => {
+                let _ = client.try_ack(&p);
+                drop(token);
+                return;
             }
             Some(Inbound::Job { job, msg }) => {
                 let job = job.to_owned();

@@ -15,9 +15,10 @@
 
 use rumqttc::QoS;
 
+use super::iothub::{self, HubMsg};
 use super::jobs::JobMsg;
 use super::oversize::Filter;
-use crate::config::AwsConfig;
+use crate::config::{AwsConfig, AzureConfig};
 use crate::model::topics::{Incoming, Topics};
 
 /// What the agent sends.
@@ -56,6 +57,9 @@ pub enum Inbound<'a> {
         job: &'a str,
         msg: JobMsg,
     },
+    /// A message of Azure IoT Hub (twin, direct method, cloud-to-device); `azure-iot-hub`
+    /// only.
+    Hub(HubMsg<'a>),
 }
 
 /// The Device Shadow topics the agent subscribes, under `.../shadow[/name/S]/`.
@@ -97,6 +101,8 @@ pub enum Profile {
     Edgesync(Topics),
     /// AWS IoT Core (`[aws]`).
     AwsIot(std::sync::Arc<AwsConfig>),
+    /// Azure IoT Hub (`[azure]`, docs/PROTOCOL.md §7.4; topics in [`super::iothub`]).
+    AzureIotHub(std::sync::Arc<AzureConfig>),
 }
 
 impl Profile {
@@ -106,6 +112,9 @@ impl Profile {
 
     /// The profile of a config.
     pub fn of(config: &crate::config::Config) -> Profile {
+        if let Some(a) = &config.azure {
+            return Profile::AzureIotHub(std::sync::Arc::clone(a));
+        }
         match &config.aws {
             Some(a) => Profile::AwsIot(std::sync::Arc::clone(a)),
             None => Profile::edgesync(&config.mqtt.topic_prefix, config.device.id.as_str()),
@@ -116,7 +125,16 @@ impl Profile {
     pub fn aws(&self) -> Option<&AwsConfig> {
         match self {
             Profile::AwsIot(a) => Some(a),
-            Profile::Edgesync(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The `[azure]` settings of the `azure-iot-hub` profile.
+    #[allow(dead_code)] // until the twin and methods use it
+    pub fn azure(&self) -> Option<&AzureConfig> {
+        match self {
+            Profile::AzureIotHub(a) => Some(a),
+            _ => None,
         }
     }
 
@@ -126,6 +144,7 @@ impl Profile {
         let t = match self {
             Profile::Edgesync(t) => t,
             Profile::AwsIot(a) => return aws_outbound(a, msg, payload),
+            Profile::AzureIotHub(a) => return azure_outbound(a, msg, payload),
         };
         let (topic, qos, retain, payload) = match msg {
             Outbound::Batch => (t.reported(), QoS::AtLeastOnce, false, payload),
@@ -170,6 +189,14 @@ impl Profile {
                 }
                 out
             }
+            // Direct methods and cloud-to-device messages.
+            (Profile::AzureIotHub(a), Filter::Commands) => {
+                vec![iothub::METHODS.into(), iothub::c2d_filter(&a.device)]
+            }
+            // The twin's answers and desired patches.
+            (Profile::AzureIotHub(_), Filter::Desired) => {
+                vec![iothub::TWIN_RESPONSES.into(), iothub::TWIN_DESIRED.into()]
+            }
         }
     }
 
@@ -183,6 +210,7 @@ impl Profile {
                 });
             }
             Profile::AwsIot(a) => a,
+            Profile::AzureIotHub(z) => return iothub::parse(&z.device, topic).map(Inbound::Hub),
         };
         if let Some((msg, job)) = super::jobs::parse_topic(&a.thing, topic) {
             return Some(Inbound::Job { job, msg });
@@ -207,7 +235,7 @@ impl Profile {
             Profile::Edgesync(t) => t.stray_filters(topic),
             // The topic itself: the agent subscribes exact topics, and the jobs' `+` filters
             // only under its own thing (unsubscribing the topic drops none of them).
-            Profile::AwsIot(_) => vec![topic.to_owned()],
+            Profile::AwsIot(_) | Profile::AzureIotHub(_) => vec![topic.to_owned()],
         }
     }
 }
@@ -294,6 +322,47 @@ fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publicati
         topic,
         qos,
         retain,
+        payload,
+    }
+}
+
+/// A device-to-cloud message of `kind` (the `edgesync` application property, for routing
+/// queries) with the content type of `payload`: JSON (`{`, UTF-8) or CBOR.
+fn azure_event(a: &AzureConfig, kind: &str, payload: &[u8]) -> String {
+    let json = payload.first() == Some(&b'{');
+    let mut props = vec![
+        (
+            "$.ct",
+            if json {
+                "application/json"
+            } else {
+                "application/cbor"
+            },
+        ),
+        ("edgesync", kind),
+    ];
+    if json {
+        props.insert(1, ("$.ce", "utf-8"));
+    }
+    super::iothub::events_topic(&a.device, &props)
+}
+
+fn azure_outbound(a: &AzureConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
+    // IoT Hub keeps no retained messages: presence is a device-to-cloud message (and IoT
+    // Hub's own connection state events).
+    let (kind, qos, payload) = match msg {
+        Outbound::Batch => ("changes", QoS::AtLeastOnce, payload),
+        Outbound::Online { since } => ("presence", QoS::AtLeastOnce, online(since)),
+        Outbound::Offline => ("presence", QoS::AtLeastOnce, OFFLINE.to_vec()),
+        Outbound::Metrics => ("metrics", QoS::AtMostOnce, payload),
+        Outbound::Result { .. } | Outbound::Shadow { .. } | Outbound::Jobs { .. } => {
+            ("result", QoS::AtLeastOnce, payload)
+        }
+    };
+    Publication {
+        topic: azure_event(a, kind, &payload),
+        qos,
+        retain: false,
         payload,
     }
 }
@@ -477,6 +546,80 @@ mod tests {
         }
         let stray = p.stray_filters("$aws/things/pump-1/shadow/update/documents");
         assert_eq!(stray, ["$aws/things/pump-1/shadow/update/documents"]);
+    }
+
+    fn azure() -> Profile {
+        Profile::AzureIotHub(std::sync::Arc::new(AzureConfig {
+            hub: "h.azure-devices.net".into(),
+            device: "pump-1".into(),
+            api_version: "2021-04-12".into(),
+        }))
+    }
+
+    #[test]
+    fn the_azure_profile_sends_history_presence_and_metrics_as_device_to_cloud_messages() {
+        let p = azure();
+        let batch = p.outbound(Outbound::Batch, vec![0xa3, 1]);
+        assert_eq!(
+            batch,
+            Publication {
+                topic: "devices/pump-1/messages/events/$.ct=application%2Fcbor&edgesync=changes"
+                    .into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                payload: vec![0xa3, 1],
+            }
+        );
+        let json = p.outbound(Outbound::Batch, b"{}".to_vec());
+        assert_eq!(
+            json.topic,
+            "devices/pump-1/messages/events/$.ct=application%2Fjson&$.ce=utf-8&edgesync=changes"
+        );
+        let on = p.outbound(Outbound::Online { since: 7 }, Vec::new());
+        let off = p.outbound(Outbound::Offline, Vec::new());
+        for x in [&on, &off] {
+            assert!(x.topic.ends_with("&edgesync=presence"), "{}", x.topic);
+            assert!(!x.retain, "IoT Hub keeps no retained messages");
+            assert_eq!(x.qos, QoS::AtLeastOnce);
+        }
+        let m = p.outbound(Outbound::Metrics, b"{}".to_vec());
+        assert_eq!(m.qos, QoS::AtMostOnce);
+        assert!(m.topic.ends_with("edgesync=metrics"));
+        assert_eq!(p.azure().map(|a| a.device.as_str()), Some("pump-1"));
+        assert!(p.aws().is_none());
+    }
+
+    #[test]
+    fn the_azure_profile_subscribes_the_twin_methods_and_its_own_cloud_to_device_messages() {
+        let p = azure();
+        assert_eq!(
+            p.filters(Filter::Desired),
+            [
+                "$iothub/twin/res/#",
+                "$iothub/twin/PATCH/properties/desired/#"
+            ]
+        );
+        assert_eq!(
+            p.filters(Filter::Commands),
+            [
+                "$iothub/methods/POST/#",
+                "devices/pump-1/messages/devicebound/#"
+            ]
+        );
+        assert_eq!(
+            p.inbound("$iothub/twin/res/200/?$rid=1"),
+            Some(Inbound::Hub(HubMsg::TwinResponse {
+                status: 200,
+                rid: "1",
+                version: None
+            }))
+        );
+        assert!(matches!(
+            p.inbound("devices/pump-1/messages/devicebound/$.mid=a"),
+            Some(Inbound::Hub(HubMsg::CloudToDevice { .. }))
+        ));
+        assert_eq!(p.inbound("devices/pump-2/messages/devicebound/x"), None);
+        assert_eq!(p.inbound("p/pump-1/desired"), None);
     }
 
     #[test]
