@@ -283,6 +283,41 @@ fn retained_status_is_online_then_offline_on_stop_and_by_last_will_after_kill() 
     });
 }
 
+/// `mqtt.retain = false` (brokers that refuse retained messages, e.g. Azure Event Grid's MQTT
+/// broker): the presence and its will go out, none of them retained.
+#[test]
+fn with_retain_off_the_presence_and_the_will_are_not_retained() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "sync-noretain");
+    let Some(mosq) = Mosquitto::start(&pki, MosquittoOptions::default()).unwrap() else {
+        return;
+    };
+    let topic = "edgesync/sync-noretain/status";
+    let cloud = Cloud::start(&pki, mosq.tls_port, topic, false);
+    let mut agent = Agent::start(tls_agent(&pki, mosq.tls_port, "retain = false"));
+    wait("online", DEADLINE, || online(&agent));
+    wait("online published", DEADLINE, || {
+        cloud.statuses().iter().any(|(v, _)| v["state"] == "online")
+    });
+    agent.kill9();
+    wait("last will", DEADLINE, || {
+        cloud
+            .statuses()
+            .last()
+            .is_some_and(|(v, _)| v["state"] == "offline")
+    });
+    // A later subscriber is given nothing retained: the first status it sees is the next
+    // live "online".
+    let late = Cloud::start(&pki, mosq.tls_port, topic, false);
+    agent.restart();
+    wait("online again", DEADLINE, || !late.statuses().is_empty());
+    let first = late.statuses()[0].clone();
+    assert_eq!(first.0["state"], "online", "{first:?}");
+    for (v, retained) in cloud.statuses().into_iter().chain(late.statuses()) {
+        assert!(!retained, "retained {v}");
+    }
+}
+
 #[test]
 fn mosquitto_interop_mutual_tls_in_order() {
     let dir = tempfile::tempdir().unwrap();

@@ -266,6 +266,9 @@ pub struct MqttConfig {
     pub password_file: Option<PathBuf>,
     /// Plain TCP was allowed explicitly; the daemon warns at every start when `!url.tls`.
     pub allow_plaintext: bool,
+    /// Publish the presence (and its will) retained; off for brokers that refuse retained
+    /// messages (Azure Event Grid's MQTT broker closes the connection).
+    pub retain: bool,
 }
 
 /// `[store]`

@@ -349,6 +349,7 @@ raw_section! {
         username: String,
         password_file: String,
         allow_plaintext: bool,
+        retain: bool,
     }
 }
 
@@ -1053,6 +1054,7 @@ fn mqtt(
         return None;
     };
     let allow_plaintext = raw.allow_plaintext.value.unwrap_or(false);
+    let retain = raw.retain.value.unwrap_or(true);
 
     let url = raw
         .url
@@ -1180,6 +1182,7 @@ fn mqtt(
         username: username?,
         password_file: password_file?,
         allow_plaintext,
+        retain,
     })
 }
 

@@ -105,6 +105,7 @@ pub fn effective(c: &Config) -> Value {
             "username": m.username,
             "password_file": m.password_file.as_deref().map(path_str),
             "allow_plaintext": m.allow_plaintext,
+            "retain": m.retain,
         },
         "store": {
             "path": path_str(&c.store.path),

@@ -166,7 +166,7 @@ impl LinkSettings {
             will.topic,
             will.payload,
             will.qos,
-            will.retain,
+            will.retain && self.config.mqtt.retain,
         ));
         if let Some(user) = &m.username {
             let password = match &m.password_file {
@@ -1138,7 +1138,12 @@ impl Session<'_> {
 
     fn publish(&mut self, client: &AsyncClient, m: Publication, tag: Tag) -> Result<(), String> {
         client
-            .try_publish(m.topic, m.qos, m.retain, m.payload)
+            .try_publish(
+                m.topic,
+                m.qos,
+                m.retain && self.settings.config.mqtt.retain,
+                m.payload,
+            )
             .map_err(|e| format!("cannot hand a publish to the MQTT client: {e}"))?;
         self.tags.push_back(tag);
         Ok(())
