@@ -152,8 +152,14 @@ pub fn effective(c: &Config) -> Value {
             "replay_window": duration(c.control.replay_window),
             "replay_max": c.control.replay_max,
         },
-        "cloud": {"profile": if aws.is_some() { "aws-iot" } else { "edgesync" }},
+        "cloud": {"profile": match (&aws, &c.azure) {
+            (Some(_), _) => "aws-iot",
+            (_, Some(_)) => "azure-iot-hub",
+            _ => "edgesync",
+        }},
         "aws": aws,
+        // The `azure-iot-hub` profile's `[azure]`; `null` otherwise.
+        "azure": c.azure.as_deref().map(|a| json!({"hub": a.hub, "api_version": a.api_version})),
     })
 }
 
@@ -272,5 +278,26 @@ mod tests {
             })
         );
         assert_eq!(v["sync"]["batch_max_bytes"], 128_000);
+        assert_eq!(v["azure"], Value::Null);
+    }
+
+    #[test]
+    fn the_azure_profile_shows_cloud_azure_and_the_user_name_it_sets() {
+        let text = "[device]\nid = \"pump-1\"\n[mqtt]\nurl = \"mqtt://b:1883\"\n\
+             allow_plaintext = true\n[local]\nsocket = \"/tmp/x.sock\"\n\
+             [cloud]\nprofile = \"azure-iot-hub\"\n[azure]\nhub = \"h.azure-devices.net\"\n";
+        let c = Config::from_toml_str(Path::new("/etc/e/e.toml"), text).unwrap();
+        let v = effective(&c);
+        assert_eq!(v["cloud"]["profile"], "azure-iot-hub");
+        assert_eq!(
+            v["azure"],
+            json!({"hub": "h.azure-devices.net", "api_version": "2021-04-12"})
+        );
+        assert_eq!(
+            v["mqtt"]["username"],
+            "h.azure-devices.net/pump-1/?api-version=2021-04-12"
+        );
+        assert_eq!(v["mqtt"]["retain"], true);
+        assert_eq!(v["aws"], Value::Null);
     }
 }
