@@ -20,6 +20,7 @@
 //! Every fallible function returns [`Result`] with a message that names what failed.
 
 pub mod aws;
+pub mod azure;
 pub mod exposition;
 pub mod mosquitto;
 pub mod pki;
