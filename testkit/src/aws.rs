@@ -64,8 +64,8 @@ use tokio::sync::{mpsc, watch};
 pub use jobs::{JobCounts, JobExecution, JobLimits, JobStatus, JobStore, JobsOp, JobsOutcome};
 pub use shadow::{ShadowCounts, ShadowKey, ShadowLimits, ShadowOp, ShadowStore};
 
-pub use crate::connect::{Connect, TlsFiles};
 use crate::connect::client_config;
+pub use crate::connect::{Connect, TlsFiles};
 use crate::{Context, Result};
 
 /// Held requests (with a response delay) beyond which requests are throttled.

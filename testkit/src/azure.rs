@@ -566,7 +566,11 @@ impl IotHub {
         if body.len() > MAX_METHOD_PAYLOAD_BYTES {
             return Err(HubError::new(400, "method payload over 128 KB").into());
         }
-        let rid = self.shared.next_rid.fetch_add(1, Ordering::Relaxed).to_string();
+        let rid = self
+            .shared
+            .next_rid
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string();
         let (tx, rx) = std_mpsc::sync_channel(1);
         {
             let mut st = self.shared.lock();
@@ -621,7 +625,9 @@ impl IotHub {
                 .map(|(k, v)| k.len() + v.len())
                 .sum::<usize>();
         if size > MAX_C2D_BYTES {
-            return Err(HubError::new(400, format!("C2D message of {size} bytes over 64 KB")).into());
+            return Err(
+                HubError::new(400, format!("C2D message of {size} bytes over 64 KB")).into(),
+            );
         }
         let topic = topics::c2d_topic(&self.shared.options.device, message_id, properties);
         if !self.shared.publish(topic, QoS::AtLeastOnce, body) {
@@ -702,7 +708,8 @@ async fn run(mut eventloop: EventLoop, shared: Arc<Shared>, mut stop: watch::Rec
     let held_tx = if delay.is_zero() {
         None
     } else {
-        let (tx, mut rx) = mpsc::channel::<(tokio::time::Instant, TwinOp, String, Vec<u8>)>(HELD_CAP);
+        let (tx, mut rx) =
+            mpsc::channel::<(tokio::time::Instant, TwinOp, String, Vec<u8>)>(HELD_CAP);
         let s = Arc::clone(&shared);
         tokio::spawn(async move {
             while let Some((due, op, rid, payload)) = rx.recv().await {
@@ -795,7 +802,9 @@ async fn run(mut eventloop: EventLoop, shared: Arc<Shared>, mut stop: watch::Rec
                         };
                         let due = tokio::time::Instant::now() + delay;
                         let queued = admitted
-                            && tx.try_send((due, op, rid.clone(), p.payload.to_vec())).is_ok();
+                            && tx
+                                .try_send((due, op, rid.clone(), p.payload.to_vec()))
+                                .is_ok();
                         if admitted && !queued {
                             let mut st = shared.lock();
                             st.held = st.held.saturating_sub(1);

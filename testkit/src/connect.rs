@@ -73,7 +73,6 @@ impl Connect {
     }
 }
 
-
 /// A rustls client config (ring) trusting `tls.ca`, with the client certificate if any.
 pub(crate) fn client_config(tls: &TlsFiles) -> Result<ClientConfig> {
     let mut roots = RootCertStore::empty();

@@ -291,10 +291,7 @@ fn throttled_twin_requests_are_429_then_succeed() {
     let Some(s) = setup() else { return };
     let mut dev = Device::connect(&s, true, &[TWIN_RES]);
     s.hub.throttle_twin(2);
-    assert_eq!(
-        dev.patch(r#"{"a":1}"#),
-        "$iothub/twin/res/429/?$rid=r1"
-    );
+    assert_eq!(dev.patch(r#"{"a":1}"#), "$iothub/twin/res/429/?$rid=r1");
     assert_eq!(dev.get().0, "$iothub/twin/res/429/?$rid=r2");
     assert_eq!(
         dev.patch(r#"{"a":1}"#),
@@ -316,7 +313,12 @@ fn throttled_twin_requests_are_429_then_succeed() {
 fn desired_patches_reach_a_connected_device_only_and_the_get_after_reconnect_has_them() {
     let Some(s) = setup() else { return };
     let mut dev = Device::connect(&s, false, &[TWIN_RES, DESIRED]);
-    assert_eq!(s.hub.update_desired(json!({"rate":5,"cfg":{"a":1}})).unwrap(), 2);
+    assert_eq!(
+        s.hub
+            .update_desired(json!({"rate":5,"cfg":{"a":1}}))
+            .unwrap(),
+        2
+    );
     let (t, body) = dev.expect(|t| t.starts_with("$iothub/twin/PATCH/properties/desired/"));
     assert_eq!(t, "$iothub/twin/PATCH/properties/desired/?$version=2");
     assert_eq!(
@@ -325,7 +327,12 @@ fn desired_patches_reach_a_connected_device_only_and_the_get_after_reconnect_has
     );
     dev.disconnect(&s.broker);
 
-    assert_eq!(s.hub.update_desired(json!({"rate":7,"cfg":{"a":null}})).unwrap(), 3);
+    assert_eq!(
+        s.hub
+            .update_desired(json!({"rate":7,"cfg":{"a":null}}))
+            .unwrap(),
+        3
+    );
     assert_eq!(s.hub.desired_version(), 3);
     let mut dev = Device::connect(&s, false, &[TWIN_RES, DESIRED]);
     let (_, twin) = dev.get();
@@ -390,7 +397,11 @@ fn a_direct_method_is_answered_and_an_unanswered_one_times_out_504() {
         .unwrap();
     let st = s.hub.stats();
     assert_eq!(
-        (st.methods_invoked, st.methods_answered, st.methods_timed_out),
+        (
+            st.methods_invoked,
+            st.methods_answered,
+            st.methods_timed_out
+        ),
         (2, 1, 1)
     );
     // Names that cannot be a topic level are refused before anything is sent.
@@ -435,7 +446,10 @@ fn c2d_messages_reach_the_device_and_survive_it_being_offline() {
     let mut dev = Device::connect(&s, false, &[]);
     let (t, body) = dev.expect(|t| t.starts_with(&prefix));
     let bag = topics::decode_property_bag(t.strip_prefix(&prefix).unwrap()).unwrap();
-    assert!(bag.contains(&("$.mid".to_owned(), "cmd-2".to_owned())), "{bag:?}");
+    assert!(
+        bag.contains(&("$.mid".to_owned(), "cmd-2".to_owned())),
+        "{bag:?}"
+    );
     assert!(bag.contains(&("command".to_owned(), "restart".to_owned())));
     assert!(bag.contains(&("iothub-ack".to_owned(), "full".to_owned())));
     assert_eq!(body, b"{\"command\":\"restart\"}");
@@ -460,10 +474,7 @@ fn d2c_events_are_kept_with_their_decoded_properties() {
     );
     dev.publish(&events_topic(""), "plain");
     // Over 256 KB once the properties count: not kept.
-    dev.publish(
-        &events_topic("big=1"),
-        vec![b'x'; azure::MAX_D2C_BYTES - 3],
-    );
+    dev.publish(&events_topic("big=1"), vec![b'x'; azure::MAX_D2C_BYTES - 3]);
     dev.publish(&events_topic("a=%zz"), "malformed bag");
     // Another device's topic is not this hub's.
     dev.publish("devices/other/messages/events/", "not mine");

@@ -36,7 +36,10 @@ pub fn parse_device_topic(device: &str, topic: &str) -> Result<Option<DeviceTopi
         let status = status
             .parse::<i32>()
             .map_err(|_| format!("method status {status:?} is not an integer"))?;
-        return Ok(Some(DeviceTopic::MethodResponse { status, rid: rid(q)? }));
+        return Ok(Some(DeviceTopic::MethodResponse {
+            status,
+            rid: rid(q)?,
+        }));
     }
     let events = format!("devices/{device}/messages/events/");
     if let Some(bag) = topic.strip_prefix(&events) {
@@ -139,7 +142,9 @@ pub fn check_c2d_property(s: &str) -> Result<(), String> {
     if s.chars().all(ok) {
         Ok(())
     } else {
-        Err(format!("property {s:?} has characters C2D messages do not allow"))
+        Err(format!(
+            "property {s:?} has characters C2D messages do not allow"
+        ))
     }
 }
 
@@ -207,7 +212,13 @@ pub fn message_size(properties: &[(String, String)], body: &[u8]) -> usize {
     body.len()
         + properties
             .iter()
-            .map(|(k, v)| if k.starts_with('$') { v.len() } else { k.len() + v.len() })
+            .map(|(k, v)| {
+                if k.starts_with('$') {
+                    v.len()
+                } else {
+                    k.len() + v.len()
+                }
+            })
             .sum::<usize>()
 }
 

@@ -233,7 +233,10 @@ impl TwinStore {
     /// new document plus `"$version"` (the device gets "the same form of update").
     pub fn replace_desired(&mut self, doc: &Value) -> Result<(u64, Value), HubError> {
         let Some(doc) = doc.as_object() else {
-            return Err(HubError::new(400, "desired properties must be a JSON object"));
+            return Err(HubError::new(
+                400,
+                "desired properties must be a JSON object",
+            ));
         };
         let replaced = self.merged(&Map::new(), doc)?;
         self.desired = replaced;
@@ -449,7 +452,10 @@ mod tests {
         let mut t = TwinStore::default();
         let r = patch(&mut t, json!({"fw":"1.0","net":{"kind":"wifi","rssi":-60}}));
         assert_eq!((r.status, r.version), (204, Some(2)));
-        let r = patch(&mut t, json!({"fw":null,"net":{"rssi":-70,"ssid":"x"},"n":1}));
+        let r = patch(
+            &mut t,
+            json!({"fw":null,"net":{"rssi":-70,"ssid":"x"},"n":1}),
+        );
         assert_eq!((r.status, r.version), (204, Some(3)));
         assert_eq!(
             t.reported_section(),
@@ -463,13 +469,25 @@ mod tests {
         assert_eq!(t.reported_section()["n"], json!({"a":1}));
         assert_eq!(t.reported_section()["net"], json!([1, {"b":2}]));
         assert_eq!(t.reported_version(), 5);
-        assert_eq!(t.desired_version(), 1, "reported patches leave desired alone");
+        assert_eq!(
+            t.desired_version(),
+            1,
+            "reported patches leave desired alone"
+        );
     }
 
     #[test]
     fn malformed_patches_are_400_and_change_nothing() {
         let mut t = TwinStore::default();
-        for body in [&b"not json"[..], b"", b"[1,2]", b"42", b"\"s\"", b"null", b"\xff"] {
+        for body in [
+            &b"not json"[..],
+            b"",
+            b"[1,2]",
+            b"42",
+            b"\"s\"",
+            b"null",
+            b"\xff",
+        ] {
             let r = t.handle(TwinOp::PatchReported, body);
             assert_eq!(r.status, 400, "{body:?}");
             assert!(r.reason.is_some());
@@ -512,7 +530,11 @@ mod tests {
         );
         assert_eq!(patch(&mut t, json!({"i": u64::MAX})).status, 400);
         assert_eq!(
-            patch(&mut t, json!({"i": 4_503_599_627_370_495_i64, "f": 1.5e300})).status,
+            patch(
+                &mut t,
+                json!({"i": 4_503_599_627_370_495_i64, "f": 1.5e300})
+            )
+            .status,
             204
         );
     }
@@ -564,7 +586,10 @@ mod tests {
         assert!(r.reason.as_deref().unwrap_or("").contains("32768"), "{r:?}");
         assert_eq!(t.reported_section(), before2);
         // Deleting makes room again.
-        assert_eq!(patch(&mut t, json!({"k000": null, "k101": "z"})).status, 204);
+        assert_eq!(
+            patch(&mut t, json!({"k000": null, "k101": "z"})).status,
+            204
+        );
         // The status is configurable (403 as reported live).
         let mut t = TwinStore::new(TwinLimits {
             max_section_bytes: 10,
@@ -605,10 +630,7 @@ mod tests {
             json!({"rate":5,"cfg":{"b":2},"$version":3})
         );
         // Rejections leave the version alone.
-        assert_eq!(
-            t.update_desired(&json!({"a.b":1})).unwrap_err().status,
-            400
-        );
+        assert_eq!(t.update_desired(&json!({"a.b":1})).unwrap_err().status, 400);
         assert_eq!(t.update_desired(&json!([1])).unwrap_err().status, 400);
         assert_eq!(t.desired_version(), 3);
         // Injected failures are for device requests only.
