@@ -307,6 +307,28 @@ fn throttled_twin_requests_are_429_then_succeed() {
     assert_eq!(st.patches_accepted, 1);
 }
 
+/// With a response delay, twin answers come that much later, in request order.
+#[test]
+fn a_response_delay_holds_twin_answers_in_order() {
+    let mut options = Options::new(DEVICE, HUB);
+    options.response_delay = Duration::from_millis(300);
+    let Some(s) = setup_with(options) else { return };
+    let mut dev = Device::connect(&s, true, &[TWIN_RES]);
+    let started = Instant::now();
+    dev.publish(
+        "$iothub/twin/PATCH/properties/reported/?$rid=a",
+        r#"{"x":1}"#,
+    );
+    dev.publish("$iothub/twin/GET/?$rid=b", "");
+    let (t, _) = dev.expect(|t| t.starts_with("$iothub/twin/res/"));
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(t, "$iothub/twin/res/204/?$rid=a&$version=2");
+    let (t, body) = dev.expect(|t| t.starts_with("$iothub/twin/res/"));
+    assert_eq!(t, "$iothub/twin/res/200/?$rid=b");
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reported"], json!({"x":1,"$version":2}));
+}
+
 /// IoT Hub sends desired notifications only while the device is connected: QoS 0, so
 /// Mosquitto drops them for the offline persistent session; the GET after reconnect has them.
 #[test]

@@ -32,9 +32,10 @@ pub struct TwinLimits {
     pub min_int: i64,
     pub max_int: i64,
     /// Status of a PATCH that would make `reported` too large. The MQTT page lists only
-    /// 204/400/429/5xx for a PATCH, so 400; a maintainer-reported live answer was
-    /// errorCode 403100 ("'Properties.Reported' size should be less than 32768 bytes"),
-    /// so a device should treat every 4xx but 429 alike.
+    /// 204/400/429/5xx for a PATCH, so 400; a user-reported live answer was errorCode 403100
+    /// ("'Properties.Reported' size should be less than 32768 bytes",
+    /// <https://github.com/Azure/iotedge/issues/7035>), so a device should treat every 4xx
+    /// but 429 alike.
     pub oversize_status: u16,
 }
 
