@@ -87,11 +87,12 @@ impl AwsConfig {
 /// <https://learn.microsoft.com/azure/iot-hub/iot-hub-devguide-quotas-throttling>): the change
 /// history batch must fit with 4 KiB left for the topic's property bag.
 pub const AZURE_MAX_PAYLOAD: u64 = 256 * 1024 - 4096;
-/// IoT Hub's keep-alive: at most 1,767 s (29.45 minutes); a longer one is cut to it
+/// IoT Hub's keep-alive: it drops a client silent for 1.5 × the keep-alive, at most 1,767 s
+/// (29.45 minutes), so 1,177 s is the longest keep-alive that keeps the 1.5 × margin
 /// ("Communicate with an IoT hub using the MQTT protocol", "Default keep-alive timeout",
 /// <https://learn.microsoft.com/azure/iot/iot-mqtt-connect-to-iot-hub>).
 pub const AZURE_KEEP_ALIVE: std::ops::RangeInclusive<std::time::Duration> =
-    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(1767);
+    std::time::Duration::from_secs(1)..=std::time::Duration::from_secs(1177);
 /// The generally available IoT Hub API version of the MQTT user name (`?api-version=`).
 pub const AZURE_API_VERSION: &str = "2021-04-12";
 /// Longest IoT hub host name checked (a DNS name).

@@ -2743,7 +2743,7 @@ fn azure_keys_are_checked_against_the_iot_hub_limits() {
         "{m}"
     );
     let m = only_problem(&azure("keep_alive = \"30m\"", ""), "mqtt.keep_alive");
-    assert!(m.contains("1s to 1767s"), "{m}");
+    assert!(m.contains("1s to 1177s"), "{m}");
     let m = only_problem(&azure("client_id = \"other\"", ""), "mqtt.client_id");
     assert!(m.contains("must be the device id"), "{m}");
     let m = only_problem(&azure("username = \"me\"", ""), "mqtt.username");
