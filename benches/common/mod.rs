@@ -6,6 +6,8 @@
 //! Every bench includes this with `mod common;` and uses only a part of it.
 #![allow(dead_code)]
 
+pub mod profile;
+
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

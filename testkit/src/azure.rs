@@ -200,6 +200,10 @@ pub struct Stats {
     /// Messages on `$iothub/...` request topics that could not be answered (no `$rid`, a
     /// method status that is not an integer).
     pub bad_requests: u64,
+    /// Twin requests (GET and PATCH) received: messages and their payload bytes (as the AWS
+    /// emulator counts; the `$rid` is in the topic here, in the payload there).
+    pub twin_messages_received: u64,
+    pub twin_bytes_received: u64,
     /// Desired-property notifications published (delivered only if the device is connected).
     pub desired_notifications: u64,
     pub methods_invoked: u64,
@@ -784,6 +788,8 @@ async fn run(mut eventloop: EventLoop, shared: Arc<Shared>, mut stop: watch::Rec
                 };
                 {
                     let mut st = shared.lock();
+                    st.stats.twin_messages_received += 1;
+                    st.stats.twin_bytes_received += p.payload.len() as u64;
                     match op {
                         TwinOp::Get => st.stats.twin_gets += 1,
                         TwinOp::PatchReported => st.stats.twin_patches += 1,
