@@ -44,7 +44,7 @@ impl Emu for AwsIot {
         all.filter(|(t, _)| *t == topic).map(|(_, p)| p).collect()
     }
     fn set_desired(&self, patch: Value) -> Result<u64, Error> {
-        Ok(self.update_desired(THING, None, patch)?)
+        self.update_desired(THING, None, patch)
     }
 }
 

@@ -104,7 +104,7 @@ pub fn run<E: Emu>(emu: &E, daemon: &Daemon, socket: &Path, stamps: &Path) -> Re
         (REPORTS - KEYS..REPORTS).all(|i| d[format!("k{:03}", i % KEYS)] == i)
     };
     let mut samples = Vec::new();
-    while !done(&emu) {
+    while !done(emu) {
         if t0.elapsed() > DEADLINE {
             return Err(format!("{doc} did not converge: {}", daemon.log_tail()).into());
         }
