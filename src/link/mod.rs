@@ -27,6 +27,7 @@
 
 mod aws;
 mod aws_jobs;
+mod azure_cmds;
 pub mod backoff;
 pub mod codec;
 mod drain;
