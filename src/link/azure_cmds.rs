@@ -351,6 +351,40 @@ mod tests {
         }
     }
 
+    // IoT Hub's CONNECT ("Communicate with an IoT hub using the MQTT protocol"): client id =
+    // device id, user name `{hub}/{device}/?api-version=..`, no password with X.509 (rumqttc
+    // sets no password flag for an empty one), a will on the device-to-cloud topic, not
+    // retained (IoT Hub keeps no retained messages).
+    #[test]
+    fn the_connection_is_made_as_iot_hub_requires() {
+        let toml = "[device]\nid = \"pump-1\"\n[mqtt]\nurl = \"mqtt://localhost\"\n\
+                    allow_plaintext = true\n[cloud]\nprofile = \"azure-iot-hub\"\n\
+                    [azure]\nhub = \"h.azure-devices.net\"\n";
+        let config = crate::config::Config::from_toml_str(std::path::Path::new("t.toml"), toml)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let settings = super::super::LinkSettings::new(std::sync::Arc::new(config));
+        let o = settings
+            .mqtt_options(false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(o.client_id(), "pump-1");
+        let login = o.credentials().unwrap_or_else(|| panic!("no user name"));
+        assert_eq!(
+            login.username,
+            "h.azure-devices.net/pump-1/?api-version=2021-04-12"
+        );
+        assert_eq!(login.password, "");
+        let will = o.last_will().unwrap_or_else(|| panic!("no will"));
+        assert!(
+            will.topic
+                .starts_with("devices/pump-1/messages/events/$.ct=application%2Fjson"),
+            "{}",
+            will.topic
+        );
+        assert!(will.topic.ends_with("&edgesync=presence"), "{}", will.topic);
+        assert_eq!((will.qos, will.retain), (QoS::AtLeastOnce, false));
+        assert!(!o.clean_session());
+    }
+
     #[test]
     fn a_method_answer_of_another_connection_is_stale() {
         assert!(!stale("methods/17/1f", 17));
