@@ -100,9 +100,9 @@ impl Rig {
     /// Waits for the answer to cloud-to-device message `mid` and returns it.
     fn c2d_answer(&self, mid: &str) -> (D2c, Value) {
         let found = |h: &IotHub| {
-            h.events()
-                .into_iter()
-                .find(|e| e.property("edgesync") == Some("result") && e.property("$.cid") == Some(mid))
+            h.events().into_iter().find(|e| {
+                e.property("edgesync") == Some("result") && e.property("$.cid") == Some(mid)
+            })
         };
         if self.hub.wait_for(DEADLINE, |h| found(h).is_some()).is_err() {
             panic!(
@@ -148,7 +148,10 @@ impl Rig {
         let status = common::wait_timeout(child, DEADLINE).unwrap_or_else(|| {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("the agent did not die at {point}; log:\n{}", self.agent.log())
+            panic!(
+                "the agent did not die at {point}; log:\n{}",
+                self.agent.log()
+            )
         });
         assert_eq!(status.signal(), Some(9), "killed at {point}: {status}");
     }
@@ -169,7 +172,10 @@ fn direct_methods_are_answered_with_the_status_of_their_result() {
         return;
     };
     r.start();
-    let ping = r.hub.invoke_method("ping", Value::Null, METHOD_WAIT).unwrap();
+    let ping = r
+        .hub
+        .invoke_method("ping", Value::Null, METHOD_WAIT)
+        .unwrap();
     assert_eq!(ping.status, 200, "{ping:?}");
     assert_eq!(ping.payload["pong"], true, "{ping:?}");
     // Arguments are the payload, checked as the command's.
@@ -188,16 +194,25 @@ fn direct_methods_are_answered_with_the_status_of_their_result() {
         "{bad:?}"
     );
     assert!(bad.payload["message"].as_str().unwrap().contains("limt"));
-    let not_json = r.hub.invoke_method("ping", json!([1]), METHOD_WAIT).unwrap();
+    let not_json = r
+        .hub
+        .invoke_method("ping", json!([1]), METHOD_WAIT)
+        .unwrap();
     assert_eq!(not_json.status, 400, "{not_json:?}");
-    let unknown = r.hub.invoke_method("reboot", json!({}), METHOD_WAIT).unwrap();
+    let unknown = r
+        .hub
+        .invoke_method("reboot", json!({}), METHOD_WAIT)
+        .unwrap();
     assert_eq!(
         (unknown.status, unknown.payload["code"].as_str()),
         (404, Some("unknown-command")),
         "{unknown:?}"
     );
     // Destructive commands are not in the default [control] allow.
-    let forbidden = r.hub.invoke_method("purge", json!({}), METHOD_WAIT).unwrap();
+    let forbidden = r
+        .hub
+        .invoke_method("purge", json!({}), METHOD_WAIT)
+        .unwrap();
     assert_eq!(
         (forbidden.status, forbidden.payload["code"].as_str()),
         (403, Some("forbidden")),
@@ -207,11 +222,7 @@ fn direct_methods_are_answered_with_the_status_of_their_result() {
     assert_eq!(f["methods"], 6, "{f}");
     assert_eq!(f["method_answers_dropped"], 0, "{f}");
     let s = r.hub.stats();
-    assert_eq!(
-        (s.methods_answered, s.methods_unmatched),
-        (6, 0),
-        "{s:?}"
-    );
+    assert_eq!((s.methods_answered, s.methods_unmatched), (6, 0), "{s:?}");
 }
 
 #[test]
@@ -244,10 +255,16 @@ fn a_method_answer_left_from_an_ended_connection_is_not_sent() {
         r.figures()["method_answers_dropped"] == 1
     });
     // Dropped when the results were read on connect, before any later answer went out.
-    let ok = r.hub.invoke_method("ping", Value::Null, METHOD_WAIT).unwrap();
+    let ok = r
+        .hub
+        .invoke_method("ping", Value::Null, METHOD_WAIT)
+        .unwrap();
     assert_eq!(ok.status, 200);
     let s = r.hub.stats();
-    assert_eq!(s.methods_unmatched, 0, "no answer to a call IoT Hub ended: {s:?}");
+    assert_eq!(
+        s.methods_unmatched, 0,
+        "no answer to a call IoT Hub ended: {s:?}"
+    );
     assert_eq!(r.runs_matching("m"), 2, "each method ran once");
     assert!(r.agent.log().contains("dropped"), "{}", r.agent.log());
 }
@@ -366,7 +383,10 @@ fn the_agent_connects_as_iot_hub_requires_and_retains_nothing() {
         record.username.as_deref(),
         Some("edgesync-test.azure-devices.net/az-connect/?api-version=2021-04-12")
     );
-    assert!(!record.clean_session, "a persistent session, for C2D messages");
+    assert!(
+        !record.clean_session,
+        "a persistent session, for C2D messages"
+    );
     wait("online presence", DEADLINE, || {
         r.events("presence")
             .iter()
@@ -452,7 +472,9 @@ fn the_change_history_loses_nothing_across_broker_restarts() {
         proxy.cut();
         let connects = r.hub.stats().connects;
         r.broker.restart().unwrap();
-        wait("emulator back", DEADLINE, || r.hub.stats().connects > connects);
+        wait("emulator back", DEADLINE, || {
+            r.hub.stats().connects > connects
+        });
         proxy.restore();
     }
     assert!(r.agent.depth() > 0, "the restarts happened mid-drain");

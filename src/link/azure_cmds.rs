@@ -66,7 +66,11 @@ fn method(name: &str, rid: &str, payload: &[u8], session: u64, now: u64) -> Take
     let reply = format!("methods/{session}/{rid}");
     let bad = |id: Option<String>, message: &str| {
         let message = message.to_owned();
-        (name.to_owned(), Err(BadRequest { id, message }), reply.clone())
+        (
+            name.to_owned(),
+            Err(BadRequest { id, message }),
+            reply.clone(),
+        )
     };
     if rid.chars().count() > RID_MAX {
         return bad(None, "the method's $rid is longer than 40 characters");
@@ -81,7 +85,11 @@ fn method(name: &str, rid: &str, payload: &[u8], session: u64, now: u64) -> Take
         }
     };
     let request = json!({"id": id, "args": args, "expires": now.saturating_add(METHOD_TTL_MS)});
-    (name.to_owned(), Ok(request.to_string().into_bytes()), reply.clone())
+    (
+        name.to_owned(),
+        Ok(request.to_string().into_bytes()),
+        reply.clone(),
+    )
 }
 
 /// Whether a cloud-to-device body is addressed to the command set (a JSON object with
@@ -164,13 +172,18 @@ pub fn status(code: &str) -> u16 {
 /// The publication of an answer queued under a reply topic of this module; `None` for
 /// other topics.
 pub fn answer(a: &AzureConfig, topic: &str, response: &[u8]) -> Option<Publication> {
-    if let Some((_, rid)) = topic.strip_prefix("methods/").and_then(|t| t.split_once('/')) {
+    if let Some((_, rid)) = topic
+        .strip_prefix("methods/")
+        .and_then(|t| t.split_once('/'))
+    {
         let r: Value = serde_json::from_slice(response).unwrap_or_default();
         let (status, body) = if r["ok"] == Value::Bool(true) {
             (200, r["result"].to_string())
         } else {
             let code = r["error"]["code"].as_str().unwrap_or("failed");
-            let message = r["error"]["message"].as_str().unwrap_or("unreadable answer");
+            let message = r["error"]["message"]
+                .as_str()
+                .unwrap_or("unreadable answer");
             let body = json!({"code": code, "message": message});
             (status(code), body.to_string())
         };
@@ -283,7 +296,9 @@ mod tests {
         let e = method("ping", &long, b"", 17, 0).1.unwrap_err();
         assert_eq!(e.id, None);
         assert_eq!(
-            method("ping", &"r".repeat(40), b"", u64::MAX, 0).1.map(|_| ()),
+            method("ping", &"r".repeat(40), b"", u64::MAX, 0)
+                .1
+                .map(|_| ()),
             Ok(())
         );
         assert!(format!("m{}.{}", u64::MAX, "r".repeat(40)).len() <= MAX_ID_CHARS);
@@ -336,7 +351,12 @@ mod tests {
         use super::super::profile::{Outbound, Profile};
         let p = Profile::AzureIotHub(std::sync::Arc::new(azure()));
         let ok = br#"{"id":"m1.5","ok":true,"result":{"pong":true}}"#.to_vec();
-        let m = p.outbound(Outbound::Result { topic: "methods/1/5" }, ok.clone());
+        let m = p.outbound(
+            Outbound::Result {
+                topic: "methods/1/5",
+            },
+            ok.clone(),
+        );
         assert_eq!(m.topic, "$iothub/methods/res/200/?$rid=5");
         let c = p.outbound(
             Outbound::Result {
@@ -389,7 +409,12 @@ mod tests {
     fn a_method_answer_of_another_connection_is_stale() {
         assert!(!stale("methods/17/1f", 17));
         assert!(stale("methods/16/1f", 17));
-        for other in ["c2d/mid=a&command=ping", "desired/result", "jobs/j/1", "methods/17"] {
+        for other in [
+            "c2d/mid=a&command=ping",
+            "desired/result",
+            "jobs/j/1",
+            "methods/17",
+        ] {
             assert!(!stale(other, 17), "{other}");
         }
     }
@@ -405,8 +430,12 @@ mod tests {
             json!({"id": "6b82-2696", "args": {"key": "temp"}, "expires": 1_764_150_060_250_u64})
         );
         // The answer goes as a device-to-cloud message naming the message and command.
-        let p = answer(&azure(), &t.2, br#"{"id":"6b82-2696","ok":true,"result":{}}"#)
-            .unwrap_or_else(|| panic!());
+        let p = answer(
+            &azure(),
+            &t.2,
+            br#"{"id":"6b82-2696","ok":true,"result":{}}"#,
+        )
+        .unwrap_or_else(|| panic!());
         assert_eq!(
             p.topic,
             "devices/pump-1/messages/events/$.ct=application%2Fjson&$.ce=utf-8&$.cid=6b82-2696&edgesync=result&command=history"

@@ -62,8 +62,8 @@ use crate::store::{Ack, Outbox, Queued};
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
 use intake::{Admission, INTAKE_HARD_MESSAGES, IntakeGate, IntakeToken};
-use oversize::Filter;
 use iothub::HubMsg;
+use oversize::Filter;
 use profile::{Inbound, Outbound, Profile, Publication};
 
 /// How long a clean shutdown waits for the broker to take the offline status.
