@@ -174,6 +174,9 @@ pub struct Metrics {
     /// AWS IoT Jobs (`aws-iot` profile only); not read back (no code for it).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<crate::health::status::JobFigures>,
+    /// Direct methods and cloud-to-device messages (`azure-iot-hub` profile only).
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub hub_commands: Option<crate::health::status::HubCommandFigures>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -317,6 +320,7 @@ pub fn build(i: &Inputs) -> Metrics {
         written_gb_per_day: i.rates.and_then(|r| r.written_per_s).map(gb_per_day),
         shadow: i.link.shadow.clone(),
         jobs: i.link.jobs.clone(),
+        hub_commands: i.link.hub_commands,
     }
 }
 
@@ -825,6 +829,7 @@ mod tests {
                 },
                 shadow: None,
                 jobs: None,
+                hub_commands: None,
             },
             rates: Some(Rates {
                 in_per_s: 1.5,

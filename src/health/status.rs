@@ -66,6 +66,24 @@ pub struct LinkFigures {
     /// AWS IoT Jobs of the `aws-iot` profile; `None` with the `edgesync` profile.
     #[serde(skip)]
     pub jobs: Option<JobFigures>,
+    /// Direct methods and cloud-to-device messages of the `azure-iot-hub` profile; `None`
+    /// with the other profiles.
+    #[serde(skip)]
+    pub hub_commands: Option<HubCommandFigures>,
+}
+
+/// Direct methods and cloud-to-device messages of the `azure-iot-hub` profile, since start
+/// (metrics `hub_commands`, also in the status document's `metrics`; docs/PROTOCOL.md §7.4).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HubCommandFigures {
+    /// Direct method calls taken in.
+    pub methods: u64,
+    /// Method answers not sent: their connection ended first (IoT Hub has failed the call).
+    pub method_answers_dropped: u64,
+    /// Cloud-to-device messages taken in as commands.
+    pub c2d_commands: u64,
+    /// Cloud-to-device messages that are not commands: acknowledged, not acted on.
+    pub c2d_not_commands: u64,
 }
 
 /// AWS IoT Jobs of the `aws-iot` profile, since start (metrics `jobs`, also in the status

@@ -27,6 +27,7 @@
 
 mod aws;
 mod aws_jobs;
+mod azure_cmds;
 pub mod backoff;
 pub mod codec;
 mod drain;
@@ -61,6 +62,7 @@ use crate::store::{Ack, Outbox, Queued};
 use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
 use intake::{Admission, INTAKE_HARD_MESSAGES, IntakeGate, IntakeToken};
+use iothub::HubMsg;
 use oversize::Filter;
 use profile::{Inbound, Outbound, Profile, Publication};
 
@@ -244,6 +246,9 @@ pub async fn run(
     let mut hold_note: Option<String> = None;
     // `edgesync reconnect` (docs/PROTOCOL.md §6.8) cuts the backoff wait short.
     let mut retry = board.retry_signal();
+    // Names each connection (attempt), unique also across restarts: direct-method answers
+    // are sent only on the connection their method came on (`azure_cmds`).
+    let mut conn: u64 = 0;
     loop {
         if stop.is_cancelled() {
             break;
@@ -272,7 +277,9 @@ pub async fn run(
         if !guard.holding(Instant::now()) {
             hold_note = None;
         }
+        conn = conn.saturating_add(1).max(now_ms());
         let mut session = Session {
+            conn,
             settings: &settings,
             outbox: &outbox,
             applier: &applier,
@@ -298,6 +305,7 @@ pub async fn run(
             hold_note: hold_note.clone(),
             unsubscribed: HashSet::new(),
             stray_logged: false,
+            not_command_logged: false,
             drain: drain::Drain::default(),
         };
         let end = session.run(&stop).await;
@@ -391,6 +399,8 @@ enum Done {
 }
 
 struct Session<'a> {
+    /// Unique to this connection (attempt), also across restarts.
+    conn: u64,
     settings: &'a LinkSettings,
     outbox: &'a Outbox,
     applier: &'a Applier,
@@ -431,6 +441,8 @@ struct Session<'a> {
     unsubscribed: HashSet<String>,
     /// A stray message was logged on this connection.
     stray_logged: bool,
+    /// A cloud-to-device message that is not a command was logged on this connection.
+    not_command_logged: bool,
     /// A store fault (failed read or delete) being retried; see [`StoreRetry`].
     retry: StoreRetry,
     /// The backlog drain of this connection, for the log.
@@ -503,6 +515,7 @@ impl Session<'_> {
             self.applier.clone(),
             self.controller.clone(),
             self.settings.profile.clone(),
+            self.conn,
         ));
         let end = self
             .drive(&client, &mut events, &intake_tx, &gate, stop)
@@ -839,6 +852,10 @@ impl Session<'_> {
                 self.engine.handle_connected(now);
                 self.shadow_connected(client)?;
                 self.jobs_connected(client)?;
+                if self.settings.profile.azure().is_some() {
+                    // Shown (zeros) from the first connection on.
+                    self.hub_count(|_| {});
+                }
                 let q = self.outbox.stats();
                 log_drain(self.drain.connected(since, q.depth, q.acked));
             }
@@ -921,6 +938,22 @@ impl Session<'_> {
                     None => return,
                 }
             }
+            // Direct methods, and cloud-to-device messages that are commands: the intake.
+            Some(Inbound::Hub(HubMsg::Method { .. })) => {
+                self.hub_count(|f| f.methods += 1);
+                (p, token)
+            }
+            Some(Inbound::Hub(HubMsg::CloudToDevice { .. })) => {
+                if azure_cmds::is_command(&p.payload) {
+                    self.hub_count(|f| f.c2d_commands += 1);
+                    (p, token)
+                } else {
+                    let _ = client.try_ack(&p);
+                    drop(token);
+                    self.on_not_command(&p.topic);
+                    return;
+                }
+            }
             // Azure IoT Hub: taken in by the twin, methods and cloud-to-device handlers.
             Some(Inbound::Hub(_)) => {
                 let _ = client.try_ack(&p);
@@ -996,6 +1029,45 @@ impl Session<'_> {
         }
     }
 
+    /// A cloud-to-device message that is not a command (`azure-iot-hub`): acknowledged,
+    /// counted, logged (a warning once per connection).
+    fn on_not_command(&mut self, topic: &str) {
+        self.hub_count(|f| f.c2d_not_commands += 1);
+        if std::mem::replace(&mut self.not_command_logged, true) {
+            tracing::debug!(topic, "a cloud-to-device message that is not a command");
+        } else {
+            tracing::warn!(
+                topic,
+                "ignoring a cloud-to-device message that is not a command (a JSON object with \
+                 \"command\"); further ones on this connection are only counted \
+                 (hub_commands.c2d_not_commands)"
+            );
+        }
+    }
+
+    /// A direct method's answer left from an earlier connection: IoT Hub has failed that
+    /// call, so it is removed, not sent.
+    fn drop_stale(&mut self, n: u64, topic: &str) {
+        self.hub_count(|f| f.method_answers_dropped += 1);
+        tracing::info!(
+            reply = topic,
+            "a direct method's answer was not sent before its connection ended: dropped (the caller has had its error)"
+        );
+        let outbox = self.outbox.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = dstore::published(&outbox, n).await {
+                tracing::error!("removing a stale method answer failed: {e}");
+            }
+            Done::ResultDeleted
+        });
+    }
+
+    /// Adds to the figures of direct methods and cloud-to-device messages.
+    fn hub_count(&self, f: impl FnOnce(&mut crate::health::status::HubCommandFigures)) {
+        self.board
+            .update(|b| f(b.hub_commands.get_or_insert_with(Default::default)));
+    }
+
     /// A store read or delete failed: shown in the status, retried with backoff (logged
     /// once per fault, not per retry).
     fn store_failed(&mut self, error: &str) {
@@ -1054,12 +1126,19 @@ impl Session<'_> {
         client: &AsyncClient,
         pending: Vec<PendingResult>,
     ) -> Result<(), String> {
+        // Dropped answers took no room in the window: read on.
+        let mut dropped = false;
         for r in pending {
             if self.results_unacked >= RESULT_WINDOW {
                 break; // more follow as PUBACKs come back
             }
             if r.n >= self.results_next {
                 self.results_next = r.n + 1;
+                if azure_cmds::stale(&r.topic, self.conn) {
+                    self.drop_stale(r.n, &r.topic);
+                    dropped = true;
+                    continue;
+                }
                 self.job_published(&r.topic);
                 let m = self
                     .settings
@@ -1068,6 +1147,9 @@ impl Session<'_> {
                 self.publish(client, m, Tag::Result(r.n))?;
                 self.results_unacked += 1;
             }
+        }
+        if dropped {
+            self.load_results();
         }
         Ok(())
     }
@@ -1413,13 +1495,16 @@ async fn intake_loop(
     applier: Applier,
     controller: Controller,
     profile: Profile,
+    conn: u64,
 ) {
     // The token goes when the message is taken in: its bytes leave the intake's load.
     while let Some((p, _token)) = rx.recv().await {
         let inbound = profile.inbound(&p.topic);
-        // An AWS IoT job the session took (`aws_jobs`): the same intake as a command.
+        // An AWS IoT job the session took (`aws_jobs`), an Azure IoT Hub direct method or
+        // cloud-to-device command (`azure_cmds`): the same intake as a command.
         let job = match inbound {
             Some(Inbound::Job { .. }) => aws_jobs::command(&p.payload),
+            Some(Inbound::Hub(m)) => azure_cmds::command(m, &p.payload, conn, now_ms()),
             _ => None,
         };
         let command = match (inbound, &job) {
@@ -1438,7 +1523,11 @@ async fn intake_loop(
                 let taken = controller.receive(name, request, retain, reply).await;
                 (taken, "command")
             }
-            (Some(Inbound::Job { .. }), None) => (Ok(()), "command"),
+            (
+                Some(Inbound::Job { .. } | Inbound::Hub(HubMsg::Method { .. }))
+                | Some(Inbound::Hub(HubMsg::CloudToDevice { .. })),
+                None,
+            ) => (Ok(()), "command"),
             _ => {
                 crate::sys::crash::point("desired-received");
                 (applier.receive(&p.payload).await, "desired")

@@ -348,6 +348,12 @@ fn azure_event(a: &AzureConfig, kind: &str, payload: &[u8]) -> String {
 }
 
 fn azure_outbound(a: &AzureConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
+    // A command answer to a direct method or a cloud-to-device message (`azure_cmds`).
+    if let Outbound::Result { topic } = msg
+        && let Some(p) = super::azure_cmds::answer(a, topic, &payload)
+    {
+        return p;
+    }
     // IoT Hub keeps no retained messages: presence is a device-to-cloud message (and IoT
     // Hub's own connection state events).
     let (kind, qos, payload) = match msg {
