@@ -350,6 +350,9 @@ impl Session<'_> {
         {
             sh.get = None;
             read = Some(*status);
+            if *status == 200 {
+                sh.get_backoff.connection_ended(std::time::Duration::MAX);
+            }
         }
         let desired = match (&msg, read) {
             (_, Some(200)) => Some(shadow::twin_desired(&p.payload, true, None)),
