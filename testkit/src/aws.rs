@@ -49,7 +49,6 @@ pub mod jobs;
 pub mod shadow;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -61,15 +60,13 @@ use rumqttc::{
 };
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tokio_rustls::rustls::crypto::ring;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 pub use jobs::{JobCounts, JobExecution, JobLimits, JobStatus, JobStore, JobsOp, JobsOutcome};
 pub use shadow::{ShadowCounts, ShadowKey, ShadowLimits, ShadowOp, ShadowStore};
 
-use crate::{Context, Mosquitto, Result, TestPki};
+use crate::connect::client_config;
+pub use crate::connect::{Connect, TlsFiles};
+use crate::{Context, Result};
 
 /// Held requests (with a response delay) beyond which requests are throttled.
 const HELD_CAP: usize = 1024;
@@ -78,62 +75,6 @@ const OUTGOING_CAP: usize = 4096;
 /// Default of [`Options::capture_cap`]: captured messages kept; later ones are counted, not
 /// kept.
 pub const CAPTURE_CAP: usize = 100_000;
-
-/// Where the emulator connects.
-#[derive(Debug, Clone)]
-pub struct Connect {
-    pub host: String,
-    pub port: u16,
-    /// `None`: plain TCP.
-    pub tls: Option<TlsFiles>,
-}
-
-/// PEM files for a TLS connection.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    /// The CA that signed the broker's certificate.
-    pub ca: PathBuf,
-    /// Client certificate and key, for brokers that require one.
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-impl Connect {
-    /// Plain TCP.
-    pub fn plain(host: &str, port: u16) -> Connect {
-        Connect {
-            host: host.to_owned(),
-            port,
-            tls: None,
-        }
-    }
-
-    /// TLS with a client certificate.
-    pub fn tls(host: &str, port: u16, ca: PathBuf, cert: PathBuf, key: PathBuf) -> Connect {
-        Connect {
-            host: host.to_owned(),
-            port,
-            tls: Some(TlsFiles {
-                ca,
-                cert: Some(cert),
-                key: Some(key),
-            }),
-        }
-    }
-
-    /// The TLS listener of a testkit Mosquitto, with a client certificate of its own
-    /// (CN `aws-iot-emulator`) issued by `pki`.
-    pub fn mosquitto(broker: &Mosquitto, pki: &TestPki) -> Result<Connect> {
-        let (cert, key) = pki.issue_client("aws-iot-emulator", "aws-iot-emulator")?;
-        Ok(Connect::tls(
-            "localhost",
-            broker.tls_port,
-            pki.ca.clone(),
-            cert,
-            key,
-        ))
-    }
-}
 
 /// Emulator settings; `Default` is AWS's limits and answers as fast as possible.
 #[derive(Debug, Clone, Default)]
@@ -606,35 +547,6 @@ impl Drop for AwsIot {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn client_config(tls: &TlsFiles) -> Result<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(&tls.ca)
-        .context(|| format!("reading {}", tls.ca.display()))?
-    {
-        roots
-            .add(c.context(|| format!("parsing {}", tls.ca.display()))?)
-            .context(|| format!("adding {}", tls.ca.display()))?;
-    }
-    let builder = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context(|| "TLS versions".into())?
-        .with_root_certificates(roots);
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .context(|| format!("reading {}", cert.display()))?
-                .collect::<std::result::Result<Vec<_>, _>>()
-                .context(|| format!("parsing {}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .context(|| format!("reading {}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .context(|| "client certificate".into())
-        }
-        _ => Ok(builder.with_no_client_auth()),
     }
 }
 

@@ -14,12 +14,17 @@
 //! - [`port`]: free loopback ports; [`wait`]: polling with a deadline.
 //! - [`aws`]: an AWS IoT Core emulator (Device Shadow and Jobs on `$aws/things/...`),
 //!   an MQTT client of the test broker, written from the AWS documentation.
+//! - [`azure`]: an Azure IoT Hub emulator for one device (twin, direct methods, C2D, D2C on
+//!   `$iothub/...` and `devices/...`), likewise, from Microsoft's documentation.
+//! - [`connect`]: where those emulators connect (shared by both).
 //! - [`exposition`]: a strict reader of the Prometheus text format, to check the agent's
 //!   metrics text file.
 //!
 //! Every fallible function returns [`Result`] with a message that names what failed.
 
 pub mod aws;
+pub mod azure;
+pub mod connect;
 pub mod exposition;
 pub mod mosquitto;
 pub mod pki;

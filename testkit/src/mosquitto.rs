@@ -10,7 +10,8 @@
 //!   files are 0644 in a 0755 directory.
 //! - `set_tcp_nodelay true`, or every TLS connect costs ~45 ms.
 //! - TLS listener: `require_certificate true` (clients must present a cert signed by
-//!   `pki.ca`), `use_identity_as_username true` (the cert CN becomes the user name),
+//!   `pki.ca`), `use_identity_as_username true` (the cert CN becomes the user name; off with
+//!   [`MosquittoOptions::identity_as_username`]),
 //!   `allow_anonymous true` unless turned off. Optional plain listener.
 //! - Persistence (option): saved on graceful stop (SIGTERM, [`Mosquitto::terminate`],
 //!   [`Mosquitto::restart`]) and every `autosave_interval`; a SIGKILL ([`Mosquitto::stop`])
@@ -37,6 +38,10 @@ pub struct MosquittoOptions {
     pub server_cert: ServerCert,
     /// Require a client certificate on the TLS listener.
     pub require_certificate: bool,
+    /// With a required certificate, its CN replaces the client's user name
+    /// (`use_identity_as_username`). `false` keeps the user name the client sent, e.g. to
+    /// check an Azure IoT Hub user name in the log ([`crate::azure::IotHub::check_connect_log`]).
+    pub identity_as_username: bool,
     /// Also open a plain TCP listener.
     pub plain_tcp: bool,
     /// Accept clients without a user name (TLS clients get their certificate's CN as user
@@ -63,6 +68,7 @@ impl Default for MosquittoOptions {
         MosquittoOptions {
             server_cert: ServerCert::Good,
             require_certificate: true,
+            identity_as_username: true,
             plain_tcp: false,
             allow_anonymous: true,
             persistence: false,
@@ -349,7 +355,7 @@ fn config_text(
     let _ = writeln!(c, "certfile {}", cert.display());
     let _ = writeln!(c, "keyfile {}", key.display());
     let _ = writeln!(c, "require_certificate {}", opts.require_certificate);
-    if opts.require_certificate {
+    if opts.require_certificate && opts.identity_as_username {
         let _ = writeln!(c, "use_identity_as_username true");
     }
     if let Some(port) = tcp_port {
