@@ -117,6 +117,17 @@ impl Dialect {
         }
     }
 
+    /// A rejection that will not pass however often it is sent again. The twin's MQTT
+    /// page lists 400 for a patch it cannot take, but a reported section over 32 KB has
+    /// been answered 403 (errorCode 403100, <https://github.com/Azure/iotedge/issues/7035>):
+    /// every 4xx but 429 (throttled) is taken as permanent.
+    pub fn permanent(self, code: u64) -> bool {
+        match self {
+            Dialect::Shadow => permanent(code),
+            Dialect::Twin => (400..500).contains(&code) && code != 429,
+        }
+    }
+
     /// The body of a read with request id `token` (the twin's is in the topic).
     pub fn get_body(self, token: &str) -> Vec<u8> {
         match self {
@@ -342,7 +353,7 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
 /// A twin's desired patch (`from_get`: the `desired` of the GET answer) as a desired
 /// document: `version` its `$version` (`topic`: the one in the patch's topic, preferred),
 /// `state` its properties flattened to dotted keys without `$` members (`null`: removed).
-/// An empty `state` stays a document: taking its version in is what [`admit`] counts on.
+/// An empty `state` stays a document (its version is still taken in by the driver).
 #[inline(never)]
 pub fn twin_desired(payload: &[u8], from_get: bool, topic: Option<u64>) -> Desired {
     let body = parse(payload);
@@ -541,8 +552,7 @@ pub fn twin_error(payload: &[u8]) -> String {
     }
 }
 
-/// A rejection that will not pass however often it is sent again (the twin documents 400
-/// for a patch it cannot take; 413, too large, cannot pass either).
+/// A rejection of the shadow that will not pass however often it is sent again.
 pub fn permanent(code: u64) -> bool {
     matches!(code, 400 | 413)
 }
@@ -736,7 +746,7 @@ impl Reporter {
         let Some(i) = self.inflight.take_if(|i| i.token == token) else {
             return Rejected::Unknown;
         };
-        if !permanent(code) {
+        if !self.dialect.permanent(code) {
             let d = self.backoff.next_delay(unit);
             self.retry_at = Some(now + d);
             return Rejected::Retry(d);
@@ -1180,7 +1190,10 @@ mod tests {
         assert_eq!(r.rejected("t2", 400, now, 0.5), Rejected::Dropped(1));
         r.next(l.clone(), true, "t3", now);
         assert_eq!(r.accepted("t3"), Some(2));
-        assert!(!permanent(429) && permanent(400));
+        let t = Dialect::Twin;
+        assert!(!t.permanent(429) && !t.permanent(500) && !t.permanent(503));
+        assert!(t.permanent(400) && t.permanent(403) && t.permanent(413));
+        assert!(!Dialect::Shadow.permanent(403) && Dialect::Shadow.permanent(413));
         assert_eq!(
             twin_error(br#"{"Message":"{\"errorCode\":400004}","ExceptionMessage":""}"#),
             r#"{"errorCode":400004}"#

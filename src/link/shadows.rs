@@ -403,8 +403,16 @@ impl Session<'_> {
                             shadow::reconcile(&mut doc, &current);
                         }
                         let sh = self.shadows.as_mut()?;
-                        sh.last_delta = doc["state"].clone();
                         sh.taken = Some(version);
+                        // The twin's desired state is the one held: nothing to apply (no
+                        // result); a later version has a gap against the store, so this
+                        // connection counts the version as taken.
+                        let empty = doc["state"].as_object().is_some_and(|m| m.is_empty());
+                        if dialect == Dialect::Twin && empty {
+                            let _ = client.try_ack(&p);
+                            return None;
+                        }
+                        sh.last_delta = doc["state"].clone();
                         self.count([0, 0, 0, 1], None);
                         p.payload = doc.to_string().into_bytes().into();
                         return Some((p, token));
