@@ -220,8 +220,14 @@ fn desired_properties_patched_while_the_agent_is_down_are_applied_once_after_the
     r.wait_reported("third value reported", |rep| {
         rep["led"]["mode"] == "off" && rep["edgesync"]["desired_result"]["version"] == v3
     });
-    // Counted since the last start: only v3 was handed over by this run.
-    assert_eq!(r.figures()["deltas"], 1, "{}", r.figures());
+    let v4 = r
+        .hub
+        .update_desired(json!({"led": {"color": null}}))
+        .unwrap();
+    wait("removal applied", DEADLINE, || runs(&log).len() == 4);
+    assert_eq!(runs(&log)[3], format!("{v4} led.color null"));
+    // Counted since the last start: only v3 and v4 were handed over by this run.
+    assert_eq!(r.figures()["deltas"], 2, "{}", r.figures());
 }
 
 #[test]
