@@ -398,6 +398,7 @@ impl Session<'_> {
                             || !shadow::seen(&sh.last_delta, &doc["state"]) =>
                     {
                         if dialect == Dialect::Twin && from_get {
+                            // Unreadable: every key goes again (applied twice, never missed).
                             let current = dstore::state(self.outbox, None).unwrap_or_default();
                             let current = current.into_iter().map(|(k, e)| (k, e.value)).collect();
                             shadow::reconcile(&mut doc, &current);
