@@ -171,6 +171,9 @@ pub struct Metrics {
     /// The Device Shadow (`aws-iot` profile only); not read back (no code for it).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::health::status::ShadowFigures>,
+    /// The device twin (`azure-iot-hub` profile only); not read back.
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<crate::health::status::ShadowFigures>,
     /// AWS IoT Jobs (`aws-iot` profile only); not read back (no code for it).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<crate::health::status::JobFigures>,
@@ -319,6 +322,7 @@ pub fn build(i: &Inputs) -> Metrics {
         written_bytes_per_s: i.rates.and_then(|r| r.written_per_s),
         written_gb_per_day: i.rates.and_then(|r| r.written_per_s).map(gb_per_day),
         shadow: i.link.shadow.clone(),
+        twin: i.link.twin.clone(),
         jobs: i.link.jobs.clone(),
         hub_commands: i.link.hub_commands,
     }
@@ -828,6 +832,7 @@ mod tests {
                     foreign_messages: 13,
                 },
                 shadow: None,
+                twin: None,
                 jobs: None,
                 hub_commands: None,
             },

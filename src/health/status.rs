@@ -63,6 +63,9 @@ pub struct LinkFigures {
     /// The Device Shadow of the `aws-iot` profile; `None` with the `edgesync` profile.
     #[serde(skip)]
     pub shadow: Option<ShadowFigures>,
+    /// The device twin of the `azure-iot-hub` profile (the same figures); `None` otherwise.
+    #[serde(skip)]
+    pub twin: Option<ShadowFigures>,
     /// AWS IoT Jobs of the `aws-iot` profile; `None` with the `edgesync` profile.
     #[serde(skip)]
     pub jobs: Option<JobFigures>,
@@ -107,7 +110,8 @@ pub struct JobFigures {
 }
 
 /// The Device Shadow of the `aws-iot` profile, since start (metrics `shadow`, also in the
-/// status document's `metrics`; docs/PROTOCOL.md §7.3).
+/// status document's `metrics`; docs/PROTOCOL.md §7.3); the device twin of the
+/// `azure-iot-hub` profile likewise (metrics `twin`, §7.4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ShadowFigures {
     /// Updates of reported values accepted.

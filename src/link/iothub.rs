@@ -18,9 +18,6 @@
 //! with `$.` (`$.ct` content type, `$.ce` content encoding, `$.mid` message id, `$.cid`
 //! correlation id).
 
-// Some are used only once the twin, methods and cloud-to-device handlers land.
-#![allow(dead_code)]
-
 /// Twin responses (GET and PATCH answers).
 pub const TWIN_RESPONSES: &str = "$iothub/twin/res/#";
 /// Desired-property patches.

@@ -25,7 +25,6 @@
 //! with full jitter. While offline the task sleeps: no timers tick (but the systemd
 //! watchdog's heartbeat, when there is one: [`crate::sys::notify`]).
 
-mod aws;
 mod aws_jobs;
 mod azure_cmds;
 pub mod backoff;
@@ -38,6 +37,7 @@ pub mod jobs;
 pub mod oversize;
 pub mod profile;
 pub mod shadow;
+mod shadows;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -429,8 +429,8 @@ struct Session<'a> {
     filters: Vec<Filter>,
     /// The filter of each SUBSCRIBE sent, in order (a filter of many topics takes several).
     sub_packets: Vec<Filter>,
-    /// The Device Shadow (`aws-iot` profile).
-    shadows: Option<aws::Shadows>,
+    /// The Device Shadow (`aws-iot` profile) or the device twin (`azure-iot-hub`).
+    shadows: Option<shadows::Shadows>,
     /// AWS IoT Jobs (`aws-iot` profile).
     jobs: &'a mut Option<jobs::Jobs>,
     /// Of those, the ones whose SUBACK came, in order.
@@ -635,7 +635,7 @@ impl Session<'_> {
                 connect_timeout
             };
             let linger = self.engine.poll_timeout();
-            let shadow_wake = self.shadows.as_ref().and_then(aws::Shadows::wake_at);
+            let shadow_wake = self.shadows.as_ref().and_then(shadows::Shadows::wake_at);
             let jobs_wake = self.jobs_wake();
             tokio::select! {
                 biased;
@@ -740,7 +740,7 @@ impl Session<'_> {
                     self.shadow_changed();
                 }
                 // A shadow update to retry, or unanswered.
-                () = sleep_until(shadow_wake), if shadow_wake.is_some() => self.shadow_tick(),
+                () = sleep_until(shadow_wake), if shadow_wake.is_some() => self.shadow_tick(client),
                 // A job request to send again, or unanswered.
                 () = sleep_until(jobs_wake), if jobs_wake.is_some() => {
                     if let Err(e) = self.jobs_tick(client) {
@@ -933,7 +933,15 @@ impl Session<'_> {
             // A delta made a desired document, or handled there.
             Some(Inbound::Shadow { shadow, msg }) => {
                 let shadow = shadow.to_owned();
-                match self.on_shadow(client, p, token, &shadow, msg) {
+                match self.on_shadow(client, p, token, shadows::DocMsg::Shadow { shadow, msg }) {
+                    Some(taken) => taken,
+                    None => return,
+                }
+            }
+            // The twin: a desired patch made a desired document, or handled there.
+            Some(Inbound::Hub(m @ (HubMsg::TwinResponse { .. } | HubMsg::DesiredPatch { .. }))) => {
+                let msg = shadows::DocMsg::of_hub(m);
+                match msg.and_then(|msg| self.on_shadow(client, p, token, msg)) {
                     Some(taken) => taken,
                     None => return,
                 }
@@ -953,12 +961,6 @@ impl Session<'_> {
                     self.on_not_command(&p.topic);
                     return;
                 }
-            }
-            // Azure IoT Hub: taken in by the twin, methods and cloud-to-device handlers.
-            Some(Inbound::Hub(_)) => {
-                let _ = client.try_ack(&p);
-                drop(token);
-                return;
             }
             Some(Inbound::Job { job, msg }) => {
                 let job = job.to_owned();

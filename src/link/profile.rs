@@ -40,6 +40,9 @@ pub enum Outbound<'a> {
     Shadow { shadow: &'a str, op: &'a str },
     /// A Jobs request (`op`: `start-next`), built by [`super::jobs`]; `aws-iot` only.
     Jobs { op: &'a str },
+    /// A device twin request (`op`: `update`, the reported patch, or `get`) with request id
+    /// `rid`, built by [`super::shadow`]; `azure-iot-hub` only.
+    Twin { op: &'a str, rid: &'a str },
 }
 
 /// What the agent acts on, recognised from an incoming topic.
@@ -130,7 +133,6 @@ impl Profile {
     }
 
     /// The `[azure]` settings of the `azure-iot-hub` profile.
-    #[allow(dead_code)] // until the twin and methods use it
     pub fn azure(&self) -> Option<&AzureConfig> {
         match self {
             Profile::AzureIotHub(a) => Some(a),
@@ -152,7 +154,7 @@ impl Profile {
             Outbound::Online { since } => (t.status(), QoS::AtLeastOnce, true, online(since)),
             Outbound::Offline => (t.status(), QoS::AtLeastOnce, true, OFFLINE.to_vec()),
             Outbound::Metrics => (t.metrics(), QoS::AtMostOnce, false, payload),
-            Outbound::Shadow { op, .. } | Outbound::Jobs { op } => {
+            Outbound::Shadow { op, .. } | Outbound::Jobs { op } | Outbound::Twin { op, .. } => {
                 (t.under(op), QoS::AtLeastOnce, false, payload)
             }
         };
@@ -305,7 +307,7 @@ fn aws_outbound(a: &AwsConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publicati
             OFFLINE.to_vec(),
         ),
         Outbound::Metrics => (a.metrics_topic.clone(), QoS::AtMostOnce, false, payload),
-        Outbound::Shadow { shadow, op } => (
+        Outbound::Shadow { shadow, op } | Outbound::Twin { op, rid: shadow } => (
             shadow_topic(a, shadow, op),
             QoS::AtLeastOnce,
             false,
@@ -347,12 +349,35 @@ fn azure_event(a: &AzureConfig, kind: &str, payload: &[u8]) -> String {
     super::iothub::events_topic(&a.device, &props)
 }
 
+/// Apply results patched into the twin: each its own request id (answers are told apart).
+static TWIN_RESULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn azure_outbound(a: &AzureConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publication {
     // A command answer to a direct method or a cloud-to-device message (`azure_cmds`).
     if let Outbound::Result { topic } = msg
         && let Some(p) = super::azure_cmds::answer(a, topic, &payload)
     {
         return p;
+    }
+    let twin = |topic: String, payload: Vec<u8>| Publication {
+        topic,
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        payload,
+    };
+    match msg {
+        Outbound::Twin { op: "get", rid } => return twin(iothub::twin_get(rid), payload),
+        Outbound::Twin { rid, .. } => return twin(iothub::twin_patch(rid), payload),
+        // Apply results go to the twin's `reported.edgesync.desired_result`.
+        Outbound::Result {
+            topic: "desired/result",
+        } => {
+            let n = TWIN_RESULTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let rid = format!("{}-{n}", super::shadow::RESULT_TOKEN);
+            let body = super::shadow::result_in(super::shadow::Dialect::Twin, &payload);
+            return twin(iothub::twin_patch(&rid), body);
+        }
+        _ => {}
     }
     // IoT Hub keeps no retained messages: presence is a device-to-cloud message (and IoT
     // Hub's own connection state events).
@@ -361,9 +386,10 @@ fn azure_outbound(a: &AzureConfig, msg: Outbound<'_>, payload: Vec<u8>) -> Publi
         Outbound::Online { since } => ("presence", QoS::AtLeastOnce, online(since)),
         Outbound::Offline => ("presence", QoS::AtLeastOnce, OFFLINE.to_vec()),
         Outbound::Metrics => ("metrics", QoS::AtMostOnce, payload),
-        Outbound::Result { .. } | Outbound::Shadow { .. } | Outbound::Jobs { .. } => {
-            ("result", QoS::AtLeastOnce, payload)
-        }
+        Outbound::Result { .. }
+        | Outbound::Shadow { .. }
+        | Outbound::Jobs { .. }
+        | Outbound::Twin { .. } => ("result", QoS::AtLeastOnce, payload),
     };
     Publication {
         topic: azure_event(a, kind, &payload),
@@ -671,5 +697,55 @@ mod tests {
             Profile::edgesync("p", "d").inbound("$aws/things/d/jobs/notify-next"),
             None
         );
+    }
+    #[test]
+    fn the_azure_profile_patches_and_reads_the_twin_and_puts_apply_results_in_it() {
+        let p = azure();
+        let g = p.outbound(
+            Outbound::Twin {
+                op: "get",
+                rid: "es-1",
+            },
+            Vec::new(),
+        );
+        assert_eq!(
+            (g.topic.as_str(), g.qos, g.retain),
+            ("$iothub/twin/GET/?$rid=es-1", QoS::AtLeastOnce, false)
+        );
+        let u = p.outbound(
+            Outbound::Twin {
+                op: "update",
+                rid: "es-2",
+            },
+            b"{}".to_vec(),
+        );
+        assert_eq!(u.topic, "$iothub/twin/PATCH/properties/reported/?$rid=es-2");
+        let result = br#"{"version":3,"status":"applied","keys":{}}"#;
+        let r1 = p.outbound(
+            Outbound::Result {
+                topic: "desired/result",
+            },
+            result.to_vec(),
+        );
+        let r2 = p.outbound(
+            Outbound::Result {
+                topic: "desired/result",
+            },
+            result.to_vec(),
+        );
+        for r in [&r1, &r2] {
+            let rid = r
+                .topic
+                .strip_prefix("$iothub/twin/PATCH/properties/reported/?$rid=");
+            assert!(
+                rid.is_some_and(super::super::shadow::is_result_token),
+                "{}",
+                r.topic
+            );
+            let doc: serde_json::Value = serde_json::from_slice(&r.payload).unwrap_or_default();
+            assert_eq!(doc["edgesync"]["desired_result"]["version"], 3);
+        }
+        // Each result its own request id.
+        assert_ne!(r1.topic, r2.topic);
     }
 }

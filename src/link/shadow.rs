@@ -22,6 +22,20 @@
 //! one key until past it, and a one-key update so rejected drops the key (counted, logged).
 //! 409, 429, 5xx, other codes and no answer within [`RESPONSE_TIMEOUT`] are retried with
 //! the reconnect backoff.
+//!
+//! # The device twin (`azure-iot-hub` profile)
+//! Azure IoT Hub's device twin is the same idea, spoken in another [`Dialect`]: one document,
+//! the reported patch is the bare `reported` object with the request id in the topic, its
+//! answer a status in the topic (204 accepted). From "Understand and use device twins in IoT
+//! Hub" (<https://learn.microsoft.com/azure/iot-hub/iot-hub-devguide-device-twins>): 32 KB of
+//! reported properties, objects at most 10 deep, property names of at most 1 KB without
+//! `.`, `$`, space or control characters (C0, C1), strings of at most 4 KB, integers within
+//! ±2^52; and "Communicate with an IoT hub using the MQTT protocol"
+//! (<https://learn.microsoft.com/azure/iot/iot-mqtt-connect-to-iot-hub>): 204 for a patch,
+//! 200 with the twin for a GET, 400 for a malformed patch, 429 throttled, 5xx server errors;
+//! desired patches carry `$version` and `null` for a removed property, and IoT Hub keeps no
+//! notification for a disconnected device: after each connect the device GETs the twin and
+//! ignores patches at or below its `desired.$version` ([`admit`], [`reconcile`]).
 
 use std::time::{Duration, Instant};
 
@@ -43,32 +57,186 @@ pub const IN_FLIGHT_MAX: usize = 8;
 /// Room for `{"reported":{}}` and the per-key estimate's slack.
 const STATE_SLACK: usize = 64;
 
+/// Most bytes of a twin's reported properties.
+pub const TWIN_STATE_MAX: usize = 32 * 1024;
+/// Deepest nesting of the twin's reported properties, the `reported` object being 1.
+pub const TWIN_DEPTH_MAX: usize = 10;
+/// Longest twin property name, in bytes.
+pub const TWIN_NAME_MAX: usize = 1024;
+/// Longest twin string value, in bytes.
+pub const TWIN_STRING_MAX: usize = 4096;
+/// Twin integers are within ±2^52.
+const TWIN_INT_MAX: i64 = (1 << 52) - 1;
+/// The twin's name for its watermark in the store (not an AWS shadow name).
+pub const TWIN: &str = "$twin";
+
+/// How a cloud's state document is spoken: the profile chooses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dialect {
+    /// AWS IoT Device Shadow (`aws-iot`).
+    #[default]
+    Shadow,
+    /// Azure IoT Hub device twin (`azure-iot-hub`).
+    Twin,
+}
+
+impl Dialect {
+    /// Most bytes of reported state in one document.
+    pub fn state_max(self) -> usize {
+        match self {
+            Dialect::Shadow => STATE_MAX,
+            Dialect::Twin => TWIN_STATE_MAX,
+        }
+    }
+
+    /// Most bytes of an apply result: a share of the state, the rest left to the values.
+    pub fn result_max(self) -> usize {
+        match self {
+            Dialect::Shadow => RESULT_MAX,
+            // Also within one twin string (an error text).
+            Dialect::Twin => TWIN_STRING_MAX,
+        }
+    }
+
+    /// What logs and figures call the document.
+    pub fn what(self) -> &'static str {
+        match self {
+            Dialect::Shadow => "shadow",
+            Dialect::Twin => "twin",
+        }
+    }
+
+    /// An update of `reported` with request id `token`.
+    fn update(self, reported: &Value, token: &str) -> Vec<u8> {
+        match self {
+            Dialect::Shadow => {
+                format!(r#"{{"state":{{"reported":{reported}}},"clientToken":"{token}"}}"#)
+                    .into_bytes()
+            }
+            Dialect::Twin => reported.to_string().into_bytes(),
+        }
+    }
+
+    /// A rejection that will not pass however often it is sent again. The twin's MQTT
+    /// page lists 400 for a patch it cannot take, but a reported section over 32 KB has
+    /// been answered 403 (errorCode 403100, <https://github.com/Azure/iotedge/issues/7035>):
+    /// every 4xx but 429 (throttled) is taken as permanent.
+    pub fn permanent(self, code: u64) -> bool {
+        match self {
+            Dialect::Shadow => permanent(code),
+            Dialect::Twin => (400..500).contains(&code) && code != 429,
+        }
+    }
+
+    /// The body of a read with request id `token` (the twin's is in the topic).
+    pub fn get_body(self, token: &str) -> Vec<u8> {
+        match self {
+            Dialect::Shadow => format!(r#"{{"clientToken":"{token}"}}"#).into_bytes(),
+            Dialect::Twin => Vec::new(),
+        }
+    }
+}
+
+/// Why `value` cannot be a twin property (a name, string or integer out of the twin's
+/// rules; [`TWIN_DEPTH_MAX`] is checked by [`insert`]).
+#[inline(never)]
+fn twin_check(value: &Value) -> Result<(), String> {
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    twin_name(k)?;
+                    stack.push(v);
+                }
+            }
+            Value::Array(items) => stack.extend(items),
+            Value::String(s) if s.len() > TWIN_STRING_MAX => {
+                return Err(format!(
+                    "a string is longer than the twin's {TWIN_STRING_MAX} bytes"
+                ));
+            }
+            Value::Number(n)
+                if n.as_i64().map_or(n.is_u64(), |i| {
+                    !(-TWIN_INT_MAX - 1..=TWIN_INT_MAX).contains(&i)
+                }) =>
+            {
+                return Err(format!("the integer {n} is beyond the twin's ±2^52"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A twin property name: 1-1024 bytes, none of `.`, `$`, space, control characters.
+fn twin_name(name: &str) -> Result<(), String> {
+    let bad = name
+        .chars()
+        .find(|c| matches!(c, '.' | '$' | ' ') || c.is_control());
+    if name.is_empty() || name.len() > TWIN_NAME_MAX || bad.is_some() {
+        return Err(format!(
+            "the property name {:?} is not a twin's (1-{TWIN_NAME_MAX} bytes without '.', '$', \
+             space or control characters)",
+            crate::model::text::shorten(name)
+        ));
+    }
+    Ok(())
+}
+
 /// `key` set to `value` in `reported`: split at dots into nested objects when `nested`, at
 /// most as deep as the shadow allows (the rest of the key stays dotted in the innermost
 /// member). `Err` when the value alone nests too deep. A later key replaces an earlier
 /// value on its path, as the shadow's own merge does.
-#[inline(never)]
+#[cfg(test)]
 fn insert(
     reported: &mut Map<String, Value>,
     key: &str,
     value: Value,
     nested: bool,
 ) -> Result<(), String> {
-    let room = (DEPTH_MAX - 1).checked_sub(crate::model::rules::depth(&value));
+    insert_in(Dialect::Shadow, reported, key, value, nested)
+}
+
+/// [`insert`] in `dialect`: the twin always nests, and checks its rules, so a key whose
+/// dots cannot all become objects (too deep) or a value out of its rules is refused.
+#[inline(never)]
+fn insert_in(
+    dialect: Dialect,
+    reported: &mut Map<String, Value>,
+    key: &str,
+    value: Value,
+    nested: bool,
+) -> Result<(), String> {
+    let (max, above) = match dialect {
+        Dialect::Shadow => (DEPTH_MAX, DEPTH_MAX - 1),
+        Dialect::Twin => (TWIN_DEPTH_MAX, TWIN_DEPTH_MAX),
+    };
+    let room = above.checked_sub(crate::model::rules::depth(&value));
+    let twin = dialect == Dialect::Twin;
     let levels = match room {
-        Some(r) if r >= 1 => {
-            if nested {
+        Some(r) if r >= 1 && (!twin || key.split('.').count() <= r) => {
+            if nested || twin {
                 r
             } else {
                 1
             }
         }
+        _ if twin => {
+            return Err(format!(
+                "its key and value nest deeper than the twin's {max} levels"
+            ));
+        }
         _ => {
             return Err(format!(
-                "its value nests deeper than the shadow's {DEPTH_MAX} levels"
+                "its value nests deeper than the shadow's {max} levels"
             ));
         }
     };
+    if twin {
+        key.split('.').try_for_each(twin_name)?;
+        twin_check(&value)?;
+    }
     let mut parts = key.splitn(levels, '.');
     let mut map = reported;
     let mut part = parts.next().unwrap_or(key);
@@ -96,21 +264,26 @@ fn cost(key: &str, value: &Value) -> usize {
     v + key.len() + 6 * key.split('.').count()
 }
 
-/// Dotted keys of a shadow state object: nested objects flattened when `nested`.
+/// Dotted keys of a shadow state object: nested objects flattened when `nested`; members
+/// whose name starts with `$` left out when `meta` (the twin's `$version`, `$metadata`).
 pub fn flatten(
     state: &Map<String, Value>,
     nested: bool,
+    meta: bool,
     prefix: &str,
     out: &mut Map<String, Value>,
 ) {
     for (k, v) in state {
+        if meta && k.starts_with('$') {
+            continue;
+        }
         let key = if prefix.is_empty() {
             k.clone()
         } else {
             format!("{prefix}.{k}")
         };
         match v {
-            Value::Object(m) if nested && !m.is_empty() => flatten(m, nested, &key, out),
+            Value::Object(m) if nested && !m.is_empty() => flatten(m, nested, meta, &key, out),
             v => {
                 out.insert(key, v.clone());
             }
@@ -155,7 +328,7 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
     };
     let mut keys = Map::new();
     if nested {
-        flatten(delta, true, "", &mut keys);
+        flatten(delta, true, false, "", &mut keys);
     } else {
         for (k, v) in delta {
             let v = whole.and_then(|w| w.get(k)).unwrap_or(v);
@@ -175,6 +348,77 @@ pub fn desired(payload: &[u8], from_get: bool, nested: bool) -> Desired {
         doc.insert("ts".into(), Value::from(t.saturating_mul(1000)));
     }
     Desired::Apply(Value::Object(doc))
+}
+
+/// A twin's desired patch (`from_get`: the `desired` of the GET answer) as a desired
+/// document: `version` its `$version` (`topic`: the one in the patch's topic, preferred),
+/// `state` its properties flattened to dotted keys without `$` members (`null`: removed).
+/// An empty `state` stays a document (its version is still taken in by the driver).
+#[inline(never)]
+pub fn twin_desired(payload: &[u8], from_get: bool, topic: Option<u64>) -> Desired {
+    let body = parse(payload);
+    let desired = if from_get {
+        body.get("desired")
+    } else {
+        Some(&body)
+    };
+    let Some(Value::Object(d)) = desired else {
+        return Desired::Nothing;
+    };
+    let Some(version) = topic.or_else(|| d.get("$version").and_then(Value::as_u64)) else {
+        return Desired::Nothing;
+    };
+    let mut keys = Map::new();
+    flatten(d, true, true, "", &mut keys);
+    let mut doc = Map::new();
+    doc.insert("version".into(), Value::from(version));
+    doc.insert("state".into(), Value::Object(keys));
+    Desired::Apply(Value::Object(doc))
+}
+
+/// What to do with a desired document of `version`, `taken` being the highest version
+/// taken in (by the store, or handed to the pipeline on this connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    Apply,
+    /// Stale or a duplicate: never applied again.
+    Skip,
+    /// A twin patch past a missed one: read the whole twin instead.
+    Get,
+}
+
+/// Shadow versions grow with every update (the agent's own too), so only "above" counts;
+/// a twin's desired `$version` grows by one per desired patch, so a patch beyond the next
+/// one means one was missed (IoT Hub does not keep them for a disconnected device).
+pub fn admit(dialect: Dialect, version: u64, taken: Option<u64>, from_get: bool) -> Admit {
+    let t = taken.unwrap_or(0);
+    if taken.is_some_and(|t| version <= t) {
+        Admit::Skip
+    } else if dialect == Dialect::Twin && !from_get && version > t.saturating_add(1) {
+        Admit::Get
+    } else {
+        Admit::Apply
+    }
+}
+
+/// The twin's whole desired state (a document from its GET) made a patch against the
+/// desired state the agent holds (`current`): keys with the same value left out, keys the
+/// twin no longer has set to `null` (removed while the agent was away, as a patch would
+/// have), so a reconnect re-runs no handler for what did not change.
+#[inline(never)]
+pub fn reconcile(doc: &mut Value, current: &std::collections::BTreeMap<String, Value>) {
+    let Some(Value::Object(state)) = doc.get_mut("state") else {
+        return;
+    };
+    let gone: Vec<&String> = current
+        .iter()
+        .filter(|(k, v)| !v.is_null() && !state.contains_key(*k))
+        .map(|(k, _)| k)
+        .collect();
+    state.retain(|k, v| current.get(k) != Some(v));
+    for k in gone {
+        state.insert(k.clone(), Value::Null);
+    }
 }
 
 /// A JSON payload (`Null` when it is not JSON), with the desired documents' parser.
@@ -207,6 +451,14 @@ pub const RESULT_MAX: usize = 2048;
 /// 8 KB; arrays replace whole ("Device Shadow service documents",
 /// https://docs.aws.amazon.com/iot/latest/developerguide/device-shadow-document.html).
 pub fn result_update(payload: &[u8]) -> Vec<u8> {
+    result_in(Dialect::Shadow, payload)
+}
+
+/// The apply result of `payload` as an update of `reported.edgesync.desired_result` in
+/// `dialect` ([`result_update`]; the twin merges objects and replaces arrays as the
+/// shadow does, so the result has the same form), within [`Dialect::result_max`].
+#[inline(never)]
+pub fn result_in(dialect: Dialect, payload: &[u8]) -> Vec<u8> {
     let mut r = parse(payload);
     if let Some(Value::Object(keys)) = r.get_mut("keys").map(std::mem::take) {
         let entries = keys.into_iter().map(|(k, v)| {
@@ -222,15 +474,24 @@ pub fn result_update(payload: &[u8]) -> Vec<u8> {
         });
         r["keys"] = Value::Array(entries.collect());
     }
-    trim_result(&mut r, RESULT_MAX);
+    trim_result(&mut r, dialect.result_max());
     // The shadow merges: `null` removes what an earlier result left.
     if let Value::Object(m) = &mut r {
         for k in ["error", "trimmed"] {
             m.entry(k).or_insert(Value::Null);
         }
     }
-    format!(r#"{{"state":{{"reported":{{"edgesync":{{"desired_result":{r}}}}}}},"clientToken":"edgesync-result"}}"#)
-        .into_bytes()
+    let reported = serde_json::json!({"edgesync": {"desired_result": r}});
+    dialect.update(&reported, RESULT_TOKEN)
+}
+
+/// The request id of apply results (the twin's: followed by a number, see
+/// [`is_result_token`]).
+pub const RESULT_TOKEN: &str = "edgesync-result";
+
+/// Whether an answer is to an apply result.
+pub fn is_result_token(token: &str) -> bool {
+    token.starts_with(RESULT_TOKEN)
 }
 
 /// Keeps an apply result within `max` bytes of JSON: entries of the `keys` array that do
@@ -278,7 +539,20 @@ pub fn response(payload: &[u8]) -> (Option<String>, u64, String) {
     (token, code, message)
 }
 
-/// A rejection that will not pass however often it is sent again.
+/// The reason in a twin error answer's body: its `message` or `Message` (IoT Hub's error
+/// JSON), else the text itself, shortened.
+pub fn twin_error(payload: &[u8]) -> String {
+    let v = parse(payload);
+    let m = ["message", "Message"]
+        .into_iter()
+        .find_map(|k| v.get(k).and_then(Value::as_str));
+    match m {
+        Some(m) => crate::model::text::shorten(m),
+        None => crate::model::text::shorten(&String::from_utf8_lossy(payload)),
+    }
+}
+
+/// A rejection of the shadow that will not pass however often it is sent again.
 pub fn permanent(code: u64) -> bool {
     matches!(code, 400 | 413)
 }
@@ -326,6 +600,7 @@ pub fn room(reporters: &[Reporter]) -> bool {
 #[derive(Debug)]
 pub struct Reporter {
     pub shadow: String,
+    pub dialect: Dialect,
     /// Keys with a latest seq up to this are in the shadow (or dropped).
     pub watermark: u64,
     inflight: Option<Inflight>,
@@ -339,12 +614,25 @@ impl Reporter {
     pub fn new(shadow: String, watermark: u64, backoff: Backoff) -> Self {
         Reporter {
             shadow,
+            dialect: Dialect::Shadow,
             watermark,
             inflight: None,
             retry_at: None,
             backoff,
             single_until: 0,
         }
+    }
+
+    /// The reporter of the device twin.
+    pub fn twin(watermark: u64, backoff: Backoff) -> Self {
+        let mut r = Reporter::new(TWIN.to_owned(), watermark, backoff);
+        r.dialect = Dialect::Twin;
+        r
+    }
+
+    /// Whether `token` is the update in flight.
+    pub fn owns(&self, token: &str) -> bool {
+        self.inflight.as_ref().is_some_and(|i| i.token == token)
     }
 
     /// Whether an update may be sent at `now` (none in flight, no backoff running).
@@ -392,7 +680,8 @@ impl Reporter {
         now: Instant,
     ) -> Option<Update> {
         latest.retain(|(_, s, _)| *s > self.watermark);
-        let budget = STATE_MAX - STATE_SLACK;
+        let d = self.dialect;
+        let budget = d.state_max() - STATE_SLACK;
         let mut reported = Map::new();
         let (mut used, mut keys, mut top) = (0, 0, None);
         let mut dropped = Vec::new();
@@ -404,11 +693,12 @@ impl Reporter {
                 break;
             }
             if c > budget {
+                let (w, max) = (d.what(), d.state_max());
                 dropped.push((
                     key,
-                    format!("its value is larger than the shadow's {STATE_MAX} bytes"),
+                    format!("its value is larger than the {w}'s {max} bytes"),
                 ));
-            } else if let Err(why) = insert(&mut reported, &key, value, nested) {
+            } else if let Err(why) = insert_in(d, &mut reported, &key, value, nested) {
                 dropped.push((key, why));
             } else {
                 used += c;
@@ -429,7 +719,7 @@ impl Reporter {
             });
             self.retry_at = None;
             let reported = Value::Object(std::mem::take(&mut reported));
-            format!(r#"{{"state":{{"reported":{reported}}},"clientToken":"{token}"}}"#).into_bytes()
+            d.update(&reported, token)
         });
         if payload.is_none() {
             self.watermark = self.watermark.max(top);
@@ -456,7 +746,7 @@ impl Reporter {
         let Some(i) = self.inflight.take_if(|i| i.token == token) else {
             return Rejected::Unknown;
         };
-        if !permanent(code) {
+        if !self.dialect.permanent(code) {
             let d = self.backoff.next_delay(unit);
             self.retry_at = Some(now + d);
             return Rejected::Retry(d);
@@ -795,5 +1085,229 @@ mod tests {
         assert!(rs[5].tick(now + RESPONSE_TIMEOUT));
         assert_eq!(send(&mut rs, 9), [9]);
         assert!(!room(&rs));
+    }
+    fn twin() -> Reporter {
+        let b = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(8),
+            Duration::from_secs(60),
+        );
+        Reporter::twin(0, b)
+    }
+
+    #[test]
+    fn the_twin_patch_is_the_bare_reported_object_nested_at_dots() {
+        let mut r = twin();
+        let now = Instant::now();
+        let l = latest(&[("led.mode", 3, json!("blink")), ("temp", 2, json!(21.5))]);
+        let u = r.next(l, false, "es-1", now).unwrap_or_else(|| panic!());
+        // Always nested (a twin name may not hold a dot), no envelope: the rid is in the topic.
+        assert_eq!(doc(&u), json!({"led": {"mode": "blink"}, "temp": 21.5}));
+        assert_eq!(
+            (r.shadow.as_str(), r.owns("es-1"), r.owns("x")),
+            (TWIN, true, false)
+        );
+        assert_eq!(r.accepted("es-1"), Some(3));
+        assert_eq!(Dialect::Twin.get_body("t"), b"");
+        assert_eq!(Dialect::Shadow.get_body("t"), br#"{"clientToken":"t"}"#);
+    }
+
+    #[test]
+    fn twin_patches_fill_32_kb_and_what_breaks_the_twin_rules_is_dropped_with_why() {
+        let mut r = twin();
+        let now = Instant::now();
+        let big = "x".repeat(3000);
+        let l: Vec<_> = (1..=30).map(|i| (format!("k{i}"), i, json!(big))).collect();
+        let u = r.next(l, true, "t", now).unwrap_or_else(|| panic!());
+        let p = u.payload.clone().unwrap_or_default();
+        assert!(
+            p.len() <= TWIN_STATE_MAX && u.keys >= 9,
+            "{} {}",
+            p.len(),
+            u.keys
+        );
+        r.accepted("t");
+        let mut r = twin();
+        let deep = (0..10).fold(json!(1), |v, _| json!({"a": v}));
+        let cases = [
+            ("name.dollar", json!({"$x": 1}), "property name"),
+            ("name.dot", json!({"a.b": 1}), "property name"),
+            ("name.space", json!({"a b": 1}), "property name"),
+            ("name.control", json!({"a\u{85}": 1}), "property name"),
+            ("name.long", json!({"n".repeat(1025): 1}), "property name"),
+            ("empty..segment", json!(1), "property name"),
+            ("string", json!("s".repeat(4097)), "4096"),
+            ("int", json!(1u64 << 52), "2^52"),
+            ("neg", json!(-(1i64 << 52) - 1), "2^52"),
+            ("deep", deep, "10 levels"),
+            ("a.b.c.d.e.f.g.h.i.j.k", json!(1), "10 levels"),
+            ("huge", json!("y".repeat(40_000)), "32768"),
+        ];
+        let l: Vec<_> = cases
+            .iter()
+            .enumerate()
+            .map(|(i, (k, v, _))| ((*k).to_owned(), i as u64 + 1, v.clone()))
+            .collect();
+        let u = r.next(l, true, "t", now).unwrap_or_else(|| panic!());
+        assert_eq!((u.payload.as_ref(), u.dropped.len()), (None, cases.len()));
+        for ((key, why), (k, _, want)) in u.dropped.iter().zip(&cases) {
+            assert_eq!(key, k);
+            assert!(why.contains(want), "{key}: {why}");
+        }
+        assert_eq!(r.watermark, cases.len() as u64);
+        // At the bounds: still a twin's.
+        let ok = latest(&[
+            ("a.b.c.d.e.f.g.h.i.j", 20, json!(1)),
+            ("s", 21, json!("s".repeat(4096))),
+            ("i", 22, json!((1i64 << 52) - 1)),
+            (
+                "n",
+                23,
+                json!({"é-ok_1": [1, {"x": -(1i64 << 52)}], "m": 1.5e300}),
+            ),
+        ]);
+        let u = r.next(ok, true, "t2", now).unwrap_or_else(|| panic!());
+        assert_eq!((u.keys, u.dropped.len()), (4, 0), "{:?}", u.dropped);
+        // The patch (the reported object) is level 1: at most 10.
+        assert!(crate::model::rules::depth(&doc(&u)) <= TWIN_DEPTH_MAX);
+    }
+
+    #[test]
+    fn twin_answers_retry_on_429_and_5xx_and_split_then_drop_on_400() {
+        let mut r = twin();
+        let now = Instant::now();
+        let l = latest(&[("a", 1, json!(1)), ("b", 2, json!(2))]);
+        r.next(l.clone(), true, "t1", now);
+        for code in [429, 500, 503] {
+            assert!(matches!(
+                r.rejected("t1", code, now, 0.5),
+                Rejected::Retry(_)
+            ));
+            r.next(l.clone(), true, "t1", now + Duration::from_secs(60));
+        }
+        assert_eq!(r.rejected("t1", 400, now, 0.5), Rejected::Split);
+        r.next(l.clone(), true, "t2", now);
+        assert_eq!(r.rejected("t2", 400, now, 0.5), Rejected::Dropped(1));
+        r.next(l.clone(), true, "t3", now);
+        assert_eq!(r.accepted("t3"), Some(2));
+        let t = Dialect::Twin;
+        assert!(!t.permanent(429) && !t.permanent(500) && !t.permanent(503));
+        assert!(t.permanent(400) && t.permanent(403) && t.permanent(413));
+        assert!(!Dialect::Shadow.permanent(403) && Dialect::Shadow.permanent(413));
+        assert_eq!(
+            twin_error(br#"{"Message":"{\"errorCode\":400004}","ExceptionMessage":""}"#),
+            r#"{"errorCode":400004}"#
+        );
+        assert_eq!(twin_error(b"bad patch"), "bad patch");
+    }
+
+    #[test]
+    fn twin_desired_patches_and_the_get_become_desired_documents() {
+        let patch = br#"{"led": {"mode": "blink", "old": null}, "setpoint": 20, "gone": null, "$version": 8}"#;
+        let Desired::Apply(d) = twin_desired(patch, false, Some(8)) else {
+            panic!()
+        };
+        assert_eq!(
+            d,
+            json!({"version": 8, "state": {"led.mode": "blink", "led.old": null, "setpoint": 20, "gone": null}})
+        );
+        // The topic's version wins; the body's serves without it.
+        let Desired::Apply(d) = twin_desired(br#"{"x": 1, "$version": 3}"#, false, None) else {
+            panic!()
+        };
+        assert_eq!(d["version"], 3);
+        let get = br#"{"desired": {"x": {"y": 1, "$metadata": {"a": 1}}, "$version": 5}, "reported": {"z": 1, "$version": 9}}"#;
+        let Desired::Apply(d) = twin_desired(get, true, None) else {
+            panic!()
+        };
+        assert_eq!(d, json!({"version": 5, "state": {"x.y": 1}}));
+        // An empty desired is a document too (its version is taken in).
+        let Desired::Apply(d) = twin_desired(br#"{"desired": {"$version": 1}}"#, true, None) else {
+            panic!()
+        };
+        assert_eq!(d["state"], json!({}));
+        for p in [&b"{}"[..], br#"{"desired": 1}"#, b"\xa1", br#"{"x": 1}"#] {
+            assert_eq!(twin_desired(p, false, None), Desired::Nothing, "{p:?}");
+        }
+        assert_eq!(
+            twin_desired(br#"{"reported": {}}"#, true, None),
+            Desired::Nothing
+        );
+    }
+
+    #[test]
+    fn stale_and_duplicate_versions_are_never_applied_and_a_gap_reads_the_twin() {
+        use Admit::{Apply, Get, Skip};
+        let t = Dialect::Twin;
+        // The next version applies; the same or an older one never again.
+        assert_eq!(admit(t, 6, Some(5), false), Apply);
+        assert_eq!(admit(t, 5, Some(5), false), Skip);
+        assert_eq!(admit(t, 4, Some(5), false), Skip);
+        assert_eq!(admit(t, 5, Some(5), true), Skip);
+        assert_eq!(admit(t, 3, Some(5), true), Skip);
+        // A patch past a missed one: GET; the GET itself applies whatever its version.
+        assert_eq!(admit(t, 7, Some(5), false), Get);
+        assert_eq!(admit(t, 9, Some(5), true), Apply);
+        assert_eq!(admit(t, 2, None, false), Get);
+        assert_eq!(admit(t, 1, None, false), Apply);
+        assert_eq!(admit(t, 1, None, true), Apply);
+        // Shadow versions have gaps by nature.
+        assert_eq!(admit(Dialect::Shadow, 9, Some(5), false), Apply);
+        assert_eq!(admit(Dialect::Shadow, 5, Some(5), false), Skip);
+    }
+
+    #[test]
+    fn the_get_reconciles_against_the_desired_state_held() {
+        let held: std::collections::BTreeMap<String, Value> = [
+            ("same", json!(1)),
+            ("changed", json!(1)),
+            ("removed", json!("x")),
+            ("was.null", Value::Null),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let mut doc = json!({"version": 9, "state": {"same": 1, "changed": 2, "new": {"a": 1}}});
+        reconcile(&mut doc, &held);
+        assert_eq!(
+            doc,
+            json!({"version": 9, "state": {"changed": 2, "new": {"a": 1}, "removed": null}})
+        );
+        // Nothing changed: an empty document (its version is still taken in).
+        let mut doc = json!({"version": 10, "state": {"same": 1}});
+        let held: std::collections::BTreeMap<String, Value> =
+            [("same".to_owned(), json!(1))].into_iter().collect();
+        reconcile(&mut doc, &held);
+        assert_eq!(doc["state"], json!({}));
+    }
+
+    #[test]
+    fn twin_results_patch_reported_edgesync_within_4_kb() {
+        let r = br#"{"version": 7, "status": "applied", "keys": {"a": {"status": "applied"}}}"#;
+        let u: Value = serde_json::from_slice(&result_in(Dialect::Twin, r)).unwrap_or_default();
+        assert_eq!(
+            u,
+            json!({"edgesync": {"desired_result": {"version": 7, "status": "applied", "keys": [{"key": "a", "status": "applied"}], "error": null, "trimmed": null}}})
+        );
+        let keys: Map<String, Value> = (0..500)
+            .map(|i| {
+                (
+                    format!("k.{i:03}"),
+                    json!({"status": "rejected", "error": "x".repeat(40)}),
+                )
+            })
+            .collect();
+        let r = json!({"version": 8, "status": "rejected", "keys": keys}).to_string();
+        let u: Value =
+            serde_json::from_slice(&result_in(Dialect::Twin, r.as_bytes())).unwrap_or_default();
+        let d = &u["edgesync"]["desired_result"];
+        assert!(d.to_string().len() <= TWIN_STRING_MAX + 13);
+        assert!(d["trimmed"].as_u64().is_some_and(|n| n > 400), "{d}");
+        assert!(is_result_token("edgesync-result-3") && !is_result_token("es-1-1"));
+        // The AWS form is unchanged.
+        assert_eq!(
+            result_update(r.as_bytes()),
+            result_in(Dialect::Shadow, r.as_bytes())
+        );
     }
 }

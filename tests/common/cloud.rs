@@ -49,6 +49,14 @@ pub fn aws_agent(pki: &TestPki, port: u16) -> AgentOptions {
     o
 }
 
+/// [`tls_agent`] for the `azure-iot-hub` profile with IoT hub `hub` (its `[cloud]` and
+/// `[azure]` sections in `extra_toml`: append further sections).
+pub fn azure_agent(pki: &TestPki, port: u16, hub: &str) -> AgentOptions {
+    let mut o = tls_agent(pki, port, "");
+    o.extra_toml = format!("[cloud]\nprofile = \"azure-iot-hub\"\n[azure]\nhub = \"{hub}\"\n");
+    o
+}
+
 /// Agent options for a TLS broker at `port` with the pki's client cert and CA, refusing
 /// changes when full; `mqtt` is further `[mqtt]` lines.
 pub fn tls_options(pki: &TestPki, port: u16, mqtt: &str) -> AgentOptions {
