@@ -241,15 +241,15 @@ pub fn run<E: Emu>(emu: &E, daemon: &Daemon, socket: &Path, stamps: &Path) -> Re
         doc_bytes as f64 / REPORTS as f64
     );
     println!(
-        "desired → handler start       p50 ({DELTAS} changes)       {:8.2} ms",
+        "desired → handler start p50 ({DELTAS} changes)              {:8.2} ms",
         pct(0.5)
     );
     println!(
-        "desired → handler start       p95                      {:8.2} ms",
+        "desired → handler start p95                            {:8.2} ms",
         pct(0.95)
     );
     println!(
-        "desired → handler start       max                      {:8.2} ms",
+        "desired → handler start max                            {:8.2} ms",
         pct(1.0)
     );
     Ok(())
