@@ -154,8 +154,7 @@ fn crashes(log: &str, points: &[&str]) -> Vec<(String, usize)> {
 
 #[test]
 fn desired_documents_killed_between_receipt_and_puback_are_applied_exactly_once() {
-    if !cfg!(debug_assertions) {
-        eprintln!("release build: no crash points, nothing to test");
+    if common::no_debug_hooks() {
         return;
     }
     let n = cycles();
@@ -216,8 +215,7 @@ fn desired_documents_killed_between_receipt_and_puback_are_applied_exactly_once(
 
 #[test]
 fn commands_killed_between_receipt_and_puback_run_exactly_once() {
-    if !cfg!(debug_assertions) {
-        eprintln!("release build: no crash points, nothing to test");
+    if common::no_debug_hooks() {
         return;
     }
     let n = cycles();

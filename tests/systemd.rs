@@ -302,8 +302,7 @@ fn a_watchdog_meant_for_another_pid_gets_no_pings() {
 /// Starts an agent whose `stall_var` loop gets stuck 1.5 s after start, and checks that the
 /// pings stop and the status line names `loop_name`.
 fn pings_stop_when_stuck(stall_var: &str, loop_name: &str) {
-    if !cfg!(debug_assertions) {
-        eprintln!("skipped: the stall hooks exist in debug builds only");
+    if common::no_debug_hooks() {
         return;
     }
     let n = Notifications::bind();
@@ -371,7 +370,10 @@ fn run_on_a_terminal() -> Option<String> {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("skipped: script(1) not available: {e}");
+            common::skip_unless_required(
+                "EDGESYNC_REQUIRE_SCRIPT",
+                &format!("the terminal part: script(1) not available: {e}"),
+            );
             return None;
         }
     };
@@ -950,7 +952,7 @@ path = "{STATE}/desired/{{key}}.json"
 
     // A stuck store writer (debug builds): systemd's watchdog kills the agent and
     // Restart=on-failure starts it again.
-    if cfg!(debug_assertions) {
+    if !common::no_debug_hooks() {
         let dropin = format!("{BASE}/config/systemd/user/edgesync.service.d");
         let o = um.ns(&[
             "sh",

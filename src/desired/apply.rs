@@ -438,6 +438,66 @@ mod tests {
         }
     }
 
+    /// Takes in `payload` and applies whatever that put in the inbox; returns how many
+    /// documents were applied.
+    async fn receive_and_apply(a: &Applier, payload: &[u8]) -> usize {
+        a.receive(payload).await.unwrap();
+        let docs = dstore::inbox(&a.outbox).unwrap();
+        let n = docs.len();
+        for d in docs {
+            a.apply(d).await.unwrap();
+        }
+        n
+    }
+
+    // Issue 21: a duplicate desired version applied again was caught only by an
+    // integration test's timeout.
+    #[tokio::test]
+    async fn a_duplicate_or_stale_desired_version_is_never_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = crate::store::test_outbox(dir.path());
+        let config = Config::from_toml_str(
+            std::path::Path::new("/test/edgesync.toml"),
+            "[device]\nid = \"pump-0042\"\n\n[mqtt]\nurl = \"mqtt://localhost\"\nallow_plaintext = true\n",
+        )
+        .unwrap();
+        let (_config, rx) = watch::channel(Arc::new(config));
+        let a = Applier::new(outbox.clone(), rx, Watchers::default());
+        let doc = |version: u64, k: u64| {
+            serde_json::to_vec(&json!({"version": version, "state": {"k": k}})).unwrap()
+        };
+        // Twice before it is applied (a QoS 1 redelivery): taken in once.
+        a.receive(&doc(2, 1)).await.unwrap();
+        assert_eq!(receive_and_apply(&a, &doc(2, 1)).await, 1);
+        // Again once applied, with another value; then an older version: neither applied.
+        assert_eq!(receive_and_apply(&a, &doc(2, 5)).await, 0, "duplicate");
+        assert_eq!(receive_and_apply(&a, &doc(1, 7)).await, 0, "stale");
+        assert_eq!(dstore::applied_version(&outbox).unwrap(), Some(2));
+        let history = dstore::history(&outbox, "k").unwrap();
+        assert_eq!(
+            history.iter().map(|h| (h.version, h.value.clone())).collect::<Vec<_>>(),
+            vec![(2, json!(1))],
+            "applied once, with the first value"
+        );
+        let statuses: Vec<(Value, Value)> = dstore::pending_results(&outbox)
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let v: Value = serde_json::from_slice(&r.payload).unwrap();
+                (v["version"].clone(), v["status"].clone())
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            vec![
+                (json!(2), json!("applied")),
+                (json!(2), json!("duplicate")),
+                (json!(1), json!("stale")),
+            ]
+        );
+        outbox.shutdown().await;
+    }
+
     // A key without a handler is only recorded: `applied`, marked `"handler": "none"`.
     #[test]
     fn a_key_without_a_handler_is_applied_and_says_it_was_only_recorded() {

@@ -637,6 +637,26 @@ pub fn error_code(answer: &Value) -> &str {
     answer["error"]["code"].as_str().expect("error.code")
 }
 
+/// Skips a test that cannot test here (`why`), loudly; with `require_var=1` (CI) that is a
+/// failure instead. Returns true when the test must return without testing.
+pub fn skip_unless_required(require_var: &str, why: &str) -> bool {
+    let required = std::env::var_os(require_var).is_some_and(|v| v == "1");
+    assert!(!required, "{require_var}=1 but this test cannot test: {why}");
+    eprintln!("SKIPPED (nothing tested): {why}; {require_var}=1 makes this a failure");
+    true
+}
+
+/// Crash points and stall hooks (`EDGESYNC_DEBUG_*`) exist in debug builds only: true when
+/// the test must return (a release build), loudly, and a failure with
+/// `EDGESYNC_REQUIRE_DEBUG_HOOKS=1` (set by `.ci/run`).
+pub fn no_debug_hooks() -> bool {
+    !cfg!(debug_assertions)
+        && skip_unless_required(
+            "EDGESYNC_REQUIRE_DEBUG_HOOKS",
+            "a release build has no crash points or stall hooks",
+        )
+}
+
 /// A tmpfs of a given size mounted for one test (tests of a full disk); unmounted (lazily) on
 /// drop.
 pub struct Tmpfs(PathBuf);
