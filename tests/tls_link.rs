@@ -201,7 +201,10 @@ async fn every_client_key_format_connects() {
         _ => {
             // Loud, and a failure where openssl must be there (.ci/run).
             let required = std::env::var("EDGESYNC_REQUIRE_OPENSSL").as_deref() == Ok("1");
-            assert!(!required, "EDGESYNC_REQUIRE_OPENSSL=1 but openssl is missing");
+            assert!(
+                !required,
+                "EDGESYNC_REQUIRE_OPENSSL=1 but openssl is missing"
+            );
             eprintln!(
                 "SKIPPED (not tested): the RSA key formats: no RSA client key (openssl missing); \
                  EDGESYNC_REQUIRE_OPENSSL=1 makes this a failure"

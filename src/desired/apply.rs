@@ -475,7 +475,10 @@ mod tests {
         assert_eq!(dstore::applied_version(&outbox).unwrap(), Some(2));
         let history = dstore::history(&outbox, "k").unwrap();
         assert_eq!(
-            history.iter().map(|h| (h.version, h.value.clone())).collect::<Vec<_>>(),
+            history
+                .iter()
+                .map(|h| (h.version, h.value.clone()))
+                .collect::<Vec<_>>(),
             vec![(2, json!(1))],
             "applied once, with the first value"
         );

@@ -641,7 +641,10 @@ pub fn error_code(answer: &Value) -> &str {
 /// failure instead. Returns true when the test must return without testing.
 pub fn skip_unless_required(require_var: &str, why: &str) -> bool {
     let required = std::env::var_os(require_var).is_some_and(|v| v == "1");
-    assert!(!required, "{require_var}=1 but this test cannot test: {why}");
+    assert!(
+        !required,
+        "{require_var}=1 but this test cannot test: {why}"
+    );
     eprintln!("SKIPPED (nothing tested): {why}; {require_var}=1 makes this a failure");
     true
 }
