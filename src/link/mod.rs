@@ -140,6 +140,7 @@ impl LinkSettings {
             batch_max_bytes: usize::try_from(s.batch_max_bytes).unwrap_or(usize::MAX),
             max_inflight: s.max_inflight,
             linger: s.linger,
+            compression: s.compression,
         }
     }
 

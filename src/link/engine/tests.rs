@@ -14,6 +14,7 @@ fn cfg(max_inflight: usize, batch_max_changes: usize, linger_ms: u64) -> EngineC
         batch_max_bytes: 1 << 20,
         max_inflight,
         linger: Duration::from_millis(linger_ms),
+        compression: Compression::None,
     }
 }
 
