@@ -41,7 +41,7 @@ pub use crate::model::compress::Compression;
 pub use cloud::{AwsConfig, AzureConfig};
 pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
-pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull};
+pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull, parse_duration};
 
 use std::ffi::OsString;
 use std::fmt;

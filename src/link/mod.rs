@@ -39,6 +39,7 @@ pub mod profile;
 pub mod shadow;
 mod shadows;
 pub mod tls;
+pub mod usage;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
