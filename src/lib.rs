@@ -89,6 +89,7 @@ pub mod queue {
 pub mod usage {
     pub use crate::link::usage::*;
     pub use crate::model::compress::{GZIP_MAGIC, gzip, is_compressed};
+    pub use crate::store::Queued;
 }
 
 /// The TLS client of the MQTT link and its error descriptions.

@@ -126,6 +126,15 @@ pub fn pack(
     p
 }
 
+/// The uncompressed batch document of `changes` (all in one batch).
+pub fn batch_payload(changes: &[Queued], encoding: Encoding, device: &str) -> Vec<u8> {
+    let mut b = BatchBuilder::new(encoding, device, changes.len(), usize::MAX);
+    for q in changes {
+        let _ = b.push(q);
+    }
+    b.finish().map(|b| b.payload).unwrap_or_default()
+}
+
 /// Bytes on the wire, both ways, for one QoS 1 PUBLISH of `payload` bytes on a topic of
 /// `topic_len` bytes and its PUBACK.
 pub fn wire_bytes(payload: u64, topic_len: u64) -> u64 {
