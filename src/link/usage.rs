@@ -351,6 +351,13 @@ pub fn render(config: &crate::config::Config, plan: &Plan, e: &Estimate) -> Stri
             mb(r.changes_per_month)
         );
     }
+    if plan.skip_percent > 0 {
+        let _ = writeln!(
+            o,
+            "skip {}%: a deadband (or dedupe) skips {} of 100 changes",
+            plan.skip_percent, plan.skip_percent
+        );
+    }
     let _ = writeln!(
         o,
         "\nplus, whatever the changes: metrics (telemetry.interval) {} MB/month, keep-alive pings {} MB/month",

@@ -54,9 +54,9 @@ pub const GZIP_MAGIC: [u8; 3] = [0x1f, 0x8b, 0x08];
 /// Bytes gzip adds around the deflate stream (10 of header, 8 of trailer).
 pub const GZIP_OVERHEAD: usize = 18;
 
-/// Deflate level: 6 (zlib's default) takes 1,000 numeric changes to 16 % (JSON) / 22 % (CBOR)
-/// in ~2-3 ms on x86 (docs/BENCHMARKS.md, "Compression"); 9 gains under 1 % for 2-3 times
-/// the time, 1 loses 5-7 points.
+/// Deflate level: 6 (zlib's default) takes a 1,000-change numeric batch to 10.7 % (JSON) /
+/// 17.2 % (CBOR) in ~1.4 ms on x86 (docs/BENCHMARKS.md, "Compression"); 9 gains at most 0.2
+/// points for 2-4 times the time, 1 loses 7-8 points.
 const LEVEL: u8 = 6;
 
 /// True when `payload` is a compressed batch (by its first bytes).
