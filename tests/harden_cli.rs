@@ -58,9 +58,10 @@ fn a_closed_pipe_on_stdout_ends_every_command_quietly() {
 /// without compression and deadband, exit codes of PROTOCOL §2.1.
 #[test]
 fn estimate_prints_a_month_of_data_from_the_config() {
-    let mut opts = AgentOptions::default();
-    opts.extra_toml = "[sync]\nencoding = \"json\"\ncompression = \"gzip\"\n".into();
-    let agent = Agent::prepare(opts);
+    let agent = Agent::prepare(AgentOptions {
+        extra_toml: "[sync]\nencoding = \"json\"\ncompression = \"gzip\"\n".into(),
+        ..AgentOptions::default()
+    });
     let run = |args: &[&str]| {
         let out = cli_command(&agent.config_path, args).output().unwrap();
         (
