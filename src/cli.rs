@@ -51,6 +51,12 @@ pub enum Command {
     CheckConfig,
     Queue(QueueCommand),
     Reconnect,
+    Estimate {
+        keys: u64,
+        every: std::time::Duration,
+        skip: u8,
+        spread: bool,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -106,6 +112,7 @@ Commands:
   check-config  Validate the config file and the certificates it names
   queue         Inspect the queue of changes not yet acknowledged by the broker
   reconnect     Retry the broker now instead of waiting for the next try
+  estimate      Estimate the data a month takes on the link, with and without compression
   help          Show this help, or a command's: help COMMAND
 
 Options:
@@ -187,10 +194,23 @@ const SPECS: &[Spec] = &[
         help: "Retry the broker now instead of waiting for the next try (when offline;\n\
                a connection or a try under way is left alone).",
     },
+    Spec {
+        name: "estimate",
+        usage: "edgesync estimate [--config PATH] [--keys N] [--every DURATION] [--skip PERCENT] [--spread]",
+        help: "Estimate the data a month takes on the link (bytes on the wire: payload, MQTT,\n\
+               TLS, TCP/IP) for N keys changing every DURATION, with and without compression\n\
+               and a deadband, from bytes per change measured with this config's encoding,\n\
+               batch limits and topics. Without a config file: the defaults.\n\n\
+               Options:\n      \
+               --keys N          Keys that change (default 100)\n      \
+               --every DURATION  How often each changes, e.g. 10s, 5m (default 10s)\n      \
+               --skip PERCENT    Changes a deadband skips, 0-99 (default 0: no such rows)\n      \
+               --spread          Keys reported one by one (batched by sync.linger)",
+    },
 ];
 
 /// Options that take a value (besides `--config`).
-const VALUED: &[&str] = &["--limit", "--from"];
+const VALUED: &[&str] = &["--limit", "--from", "--keys", "--every", "--skip"];
 
 /// Parses the arguments after the program name.
 pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageError> {
@@ -324,6 +344,35 @@ pub fn parse<I: IntoIterator<Item = OsString>>(args: I) -> Result<Parsed, UsageE
         "run" => Command::Run,
         "check-config" => Command::CheckConfig,
         "reconnect" => Command::Reconnect,
+        "estimate" => {
+            let keys = p.number("--keys")?.unwrap_or(100);
+            let every = match p.value("--every")? {
+                None => std::time::Duration::from_secs(10),
+                Some(v) => edgesync::parse_duration(&v)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| {
+                        p.error(&format!(
+                            "--every needs a duration above zero (10s, 5m, 1h), found '{v}'"
+                        ))
+                    })?,
+            };
+            let skip = p.number::<u8>("--skip")?.unwrap_or(0);
+            if skip > 99 {
+                return Err(p.error(&format!(
+                    "--skip needs a percent from 0 to 99, found {skip}"
+                )));
+            }
+            if keys == 0 || keys > 1_000_000 {
+                return Err(p.error(&format!("--keys needs 1 to 1000000, found {keys}")));
+            }
+            Command::Estimate {
+                keys,
+                every,
+                skip,
+                spread: p.flag("--spread")?,
+            }
+        }
         "report" => {
             let stdin = p.flag("--stdin")?;
             let quiet = p.flag("--quiet")?;
@@ -449,6 +498,18 @@ impl Parts {
                 "{name} needs an unsigned integer, found '{value}'"
             ))
         })
+    }
+
+    /// Takes an option with a text value.
+    fn value(&mut self, name: &str) -> Result<Option<String>, UsageError> {
+        let Some(i) = self.options.iter().position(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let (_, value) = self.options.remove(i);
+        if self.options.iter().any(|(n, _)| n == name) {
+            return Err(self.error(&format!("{name} given more than once")));
+        }
+        Ok(Some(value.unwrap_or_default()))
     }
 
     /// Takes the next positional argument, which must be there.
@@ -643,6 +704,69 @@ mod tests {
                 panic!("{}", s.name)
             };
             assert!(h.contains(s.usage), "{h}");
+        }
+    }
+
+    #[test]
+    fn estimate_takes_keys_every_skip_and_spread() {
+        use std::time::Duration;
+        assert_eq!(
+            cmd(&["estimate"]).command,
+            Command::Estimate {
+                keys: 100,
+                every: Duration::from_secs(10),
+                skip: 0,
+                spread: false
+            }
+        );
+        assert_eq!(
+            cmd(&[
+                "estimate",
+                "--keys",
+                "20",
+                "--every=5m",
+                "--skip",
+                "60",
+                "--spread"
+            ])
+            .command,
+            Command::Estimate {
+                keys: 20,
+                every: Duration::from_secs(300),
+                skip: 60,
+                spread: true
+            }
+        );
+        for (args, want) in [
+            (
+                &["estimate", "--keys", "0"][..],
+                "--keys needs 1 to 1000000",
+            ),
+            (
+                &["estimate", "--keys", "x"][..],
+                "--keys needs an unsigned integer",
+            ),
+            (
+                &["estimate", "--every", "0"][..],
+                "--every needs a duration above zero",
+            ),
+            (
+                &["estimate", "--every", "10"][..],
+                "--every needs a duration",
+            ),
+            (
+                &["estimate", "--skip", "100"][..],
+                "--skip needs a percent from 0 to 99",
+            ),
+            (
+                &["estimate", "--every", "1s", "--every", "2s"][..],
+                "given more than once",
+            ),
+            (&["estimate", "now"][..], "unexpected argument 'now'"),
+        ] {
+            let e = p(args).unwrap_err();
+            assert!(e.message.contains(want), "{args:?}: {e}");
+            assert!(e.usage.starts_with("edgesync estimate"), "{e}");
         }
     }
 }

@@ -14,7 +14,7 @@
 //!
 //! | layer | modules | what |
 //! | --- | --- | --- |
-//! | 0 | `model` | a change and its key and value rules, topics, key globs, desired value rules, payload encodings and the document codec, command names, text helpers |
+//! | 0 | `model` | a change and its key and value rules, topics, key globs, desired value rules, payload encodings and the document codec, batch compression, command names, text helpers |
 //! | 1 | `sys` | systemd notify and watchdog primitives, crash points and test hooks, the fatal hook, the one atomic file writer, the log filter |
 //! | 2 | `config` | the TOML file, validated into typed section values |
 //! | 3 | `store` | the durable, bounded outbox, the latest reported state, the desired-state tables and the result outbox |
@@ -51,7 +51,8 @@ mod sys;
 
 pub use agent::{AgentError, Handles, run, run_until};
 pub use config::{
-    Config, ConfigErrors, Encoding, WhenFull, client_timeout, resolve_path, socket_path,
+    Compression, Config, ConfigErrors, Encoding, WhenFull, client_timeout, parse_duration,
+    resolve_path, socket_path,
 };
 pub use health::metrics::prometheus;
 pub use health::status::{Status, render as render_status};
@@ -81,6 +82,14 @@ pub mod queue {
     pub use crate::local_api::inspect::{
         DEFAULT_PEEK, export_command, peek_command, stats_command,
     };
+}
+
+/// Data usage: batches packed with the real codec, bytes on the wire per change
+/// (`edgesync estimate`, `benches/compress.rs`), and the compressed batch's frame.
+pub mod usage {
+    pub use crate::link::usage::*;
+    pub use crate::model::compress::{GZIP_MAGIC, gzip, is_compressed};
+    pub use crate::store::Queued;
 }
 
 /// The TLS client of the MQTT link and its error descriptions.

@@ -71,6 +71,12 @@ fn main() -> ExitCode {
         }
         Command::Queue(what) => client_rt(Box::pin(queue(&config_path, what))),
         Command::Reconnect => client_rt(Box::pin(reconnect(&config_path))),
+        Command::Estimate {
+            keys,
+            every,
+            skip,
+            spread,
+        } => estimate(&config_path, keys, every, skip, spread),
     };
     finish(result)
 }
@@ -137,6 +143,40 @@ fn check_config(path: &Path) -> Result<(), Failure> {
         c.store.path.display()
     );
     Ok(())
+}
+
+/// `edgesync estimate`: the config as `run` reads it (invalid: exit 2), or the defaults when
+/// there is no config file.
+fn estimate(
+    path: &Path,
+    keys: u64,
+    every: std::time::Duration,
+    skip_percent: u8,
+    spread: bool,
+) -> Result<(), Failure> {
+    let config = if path.exists() {
+        load_config(path)?
+    } else {
+        eprintln!(
+            "edgesync: {} not found: estimating with the defaults",
+            path.display()
+        );
+        Config::from_toml_str(
+            path,
+            // The defaults; the URL and the id only shape the topic (its length counts).
+            "[device]\nid = \"device-0001\"\n[mqtt]\nurl = \"mqtt://broker:1883\"\n\
+             allow_plaintext = true\n",
+        )
+        .map_err(invalid)?
+    };
+    let plan = edgesync::usage::Plan {
+        keys,
+        every,
+        skip_percent,
+        spread,
+    };
+    let e = edgesync::usage::estimate(&config, &plan);
+    out(&edgesync::usage::render(&config, &plan, &e))
 }
 
 fn run(path: &Path) -> Result<(), Failure> {

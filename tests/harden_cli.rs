@@ -53,3 +53,66 @@ fn a_closed_pipe_on_stdout_ends_every_command_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// `edgesync estimate` (issue 19): the config's encoding and compression, rows with and
+/// without compression and deadband, exit codes of PROTOCOL §2.1.
+#[test]
+fn estimate_prints_a_month_of_data_from_the_config() {
+    let agent = Agent::prepare(AgentOptions {
+        extra_toml: "[sync]\nencoding = \"json\"\ncompression = \"gzip\"\n".into(),
+        ..AgentOptions::default()
+    });
+    let run = |args: &[&str]| {
+        let out = cli_command(&agent.config_path, args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, text, _) = run(&[
+        "estimate", "--keys", "100", "--every", "10s", "--skip", "50",
+    ]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.starts_with("100 keys every 10s: 25,920,000 changes a month"),
+        "{text}"
+    );
+    assert!(
+        text.contains("sync.encoding json, sync.compression gzip"),
+        "{text}"
+    );
+    let mb = |label: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(label) && l[label.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("no row {label:?} in\n{text}"));
+        line[label.len()..]
+            .split_whitespace()
+            .nth(3)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (none, gzip) = (mb("compression none"), mb("compression gzip"));
+    assert!(gzip < none * 0.5, "gzip {gzip} MB against {none} MB");
+    assert!(mb("compression gzip, skip 50%") < gzip * 0.7);
+    let configured = text
+        .lines()
+        .find(|l| l.ends_with("<- this config"))
+        .unwrap();
+    assert!(configured.starts_with("compression gzip "), "{configured}");
+
+    // Bad usage and an invalid config: exit 2, as every command.
+    let (code, _, err) = run(&["estimate", "--skip", "100"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--skip needs a percent from 0 to 99"), "{err}");
+    agent.write_file("edgesync.toml", {
+        let mut t = std::fs::read_to_string(&agent.config_path).unwrap();
+        t = t.replace("compression = \"gzip\"", "compression = \"zip\"");
+        t
+    });
+    let (code, _, err) = run(&["estimate"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("sync.compression"), "{err}");
+}

@@ -4,12 +4,12 @@ _edgesync() {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
     case $prev in
         --config|-c) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --from|--limit) return ;;
+        --every|--from|--keys|--limit|--skip) return ;;
     esac
     local cmd="" sub="" i
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            --config|-c|--from|--limit) ((i++)) ;;
+            --config|-c|--every|--from|--keys|--limit|--skip) ((i++)) ;;
             -*) ;;
             *) if [ -z "$cmd" ]; then cmd=${COMP_WORDS[i]}; elif [ -z "$sub" ]; then sub=${COMP_WORDS[i]}; fi ;;
         esac
@@ -19,7 +19,7 @@ _edgesync() {
     fi
     local words
     case $cmd in
-        "") words="run report status get history rollback check-config queue reconnect help -c --config -h --help -V --version" ;;
+        "") words="run report status get history rollback check-config queue reconnect estimate help -c --config -h --help -V --version" ;;
         run) words="-c --config -h --help -V --version" ;;
         report) words="-c --config -h --help -V --version --stdin -q --quiet" ;;
         status) words="-c --config -h --help -V --version --json" ;;
@@ -29,7 +29,8 @@ _edgesync() {
         check-config) words="-c --config -h --help -V --version" ;;
         queue) words="$([ -z "$sub" ] && echo stats peek export) -c --config -h --help -V --version --json --from --limit" ;;
         reconnect) words="-c --config -h --help -V --version" ;;
-        help) words="$([ -z "$sub" ] && echo run report status get history rollback check-config queue reconnect) " ;;
+        estimate) words="-c --config -h --help -V --version --keys --every --skip --spread" ;;
+        help) words="$([ -z "$sub" ] && echo run report status get history rollback check-config queue reconnect estimate) " ;;
         *) words="" ;;
     esac
     COMPREPLY=($(compgen -W "$words" -- "$cur"))

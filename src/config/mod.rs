@@ -37,10 +37,11 @@ pub mod desired;
 mod validate;
 mod values;
 
+pub use crate::model::compress::Compression;
 pub use cloud::{AwsConfig, AzureConfig};
 pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
-pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull};
+pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull, parse_duration};
 
 use std::ffi::OsString;
 use std::fmt;
@@ -101,6 +102,7 @@ impl Default for SyncConfig {
             batch_max_bytes: 256 * values::KIB,
             linger: Duration::ZERO,
             max_inflight: 8,
+            compression: Compression::None,
         }
     }
 }
@@ -291,6 +293,7 @@ pub struct SyncConfig {
     pub batch_max_bytes: u64,
     pub linger: Duration,
     pub max_inflight: usize,
+    pub compression: Compression,
 }
 
 /// `[local]`

@@ -97,6 +97,7 @@ fn defaults_apply_when_optional_keys_are_omitted() {
     assert!(config.sync.batch_max_bytes >= MAX_VALUE_BYTES + KIB);
     assert_eq!(config.sync.linger, Duration::ZERO);
     assert_eq!(config.sync.max_inflight, 8);
+    assert_eq!(config.sync.compression, Compression::None);
     assert_eq!(config.local.socket, Path::new(DEFAULT_SOCKET));
     assert_eq!(config.log.level, "info");
 }
@@ -109,7 +110,7 @@ fn every_key_can_be_set() {
         "[store]\npath = \"/data/q.redb\"\nmax_bytes = \"1GiB\"\nwhen_full = \"reject\"\n\
              cache_size = 2097152\n\
              [sync]\nencoding = \"json\"\nbatch_max_changes = 50\nbatch_max_bytes = \"1MB\"\n\
-             linger = \"250ms\"\nmax_inflight = 1\n\
+             linger = \"250ms\"\nmax_inflight = 1\ncompression = \"gzip\"\n\
              [local]\nsocket = \"/run/es.sock\"\n\
              [log]\nlevel = \"warn,edgesync::sync=trace\"",
     ));
@@ -126,6 +127,7 @@ fn every_key_can_be_set() {
     assert_eq!(config.sync.batch_max_bytes, 1_000_000);
     assert_eq!(config.sync.linger, Duration::from_millis(250));
     assert_eq!(config.sync.max_inflight, 1);
+    assert_eq!(config.sync.compression, Compression::Gzip);
     assert_eq!(config.local.socket, Path::new("/run/es.sock"));
     assert_eq!(config.log.level, "warn,edgesync::sync=trace");
 }
@@ -286,14 +288,11 @@ fn unknown_key_is_reported_with_a_suggestion() {
 
 #[test]
 fn unknown_key_without_a_close_match_lists_the_expected_keys() {
-    let message = only_problem(
-        &plain("", "[sync]\ncompression = \"zstd\""),
-        "sync.compression",
-    );
+    let message = only_problem(&plain("", "[sync]\nzstd = true"), "sync.zstd");
     assert_eq!(
         message,
         "unknown key; expected one of encoding, batch_max_changes, batch_max_bytes, \
-             linger, max_inflight"
+             linger, max_inflight, compression"
     );
 }
 
@@ -833,6 +832,7 @@ fn sync_limits_are_enforced() {
         ("max_inflight = 1025", "sync.max_inflight"),
         ("linger = \"11s\"", "sync.linger"),
         ("encoding = \"JSON\"", "sync.encoding"),
+        ("compression = \"deflate\"", "sync.compression"),
     ] {
         only_problem(&plain("", &format!("[sync]\n{line}")), key);
     }

@@ -34,10 +34,10 @@ use super::values::{
     telemetry_interval, toml_to_json,
 };
 use super::{
-    Config, ConflictRule, ControlConfig, DEFAULT_KEEP_ALIVE, DEFAULT_RECONNECT_INITIAL,
-    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET, DEFAULT_STORE_PATH,
-    DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind, LocalConfig,
-    LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, StoreConfig, SyncConfig,
+    Compression, Config, ConflictRule, ControlConfig, DEFAULT_KEEP_ALIVE,
+    DEFAULT_RECONNECT_INITIAL, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET,
+    DEFAULT_STORE_PATH, DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind,
+    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, StoreConfig, SyncConfig,
     TelemetryConfig,
 };
 use crate::model::command::CommandName;
@@ -371,6 +371,7 @@ raw_section! {
         batch_max_bytes: RawSize,
         linger: RawDuration,
         max_inflight: i64,
+        compression: String,
     }
 }
 
@@ -1286,7 +1287,11 @@ fn sync(raw: &RawSync, p: &mut Problems) -> Option<SyncConfig> {
     let max_inflight = raw
         .max_inflight
         .or(p, d.max_inflight, |n| count(n, (1, 1024)));
+    let compression = raw.compression.or(p, d.compression, |s| {
+        Compression::parse(&s).ok_or_else(|| one_of(&s, &Compression::NAMES))
+    });
     Some(SyncConfig {
+        compression: compression?,
         encoding: encoding?,
         batch_max_changes: batch_max_changes?,
         batch_max_bytes: batch_max_bytes?,

@@ -5,10 +5,16 @@
 //! costs little more than copying. Sizes are exact: a [`BatchBuilder`] never produces a
 //! payload over its byte limit, except for a single change, which config validation makes
 //! sure always fits.
+//!
+//! With `sync.compression` the finished document is compressed ([`Compression::apply`]):
+//! the byte limit bounds the document before compression, and a compressed payload is sent
+//! only when smaller, so the limit holds on the wire too (and with it the cloud's message
+//! limits, which config validation checks against `sync.batch_max_bytes`).
 
 use thiserror::Error;
 
 use crate::config::Encoding;
+use crate::model::compress::Compression;
 use crate::store::Queued;
 use crate::store::record::{self, write_text, write_uint};
 
@@ -35,6 +41,7 @@ const MAX_ARRAY_HEAD: usize = 5;
 #[derive(Debug)]
 pub struct BatchBuilder {
     encoding: Encoding,
+    compression: Compression,
     device: String,
     max_changes: usize,
     max_bytes: usize,
@@ -50,6 +57,7 @@ impl BatchBuilder {
     pub fn new(encoding: Encoding, device: &str, max_changes: usize, max_bytes: usize) -> Self {
         let mut b = Self {
             encoding,
+            compression: Compression::None,
             device: device.to_owned(),
             max_changes: max_changes.max(1),
             max_bytes,
@@ -64,6 +72,12 @@ impl BatchBuilder {
         b.write_envelope(&mut probe, 0);
         b.envelope = probe.len() + 2 + MAX_ARRAY_HEAD;
         b
+    }
+
+    /// Compresses the batches it finishes.
+    pub fn with_compression(mut self, compression: Compression) -> Self {
+        self.compression = compression;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -150,7 +164,7 @@ impl BatchBuilder {
             payload.extend_from_slice(b"]}");
         }
         let batch = Batch {
-            payload,
+            payload: self.compression.apply(payload),
             first_seq,
             last_seq: self.last_seq,
             changes: self.changes as u64,
@@ -189,6 +203,7 @@ fn json_into<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, v: &T) {
 mod tests {
     use super::*;
     use crate::model::change::encode_value;
+    use crate::model::compress::{gunzip, is_compressed};
     use serde_json::{Value, json};
 
     fn queued(seq: u64, key: &str, value: Value, ts: u64) -> Queued {
@@ -293,6 +308,116 @@ mod tests {
                     {"seq": 2, "key": "j", "value": 2, "ts": 6},
                 ])
             );
+        }
+    }
+
+    /// A numeric sensor batch: `n` changes over 100 keys, floats and integers.
+    fn sensor_changes(n: u64) -> Vec<Queued> {
+        (0..n)
+            .map(|i| {
+                let k = (i * 37) % 100;
+                let value = if k % 5 >= 3 {
+                    json!(1000 + i * 7)
+                } else {
+                    json!(20.0 + (i % 13) as f64 / 4.0)
+                };
+                queued(
+                    100 + i,
+                    &format!("line{}.pump{}.m{}", k / 50, k / 5, k % 5),
+                    value,
+                    1_764_150_000_000 + i * 97,
+                )
+            })
+            .collect()
+    }
+
+    fn build(enc: Encoding, c: Compression, max_bytes: usize, changes: &[Queued]) -> Vec<Batch> {
+        let mut b = BatchBuilder::new(enc, "pump-1", 1000, max_bytes).with_compression(c);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < changes.len() {
+            if b.push(&changes[i]).unwrap() {
+                i += 1;
+            } else {
+                out.push(b.finish().unwrap());
+            }
+        }
+        out.extend(b.finish());
+        out
+    }
+
+    #[test]
+    fn compressed_batches_decompress_to_the_same_document() {
+        let changes = sensor_changes(1000);
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            let plain = build(enc, Compression::None, 1 << 20, &changes);
+            let zipped = build(enc, Compression::Gzip, 1 << 20, &changes);
+            assert_eq!(plain.len(), 1);
+            assert_eq!(zipped.len(), 1);
+            let (p, z) = (&plain[0], &zipped[0]);
+            assert_eq!(
+                (z.first_seq, z.last_seq, z.changes),
+                (p.first_seq, p.last_seq, p.changes)
+            );
+            assert_eq!(gunzip(&z.payload).unwrap(), p.payload, "{enc:?}");
+            // The target: at most 40 % of the uncompressed bytes.
+            assert!(
+                z.payload.len() * 100 <= p.payload.len() * 40,
+                "{enc:?}: {} of {}",
+                z.payload.len(),
+                p.payload.len()
+            );
+        }
+    }
+
+    #[test]
+    fn first_bytes_tell_compressed_json_and_cbor_apart() {
+        let changes = sensor_changes(50);
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            for c in [Compression::None, Compression::Gzip] {
+                for batch in build(enc, c, 1 << 20, &changes) {
+                    let first = batch.payload[0];
+                    match (c, enc) {
+                        (Compression::Gzip, _) => assert!(is_compressed(&batch.payload)),
+                        (Compression::None, Encoding::Json) => assert_eq!(first, b'{'),
+                        (Compression::None, Encoding::Cbor) => {
+                            assert!((0xa0..=0xbf).contains(&first))
+                        }
+                    }
+                    assert_eq!(
+                        is_compressed(&batch.payload),
+                        c == Compression::Gzip,
+                        "{enc:?} {c:?}"
+                    );
+                }
+            }
+        }
+        // A batch that does not shrink is sent as it is: still told apart by its first byte.
+        let one = build(Encoding::Json, Compression::Gzip, 1 << 20, &changes[..1]);
+        assert_eq!(one[0].payload[0], b'{');
+    }
+
+    #[test]
+    fn compressed_batches_keep_the_byte_limit_and_the_order() {
+        let changes = sensor_changes(3000);
+        for enc in [Encoding::Cbor, Encoding::Json] {
+            for limit in [2000, 66_560] {
+                let mut expect = 100;
+                for batch in build(enc, Compression::Gzip, limit, &changes) {
+                    assert!(batch.payload.len() <= limit);
+                    assert_eq!(batch.first_seq, expect);
+                    let doc = decode(enc, &gunzip(&batch.payload).unwrap());
+                    let seqs: Vec<u64> = doc["changes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|c| c["seq"].as_u64().unwrap())
+                        .collect();
+                    assert_eq!(seqs, (batch.first_seq..=batch.last_seq).collect::<Vec<_>>());
+                    expect = batch.last_seq + 1;
+                }
+                assert_eq!(expect, 3100);
+            }
         }
     }
 

@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::config::Encoding;
+use crate::config::{Compression, Encoding};
 use crate::link::codec::{Batch, BatchBuilder};
 use crate::store::{Ack, Queued};
 
@@ -48,6 +48,7 @@ pub struct EngineConfig {
     pub batch_max_bytes: usize,
     pub max_inflight: usize,
     pub linger: Duration,
+    pub compression: Compression,
 }
 
 /// What the driver must do.
@@ -131,7 +132,8 @@ impl Engine {
             &cfg.device,
             cfg.batch_max_changes,
             cfg.batch_max_bytes,
-        );
+        )
+        .with_compression(cfg.compression);
         Self {
             cfg,
             online: false,
@@ -175,6 +177,7 @@ impl Engine {
     fn new_builder(&self) -> BatchBuilder {
         let (changes, bytes) = self.batch_limits();
         BatchBuilder::new(self.cfg.encoding, &self.cfg.device, changes, bytes)
+            .with_compression(self.cfg.compression)
     }
 
     /// Publishes nothing new until the next connection; PUBACKs are still handled.

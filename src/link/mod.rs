@@ -39,6 +39,7 @@ pub mod profile;
 pub mod shadow;
 mod shadows;
 pub mod tls;
+pub mod usage;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -140,6 +141,7 @@ impl LinkSettings {
             batch_max_bytes: usize::try_from(s.batch_max_bytes).unwrap_or(usize::MAX),
             max_inflight: s.max_inflight,
             linger: s.linger,
+            compression: s.compression,
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod change;
 pub mod command;
+pub mod compress;
 pub mod doc;
 pub mod glob;
 pub mod rules;

@@ -73,13 +73,31 @@ pub fn tls_options(pki: &TestPki, port: u16, mqtt: &str) -> AgentOptions {
     }
 }
 
-/// A payload as the agent sends it: JSON when it starts with `{`, else CBOR.
+/// A payload as the agent sends it: JSON when it starts with `{`, a compressed batch (gzip,
+/// docs/PROTOCOL.md §5.1) when it starts with `1f 8b`, else CBOR.
 pub fn decode(payload: &[u8]) -> Value {
+    if payload.starts_with(&[0x1f, 0x8b]) {
+        return decode(&gunzip(payload));
+    }
     if payload.first() == Some(&b'{') {
         serde_json::from_slice(payload).unwrap()
     } else {
         ciborium::from_reader(payload).unwrap()
     }
+}
+
+/// A gzip member as the agent writes it (a 10-byte header without options, deflate, CRC-32
+/// and length): the back end's side. `tests/sync.rs` checks the same payloads with `gzip -d`.
+pub fn gunzip(payload: &[u8]) -> Vec<u8> {
+    assert!(
+        payload.len() >= 18 && payload[..4] == [0x1f, 0x8b, 8, 0],
+        "gzip header"
+    );
+    let body = &payload[10..payload.len() - 8];
+    let data = miniz_oxide::inflate::decompress_to_vec(body).expect("inflate");
+    let size = &payload[payload.len() - 4..];
+    assert_eq!(size, (data.len() as u32).to_le_bytes(), "gzip ISIZE");
+    data
 }
 
 /// A number unique in this test run (process id and a counter).

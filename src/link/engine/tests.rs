@@ -14,6 +14,7 @@ fn cfg(max_inflight: usize, batch_max_changes: usize, linger_ms: u64) -> EngineC
         batch_max_bytes: 1 << 20,
         max_inflight,
         linger: Duration::from_millis(linger_ms),
+        compression: Compression::None,
     }
 }
 
@@ -417,6 +418,45 @@ fn reconfigure_changes_the_next_batches() {
     h.engine.reconfigure(cfg(1, 3, 0));
     h.append(10);
     assert_eq!(h.published[0].1.changes, 3);
+}
+
+#[test]
+fn compression_applies_from_the_next_batch_and_to_shrunk_batches() {
+    use crate::model::compress::{gunzip, is_compressed};
+    let gzip = |max_inflight, changes| EngineConfig {
+        compression: Compression::Gzip,
+        ..cfg(max_inflight, changes, 0)
+    };
+    let mut h = Harness::new(cfg(1, 100, 0));
+    h.connect();
+    h.engine.reconfigure(gzip(1, 100));
+    h.append(50);
+    let (id, batch) = h.published[0].clone();
+    assert!(is_compressed(&batch.payload));
+    let plain: serde_json::Value =
+        ciborium::from_reader(&gunzip(&batch.payload).unwrap()[..]).unwrap();
+    assert_eq!(plain["changes"].as_array().unwrap().len(), 50);
+    assert_eq!(
+        (batch.first_seq, batch.last_seq, batch.changes),
+        (1, 50, 50)
+    );
+    h.puback(id);
+    assert_eq!(h.acks.last(), Some(&Ack::Range { first: 1, last: 50 }));
+    // Halved limits (a link that never gets a batch through) keep the compression.
+    // (The first connection had its PUBACK: it does not count.)
+    for _ in 0..=SHRINK_AFTER {
+        h.append(40);
+        h.engine.handle_disconnected();
+        h.connect();
+    }
+    let (id, shrunk) = h.published.last().unwrap().clone();
+    assert_eq!(shrunk.changes, 50, "halved from 100");
+    assert!(is_compressed(&shrunk.payload));
+    // And back to none.
+    h.engine.reconfigure(cfg(1, 100, 0));
+    h.puback(id);
+    let last = &h.published.last().unwrap().1;
+    assert!(!is_compressed(&last.payload), "the batch after the reload");
 }
 
 impl Harness {
