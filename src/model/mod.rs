@@ -7,5 +7,6 @@ pub mod command;
 pub mod doc;
 pub mod glob;
 pub mod rules;
+pub mod source;
 pub mod text;
 pub mod topics;
