@@ -181,7 +181,7 @@ pub struct Metrics {
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub hub_commands: Option<crate::health::status::HubCommandFigures>,
     /// The local MQTT sources (`[[source.mqtt]]`); absent without any.
-    #[serde(skip_deserializing, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<crate::health::status::SourceFigures>,
 }
 

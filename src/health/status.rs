@@ -147,7 +147,8 @@ pub struct Inbound {
 
 /// One local MQTT source (`[[source.mqtt]]`, docs/PROTOCOL.md §7.1), since start (metrics
 /// `sources`, also in the status document's `metrics`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SourceFigures {
     pub url: String,
     pub filter: String,

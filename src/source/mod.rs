@@ -14,8 +14,8 @@
 //! At most `max_inflight` messages (and [`MAX_HELD_BYTES`]) are held unacknowledged; beyond
 //! that the task stops reading and the broker waits. When the store refuses an append (full
 //! with `when_full = "reject"`, or failing) the batch is kept unacknowledged, the source
-//! shows `backpressure`, and the append is retried every [`RETRY`]: the local broker keeps
-//! the messages meanwhile.
+//! shows `backpressure`, and the append is retried every [`RETRY`] with half as many
+//! messages (down to one), until one fits: the local broker keeps the messages meanwhile.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -177,13 +177,19 @@ impl Source {
         let mut commit: Option<Commit> = None;
         let mut held_bytes = 0usize;
         let mut retry_at: Option<tokio::time::Instant> = None;
+        // Most messages in one append: halved at each refusal (a batch larger than the
+        // store's room would never fit), back to all after a success.
+        let mut cap = c.max_inflight;
         loop {
             if commit.is_none() && retry_at.is_none() && !next.is_empty() {
-                match self.outbox.submit(std::mem::take(&mut changes)).await {
+                let n = next.len().min(cap);
+                let rest = changes.split_off(n);
+                let rest_held = next.split_off(n);
+                match self.outbox.submit(std::mem::replace(&mut changes, rest)).await {
                     Ok(rx) => {
                         commit = Some(Commit {
                             rx,
-                            held: std::mem::take(&mut next),
+                            held: std::mem::replace(&mut next, rest_held),
                         })
                     }
                     Err(e) => return e.to_string(),
@@ -215,6 +221,7 @@ impl Source {
                                 held_bytes = held_bytes.saturating_sub(p.payload.len());
                                 acks.ack(&client, p);
                             }
+                            cap = c.max_inflight;
                             self.board.source(self.i, |f| {
                                 f.taken += n;
                                 f.backpressure = false;
@@ -243,6 +250,7 @@ impl Source {
                             let mut held = cm.held;
                             held.append(&mut next);
                             next = held;
+                            cap = (cap / 2).max(1);
                             retry_at = Some(tokio::time::Instant::now() + RETRY);
                         }
                         Err(_) => return "the store closed".to_owned(),
