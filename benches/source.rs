@@ -6,6 +6,8 @@
 //! ```text
 //! cargo bench --bench source                # 200,000 messages a figure
 //! cargo bench --bench source -- --quick     # 20,000
+//! SOURCE_BENCH_RATE=40000 cargo bench --bench source -- --quick   # the publisher paced
+//! SOURCE_BENCH_DEBUG=1 cargo bench --bench source -- --quick      # the source's figures as it runs
 //! ```
 //!
 //! Each figure runs with the local broker's `max_inflight_messages` at 20 (Mosquitto's
@@ -31,13 +33,18 @@ fn main() {
 }
 
 fn run() -> Res<()> {
-    let quick = std::env::args().any(|a| a == "--quick")
-        || !std::env::args().any(|a| a == "--bench");
+    let quick =
+        std::env::args().any(|a| a == "--quick") || !std::env::args().any(|a| a == "--bench");
     let n: u64 = if quick { 20_000 } else { 200_000 };
-    println!("edgesync local source benchmark{}", if quick { " (--quick)" } else { "" });
+    println!(
+        "edgesync local source benchmark{}",
+        if quick { " (--quick)" } else { "" }
+    );
     print!("{}", machine());
     println!("daemon  {}", common::daemon_path());
-    println!("work    {n} QoS 1 messages of one publisher (inflight 1000), payload a number, 100 topics");
+    println!(
+        "work    {n} QoS 1 messages of one publisher (inflight 1000), payload a number, 100 topics"
+    );
     println!("load    {} at start\n", loadavg());
     let (dir, pki, cloud) = pki_and_mosquitto("es-src-bench", "bench-src", Vec::new())?;
     for inflight in [20, 1000] {
@@ -81,9 +88,21 @@ fn publish(port: u16, n: u64, tag: &str) -> Res<std::thread::JoinHandle<Res<()>>
     let (client, mut conn) = Client::new(o, 1000);
     Ok(std::thread::spawn(move || {
         let sender = std::thread::spawn(move || {
+            let rate: u64 = std::env::var("SOURCE_BENCH_RATE")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            let t0 = Instant::now();
             for i in 0..n {
+                if rate > 0 && i % 1000 == 0 {
+                    let due = t0 + Duration::from_secs_f64(i as f64 / rate as f64);
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()));
+                }
                 let topic = format!("bench/k{}", i % 100);
-                if client.publish(topic, QoS::AtLeastOnce, false, i.to_string()).is_err() {
+                if client
+                    .publish(topic, QoS::AtLeastOnce, false, i.to_string())
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -148,7 +167,10 @@ fn through_agent(
 ) -> Res<f64> {
     let dir = dir.join(format!("agent-{inflight}"));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let socket = std::path::PathBuf::from(format!("/tmp/es-src-{}-{inflight}.sock", std::process::id()));
+    let socket = std::path::PathBuf::from(format!(
+        "/tmp/es-src-{}-{inflight}.sock",
+        std::process::id()
+    ));
     let text = format!(
         "[device]\nid = \"bench-src\"\n\
          [mqtt]\nurl = \"mqtts://localhost:{cloud}\"\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
@@ -175,7 +197,11 @@ fn through_agent(
     let publisher = publish(port, n, &format!("agent-{inflight}"))?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        if source(&status.get()?, "taken").as_u64() >= Some(n) {
+        let st = status.get()?;
+        if std::env::var("SOURCE_BENCH_DEBUG").is_ok() && t0.elapsed().as_millis() % 200 < 2 {
+            eprintln!("{:?} {}", t0.elapsed(), st["metrics"]["sources"][0]);
+        }
+        if source(&st, "taken").as_u64() >= Some(n) {
             break;
         }
         if Instant::now() > deadline {

@@ -65,7 +65,11 @@ struct Publisher {
 
 impl Publisher {
     fn start(port: u16, inflight: u16) -> Publisher {
-        let mut o = MqttOptions::new(format!("pub-{}", common::cloud::unique()), "127.0.0.1", port);
+        let mut o = MqttOptions::new(
+            format!("pub-{}", common::cloud::unique()),
+            "127.0.0.1",
+            port,
+        );
         o.set_keep_alive(Duration::from_secs(30));
         o.set_inflight(inflight);
         let (client, mut conn) = Client::new(o, 1024);
@@ -161,7 +165,9 @@ fn messages_map_to_changes_and_invalid_ones_are_counted_and_acknowledged() {
     p.publish("raw/on", "on");
     p.publish("raw/obj", r#"{"a": [1, 2]}"#);
     wait("every message acknowledged", DEADLINE, || p.acked() == 8);
-    wait("changes at the cloud", DEADLINE, || cloud.changes().len() >= 4);
+    wait("changes at the cloud", DEADLINE, || {
+        cloud.changes().len() >= 4
+    });
     assert_eq!(values_of(&cloud, "t1.temperature"), [json!(21.5)]);
     assert_eq!(values_of(&cloud, "a.b"), [json!({"x": 1})]);
     assert_eq!(values_of(&cloud, "raw.on"), [json!("on")]);
@@ -169,16 +175,28 @@ fn messages_map_to_changes_and_invalid_ones_are_counted_and_acknowledged() {
     // Counted once each append returned (after the cloud may have it already).
     wait("figures", DEADLINE, || figures(&agent, 2)["taken"] == 2);
     let s = [0, 1, 2].map(|i| figures(&agent, i));
-    assert_eq!((&s[0]["received"], &s[0]["taken"], &s[0]["invalid"]), (&json!(3), &json!(1), &json!(2)));
-    assert_eq!((&s[1]["received"], &s[1]["taken"], &s[1]["invalid"]), (&json!(3), &json!(1), &json!(2)));
+    assert_eq!(
+        (&s[0]["received"], &s[0]["taken"], &s[0]["invalid"]),
+        (&json!(3), &json!(1), &json!(2))
+    );
+    assert_eq!(
+        (&s[1]["received"], &s[1]["taken"], &s[1]["invalid"]),
+        (&json!(3), &json!(1), &json!(2))
+    );
     assert_eq!((&s[2]["taken"], &s[2]["invalid"]), (&json!(2), &json!(0)));
     let last = s[1]["last_invalid"].as_str().unwrap();
-    assert!(last.contains("json/a/c") && last.contains("nothing at /v"), "{last}");
+    assert!(
+        last.contains("json/a/c") && last.contains("nothing at /v"),
+        "{last}"
+    );
     assert_eq!(s[0]["backpressure"], false);
     // Logged, and shown by `edgesync status`.
     assert!(agent.log().contains("not taken"), "{}", agent.log());
     let text = stdout(&agent.cli(&["status"]));
-    assert!(text.contains("source      connected sensors/+/temperature"), "{text}");
+    assert!(
+        text.contains("source      connected sensors/+/temperature"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -215,7 +233,9 @@ fn kill9_during_a_flood_loses_nothing_the_local_broker_took() {
     // Paced (about 10,000 a second) so that the kills land mid-flood.
     let flood = thread::spawn(move || {
         for i in 0..N {
-            p2.lock().unwrap().publish(&format!("flood/k{}", i % 10), i.to_string());
+            p2.lock()
+                .unwrap()
+                .publish(&format!("flood/k{}", i % 10), i.to_string());
             if i % 100 == 99 {
                 thread::sleep(Duration::from_millis(10));
             }
@@ -224,16 +244,23 @@ fn kill9_during_a_flood_loses_nothing_the_local_broker_took() {
     let acked = || publisher.lock().unwrap().acked();
     for round in 0..4 {
         let at = acked();
-        wait("the flood going on", DEADLINE, || acked() >= (at + 2_000).min(N));
+        wait("the flood going on", DEADLINE, || {
+            acked() >= (at + 2_000).min(N)
+        });
         if acked() >= N {
             break;
         }
         agent.kill9();
-        eprintln!("round {round}: killed at {} taken by the local broker", acked());
+        eprintln!(
+            "round {round}: killed at {} taken by the local broker",
+            acked()
+        );
         agent.restart();
     }
     flood.join().unwrap();
-    wait("the local broker took every message", DEADLINE, || acked() == N);
+    wait("the local broker took every message", DEADLINE, || {
+        acked() == N
+    });
     let want: BTreeSet<u64> = (0..N).collect();
     let got = || -> BTreeSet<u64> {
         cloud
@@ -242,9 +269,11 @@ fn kill9_during_a_flood_loses_nothing_the_local_broker_took() {
             .filter_map(|c| c["value"].as_u64())
             .collect()
     };
-    wait("every message at the cloud", Duration::from_secs(120), || {
-        got().len() == want.len()
-    });
+    wait(
+        "every message at the cloud",
+        Duration::from_secs(120),
+        || got().len() == want.len(),
+    );
     assert_eq!(got(), want);
     // Each value under the key of its topic.
     for c in cloud.changes() {
@@ -302,14 +331,18 @@ fn at_the_store_bound_messages_wait_unacknowledged_in_the_local_broker() {
     assert!(text.contains("store refusing"), "{text}");
     // The cloud comes back: the queue drains, the held messages go in, nothing is lost.
     proxy.restore();
-    wait("every message at the cloud", Duration::from_secs(120), || {
-        let seen: BTreeSet<String> = cloud
-            .changes()
-            .iter()
-            .filter_map(|c| c["value"].as_str()?.split(':').next().map(str::to_owned))
-            .collect();
-        seen.len() as u64 == N
-    });
+    wait(
+        "every message at the cloud",
+        Duration::from_secs(120),
+        || {
+            let seen: BTreeSet<String> = cloud
+                .changes()
+                .iter()
+                .filter_map(|c| c["value"].as_str()?.split(':').next().map(str::to_owned))
+                .collect();
+            seen.len() as u64 == N
+        },
+    );
     wait("back-pressure over", DEADLINE, || {
         figures(&agent, 0)["backpressure"] == false
     });

@@ -2917,7 +2917,10 @@ fn sources_are_off_by_default_and_take_their_defaults() {
     let c = valid(&with_source(
         "url = \"unix:///run/mosquitto/m.sock\"\nfilter = \"#\"\nkey = \"{1}\"\nvalue = \"/a\"",
     ));
-    assert_eq!(c.sources[0].url, SourceUrl::Unix("/run/mosquitto/m.sock".into()));
+    assert_eq!(
+        c.sources[0].url,
+        SourceUrl::Unix("/run/mosquitto/m.sock".into())
+    );
 }
 
 #[test]
@@ -2962,12 +2965,16 @@ fn source_keys_are_checked_with_clear_errors() {
     let missing = problems(&plain("", "[[source.mqtt]]\n"));
     assert_eq!(
         keys(&missing),
-        ["source.mqtt[1].url", "source.mqtt[1].filter", "source.mqtt[1].key"]
+        [
+            "source.mqtt[1].url",
+            "source.mqtt[1].filter",
+            "source.mqtt[1].key"
+        ]
     );
     // Each source its own session; a bounded number of them.
     let two = "url = \"mqtt://localhost:1\"\nfilter = \"a\"\nkey = \"k\"\nclient_id = \"x\"\n";
     let text = plain("", &format!("[[source.mqtt]]\n{two}[[source.mqtt]]\n{two}"));
-    assert_eq!(only_problem(&text, "source.mqtt[2].client_id").contains("earlier"), true);
+    assert!(only_problem(&text, "source.mqtt[2].client_id").contains("earlier"));
     let many: String = (0..17)
         .map(|i| format!("[[source.mqtt]]\nurl = \"mqtt://localhost:1\"\nfilter = \"a\"\nkey = \"k\"\nclient_id = \"c{i}\"\n"))
         .collect();
@@ -2982,7 +2989,12 @@ fn a_source_filter_that_would_loop_is_refused() {
             "url = \"mqtt://127.0.0.1:1883\"\nfilter = \"{filter}\"\nkey = \"k\""
         ))
     };
-    for f in ["#", "edgesync/+/reported", "+/pump-0042/#", "edgesync/pump-0042/cmd/+"] {
+    for f in [
+        "#",
+        "edgesync/+/reported",
+        "+/pump-0042/#",
+        "edgesync/pump-0042/cmd/+",
+    ] {
         let m = only_problem(&looping(f), "source.mqtt[1].filter");
         assert!(m.contains("loop"), "{f}: {m}");
     }
@@ -2990,8 +3002,11 @@ fn a_source_filter_that_would_loop_is_refused() {
         valid(&looping(f));
     }
     // Another broker (another port) may be subscribed to with any filter.
-    valid(&with_source("url = \"mqtt://127.0.0.1:1884\"\nfilter = \"#\"\nkey = \"k\""));
+    valid(&with_source(
+        "url = \"mqtt://127.0.0.1:1884\"\nfilter = \"#\"\nkey = \"k\"",
+    ));
     // The profile's own topics count: aws-iot's $aws/things/{thing}/...
-    let aws = looping("$aws/things/+/shadow/#").replace("[[source", "[cloud]\nprofile = \"aws-iot\"\n[[source");
+    let aws = looping("$aws/things/+/shadow/#")
+        .replace("[[source", "[cloud]\nprofile = \"aws-iot\"\n[[source");
     assert!(only_problem(&aws, "source.mqtt[1].filter").contains("$aws/things/pump-0042/#"));
 }

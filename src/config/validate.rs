@@ -42,9 +42,9 @@ use super::{
 };
 use super::{DEFAULT_SOURCE_INFLIGHT, MAX_SOURCES, SourceConfig, SourceUrl};
 use crate::model::command::CommandName;
-use crate::model::source;
 use crate::model::glob::KeyGlob;
 use crate::model::rules::{self, Rule, UnknownKeys, ValueType};
+use crate::model::source;
 use crate::model::text::{shorten, suggest};
 use crate::sys::log::check_log_level;
 
@@ -941,15 +941,20 @@ fn sources(
             "the local broker, mqtt://127.0.0.1:1883 or unix:///run/mosquitto/mosquitto.sock",
             |u| source_url(&u),
         );
-        let filter = r.filter.require(p, "an MQTT topic filter, such as \"sensors/#\"", |f| {
-            source::check_filter(&f).map(|()| f)
-        });
+        let filter = r
+            .filter
+            .require(p, "an MQTT topic filter, such as \"sensors/#\"", |f| {
+                source::check_filter(&f).map(|()| f)
+            });
         let what = "a key template, such as \"{2}.temperature\"";
         let key = match &filter {
-            Some(f) => r.key.require(p, what, |k| source::KeyTemplate::parse(&k, f)),
+            Some(f) => r
+                .key
+                .require(p, what, |k| source::KeyTemplate::parse(&k, f)),
             None => {
                 if !r.key.is_set() {
-                    r.key.missing(p, format!("missing required key; expected {what}"));
+                    r.key
+                        .missing(p, format!("missing required key; expected {what}"));
                 }
                 None
             }
@@ -974,11 +979,14 @@ fn sources(
             0 | 1 => Ok(q as u8),
             q => Err(format!("expected 0 or 1, found {q}")),
         });
-        let max_inflight = r.max_inflight.or(p, DEFAULT_SOURCE_INFLIGHT, |n| {
-            count(n, (1, 65_535))
-        });
+        let max_inflight = r
+            .max_inflight
+            .or(p, DEFAULT_SOURCE_INFLIGHT, |n| count(n, (1, 65_535)));
         let keep_alive = r.keep_alive.or(p, DEFAULT_KEEP_ALIVE, |d| {
-            d.within(Duration::from_secs(5)..=Duration::from_secs(65535), "5s to 65535s")
+            d.within(
+                Duration::from_secs(5)..=Duration::from_secs(65535),
+                "5s to 65535s",
+            )
         });
         let username = r.username.map(p, |n| check_username(&n).map(|()| n));
         let password_file = readable_file(p, &r.password_file, dir, true);
@@ -986,7 +994,8 @@ fn sources(
             private_file(p, &r.password_file, path, "a password file");
         }
         if r.password_file.is_set() && !r.username.is_set() {
-            r.password_file.report(p, "is set without username; a password needs a user name");
+            r.password_file
+                .report(p, "is set without username; a password needs a user name");
         }
         let entry = (|| {
             Some(SourceConfig {
@@ -1009,7 +1018,10 @@ fn sources(
 
 /// `source.mqtt.url`: plain TCP to a loopback address, or a Unix socket.
 fn source_url(u: &str) -> Result<SourceUrl, String> {
-    if let Some(path) = u.strip_prefix("unix://").or_else(|| u.strip_prefix("unix:")) {
+    if let Some(path) = u
+        .strip_prefix("unix://")
+        .or_else(|| u.strip_prefix("unix:"))
+    {
         // A Unix socket path holds at most 107 bytes.
         if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
             return Err(format!(

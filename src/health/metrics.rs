@@ -575,11 +575,36 @@ pub fn prometheus(m: &Metrics) -> String {
 fn source_families(e: &mut Expo, sources: &[crate::health::status::SourceFigures]) {
     type Get = fn(&crate::health::status::SourceFigures) -> u64;
     let families: [(&str, &str, &str, Get); 5] = [
-        ("edgesync_source_connected", "gauge", "Whether the local source is connected and subscribed.", |s| u64::from(s.connected)),
-        ("edgesync_source_received_total", "counter", "Messages received from the local broker, since start.", |s| s.received),
-        ("edgesync_source_taken_total", "counter", "Messages taken in as changes (durable, then acknowledged), since start.", |s| s.taken),
-        ("edgesync_source_invalid_total", "counter", "Messages that map to no valid change (acknowledged, not taken), since start.", |s| s.invalid),
-        ("edgesync_source_backpressure", "gauge", "Whether the store refuses the source's changes (messages held unacknowledged).", |s| u64::from(s.backpressure)),
+        (
+            "edgesync_source_connected",
+            "gauge",
+            "Whether the local source is connected and subscribed.",
+            |s| u64::from(s.connected),
+        ),
+        (
+            "edgesync_source_received_total",
+            "counter",
+            "Messages received from the local broker, since start.",
+            |s| s.received,
+        ),
+        (
+            "edgesync_source_taken_total",
+            "counter",
+            "Messages taken in as changes (durable, then acknowledged), since start.",
+            |s| s.taken,
+        ),
+        (
+            "edgesync_source_invalid_total",
+            "counter",
+            "Messages that map to no valid change (acknowledged, not taken), since start.",
+            |s| s.invalid,
+        ),
+        (
+            "edgesync_source_backpressure",
+            "gauge",
+            "Whether the store refuses the source's changes (messages held unacknowledged).",
+            |s| u64::from(s.backpressure),
+        ),
     ];
     for (name, kind, help, get) in families {
         e.family(name, kind, help);

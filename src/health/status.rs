@@ -560,7 +560,11 @@ pub fn render(s: &Status, now_ms: u64) -> String {
     for src in s.metrics.iter().flat_map(|m| &m.sources) {
         out.push_str(&format!(
             "source      {} {} on {}: received {} · taken {} · invalid {}{}{}\n",
-            if src.connected { "connected" } else { "disconnected" },
+            if src.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
             src.filter,
             src.url,
             src.received,

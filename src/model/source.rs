@@ -290,7 +290,10 @@ mod tests {
     #[test]
     fn key_templates_use_topic_levels() {
         let t = KeyTemplate::parse("{2}.temperature", "sensors/+/temperature").unwrap();
-        assert_eq!(t.render("sensors/t1/temperature").unwrap(), "t1.temperature");
+        assert_eq!(
+            t.render("sensors/t1/temperature").unwrap(),
+            "t1.temperature"
+        );
         let t = KeyTemplate::parse("{1}-{3}", "a/#").unwrap();
         assert_eq!(t.render("a/b/c").unwrap(), "a-c");
         assert!(t.render("a/b").unwrap_err().contains("no level 3"));
@@ -310,7 +313,11 @@ mod tests {
     #[test]
     fn key_templates_are_checked() {
         assert!(KeyTemplate::parse("", "a").is_err());
-        assert!(KeyTemplate::parse("{3}", "a/+").unwrap_err().contains("no level 3"));
+        assert!(
+            KeyTemplate::parse("{3}", "a/+")
+                .unwrap_err()
+                .contains("no level 3")
+        );
         assert!(KeyTemplate::parse("{0}", "a/+").is_err());
         assert!(KeyTemplate::parse("{1", "a/+").is_err());
         assert!(KeyTemplate::parse("a b", "a/+").is_err());
@@ -337,7 +344,10 @@ mod tests {
         assert!(v("/a/c", b"{\"a\":{}}").is_err());
         // Beyond 64 bits: kept exact as text by "payload", refused by "json".
         let wide = b"123456789012345678901234567890";
-        assert_eq!(v("payload", wide).unwrap(), json!("123456789012345678901234567890"));
+        assert_eq!(
+            v("payload", wide).unwrap(),
+            json!("123456789012345678901234567890")
+        );
         assert!(v("json", wide).unwrap_err().contains("beyond 64 bits"));
         assert!(ValueRule::parse("raw").is_err());
         assert!(ValueRule::parse("").is_err());
@@ -348,7 +358,10 @@ mod tests {
         let k = KeyTemplate::parse("{2}.t", "s/+/t").unwrap();
         let c = map(&k, &ValueRule::Number, "s/p1/t", b"3").unwrap();
         assert_eq!(c.key, "p1.t");
-        assert_eq!(crate::model::change::decode_value(&c.value).unwrap(), json!(3));
+        assert_eq!(
+            crate::model::change::decode_value(&c.value).unwrap(),
+            json!(3)
+        );
         let big = vec![b'a'; 70_000];
         assert!(map(&k, &ValueRule::String, "s/p1/t", &big).is_err());
     }

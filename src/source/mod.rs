@@ -185,7 +185,11 @@ impl Source {
                 let n = next.len().min(cap);
                 let rest = changes.split_off(n);
                 let rest_held = next.split_off(n);
-                match self.outbox.submit(std::mem::replace(&mut changes, rest)).await {
+                match self
+                    .outbox
+                    .submit(std::mem::replace(&mut changes, rest))
+                    .await
+                {
                     Ok(rx) => {
                         commit = Some(Commit {
                             rx,
