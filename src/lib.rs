@@ -4,7 +4,7 @@
 //! ```text
 //! local program ─► local_api (Unix socket, NDJSON) ─► store::Outbox (redb, group commit, fsync)
 //!      ▲ CLI (client)                                   seq → change, bounded
-//!                                                        │
+//! local MQTT broker ─► source (PUBACK once durable) ───► │ (the same append)
 //!                              sync engine ◄─────────────┘ (reads oldest first; acks delete)
 //! ```
 //!
@@ -22,7 +22,7 @@
 //! | 5 | `health` | the status board, the status document and the metrics |
 //! | 6 | `reload` | the running config and its reload |
 //! | 7 | `control` | commands over MQTT (`P/D/cmd/NAME`), with exactly-once effects |
-//! | 8 | `link`, `local_api` | the MQTT session (engine, backoff, batch codec, TLS, the cloud profile); the Unix socket (protocol, server, the CLI's client, queue inspection) |
+//! | 8 | `link`, `local_api`, `source` | the MQTT session (engine, backoff, batch codec, TLS, the cloud profile); the Unix socket (protocol, server, the CLI's client, queue inspection); local MQTT sources (a subscription to a local broker, acknowledged once durable) |
 //! | 9 | `agent` | wiring, shutdown and supervision (systemd status and watchdog) of the daemon |
 //!
 //! # Where new code goes
@@ -42,6 +42,7 @@ mod link;
 mod local_api;
 mod model;
 mod reload;
+mod source;
 mod store;
 mod sys;
 

@@ -145,6 +145,11 @@ fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
         later.push("mqtt.topic_prefix".into());
         new.mqtt.topic_prefix = old.mqtt.topic_prefix.clone();
     }
+    // Local sources are started once, at start.
+    if new.sources != old.sources {
+        later.push("[[source.mqtt]]".into());
+        new.sources.clone_from(&old.sources);
+    }
     // The link's profile is made at start (its topics, subscriptions, shadows, jobs).
     if new.aws != old.aws {
         let what = if new.aws.is_some() == old.aws.is_some() {

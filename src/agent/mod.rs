@@ -159,6 +159,16 @@ pub async fn run_until_with(
         board.clone(),
         shutdown.clone(),
     ));
+    // Local MQTT sources (none by default): they append like `report`.
+    let sourcing = (!config.sources.is_empty()).then(|| {
+        spawn_task(crate::source::run(
+            config.sources.clone(),
+            config.own_filters(),
+            outbox.clone(),
+            board.clone(),
+            shutdown.clone(),
+        ))
+    });
     let ctx = Context {
         outbox: outbox.clone(),
         board: board.clone(),
@@ -198,6 +208,12 @@ pub async fn run_until_with(
     {
         tracing::warn!("connections did not finish in {DRAIN_TIMEOUT:?}; closing anyway");
         server.abort();
+    }
+    // Sources acknowledge what was appended and disconnect (before the store closes).
+    if let Some(s) = sourcing
+        && tokio::time::timeout(DRAIN_TIMEOUT, s).await.is_err()
+    {
+        tracing::warn!("the local MQTT sources did not stop in {DRAIN_TIMEOUT:?}");
     }
     // The link publishes "offline" and disconnects; acks it received still get deleted.
     if tokio::time::timeout(DRAIN_TIMEOUT, link).await.is_err() {

@@ -43,6 +43,11 @@ pub use control::ControlConfig;
 pub use desired::{ConflictRule, DesiredConfig, Handler, HandlerKind, Policy};
 pub use values::{BrokerUrl, DeviceId, Encoding, WhenFull, parse_duration};
 
+/// Most `[[source.mqtt]]` entries (each is one connection and one task).
+pub const MAX_SOURCES: usize = 16;
+/// Default `source.mqtt.max_inflight`.
+pub const DEFAULT_SOURCE_INFLIGHT: usize = 1000;
+
 use std::ffi::OsString;
 use std::fmt;
 use std::os::unix::fs::PermissionsExt;
@@ -236,6 +241,66 @@ pub struct Config {
     pub aws: Option<std::sync::Arc<AwsConfig>>,
     /// `[azure]`: set exactly when `[cloud] profile = "azure-iot-hub"`.
     pub azure: Option<std::sync::Arc<AzureConfig>>,
+    /// `[[source.mqtt]]`: local brokers the agent subscribes to (none by default).
+    pub sources: Vec<SourceConfig>,
+}
+
+/// Where a local source's broker listens: TCP on a loopback address, or a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUrl {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+impl fmt::Display for SourceUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceUrl::Tcp { host, port } if host.contains(':') => {
+                write!(f, "mqtt://[{host}]:{port}")
+            }
+            SourceUrl::Tcp { host, port } => write!(f, "mqtt://{host}:{port}"),
+            SourceUrl::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+/// One `[[source.mqtt]]` (docs/PROTOCOL.md §7.1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    pub url: SourceUrl,
+    /// An MQTT topic filter, checked by [`crate::model::source::check_filter`].
+    pub filter: String,
+    pub key: crate::model::source::KeyTemplate,
+    pub value: crate::model::source::ValueRule,
+    /// The MQTT client id of the source's persistent session.
+    pub client_id: String,
+    /// Subscription QoS: 1 (acknowledged once durable) or 0.
+    pub qos: u8,
+    /// Most messages received and not yet acknowledged.
+    pub max_inflight: usize,
+    pub keep_alive: Duration,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Filters of every topic the agent uses on its cloud broker (per profile): the loop
+    /// guard keeps local sources off them.
+    pub fn own_filters(&self) -> Vec<String> {
+        let device = self.device.id.as_str();
+        if let Some(a) = &self.aws {
+            return vec![
+                format!("$aws/things/{}/#", a.thing),
+                a.telemetry_topic.clone(),
+                a.presence_topic.clone(),
+                a.metrics_topic.clone(),
+            ];
+        }
+        if self.azure.is_some() {
+            return vec![format!("devices/{device}/#"), "$iothub/#".to_owned()];
+        }
+        vec![format!("{}/{device}/#", self.mqtt.topic_prefix)]
+    }
 }
 
 /// `[device]`

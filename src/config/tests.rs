@@ -2469,7 +2469,13 @@ fn example_config_documents_every_key() {
     let errors = Config::from_toml_str(Path::new(DEFAULT_CONFIG_PATH), &uncommented).unwrap_err();
     assert_eq!(
         keys(&errors.problems),
-        ["mqtt.ca", "mqtt.cert", "mqtt.key", "mqtt.password_file"],
+        [
+            "mqtt.ca",
+            "mqtt.cert",
+            "mqtt.key",
+            "mqtt.password_file",
+            "source.mqtt[1].password_file"
+        ],
         "{errors}"
     );
     // And they mean what they say.
@@ -2888,4 +2894,119 @@ fn the_aws_profile_keeps_the_keep_alive_within_aws_iot_cores_range() {
         valid(&plain("keep_alive = \"1h\"", "")).mqtt.keep_alive,
         Duration::from_secs(3600)
     );
+}
+
+// --- [[source.mqtt]] -------------------------------------------------------------------
+
+fn with_source(entry: &str) -> String {
+    plain("", &format!("[[source.mqtt]]\n{entry}\n"))
+}
+
+#[test]
+fn sources_are_off_by_default_and_take_their_defaults() {
+    assert!(valid(&plain("", "")).sources.is_empty());
+    let c = valid(&with_source(
+        "url = \"mqtt://127.0.0.1:1884\"\nfilter = \"s/+/t\"\nkey = \"{2}.t\"",
+    ));
+    let s = &c.sources[0];
+    assert_eq!(s.url.to_string(), "mqtt://127.0.0.1:1884");
+    assert_eq!(s.client_id, "pump-0042-source-1");
+    assert_eq!(s.value, crate::model::source::ValueRule::Payload);
+    assert_eq!((s.qos, s.max_inflight), (1, DEFAULT_SOURCE_INFLIGHT));
+    assert_eq!(s.keep_alive, Duration::from_secs(30));
+    let c = valid(&with_source(
+        "url = \"unix:///run/mosquitto/m.sock\"\nfilter = \"#\"\nkey = \"{1}\"\nvalue = \"/a\"",
+    ));
+    assert_eq!(
+        c.sources[0].url,
+        SourceUrl::Unix("/run/mosquitto/m.sock".into())
+    );
+}
+
+#[test]
+fn source_keys_are_checked_with_clear_errors() {
+    let m = only_problem(
+        &with_source("url = \"mqtt://10.0.0.5:1883\"\nfilter = \"a\"\nkey = \"k\""),
+        "source.mqtt[1].url",
+    );
+    assert!(m.contains("loopback"), "{m}");
+    let m = only_problem(
+        &with_source("url = \"mqtts://localhost\"\nfilter = \"a\"\nkey = \"k\""),
+        "source.mqtt[1].url",
+    );
+    assert!(m.contains("loopback"), "{m}");
+    let m = only_problem(
+        &with_source("url = \"mqtt://[::1]:1\"\nfilter = \"a/#/b\"\nkey = \"k\""),
+        "source.mqtt[1].filter",
+    );
+    assert!(m.contains("last level"), "{m}");
+    let m = only_problem(
+        &with_source("url = \"mqtt://localhost:1\"\nfilter = \"a/+\"\nkey = \"{3}.x\""),
+        "source.mqtt[1].key",
+    );
+    assert!(m.contains("no level 3"), "{m}");
+    let m = only_problem(
+        &with_source("url = \"mqtt://localhost:1\"\nfilter = \"a\"\nkey = \"k\"\nvalue = \"raw\""),
+        "source.mqtt[1].value",
+    );
+    assert!(m.contains("JSON pointer"), "{m}");
+    let p = problems(&with_source(
+        "url = \"unix:relative\"\nfilter = \"a\"\nkey = \"k\"\nqos = 2\nmax_inflight = 0\nfilter2 = 1",
+    ));
+    assert_eq!(
+        keys(&p),
+        [
+            "source.mqtt[1].url",
+            "source.mqtt[1].qos",
+            "source.mqtt[1].max_inflight",
+            "source.mqtt[1].filter2"
+        ]
+    );
+    let missing = problems(&plain("", "[[source.mqtt]]\n"));
+    assert_eq!(
+        keys(&missing),
+        [
+            "source.mqtt[1].url",
+            "source.mqtt[1].filter",
+            "source.mqtt[1].key"
+        ]
+    );
+    // Each source its own session; a bounded number of them.
+    let two = "url = \"mqtt://localhost:1\"\nfilter = \"a\"\nkey = \"k\"\nclient_id = \"x\"\n";
+    let text = plain("", &format!("[[source.mqtt]]\n{two}[[source.mqtt]]\n{two}"));
+    assert!(only_problem(&text, "source.mqtt[2].client_id").contains("earlier"));
+    let many: String = (0..17)
+        .map(|i| format!("[[source.mqtt]]\nurl = \"mqtt://localhost:1\"\nfilter = \"a\"\nkey = \"k\"\nclient_id = \"c{i}\"\n"))
+        .collect();
+    assert!(only_problem(&plain("", &many), "source.mqtt").contains("at most 16"));
+}
+
+#[test]
+fn a_source_filter_that_would_loop_is_refused() {
+    // mqtt.url of `plain` is mqtt://localhost:1883: a source on 127.0.0.1:1883 is that broker.
+    let looping = |filter: &str| {
+        with_source(&format!(
+            "url = \"mqtt://127.0.0.1:1883\"\nfilter = \"{filter}\"\nkey = \"k\""
+        ))
+    };
+    for f in [
+        "#",
+        "edgesync/+/reported",
+        "+/pump-0042/#",
+        "edgesync/pump-0042/cmd/+",
+    ] {
+        let m = only_problem(&looping(f), "source.mqtt[1].filter");
+        assert!(m.contains("loop"), "{f}: {m}");
+    }
+    for f in ["sensors/#", "edgesync/other/#", "$SYS/#"] {
+        valid(&looping(f));
+    }
+    // Another broker (another port) may be subscribed to with any filter.
+    valid(&with_source(
+        "url = \"mqtt://127.0.0.1:1884\"\nfilter = \"#\"\nkey = \"k\"",
+    ));
+    // The profile's own topics count: aws-iot's $aws/things/{thing}/...
+    let aws = looping("$aws/things/+/shadow/#")
+        .replace("[[source", "[cloud]\nprofile = \"aws-iot\"\n[[source");
+    assert!(only_problem(&aws, "source.mqtt[1].filter").contains("$aws/things/pump-0042/#"));
 }

@@ -40,9 +40,11 @@ use super::{
     LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, StoreConfig, SyncConfig,
     TelemetryConfig,
 };
+use super::{DEFAULT_SOURCE_INFLIGHT, MAX_SOURCES, SourceConfig, SourceUrl};
 use crate::model::command::CommandName;
 use crate::model::glob::KeyGlob;
 use crate::model::rules::{self, Rule, UnknownKeys, ValueType};
+use crate::model::source;
 use crate::model::text::{shorten, suggest};
 use crate::sys::log::check_log_level;
 
@@ -447,6 +449,38 @@ raw_section! {
 }
 
 raw_section! {
+    /// `[[source.mqtt]]`
+    struct RawSourceMqtt {
+        url: String,
+        filter: String,
+        key: String,
+        value: String,
+        client_id: String,
+        qos: i64,
+        max_inflight: i64,
+        keep_alive: RawDuration,
+        username: String,
+        password_file: String,
+    }
+}
+
+/// `[source]`: only arrays of tables (the macro needs a key).
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct RawSource {
+    pub(super) mqtt: Field<Vec<RawSourceMqtt>>,
+}
+
+impl RawTable for RawSource {
+    const KEYS: &'static [&'static str] = &["mqtt"];
+
+    fn collect(table: &Table, at: &str, p: &mut Problems) -> Self {
+        RawSource {
+            mqtt: take_tables(table, at, "mqtt", p),
+        }
+    }
+}
+
+raw_section! {
     /// `[desired]`
     struct RawDesired {
         max_document_bytes: RawSize,
@@ -515,6 +549,7 @@ pub(super) struct RawConfig {
     pub(super) cloud: RawCloud,
     pub(super) aws: Option<RawAws>,
     pub(super) azure: Option<RawAzure>,
+    pub(super) source: RawSource,
 }
 
 /// The known sections and their keys, in file order.
@@ -531,6 +566,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
     ("cloud", RawCloud::KEYS),
     ("aws", RawAws::KEYS),
     ("azure", RawAzure::KEYS),
+    ("source", RawSource::KEYS),
 ];
 
 /// The known arrays of tables: section, key, and the keys of one entry.
@@ -539,6 +575,7 @@ pub(super) const SUBTABLES: &[(&str, &str, &[&str])] = &[
     ("desired", "conflict", RawConflict::KEYS),
     ("desired", "handler", RawHandler::KEYS),
     ("aws", "shadow_map", RawShadowMap::KEYS),
+    ("source", "mqtt", RawSourceMqtt::KEYS),
 ];
 
 impl RawConfig {
@@ -570,6 +607,7 @@ impl RawConfig {
             cloud: known(root, "cloud", p),
             aws: section(root, "aws", p),
             azure: section(root, "azure", p),
+            source: known(root, "source", p),
         }
     }
 }
@@ -861,7 +899,8 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
             _ => m.username = Some(user),
         }
     }
-    Some(Config {
+    let sources = sources(&raw.source, dir, device.as_ref(), p);
+    let config = Config {
         source: source.to_path_buf(),
         device: device?,
         mqtt: mqtt?,
@@ -874,7 +913,181 @@ pub(super) fn validate(source: &Path, raw: &RawConfig, p: &mut Problems) -> Opti
         control: control?,
         aws: aws?,
         azure: azure?,
+        sources: sources?,
+    };
+    loop_guard(&config, &raw.source, p);
+    Some(config)
+}
+
+/// `[[source.mqtt]]`.
+fn sources(
+    raw: &RawSource,
+    dir: &Path,
+    device: Option<&DeviceConfig>,
+    p: &mut Problems,
+) -> Option<Vec<SourceConfig>> {
+    let before = p.0.len();
+    let entries = raw.mqtt.value.as_deref().unwrap_or_default();
+    if entries.len() > MAX_SOURCES {
+        let m = format!(
+            "expected at most {MAX_SOURCES} [[source.mqtt]] tables, found {}",
+            entries.len()
+        );
+        raw.mqtt.report(p, m);
+    }
+    let mut out = Vec::new();
+    for (i, r) in entries.iter().enumerate() {
+        let url = r.url.require(
+            p,
+            "the local broker, mqtt://127.0.0.1:1883 or unix:///run/mosquitto/mosquitto.sock",
+            |u| source_url(&u),
+        );
+        let filter = r
+            .filter
+            .require(p, "an MQTT topic filter, such as \"sensors/#\"", |f| {
+                source::check_filter(&f).map(|()| f)
+            });
+        let what = "a key template, such as \"{2}.temperature\"";
+        let key = match &filter {
+            Some(f) => r
+                .key
+                .require(p, what, |k| source::KeyTemplate::parse(&k, f)),
+            None => {
+                if !r.key.is_set() {
+                    r.key
+                        .missing(p, format!("missing required key; expected {what}"));
+                }
+                None
+            }
+        };
+        let value = r.value.or(p, source::ValueRule::Payload, |v| {
+            source::ValueRule::parse(&v)
+        });
+        let default_id = device.map(|d| format!("{}-source-{}", d.id.as_str(), i + 1));
+        let client_id = r
+            .client_id
+            .map(p, |id| check_client_id(&id).map(|()| id))
+            .and_then(|id| id.or(default_id));
+        if let Some(id) = &client_id
+            && out.iter().any(|o: &SourceConfig| o.client_id == *id)
+        {
+            r.client_id.report(
+                p,
+                format!("{id:?} is the client id of an earlier source; each needs its own session"),
+            );
+        }
+        let qos = r.qos.or(p, 1, |q| match q {
+            0 | 1 => Ok(q as u8),
+            q => Err(format!("expected 0 or 1, found {q}")),
+        });
+        let max_inflight = r
+            .max_inflight
+            .or(p, DEFAULT_SOURCE_INFLIGHT, |n| count(n, (1, 65_535)));
+        let keep_alive = r.keep_alive.or(p, DEFAULT_KEEP_ALIVE, |d| {
+            d.within(
+                Duration::from_secs(5)..=Duration::from_secs(65535),
+                "5s to 65535s",
+            )
+        });
+        let username = r.username.map(p, |n| check_username(&n).map(|()| n));
+        let password_file = readable_file(p, &r.password_file, dir, true);
+        if let Some(Some(path)) = &password_file {
+            private_file(p, &r.password_file, path, "a password file");
+        }
+        if r.password_file.is_set() && !r.username.is_set() {
+            r.password_file
+                .report(p, "is set without username; a password needs a user name");
+        }
+        let entry = (|| {
+            Some(SourceConfig {
+                url: url?,
+                filter: filter?,
+                key: key?,
+                value: value?,
+                client_id: client_id?,
+                qos: qos?,
+                max_inflight: max_inflight?,
+                keep_alive: keep_alive?,
+                username: username?,
+                password_file: password_file?,
+            })
+        })();
+        out.extend(entry);
+    }
+    (p.0.len() == before).then_some(out)
+}
+
+/// `source.mqtt.url`: plain TCP to a loopback address, or a Unix socket.
+fn source_url(u: &str) -> Result<SourceUrl, String> {
+    if let Some(path) = u
+        .strip_prefix("unix://")
+        .or_else(|| u.strip_prefix("unix:"))
+    {
+        // A Unix socket path holds at most 107 bytes.
+        if !path.starts_with('/') || path.len() > 107 || path.contains('\0') {
+            return Err(format!(
+                "expected unix:///absolute/path (at most 107 bytes), found {:?}",
+                shorten(u)
+            ));
+        }
+        return Ok(SourceUrl::Unix(path.into()));
+    }
+    let url: BrokerUrl = u.parse().map_err(|e: String| {
+        e.replace(
+            "mqtts://host[:port] (or mqtt://host[:port] with mqtt.allow_plaintext = true)",
+            "mqtt://127.0.0.1:PORT or unix:///path",
+        )
+    })?;
+    let host = url.host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    if url.tls || !loopback {
+        return Err(format!(
+            "expected mqtt:// to a loopback address (127.0.0.1, ::1, localhost) or unix:///path, \
+             found {:?}: a local source is plain MQTT on this machine only",
+            shorten(u)
+        ));
+    }
+    Ok(SourceUrl::Tcp {
+        host: host.to_owned(),
+        port: url.port,
     })
+}
+
+/// The loop guard (docs/PROTOCOL.md §7.1): a source on the cloud broker itself must not
+/// subscribe to a topic the agent uses there.
+fn loop_guard(c: &Config, raw: &RawSource, p: &mut Problems) {
+    let entries = raw.mqtt.value.as_deref().unwrap_or_default();
+    let own = c.own_filters();
+    for (s, r) in c.sources.iter().zip(entries) {
+        let SourceUrl::Tcp { host, port } = &s.url else {
+            continue;
+        };
+        let cloud = &c.mqtt.url;
+        let lo = |h: &str| {
+            h.eq_ignore_ascii_case("localhost")
+                || h.trim_matches(['[', ']'])
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback())
+        };
+        let same_host = host.eq_ignore_ascii_case(&cloud.host) || (lo(host) && lo(&cloud.host));
+        if *port != cloud.port || !same_host {
+            continue;
+        }
+        if let Some(o) = own.iter().find(|o| source::overlap(&s.filter, o)) {
+            r.filter.report(
+                p,
+                format!(
+                    "{:?} can match the agent's own topic {o:?} on the cloud broker (mqtt.url is \
+                     the same broker): the agent would take its own messages in again (a loop); \
+                     narrow the filter",
+                    s.filter
+                ),
+            );
+        }
+    }
 }
 
 /// `[cloud]`, `[aws]` and `[azure]`: `(None, None)` for the `edgesync` profile. A cloud's

@@ -180,6 +180,9 @@ pub struct Metrics {
     /// Direct methods and cloud-to-device messages (`azure-iot-hub` profile only).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub hub_commands: Option<crate::health::status::HubCommandFigures>,
+    /// The local MQTT sources (`[[source.mqtt]]`); absent without any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<crate::health::status::SourceFigures>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +254,7 @@ pub struct Inputs {
     pub uptime: Duration,
     /// Bytes written over the store's life.
     pub written_bytes: Option<u64>,
+    pub sources: Vec<crate::health::status::SourceFigures>,
 }
 
 /// Reads the inputs: queue figures (no I/O), the oldest change's time and the desired
@@ -276,6 +280,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
         rss_bytes: rss_bytes(),
         uptime: board.started().elapsed(),
         written_bytes: write_bytes().map(|b| outbox.note_written(b)),
+        sources: board.sources(),
     }
 }
 
@@ -325,6 +330,7 @@ pub fn build(i: &Inputs) -> Metrics {
         twin: i.link.twin.clone(),
         jobs: i.link.jobs.clone(),
         hub_commands: i.link.hub_commands,
+        sources: i.sources.clone(),
     }
 }
 
@@ -549,6 +555,9 @@ pub fn prometheus(m: &Metrics) -> String {
     if let Some(v) = m.written_gb_per_day {
         e.sample("edgesync_written_gb_per_day", &[], v);
     }
+    if !m.sources.is_empty() {
+        source_families(&mut e, &m.sources);
+    }
     e.gauge(
         "edgesync_uptime_seconds",
         "Seconds since the agent started.",
@@ -560,6 +569,49 @@ pub fn prometheus(m: &Metrics) -> String {
         Secs(m.ts),
     );
     e.out
+}
+
+/// The local MQTT sources, labelled by their client id (present only with sources).
+fn source_families(e: &mut Expo, sources: &[crate::health::status::SourceFigures]) {
+    type Get = fn(&crate::health::status::SourceFigures) -> u64;
+    let families: [(&str, &str, &str, Get); 5] = [
+        (
+            "edgesync_source_connected",
+            "gauge",
+            "Whether the local source is connected and subscribed.",
+            |s| u64::from(s.connected),
+        ),
+        (
+            "edgesync_source_received_total",
+            "counter",
+            "Messages received from the local broker, since start.",
+            |s| s.received,
+        ),
+        (
+            "edgesync_source_taken_total",
+            "counter",
+            "Messages taken in as changes (durable, then acknowledged), since start.",
+            |s| s.taken,
+        ),
+        (
+            "edgesync_source_invalid_total",
+            "counter",
+            "Messages that map to no valid change (acknowledged, not taken), since start.",
+            |s| s.invalid,
+        ),
+        (
+            "edgesync_source_backpressure",
+            "gauge",
+            "Whether the store refuses the source's changes (messages held unacknowledged).",
+            |s| u64::from(s.backpressure),
+        ),
+    ];
+    for (name, kind, help, get) in families {
+        e.family(name, kind, help);
+        for s in sources {
+            e.sample(name, &[("source", &escape_label(&s.client_id))], get(s));
+        }
+    }
 }
 
 /// Milliseconds shown as seconds with three decimals.
@@ -847,6 +899,7 @@ mod tests {
             rss_bytes: Some(4 << 20),
             uptime: Duration::from_secs(61),
             written_bytes: Some(7 << 20),
+            sources: Vec::new(),
         }
     }
 

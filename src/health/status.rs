@@ -145,6 +145,32 @@ pub struct Inbound {
     pub foreign_messages: u64,
 }
 
+/// One local MQTT source (`[[source.mqtt]]`, docs/PROTOCOL.md §7.1), since start (metrics
+/// `sources`, also in the status document's `metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourceFigures {
+    pub url: String,
+    pub filter: String,
+    pub client_id: String,
+    /// Connected and subscribed.
+    pub connected: bool,
+    /// Messages received (a message the broker sends again counts again).
+    pub received: u64,
+    /// Messages taken in as changes (durable, then acknowledged).
+    pub taken: u64,
+    /// Messages that map to no valid change: acknowledged and not taken.
+    pub invalid: u64,
+    pub last_invalid: Option<String>,
+    /// The store refuses changes (full, `when_full = "reject"`, or failing): messages are
+    /// held unacknowledged, so the local broker keeps them, and retried.
+    pub backpressure: bool,
+    /// Messages received and not yet acknowledged.
+    pub held: u64,
+    /// Why the last connection ended or failed.
+    pub last_error: Option<String>,
+}
+
 /// Shared, cheap-to-clone holder of the link figures (and of the metrics' own state).
 #[derive(Debug, Clone, Default)]
 pub struct StatusBoard(Arc<Mutex<Board>>);
@@ -159,6 +185,8 @@ struct Board {
     invalid_changes: u64,
     /// Bumped by `edgesync reconnect` while the link waits to retry (see [`StatusBoard::retry_now`]).
     retry: watch::Sender<u64>,
+    /// The local MQTT sources, in config order.
+    sources: Vec<SourceFigures>,
 }
 
 impl Default for Board {
@@ -169,6 +197,7 @@ impl Default for Board {
             rates: RateMeter::default(),
             invalid_changes: 0,
             retry: watch::Sender::new(0),
+            sources: Vec::new(),
         }
     }
 }
@@ -184,6 +213,22 @@ impl StatusBoard {
 
     pub fn update(&self, f: impl FnOnce(&mut LinkFigures)) {
         f(&mut self.lock().link);
+    }
+
+    /// Sets the local sources' figures (at start).
+    pub fn set_sources(&self, sources: Vec<SourceFigures>) {
+        self.lock().sources = sources;
+    }
+
+    /// Updates source `i`'s figures.
+    pub fn source(&self, i: usize, f: impl FnOnce(&mut SourceFigures)) {
+        if let Some(s) = self.lock().sources.get_mut(i) {
+            f(s);
+        }
+    }
+
+    pub fn sources(&self) -> Vec<SourceFigures> {
+        self.lock().sources.clone()
     }
 
     /// When the board (the agent) started.
@@ -510,6 +555,29 @@ pub fn render(s: &Status, now_ms: u64) -> String {
         out.push_str(&format!(
             "commands    {} retained request(s) ignored, not run (publish commands unretained)\n",
             s.counters.retained_commands
+        ));
+    }
+    for src in s.metrics.iter().flat_map(|m| &m.sources) {
+        out.push_str(&format!(
+            "source      {} {} on {}: received {} · taken {} · invalid {}{}{}\n",
+            if src.connected {
+                "connected"
+            } else {
+                "disconnected"
+            },
+            src.filter,
+            src.url,
+            src.received,
+            src.taken,
+            src.invalid,
+            src.last_invalid
+                .as_ref()
+                .map_or_else(String::new, |r| format!(" (last: {r})")),
+            if src.backpressure {
+                format!(" · store refusing: {} held unacknowledged", src.held)
+            } else {
+                String::new()
+            },
         ));
     }
     let i = s.counters.inbound;

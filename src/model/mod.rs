@@ -8,5 +8,6 @@ pub mod compress;
 pub mod doc;
 pub mod glob;
 pub mod rules;
+pub mod source;
 pub mod text;
 pub mod topics;
