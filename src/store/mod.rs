@@ -106,6 +106,7 @@
 
 pub mod record;
 
+pub mod class;
 pub mod desired;
 pub mod journal;
 pub mod shadow;
