@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TelemetryConfig;
 use crate::health::status::{Identity, LinkFigures, LinkState, StatusBoard};
+use crate::store::class::ClassStats;
 use crate::store::{Outbox, QueueStats};
 
 /// How often rates are sampled while `[telemetry] interval = "0"`.
@@ -180,6 +181,9 @@ pub struct Metrics {
     /// Direct methods and cloud-to-device messages (`azure-iot-hub` profile only).
     #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub hub_commands: Option<crate::health::status::HubCommandFigures>,
+    /// Per retention class (`[[store.class]]` only): drops and filtered changes since start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassStats>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +255,8 @@ pub struct Inputs {
     pub uptime: Duration,
     /// Bytes written over the store's life.
     pub written_bytes: Option<u64>,
+    /// Per retention class (empty without `[[store.class]]`).
+    pub classes: Vec<ClassStats>,
 }
 
 /// Reads the inputs: queue figures (no I/O), the oldest change's time and the desired
@@ -276,6 +282,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
         rss_bytes: rss_bytes(),
         uptime: board.started().elapsed(),
         written_bytes: write_bytes().map(|b| outbox.note_written(b)),
+        classes: outbox.class_stats(),
     }
 }
 
@@ -325,6 +332,7 @@ pub fn build(i: &Inputs) -> Metrics {
         twin: i.link.twin.clone(),
         jobs: i.link.jobs.clone(),
         hub_commands: i.link.hub_commands,
+        classes: i.classes.clone(),
     }
 }
 
@@ -463,6 +471,43 @@ pub fn prometheus(m: &Metrics) -> String {
         &[("reason", "invalid-change")],
         m.changes.rejected.invalid_change,
     );
+    if !m.classes.is_empty() {
+        e.family(
+            "edgesync_class_dropped_total",
+            "counter",
+            "Queued changes evicted from a full store, by retention class and reason, since start.",
+        );
+        for c in &m.classes {
+            for (reason, n) in [
+                ("expired", c.counters.expired),
+                ("superseded", c.counters.superseded),
+                ("oldest", c.counters.oldest),
+            ] {
+                let labels = [("class", c.name.as_str()), ("reason", reason)];
+                e.sample("edgesync_class_dropped_total", &labels, n);
+            }
+        }
+        e.family(
+            "edgesync_class_filtered_total",
+            "counter",
+            "Reported changes not queued, by retention class and filter, since start.",
+        );
+        for c in &m.classes {
+            for (reason, n) in [("deadband", c.counters.deadband), ("dedupe", c.counters.dedupe)] {
+                let labels = [("class", c.name.as_str()), ("reason", reason)];
+                e.sample("edgesync_class_filtered_total", &labels, n);
+            }
+        }
+        e.family(
+            "edgesync_class_heartbeats_total",
+            "counter",
+            "Changes queued only because max_interval had passed, by retention class, since start.",
+        );
+        for c in &m.classes {
+            let labels = [("class", c.name.as_str())];
+            e.sample("edgesync_class_heartbeats_total", &labels, c.counters.heartbeat);
+        }
+    }
     e.family(
         "edgesync_changes_in_per_second",
         "gauge",
@@ -847,6 +892,7 @@ mod tests {
             rss_bytes: Some(4 << 20),
             uptime: Duration::from_secs(61),
             written_bytes: Some(7 << 20),
+            classes: Vec::new(),
         }
     }
 

@@ -19,7 +19,7 @@
 use crate::config::{DEFAULT_CLASS_PRIORITY, StoreClass};
 
 /// Why a change left (or never entered) the queue, per class (status `classes`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClassCounters {
     /// Evicted: older than the class's `ttl`.
     pub expired: u64,
@@ -36,7 +36,7 @@ pub struct ClassCounters {
 }
 
 /// One class as the status shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClassStats {
     pub name: String,
     pub priority: u8,
@@ -65,12 +65,8 @@ impl Classes {
     }
 
     /// Configured classes plus the default one.
-    pub fn len(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.rules.len() + 1
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 
     /// The first class whose glob matches `key`, else the default class.
@@ -103,7 +99,7 @@ impl Classes {
 
     /// Whether any class filters: only then does an append read the last queued values.
     pub fn any_filter(&self) -> bool {
-        (0..self.len() as ClassId).any(|c| self.filters(c))
+        (0..self.count() as ClassId).any(|c| self.filters(c))
     }
 
     /// What to do with a change of class `c` (`value`: CBOR, stamped `ts`) given its key's
@@ -245,7 +241,7 @@ pub fn evict<Q: EvictQueue>(
     allow: Allow,
     counters: &mut [ClassCounters],
 ) -> Result<(u64, u64), Q::Error> {
-    let n = classes.len() as ClassId;
+    let n = classes.count() as ClassId;
     let (mut changes, mut freed) = (0u64, 0u64);
     let mut take = |bytes: Option<u64>, count: &mut u64, freed: &mut u64| {
         if let Some(b) = bytes {
@@ -433,7 +429,7 @@ mod tests {
 
     fn order(m: &mut Mem, c: &Classes, now: u64, n: u64, allow: Allow) -> Vec<u64> {
         let before: Vec<u64> = m.queue.keys().copied().collect();
-        let mut counters = vec![ClassCounters::default(); c.len()];
+        let mut counters = vec![ClassCounters::default(); c.count()];
         evict(m, c, now, n * 10, allow, &mut counters).unwrap();
         before.into_iter().filter(|s| !m.queue.contains_key(s)).collect()
     }

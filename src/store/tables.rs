@@ -11,6 +11,12 @@ pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
 /// Shadow name (`""`: classic) → watermark seq, of the `aws-iot` profile ([`super::shadow`]).
 pub const SHADOW: TableDefinition<&str, u64> = TableDefinition::new("shadow_reported");
+/// `(class, seq)` → ts of every queued change, per retention class (issue 19; only with
+/// `[[store.class]]`): the oldest of a class, and expiry, without a scan.
+pub const CLASS_QUEUE: TableDefinition<(u8, u64), u64> = TableDefinition::new("class_queue");
+/// seq → class of every queued change whose key has a newer queued value (only with
+/// `[[store.class]]`).
+pub const SUPERSEDED: TableDefinition<u64, u8> = TableDefinition::new("superseded");
 /// Counter name → value (`next_seq`, `depth`, `bytes`, …).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
