@@ -53,7 +53,12 @@ fn a_full_store_evicts_expired_then_superseded_and_sends_the_rest_in_seq_order()
         return;
     };
     let proxy = FaultProxy::start(mosq.tls_addr()).unwrap();
-    let cloud = Cloud::start(&pki, mosq.tls_port, &format!("edgesync/{device}/reported"), true);
+    let cloud = Cloud::start(
+        &pki,
+        mosq.tls_port,
+        &format!("edgesync/{device}/reported"),
+        true,
+    );
     proxy.cut();
     let mut o = agent_options(&pki, proxy.port());
     o.device_id = device.into();
@@ -63,8 +68,15 @@ fn a_full_store_evicts_expired_then_superseded_and_sends_the_rest_in_seq_order()
     let r = agent.request(&json!({"op": "report", "changes": [
         {"key": "t.1", "value": 20.0}, {"key": "t.1", "value": 20.2},
         {"key": "t.2", "value": "on"}, {"key": "t.2", "value": "on"}]}));
-    assert_eq!((r["ok"].clone(), r["filtered"].clone()), (json!(true), json!(2)), "{r}");
-    assert_eq!(r["last_seq"].as_u64().unwrap() - r["first_seq"].as_u64().unwrap(), 1);
+    assert_eq!(
+        (r["ok"].clone(), r["filtered"].clone()),
+        (json!(true), json!(2)),
+        "{r}"
+    );
+    assert_eq!(
+        r["last_seq"].as_u64().unwrap() - r["first_seq"].as_u64().unwrap(),
+        1
+    );
     let r = agent.request(&json!({"op": "report", "changes": [{"key": "t.1", "value": 20.4}]}));
     assert_eq!(r["filtered"], 1, "{r}");
     assert!(r["first_seq"].as_u64() > r["last_seq"].as_u64());
@@ -96,15 +108,27 @@ fn a_full_store_evicts_expired_then_superseded_and_sends_the_rest_in_seq_order()
     let s = agent.status();
     assert!(s["counters"]["dropped"].as_u64().unwrap() > 0, "{s:#}");
     let lo = class(&s, "lo");
-    assert_eq!((lo["expired"].clone(), lo["oldest"].clone()), (json!(1), json!(0)), "{s:#}");
+    assert_eq!(
+        (lo["expired"].clone(), lo["oldest"].clone()),
+        (json!(1), json!(0)),
+        "{s:#}"
+    );
     let d = class(&s, "default");
     assert!(d["superseded"].as_u64().unwrap() > 0);
-    assert_eq!(d["oldest"], 0, "no latest value goes while superseded ones remain");
+    assert_eq!(
+        d["oldest"], 0,
+        "no latest value goes while superseded ones remain"
+    );
     let dropped: u64 = s["classes"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| ["expired", "superseded", "oldest"].iter().map(|r| c[r].as_u64().unwrap()).sum::<u64>())
+        .map(|c| {
+            ["expired", "superseded", "oldest"]
+                .iter()
+                .map(|r| c[r].as_u64().unwrap())
+                .sum::<u64>()
+        })
         .sum();
     assert_eq!(s["counters"]["dropped"].as_u64().unwrap(), dropped);
     assert_eq!(class(&s, "temps")["deadband"], 3);
@@ -122,12 +146,18 @@ fn a_full_store_evicts_expired_then_superseded_and_sends_the_rest_in_seq_order()
     });
     let changes = cloud.changes();
     let seqs: Vec<u64> = changes.iter().map(|c| c["seq"].as_u64().unwrap()).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seq order on the wire");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq order on the wire"
+    );
     let mut got: BTreeMap<String, Value> = BTreeMap::new();
     for c in &changes {
         got.insert(c["key"].as_str().unwrap().into(), c["value"].clone());
     }
-    assert!(!got.contains_key("lo.old"), "the expired change was evicted");
+    assert!(
+        !got.contains_key("lo.old"),
+        "the expired change was evicted"
+    );
     assert_eq!(got["lo.a"], "kept");
     assert_eq!(got["t.1"], 20.0);
     for (k, v) in &latest {

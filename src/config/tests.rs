@@ -2918,13 +2918,28 @@ fn store_classes_are_read_in_order_with_their_defaults() {
 fn store_class_problems_name_their_key() {
     let class = |body: &str| plain("", &format!("[[store.class]]\n{body}\n"));
     only_problem(&class("priority = 1"), "store.class[1].keys");
-    only_problem(&class("keys = \"a\"\npriority = 101"), "store.class[1].priority");
+    only_problem(
+        &class("keys = \"a\"\npriority = 101"),
+        "store.class[1].priority",
+    );
     only_problem(&class("keys = \"a\"\nttl = \"10ms\""), "store.class[1].ttl");
-    only_problem(&class("keys = \"a\"\ndeadband = 0"), "store.class[1].deadband");
-    only_problem(&class("keys = \"a\"\ndeadband = -1.5"), "store.class[1].deadband");
+    only_problem(
+        &class("keys = \"a\"\ndeadband = 0"),
+        "store.class[1].deadband",
+    );
+    only_problem(
+        &class("keys = \"a\"\ndeadband = -1.5"),
+        "store.class[1].deadband",
+    );
     only_problem(&class("keys = \"a b\""), "store.class[1].keys");
-    only_problem(&class("keys = \"a\"\nname = \"default\""), "store.class[1].name");
-    only_problem(&class("keys = \"a\"\nname = \"a b\""), "store.class[1].name");
+    only_problem(
+        &class("keys = \"a\"\nname = \"default\""),
+        "store.class[1].name",
+    );
+    only_problem(
+        &class("keys = \"a\"\nname = \"a b\""),
+        "store.class[1].name",
+    );
     only_problem(&class("keys = \"a\"\nfoo = 1"), "store.class[1].foo");
     let m = only_problem(
         &class("keys = \"a\"\nmax_interval = \"1m\""),
@@ -2937,7 +2952,10 @@ fn store_class_problems_name_their_key() {
         "[[store.class]]\nkeys = \"a\"\nname = \"x\"\n[[store.class]]\nkeys = \"b\"\nname = \"x\"\n",
     );
     only_problem(&text, "store.class[2].name");
-    let text = plain("", "[[store.class]]\nkeys = \"*\"\n[[store.class]]\nkeys = \"b\"\n");
+    let text = plain(
+        "",
+        "[[store.class]]\nkeys = \"*\"\n[[store.class]]\nkeys = \"b\"\n",
+    );
     only_problem(&text, "store.class[2].keys");
     // Bounded: at most 32.
     let many: String = (0..33)

@@ -34,11 +34,11 @@ use super::values::{
     telemetry_interval, toml_to_json,
 };
 use super::{
-    Config, ConflictRule, ControlConfig, DEFAULT_KEEP_ALIVE, DEFAULT_RECONNECT_INITIAL,
-    DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET, DEFAULT_STORE_PATH,
-    DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind, LocalConfig,
-    DEFAULT_CLASS_PRIORITY, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem,
-    STORE_CLASSES_MAX, StoreClass, StoreConfig, SyncConfig, TelemetryConfig,
+    Config, ConflictRule, ControlConfig, DEFAULT_CLASS_PRIORITY, DEFAULT_KEEP_ALIVE,
+    DEFAULT_RECONNECT_INITIAL, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET,
+    DEFAULT_STORE_PATH, DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind,
+    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, STORE_CLASSES_MAX,
+    StoreClass, StoreConfig, SyncConfig, TelemetryConfig,
 };
 use crate::model::command::CommandName;
 use crate::model::glob::KeyGlob;
@@ -1309,11 +1309,14 @@ fn store_class(raw: &RawClass, p: &mut Problems) -> Option<StoreClass> {
     let keys = glob(&raw.keys, p);
     let name = raw.name.map(p, |n| {
         let ok = (1..=64).contains(&n.chars().count())
-            && n.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
+            && n.chars()
+                .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
         match n.as_str() {
-            "default" => Err("\"default\" is the class of keys no [[store.class]] matches; \
+            "default" => Err(
+                "\"default\" is the class of keys no [[store.class]] matches; \
                               choose another name"
-                .to_owned()),
+                    .to_owned(),
+            ),
             _ if ok => Ok(n),
             _ => Err(format!(
                 "expected 1-64 printable ASCII characters without quotes, backslashes or \

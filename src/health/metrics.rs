@@ -493,7 +493,10 @@ pub fn prometheus(m: &Metrics) -> String {
             "Reported changes not queued, by retention class and filter, since start.",
         );
         for c in &m.classes {
-            for (reason, n) in [("deadband", c.counters.deadband), ("dedupe", c.counters.dedupe)] {
+            for (reason, n) in [
+                ("deadband", c.counters.deadband),
+                ("dedupe", c.counters.dedupe),
+            ] {
                 let labels = [("class", c.name.as_str()), ("reason", reason)];
                 e.sample("edgesync_class_filtered_total", &labels, n);
             }
@@ -505,7 +508,11 @@ pub fn prometheus(m: &Metrics) -> String {
         );
         for c in &m.classes {
             let labels = [("class", c.name.as_str())];
-            e.sample("edgesync_class_heartbeats_total", &labels, c.counters.heartbeat);
+            e.sample(
+                "edgesync_class_heartbeats_total",
+                &labels,
+                c.counters.heartbeat,
+            );
         }
     }
     e.family(

@@ -243,13 +243,6 @@ pub fn evict<Q: EvictQueue>(
 ) -> Result<(u64, u64), Q::Error> {
     let n = classes.count() as ClassId;
     let (mut changes, mut freed) = (0u64, 0u64);
-    let mut take = |bytes: Option<u64>, count: &mut u64, freed: &mut u64| {
-        if let Some(b) = bytes {
-            changes += 1;
-            *freed += b;
-            *count += 1;
-        }
-    };
     // 1. Expired, class by class; a class is done once its head is young.
     for c in 0..n {
         let Some(ttl) = classes.ttl_ms(c) else {
@@ -259,14 +252,18 @@ pub fn evict<Q: EvictQueue>(
             match q.class_first(c)? {
                 Some((seq, ts)) if ts.saturating_add(ttl) <= now => {
                     let got = q.remove(seq, c)?;
-                    take(got, &mut counters[usize::from(c)].expired, &mut freed);
+                    tally(
+                        got,
+                        &mut changes,
+                        &mut freed,
+                        &mut counters[usize::from(c)].expired,
+                    );
                 }
                 _ => break,
             }
         }
     }
     if allow == Allow::ExpiredOnly {
-        drop(take);
         return Ok((changes, freed));
     }
     // 2. Superseded, oldest first.
@@ -276,7 +273,7 @@ pub fn evict<Q: EvictQueue>(
         };
         let got = q.remove(seq, c)?;
         let i = usize::from(c).min(counters.len() - 1);
-        take(got, &mut counters[i].superseded, &mut freed);
+        tally(got, &mut changes, &mut freed, &mut counters[i].superseded);
     }
     // 3. The oldest of the lowest priority.
     while freed < need {
@@ -293,10 +290,23 @@ pub fn evict<Q: EvictQueue>(
             break;
         };
         let got = q.remove(seq, c)?;
-        take(got, &mut counters[usize::from(c)].oldest, &mut freed);
+        tally(
+            got,
+            &mut changes,
+            &mut freed,
+            &mut counters[usize::from(c)].oldest,
+        );
     }
-    drop(take);
     Ok((changes, freed))
+}
+
+/// Counts an eviction (`None`: a stale index entry, nothing evicted).
+fn tally(got: Option<u64>, changes: &mut u64, freed: &mut u64, count: &mut u64) {
+    if let Some(b) = got {
+        *changes += 1;
+        *freed += b;
+        *count += 1;
+    }
 }
 
 #[cfg(test)]
@@ -337,10 +347,15 @@ mod tests {
 
     #[test]
     fn numbers_of_every_cbor_width_decode() {
-        for x in [0.0, 1.0, 23.0, 24.0, 255.0, 65536.0, -1.0, -500.0, 21.5, 0.1, 1e300] {
+        for x in [
+            0.0, 1.0, 23.0, 24.0, 255.0, 65536.0, -1.0, -500.0, 21.5, 0.1, 1e300,
+        ] {
             assert_eq!(cbor_number(&cbor(serde_json::json!(x))), Some(x), "{x}");
         }
-        assert_eq!(cbor_number(&cbor(serde_json::json!(u64::MAX))), Some(u64::MAX as f64));
+        assert_eq!(
+            cbor_number(&cbor(serde_json::json!(u64::MAX))),
+            Some(u64::MAX as f64)
+        );
         assert_eq!(half(0x3c00), 1.0);
         assert_eq!(half(0xc000), -2.0);
         assert_eq!(half(0x3555), 0.333_251_953_125);
@@ -365,22 +380,49 @@ mod tests {
         });
         let v = |x: serde_json::Value| cbor(x);
         // Deadband: inclusive, both ways; numbers of other widths compare as numbers.
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(20.5)), 2_000), Intake::Deadband);
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(19.5)), 2_000), Intake::Deadband);
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(20)), 2_000), Intake::Deadband);
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(20.6)), 2_000), Intake::Queue);
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(20.5)), 2_000),
+            Intake::Deadband
+        );
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(19.5)), 2_000),
+            Intake::Deadband
+        );
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(20)), 2_000),
+            Intake::Deadband
+        );
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(20.6)), 2_000),
+            Intake::Queue
+        );
         // Not numbers: always queued (no dedupe in this class).
-        assert_eq!(c.intake(0, last, &v(serde_json::json!("x")), 2_000), Intake::Queue);
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!("x")), 2_000),
+            Intake::Queue
+        );
         // No last value: queued.
-        assert_eq!(c.intake(0, None, &v(serde_json::json!(20)), 2_000), Intake::Queue);
+        assert_eq!(
+            c.intake(0, None, &v(serde_json::json!(20)), 2_000),
+            Intake::Queue
+        );
         // max_interval after the last queued ts: a heartbeat.
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(20.1)), 61_000), Intake::Heartbeat);
-        assert_eq!(c.intake(0, last, &v(serde_json::json!(20.1)), 60_999), Intake::Deadband);
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(20.1)), 61_000),
+            Intake::Heartbeat
+        );
+        assert_eq!(
+            c.intake(0, last, &v(serde_json::json!(20.1)), 60_999),
+            Intake::Deadband
+        );
         // Dedupe: identical values only; no max_interval: never forced.
         let on = v(serde_json::json!({"on": true}));
         let last = Some(Last { ts: 0, value: &on });
         assert_eq!(c.intake(1, last, &on, u64::MAX), Intake::Dedupe);
-        assert_eq!(c.intake(1, last, &v(serde_json::json!({"on": false})), 1), Intake::Queue);
+        assert_eq!(
+            c.intake(1, last, &v(serde_json::json!({"on": false})), 1),
+            Intake::Queue
+        );
         // The default class never filters.
         assert_eq!(c.intake(2, last, &on, 1), Intake::Queue);
         assert!(Intake::Heartbeat.queued() && !Intake::Dedupe.queued());
@@ -431,7 +473,10 @@ mod tests {
         let before: Vec<u64> = m.queue.keys().copied().collect();
         let mut counters = vec![ClassCounters::default(); c.count()];
         evict(m, c, now, n * 10, allow, &mut counters).unwrap();
-        before.into_iter().filter(|s| !m.queue.contains_key(s)).collect()
+        before
+            .into_iter()
+            .filter(|s| !m.queue.contains_key(s))
+            .collect()
     }
 
     #[test]
@@ -474,7 +519,10 @@ mod tests {
         m.push(3, 0, 50_000, Some(2));
         // Under reject: only the expired one (2), although 20 bytes were asked for.
         assert_eq!(order(&mut m, &c, 20_000, 2, Allow::ExpiredOnly), vec![2]);
-        assert_eq!(order(&mut m, &c, 20_000, 1, Allow::ExpiredOnly), Vec::<u64>::new());
+        assert_eq!(
+            order(&mut m, &c, 20_000, 1, Allow::ExpiredOnly),
+            Vec::<u64>::new()
+        );
         // Same priority: the older head (1, default) first.
         assert_eq!(order(&mut m, &c, 20_000, 1, Allow::All), vec![1]);
     }

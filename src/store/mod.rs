@@ -438,10 +438,14 @@ impl TxnCtx<'_, '_> {
         changes: &[NewChange],
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
-        self.writer
-            .append(&mut *self.outbox, self.reported, changes, |c, seq, ts, _| {
+        self.writer.append(
+            &mut *self.outbox,
+            self.reported,
+            changes,
+            |c, seq, ts, _| {
                 Latest::keep(latest, c, seq, ts);
-            })
+            },
+        )
     }
 
     /// Drops every change queued (as of this point of the transaction), counted in
@@ -588,7 +592,8 @@ impl Outbox {
                 }
             }
         };
-        let first = Self::open_with_floor(opts, Arc::clone(&opener), floor, journal(), classes.clone());
+        let first =
+            Self::open_with_floor(opts, Arc::clone(&opener), floor, journal(), classes.clone());
         match first {
             Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
                 // It never held a commit, so it never handed out a seq: no floor needed.
@@ -683,7 +688,10 @@ impl Outbox {
             pending_rows: HashMap::new(),
             journal: None,
             replaying: false,
-            class_counters: vec![ClassCounters::default(); classes.as_ref().map_or(0, |c| c.count())],
+            class_counters: vec![
+                ClassCounters::default();
+                classes.as_ref().map_or(0, |c| c.count())
+            ],
             classes,
             pending_last: HashMap::new(),
         };
@@ -2099,7 +2107,12 @@ impl Writer {
         self.evict_within(q, room, Allow::All)
     }
 
-    fn evict_within(&mut self, q: &mut Queue<'_>, room: u64, allow: Allow) -> Result<(), redb::Error> {
+    fn evict_within(
+        &mut self,
+        q: &mut Queue<'_>,
+        room: u64,
+        allow: Allow,
+    ) -> Result<(), redb::Error> {
         if self.meta.bytes <= room {
             return Ok(());
         }
@@ -2291,7 +2304,11 @@ impl Writer {
             if let Some(&(class, _, before)) = verdicts.get(i) {
                 let prev = here.insert(&c.key, seq).or(before);
                 q.index(class, seq, ts, prev)?;
-                let value = if keep_values { c.value.clone() } else { Vec::new() };
+                let value = if keep_values {
+                    c.value.clone()
+                } else {
+                    Vec::new()
+                };
                 self.pending_last.insert(c.key.clone(), (seq, ts, value));
             }
             if self.collect_tail {
@@ -2437,7 +2454,13 @@ impl<'t> Queue<'t> {
 
     /// Indexes change `seq` of `class`; `prev`, its key's previous queued change, is
     /// superseded now (unless below the first queued seq: acknowledged or evicted already).
-    fn index(&mut self, class: ClassId, seq: u64, ts: u64, prev: Option<u64>) -> Result<(), redb::Error> {
+    fn index(
+        &mut self,
+        class: ClassId,
+        seq: u64,
+        ts: u64,
+        prev: Option<u64>,
+    ) -> Result<(), redb::Error> {
         let first = match (prev, self.first) {
             (None, _) => 0,
             (Some(_), Some(f)) => f,
@@ -2548,7 +2571,11 @@ fn sync_class_index(db: &Database, classes: Option<&Classes>) -> Result<(), redb
                     let (class, ts, newest) = match record::decode(v.value()) {
                         Ok(r) => {
                             let latest = reported.get(r.key)?.map(|l| l.value().0);
-                            (classes.class_of(r.key), r.ts, latest.is_none_or(|l| l == seq))
+                            (
+                                classes.class_of(r.key),
+                                r.ts,
+                                latest.is_none_or(|l| l == seq),
+                            )
                         }
                         Err(_) => ((classes.count() - 1) as ClassId, 0, true),
                     };

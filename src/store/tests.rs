@@ -1,6 +1,6 @@
 use super::*;
-use redb::ReadableTableMetadata;
 use crate::model::change::{NewChange, encode_value};
+use redb::ReadableTableMetadata;
 use serde_json::json;
 
 fn opts(dir: &Path, max_bytes: u64, when_full: WhenFull) -> StoreOptions {
@@ -787,18 +787,24 @@ fn deadband_dedupe_and_heartbeat_filter_at_intake_against_the_last_queued_value(
     t.max_interval = Some(Duration::from_secs(60));
     let mut s = class("states", "s.*", 50);
     s.dedupe = true;
-    let o = Outbox::open_classed(&opts(dir.path(), 1 << 20, WhenFull::DropOldest), &[t, s])
-        .unwrap();
+    let o =
+        Outbox::open_classed(&opts(dir.path(), 1 << 20, WhenFull::DropOldest), &[t, s]).unwrap();
     let rt = rt();
     let t0 = 1_700_000_000_000;
     rt.block_on(async {
         let a = o.append(vec![at("t.1", json!(20.0), t0)]).await.unwrap();
         assert_eq!((a.first_seq, a.last_seq, a.filtered), (1, 1, 0));
         // Within the deadband: not queued, no seq, said in the answer.
-        let a = o.append(vec![at("t.1", json!(20.3), t0 + 1000)]).await.unwrap();
+        let a = o
+            .append(vec![at("t.1", json!(20.3), t0 + 1000)])
+            .await
+            .unwrap();
         assert_eq!((a.first_seq, a.last_seq, a.filtered), (2, 1, 1));
         // The band is measured from the last QUEUED value (20.0), not the filtered one.
-        let a = o.append(vec![at("t.1", json!(20.6), t0 + 2000)]).await.unwrap();
+        let a = o
+            .append(vec![at("t.1", json!(20.6), t0 + 2000)])
+            .await
+            .unwrap();
         assert_eq!((a.first_seq, a.filtered), (2, 0));
         // Within one request: each change against the one queued before it.
         let a = o
@@ -812,10 +818,16 @@ fn deadband_dedupe_and_heartbeat_filter_at_intake_against_the_last_queued_value(
         assert_eq!((a.first_seq, a.last_seq, a.filtered), (3, 4, 1));
         // Acknowledged: the latest reported value still counts as the last queued one.
         o.ack(Ack::Through(4)).await.unwrap();
-        let a = o.append(vec![at("t.1", json!(20.7), t0 + 30_000)]).await.unwrap();
+        let a = o
+            .append(vec![at("t.1", json!(20.7), t0 + 30_000)])
+            .await
+            .unwrap();
         assert_eq!(a.filtered, 1);
         // max_interval after the last queued change (t0 + 2s): a heartbeat is queued.
-        let a = o.append(vec![at("t.1", json!(20.7), t0 + 62_000)]).await.unwrap();
+        let a = o
+            .append(vec![at("t.1", json!(20.7), t0 + 62_000)])
+            .await
+            .unwrap();
         assert_eq!((a.first_seq, a.filtered), (5, 0));
         // Dedupe: equal values only; other classes never filter.
         let a = o
@@ -843,7 +855,8 @@ fn squeeze(rt: &tokio::runtime::Runtime, o: &Outbox, until_dropped: u64) -> Vec<
     let mut gone = Vec::new();
     let mut before = all_seqs(o);
     while o.stats().dropped < until_dropped {
-        rt.block_on(o.transact(|ctx| ctx.charge_state(0, 100))).unwrap();
+        rt.block_on(o.transact(|ctx| ctx.charge_state(0, 100)))
+            .unwrap();
         let after = all_seqs(o);
         assert!(after.windows(2).all(|w| w[0] < w[1]));
         gone.extend(before.iter().filter(|s| !after.contains(s)));
@@ -858,8 +871,8 @@ fn a_full_store_evicts_expired_then_superseded_then_the_oldest_of_the_lowest_cla
     let mut lo = class("lo", "lo.*", 10);
     lo.ttl = Some(Duration::from_secs(3600));
     let hi = class("hi", "hi.*", 90);
-    let o = Outbox::open_classed(&opts(dir.path(), 60_000, WhenFull::DropOldest), &[lo, hi])
-        .unwrap();
+    let o =
+        Outbox::open_classed(&opts(dir.path(), 60_000, WhenFull::DropOldest), &[lo, hi]).unwrap();
     let rt = rt();
     let now = now_ms();
     let v = json!("x".repeat(1000));
@@ -903,8 +916,12 @@ fn reject_evicts_only_expired_changes_then_refuses() {
     let now = now_ms();
     let v = json!("x".repeat(1000));
     rt.block_on(async {
-        o.append(vec![at("lo.a", v.clone(), now - 120_000)]).await.unwrap();
-        o.append(vec![at("lo.a", v.clone(), now - 120_000)]).await.unwrap();
+        o.append(vec![at("lo.a", v.clone(), now - 120_000)])
+            .await
+            .unwrap();
+        o.append(vec![at("lo.a", v.clone(), now - 120_000)])
+            .await
+            .unwrap();
         let mut refused = None;
         for i in 0..40 {
             if let Err(e) = o.append(vec![at("lo.b", v.clone(), now + i)]).await {
@@ -912,7 +929,10 @@ fn reject_evicts_only_expired_changes_then_refuses() {
                 break;
             }
         }
-        assert!(matches!(refused, Some(StoreError::Full { .. })), "{refused:?}");
+        assert!(
+            matches!(refused, Some(StoreError::Full { .. })),
+            "{refused:?}"
+        );
     });
     // The two expired went (superseded or not), nothing else; then refused.
     let c = counters(&o, "lo");
@@ -937,7 +957,10 @@ fn the_class_index_follows_acks_purges_and_class_changes_across_reopens() {
     let store = Outbox::open_classed(&o, &[class("a", "a.*", 10)]).unwrap();
     rt.block_on(async {
         for _ in 0..5 {
-            store.append(vec![change("a.1", v.clone()), change("b", v.clone())]).await.unwrap();
+            store
+                .append(vec![change("a.1", v.clone()), change("b", v.clone())])
+                .await
+                .unwrap();
         }
     });
     assert_eq!(index(&store), (10, 8));
