@@ -129,7 +129,7 @@ pub use crate::config::WhenFull;
 use crate::model::change::{NewChange, now_ms};
 
 use class::{Allow, ClassCounters, ClassId, ClassStats, Classes, EvictQueue, Intake, Last};
-use tables::{CLASS_QUEUE, META, OUTBOX, REPORTED, SUPERSEDED};
+use tables::{CLASS_QUEUE, META, OUTBOX, REPORTED, SUPERSEDED, class_key, class_key_seq};
 
 /// Commits handed over before the fsync that may wait for the sync engine (each at most
 /// the hand-over threshold of records); beyond it the engine reads from the store.
@@ -2430,8 +2430,8 @@ struct Queue<'t> {
 }
 
 struct Index<'t> {
-    by_class: redb::Table<'t, (u8, u64), u64>,
-    superseded: redb::Table<'t, u64, u8>,
+    by_class: redb::Table<'t, u64, u64>,
+    superseded: redb::Table<'t, u64, u64>,
     classes: u8,
 }
 
@@ -2472,9 +2472,9 @@ impl<'t> Queue<'t> {
         let Some(ix) = &mut self.idx else {
             return Ok(());
         };
-        ix.by_class.insert((class, seq), ts)?;
+        ix.by_class.insert(class_key(class, seq), ts)?;
         if let Some(p) = prev.filter(|p| *p >= first) {
-            ix.superseded.insert(p, class)?;
+            ix.superseded.insert(p, u64::from(class))?;
         }
         Ok(())
     }
@@ -2486,7 +2486,8 @@ impl<'t> Queue<'t> {
         };
         let first = self.outbox.first()?.map_or(next_seq, |(k, _)| k.value());
         for c in 0..ix.classes {
-            ix.by_class.retain_in((c, 0)..(c, first), |_, _| false)?;
+            ix.by_class
+                .retain_in(class_key(c, 0)..class_key(c, first), |_, _| false)?;
         }
         ix.superseded.retain_in(..first, |_, _| false)?;
         Ok(())
@@ -2508,11 +2509,13 @@ impl EvictQueue for Queue<'_> {
         let Some(ix) = &self.idx else {
             return Ok(None);
         };
-        let mut range = ix.by_class.range((c, 0)..=(c, u64::MAX))?;
+        let mut range = ix
+            .by_class
+            .range(class_key(c, 0)..=class_key(c, u64::MAX))?;
         match range.next() {
             Some(e) => {
                 let (k, v) = e?;
-                Ok(Some((k.value().1, v.value())))
+                Ok(Some((class_key_seq(k.value()), v.value())))
             }
             None => Ok(None),
         }
@@ -2522,13 +2525,14 @@ impl EvictQueue for Queue<'_> {
         let Some(ix) = &self.idx else {
             return Ok(None);
         };
-        Ok(ix.superseded.first()?.map(|(k, v)| (k.value(), v.value())))
+        let first = ix.superseded.first()?;
+        Ok(first.map(|(k, v)| (k.value(), u8::try_from(v.value()).unwrap_or(u8::MAX))))
     }
 
     fn remove(&mut self, seq: u64, c: ClassId) -> Result<Option<u64>, redb::Error> {
         let bytes = self.outbox.remove(seq)?.map(|v| cost(v.value().len()));
         if let Some(ix) = &mut self.idx {
-            ix.by_class.remove((c, seq))?;
+            ix.by_class.remove(class_key(c, seq))?;
             ix.superseded.remove(seq)?;
         }
         Ok(bytes)
@@ -2579,9 +2583,9 @@ fn sync_class_index(db: &Database, classes: Option<&Classes>) -> Result<(), redb
                         }
                         Err(_) => ((classes.count() - 1) as ClassId, 0, true),
                     };
-                    by_class.insert((class, seq), ts)?;
+                    by_class.insert(class_key(class, seq), ts)?;
                     if !newest {
-                        superseded.insert(seq, class)?;
+                        superseded.insert(seq, u64::from(class))?;
                     }
                     indexed += 1;
                 }
