@@ -222,6 +222,7 @@ async fn connect(path: &Path, socket: &Path) -> Result<Client, ClientError> {
 
 async fn report(path: &Path, stdin: bool, quiet: bool, args: Vec<String>) -> Result<(), Failure> {
     let socket = edgesync::socket_path(path);
+    let mut filtered = 0;
     let (count, first, last) = if stdin {
         let input = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
         let timeout = edgesync::client_timeout(path);
@@ -238,14 +239,22 @@ async fn report(path: &Path, stdin: bool, quiet: bool, args: Vec<String>) -> Res
         let count = changes.len() as u64;
         let mut client = connect(path, &socket).await?;
         let reply = client.call(&Request::Report { changes }).await?;
+        filtered = reply["filtered"].as_u64().unwrap_or(0);
         (
-            count,
+            count.saturating_sub(filtered),
             reply["first_seq"].as_u64(),
             reply["last_seq"].as_u64(),
         )
     };
     if !quiet {
-        outln!("{}", queued_line(count, first, last));
+        let line = match count {
+            0 => "queued 0 changes".to_owned(),
+            _ => queued_line(count, first, last),
+        };
+        match filtered {
+            0 => outln!("{line}"),
+            n => outln!("{line}; {n} filtered (a retention class's deadband or dedupe)"),
+        }
     }
     Ok(())
 }

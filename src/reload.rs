@@ -129,6 +129,7 @@ fn keep_until_restart(old: &Config, new: &mut Config) -> Vec<String> {
         || new.store.max_bytes != old.store.max_bytes
         || new.store.when_full != old.store.when_full
         || new.store.cache_size != old.store.cache_size
+        || new.store.classes != old.store.classes
     {
         later.push("[store]".into());
         new.store = old.store.clone();

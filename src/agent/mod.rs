@@ -77,6 +77,7 @@ pub async fn run_until_with(
     let notifier = Notifier::from_env();
     let health = Health::from_env();
     let opts = StoreOptions::from_config(&config.store);
+    let classes = config.store.classes.clone();
     let outbox = notifier
         .extend_while(
             "opening the store",
@@ -86,7 +87,7 @@ pub async fn run_until_with(
                      move it aside to start with an empty queue)",
                     opts.path.display()
                 );
-                crate::sys::fatal::during(what, || Outbox::open(&opts))
+                crate::sys::fatal::during(what, || Outbox::open_classed(&opts, &classes))
             }),
         )
         .await

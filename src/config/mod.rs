@@ -93,6 +93,7 @@ impl Default for StoreConfig {
             // The outbox is written at its tail and read once from its head: a larger cache
             // mostly holds pages not read again, and costs RSS (docs/BENCHMARKS.md, "Memory").
             cache_size: MIB,
+            classes: Vec::new(),
         }
     }
 }
@@ -347,7 +348,34 @@ pub struct StoreConfig {
     pub when_full: WhenFull,
     /// redb page cache, in bytes.
     pub cache_size: u64,
+    /// `[[store.class]]`, in file order (issue 19); empty: one class, as before.
+    pub classes: Vec<StoreClass>,
 }
+
+/// `[[store.class]]`: a retention class (docs/PROTOCOL.md §3.3). A key belongs to the first
+/// class whose `keys` glob matches it; other keys to the default class
+/// ([`DEFAULT_CLASS_PRIORITY`], no ttl, no filter).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreClass {
+    /// For status and metrics; defaults to the glob.
+    pub name: String,
+    pub keys: crate::model::glob::KeyGlob,
+    /// 0-100; the lowest is evicted first when the store is full.
+    pub priority: u8,
+    /// A queued change older than this (by its `ts`) is evicted first when the store is full.
+    pub ttl: Option<Duration>,
+    /// A number within this of the key's last queued number is not queued.
+    pub deadband: Option<f64>,
+    /// A value equal to the key's last queued value is not queued.
+    pub dedupe: bool,
+    /// A filtered change is queued anyway this long after the key's last queued one.
+    pub max_interval: Option<Duration>,
+}
+
+/// The priority of keys no `[[store.class]]` matches, and of a class without `priority`.
+pub const DEFAULT_CLASS_PRIORITY: u8 = 50;
+/// Most `[[store.class]]` entries: every change is matched against them in order.
+pub const STORE_CLASSES_MAX: usize = 32;
 
 /// `[sync]`
 #[derive(Debug, Clone)]

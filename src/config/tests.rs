@@ -3010,3 +3010,77 @@ fn a_source_filter_that_would_loop_is_refused() {
         .replace("[[source", "[cloud]\nprofile = \"aws-iot\"\n[[source");
     assert!(only_problem(&aws, "source.mqtt[1].filter").contains("$aws/things/pump-0042/#"));
 }
+
+#[test]
+fn store_classes_are_read_in_order_with_their_defaults() {
+    let c = valid(&plain(
+        "",
+        "[store]\n\
+         [[store.class]]\nname = \"temps\"\nkeys = \"temp.*\"\npriority = 10\nttl = \"1h\"\n\
+         deadband = 0.5\nmax_interval = \"5m\"\n\
+         [[store.class]]\nkeys = \"door.*\"\ndedupe = true\n",
+    ));
+    let classes = &c.store.classes;
+    assert_eq!(classes.len(), 2);
+    assert_eq!(classes[0].name, "temps");
+    assert_eq!(classes[0].priority, 10);
+    assert_eq!(classes[0].ttl, Some(Duration::from_secs(3600)));
+    assert_eq!(classes[0].deadband, Some(0.5));
+    assert_eq!(classes[0].max_interval, Some(Duration::from_secs(300)));
+    assert!(!classes[0].dedupe);
+    // The name defaults to the glob; the priority to the default class's.
+    assert_eq!(classes[1].name, "door.*");
+    assert_eq!(classes[1].priority, DEFAULT_CLASS_PRIORITY);
+    assert!(classes[1].dedupe && classes[1].ttl.is_none());
+    assert!(valid(&plain("", "")).store.classes.is_empty());
+}
+
+#[test]
+fn store_class_problems_name_their_key() {
+    let class = |body: &str| plain("", &format!("[[store.class]]\n{body}\n"));
+    only_problem(&class("priority = 1"), "store.class[1].keys");
+    only_problem(
+        &class("keys = \"a\"\npriority = 101"),
+        "store.class[1].priority",
+    );
+    only_problem(&class("keys = \"a\"\nttl = \"10ms\""), "store.class[1].ttl");
+    only_problem(
+        &class("keys = \"a\"\ndeadband = 0"),
+        "store.class[1].deadband",
+    );
+    only_problem(
+        &class("keys = \"a\"\ndeadband = -1.5"),
+        "store.class[1].deadband",
+    );
+    only_problem(&class("keys = \"a b\""), "store.class[1].keys");
+    only_problem(
+        &class("keys = \"a\"\nname = \"default\""),
+        "store.class[1].name",
+    );
+    only_problem(
+        &class("keys = \"a\"\nname = \"a b\""),
+        "store.class[1].name",
+    );
+    only_problem(&class("keys = \"a\"\nfoo = 1"), "store.class[1].foo");
+    let m = only_problem(
+        &class("keys = \"a\"\nmax_interval = \"1m\""),
+        "store.class[1].max_interval",
+    );
+    assert!(m.contains("deadband or dedupe"), "{m}");
+    // Duplicate names; an entry after a `*` is never used.
+    let text = plain(
+        "",
+        "[[store.class]]\nkeys = \"a\"\nname = \"x\"\n[[store.class]]\nkeys = \"b\"\nname = \"x\"\n",
+    );
+    only_problem(&text, "store.class[2].name");
+    let text = plain(
+        "",
+        "[[store.class]]\nkeys = \"*\"\n[[store.class]]\nkeys = \"b\"\n",
+    );
+    only_problem(&text, "store.class[2].keys");
+    // Bounded: at most 32.
+    let many: String = (0..33)
+        .map(|i| format!("[[store.class]]\nkeys = \"k{i}\"\n"))
+        .collect();
+    only_problem(&plain("", &many), "store.class");
+}

@@ -34,11 +34,11 @@ use super::values::{
     telemetry_interval, toml_to_json,
 };
 use super::{
-    Compression, Config, ConflictRule, ControlConfig, DEFAULT_KEEP_ALIVE,
+    Compression, Config, ConflictRule, ControlConfig, DEFAULT_CLASS_PRIORITY, DEFAULT_KEEP_ALIVE,
     DEFAULT_RECONNECT_INITIAL, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET,
     DEFAULT_STORE_PATH, DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind,
-    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, StoreConfig, SyncConfig,
-    TelemetryConfig,
+    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, STORE_CLASSES_MAX,
+    StoreClass, StoreConfig, SyncConfig, TelemetryConfig,
 };
 use super::{DEFAULT_SOURCE_INFLIGHT, MAX_SOURCES, SourceConfig, SourceUrl};
 use crate::model::command::CommandName;
@@ -363,6 +363,22 @@ raw_section! {
         when_full: String,
         cache_size: RawSize,
     }
+    tables {
+        class: RawClass,
+    }
+}
+
+raw_section! {
+    /// `[[store.class]]`
+    struct RawClass {
+        name: String,
+        keys: String,
+        priority: i64,
+        ttl: RawDuration,
+        deadband: RawNumber,
+        dedupe: bool,
+        max_interval: RawDuration,
+    }
 }
 
 raw_section! {
@@ -571,6 +587,7 @@ pub(super) const SECTIONS: &[(&str, &[&str])] = &[
 
 /// The known arrays of tables: section, key, and the keys of one entry.
 pub(super) const SUBTABLES: &[(&str, &str, &[&str])] = &[
+    ("store", "class", RawClass::KEYS),
     ("desired", "rule", RawRule::KEYS),
     ("desired", "conflict", RawConflict::KEYS),
     ("desired", "handler", RawHandler::KEYS),
@@ -1465,11 +1482,105 @@ fn store(raw: &RawStore, dir: &Path, p: &mut Problems) -> Option<StoreConfig> {
     let cache_size = raw
         .cache_size
         .or(p, d.cache_size, |s| s.bytes((256 * KIB, GIB), ("", "")));
+    let classes = store_classes(&raw.class, p);
     Some(StoreConfig {
         path: path?,
         max_bytes: max_bytes?,
         when_full: when_full?,
         cache_size: cache_size?,
+        classes: classes?,
+    })
+}
+
+/// `[[store.class]]`: at most [`STORE_CLASSES_MAX`], names unique, no entry shadowed.
+fn store_classes(raw: &Field<Vec<RawClass>>, p: &mut Problems) -> Option<Vec<StoreClass>> {
+    let n = raw.value.as_ref().map_or(0, Vec::len);
+    if n > STORE_CLASSES_MAX {
+        raw.report(
+            p,
+            format!("expected at most {STORE_CLASSES_MAX} [[store.class]] tables, found {n}"),
+        );
+    }
+    let before = p.0.len();
+    let classes = entries(raw, p, store_class)?;
+    shadowed(p, "store.class", classes.iter().map(|c| &c.keys));
+    for (i, c) in classes.iter().enumerate() {
+        if let Some(j) = classes[..i].iter().position(|o| o.name == c.name) {
+            p.push(
+                format!("store.class[{}].name", i + 1),
+                format!(
+                    "the name {:?} is taken by store.class[{}]; names must be unique",
+                    c.name,
+                    j + 1
+                ),
+            );
+        }
+    }
+    (p.0.len() == before && n <= STORE_CLASSES_MAX).then_some(classes)
+}
+
+fn store_class(raw: &RawClass, p: &mut Problems) -> Option<StoreClass> {
+    let keys = glob(&raw.keys, p);
+    let name = raw.name.map(p, |n| {
+        let ok = (1..=64).contains(&n.chars().count())
+            && n.chars()
+                .all(|c| c.is_ascii_graphic() && c != '"' && c != '\\');
+        match n.as_str() {
+            "default" => Err(
+                "\"default\" is the class of keys no [[store.class]] matches; \
+                              choose another name"
+                    .to_owned(),
+            ),
+            _ if ok => Ok(n),
+            _ => Err(format!(
+                "expected 1-64 printable ASCII characters without quotes, backslashes or \
+                 spaces, found {:?}",
+                shorten(&n)
+            )),
+        }
+    });
+    let priority = raw.priority.or(p, DEFAULT_CLASS_PRIORITY, |n| {
+        count(n, (0, 100)).map(|n| n as u8)
+    });
+    let ttl = raw.ttl.map(p, |t| {
+        let d = parse_duration(&t.0)?;
+        if d < Duration::from_secs(1) || d > Duration::from_secs(3650 * 86_400) {
+            return Err(format!("expected 1s to 3650d, found {d:?}"));
+        }
+        Ok(d)
+    });
+    let deadband = raw.deadband.map(p, |n| {
+        let x = n.finite()?;
+        if x > 0.0 {
+            Ok(x)
+        } else {
+            Err(format!("expected a number above 0, found {x}"))
+        }
+    });
+    let dedupe = raw.dedupe.value.unwrap_or(false);
+    let max_interval = raw.max_interval.map(p, |t| {
+        let d = parse_duration(&t.0)?;
+        if d < Duration::from_secs(1) || d > Duration::from_secs(365 * 86_400) {
+            return Err(format!("expected 1s to 365d, found {d:?}"));
+        }
+        Ok(d)
+    });
+    if raw.max_interval.is_set() && !raw.deadband.is_set() && !dedupe {
+        raw.max_interval.report(
+            p,
+            "max_interval forces a report a filter held back: set deadband or dedupe = true too",
+        );
+        return None;
+    }
+    let keys = keys?;
+    Some(StoreClass {
+        name: name?.unwrap_or_else(|| keys.as_str().to_owned()),
+        keys,
+        priority: priority?,
+        ttl: ttl?,
+        deadband: deadband?,
+        dedupe,
+        max_interval: max_interval?,
     })
 }
 

@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::TelemetryConfig;
 use crate::health::status::{Identity, LinkFigures, LinkState, StatusBoard};
+use crate::store::class::ClassStats;
 use crate::store::{Outbox, QueueStats};
 
 /// How often rates are sampled while `[telemetry] interval = "0"`.
@@ -183,6 +184,9 @@ pub struct Metrics {
     /// The local MQTT sources (`[[source.mqtt]]`); absent without any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<crate::health::status::SourceFigures>,
+    /// Per retention class (`[[store.class]]` only): drops and filtered changes since start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<ClassStats>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -255,6 +259,8 @@ pub struct Inputs {
     /// Bytes written over the store's life.
     pub written_bytes: Option<u64>,
     pub sources: Vec<crate::health::status::SourceFigures>,
+    /// Per retention class (empty without `[[store.class]]`).
+    pub classes: Vec<ClassStats>,
 }
 
 /// Reads the inputs: queue figures (no I/O), the oldest change's time and the desired
@@ -281,6 +287,7 @@ pub fn gather(identity: &Identity, outbox: &Outbox, board: &StatusBoard) -> Inpu
         uptime: board.started().elapsed(),
         written_bytes: write_bytes().map(|b| outbox.note_written(b)),
         sources: board.sources(),
+        classes: outbox.class_stats(),
     }
 }
 
@@ -331,6 +338,7 @@ pub fn build(i: &Inputs) -> Metrics {
         jobs: i.link.jobs.clone(),
         hub_commands: i.link.hub_commands,
         sources: i.sources.clone(),
+        classes: i.classes.clone(),
     }
 }
 
@@ -469,6 +477,50 @@ pub fn prometheus(m: &Metrics) -> String {
         &[("reason", "invalid-change")],
         m.changes.rejected.invalid_change,
     );
+    if !m.classes.is_empty() {
+        e.family(
+            "edgesync_class_dropped_total",
+            "counter",
+            "Queued changes evicted from a full store, by retention class and reason, since start.",
+        );
+        for c in &m.classes {
+            for (reason, n) in [
+                ("expired", c.counters.expired),
+                ("superseded", c.counters.superseded),
+                ("oldest", c.counters.oldest),
+            ] {
+                let labels = [("class", c.name.as_str()), ("reason", reason)];
+                e.sample("edgesync_class_dropped_total", &labels, n);
+            }
+        }
+        e.family(
+            "edgesync_class_filtered_total",
+            "counter",
+            "Reported changes not queued, by retention class and filter, since start.",
+        );
+        for c in &m.classes {
+            for (reason, n) in [
+                ("deadband", c.counters.deadband),
+                ("dedupe", c.counters.dedupe),
+            ] {
+                let labels = [("class", c.name.as_str()), ("reason", reason)];
+                e.sample("edgesync_class_filtered_total", &labels, n);
+            }
+        }
+        e.family(
+            "edgesync_class_heartbeats_total",
+            "counter",
+            "Changes queued only because max_interval had passed, by retention class, since start.",
+        );
+        for c in &m.classes {
+            let labels = [("class", c.name.as_str())];
+            e.sample(
+                "edgesync_class_heartbeats_total",
+                &labels,
+                c.counters.heartbeat,
+            );
+        }
+    }
     e.family(
         "edgesync_changes_in_per_second",
         "gauge",
@@ -900,6 +952,7 @@ mod tests {
             uptime: Duration::from_secs(61),
             written_bytes: Some(7 << 20),
             sources: Vec::new(),
+            classes: Vec::new(),
         }
     }
 

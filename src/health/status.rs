@@ -288,6 +288,10 @@ pub struct Status {
     /// Which `counters` are kept in the store file and which count since start.
     #[serde(skip_deserializing)]
     pub counter_scopes: CounterScopes,
+    /// Per retention class (`[[store.class]]` only): evicted and filtered changes, since
+    /// start.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<crate::store::class::ClassStats>,
 }
 
 /// The scope of each counter (docs/PROTOCOL.md §2.3), as the status document labels them.
@@ -463,6 +467,7 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
         metrics: Some(metrics::build(inputs)),
         reload: link.reload.clone(),
         counter_scopes: CounterScopes::default(),
+        classes: inputs.classes.clone(),
     }
 }
 
@@ -671,6 +676,7 @@ mod tests {
             reload: Default::default(),
             metrics: None,
             counter_scopes: CounterScopes::default(),
+            classes: Vec::new(),
         };
         let v = serde_json::to_value(&s).unwrap();
         for path in [

@@ -66,7 +66,7 @@ const ANSWER_BYTES: usize = 16 << 20;
 const ANSWER_SHARE: usize = 1 << 20;
 
 fn appended_line(a: Appended) -> String {
-    protocol::appended_line(a.first_seq, a.last_seq)
+    protocol::appended_line(a.first_seq, a.last_seq, a.filtered)
 }
 
 #[derive(Debug, Error)]
@@ -1037,6 +1037,7 @@ mod tests {
         let appended = Appended {
             first_seq: 1,
             last_seq: 3,
+            filtered: 0,
         };
         store.send(Ok(appended)).unwrap();
         let all = budget.acquire_many(10);
@@ -1088,11 +1089,23 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&appended_line(Appended {
             first_seq: 4,
             last_seq: 6,
+            filtered: 0,
         }))
         .unwrap();
         assert_eq!(
             v,
             serde_json::json!({"ok": true, "first_seq": 4, "last_seq": 6})
+        );
+        // Filtered changes are said only when there are some (compatible answers).
+        let v: serde_json::Value = serde_json::from_str(&appended_line(Appended {
+            first_seq: 7,
+            last_seq: 6,
+            filtered: 2,
+        }))
+        .unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"ok": true, "first_seq": 7, "last_seq": 6, "filtered": 2})
         );
     }
 }

@@ -402,9 +402,15 @@ pub fn ok_with(v: serde_json::Value) -> String {
     serde_json::Value::Object(obj).to_string()
 }
 
-/// A `report`'s answer: the seqs its changes were queued under.
-pub fn appended_line(first_seq: u64, last_seq: u64) -> String {
-    format!("{{\"ok\":true,\"first_seq\":{first_seq},\"last_seq\":{last_seq}}}")
+/// A `report`'s answer: the seqs its changes were queued under, and (only when some were)
+/// how many a retention class's deadband or dedupe held back (not queued, no seq).
+pub fn appended_line(first_seq: u64, last_seq: u64, filtered: u64) -> String {
+    if filtered == 0 {
+        return format!("{{\"ok\":true,\"first_seq\":{first_seq},\"last_seq\":{last_seq}}}");
+    }
+    format!(
+        "{{\"ok\":true,\"first_seq\":{first_seq},\"last_seq\":{last_seq},\"filtered\":{filtered}}}"
+    )
 }
 
 #[cfg(test)]

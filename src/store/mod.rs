@@ -106,6 +106,7 @@
 
 pub mod record;
 
+pub mod class;
 pub mod desired;
 pub mod journal;
 pub mod shadow;
@@ -127,7 +128,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use crate::config::WhenFull;
 use crate::model::change::{NewChange, now_ms};
 
-use tables::{META, OUTBOX, REPORTED};
+use class::{Allow, ClassCounters, ClassId, ClassStats, Classes, EvictQueue, Intake, Last};
+use tables::{CLASS_QUEUE, META, OUTBOX, REPORTED, SUPERSEDED, class_key, class_key_seq};
 
 /// Commits handed over before the fsync that may wait for the sync engine (each at most
 /// the hand-over threshold of records); beyond it the engine reads from the store.
@@ -306,6 +308,8 @@ from_redb!(
 pub struct Appended {
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Changes of the request a class's deadband or dedupe held back (not queued, no seq).
+    pub filtered: u64,
 }
 
 /// Which queued changes the broker acknowledged.
@@ -415,7 +419,7 @@ type TxnFn = Box<dyn FnOnce(&mut TxnCtx<'_, '_>) -> Result<(), redb::Error> + Se
 /// tables) and appends to the outbox that commit atomically with them.
 pub struct TxnCtx<'t, 'w> {
     pub txn: &'t redb::WriteTransaction,
-    outbox: &'w mut redb::Table<'t, u64, &'static [u8]>,
+    outbox: &'w mut Queue<'t>,
     reported: &'w redb::Table<'t, &'static str, (u64, &'static [u8])>,
     writer: &'w mut Writer,
     latest: &'w mut HashMap<String, Latest<Vec<u8>>>,
@@ -434,17 +438,21 @@ impl TxnCtx<'_, '_> {
         changes: &[NewChange],
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
         let latest = &mut *self.latest;
-        self.writer
-            .append(self.outbox, self.reported, changes, |c, seq, ts, _| {
+        self.writer.append(
+            &mut *self.outbox,
+            self.reported,
+            changes,
+            |c, seq, ts, _| {
                 Latest::keep(latest, c, seq, ts);
-            })
+            },
+        )
     }
 
     /// Drops every change queued (as of this point of the transaction), counted in
     /// `dropped`; returns what went. Changes read and in flight to the broker may still
     /// arrive there; their acknowledgement is then a no-op.
     pub fn purge(&mut self) -> Result<Acked, redb::Error> {
-        self.writer.purge(self.outbox)
+        self.writer.purge(&mut *self.outbox)
     }
 
     /// Bytes the state may still grow by in this transaction: within its allowance and,
@@ -470,7 +478,7 @@ impl TxnCtx<'_, '_> {
         w.meta.state_bytes = w.meta.state_bytes.saturating_sub(old).saturating_add(new);
         if new > old && w.when_full == WhenFull::DropOldest {
             let room = w.max_bytes.saturating_sub(w.meta.state_bytes);
-            w.evict_to(self.outbox, room)?;
+            w.evict_to(&mut *self.outbox, room)?;
         }
         Ok(())
     }
@@ -525,6 +533,8 @@ struct Shared {
     /// Where the writer hands each commit's new records before its fsync ([`Outbox::tail`]).
     tail: Mutex<Option<mpsc::Sender<Vec<Queued>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Per retention class, since start (empty without `[[store.class]]`).
+    class_stats: Mutex<Vec<ClassStats>>,
     /// `meta.written_bytes` at open, and this process's bytes written as last noted.
     written_base: u64,
     written_noted: AtomicU64,
@@ -548,6 +558,17 @@ impl std::fmt::Debug for Outbox {
 impl Outbox {
     /// Opens (or creates) the store and starts its writer thread.
     pub fn open(opts: &StoreOptions) -> Result<Outbox, StoreError> {
+        Self::open_classed(opts, &[])
+    }
+
+    /// [`Self::open`] with retention classes (`[[store.class]]`; empty: none, as before).
+    /// When the classes' globs differ from those the store's class index was made for, the
+    /// index is rebuilt once from the queue (logged).
+    pub fn open_classed(
+        opts: &StoreOptions,
+        classes: &[crate::config::StoreClass],
+    ) -> Result<Outbox, StoreError> {
+        let classes = Classes::new(classes).map(Arc::new);
         prepare_path(opts)?;
         let floor = seq_floor_for(&opts.path);
         let journal_path = journal_path(&opts.path);
@@ -571,12 +592,14 @@ impl Outbox {
                 }
             }
         };
-        match Self::open_with_floor(opts, Arc::clone(&opener), floor, journal()) {
+        let first =
+            Self::open_with_floor(opts, Arc::clone(&opener), floor, journal(), classes.clone());
+        match first {
             Err(StoreError::Corrupt { .. }) if set_aside_incomplete(&opts.path)? => {
                 // It never held a commit, so it never handed out a seq: no floor needed.
                 let _ = std::fs::remove_file(&journal_path);
                 create_private(&opts.path)?;
-                Self::open_with_floor(opts, opener, floor, journal())
+                Self::open_with_floor(opts, opener, floor, journal(), classes)
             }
             r => r,
         }
@@ -595,6 +618,7 @@ impl Outbox {
             Arc::new(move |b: &redb::Builder| b.create_with_backend(backend.clone())),
             None,
             None,
+            None,
         )
     }
 
@@ -610,6 +634,7 @@ impl Outbox {
             Arc::new(move |b: &redb::Builder| b.create_with_backend(backend.clone())),
             None,
             Some(Box::new(journal)),
+            None,
         )
     }
 
@@ -619,10 +644,12 @@ impl Outbox {
         opener: Opener,
         floor: Option<u64>,
         journal: Option<Box<dyn StorageBackend>>,
+        classes: Option<Arc<Classes>>,
     ) -> Result<Outbox, StoreError> {
         let path = opts.path.clone();
         let db = open_db(opts, &opener)?;
         let meta = Meta::load_or_init(&db, floor).map_err(|e| classify_open_error(&path, e))?;
+        sync_class_index(&db, classes.as_deref()).map_err(|e| classify_open_error(&path, e))?;
         let stats = meta.stats(opts.max_bytes);
         if stats.state_bytes > stats.max_state_bytes {
             tracing::warn!(
@@ -640,6 +667,7 @@ impl Outbox {
             appended: watch::Sender::new(stats.next_seq),
             tail: Mutex::new(None),
             writer: Mutex::new(None),
+            class_stats: Mutex::new(Vec::new()),
             written_base: meta.written_bytes,
             written_noted: AtomicU64::new(0),
         });
@@ -660,7 +688,14 @@ impl Outbox {
             pending_rows: HashMap::new(),
             journal: None,
             replaying: false,
+            class_counters: vec![
+                ClassCounters::default();
+                classes.as_ref().map_or(0, |c| c.count())
+            ],
+            classes,
+            pending_last: HashMap::new(),
         };
+        writer.publish_class_stats();
         if let Some(backend) = journal {
             let (j, records) = match journal::Journal::open(backend, meta.wal_epoch) {
                 Ok(opened) => opened,
@@ -1430,6 +1465,13 @@ struct Writer {
     journal: Option<journal::Journal>,
     /// Applying journal records at open: what was acknowledged is never refused again.
     replaying: bool,
+    /// `[[store.class]]`; `None`: no class index, eviction oldest first as before.
+    classes: Option<Arc<Classes>>,
+    /// Per class, since start (rolled back with a failed commit).
+    class_counters: Vec<ClassCounters>,
+    /// With classes: each key's last queued change as this transaction leaves it (seq, ts,
+    /// value; the value only when a class filters).
+    pending_last: HashMap<String, (u64, u64, Vec<u8>)>,
 }
 
 struct Broken {
@@ -1613,7 +1655,20 @@ impl Writer {
         }
     }
 
+    fn publish_class_stats(&self) {
+        if let Some(c) = &self.classes {
+            *lock(&self.shared.class_stats) = (0..c.count())
+                .map(|i| ClassStats {
+                    name: c.name(i as ClassId).to_owned(),
+                    priority: c.priority(i as ClassId),
+                    counters: self.class_counters[i],
+                })
+                .collect();
+        }
+    }
+
     fn publish_stats(&self) {
+        self.publish_class_stats();
         *lock(&self.shared.stats) = self.meta.stats(self.max_bytes);
         self.shared.appended.send_if_modified(|n| {
             let changed = *n != self.meta.next_seq;
@@ -1645,6 +1700,7 @@ impl Writer {
             return;
         }
         let before = self.meta;
+        let counted = self.classes.as_ref().map(|_| self.class_counters.clone());
         let mark = self.journal.as_ref().map(journal::Journal::mark);
         self.tail_sent = false;
         // redb may panic on a damaged page (e.g. deleting acked changes): a store fault
@@ -1667,6 +1723,9 @@ impl Writer {
             }
             Err(e) => {
                 self.meta = before;
+                if let Some(c) = counted {
+                    self.class_counters = c;
+                }
                 // Its journal record (if written) is overwritten by the next one: later
                 // records follow the state without it.
                 if let (Some(j), Some(mark)) = (&mut self.journal, mark) {
@@ -1767,12 +1826,13 @@ impl Writer {
         let mut light = self.journal_fits(batch, appends);
         self.collect_tail = sink.is_some() && appends <= TAIL_MAX;
         self.pending_rows.clear();
+        self.pending_last.clear();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut record = journal::Record::default();
         let mut acked = 0u64;
         let light_write;
         {
-            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut outbox = Queue::open(&txn, self.classes.as_ref().map(|c| c.count()))?;
             let mut reported = txn.open_table(REPORTED)?;
             // Latest value per key in this batch: one `reported` write per key.
             let mut latest: HashMap<&str, Latest<&[u8]>> = HashMap::new();
@@ -1840,6 +1900,9 @@ impl Writer {
                     }
                     Op::Heartbeat { .. } | Op::Shutdown => {}
                 }
+            }
+            if acked > 0 {
+                outbox.trim(self.meta.next_seq)?;
             }
             // As early as possible: the rest of the transaction only adds the latest values
             // and the counters, and a failure from here on is handled like a failed commit.
@@ -1935,9 +1998,10 @@ impl Writer {
         let txn = self.begin_write()?;
         self.collect_tail = false;
         self.pending_rows.clear();
+        self.pending_last.clear();
         self.replaying = true;
         let result = (|| -> Result<(), redb::Error> {
-            let mut outbox = txn.open_table(OUTBOX)?;
+            let mut outbox = Queue::open(&txn, self.classes.as_ref().map(|c| c.count()))?;
             let mut reported = txn.open_table(REPORTED)?;
             let mut owned: HashMap<String, Latest<Vec<u8>>> = HashMap::new();
             let done = usize::try_from(self.meta.wal_records).unwrap_or(usize::MAX);
@@ -1959,7 +2023,7 @@ impl Writer {
                             }
                             // The seqs it was given, whatever a reservation moved since.
                             self.meta.next_seq = first_seq;
-                            let last = outbox.last()?.map(|(k, _)| k.value());
+                            let last = outbox.outbox.last()?.map(|(k, _)| k.value());
                             if last.is_some_and(|l| l >= first_seq) {
                                 return Err(redb::Error::Corrupted(format!(
                                     "journal record for seq {first_seq} behind the queue"
@@ -1976,6 +2040,9 @@ impl Writer {
                     }
                 }
                 self.meta.seq_reserved = self.meta.seq_reserved.max(rec.seq_reserved);
+            }
+            if acks > 0 {
+                outbox.trim(self.meta.next_seq)?;
             }
             self.write_latest(&mut reported, &HashMap::new(), &owned)?;
             // Seqs up to the reservation may be at the broker: continue after them.
@@ -2034,14 +2101,35 @@ impl Writer {
             .map_or(0, |v| reported_row_cost(key, v.value().1.len())))
     }
 
-    /// Evicts the oldest queued changes (counted in `dropped`) until `bytes <= room`.
-    fn evict_to(
+    /// Evicts queued changes (counted in `dropped`) until `bytes <= room`: in the order of
+    /// the retention classes with `[[store.class]]` ([`class`]), else oldest first.
+    fn evict_to(&mut self, q: &mut Queue<'_>, room: u64) -> Result<(), redb::Error> {
+        self.evict_within(q, room, Allow::All)
+    }
+
+    fn evict_within(
         &mut self,
-        outbox: &mut redb::Table<u64, &[u8]>,
+        q: &mut Queue<'_>,
         room: u64,
+        allow: Allow,
     ) -> Result<(), redb::Error> {
+        if self.meta.bytes <= room {
+            return Ok(());
+        }
+        if let Some(classes) = self.classes.clone() {
+            let need = self.meta.bytes - room;
+            let counters = &mut self.class_counters;
+            let (n, bytes) = class::evict(q, &classes, now_ms(), need, allow, counters)?;
+            self.meta.bytes = self.meta.bytes.saturating_sub(bytes);
+            self.meta.depth = self.meta.depth.saturating_sub(n);
+            self.meta.dropped += n;
+            if allow == Allow::ExpiredOnly {
+                return Ok(());
+            }
+        }
+        // Without classes; with them only on an index drift (their entries then go stale).
         while self.meta.bytes > room {
-            let Some((_, v)) = outbox.pop_first()? else {
+            let Some((_, v)) = q.outbox.pop_first()? else {
                 // Accounting drift: nothing left to evict.
                 self.meta.bytes = 0;
                 self.meta.depth = 0;
@@ -2054,30 +2142,101 @@ impl Writer {
         Ok(())
     }
 
+    /// A key's last queued change as this transaction leaves it: `(seq, ts, value)` (the
+    /// value only when `value`).
+    fn last_of(
+        &self,
+        reported: &redb::Table<&'static str, (u64, &'static [u8])>,
+        key: &str,
+        value: bool,
+    ) -> Result<Option<(u64, u64, Vec<u8>)>, redb::Error> {
+        if let Some((seq, ts, v)) = self.pending_last.get(key) {
+            return Ok(Some((*seq, *ts, v.clone())));
+        }
+        let Some(row) = reported.get(key)? else {
+            return Ok(None);
+        };
+        let (seq, rec) = row.value();
+        // An undecodable row: as if there were none (the change is queued).
+        Ok(record::decode(rec)
+            .ok()
+            .map(|r| (seq, r.ts, if value { r.value.to_vec() } else { Vec::new() })))
+    }
+
+    /// Each change's class, intake verdict (deadband, dedupe, heartbeat against its key's
+    /// last queued value, and the changes of this request before it) and the seq of its
+    /// key's last queued change before this request.
+    fn classify(
+        &self,
+        classes: &Classes,
+        reported: &redb::Table<&'static str, (u64, &'static [u8])>,
+        changes: &[NewChange],
+        now: u64,
+    ) -> Result<Vec<(ClassId, Intake, Option<u64>)>, redb::Error> {
+        let mut here: HashMap<&str, (u64, &[u8])> = HashMap::new();
+        let mut out = Vec::with_capacity(changes.len());
+        for c in changes {
+            let class = classes.class_of(&c.key);
+            let filters = classes.filters(class) && !self.replaying;
+            let last = self.last_of(reported, &c.key, filters)?;
+            let ts = c.ts.unwrap_or(now);
+            let intake = if filters {
+                let before = here.get(c.key.as_str()).copied();
+                let before = before.or(last.as_ref().map(|(_, t, v)| (*t, v.as_slice())));
+                let l = before.map(|(ts, value)| Last { ts, value });
+                classes.intake(class, l, &c.value, ts)
+            } else {
+                Intake::Queue
+            };
+            if intake.queued() {
+                here.insert(&c.key, (ts, &c.value));
+            }
+            out.push((class, intake, last.map(|l| l.0)));
+        }
+        Ok(out)
+    }
+
     fn append<'b>(
         &mut self,
-        outbox: &mut redb::Table<u64, &[u8]>,
+        q: &mut Queue<'_>,
         reported: &redb::Table<&'static str, (u64, &'static [u8])>,
         changes: &'b [NewChange],
         mut inserted: impl FnMut(&'b NewChange, u64, u64, &[u8]),
     ) -> Result<Result<Appended, StoreError>, redb::Error> {
-        let n = changes.len() as u64;
+        let now = now_ms();
+        let classes = self.classes.clone();
+        let verdicts = match &classes {
+            Some(cl) => self.classify(cl, reported, changes, now)?,
+            None => Vec::new(),
+        };
+        let kept = |i: usize| verdicts.get(i).is_none_or(|v| v.1.queued());
+        let n = (0..changes.len()).filter(|&i| kept(i)).count() as u64;
+        let filtered = changes.len() as u64 - n;
+        let count_verdicts = |counters: &mut Vec<ClassCounters>| {
+            for (class, intake, _) in &verdicts {
+                if let Some(c) = counters.get_mut(usize::from(*class)) {
+                    intake.count(c);
+                }
+            }
+        };
         if n == 0 {
+            count_verdicts(&mut self.class_counters);
             let seq = self.meta.next_seq;
             return Ok(Ok(Appended {
                 first_seq: seq,
                 last_seq: seq.saturating_sub(1),
+                filtered,
             }));
         }
-        let needed: u64 = changes
-            .iter()
-            .map(|c| cost(record::encoded_len(&c.key, &c.value)))
+        let refused = changes.len() as u64;
+        let queued = || changes.iter().enumerate().filter(|(i, _)| kept(*i));
+        let needed: u64 = queued()
+            .map(|(_, c)| cost(record::encoded_len(&c.key, &c.value)))
             .sum();
-        let now = now_ms();
         // The latest-value rows as this request leaves them (the last change of a key wins).
         let mut rows: HashMap<&str, u64> = HashMap::new();
         let (mut added, mut removed) = (0u64, 0u64);
-        for c in changes {
+        for (_, c) in queued() {
             let len = record::exact_len(c.ts.unwrap_or(now), &c.key, c.value.len(), c.origin.tag());
             let new = reported_row_cost(&c.key, len);
             let old = match rows.get(c.key.as_str()) {
@@ -2092,7 +2251,7 @@ impl Writer {
         let state = state.saturating_sub(removed);
         let allowance = state_allowance(self.max_bytes);
         if state > allowance && state > self.meta.state_bytes && !self.replaying {
-            self.meta.rejected += n;
+            self.meta.rejected += refused;
             return Ok(Err(StoreError::StateFull {
                 needed: state - self.meta.state_bytes,
                 used: self.meta.state_bytes,
@@ -2108,7 +2267,7 @@ impl Writer {
             state: self.meta.state_bytes,
         };
         if needed > room && !self.replaying {
-            self.meta.rejected += n;
+            self.meta.rejected += refused;
             return Ok(Err(full));
         }
         if self.meta.bytes + needed > room {
@@ -2116,22 +2275,42 @@ impl Writer {
                 // Replaying: acknowledged once, so taken over the bound.
                 WhenFull::Reject if self.replaying => {}
                 WhenFull::Reject => {
-                    self.meta.rejected += n;
-                    return Ok(Err(full));
+                    // With classes, expired changes make room first: a ttl says they are
+                    // worth nothing now.
+                    if classes.is_some() {
+                        let to = room.saturating_sub(needed);
+                        self.evict_within(q, to, Allow::ExpiredOnly)?;
+                    }
+                    if self.meta.bytes + needed > room {
+                        self.meta.rejected += refused;
+                        return Ok(Err(full));
+                    }
                 }
-                WhenFull::DropOldest => self.evict_to(outbox, room.saturating_sub(needed))?,
+                WhenFull::DropOldest => self.evict_to(q, room.saturating_sub(needed))?,
             }
         }
         self.meta.state_bytes = state;
         for (key, c) in rows {
             self.pending_rows.insert(key.to_owned(), c);
         }
+        let keep_values = classes.as_ref().is_some_and(|c| c.any_filter());
+        let mut here: HashMap<&str, u64> = HashMap::new();
         let first_seq = self.meta.next_seq;
-        for c in changes {
+        for (i, c) in queued() {
             let seq = self.meta.next_seq;
             let ts = c.ts.unwrap_or(now);
             record::encode_with_origin(&mut self.buf, ts, &c.key, &c.value, c.origin.tag());
-            outbox.insert(seq, self.buf.as_slice())?;
+            q.outbox.insert(seq, self.buf.as_slice())?;
+            if let Some(&(class, _, before)) = verdicts.get(i) {
+                let prev = here.insert(&c.key, seq).or(before);
+                q.index(class, seq, ts, prev)?;
+                let value = if keep_values {
+                    c.value.clone()
+                } else {
+                    Vec::new()
+                };
+                self.pending_last.insert(c.key.clone(), (seq, ts, value));
+            }
             if self.collect_tail {
                 if self.tail_buf.len() < TAIL_MAX {
                     self.tail_buf.push(Queued {
@@ -2148,32 +2327,31 @@ impl Writer {
             self.meta.bytes += cost(self.buf.len());
             inserted(c, seq, ts, &self.buf);
         }
+        count_verdicts(&mut self.class_counters);
         self.meta.reported += n;
         Ok(Ok(Appended {
             first_seq,
             last_seq: self.meta.next_seq - 1,
+            filtered,
         }))
     }
 
     /// Every queued change removed, counted as dropped (see [`TxnCtx::purge`]).
-    fn purge(&mut self, outbox: &mut redb::Table<u64, &[u8]>) -> Result<Acked, redb::Error> {
+    fn purge(&mut self, q: &mut Queue<'_>) -> Result<Acked, redb::Error> {
         let mut gone = Acked::default();
-        for item in outbox.extract_from_if(..=u64::MAX, |_, _| true)? {
+        for item in q.outbox.extract_from_if(..=u64::MAX, |_, _| true)? {
             let (_, v) = item?;
             gone.changes += 1;
             gone.bytes += cost(v.value().len());
         }
+        q.clear_index()?;
         self.meta.depth = self.meta.depth.saturating_sub(gone.changes);
         self.meta.bytes = self.meta.bytes.saturating_sub(gone.bytes);
         self.meta.dropped += gone.changes;
         Ok(gone)
     }
 
-    fn ack(
-        &mut self,
-        outbox: &mut redb::Table<u64, &[u8]>,
-        ack: &Ack,
-    ) -> Result<Acked, redb::Error> {
+    fn ack(&mut self, q: &mut Queue<'_>, ack: &Ack) -> Result<Acked, redb::Error> {
         let mut acked = Acked::default();
         if let Ack::RangeSkipping {
             first,
@@ -2181,9 +2359,9 @@ impl Writer {
             corrupt,
         } = ack
         {
-            let bad = self.ack(outbox, &Ack::Corrupt(corrupt.clone()))?;
+            let bad = self.ack(q, &Ack::Corrupt(corrupt.clone()))?;
             let good = self.ack(
-                outbox,
+                q,
                 &Ack::Range {
                     first: *first,
                     last: *last,
@@ -2194,6 +2372,7 @@ impl Writer {
                 bytes: bad.bytes + good.bytes,
             });
         }
+        let outbox = &mut q.outbox;
         if let Ack::Corrupt(seqs) = ack {
             for seq in seqs {
                 if let Some(v) = outbox.remove(*seq)? {
@@ -2236,6 +2415,200 @@ impl Writer {
         self.meta.bytes = self.meta.bytes.saturating_sub(acked.bytes);
         self.meta.acked += acked.changes;
         Ok(acked)
+    }
+}
+
+/// The outbox table and, with retention classes, its indexes ([`tables::CLASS_QUEUE`],
+/// [`tables::SUPERSEDED`]), in one write transaction. Index entries are written with the
+/// change; acks leave them behind ("stale"), dropped by [`Queue::trim`] below the first
+/// queued seq and by eviction as it meets them.
+struct Queue<'t> {
+    outbox: redb::Table<'t, u64, &'static [u8]>,
+    idx: Option<Index<'t>>,
+    /// The first queued seq as of the first time this transaction needed it: a lower bound.
+    first: Option<u64>,
+}
+
+struct Index<'t> {
+    by_class: redb::Table<'t, u64, u64>,
+    superseded: redb::Table<'t, u64, u64>,
+    classes: u8,
+}
+
+impl<'t> Queue<'t> {
+    fn open(txn: &'t redb::WriteTransaction, classes: Option<usize>) -> Result<Self, redb::Error> {
+        let idx = match classes {
+            Some(n) => Some(Index {
+                by_class: txn.open_table(CLASS_QUEUE)?,
+                superseded: txn.open_table(SUPERSEDED)?,
+                classes: u8::try_from(n).unwrap_or(u8::MAX),
+            }),
+            None => None,
+        };
+        Ok(Queue {
+            outbox: txn.open_table(OUTBOX)?,
+            idx,
+            first: None,
+        })
+    }
+
+    /// Indexes change `seq` of `class`; `prev`, its key's previous queued change, is
+    /// superseded now (unless below the first queued seq: acknowledged or evicted already).
+    fn index(
+        &mut self,
+        class: ClassId,
+        seq: u64,
+        ts: u64,
+        prev: Option<u64>,
+    ) -> Result<(), redb::Error> {
+        let first = match (prev, self.first) {
+            (None, _) => 0,
+            (Some(_), Some(f)) => f,
+            (Some(_), None) => {
+                let f = self.outbox.first()?.map_or(seq, |(k, _)| k.value());
+                *self.first.insert(f)
+            }
+        };
+        let Some(ix) = &mut self.idx else {
+            return Ok(());
+        };
+        ix.by_class.insert(class_key(class, seq), ts)?;
+        if let Some(p) = prev.filter(|p| *p >= first) {
+            ix.superseded.insert(p, u64::from(class))?;
+        }
+        Ok(())
+    }
+
+    /// After acks: index entries below the first queued seq go (amortised: once each).
+    fn trim(&mut self, next_seq: u64) -> Result<(), redb::Error> {
+        let Some(ix) = &mut self.idx else {
+            return Ok(());
+        };
+        let first = self.outbox.first()?.map_or(next_seq, |(k, _)| k.value());
+        for c in 0..ix.classes {
+            ix.by_class
+                .retain_in(class_key(c, 0)..class_key(c, first), |_, _| false)?;
+        }
+        ix.superseded.retain_in(..first, |_, _| false)?;
+        Ok(())
+    }
+
+    fn clear_index(&mut self) -> Result<(), redb::Error> {
+        if let Some(ix) = &mut self.idx {
+            ix.by_class.retain(|_, _| false)?;
+            ix.superseded.retain(|_, _| false)?;
+        }
+        Ok(())
+    }
+}
+
+impl EvictQueue for Queue<'_> {
+    type Error = redb::Error;
+
+    fn class_first(&mut self, c: ClassId) -> Result<Option<(u64, u64)>, redb::Error> {
+        let Some(ix) = &self.idx else {
+            return Ok(None);
+        };
+        let mut range = ix
+            .by_class
+            .range(class_key(c, 0)..=class_key(c, u64::MAX))?;
+        match range.next() {
+            Some(e) => {
+                let (k, v) = e?;
+                Ok(Some((class_key_seq(k.value()), v.value())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn superseded_first(&mut self) -> Result<Option<(u64, ClassId)>, redb::Error> {
+        let Some(ix) = &self.idx else {
+            return Ok(None);
+        };
+        let first = ix.superseded.first()?;
+        Ok(first.map(|(k, v)| (k.value(), u8::try_from(v.value()).unwrap_or(u8::MAX))))
+    }
+
+    fn remove(&mut self, seq: u64, c: ClassId) -> Result<Option<u64>, redb::Error> {
+        let bytes = self.outbox.remove(seq)?.map(|v| cost(v.value().len()));
+        if let Some(ix) = &mut self.idx {
+            ix.by_class.remove(class_key(c, seq))?;
+            ix.superseded.remove(seq)?;
+        }
+        Ok(bytes)
+    }
+}
+
+/// The `meta` row naming the class layout the class index was made for.
+const CLASS_LAYOUT: &str = "class_layout";
+
+/// Makes the class index match `classes` at open: nothing to do when the layout is the one
+/// it was made for (no write); else rebuilt from the queue in one durable commit (once per
+/// change of the globs: O(queue)), or dropped when classes were removed.
+fn sync_class_index(db: &Database, classes: Option<&Classes>) -> Result<(), redb::Error> {
+    let want = classes.map_or(0, Classes::layout);
+    let have = {
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        meta.get(CLASS_LAYOUT)?.map_or(0, |v| v.value())
+    };
+    if have == want {
+        return Ok(());
+    }
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)?;
+    let mut indexed = 0u64;
+    txn.delete_table(CLASS_QUEUE)?;
+    txn.delete_table(SUPERSEDED)?;
+    {
+        let mut meta = txn.open_table(META)?;
+        match classes {
+            Some(classes) => {
+                let outbox = txn.open_table(OUTBOX)?;
+                let reported = txn.open_table(REPORTED)?;
+                let mut by_class = txn.open_table(CLASS_QUEUE)?;
+                let mut superseded = txn.open_table(SUPERSEDED)?;
+                for item in outbox.iter()? {
+                    let (k, v) = item?;
+                    let seq = k.value();
+                    // A damaged record is indexed in the default class.
+                    let (class, ts, newest) = match record::decode(v.value()) {
+                        Ok(r) => {
+                            let latest = reported.get(r.key)?.map(|l| l.value().0);
+                            (
+                                classes.class_of(r.key),
+                                r.ts,
+                                latest.is_none_or(|l| l == seq),
+                            )
+                        }
+                        Err(_) => ((classes.count() - 1) as ClassId, 0, true),
+                    };
+                    by_class.insert(class_key(class, seq), ts)?;
+                    if !newest {
+                        superseded.insert(seq, u64::from(class))?;
+                    }
+                    indexed += 1;
+                }
+                meta.insert(CLASS_LAYOUT, want)?;
+            }
+            None => {
+                meta.remove(CLASS_LAYOUT)?;
+            }
+        }
+    }
+    txn.commit()?;
+    tracing::info!(
+        queued = indexed,
+        "retention classes changed: the store's class index was rebuilt"
+    );
+    Ok(())
+}
+
+impl Outbox {
+    /// Per retention class: name, priority and counters since start (empty without
+    /// `[[store.class]]`).
+    pub fn class_stats(&self) -> Vec<ClassStats> {
+        lock(&self.shared.class_stats).clone()
     }
 }
 

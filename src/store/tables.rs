@@ -11,6 +11,25 @@ pub const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 pub const REPORTED: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("reported");
 /// Shadow name (`""`: classic) → watermark seq, of the `aws-iot` profile ([`super::shadow`]).
 pub const SHADOW: TableDefinition<&str, u64> = TableDefinition::new("shadow_reported");
+/// `class << 56 | seq` ([`class_key`]) → ts of every queued change, per retention class
+/// (issue 19; only with `[[store.class]]`): the oldest of a class, and expiry, without a
+/// scan. `u64 → u64` like [`desired::RESERVED`], so redb's code is not compiled again for
+/// another key type (binary size).
+pub const CLASS_QUEUE: TableDefinition<u64, u64> = TableDefinition::new("class_queue");
+/// seq → class of every queued change whose key has a newer queued value (only with
+/// `[[store.class]]`).
+pub const SUPERSEDED: TableDefinition<u64, u64> = TableDefinition::new("superseded");
+
+/// The [`CLASS_QUEUE`] key of change `seq` of class `class`. Seqs stay below 2^56 (the
+/// clock floor, Unix ms × 1000, reaches it in the year 4253).
+pub fn class_key(class: u8, seq: u64) -> u64 {
+    (u64::from(class) << 56) | (seq & ((1 << 56) - 1))
+}
+
+/// The seq of a [`CLASS_QUEUE`] key.
+pub fn class_key_seq(key: u64) -> u64 {
+    key & ((1 << 56) - 1)
+}
 /// Counter name → value (`next_seq`, `depth`, `bytes`, …).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 

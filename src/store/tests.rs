@@ -1,5 +1,6 @@
 use super::*;
 use crate::model::change::{NewChange, encode_value};
+use redb::ReadableTableMetadata;
 use serde_json::json;
 
 fn opts(dir: &Path, max_bytes: u64, when_full: WhenFull) -> StoreOptions {
@@ -747,4 +748,241 @@ fn a_shadow_watermark_rides_along_without_a_checkpoint() {
     let outbox = Outbox::open(&o).unwrap();
     assert_eq!(shadow::watermark(&outbox, "main"), 7);
     outbox.shutdown_blocking();
+}
+
+// Retention classes (issue 19).
+
+fn class(name: &str, keys: &str, priority: u8) -> crate::config::StoreClass {
+    crate::config::StoreClass {
+        name: name.into(),
+        keys: crate::model::glob::KeyGlob::new(keys).unwrap(),
+        priority,
+        ttl: None,
+        deadband: None,
+        dedupe: false,
+        max_interval: None,
+    }
+}
+
+fn at(key: &str, value: serde_json::Value, ts: u64) -> NewChange {
+    NewChange {
+        ts: Some(ts),
+        ..change(key, value)
+    }
+}
+
+fn counters(o: &Outbox, name: &str) -> class::ClassCounters {
+    o.class_stats()
+        .into_iter()
+        .find(|c| c.name == name)
+        .unwrap()
+        .counters
+}
+
+#[test]
+fn deadband_dedupe_and_heartbeat_filter_at_intake_against_the_last_queued_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = class("temps", "t.*", 50);
+    t.deadband = Some(0.5);
+    t.max_interval = Some(Duration::from_secs(60));
+    let mut s = class("states", "s.*", 50);
+    s.dedupe = true;
+    let o =
+        Outbox::open_classed(&opts(dir.path(), 1 << 20, WhenFull::DropOldest), &[t, s]).unwrap();
+    let rt = rt();
+    let t0 = 1_700_000_000_000;
+    rt.block_on(async {
+        let a = o.append(vec![at("t.1", json!(20.0), t0)]).await.unwrap();
+        assert_eq!((a.first_seq, a.last_seq, a.filtered), (1, 1, 0));
+        // Within the deadband: not queued, no seq, said in the answer.
+        let a = o
+            .append(vec![at("t.1", json!(20.3), t0 + 1000)])
+            .await
+            .unwrap();
+        assert_eq!((a.first_seq, a.last_seq, a.filtered), (2, 1, 1));
+        // The band is measured from the last QUEUED value (20.0), not the filtered one.
+        let a = o
+            .append(vec![at("t.1", json!(20.6), t0 + 2000)])
+            .await
+            .unwrap();
+        assert_eq!((a.first_seq, a.filtered), (2, 0));
+        // Within one request: each change against the one queued before it.
+        let a = o
+            .append(vec![
+                at("t.2", json!(1), t0),
+                at("t.2", json!(1.1), t0),
+                at("t.2", json!(5), t0),
+            ])
+            .await
+            .unwrap();
+        assert_eq!((a.first_seq, a.last_seq, a.filtered), (3, 4, 1));
+        // Acknowledged: the latest reported value still counts as the last queued one.
+        o.ack(Ack::Through(4)).await.unwrap();
+        let a = o
+            .append(vec![at("t.1", json!(20.7), t0 + 30_000)])
+            .await
+            .unwrap();
+        assert_eq!(a.filtered, 1);
+        // max_interval after the last queued change (t0 + 2s): a heartbeat is queued.
+        let a = o
+            .append(vec![at("t.1", json!(20.7), t0 + 62_000)])
+            .await
+            .unwrap();
+        assert_eq!((a.first_seq, a.filtered), (5, 0));
+        // Dedupe: equal values only; other classes never filter.
+        let a = o
+            .append(vec![change("s.1", json!("on")), change("s.1", json!("on"))])
+            .await
+            .unwrap();
+        assert_eq!((a.last_seq - a.first_seq + 1, a.filtered), (1, 1));
+        let a = o
+            .append(vec![change("x", json!(1)), change("x", json!(1))])
+            .await
+            .unwrap();
+        assert_eq!(a.filtered, 0);
+    });
+    let c = counters(&o, "temps");
+    assert_eq!((c.deadband, c.heartbeat, c.dedupe), (3, 1, 0));
+    assert_eq!(counters(&o, "states").dedupe, 1);
+    assert_eq!(o.stats().reported, 8);
+    assert_eq!(o.reported(Some("t.1")).unwrap()["t.1"].value, json!(20.7));
+    o.shutdown_blocking();
+}
+
+/// Grows the accounted state in small steps (as desired state would), so that a full
+/// store evicts its queued changes one at a time; returns them in the order they went.
+fn squeeze(rt: &tokio::runtime::Runtime, o: &Outbox, until_dropped: u64) -> Vec<u64> {
+    let mut gone = Vec::new();
+    let mut before = all_seqs(o);
+    while o.stats().dropped < until_dropped {
+        rt.block_on(o.transact(|ctx| ctx.charge_state(0, 100)))
+            .unwrap();
+        let after = all_seqs(o);
+        assert!(after.windows(2).all(|w| w[0] < w[1]));
+        gone.extend(before.iter().filter(|s| !after.contains(s)));
+        before = after;
+    }
+    gone
+}
+
+#[test]
+fn a_full_store_evicts_expired_then_superseded_then_the_oldest_of_the_lowest_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lo = class("lo", "lo.*", 10);
+    lo.ttl = Some(Duration::from_secs(3600));
+    let hi = class("hi", "hi.*", 90);
+    let o =
+        Outbox::open_classed(&opts(dir.path(), 60_000, WhenFull::DropOldest), &[lo, hi]).unwrap();
+    let rt = rt();
+    let now = now_ms();
+    let v = json!("x".repeat(1000));
+    // 1 lo.aa (expired) · 2 hi.h1 · 3 dd.00 · 4 lo.bb · 5 dd.00 (supersedes 3) · 6 hi.h2 ·
+    // 7 lo.cc; dd.00 is in the default class (priority 50).
+    rt.block_on(async {
+        for (k, ts) in [
+            ("lo.aa", now - 7_200_000),
+            ("hi.h1", now),
+            ("dd.00", now),
+            ("lo.bb", now),
+            ("dd.00", now),
+            ("hi.h2", now),
+            ("lo.cc", now),
+        ] {
+            o.append(vec![at(k, v.clone(), ts)]).await.unwrap();
+        }
+    });
+    let gone = squeeze(&rt, &o, 7);
+    assert_eq!(gone, [1, 3, 4, 7, 5, 2, 6], "the order of eviction");
+    let lo = counters(&o, "lo");
+    assert_eq!((lo.expired, lo.superseded, lo.oldest), (1, 0, 2));
+    let d = counters(&o, "default");
+    assert_eq!((d.superseded, d.oldest), (1, 1));
+    assert_eq!(counters(&o, "hi").oldest, 2);
+    let stats = o.stats();
+    assert_eq!((stats.dropped, stats.depth, stats.bytes), (7, 0, 0));
+    // An evicted change acknowledged later (it was in flight): a no-op.
+    let a = rt.block_on(o.ack(Ack::Seqs(vec![1]))).unwrap();
+    assert_eq!(a.changes, 0);
+    o.shutdown_blocking();
+}
+
+#[test]
+fn reject_evicts_only_expired_changes_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lo = class("lo", "lo.*", 10);
+    lo.ttl = Some(Duration::from_secs(60));
+    let o = Outbox::open_classed(&opts(dir.path(), 40_000, WhenFull::Reject), &[lo]).unwrap();
+    let rt = rt();
+    let now = now_ms();
+    let v = json!("x".repeat(1000));
+    rt.block_on(async {
+        o.append(vec![at("lo.a", v.clone(), now - 120_000)])
+            .await
+            .unwrap();
+        o.append(vec![at("lo.a", v.clone(), now - 120_000)])
+            .await
+            .unwrap();
+        let mut refused = None;
+        for i in 0..40 {
+            if let Err(e) = o.append(vec![at("lo.b", v.clone(), now + i)]).await {
+                refused = Some(e);
+                break;
+            }
+        }
+        assert!(
+            matches!(refused, Some(StoreError::Full { .. })),
+            "{refused:?}"
+        );
+    });
+    // The two expired went (superseded or not), nothing else; then refused.
+    let c = counters(&o, "lo");
+    assert_eq!((c.expired, c.superseded, c.oldest), (2, 0, 0));
+    assert_eq!(o.stats().dropped, 2);
+    assert_eq!(o.stats().rejected, 1);
+    o.shutdown_blocking();
+}
+
+#[test]
+fn the_class_index_follows_acks_purges_and_class_changes_across_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path(), 60_000, WhenFull::DropOldest);
+    let rt = rt();
+    let v = json!("x".repeat(1000));
+    let index = |o: &Outbox| {
+        let txn = o.read().unwrap();
+        let n = txn.open_table(CLASS_QUEUE).map_or(0, |t| t.len().unwrap());
+        let s = txn.open_table(SUPERSEDED).map_or(0, |t| t.len().unwrap());
+        (n, s)
+    };
+    let store = Outbox::open_classed(&o, &[class("a", "a.*", 10)]).unwrap();
+    rt.block_on(async {
+        for _ in 0..5 {
+            store
+                .append(vec![change("a.1", v.clone()), change("b", v.clone())])
+                .await
+                .unwrap();
+        }
+    });
+    assert_eq!(index(&store), (10, 8));
+    rt.block_on(async { store.ack(Ack::Through(4)).await.unwrap() });
+    assert_eq!(index(&store), (6, 4), "acknowledged entries trimmed");
+    store.shutdown_blocking();
+    drop(store);
+    // Other globs: rebuilt from the queue (b is now in class b, the lowest).
+    let store = Outbox::open_classed(&o, &[class("b", "b", 5)]).unwrap();
+    assert_eq!(index(&store), (6, 4));
+    // Superseded first (a.1 5,7; b 6,8), then the oldest of b (10) before the default's 9.
+    assert_eq!(squeeze(&rt, &store, 5), [5, 6, 7, 8, 10]);
+    store.shutdown_blocking();
+    drop(store);
+    // No classes: the index goes; the queue is untouched.
+    let store = Outbox::open(&o).unwrap();
+    assert_eq!(index(&store), (0, 0));
+    store.shutdown_blocking();
+    drop(store);
+    let store = Outbox::open_classed(&o, &[class("b", "b", 5)]).unwrap();
+    assert_eq!(index(&store).0, all_seqs(&store).len() as u64);
+    rt.block_on(async { store.purge().await.unwrap() });
+    assert_eq!(index(&store), (0, 0));
+    store.shutdown_blocking();
 }
