@@ -17,6 +17,10 @@
 //! - **peer**: a rumqttc publisher (one plain-TCP connection to 127.0.0.1, QoS 1, a PUBACK is
 //!   the acknowledgement) → a local Mosquitto (`persistence true`, default `autosave_interval`
 //!   1800 s) → its bridge (`cleansession false`, QoS 1, mutual TLS) → cloud.
+//! - **durable peer** (groups 1 and 2, beside the default one): the same Mosquitto with its
+//!   most durable settings, `autosave_on_changes true` and `autosave_interval 1` (a save of
+//!   the whole database after every queued message; `--durable-peer N`). The default peer
+//!   answers from memory, edgesync after the fsync: its rows say "durable vs in-memory".
 //!
 //! The cloud is a [`FaultProxy`] in front of the cloud Mosquitto: cut while the backlog is
 //! built, restored for the drain. Each change is `sensor.<i % 100>` with a 100-byte value
@@ -64,10 +68,33 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// Latency samples discarded at the start (first publish after connect, cold caches).
 const WARMUP: usize = 20;
 
+/// Which local Mosquitto the peer runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Peer {
+    /// Mosquitto's defaults: `autosave_interval 1800` (seconds), `autosave_on_changes false`:
+    /// the backlog lives in memory and a PUBACK means "in memory".
+    Memory,
+    /// Its most durable settings: `autosave_on_changes true` with `autosave_interval N`
+    /// (changes): the whole database is rewritten after every N queued messages. Mosquitto
+    /// still answers the PUBACK before that save, so it is not an fsync before the answer.
+    Durable(u32),
+}
+
+impl Peer {
+    fn label(self) -> String {
+        match self {
+            Peer::Memory => "peer (in memory: autosave_interval 1800 s)".into(),
+            Peer::Durable(n) => {
+                format!("peer (durable: autosave_on_changes true, autosave_interval {n})")
+            }
+        }
+    }
+}
+
 const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats N] [--only 1,2,3,4,5]
        [--sizes 10000,100000,1000000,10000000] [--budget S] [--kill N] [--samples N]
        [--inflight N] [--svg PATH] [--no-peer] [--store-extra LINE] [--wear-secs S]
-       [--wear-warmup S]
+       [--wear-warmup S] [--durable-peer N]
 
   --quick       1 repeat, backlogs 10^4 and 10^5, kill with 10^4, 300 latency samples, no SVG,
                 peer budget 30 s (also what `cargo test --benches` runs)
@@ -85,6 +112,9 @@ const USAGE: &str = "usage: cargo bench --bench compare -- [--quick] [--repeats 
   --svg PATH    chart output (default docs/compare.svg on a full run of groups 1 and 3)
   --wear-secs S   length of each measured case of group 5 (default 30, 5 with --quick)
   --wear-warmup S warm-up of each case of group 5, not measured (default 5, 2 with --quick)
+  --durable-peer N  autosave_interval (changes, with autosave_on_changes true) of the durable
+                peer run beside the default one in groups 1 and 2 (default 1: a save after
+                every queued message; 0: no durable peer)
   --no-peer     group 1 runs edgesync only and prints its medians per size (for A/B runs of
                 edgesync settings; no comparison table)
   --store-extra LINE  a TOML line added to edgesync's [store] section in group 1, e.g.
@@ -108,6 +138,8 @@ struct Args {
     store_extra: String,
     wear_secs: u64,
     wear_warmup: u64,
+    /// `autosave_interval` of the durable peer (changes between saves); 0: not run.
+    durable: u32,
 }
 
 fn num<T: std::str::FromStr>(flag: &str, v: Option<String>) -> Res<T> {
@@ -141,6 +173,7 @@ fn parse_args() -> Res<Args> {
     let mut store_extra = String::new();
     let mut wear_secs = None;
     let mut wear_warmup = None;
+    let mut durable = 1u32;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -162,6 +195,7 @@ fn parse_args() -> Res<Args> {
             "--inflight" => inflight = num::<u16>("--inflight", it.next())?.max(1),
             "--svg" => svg = Some(PathBuf::from(it.next().ok_or("--svg needs a path")?)),
             "--no-peer" => no_peer = true,
+            "--durable-peer" => durable = num::<u32>("--durable-peer", it.next())?,
             "--store-extra" => {
                 store_extra = it.next().ok_or("--store-extra needs a TOML line")?;
             }
@@ -212,6 +246,7 @@ fn parse_args() -> Res<Args> {
         store_extra,
         wear_secs: wear_secs.unwrap_or(if quick { 5 } else { 30 }),
         wear_warmup: wear_warmup.unwrap_or(if quick { 2 } else { 5 }),
+        durable,
     })
 }
 
@@ -383,6 +418,10 @@ impl World {
     /// local publisher, and a bridge to the cloud through the proxy. `restart`: the bridge's
     /// `restart_timeout` (None: Mosquitto's default).
     fn peer(&self, restart: Option<&str>) -> Res<Mosquitto> {
+        self.peer_as(restart, Peer::Memory)
+    }
+
+    fn peer_as(&self, restart: Option<&str>, kind: Peer) -> Res<Mosquitto> {
         let (cert, key) = self
             .pki
             .issue_client(BRIDGE_ID, BRIDGE_ID)
@@ -392,7 +431,16 @@ impl World {
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| format!("chmod {}: {e}", path.display()))?;
         }
-        let mut extra = vec![
+        let mut extra = Vec::new();
+        let autosave_interval = match kind {
+            // Mosquitto's default.
+            Peer::Memory => 1800,
+            Peer::Durable(n) => {
+                extra.push("autosave_on_changes true".to_owned());
+                n
+            }
+        };
+        extra.extend([
             // A 10^6 backlog for the bridge must not be cut at Mosquitto's default of 1000.
             "max_queued_messages 0".to_owned(),
             "max_queued_bytes 0".to_owned(),
@@ -408,7 +456,7 @@ impl World {
             format!("bridge_cafile {}", self.pki.ca.display()),
             format!("bridge_certfile {}", cert.display()),
             format!("bridge_keyfile {}", key.display()),
-        ];
+        ]);
         if let Some(r) = restart {
             extra.push(format!("restart_timeout {r}"));
         }
@@ -417,8 +465,7 @@ impl World {
             MosquittoOptions {
                 plain_tcp: true,
                 persistence: true,
-                // Mosquitto's default.
-                autosave_interval: 1800,
+                autosave_interval,
                 max_payload: 16 * 1024 * 1024,
                 extra_config: extra,
                 ..MosquittoOptions::default()
@@ -554,6 +601,9 @@ struct Run {
     drain: f64,
     /// Restore → the cloud holds every change.
     total_ms: f64,
+    /// Changes per second from the restore (the link's return) to the last new change at
+    /// the cloud: the drain with the reconnect and the first message in it.
+    from_return: f64,
     /// `VmHWM` once every change is acknowledged, before the cloud comes back: the peak
     /// while taking in and holding the backlog.
     held_rss: f64,
@@ -667,6 +717,7 @@ fn finish_drain(
         (None, Some(first), Some(last)) => {
             r.total_ms = (last - restore).as_secs_f64() * 1e3;
             r.drain = n as f64 / (last - first).as_secs_f64().max(1e-6);
+            r.from_return = n as f64 / (last - restore).as_secs_f64().max(1e-6);
         }
         (None, ..) => return Err("no change at the cloud".into()),
         // The rate it reached, from its first message to the end of the budget.
@@ -674,6 +725,7 @@ fn finish_drain(
             r.total_ms = f64::NAN;
             let t = (restore + Duration::from_secs_f64(c.secs)).saturating_duration_since(first);
             r.drain = c.done as f64 / t.as_secs_f64().max(1e-6);
+            r.from_return = c.done as f64 / c.secs.max(1e-6);
         }
         (Some(_), None, _) => {
             r.total_ms = f64::NAN;
@@ -738,42 +790,21 @@ fn edgesync_backlog(n: usize, input: &[u8], store_extra: &str) -> Res<Run> {
 
 /// The peer at one size. Its ingest and its drain may each take `budget`; past it the run is
 /// recorded as cut (see [`Cut`]) and the local Mosquitto is killed.
-fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
+fn peer_backlog(n: usize, inflight: u16, budget: Duration, kind: Peer) -> Res<Run> {
     let mut r = Run::default();
     let w = World::new()?;
     w.proxy.cut();
     let cloud = Cloud::start(&w, "peer/#", "cloud-p", Format::Plain, n)?;
     // Reconnect after 1 s (its smallest) so the drain is not hidden behind the default backoff.
     trace("peer broker");
-    let mut m = w.peer(Some("1"))?;
+    let mut m = w.peer_as(Some("1"), kind)?;
     trace("peer ingest");
     let pid = m.pid().ok_or("peer mosquitto not running")?;
     let port = m.tcp_port.ok_or("no plain listener")?;
     let mut publisher = Publisher::connect(port, inflight)?;
     let c0 = cpu_ticks(pid)?;
     let t0 = Instant::now();
-    let deadline = t0 + budget;
-    // try_publish: a blocking publish could wait past the budget behind a full window.
-    let mut sent = 0;
-    while sent < n && Instant::now() < deadline {
-        let p = &publisher.client;
-        match p.try_publish(peer_topic(sent), QoS::AtLeastOnce, false, value(sent)) {
-            Ok(()) => sent += 1,
-            Err(_) => {
-                if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
-                    return Err(format!("publish {sent}: {e}"));
-                }
-                std::thread::sleep(Duration::from_micros(100));
-            }
-        }
-    }
-    while (publisher.acks.load(Ordering::SeqCst) as usize) < n && Instant::now() < deadline {
-        if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
-            return Err(format!("publisher: {e}"));
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    let acked = publisher.acks.load(Ordering::SeqCst) as usize;
+    let acked = publish_within(&publisher, n, t0 + budget)?;
     let secs = t0.elapsed().as_secs_f64();
     r.ingest = acked as f64 / secs;
     let c1 = cpu_ticks(pid)?;
@@ -791,7 +822,9 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
             &mut r.first_ms,
             &mut r.drain,
             &mut r.total_ms,
+            &mut r.from_return,
             &mut r.disk_per_change,
+            &mut r.file_per_change,
             &mut r.cpu_drain,
         ] {
             *f = f64::NAN;
@@ -844,6 +877,31 @@ fn peer_backlog(n: usize, inflight: u16, budget: Duration) -> Res<Run> {
     Ok(r)
 }
 
+/// Publishes changes 0..n until `deadline`; the PUBACKs received by then.
+fn publish_within(publisher: &Publisher, n: usize, deadline: Instant) -> Res<usize> {
+    // try_publish: a blocking publish could wait past the deadline behind a full window.
+    let mut sent = 0;
+    while sent < n && Instant::now() < deadline {
+        let p = &publisher.client;
+        match p.try_publish(peer_topic(sent), QoS::AtLeastOnce, false, value(sent)) {
+            Ok(()) => sent += 1,
+            Err(_) => {
+                if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
+                    return Err(format!("publish {sent}: {e}"));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+    while (publisher.acks.load(Ordering::SeqCst) as usize) < n && Instant::now() < deadline {
+        if let Some(e) = publisher.failed.lock().ok().and_then(|f| f.clone()) {
+            return Err(format!("publisher: {e}"));
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(publisher.acks.load(Ordering::SeqCst) as usize)
+}
+
 /// One run on one line; a cut phase says how far it got.
 fn run_line(x: &Run) -> String {
     let mut o = String::new();
@@ -891,6 +949,10 @@ fn run_line(x: &Run) -> String {
         x.cpu_drain
     );
     o
+}
+
+fn drain_from_return(r: &Run) -> f64 {
+    r.from_return
 }
 
 /// 1234567 → "1.23M", for table cells.
@@ -963,17 +1025,23 @@ fn edgesync_kill(n: usize, input: &[u8]) -> Res<Kill> {
     Ok(Kill { acked, delivered })
 }
 
-fn peer_kill(n: usize, inflight: u16) -> Res<Kill> {
+/// The peer's kill -9. The durable peer may not take all `n` within `budget`: it is killed
+/// with what it acknowledged by then (printed).
+fn peer_kill(n: usize, inflight: u16, kind: Peer, budget: Duration) -> Res<Kill> {
     let w = World::new()?;
     w.proxy.cut();
     let cloud = Cloud::start(&w, "peer/#", "cloud-pk", Format::Plain, n)?;
-    let mut m = w.peer(None)?;
+    let mut m = w.peer_as(None, kind)?;
     let port = m.tcp_port.ok_or("no plain listener")?;
     let mut publisher = Publisher::connect(port, inflight)?;
-    for i in 0..n {
-        publisher.publish(i)?;
-    }
-    let acked = publisher.wait_acks(n as u64)?;
+    let acked = if kind == Peer::Memory {
+        for i in 0..n {
+            publisher.publish(i)?;
+        }
+        publisher.wait_acks(n as u64)?
+    } else {
+        publish_within(&publisher, n, Instant::now() + budget)? as u64
+    };
     publisher.close();
     m.stop().map_err(|e| format!("kill -9: {e}"))?;
     m.start_again().map_err(|e| format!("peer restart: {e}"))?;
@@ -1954,6 +2022,9 @@ fn run() -> Res<()> {
     println!("load    {} at start\n", loadavg());
     let mut table = Vec::new();
     let mut per_size: BTreeMap<usize, Pair> = BTreeMap::new();
+    // The durable peer's runs per size (group 1).
+    let mut durable: BTreeMap<usize, Vec<Run>> = BTreeMap::new();
+    let durable_peer = (args.durable > 0 && !args.no_peer).then_some(Peer::Durable(args.durable));
     let mut lat_e = Vec::new();
     let mut lat_p = Vec::new();
     let mut lat_pool = (Vec::new(), Vec::new());
@@ -1962,6 +2033,9 @@ fn run() -> Res<()> {
         // Once the peer ran out of its budget, one run per size shows it: more repeats would
         // only spend the budget again.
         let mut peer_cut = false;
+        // The size at which the durable peer ran out of its budget: not run again at it or
+        // above (it rewrites its whole database per save, so larger backlogs only cost more).
+        let mut durable_cut: Option<usize> = None;
         for &n in &args.sizes {
             let input = ndjson(n);
             for r in 0..args.repeats {
@@ -1975,14 +2049,37 @@ fn run() -> Res<()> {
                     loadavg()
                 );
                 per_size.entry(n).or_default().0.push(e);
+                if let Some(kind) = durable_peer {
+                    if let Some(at) = durable_cut {
+                        if r == 0 && at < n {
+                            println!(
+                                "backlog {n} durable peer: not run (it did not complete {at} changes)"
+                            );
+                        }
+                    } else {
+                        let d = peer_backlog(n, args.inflight, args.budget, kind)
+                            .map_err(|e| format!("durable peer: {e}"))?;
+                        println!(
+                            "backlog {n} {}/{} peer, durable: {} · load {}",
+                            r + 1,
+                            args.repeats,
+                            run_line(&d),
+                            loadavg()
+                        );
+                        if d.cut().is_some() {
+                            durable_cut = Some(n);
+                        }
+                        durable.entry(n).or_default().push(d);
+                    }
+                }
                 if args.no_peer || (peer_cut && r > 0) {
                     continue;
                 }
                 // One retry: a failed peer run is printed, not hidden.
-                let p = peer_backlog(n, args.inflight, args.budget)
+                let p = peer_backlog(n, args.inflight, args.budget, Peer::Memory)
                     .or_else(|e| {
                         println!("backlog {n} peer run failed, retrying once: {e}");
-                        peer_backlog(n, args.inflight, args.budget)
+                        peer_backlog(n, args.inflight, args.budget, Peer::Memory)
                     })
                     .map_err(|e| format!("peer: {e}"))?;
                 println!(
@@ -2018,8 +2115,14 @@ fn run() -> Res<()> {
         if let Some((&n, (e, p))) = headline {
             let col = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).collect::<Vec<f64>>();
             let ratio = |f: fn(&Run) -> f64| median(&col(e, f)) / median(&col(p, f));
+            table.push(format!(
+                "| **against the {}, at {n} queued** | | | | | | |",
+                Peer::Memory.label()
+            ));
             table.push(row(
-                &format!("durable ingest, cloud down ({n} changes)"),
+                &format!(
+                    "ingest, cloud down ({n} changes): edgesync durable (fsync before the answer) vs peer in memory"
+                ),
                 "changes/s",
                 &col(e, |r| r.ingest),
                 &col(p, |r| r.ingest),
@@ -2033,6 +2136,16 @@ fn run() -> Res<()> {
                 &col(p, |r| r.drain),
                 "≥ 5× peer and ≥ 500,000",
                 Some(ratio(|r| r.drain) >= 5.0 && median(&col(e, |r| r.drain)) >= 500_000.0),
+            ));
+            // The same drain timed from the link's return: the reconnect and the first
+            // message (a whole batch for edgesync, one change for the peer) included.
+            table.push(row(
+                "  drain from the link's return (cloud back → every change at the cloud)",
+                "changes/s",
+                &col(e, drain_from_return),
+                &col(p, drain_from_return),
+                "-",
+                None,
             ));
             table.push(row(
                 "  time to first message after the cloud comes back",
@@ -2075,6 +2188,14 @@ fn run() -> Res<()> {
                 Some(median(&col(e, |r| r.disk_per_change)) <= 160.0),
             ));
             table.push(row(
+                "  on disk per queued change (file length: redb's holes counted)",
+                "bytes",
+                &col(e, |r| r.file_per_change),
+                &col(p, |r| r.file_per_change),
+                "-",
+                None,
+            ));
+            table.push(row(
                 "CPU per 10^6 changes: taking them in",
                 "s",
                 &col(e, |r| r.cpu_ingest),
@@ -2091,15 +2212,77 @@ fn run() -> Res<()> {
                 None,
             ));
         }
+        // Against the durable peer at the largest size it completed (else the smallest it
+        // ran, with the rate it reached).
+        let at = durable
+            .iter()
+            .rev()
+            .find(|(_, d)| d.iter().all(|r| r.cut().is_none()))
+            .or_else(|| durable.iter().next())
+            .map(|(&n, d)| (n, d.clone()));
+        if let (Some((n, d)), Some(kind)) = (at, durable_peer)
+            && let Some((e, _)) = per_size.get(&n)
+        {
+            let col = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+            let note = d
+                .iter()
+                .find_map(Run::cut)
+                .map_or(String::new(), |c| format!(" ({c})"));
+            table.push(format!(
+                "| **against the {}, at {n} queued{note}** | | | | | | |",
+                kind.label()
+            ));
+            for (name, unit, f) in [
+                (
+                    "ingest, cloud down",
+                    "changes/s",
+                    (|r: &Run| r.ingest) as fn(&Run) -> f64,
+                ),
+                (
+                    "drain, first → last change at the cloud",
+                    "changes/s",
+                    |r| r.drain,
+                ),
+                (
+                    "drain from the link's return",
+                    "changes/s",
+                    drain_from_return,
+                ),
+                (
+                    "on disk per queued change (allocated blocks)",
+                    "bytes",
+                    |r| r.disk_per_change,
+                ),
+                ("on disk per queued change (file length)", "bytes", |r| {
+                    r.file_per_change
+                }),
+                ("peak RSS of the local component", "MiB", |r| {
+                    r.peak_rss / MIB
+                }),
+                ("CPU per 10^6 changes: taking them in", "s", |r| {
+                    r.cpu_ingest
+                }),
+            ] {
+                table.push(row(name, unit, &col(e, f), &col(&d, f), "-", None));
+            }
+        }
     }
 
     if args.only.contains(&2) {
         let input = ndjson(args.kill);
-        let (mut ke, mut kp) = (Vec::new(), Vec::new());
+        let (mut ke, mut kp, mut kd) = (Vec::new(), Vec::new(), Vec::new());
         for r in 0..args.repeats {
             let e = edgesync_kill(args.kill, &input).map_err(|e| format!("edgesync: {e}"))?;
-            let p = peer_kill(args.kill, args.inflight).map_err(|e| format!("peer: {e}"))?;
-            for (who, k) in [("edgesync", e), ("peer    ", p)] {
+            let p = peer_kill(args.kill, args.inflight, Peer::Memory, args.budget)
+                .map_err(|e| format!("peer: {e}"))?;
+            let mut each = vec![("edgesync", e), ("peer    ", p)];
+            if let Some(kind) = durable_peer {
+                let d = peer_kill(args.kill, args.inflight, kind, args.budget)
+                    .map_err(|e| format!("durable peer: {e}"))?;
+                each.push(("peer, durable", d));
+                kd.push(d);
+            }
+            for (who, k) in each {
                 println!(
                     "kill -9 {}/{} {who}: {} acknowledged, {} delivered after restart, {} lost · load {}",
                     r + 1,
@@ -2130,6 +2313,22 @@ fn run() -> Res<()> {
             "0 (every repeat)",
             Some(worst == 0.0),
         ));
+        if let Some(kind) = durable_peer {
+            let acked: Vec<f64> = kd.iter().map(|k: &Kill| k.acked as f64).collect();
+            table.push(row(
+                &format!(
+                    "  the same against the {} ({} acknowledged before the kill, {} s budget)",
+                    kind.label(),
+                    median(&acked),
+                    args.budget.as_secs()
+                ),
+                "changes",
+                &lost(&ke),
+                &lost(&kd),
+                "0 (every repeat)",
+                Some(worst == 0.0),
+            ));
+        }
     }
 
     if args.only.contains(&3) {
@@ -2316,11 +2515,16 @@ fn run() -> Res<()> {
             args.budget.as_secs()
         );
         println!(
-            "| queued | runs | ingest/s | drain/s | first msg ms | peak RSS MiB | B/change on disk | CPU µs/change |"
+            "| queued | runs | ingest/s | drain/s | drain/s from the link's return | first msg ms | peak RSS MiB | B/change on disk: blocks (file length) | CPU µs/change |"
         );
-        println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let none = Vec::new();
         for (n, (e, p)) in &per_size {
-            for (who, v) in [("edgesync", e), ("peer", p)] {
+            let d = durable.get(n).unwrap_or(&none);
+            for (who, v) in [("edgesync", e), ("peer", p), ("peer, durable", d)] {
+                if v.is_empty() {
+                    continue;
+                }
                 let note = v.iter().find_map(Run::cut).map_or(String::new(), |c| {
                     let phase = if v.iter().any(|r| r.ingest_cut.is_some()) {
                         "ingest"
@@ -2330,13 +2534,15 @@ fn run() -> Res<()> {
                     format!(" · {phase} {c}")
                 });
                 println!(
-                    "| {n} | {who} ×{}{note} | {} | {} | {} | {} | {} | {} |",
+                    "| {n} | {who} ×{}{note} | {} | {} | {} | {} | {} | {} ({}) | {} |",
                     v.len(),
                     cell(v, |r| r.ingest),
                     cell(v, |r| r.drain),
+                    cell(v, drain_from_return),
                     cell(v, |r| r.first_ms),
                     cell(v, |r| r.peak_rss / MIB),
                     cell(v, |r| r.disk_per_change),
+                    cell(v, |r| r.file_per_change),
                     cell(v, |r| if r.ingest_cut.is_some() {
                         r.cpu_ingest
                     } else {
