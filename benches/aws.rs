@@ -9,8 +9,8 @@
 
 mod common;
 
-use common::profile::{DEADLINE, Emu, Error};
-use common::{Daemon, Setup, machine, wait_online};
+use common::machine;
+use common::profile::{DEADLINE, Emu, Error, start_agent};
 use edgesync_testkit::aws::{AwsIot, Connect, Options};
 use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
 use serde_json::Value;
@@ -62,37 +62,18 @@ fn main() -> Result<(), Error> {
     let emu = AwsIot::start_with(&Connect::mosquitto(&broker, &pki)?, options)?;
     emu.wait_for(DEADLINE, AwsIot::is_ready)?;
 
-    let socket = dir.path().join("s.sock");
-    let stamps = dir.path().join("stamps");
-    let handler = serde_json::to_string(&[
-        "/bin/sh",
-        "-c",
-        &format!("date +%s%N >> {}", stamps.display()),
-    ])?;
-    let config = dir.path().join("edgesync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"{THING}\"\n[mqtt]\nurl = \"mqtts://localhost:{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             keep_alive = \"30s\"\n[store]\npath = \"store.redb\"\nmax_bytes = \"1GiB\"\n[local]\nsocket = {socket:?}\n\
-             [cloud]\nprofile = \"aws-iot\"\n[aws]\n\
-             [[desired.handler]]\nkeys = \"led.*\"\ntype = \"exec\"\ncommand = {handler}\n",
-            broker.tls_port, pki.ca, pki.client_cert, pki.client_key
-        ),
+    let agent = start_agent(
+        dir.path(),
+        &broker,
+        &pki,
+        THING,
+        "[cloud]\nprofile = \"aws-iot\"\n[aws]",
     )?;
-    let setup = Setup {
-        config,
-        socket: socket.clone(),
-        log: dir.path().join("daemon.log"),
-    };
-    let level = std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
-    let daemon = Daemon::start_with(&setup, false, &[("EDGESYNC_LOG", &level)])?;
-    wait_online(&daemon)?;
     // The connect's /get is answered before the figures start.
     emu.wait_for(DEADLINE, |e| {
         let s = e.stats().shadow;
         s.gets_accepted + s.gets_rejected > 0
     })?;
 
-    common::profile::run(&emu, &daemon, &socket, &stamps)
+    common::profile::run(&emu, &agent)
 }

@@ -9,8 +9,8 @@
 
 mod common;
 
-use common::profile::{DEADLINE, Emu, Error};
-use common::{Daemon, Setup, machine, wait_online};
+use common::machine;
+use common::profile::{DEADLINE, Emu, Error, start_agent};
 use edgesync_testkit::azure::{IotHub, Options};
 use edgesync_testkit::connect::Connect;
 use edgesync_testkit::{Mosquitto, MosquittoOptions, TestPki};
@@ -60,34 +60,10 @@ fn main() -> Result<(), Error> {
     let emu = IotHub::start(&connect, Options::new(DEVICE, HUB))?;
     emu.wait_for(DEADLINE, IotHub::is_ready)?;
 
-    let socket = dir.path().join("s.sock");
-    let stamps = dir.path().join("stamps");
-    let handler = serde_json::to_string(&[
-        "/bin/sh",
-        "-c",
-        &format!("date +%s%N >> {}", stamps.display()),
-    ])?;
-    let config = dir.path().join("edgesync.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[device]\nid = \"{DEVICE}\"\n[mqtt]\nurl = \"mqtts://localhost:{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
-             keep_alive = \"30s\"\n[store]\npath = \"store.redb\"\nmax_bytes = \"1GiB\"\n[local]\nsocket = {socket:?}\n\
-             [cloud]\nprofile = \"azure-iot-hub\"\n[azure]\nhub = \"{HUB}\"\n\
-             [[desired.handler]]\nkeys = \"led.*\"\ntype = \"exec\"\ncommand = {handler}\n",
-            broker.tls_port, pki.ca, pki.client_cert, pki.client_key
-        ),
-    )?;
-    let setup = Setup {
-        config,
-        socket: socket.clone(),
-        log: dir.path().join("daemon.log"),
-    };
-    let level = std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
-    let daemon = Daemon::start_with(&setup, false, &[("EDGESYNC_LOG", &level)])?;
-    wait_online(&daemon)?;
+    let cloud = format!("[cloud]\nprofile = \"azure-iot-hub\"\n[azure]\nhub = \"{HUB}\"");
+    let agent = start_agent(dir.path(), &broker, &pki, DEVICE, &cloud)?;
     // The connect's twin GET is answered before the figures start.
     emu.wait_for(DEADLINE, |e| e.stats().twin_gets > 0)?;
 
-    common::profile::run(&emu, &daemon, &socket, &stamps)
+    common::profile::run(&emu, &agent)
 }

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use super::Daemon;
+use super::{Daemon, Setup, wait_online};
+use edgesync_testkit::{Mosquitto, TestPki};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -50,6 +51,56 @@ pub trait Emu {
     fn set_desired(&self, patch: Value) -> Result<u64, Error>;
 }
 
+/// The daemon under test: its socket, and the file its exec handler on `led.*` stamps.
+pub struct Agent {
+    pub daemon: Daemon,
+    pub socket: std::path::PathBuf,
+    pub stamps: std::path::PathBuf,
+}
+
+/// Starts the daemon as `device` in `dir` against `broker` over mutual TLS, with the
+/// profile's sections (`cloud`: `[cloud]` and its cloud's section) and the handler the
+/// latency phase times; returns once it is online.
+pub fn start_agent(
+    dir: &Path,
+    broker: &Mosquitto,
+    pki: &TestPki,
+    device: &str,
+    cloud: &str,
+) -> Result<Agent, Error> {
+    let socket = dir.join("s.sock");
+    let stamps = dir.join("stamps");
+    let handler = serde_json::to_string(&[
+        "/bin/sh",
+        "-c",
+        &format!("date +%s%N >> {}", stamps.display()),
+    ])?;
+    let config = dir.join("edgesync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[device]\nid = \"{device}\"\n[mqtt]\nurl = \"mqtts://localhost:{}\"\nca = {:?}\ncert = {:?}\nkey = {:?}\n\
+             keep_alive = \"30s\"\n[store]\npath = \"store.redb\"\nmax_bytes = \"1GiB\"\n[local]\nsocket = {socket:?}\n\
+             {cloud}\n\
+             [[desired.handler]]\nkeys = \"led.*\"\ntype = \"exec\"\ncommand = {handler}\n",
+            broker.tls_port, pki.ca, pki.client_cert, pki.client_key
+        ),
+    )?;
+    let setup = Setup {
+        config,
+        socket: socket.clone(),
+        log: dir.join("daemon.log"),
+    };
+    let level = std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into());
+    let daemon = Daemon::start_with(&setup, false, &[("EDGESYNC_LOG", &level)])?;
+    wait_online(&daemon)?;
+    Ok(Agent {
+        daemon,
+        socket,
+        stamps,
+    })
+}
+
 /// Polls `cond` until it holds, at most [`DEADLINE`].
 fn wait_for(cond: impl Fn() -> bool) -> Result<(), Error> {
     let t0 = Instant::now();
@@ -63,9 +114,13 @@ fn wait_for(cond: impl Fn() -> bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs the four phases against `emu` and the daemon at `socket`, whose exec handler on
-/// `led.*` appends a timestamp to `stamps`; prints the figures.
-pub fn run<E: Emu>(emu: &E, daemon: &Daemon, socket: &Path, stamps: &Path) -> Result<(), Error> {
+/// Runs the four phases against `emu` and `agent`; prints the figures.
+pub fn run<E: Emu>(emu: &E, agent: &Agent) -> Result<(), Error> {
+    let (daemon, socket, stamps) = (
+        &agent.daemon,
+        agent.socket.as_path(),
+        agent.stamps.as_path(),
+    );
     let doc = emu.doc();
     // 1. Updates of the cloud's document: reports written back to back, answers read on another thread.
     let before = (
