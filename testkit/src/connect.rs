@@ -73,6 +73,19 @@ impl Connect {
     }
 }
 
+impl Connect {
+    /// rumqttc options for client `id` at this address, over TLS when `tls` is set.
+    pub fn mqtt_options(&self, id: &str) -> Result<rumqttc::MqttOptions> {
+        let mut opts = rumqttc::MqttOptions::new(id, self.host.clone(), self.port);
+        if let Some(tls) = &self.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(client_config(tls)?)),
+            ));
+        }
+        Ok(opts)
+    }
+}
+
 /// A rustls client config (ring) trusting `tls.ca`, with the client certificate if any.
 pub(crate) fn client_config(tls: &TlsFiles) -> Result<ClientConfig> {
     let mut roots = RootCertStore::empty();

@@ -16,6 +16,8 @@
 //!   an MQTT client of the test broker, written from the AWS documentation.
 //! - [`azure`]: an Azure IoT Hub emulator for one device (twin, direct methods, C2D, D2C on
 //!   `$iothub/...` and `devices/...`), likewise, from Microsoft's documentation.
+//! - [`cluster`]: a real clustered broker (Aedes nodes sharing Redis) as child processes,
+//!   for failover and fleet tests (skipped with a notice when Node.js or Redis is missing).
 //! - [`connect`]: where those emulators connect (shared by both).
 //! - [`exposition`]: a strict reader of the Prometheus text format, to check the agent's
 //!   metrics text file.
@@ -24,6 +26,7 @@
 
 pub mod aws;
 pub mod azure;
+pub mod cluster;
 pub mod connect;
 pub mod exposition;
 pub mod mosquitto;
@@ -33,6 +36,7 @@ pub mod proxy;
 pub mod rumqttd_broker;
 pub mod wait;
 
+pub use cluster::{Cluster, Sharing};
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use pki::{CHAIN_INTERMEDIATES, ServerCert, TestPki};
 pub use port::free_port;

@@ -1,0 +1,52 @@
+// One node of the test kit's clustered broker: Aedes over TLS, nodes sharing one Redis for
+// sessions, subscriptions and retained/offline messages (aedes-persistence-redis) and for
+// routing publishes between nodes (mqemitter-redis). Started by testkit/src/cluster.rs.
+//
+// node node.mjs --port P --redis-port R --ca CA --cert CERT --key KEY [--id NAME]
+//               [--persistence redis|memory]
+// `memory` makes a node that shares routing but no sessions (like a cluster without session
+// sharing). Prints "ready <port>" once listening.
+import { createServer } from 'node:tls'
+import { readFileSync } from 'node:fs'
+import { createRequire } from 'node:module'
+import { Aedes } from 'aedes'
+
+const require = createRequire(import.meta.url)
+const redisPersistence = require('aedes-persistence-redis')
+const MQEmitterRedis = require('mqemitter-redis')
+
+const args = {}
+for (let i = 2; i < process.argv.length; i += 2) {
+  args[process.argv[i].replace(/^--/, '')] = process.argv[i + 1]
+}
+for (const k of ['port', 'redis-port', 'ca', 'cert', 'key']) {
+  if (!args[k]) {
+    console.error(`missing --${k}`)
+    process.exit(2)
+  }
+}
+const redis = { host: '127.0.0.1', port: Number(args['redis-port']) }
+const opts = {
+  id: args.id,
+  mq: MQEmitterRedis(redis),
+  // A client that stops reading is dropped instead of stalling every other client.
+  drainTimeout: 30000
+}
+if ((args.persistence || 'redis') === 'redis') {
+  opts.persistence = redisPersistence({ ...redis, maxSessionDelivery: 100000 })
+}
+const broker = await Aedes.createBroker(opts)
+const server = createServer({
+  ca: readFileSync(args.ca),
+  cert: readFileSync(args.cert),
+  key: readFileSync(args.key),
+  requestCert: true,
+  rejectUnauthorized: true
+}, broker.handle)
+server.on('tlsClientError', () => {})
+server.listen(Number(args.port), '127.0.0.1', () => {
+  console.log(`ready ${args.port}`)
+})
+const stop = () => server.close(() => broker.close(() => process.exit(0)))
+process.on('SIGTERM', stop)
+process.on('SIGINT', stop)
