@@ -3107,7 +3107,7 @@ fn mqtt_urls_list_the_nodes_in_order() {
 #[test]
 fn mqtt_url_alone_is_a_list_of_one_in_order() {
     let c = valid(&with_urls("url = \"mqtt://a\""));
-    assert_eq!(c.mqtt.urls, [c.mqtt.url.clone()]);
+    assert_eq!(c.mqtt.urls, std::slice::from_ref(&c.mqtt.url));
     assert_eq!(c.mqtt.url_order, UrlOrder::InOrder);
 }
 
