@@ -202,7 +202,10 @@ pub fn link_fingerprint(c: &Config) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     let m = &c.mqtt;
-    m.url.to_string().hash(&mut h);
+    for url in &m.urls {
+        url.to_string().hash(&mut h);
+    }
+    (m.url_order as u8).hash(&mut h);
     m.client_id.hash(&mut h);
     m.keep_alive.hash(&mut h);
     m.username.hash(&mut h);

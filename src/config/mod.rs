@@ -313,7 +313,12 @@ pub struct DeviceConfig {
 /// `[mqtt]`. Paths are resolved against the config file's directory.
 #[derive(Debug, Clone)]
 pub struct MqttConfig {
+    /// The first of `urls`; for what names one broker (logs, the cloud profiles).
     pub url: BrokerUrl,
+    /// `mqtt.urls`, or `[mqtt.url]`: 1 to 16 broker nodes, all mqtts:// or all mqtt://.
+    pub urls: Vec<BrokerUrl>,
+    /// The order the link tries `urls` in.
+    pub url_order: UrlOrder,
     pub topic_prefix: String,
     /// PEM CA bundle; always `Some` when `url.tls`, always `None` otherwise.
     pub ca: Option<PathBuf>,
@@ -337,6 +342,25 @@ pub struct MqttConfig {
     /// Publish the presence (and its will) retained; off for brokers that refuse retained
     /// messages (Azure Event Grid's MQTT broker closes the connection).
     pub retain: bool,
+}
+
+/// `mqtt.url_order`: the order the link tries the broker nodes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UrlOrder {
+    /// `"in-order"`: as listed (the first node is the preferred one).
+    InOrder,
+    /// `"shuffled"`: a stable permutation per device id, so a fleet spreads over the nodes.
+    Shuffled,
+}
+
+impl UrlOrder {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "in-order" => Ok(UrlOrder::InOrder),
+            "shuffled" => Ok(UrlOrder::Shuffled),
+            _ => Err(values::one_of(s, &["in-order", "shuffled"])),
+        }
+    }
 }
 
 /// `[store]`

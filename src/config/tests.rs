@@ -2392,10 +2392,11 @@ fn example_config_loads_when_its_certificate_files_exist_and_states_the_defaults
 }
 
 /// The example with its commented-out keys (`# key = value`) and arrays of tables
-/// (`# [[desired.rule]]`) put into effect.
+/// (`# [[desired.rule]]`) put into effect; `mqtt.urls` replaces `mqtt.url` (one of the two).
 fn uncommented_example() -> String {
     EXAMPLE
         .lines()
+        .filter(|l| !l.starts_with("url = \"mqtts://broker"))
         .map(|l| {
             l.strip_prefix("# ")
                 .filter(|rest| {
@@ -3083,4 +3084,80 @@ fn store_class_problems_name_their_key() {
         .map(|i| format!("[[store.class]]\nkeys = \"k{i}\"\n"))
         .collect();
     only_problem(&plain("", &many), "store.class");
+}
+
+// ---------------------------------------------------------------------------------------------
+// mqtt.urls (issue 20).
+
+fn with_urls(mqtt: &str) -> String {
+    format!("[device]\nid = \"d\"\n[mqtt]\n{mqtt}\nallow_plaintext = true\n")
+}
+
+#[test]
+fn mqtt_urls_list_the_nodes_in_order() {
+    let c = valid(&with_urls(
+        "urls = [\"mqtt://a\", \"mqtt://b:1884\"]\nurl_order = \"shuffled\"",
+    ));
+    let urls: Vec<String> = c.mqtt.urls.iter().map(ToString::to_string).collect();
+    assert_eq!(urls, ["mqtt://a:1883", "mqtt://b:1884"]);
+    assert_eq!(c.mqtt.url, c.mqtt.urls[0]);
+    assert_eq!(c.mqtt.url_order, UrlOrder::Shuffled);
+}
+
+#[test]
+fn mqtt_url_alone_is_a_list_of_one_in_order() {
+    let c = valid(&with_urls("url = \"mqtt://a\""));
+    assert_eq!(c.mqtt.urls, std::slice::from_ref(&c.mqtt.url));
+    assert_eq!(c.mqtt.url_order, UrlOrder::InOrder);
+}
+
+#[test]
+fn mqtt_urls_problems_name_the_key() {
+    let both = only_problem(
+        &with_urls("url = \"mqtt://a\"\nurls = [\"mqtt://b\"]"),
+        "mqtt.urls",
+    );
+    assert!(both.contains("together with mqtt.url"), "{both}");
+    let empty = only_problem(&with_urls("urls = []"), "mqtt.urls");
+    assert!(empty.contains("1 to 16"), "{empty}");
+    let many: Vec<String> = (0..17).map(|i| format!("\"mqtt://n{i}\"")).collect();
+    let many = only_problem(
+        &with_urls(&format!("urls = [{}]", many.join(", "))),
+        "mqtt.urls",
+    );
+    assert!(many.contains("found 17"), "{many}");
+    let bad = only_problem(
+        &with_urls("urls = [\"mqtt://a\", \"tcp://b\"]"),
+        "mqtt.urls[2]",
+    );
+    assert!(bad.contains("mqtts://"), "{bad}");
+    let twice = only_problem(
+        &with_urls("urls = [\"mqtt://a\", \"mqtt://a:1883\"]"),
+        "mqtt.urls[2]",
+    );
+    assert!(twice.contains("twice"), "{twice}");
+    let order = only_problem(
+        &with_urls("url = \"mqtt://a\"\nurl_order = \"random\""),
+        "mqtt.url_order",
+    );
+    assert!(order.contains("shuffled"), "{order}");
+    let missing = only_problem(
+        "[device]\nid = \"d\"\n[mqtt]\nallow_plaintext = true\n",
+        "mqtt.url",
+    );
+    assert!(missing.contains("mqtt.urls"), "{missing}");
+}
+
+#[test]
+fn mqtt_urls_refuse_plaintext_and_mixed_schemes() {
+    let plain = only_problem(
+        "[device]\nid = \"d\"\n[mqtt]\nurls = [\"mqtt://a\"]\n",
+        "mqtt.urls[1]",
+    );
+    assert!(plain.contains("allow_plaintext"), "{plain}");
+    let mixed = only_problem(
+        &with_urls("urls = [\"mqtt://a\", \"mqtts://b\"]"),
+        "mqtt.urls[2]",
+    );
+    assert!(mixed.contains("one scheme"), "{mixed}");
 }

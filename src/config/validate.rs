@@ -38,7 +38,7 @@ use super::{
     DEFAULT_RECONNECT_INITIAL, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET,
     DEFAULT_STORE_PATH, DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind,
     LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, STORE_CLASSES_MAX,
-    StoreClass, StoreConfig, SyncConfig, TelemetryConfig,
+    StoreClass, StoreConfig, SyncConfig, TelemetryConfig, UrlOrder,
 };
 use super::{DEFAULT_SOURCE_INFLIGHT, MAX_SOURCES, SourceConfig, SourceUrl};
 use crate::model::command::CommandName;
@@ -52,6 +52,8 @@ use crate::sys::log::check_log_level;
 /// every key of every document is matched against them in order.
 const DESIRED_TABLES_MAX: usize = 1000;
 const POLICIES: &[&str] = &["cloud-wins", "device-wins", "last-write-wins", "merge"];
+/// Most entries of `mqtt.urls`: the nodes of one cluster.
+const MQTT_URLS_MAX: usize = 16;
 const HANDLER_TYPES: &[&str] = &["exec", "file", "watch"];
 
 // ---------------------------------------------------------------------------------------------
@@ -352,6 +354,8 @@ raw_section! {
         password_file: String,
         allow_plaintext: bool,
         retain: bool,
+        urls: Vec<String>,
+        url_order: String,
     }
 }
 
@@ -1287,23 +1291,11 @@ fn mqtt(
     let allow_plaintext = raw.allow_plaintext.value.unwrap_or(false);
     let retain = raw.retain.value.unwrap_or(true);
 
-    let url = raw
-        .url
-        .require(p, "the broker address, mqtts://host[:port]", |url| {
-            url.parse::<BrokerUrl>()
-        });
-    let tls = url.as_ref().map(|url| url.tls);
-    let url = url.filter(|url| {
-        let refused = !url.tls && !allow_plaintext;
-        if refused {
-            raw.url.report(
-                p,
-                "\"mqtt://\" is plaintext; set mqtt.allow_plaintext = true to allow it, or use \
-                 mqtts://",
-            );
-        }
-        !refused
-    });
+    // One TLS identity for all the nodes: every URL is mqtts://, or every one mqtt://.
+    let (urls, tls) = broker_urls(raw, allow_plaintext, p);
+    let url_order = raw
+        .url_order
+        .or(p, UrlOrder::InOrder, |s| UrlOrder::parse(&s));
 
     let topic_prefix = raw
         .topic_prefix
@@ -1399,8 +1391,11 @@ fn mqtt(
         );
     }
 
+    let urls = urls?;
     Some(MqttConfig {
-        url: url?,
+        url: urls.first()?.clone(),
+        urls,
+        url_order: url_order?,
         topic_prefix: topic_prefix?,
         ca: ca?,
         cert: cert?,
@@ -1415,6 +1410,92 @@ fn mqtt(
         allow_plaintext,
         retain,
     })
+}
+
+/// `mqtt.url` or `mqtt.urls` (exactly one), each URL checked alike; `None` after a problem.
+/// Also whether the first URL that could be read is TLS (even when refused as plaintext).
+fn broker_urls(
+    raw: &RawMqtt,
+    allow_plaintext: bool,
+    p: &mut Problems,
+) -> (Option<Vec<BrokerUrl>>, Option<bool>) {
+    let mut tls = None;
+    let urls = broker_urls_checked(raw, allow_plaintext, &mut tls, p);
+    (urls, tls)
+}
+
+fn broker_urls_checked(
+    raw: &RawMqtt,
+    allow_plaintext: bool,
+    tls: &mut Option<bool>,
+    p: &mut Problems,
+) -> Option<Vec<BrokerUrl>> {
+    let mut one = |field: &Field<String>, text: &str, p: &mut Problems| {
+        let url = field.check(p, text.parse::<BrokerUrl>())?;
+        tls.get_or_insert(url.tls);
+        if !url.tls && !allow_plaintext {
+            field.report(
+                p,
+                "\"mqtt://\" is plaintext; set mqtt.allow_plaintext = true to allow it, or use \
+                 mqtts://",
+            );
+            return None;
+        }
+        Some(url)
+    };
+    match (&raw.url.value, &raw.urls.value) {
+        (Some(_), Some(_)) => {
+            raw.urls.report(
+                p,
+                "is set together with mqtt.url; set one of them (urls for several broker nodes)",
+            );
+            None
+        }
+        (Some(text), None) => one(&raw.url, text, p).map(|url| vec![url]),
+        (None, Some(list)) => {
+            if list.is_empty() || list.len() > MQTT_URLS_MAX {
+                raw.urls.report(
+                    p,
+                    format!(
+                        "expected 1 to {MQTT_URLS_MAX} broker URLs, found {}",
+                        list.len()
+                    ),
+                );
+                return None;
+            }
+            let field = |i: usize| Field::<String> {
+                key: format!("{}[{}]", raw.urls.key, i + 1),
+                value: None,
+            };
+            let mut urls = Vec::with_capacity(list.len());
+            for (i, text) in list.iter().enumerate() {
+                urls.push(one(&field(i), text, p));
+            }
+            let urls: Vec<BrokerUrl> = urls.into_iter().collect::<Option<_>>()?;
+            if let Some(i) = (1..urls.len()).find(|&i| urls[i].tls != urls[0].tls) {
+                field(i).report(
+                    p,
+                    "mixes mqtt:// and mqtts://; the nodes share one TLS identity, use one scheme",
+                );
+                return None;
+            }
+            if let Some(i) = (1..urls.len()).find(|&i| urls[..i].contains(&urls[i])) {
+                field(i).report(p, format!("{} is listed twice", urls[i]));
+                return None;
+            }
+            Some(urls)
+        }
+        (None, None) => {
+            if !p.mentions(&raw.url.key) && !p.mentions(&raw.urls.key) {
+                raw.url.report(
+                    p,
+                    "missing required key; expected the broker address, mqtts://host[:port] \
+                     (or mqtt.urls = [...] for several nodes)",
+                );
+            }
+            None
+        }
+    }
 }
 
 /// An optional file that must exist and be readable (opened to check, when `check_file`).

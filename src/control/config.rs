@@ -88,7 +88,7 @@ pub fn effective(c: &Config) -> Value {
             "shadow_map": map,
         })
     });
-    json!({
+    let mut doc = json!({
         "source": path_str(&c.source),
         "device": {"id": c.device.id.as_str()},
         "mqtt": {
@@ -160,7 +160,16 @@ pub fn effective(c: &Config) -> Value {
         "aws": aws,
         // The `azure-iot-hub` profile's `[azure]`; `null` otherwise.
         "azure": c.azure.as_deref().map(|a| json!({"hub": a.hub, "api_version": a.api_version})),
-    })
+    });
+    // Only with several nodes or an order set (issue 20): one `url` shows as before.
+    if m.urls.len() > 1 || m.url_order != crate::config::UrlOrder::InOrder {
+        doc["mqtt"]["urls"] = json!(m.urls.iter().map(ToString::to_string).collect::<Vec<_>>());
+        doc["mqtt"]["url_order"] = json!(match m.url_order {
+            crate::config::UrlOrder::InOrder => "in-order",
+            crate::config::UrlOrder::Shuffled => "shuffled",
+        });
+    }
+    doc
 }
 
 fn path_str(p: &Path) -> String {

@@ -920,6 +920,7 @@ mod tests {
                 down_since: None,
                 attempts: 0,
                 next_attempt_at: None,
+                node: None,
                 last_error: Some("broker said \"no\"".into()),
                 last_sync: None,
                 sent: 8,

@@ -48,6 +48,10 @@ pub struct LinkFigures {
     pub resent: u64,
     pub reconnects: u64,
     pub inflight_batches: u64,
+    /// The broker node in use or being tried (`mqtt.urls`: the URL and its position from
+    /// 0); `None` with a single broker URL.
+    #[serde(default)]
+    pub node: Option<(String, u64)>,
     /// The store fault the link is retrying through (a failed read or delete), if any.
     #[serde(default)]
     pub store_error: Option<String>,
@@ -350,6 +354,12 @@ pub struct Connection {
     /// Ms until the next attempt while waiting to retry, else `null`.
     #[serde(default)]
     pub next_attempt_in: Option<u64>,
+    /// With `mqtt.urls`: the node in use or being tried, and its position in the list from
+    /// 0; absent with a single `mqtt.url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_index: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -437,6 +447,8 @@ pub fn from_inputs(identity: &Identity, store: &Path, inputs: &metrics::Inputs) 
             next_attempt_in: link
                 .next_attempt_at
                 .map(|t| t.saturating_sub(inputs.now_ms)),
+            url: link.node.as_ref().map(|n| n.0.clone()),
+            url_index: link.node.as_ref().map(|n| n.1),
         },
         queue: Queue {
             depth: q.depth,
@@ -501,7 +513,7 @@ pub fn render(s: &Status, now_ms: u64) -> String {
          connection  {state} to {} ({link}, last sync {})\n",
         s.agent.version,
         s.agent.device,
-        c.broker,
+        c.url.as_deref().unwrap_or(&c.broker),
         ago(c.last_sync),
     );
     if !s.reload.problems.is_empty() {
@@ -648,6 +660,8 @@ mod tests {
                 down_since: Some(4_000),
                 attempts: 3,
                 next_attempt_in: Some(20_000),
+                url: None,
+                url_index: None,
             },
             queue: Queue {
                 depth: 1,

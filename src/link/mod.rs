@@ -34,6 +34,7 @@ pub mod engine;
 mod intake;
 pub mod iothub;
 pub mod jobs;
+pub mod nodes;
 pub mod oversize;
 pub mod profile;
 pub mod shadow;
@@ -64,6 +65,7 @@ use backoff::{Backoff, Jitter};
 use engine::{Action, Engine, EngineConfig};
 use intake::{Admission, INTAKE_HARD_MESSAGES, IntakeGate, IntakeToken};
 use iothub::HubMsg;
+use nodes::Nodes;
 use oversize::Filter;
 use profile::{Inbound, Outbound, Profile, Publication};
 
@@ -105,6 +107,8 @@ pub struct LinkSettings {
     /// Beaten while the link's loop comes round, for the systemd watchdog
     /// ([`crate::sys::notify`]); none: no watchdog.
     pub heartbeat: Option<crate::sys::notify::Heartbeat>,
+    /// The position in `mqtt.urls` of the node the next connection goes to.
+    node: usize,
 }
 
 impl LinkSettings {
@@ -118,8 +122,20 @@ impl LinkSettings {
             metrics: None,
             live: None,
             heartbeat: None,
+            node: 0,
             config,
         }
+    }
+
+    /// The broker node in use (`mqtt.urls[node]`).
+    fn url(&self) -> &crate::config::BrokerUrl {
+        let m = &self.config.mqtt;
+        m.urls.get(self.node).unwrap_or(&m.url)
+    }
+
+    fn nodes(&self) -> Nodes {
+        let m = &self.config.mqtt;
+        Nodes::new(m.urls.len(), m.url_order, self.config.device.id.as_str())
     }
 
     /// Takes the latest reloaded config for the next connection.
@@ -149,7 +165,8 @@ impl LinkSettings {
     /// files replaced on disk are picked up at the next reconnect.
     fn mqtt_options(&self, clean_session: bool) -> Result<MqttOptions, String> {
         let m = &self.config.mqtt;
-        let mut o = MqttOptions::new(m.client_id.clone(), m.url.host.clone(), m.url.port);
+        let url = self.url();
+        let mut o = MqttOptions::new(m.client_id.clone(), url.host.clone(), url.port);
         o.set_keep_alive(m.keep_alive);
         o.set_clean_session(clean_session);
         let batch = usize::try_from(self.config.sync.batch_max_bytes).unwrap_or(usize::MAX);
@@ -182,7 +199,7 @@ impl LinkSettings {
             };
             o.set_credentials(user.clone(), password);
         }
-        if m.url.tls {
+        if url.tls {
             let ca = m.ca.as_deref().ok_or("mqtt.ca is not set")?;
             let client = m.cert.as_deref().zip(m.key.as_deref());
             let cfg = tls::client_config(ca, client).map_err(|e| e.to_string())?;
@@ -207,9 +224,10 @@ impl LinkSettings {
 
     fn describe_ctx(&self) -> tls::DescribeCtx {
         let m = &self.config.mqtt;
+        let url = self.url();
         tls::DescribeCtx {
-            host: m.url.host.clone(),
-            port: m.url.port,
+            host: url.host.clone(),
+            port: url.port,
             ca: m.ca.clone(),
             has_client_cert: m.cert.is_some(),
         }
@@ -251,6 +269,7 @@ pub async fn run(
     // Names each connection (attempt), unique also across restarts: direct-method answers
     // are sent only on the connection their method came on (`azure_cmds`).
     let mut conn: u64 = 0;
+    let mut nodes = settings.nodes();
     loop {
         if stop.is_cancelled() {
             break;
@@ -259,6 +278,14 @@ pub async fn run(
             h.beat();
         }
         settings.refresh();
+        let listed = settings.nodes();
+        if !nodes.same_list(&listed) {
+            nodes = listed;
+        }
+        settings.node = nodes.current();
+        // Shown only with several nodes: one url leaves the status as before.
+        let node = (settings.config.mqtt.urls.len() > 1)
+            .then(|| (settings.url().to_string(), settings.node as u64));
         backoff.set_limits(
             settings.backoff_initial,
             settings.backoff_max,
@@ -272,6 +299,7 @@ pub async fn run(
             let now = now_ms();
             b.state = LinkState::Connecting;
             b.since = Some(now);
+            b.node.clone_from(&node);
             b.down_since.get_or_insert(now);
             b.attempts = b.attempts.saturating_add(1);
             b.next_attempt_at = None;
@@ -319,6 +347,10 @@ pub async fn run(
         ever_connected |= connected_for.is_some();
         engine.handle_disconnected();
         let stopping = matches!(end, SessionEnd::Stopped);
+        if matches!(end, SessionEnd::Failed(_)) {
+            // A failed connect or a lost connection: the next attempt goes to the next node.
+            nodes.advance();
+        }
         board.update(|b| {
             let now = now_ms();
             b.state = LinkState::Offline;
@@ -824,7 +856,7 @@ impl Session<'_> {
                 });
                 tracing::info!(
                     "connected to {} (session present: {})",
-                    self.settings.config.mqtt.url,
+                    self.settings.url(),
                     ack.session_present
                 );
                 let online = self

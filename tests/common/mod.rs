@@ -64,6 +64,7 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
     pub device_id: String,
+    /// `mqtt.url`; a TOML array (`["mqtts://a", ...]`) is written as `mqtt.urls` instead.
     pub mqtt_url: String,
     /// Contents of `ca.pem` (the link does not exist yet, so empty is fine).
     pub ca_pem: Vec<u8>,
@@ -126,7 +127,7 @@ impl AgentOptions {
             "[device]\n\
              id = {device}\n\
              [mqtt]\n\
-             url = {url}\n\
+             {url_key} = {url}\n\
              {ca}\
              {mqtt_extra}\n\
              [store]\n\
@@ -137,7 +138,16 @@ impl AgentOptions {
              socket = {socket}\n\
              {extra}\n",
             device = toml_str(&self.device_id),
-            url = toml_str(&self.mqtt_url),
+            url_key = if self.mqtt_url.starts_with('[') {
+                "urls"
+            } else {
+                "url"
+            },
+            url = if self.mqtt_url.starts_with('[') {
+                self.mqtt_url.clone()
+            } else {
+                toml_str(&self.mqtt_url)
+            },
             // A CA is required with mqtts:// and refused with plain mqtt://.
             ca = if self.mqtt_url.starts_with("mqtt://") {
                 ""
