@@ -5,7 +5,8 @@
 // node node.mjs --port P --redis-port R --ca CA --cert CERT --key KEY [--id NAME]
 //               [--persistence redis|memory]
 // `memory` makes a node that shares routing but no sessions (like a cluster without session
-// sharing). Prints "ready <port>" once listening.
+// sharing). Prints "ready <port>" once listening, then the lines `conn MS ID` (a client
+// connected) and `stats MS PUBLISHES CLIENTS` (every second).
 import { createServer } from 'node:tls'
 import { readFileSync } from 'node:fs'
 import { createRequire } from 'node:module'
@@ -36,6 +37,15 @@ if ((args.persistence || 'redis') === 'redis') {
   opts.persistence = redisPersistence({ ...redis, maxSessionDelivery: 100000 })
 }
 const broker = await Aedes.createBroker(opts)
+// What the fleet harness reads (testkit/src/cluster.rs): one line per client connection,
+// and once a second the publishes this node received from its clients.
+let published = 0
+broker.on('client', (client) => console.log(`conn ${Date.now()} ${client.id}`))
+broker.on('publish', (packet, client) => { if (client) published++ })
+setInterval(() => {
+  console.log(`stats ${Date.now()} ${published} ${broker.connectedClients}`)
+  published = 0
+}, 1000).unref()
 const server = createServer({
   ca: readFileSync(args.ca),
   cert: readFileSync(args.cert),

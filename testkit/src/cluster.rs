@@ -157,6 +157,26 @@ impl Cluster {
         fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
+    /// When clients connected to node `i` (Unix ms), from its log (all its runs).
+    pub fn connects(&self, i: usize) -> Vec<u64> {
+        self.log(i)
+            .lines()
+            .filter_map(|l| l.strip_prefix("conn ")?.split(' ').next()?.parse().ok())
+            .collect()
+    }
+
+    /// Node `i`'s once-a-second samples (all its runs): Unix ms, publishes received from
+    /// clients in that second, clients connected.
+    pub fn stats(&self, i: usize) -> Vec<(u64, u64, u64)> {
+        self.log(i)
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("stats ")?.split(' ').map(str::parse::<u64>);
+                Some((w.next()?.ok()?, w.next()?.ok()?, w.next()?.ok()?))
+            })
+            .collect()
+    }
+
     /// SIGKILLs node `i` (a crash: its connections drop without DISCONNECT or will
     /// suppression) and reaps it. No-op if it is not running.
     pub fn kill(&mut self, i: usize) -> Result<()> {

@@ -18,6 +18,8 @@
 //!   `$iothub/...` and `devices/...`), likewise, from Microsoft's documentation.
 //! - [`cluster`]: a real clustered broker (Aedes nodes sharing Redis) as child processes,
 //!   for failover and fleet tests (skipped with a notice when Node.js or Redis is missing).
+//! - [`fleet`]: N agent processes on one machine, a reporter and a back end, and the
+//!   fleet scenarios (node death, cluster outage, desired and command fan-out).
 //! - [`connect`]: where those emulators connect (shared by both).
 //! - [`exposition`]: a strict reader of the Prometheus text format, to check the agent's
 //!   metrics text file.
@@ -29,6 +31,7 @@ pub mod azure;
 pub mod cluster;
 pub mod connect;
 pub mod exposition;
+pub mod fleet;
 pub mod mosquitto;
 pub mod pki;
 pub mod port;

@@ -3,6 +3,8 @@
 //! its client was away) to another node, a node that does not share starts it empty, and a
 //! killed node comes back on its port.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use edgesync_testkit::connect::Connect;
