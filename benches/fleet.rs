@@ -98,12 +98,11 @@ fn buckets(cluster: &Cluster, from_ms: u64, span_ms: u64, bucket_ms: u64) -> Vec
     let mut b = vec![0u64; usize::try_from(span_ms / bucket_ms).unwrap_or(0)];
     for i in 0..cluster.len() {
         for t in cluster.connects(i) {
-            if t >= from_ms {
-                if let Some(n) =
-                    b.get_mut(usize::try_from((t - from_ms) / bucket_ms).unwrap_or(usize::MAX))
-                {
-                    *n += 1;
-                }
+            let Some(d) = t.checked_sub(from_ms) else {
+                continue;
+            };
+            if let Some(n) = b.get_mut(usize::try_from(d / bucket_ms).unwrap_or(usize::MAX)) {
+                *n += 1;
             }
         }
     }
