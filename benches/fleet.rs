@@ -4,7 +4,7 @@
 //! deduplicating by `(device, seq)`.
 //!
 //! `cargo bench --bench fleet [-- --agents N] [--rate R] [--outage SECS] [--no-jitter]
-//! [--out DIR]`
+//! [--reconnect-max DURATION] [--out DIR]`
 //!
 //! Phases: the fleet starts and connects; idle (per-agent RSS and CPU); steady rate (the
 //! same, plus broker-side publishes/s); the busiest node other than the back end's killed
@@ -32,6 +32,8 @@ struct Args {
     rate: f64,
     outage: u64,
     jitter: bool,
+    /// `mqtt.reconnect_max`, when not the default.
+    reconnect_max: Option<String>,
     out: PathBuf,
 }
 
@@ -41,6 +43,7 @@ fn args() -> Args {
         rate: 1.0,
         outage: 30,
         jitter: true,
+        reconnect_max: None,
         out: PathBuf::from("bench-out/fleet"),
     };
     let mut it = std::env::args().skip(1);
@@ -50,6 +53,7 @@ fn args() -> Args {
             "--rate" => a.rate = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.rate),
             "--outage" => a.outage = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.outage),
             "--no-jitter" => a.jitter = false,
+            "--reconnect-max" => a.reconnect_max = it.next(),
             "--out" => a.out = it.next().map(PathBuf::from).unwrap_or(a.out),
             _ => {}
         }
@@ -180,7 +184,10 @@ fn main() -> Res<()> {
     let a = args();
     std::fs::create_dir_all(&a.out)?;
     print!("{}", common::machine());
-    let tag = if a.jitter { "jitter" } else { "no-jitter" };
+    let mut tag = if a.jitter { "jitter" } else { "no-jitter" }.to_owned();
+    if let Some(m) = &a.reconnect_max {
+        let _ = write!(tag, "-max-{m}");
+    }
     println!(
         "fleet: {} agents, {} change/s each, outage {} s, {tag}",
         a.agents, a.rate, a.outage
@@ -201,6 +208,9 @@ fn main() -> Res<()> {
     let mut mqtt = String::new();
     if !a.jitter {
         mqtt.push_str("reconnect_jitter = \"none\"\n");
+    }
+    if let Some(m) = &a.reconnect_max {
+        let _ = writeln!(mqtt, "reconnect_max = {m:?}");
     }
     let t0 = Instant::now();
     let fleet = Fleet::start(
@@ -280,6 +290,7 @@ fn main() -> Res<()> {
         "nodes": s.cluster.len(),
         "rate_per_agent": a.rate,
         "jitter": a.jitter,
+        "reconnect_max": a.reconnect_max.as_deref().unwrap_or("default"),
         "start_s": round2(started.as_secs_f64()),
         "all_online_s": round2(online.as_secs_f64()),
         "spread": spread,
