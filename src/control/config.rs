@@ -101,6 +101,10 @@ pub fn effective(c: &Config) -> Value {
             "reconnect_initial": duration(m.reconnect_initial),
             "reconnect_max": duration(m.reconnect_max),
             "reconnect_reset": duration(m.reconnect_reset),
+            "reconnect_jitter": match m.reconnect_jitter {
+                crate::config::ReconnectJitter::Full => "full",
+                crate::config::ReconnectJitter::None => "none",
+            },
             "client_id": m.client_id,
             "username": m.username,
             "password_file": m.password_file.as_deref().map(path_str),
