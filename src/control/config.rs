@@ -265,6 +265,7 @@ mod tests {
         assert_eq!(v["desired"]["handler"][0]["command"], json!(["/bin/true"]));
         assert_eq!(v["sync"]["encoding"], "cbor");
         assert_eq!(v["mqtt"]["keep_alive"], "30s");
+        assert_eq!(v["mqtt"]["reconnect_jitter"], "full");
         assert_eq!(v["cloud"]["profile"], "edgesync");
         assert_eq!(v["aws"], Value::Null);
     }
