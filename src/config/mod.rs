@@ -333,6 +333,8 @@ pub struct MqttConfig {
     pub reconnect_max: Duration,
     /// A connection that lasted this long resets the backoff.
     pub reconnect_reset: Duration,
+    /// Whether the reconnect delay is random under its ceiling or the ceiling itself.
+    pub reconnect_jitter: ReconnectJitter,
     pub client_id: String,
     pub username: Option<String>,
     /// Only set together with `username`.
@@ -359,6 +361,26 @@ impl UrlOrder {
             "in-order" => Ok(UrlOrder::InOrder),
             "shuffled" => Ok(UrlOrder::Shuffled),
             _ => Err(values::one_of(s, &["in-order", "shuffled"])),
+        }
+    }
+}
+
+/// `mqtt.reconnect_jitter`: how the reconnect delay is drawn under its ceiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReconnectJitter {
+    /// `"full"`: uniform in `[0, ceiling]`, so a fleet does not come back in lockstep.
+    Full,
+    /// `"none"`: the ceiling itself; a fleet retries at the same moments (for measuring
+    /// reconnect storms, not for fleets).
+    None,
+}
+
+impl ReconnectJitter {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "full" => Ok(ReconnectJitter::Full),
+            "none" => Ok(ReconnectJitter::None),
+            _ => Err(values::one_of(s, &["full", "none"])),
         }
     }
 }

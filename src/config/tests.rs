@@ -703,6 +703,29 @@ fn the_reconnect_backoff_cap_is_100ms_to_1h_and_not_below_the_first_ceiling() {
 }
 
 #[test]
+fn the_reconnect_jitter_is_full_by_default_or_none() {
+    let config = valid(&plain("", ""));
+    assert_eq!(
+        config.mqtt.reconnect_jitter,
+        ReconnectJitter::Full,
+        "default"
+    );
+    let config = valid(&plain("reconnect_jitter = \"none\"", ""));
+    assert_eq!(config.mqtt.reconnect_jitter, ReconnectJitter::None);
+    for (bad, says) in [
+        ("\"half\"", "expected \"full\" or \"none\", found \"half\""),
+        ("\"None\"", "did you mean \"none\"?"),
+        ("false", "expected a string"),
+    ] {
+        let message = only_problem(
+            &plain(&format!("reconnect_jitter = {bad}"), ""),
+            "mqtt.reconnect_jitter",
+        );
+        assert!(message.contains(says), "{message}");
+    }
+}
+
+#[test]
 fn bad_duration_is_reported() {
     let message = only_problem(&plain("keep_alive = \"30 sec\"", ""), "mqtt.keep_alive");
     assert!(message.contains("unknown unit \"sec\""), "{message}");
@@ -2371,6 +2394,10 @@ fn example_config_loads_when_its_certificate_files_exist_and_states_the_defaults
     assert_eq!(example.mqtt.topic_prefix, defaults.mqtt.topic_prefix);
     assert_eq!(example.mqtt.keep_alive, defaults.mqtt.keep_alive);
     assert_eq!(example.mqtt.allow_plaintext, defaults.mqtt.allow_plaintext);
+    assert_eq!(
+        example.mqtt.reconnect_jitter,
+        defaults.mqtt.reconnect_jitter
+    );
     assert_eq!(
         format!("{:?}", example.store),
         format!("{:?}", defaults.store)

@@ -37,8 +37,8 @@ use super::{
     Compression, Config, ConflictRule, ControlConfig, DEFAULT_CLASS_PRIORITY, DEFAULT_KEEP_ALIVE,
     DEFAULT_RECONNECT_INITIAL, DEFAULT_RECONNECT_MAX, DEFAULT_RECONNECT_RESET, DEFAULT_SOCKET,
     DEFAULT_STORE_PATH, DEFAULT_TOPIC_PREFIX, DesiredConfig, DeviceConfig, Handler, HandlerKind,
-    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, STORE_CLASSES_MAX,
-    StoreClass, StoreConfig, SyncConfig, TelemetryConfig, UrlOrder,
+    LocalConfig, LogConfig, MAX_VALUE_BYTES, MqttConfig, Policy, Problem, ReconnectJitter,
+    STORE_CLASSES_MAX, StoreClass, StoreConfig, SyncConfig, TelemetryConfig, UrlOrder,
 };
 use super::{DEFAULT_SOURCE_INFLIGHT, MAX_SOURCES, SourceConfig, SourceUrl};
 use crate::model::command::CommandName;
@@ -349,6 +349,7 @@ raw_section! {
         reconnect_initial: RawDuration,
         reconnect_max: RawDuration,
         reconnect_reset: RawDuration,
+        reconnect_jitter: String,
         client_id: String,
         username: String,
         password_file: String,
@@ -1363,6 +1364,9 @@ fn mqtt(
     let reconnect_reset = raw
         .reconnect_reset
         .or(p, DEFAULT_RECONNECT_RESET, |d| d.timeout());
+    let reconnect_jitter = raw
+        .reconnect_jitter
+        .or(p, ReconnectJitter::Full, |s| ReconnectJitter::parse(&s));
     if let (Some(i), Some(m)) = (reconnect_initial, reconnect_max)
         && m < i
     {
@@ -1404,6 +1408,7 @@ fn mqtt(
         reconnect_initial: reconnect_initial?,
         reconnect_max: reconnect_max?,
         reconnect_reset: reconnect_reset?,
+        reconnect_jitter: reconnect_jitter?,
         client_id: client_id?,
         username: username?,
         password_file: password_file?,

@@ -101,6 +101,10 @@ pub fn effective(c: &Config) -> Value {
             "reconnect_initial": duration(m.reconnect_initial),
             "reconnect_max": duration(m.reconnect_max),
             "reconnect_reset": duration(m.reconnect_reset),
+            "reconnect_jitter": match m.reconnect_jitter {
+                crate::config::ReconnectJitter::Full => "full",
+                crate::config::ReconnectJitter::None => "none",
+            },
             "client_id": m.client_id,
             "username": m.username,
             "password_file": m.password_file.as_deref().map(path_str),
@@ -261,6 +265,7 @@ mod tests {
         assert_eq!(v["desired"]["handler"][0]["command"], json!(["/bin/true"]));
         assert_eq!(v["sync"]["encoding"], "cbor");
         assert_eq!(v["mqtt"]["keep_alive"], "30s");
+        assert_eq!(v["mqtt"]["reconnect_jitter"], "full");
         assert_eq!(v["cloud"]["profile"], "edgesync");
         assert_eq!(v["aws"], Value::Null);
     }

@@ -1,9 +1,12 @@
 //! Reconnect backoff: exponential with full jitter (the delay is uniform in
 //! `[0, min(max, initial × 2^attempt)]`), so a fleet that lost its broker does not return as
-//! a storm; reset once a connection has lasted `reset_after`. Sans-IO: the random source is
-//! passed in.
+//! a storm; reset once a connection has lasted `reset_after`. Without jitter
+//! (`mqtt.reconnect_jitter = "none"`, for measuring storms) the delay is the ceiling itself.
+//! Sans-IO: the random source is passed in.
 
 use std::time::Duration;
+
+use crate::config::ReconnectJitter;
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -11,6 +14,7 @@ pub struct Backoff {
     max: Duration,
     reset_after: Duration,
     attempt: u32,
+    jitter: ReconnectJitter,
 }
 
 impl Backoff {
@@ -20,6 +24,7 @@ impl Backoff {
             max: max.max(initial),
             reset_after,
             attempt: 0,
+            jitter: ReconnectJitter::Full,
         }
     }
 
@@ -27,8 +32,14 @@ impl Backoff {
     pub fn set_limits(&mut self, initial: Duration, max: Duration, reset_after: Duration) {
         *self = Self {
             attempt: self.attempt,
+            jitter: self.jitter,
             ..Self::new(initial, max, reset_after)
         };
+    }
+
+    /// `mqtt.reconnect_jitter` (live, like the limits).
+    pub fn set_jitter(&mut self, jitter: ReconnectJitter) {
+        self.jitter = jitter;
     }
 
     /// The ceiling of the next delay.
@@ -41,7 +52,10 @@ impl Backoff {
     pub fn next_delay(&mut self, unit: f64) -> Duration {
         let ceiling = self.ceiling();
         self.attempt = self.attempt.saturating_add(1);
-        ceiling.mul_f64(unit.clamp(0.0, 1.0))
+        match self.jitter {
+            ReconnectJitter::Full => ceiling.mul_f64(unit.clamp(0.0, 1.0)),
+            ReconnectJitter::None => ceiling,
+        }
     }
 
     /// A connection ended after lasting `connected_for`: long enough resets the backoff.
@@ -176,6 +190,32 @@ mod tests {
             Duration::from_secs(60),
         );
         assert_eq!(b.ceiling(), Duration::from_millis(200), "capped at once");
+    }
+
+    #[test]
+    fn without_jitter_the_delay_is_the_ceiling_and_a_fleet_retries_in_lockstep() {
+        let mut b = b();
+        b.set_jitter(ReconnectJitter::None);
+        let delays: Vec<u64> = (0..9)
+            .map(|i| b.next_delay(f64::from(i) / 10.0).as_secs())
+            .collect();
+        assert_eq!(delays, vec![1, 2, 4, 8, 16, 32, 64, 120, 120]);
+        b.set_limits(
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
+        assert_eq!(b.next_delay(0.0), Duration::from_secs(10), "kept on reload");
+        let first: Vec<Duration> = (0..100u64)
+            .map(|d| {
+                let mut b = self::b();
+                b.set_jitter(ReconnectJitter::None);
+                b.next_delay(Jitter::new(d * 7919 + 1).unit())
+            })
+            .collect();
+        assert!(first.iter().all(|d| *d == Duration::from_secs(1)));
+        b.set_jitter(ReconnectJitter::Full);
+        assert_eq!(b.next_delay(0.0), Duration::ZERO, "full jitter again");
     }
 
     #[test]

@@ -291,6 +291,7 @@ pub async fn run(
             settings.backoff_max,
             settings.backoff_reset,
         );
+        backoff.set_jitter(settings.config.mqtt.reconnect_jitter);
         engine.reconfigure(settings.engine_config());
         board.update(|b| {
             // Under the board's lock: a request before this point was for the wait that

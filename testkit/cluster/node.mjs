@@ -29,7 +29,10 @@ for (const k of ['port', 'redis-port', 'ca', 'cert', 'key']) {
 const redis = { host: '127.0.0.1', port: Number(args['redis-port']) }
 const opts = {
   id: args.id,
-  mq: MQEmitterRedis(redis),
+  // No ready check (INFO) on the routing connections: a SUBSCRIBE sent while ioredis still
+  // waits to run it (a client subscribing right after start) makes INFO fail on a connection
+  // now in subscriber mode, which ioredis treats as fatal and the node dies.
+  mq: MQEmitterRedis({ ...redis, enableReadyCheck: false }),
   // A client that stops reading is dropped instead of stalling every other client.
   drainTimeout: 30000
 }
