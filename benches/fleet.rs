@@ -4,7 +4,7 @@
 //! deduplicating by `(device, seq)`.
 //!
 //! `cargo bench --bench fleet [-- --agents N] [--rate R] [--outage SECS] [--no-jitter]
-//! [--reconnect-max DURATION] [--out DIR]`
+//! [--reconnect-initial DURATION] [--reconnect-max DURATION] [--out DIR]`
 //!
 //! Phases: the fleet starts and connects; idle (per-agent RSS and CPU); steady rate (the
 //! same, plus broker-side publishes/s); the busiest node other than the back end's killed
@@ -34,6 +34,8 @@ struct Args {
     jitter: bool,
     /// `mqtt.reconnect_max`, when not the default.
     reconnect_max: Option<String>,
+    /// `mqtt.reconnect_initial`, when not the default.
+    reconnect_initial: Option<String>,
     out: PathBuf,
 }
 
@@ -44,6 +46,7 @@ fn args() -> Args {
         outage: 30,
         jitter: true,
         reconnect_max: None,
+        reconnect_initial: None,
         out: PathBuf::from("bench-out/fleet"),
     };
     let mut it = std::env::args().skip(1);
@@ -54,6 +57,7 @@ fn args() -> Args {
             "--outage" => a.outage = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.outage),
             "--no-jitter" => a.jitter = false,
             "--reconnect-max" => a.reconnect_max = it.next(),
+            "--reconnect-initial" => a.reconnect_initial = it.next(),
             "--out" => a.out = it.next().map(PathBuf::from).unwrap_or(a.out),
             _ => {}
         }
@@ -185,6 +189,9 @@ fn main() -> Res<()> {
     std::fs::create_dir_all(&a.out)?;
     print!("{}", common::machine());
     let mut tag = if a.jitter { "jitter" } else { "no-jitter" }.to_owned();
+    if let Some(m) = &a.reconnect_initial {
+        let _ = write!(tag, "-initial-{m}");
+    }
     if let Some(m) = &a.reconnect_max {
         let _ = write!(tag, "-max-{m}");
     }
@@ -211,6 +218,9 @@ fn main() -> Res<()> {
     }
     if let Some(m) = &a.reconnect_max {
         let _ = writeln!(mqtt, "reconnect_max = {m:?}");
+    }
+    if let Some(m) = &a.reconnect_initial {
+        let _ = writeln!(mqtt, "reconnect_initial = {m:?}");
     }
     let t0 = Instant::now();
     let fleet = Fleet::start(
@@ -291,6 +301,7 @@ fn main() -> Res<()> {
         "rate_per_agent": a.rate,
         "jitter": a.jitter,
         "reconnect_max": a.reconnect_max.as_deref().unwrap_or("default"),
+        "reconnect_initial": a.reconnect_initial.as_deref().unwrap_or("default"),
         "start_s": round2(started.as_secs_f64()),
         "all_online_s": round2(online.as_secs_f64()),
         "spread": spread,

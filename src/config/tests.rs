@@ -682,7 +682,7 @@ fn the_reconnect_backoff_cap_is_100ms_to_1h_and_not_below_the_first_ceiling() {
     let config = valid(&plain("", ""));
     assert_eq!(
         config.mqtt.reconnect_max,
-        Duration::from_secs(120),
+        Duration::from_secs(30),
         "default"
     );
     for text in ["50ms", "2h"] {
