@@ -3,8 +3,11 @@
 //! sharing Redis), each reporting one change every `1/RATE` s, a back end on node 0
 //! deduplicating by `(device, seq)`.
 //!
-//! `cargo bench --bench fleet [-- --agents N] [--rate R] [--outage SECS] [--no-jitter]
-//! [--reconnect-initial DURATION] [--reconnect-max DURATION] [--out DIR]`
+//! `cargo bench --bench fleet` runs the matrix docs/FLEET.md quotes (about 15 min): the
+//! defaults with 500 agents three times, the cap of before issue 20 (`reconnect_max` 2 min)
+//! and no jitter once each, and 1,000 agents. Any of `--agents N`, `--rate R`,
+//! `--outage SECS`, `--no-jitter`, `--reconnect-initial DURATION`, `--reconnect-max DURATION`
+//! makes it one run of those settings instead; `--out DIR` (default `bench-out/fleet`).
 //!
 //! Phases: the fleet starts and connects; idle (per-agent RSS and CPU); steady rate (the
 //! same, plus broker-side publishes/s); the busiest node other than the back end's killed
@@ -12,8 +15,8 @@
 //! until every agent is back and until every queue is empty); the whole cluster down for
 //! `--outage` s while the fleet queues, then started again (connections per second, time until
 //! back and drained); a desired document to every device; a `ping` to every device; the
-//! count of acknowledged changes the back end never got (must be 0). Writes `fleet.json` and
-//! the storm charts (SVG) to `--out` (default `bench-out/fleet`).
+//! count of acknowledged changes the back end never got (must be 0). Writes `fleet.json`
+//! (every run), a summary table and the storm charts (SVG, per run) to `--out`.
 
 mod common;
 
@@ -27,6 +30,7 @@ use serde_json::{Value, json};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+#[derive(Clone)]
 struct Args {
     agents: usize,
     rate: f64,
@@ -37,6 +41,8 @@ struct Args {
     /// `mqtt.reconnect_initial`, when not the default.
     reconnect_initial: Option<String>,
     out: PathBuf,
+    /// A run option was given: that one run, not the matrix.
+    single: bool,
 }
 
 fn args() -> Args {
@@ -48,6 +54,7 @@ fn args() -> Args {
         reconnect_max: None,
         reconnect_initial: None,
         out: PathBuf::from("bench-out/fleet"),
+        single: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(w) = it.next() {
@@ -58,9 +65,13 @@ fn args() -> Args {
             "--no-jitter" => a.jitter = false,
             "--reconnect-max" => a.reconnect_max = it.next(),
             "--reconnect-initial" => a.reconnect_initial = it.next(),
-            "--out" => a.out = it.next().map(PathBuf::from).unwrap_or(a.out),
-            _ => {}
+            "--out" => {
+                a.out = it.next().map(PathBuf::from).unwrap_or(a.out);
+                continue;
+            }
+            _ => continue,
         }
+        a.single = true;
     }
     a
 }
@@ -188,6 +199,82 @@ fn main() -> Res<()> {
     let a = args();
     std::fs::create_dir_all(&a.out)?;
     print!("{}", common::machine());
+    let runs: Vec<Args> = if a.single {
+        vec![a.clone()]
+    } else {
+        // The matrix docs/FLEET.md quotes: the defaults at 500 agents three times (medians),
+        // the 2-minute cap of before issue 20 and no jitter once each, and 1,000 agents.
+        let with = |f: &dyn Fn(&mut Args)| {
+            let mut r = a.clone();
+            f(&mut r);
+            r
+        };
+        vec![
+            a.clone(),
+            a.clone(),
+            a.clone(),
+            with(&|r| r.reconnect_max = Some("2m".into())),
+            with(&|r| r.jitter = false),
+            with(&|r| r.agents = 1000),
+        ]
+    };
+    let mut results = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        println!("\n--- run {} of {}", i + 1, runs.len());
+        results.push(run(r)?);
+    }
+    summary(&results);
+    std::fs::write(
+        a.out.join("fleet.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    println!("wrote {}", a.out.display());
+    let lost: u64 = results.iter().filter_map(|r| r["lost"].as_u64()).sum();
+    if lost > 0 {
+        return Err(format!("{lost} acknowledged changes lost").into());
+    }
+    Ok(())
+}
+
+/// The table of every run (kept by `.ci/evidence`: lines starting with `|`).
+fn summary(results: &[Value]) {
+    println!(
+        "\n| agents | settings | online s | RSS MiB (med) | CPU % idle/steady (med) | broker pub/s | node death: agents, back s, drained s, peak conn/100ms | outage: back s, drained s, peak conn/s | desired s | ping s | reported | lost |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for r in results {
+        let d = &r["node_death"];
+        let o = &r["cluster_outage"];
+        let peak = |v: &Value| {
+            v.as_array()
+                .and_then(|a| a.iter().filter_map(Value::as_u64).max())
+                .unwrap_or(0)
+        };
+        println!(
+            "| {} | {} | {} | {} | {}/{} | {} | {}, {}, {}, {} | {}, {}, {} | {} | {} | {} | {} |",
+            r["agents"],
+            r["tag"].as_str().unwrap_or(""),
+            r["all_online_s"],
+            r["steady"]["rss_mib_median"],
+            r["idle"]["cpu_pct_median"],
+            r["steady"]["cpu_pct_median"],
+            r["broker_publishes_per_s"],
+            d["agents_on_it"],
+            d["all_back_s"],
+            d["drained_s"],
+            peak(&d["connections_per_100ms"]),
+            o["all_back_s"],
+            o["drained_s"],
+            peak(&o["connections_per_s"]),
+            r["desired_fanout_s"],
+            r["command_fanout_s"],
+            r["reported"],
+            r["lost"],
+        );
+    }
+}
+
+fn run(a: &Args) -> Res<Value> {
     let mut tag = if a.jitter { "jitter" } else { "no-jitter" }.to_owned();
     if let Some(m) = &a.reconnect_initial {
         let _ = write!(tag, "-initial-{m}");
@@ -195,6 +282,7 @@ fn main() -> Res<()> {
     if let Some(m) = &a.reconnect_max {
         let _ = write!(tag, "-max-{m}");
     }
+    let _ = write!(tag, "-{}", a.agents);
     println!(
         "fleet: {} agents, {} change/s each, outage {} s, {tag}",
         a.agents, a.rate, a.outage
@@ -296,6 +384,7 @@ fn main() -> Res<()> {
     let duplicates = backend.received.lock().map(|g| g.duplicates).unwrap_or(0);
 
     let report = json!({
+        "tag": tag,
         "agents": a.agents,
         "nodes": s.cluster.len(),
         "rate_per_agent": a.rate,
@@ -329,10 +418,6 @@ fn main() -> Res<()> {
         "lost": lost,
     });
     std::fs::write(
-        a.out.join(format!("fleet-{tag}.json")),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(
         a.out.join(format!("storm-node-{tag}.svg")),
         svg(
             &format!(
@@ -356,9 +441,5 @@ fn main() -> Res<()> {
             "conn",
         ),
     )?;
-    println!("wrote {}", a.out.display());
-    if lost > 0 {
-        return Err(format!("{lost} acknowledged changes lost").into());
-    }
-    Ok(())
+    Ok(report)
 }
