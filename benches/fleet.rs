@@ -7,7 +7,8 @@
 //! defaults with 500 agents three times, the cap of before issue 20 (`reconnect_max` 2 min)
 //! and no jitter once each, and 1,000 agents. Any of `--agents N`, `--rate R`,
 //! `--outage SECS`, `--no-jitter`, `--reconnect-initial DURATION`, `--reconnect-max DURATION`
-//! makes it one run of those settings instead; `--out DIR` (default `bench-out/fleet`).
+//! makes it one run of those settings instead; `--out DIR` (default `bench-out/fleet`);
+//! `--charts FLEET_JSON` redraws the comparison charts of an earlier matrix.
 //!
 //! Phases: the fleet starts and connects; idle (per-agent RSS and CPU); steady rate (the
 //! same, plus broker-side publishes/s); the busiest node other than the back end's killed
@@ -145,59 +146,143 @@ fn broker_rate(cluster: &Cluster, from_ms: u64, to_ms: u64) -> f64 {
     per_node.iter().sum()
 }
 
-/// A bar chart of `counts` (one bar per `bucket_ms`), as SVG.
-fn svg(title: &str, counts: &[u64], bucket_ms: u64, unit: &str) -> String {
-    let (w, h, left, bottom) = (720.0, 260.0, 50.0, 30.0);
-    let max = counts.iter().copied().max().unwrap_or(1).max(1) as f64;
-    let bw = (w - left - 10.0) / counts.len().max(1) as f64;
+/// Bar charts of connection counts (one bar per `bucket_ms`), one panel per series, stacked
+/// on one scale (the same y maximum and time span) so they compare at a glance; as SVG.
+fn svg(title: &str, panels: &[(String, Vec<u64>)], bucket_ms: u64, unit: &str) -> String {
+    let (w, ph, left, bottom, top) = (720.0, 170.0, 50.0, 30.0, 24.0);
+    let h = 24.0 + ph * panels.len() as f64;
+    let max = panels
+        .iter()
+        .flat_map(|(_, c)| c.iter().copied())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let len = panels
+        .iter()
+        .map(|(_, c)| c.len())
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    let bw = (w - left - 10.0) / len as f64;
+    let plot = ph - bottom - top;
     let mut s = String::new();
     let _ = write!(
         s,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\
-         <text x=\"{left}\" y=\"14\" font-size=\"13\">{title}</text>"
+         <text x=\"{left}\" y=\"16\" font-size=\"13\">{title}</text>"
     );
-    let plot = h - bottom - 24.0;
-    for (i, &c) in counts.iter().enumerate() {
-        let bh = c as f64 / max * plot;
+    for (p, (label, counts)) in panels.iter().enumerate() {
+        let y0 = 24.0 + ph * p as f64 + top + plot;
         let _ = write!(
             s,
-            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#3b6ea5\"/>",
-            left + i as f64 * bw,
-            h - bottom - bh,
-            (bw - 1.0).max(0.5)
+            "<text x=\"{left}\" y=\"{:.1}\" font-size=\"12\">{label}</text>",
+            y0 - plot - 6.0
         );
-    }
-    // Axes: y at 0 and max, x every tenth of the span.
-    let _ = write!(
-        s,
-        "<line x1=\"{left}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/>\
-         <text x=\"{lx}\" y=\"{y0}\" text-anchor=\"end\">0</text>\
-         <text x=\"{lx}\" y=\"{ytop}\" text-anchor=\"end\">{max}</text>\
-         <text x=\"5\" y=\"{ymid}\">{unit}</text>",
-        y0 = h - bottom,
-        x1 = w - 10.0,
-        lx = left - 4.0,
-        ytop = h - bottom - plot + 4.0,
-        ymid = h / 2.0,
-    );
-    let step = (counts.len() / 10).max(1);
-    for i in (0..=counts.len()).step_by(step) {
+        for (i, &c) in counts.iter().enumerate() {
+            let bh = c as f64 / max * plot;
+            let _ = write!(
+                s,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#3b6ea5\"/>",
+                left + i as f64 * bw,
+                y0 - bh,
+                (bw - 1.0).max(0.5)
+            );
+        }
+        // Axes: y at 0 and max, x every tenth of the span.
         let _ = write!(
             s,
-            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.1} s</text>",
-            left + i as f64 * bw,
-            h - bottom + 14.0,
-            (i as u64 * bucket_ms) as f64 / 1000.0
+            "<line x1=\"{left}\" y1=\"{y0:.1}\" x2=\"{x1}\" y2=\"{y0:.1}\" stroke=\"black\"/>\
+             <text x=\"{lx}\" y=\"{y0:.1}\" text-anchor=\"end\">0</text>\
+             <text x=\"{lx}\" y=\"{ytop:.1}\" text-anchor=\"end\">{max}</text>\
+             <text x=\"5\" y=\"{ymid:.1}\">{unit}</text>",
+            x1 = w - 10.0,
+            lx = left - 4.0,
+            ytop = y0 - plot + 4.0,
+            ymid = y0 - plot / 2.0,
         );
+        let step = (len / 10).max(1);
+        for i in (0..=len).step_by(step) {
+            let _ = write!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{:.1} s</text>",
+                left + i as f64 * bw,
+                y0 + 14.0,
+                (i as u64 * bucket_ms) as f64 / 1000.0
+            );
+        }
     }
     s.push_str("</svg>\n");
     s
 }
 
+/// The matrix's comparison charts: after a node death, with and without jitter; after the
+/// cluster outage, the cap of before issue 20, the default and no jitter.
+fn compare_charts(results: &[Value], out: &std::path::Path) -> Res<()> {
+    let find = |tag: &str| results.iter().rev().find(|r| r["tag"] == tag);
+    let series = |r: &Value, k: &str, f: &str| -> Vec<u64> {
+        r[k][f]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let mut node = Vec::new();
+    let mut outage = Vec::new();
+    for (tag, label) in [
+        (
+            "jitter-max-2m-500",
+            "reconnect_max 2 min (the default before issue 20), full jitter",
+        ),
+        (
+            "jitter-500",
+            "defaults: reconnect_initial 1 s, reconnect_max 30 s, full jitter",
+        ),
+        ("no-jitter-500", "reconnect_jitter = \"none\""),
+    ] {
+        let Some(r) = find(tag) else { continue };
+        if tag != "jitter-max-2m-500" {
+            node.push((
+                label.to_owned(),
+                series(r, "node_death", "connections_per_100ms"),
+            ));
+        }
+        outage.push((
+            label.to_owned(),
+            series(r, "cluster_outage", "connections_per_s"),
+        ));
+    }
+    if let Some(r) = find("jitter-500") {
+        let n = r["node_death"]["agents_on_it"].as_u64().unwrap_or(0);
+        std::fs::write(
+            out.join("storm-node.svg"),
+            svg(
+                &format!("Connections per 100 ms after a node death ({n} of 500 agents on it)"),
+                &node,
+                100,
+                "conn",
+            ),
+        )?;
+        std::fs::write(
+            out.join("storm-outage.svg"),
+            svg(
+                "Connections per second after a 30 s outage of the whole cluster (500 agents)",
+                &outage,
+                1000,
+                "conn",
+            ),
+        )?;
+    }
+    Ok(())
+}
+
 fn main() -> Res<()> {
     let a = args();
     std::fs::create_dir_all(&a.out)?;
+    // `--charts FLEET_JSON`: redraw the comparison charts of an earlier matrix, run nothing.
+    if let Some(p) = std::env::args().skip_while(|w| w != "--charts").nth(1) {
+        let results: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+        return compare_charts(&results, &a.out);
+    }
     print!("{}", common::machine());
     let runs: Vec<Args> = if a.single {
         vec![a.clone()]
@@ -224,6 +309,7 @@ fn main() -> Res<()> {
         results.push(run(r)?);
     }
     summary(&results);
+    compare_charts(&results, &a.out)?;
     std::fs::write(
         a.out.join("fleet.json"),
         serde_json::to_string_pretty(&results)?,
@@ -424,7 +510,7 @@ fn run(a: &Args) -> Res<Value> {
                 "Reconnections after a node death ({} agents on it, {tag}), per 100 ms",
                 death.agents_on_it
             ),
-            &storm,
+            &[(String::new(), storm.clone())],
             100,
             "conn",
         ),
@@ -436,7 +522,7 @@ fn run(a: &Args) -> Res<Value> {
                 "Reconnections after a {} s cluster outage ({} agents, {tag}), per second",
                 a.outage, a.agents
             ),
-            &outage_storm,
+            &[(String::new(), outage_storm.clone())],
             1000,
             "conn",
         ),
