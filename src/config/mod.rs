@@ -80,7 +80,7 @@ const DEFAULT_TOPIC_PREFIX: &str = "edgesync";
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(30);
 const DEFAULT_RECONNECT_INITIAL: Duration = Duration::from_secs(1);
 // 30 s, not 2 min: with full jitter a fleet returning from an outage stays far below what
-// the broker accepts, and a 2 min cap made a 30 s outage cost 121 s (docs/FLEET.md).
+// the broker accepts, and a 2 min cap made a 30 s outage cost 111-121 s (docs/FLEET.md).
 const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(30);
 const DEFAULT_RECONNECT_RESET: Duration = Duration::from_secs(60);
 const DEFAULT_STORE_PATH: &str = "/var/lib/edgesync/edgesync.redb";
