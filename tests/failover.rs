@@ -17,6 +17,21 @@ use common::cloud::{Cloud, DEADLINE, decode, pki, tls_agent, wait};
 use edgesync_testkit::{Cluster, FaultProxy, Mosquitto, MosquittoOptions, Sharing};
 use serde_json::{Value, json};
 
+/// Reports `batches` requests of 1,000 changes (50 keys, ~60-byte values); the seqs the
+/// agent acknowledged.
+fn report_batches(agent: &Agent, batches: u64) -> BTreeSet<u64> {
+    let mut want = BTreeSet::new();
+    for i in 0..batches {
+        let changes: Vec<Value> = (0..1000u64)
+            .map(|j| json!({"key": format!("k{}", j % 50), "value": {"n": i * 1000 + j, "pad": "x".repeat(40)}}))
+            .collect();
+        let r = agent.request(&json!({"op": "report", "changes": changes}));
+        assert_eq!(r["ok"], true, "{r}");
+        want.extend(r["first_seq"].as_u64().unwrap()..=r["last_seq"].as_u64().unwrap());
+    }
+    want
+}
+
 #[test]
 fn killing_the_first_broker_mid_traffic_moves_to_the_second_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -41,15 +56,7 @@ fn killing_the_first_broker_mid_traffic_moves_to_the_second_and_loses_nothing() 
     );
     proxy.bandwidth(300_000);
     let agent = Agent::start(opts);
-    let mut want = BTreeSet::new();
-    for i in 0..20u64 {
-        let changes: Vec<Value> = (0..1000u64)
-            .map(|j| json!({"key": format!("k{}", j % 50), "value": {"n": i * 1000 + j, "pad": "x".repeat(40)}}))
-            .collect();
-        let r = agent.request(&json!({"op": "report", "changes": changes}));
-        assert_eq!(r["ok"], true, "{r}");
-        want.extend(r["first_seq"].as_u64().unwrap()..=r["last_seq"].as_u64().unwrap());
-    }
+    let want = report_batches(&agent, 20);
     let s = agent.status();
     assert_eq!(s["connection"]["url_index"], 0, "{s}");
     wait("traffic on the first broker", DEADLINE, || {
@@ -115,15 +122,7 @@ fn cluster_node_dies_mid_traffic(device: &str, node1: Sharing) {
     // About 7 s for the whole backlog through the proxy: the kill lands mid-drain.
     proxy.bandwidth(100_000);
     let agent = Agent::start(opts);
-    let mut want = BTreeSet::new();
-    for i in 0..10u64 {
-        let changes: Vec<Value> = (0..1000u64)
-            .map(|j| json!({"key": format!("k{}", j % 50), "value": {"n": i * 1000 + j, "pad": "x".repeat(40)}}))
-            .collect();
-        let r = agent.request(&json!({"op": "report", "changes": changes}));
-        assert_eq!(r["ok"], true, "{r}");
-        want.extend(r["first_seq"].as_u64().unwrap()..=r["last_seq"].as_u64().unwrap());
-    }
+    let want = report_batches(&agent, 10);
     let total = want.len() as u64;
     wait("node 0 acknowledging the first batches", DEADLINE, || {
         agent.depth() <= total - 1000
