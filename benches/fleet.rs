@@ -25,8 +25,8 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use edgesync_testkit::fleet::{Backend, Fleet, FleetOptions, Reporter, Scenario, now_ms};
-use edgesync_testkit::{Cluster, FaultProxy, Sharing, TestPki};
+use edgesync_testkit::fleet::{Backend, Fleet, FleetOptions, Reporter, Scenario, fronted, now_ms};
+use edgesync_testkit::{Cluster, Sharing, TestPki};
 use serde_json::{Value, json};
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -382,9 +382,7 @@ fn run(a: &Args) -> Res<Value> {
     else {
         return Err("the clustered broker is not available here".into());
     };
-    let proxies: Vec<FaultProxy> = (0..cluster.len())
-        .map(|i| FaultProxy::start(cluster.addr(i)))
-        .collect::<Result<_, _>>()?;
+    let (proxies, urls) = fronted(&cluster)?;
     let backend = Backend::start(&pki, cluster.addr(0).port(), "edgesync")?;
     let mut mqtt = String::new();
     if !a.jitter {
@@ -403,10 +401,7 @@ fn run(a: &Args) -> Res<Value> {
         FleetOptions {
             binary: common::daemon_path().into(),
             agents: a.agents,
-            urls: proxies
-                .iter()
-                .map(|p| format!("mqtts://localhost:{}", p.port()))
-                .collect(),
+            urls,
             mqtt_extra: mqtt,
             extra_toml: String::new(),
             env: common::unit_env()

@@ -8,8 +8,10 @@
 
 use std::time::Duration;
 
-use edgesync_testkit::fleet::{Backend, Fleet, FleetOptions, Reporter, Scenario, wait_for};
-use edgesync_testkit::{Cluster, FaultProxy, Sharing, TestPki};
+use edgesync_testkit::fleet::{
+    Backend, Fleet, FleetOptions, Reporter, Scenario, fronted, wait_for,
+};
+use edgesync_testkit::{Cluster, Sharing, TestPki};
 
 const AGENTS: usize = 6;
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -25,9 +27,7 @@ fn a_small_fleet_loses_nothing_through_a_node_death_and_a_cluster_outage() {
     };
     // The agents reach each node through a proxy: a node's links are frozen before it dies
     // (see `Scenario`).
-    let proxies: Vec<FaultProxy> = (0..cluster.len())
-        .map(|i| FaultProxy::start(cluster.addr(i)).unwrap())
-        .collect();
+    let (proxies, urls) = fronted(&cluster).unwrap();
     let backend = Backend::start(&pki, cluster.addr(0).port(), "edgesync").unwrap();
     let fleet = Fleet::start(
         &pki,
@@ -35,10 +35,7 @@ fn a_small_fleet_loses_nothing_through_a_node_death_and_a_cluster_outage() {
         FleetOptions {
             binary: env!("CARGO_BIN_EXE_edgesync").into(),
             agents: AGENTS,
-            urls: proxies
-                .iter()
-                .map(|p| format!("mqtts://localhost:{}", p.port()))
-                .collect(),
+            urls,
             mqtt_extra:
                 "keep_alive = \"5s\"\nreconnect_initial = \"200ms\"\nreconnect_max = \"1s\"\n"
                     .into(),

@@ -105,7 +105,6 @@ pub fn request(socket: &Path, req: &Value) -> Result<Value> {
 pub struct Fleet {
     pub agents: Vec<FleetAgent>,
     opts: FleetOptions,
-    ca: PathBuf,
 }
 
 /// Device id of agent `i`.
@@ -147,11 +146,7 @@ impl Fleet {
                 child: None,
             });
         }
-        let mut fleet = Fleet {
-            agents,
-            opts,
-            ca: pki.ca.clone(),
-        };
+        let mut fleet = Fleet { agents, opts };
         for i in 0..fleet.agents.len() {
             fleet.spawn(i)?;
         }
@@ -253,11 +248,6 @@ impl Fleet {
         (online, drained)
     }
 
-    /// The CA the agents trust (for a back end's own certificate).
-    pub fn ca(&self) -> &Path {
-        &self.ca
-    }
-
     /// SIGKILLs every agent.
     pub fn kill_all(&mut self) {
         for a in &mut self.agents {
@@ -287,8 +277,8 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Starts reporting `rate` changes per second to each socket (the first one at a random
-    /// phase, so the fleet's reports spread over the period).
+    /// Starts reporting `rate` changes per second to each socket, agent `i` first after
+    /// `i / n` of the period, so the fleet's reports spread evenly over it.
     pub fn start(sockets: Vec<PathBuf>, rate: f64) -> Result<Reporter> {
         let stop = Arc::new(AtomicBool::new(false));
         let seqs = Arc::new(Mutex::new(vec![BTreeSet::new(); sockets.len()]));
@@ -413,7 +403,6 @@ pub struct Received {
     pub seqs: HashMap<String, BTreeSet<u64>>,
     /// Changes received again (the same `(device, seq)`).
     pub duplicates: u64,
-    pub batches: u64,
     /// When the last new change arrived.
     pub last_new: Option<Instant>,
     /// Per device: apply results (version, status, when).
@@ -552,7 +541,6 @@ fn take(g: &mut Received, topic: &str, payload: &[u8]) {
     let rest: Vec<&str> = parts.collect();
     match rest.as_slice() {
         ["reported"] => {
-            g.batches += 1;
             let set = g.seqs.entry(device.to_owned()).or_default();
             let mut new = false;
             let mut dup = 0;
@@ -588,6 +576,19 @@ fn take(g: &mut Received, topic: &str, payload: &[u8]) {
         }
         _ => {}
     }
+}
+
+/// A fault proxy in front of every node of `cluster` (see [`Scenario`]) and the URLs the
+/// agents get for them (`mqtt.urls`, in node order).
+pub fn fronted(cluster: &crate::Cluster) -> Result<(Vec<crate::FaultProxy>, Vec<String>)> {
+    let proxies = (0..cluster.len())
+        .map(|i| crate::FaultProxy::start(cluster.addr(i)))
+        .collect::<Result<Vec<_>>>()?;
+    let urls = proxies
+        .iter()
+        .map(|p| format!("mqtts://localhost:{}", p.port()))
+        .collect();
+    Ok((proxies, urls))
 }
 
 /// Unix time in ms.
