@@ -1042,8 +1042,10 @@ fn peer_kill(n: usize, inflight: u16, kind: Peer, budget: Duration) -> Res<Kill>
     } else {
         publish_within(&publisher, n, Instant::now() + budget)? as u64
     };
-    publisher.close();
+    // kill -9 first: closing the publisher waits for its event loop, which a wedged
+    // broker holds (seen: the durable peer at 100 % CPU, no PUBACK, for 10 min).
     m.stop().map_err(|e| format!("kill -9: {e}"))?;
+    publisher.close();
     m.start_again().map_err(|e| format!("peer restart: {e}"))?;
     w.proxy.restore();
     let before = w.bridge_connects();
