@@ -454,3 +454,62 @@ fn pem_begin(kind: &str) -> String {
     let label = ["PRIVATE", "KEY"].join(" ");
     format!("{0}BEGIN {kind} {label}{0}", "-".repeat(5))
 }
+
+/// A persistent subscriber that lags far behind (here: offline) loses nothing to the test
+/// broker's per-client queue limit. With Mosquitto's default (1,000), or the 100,000 the
+/// test kit had, the checker of a soak draining small batches saw the broker's drops as
+/// changes the agent lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_keeps_every_message_for_a_lagging_persistent_subscriber() {
+    const N: u32 = 100_500;
+    let (_dir, pki) = pki();
+    let Some(m) = Mosquitto::start(
+        &pki,
+        MosquittoOptions {
+            plain_tcp: true,
+            allow_anonymous: true,
+            ..MosquittoOptions::default()
+        },
+    )
+    .unwrap() else {
+        return;
+    };
+    let port = m.tcp_port.unwrap();
+    let client = |id: &str, clean: bool| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", port);
+        o.set_clean_session(clean);
+        o.set_inflight(1000);
+        AsyncClient::new(o, 1024)
+    };
+    // The subscriber takes its session and leaves: every message queues for it.
+    let (sub, mut sub_loop) = client("lagging", false);
+    sub.subscribe("lag/#", QoS::AtLeastOnce).await.unwrap();
+    loop {
+        if let Event::Incoming(Packet::SubAck(_)) = sub_loop.poll().await.unwrap() {
+            break;
+        }
+    }
+    sub.disconnect().await.unwrap();
+    while sub_loop.poll().await.is_ok() {}
+
+    let (publisher, mut pub_loop) = client("flood", true);
+    let feeder = tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .publish("lag/x", QoS::AtLeastOnce, false, i.to_be_bytes().to_vec())
+                .await
+                .unwrap();
+        }
+    });
+    let mut acked = 0;
+    while acked < N {
+        if let Event::Incoming(Packet::PubAck(_)) = pub_loop.poll().await.unwrap() {
+            acked += 1;
+        }
+    }
+    feeder.await.unwrap();
+    assert!(
+        !m.log().contains("messages are being dropped"),
+        "the broker dropped messages queued for a persistent subscriber"
+    );
+}
