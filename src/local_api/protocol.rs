@@ -422,6 +422,29 @@ mod tests {
         (e.code(), e.to_string())
     }
 
+    /// Found by the fuzzer (`local_request`): without serde_json's `float_roundtrip` a
+    /// float's text could parse to a neighbouring f64, so a reported value lost its last bit.
+    #[test]
+    fn a_reported_float_keeps_every_bit() {
+        for text in [
+            "1050000000000200000.2",
+            "1.0500000000002e+18",
+            "0.1",
+            "2.2250738585072014e-308",
+        ] {
+            let line = format!(r#"{{"op":"report","changes":[{{"key":"temp","value":{text}}}]}}"#);
+            let req = Request::parse(line.as_bytes()).unwrap();
+            let Request::Report { changes } = &req else {
+                panic!("not a report")
+            };
+            let want: f64 = text.parse().unwrap();
+            assert_eq!(changes[0].value.as_f64(), Some(want), "{text}");
+            let again = req.to_line().unwrap();
+            let back = Request::parse(again.as_bytes()).unwrap();
+            assert_eq!(back.to_line().unwrap(), again, "{text}");
+        }
+    }
+
     #[test]
     fn every_op_parses_and_serializes_back() {
         let change = crate::model::change::parse_assignment("temp=21.5").unwrap();
